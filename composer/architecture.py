@@ -1,0 +1,194 @@
+"""Architecture definitions: which tensors sit before, inside and after the layer stack, and which
+config keys depend on the layer count. Declared in `architectures/*.yaml`; inferred from a model
+built on the meta device for any other causal LM that transformers knows."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from composer.errors import ComposerError
+
+
+class WeightDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    vocab_axis: int | None = None
+    tied_to: str | None = None
+    optional: bool = False
+
+
+class LayerDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefix: str
+    tensors: list[str]
+    optional: list[str] = []
+
+
+class ArchitectureFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model_types: list[str]
+    pre: list[WeightDefinition]
+    layers: LayerDefinition
+    post: list[WeightDefinition]
+    layer_count_keys: list[str]
+    per_layer_keys: list[str] = []
+    threshold_keys: list[str] = []
+
+
+@dataclass(frozen=True)
+class LayerWeight:
+    """A tensor of layer `index`, as a full name plus its name relative to the layer."""
+
+    name: str
+    suffix: str
+    optional: bool
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    pre: tuple[WeightDefinition, ...]
+    layer_prefix: str
+    layer_tensors: tuple[str, ...]
+    layer_optional: tuple[str, ...]
+    post: tuple[WeightDefinition, ...]
+    layer_count_keys: tuple[str, ...]
+    per_layer_keys: tuple[str, ...] = ()
+    threshold_keys: tuple[str, ...] = ()
+    inferred: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    def layer_weights(self, index: int) -> list[LayerWeight]:
+        prefix = self.layer_prefix.format(i=index)
+        required = [LayerWeight(prefix + suffix, suffix, False) for suffix in self.layer_tensors]
+        return required + [LayerWeight(prefix + suffix, suffix, True) for suffix in self.layer_optional]
+
+    def vocab_weights(self) -> list[WeightDefinition]:
+        return [weight for weight in self.pre + self.post if weight.vocab_axis is not None]
+
+    def layer_count(self, config: dict) -> int:
+        for key in self.layer_count_keys:
+            if isinstance(config.get(key), int):
+                return config[key]
+        raise ComposerError(
+            f"The model config has none of the layer-count keys {list(self.layer_count_keys)} that the '{self.name}' architecture uses."
+        )
+
+
+@lru_cache(maxsize=None)
+def declared_architectures() -> dict[str, Architecture]:
+    from architectures import definition_files
+
+    by_model_type: dict[str, Architecture] = {}
+    for path in definition_files():
+        try:
+            spec = ArchitectureFile.model_validate(yaml.safe_load(path.read_text()))
+        except Exception as error:
+            raise ComposerError(f"Architecture definition {path} is invalid: {error}") from None
+        architecture = Architecture(
+            name=spec.name,
+            model_types=tuple(spec.model_types),
+            pre=tuple(spec.pre),
+            layer_prefix=spec.layers.prefix,
+            layer_tensors=tuple(spec.layers.tensors),
+            layer_optional=tuple(spec.layers.optional),
+            post=tuple(spec.post),
+            layer_count_keys=tuple(spec.layer_count_keys),
+            per_layer_keys=tuple(spec.per_layer_keys),
+            threshold_keys=tuple(spec.threshold_keys),
+        )
+        for model_type in spec.model_types:
+            by_model_type[model_type] = architecture
+    return by_model_type
+
+
+def architecture_for(config: dict, reference: str = "the model") -> Architecture:
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ComposerError(f"The config.json of {reference} has no 'model_type', so its architecture cannot be known.")
+    declared = declared_architectures().get(model_type)
+    if declared is not None:
+        return declared
+    return infer_architecture(config, reference)
+
+
+def build_meta_model(config: dict, reference: str = "the model"):
+    """The transformers causal-LM class for `config`, instantiated on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ComposerError(f"The config of {reference} is not one transformers can build ({error}).") from None
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config)
+    except ValueError as error:
+        raise ComposerError(f"transformers has no causal-LM class for {reference} (model_type '{config.get('model_type')}'): {error}") from None
+
+
+def tied_parameter_names(model) -> dict[str, str]:
+    """target -> source for parameters that transformers ties when the config says so."""
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, dict):
+        return dict(keys)
+    embeddings = model.get_input_embeddings()
+    source = next((name for name, param in model.named_parameters() if param is embeddings.weight), None)
+    return {key: source for key in keys} if source else {}
+
+
+def infer_architecture(config: dict, reference: str = "the model") -> Architecture:
+    model = build_meta_model(config, reference)
+    layer_count = model.config.num_hidden_layers
+    names = list(model.state_dict().keys())
+    numbered = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
+    prefix = None
+    layer_suffixes: list[str] = []
+    first_layer_at = last_layer_at = None
+    for position, name in enumerate(names):
+        match = numbered.match(name)
+        if not match:
+            continue
+        if prefix is None:
+            prefix = match.group(1)
+        if match.group(1) != prefix:
+            continue
+        first_layer_at = position if first_layer_at is None else first_layer_at
+        last_layer_at = position
+        if match.group(2) == "0":
+            layer_suffixes.append(match.group(3))
+    if prefix is None:
+        raise ComposerError(f"Could not find a layer stack in {reference} (model_type '{config.get('model_type')}').")
+    vocab_size = model.config.vocab_size
+    tied = tied_parameter_names(model)
+    shapes = model.state_dict()
+
+    def weight(name: str) -> WeightDefinition:
+        vocab_axis = 0 if shapes[name].ndim >= 1 and shapes[name].shape[0] == vocab_size else None
+        return WeightDefinition(name=name, vocab_axis=vocab_axis, tied_to=tied.get(name))
+
+    count_key = model.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
+    count_keys = [count_key] + [
+        key for key, value in config.items() if key != count_key and "layer" in key and isinstance(value, int) and value == layer_count and not isinstance(value, bool)
+    ]
+    per_layer = [key for key, value in model.config.to_dict().items() if isinstance(value, list) and len(value) == layer_count]
+    return Architecture(
+        name=f"inferred:{config.get('model_type')}",
+        model_types=(config.get("model_type"),),
+        pre=tuple(weight(name) for name in names[:first_layer_at]),
+        layer_prefix=prefix + "{i}.",
+        layer_tensors=tuple(layer_suffixes),
+        layer_optional=(),
+        post=tuple(weight(name) for name in names[last_layer_at + 1 :]),
+        layer_count_keys=tuple(count_keys),
+        per_layer_keys=tuple(per_layer),
+        inferred=True,
+    )

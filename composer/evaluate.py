@@ -1,0 +1,85 @@
+"""Honest evaluation: perplexity per token and bits per byte (comparable across tokenizers)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from composer.errors import ComposerError
+
+
+@dataclass
+class TextScore:
+    tokens: int
+    bytes: int
+    nats: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats / max(self.tokens, 1))
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / math.log(2) / max(self.bytes, 1)
+
+
+def load_model(reference: str):
+    """(model, tokenizer) from a model folder or a .gguf file, in float32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(reference)
+    if not path.exists():
+        raise ComposerError(f"Model path '{reference}' does not exist.")
+    kwargs = {}
+    if path.is_file() and path.suffix == ".gguf":
+        kwargs["gguf_file"] = path.name
+        path = path.parent
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ComposerError(f"Model '{reference}' could not be loaded with transformers: {error}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | None = None) -> TextScore:
+    """Negative log-likelihood of every token of `text` after the first, in windows with overlapping context."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    limit = getattr(model.config, "max_position_embeddings", window) or window
+    window = min(window, limit)
+    stride = stride or window // 2
+    total = 0.0
+    scored = 0
+    start = 0
+    with torch.no_grad():
+        while True:
+            end = min(start + window, len(ids))
+            chunk = ids[start:end].unsqueeze(0)
+            logits = model(chunk).logits[0, :-1].float()
+            targets = chunk[0, 1:]
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            first_new = 0 if start == 0 else (window - stride) - 1
+            new_losses = losses[first_new:]
+            total += float(new_losses.sum())
+            scored += new_losses.numel()
+            if end == len(ids):
+                break
+            start += stride
+    return TextScore(tokens=scored, bytes=len(text.encode("utf-8")), nats=total)
+
+
+def greedy_generate(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,79 @@
+"""Sharded safetensors output whose layout is fixed before any tensor exists.
+
+Every shard's header is written first and each tensor is then written at its own offset, so tensors
+may be computed in any order and never wait in memory for their neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from composer.plan.model import PlannedTensor
+from composer.sources.safetensors_format import build_header
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class ShardedWriter:
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int):
+        shards: list[list[PlannedTensor]] = [[]]
+        filled = 0
+        for tensor in tensors:
+            if shards[-1] and filled + tensor.nbytes > shard_size:
+                shards.append([])
+                filled = 0
+            shards[-1].append(tensor)
+            filled += tensor.nbytes
+        count = len(shards)
+        self.files: list[Path] = []
+        self._location: dict[str, tuple[int, int, PlannedTensor]] = {}
+        self._descriptors: list[int] = []
+        for number, members in enumerate(shards, start=1):
+            name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+            path = folder / name
+            header, offsets = build_header([(t.name, t.shape, t.dtype) for t in members])
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(descriptor, header, 0)
+            os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in members))
+            self.files.append(path)
+            self._descriptors.append(descriptor)
+            for tensor in members:
+                self._location[tensor.name] = (len(self._descriptors) - 1, offsets[tensor.name], tensor)
+        self.folder = folder
+        self._written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, offset, planned = self._location[name]
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(f"tensor {name} came out as {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
+        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self._descriptors[shard], view[written:], offset + written)
+        self._written.add(name)
+
+    def finish(self) -> None:
+        missing = set(self._location) - self._written
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]}")
+        for descriptor in self._descriptors:
+            os.fsync(descriptor)
+        self.close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[shard].name for name, (shard, _, _) in self._location.items()}
+            total = sum(planned.nbytes for _, _, planned in self._location.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+    def close(self) -> None:
+        for descriptor in self._descriptors:
+            try:
+                os.close(descriptor)
+            except OSError:
+                pass
+        self._descriptors = []

@@ -1,0 +1,274 @@
+"""Recipe -> Plan. Everything is checked here, from headers and configs alone, before any tensor is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from composer.architecture import Architecture, WeightDefinition, architecture_for
+from composer.errors import ComposerError
+from composer.methods import MergeMethod, get_method
+from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
+from composer.plan.output_config import rewrite_config, validate_against_transformers
+from composer.recipe.parameters import evaluate, layer_t
+from composer.recipe.schema import OutputSlice, Recipe, SliceSource
+from composer.sources import ModelSource, open_source
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str | None, where: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = DTYPES.get(str(name).removeprefix("torch."))
+    if dtype is None:
+        raise ComposerError(f"{where}: unknown dtype '{name}'; use one of float32, float16, bfloat16.")
+    return dtype
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    sources: tuple[tuple[str, int], ...]  # (model, source layer index)
+    base_model: str | None
+    output_slice: OutputSlice
+    t: float
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None):
+        self.recipe = recipe
+        self.recipe_text = recipe_text
+        self.method: MergeMethod = get_method(recipe.merge_method)
+        self._check_parameter_names()
+        self.sources = sources if sources is not None else {}
+        for reference in recipe.referenced_models():
+            if reference not in self.sources:
+                self.sources[reference] = open_source(reference, recipe_dir)
+        self.configs = {ref: source.config() for ref, source in self.sources.items()}
+        self.architectures = {ref: architecture_for(config, ref) for ref, config in self.configs.items()}
+        self._check_same_architecture()
+        self.slices = self._output_slices()
+
+    # --- checks -----------------------------------------------------------------------------
+    def _check_parameter_names(self) -> None:
+        known = {parameter.name for parameter in self.method.parameters}
+        places: list[tuple[str, dict | None]] = [("parameters", self.recipe.parameters)]
+        places += [(f"models[{i}].parameters", entry.parameters) for i, entry in enumerate(self.recipe.models or [])]
+        for i, output_slice in enumerate(self.recipe.slices or []):
+            places.append((f"slices[{i}].parameters", output_slice.parameters))
+            places += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(output_slice.sources)]
+        for where, parameters in places:
+            for name in parameters or {}:
+                if name not in known:
+                    takes = ", ".join(sorted(known)) or "no parameters"
+                    raise ComposerError(f"Recipe key {where}.{name}: merge method '{self.method.name}' does not take '{name}' (it takes {takes}).")
+
+    def _check_same_architecture(self) -> None:
+        first_ref = next(iter(self.configs))
+        first = self.architectures[first_ref]
+        for ref, architecture in self.architectures.items():
+            if architecture.name != first.name:
+                raise ComposerError(
+                    f"Models '{first_ref}' ({first.name}) and '{ref}' ({architecture.name}) have different architectures; "
+                    "composer merges and stacks models of one architecture only."
+                )
+
+    # --- layers -------------------------------------------------------------------------------
+    def _layer_count(self, ref: str) -> int:
+        return self.architectures[ref].layer_count(self.configs[ref])
+
+    def _output_slices(self) -> list[OutputSlice]:
+        if self.recipe.slices:
+            return self.recipe.slices
+        sources = [SliceSource(model=e.model, layer_range=(0, self._layer_count(e.model)), parameters=e.parameters) for e in self.recipe.models]
+        base = self.recipe.base_model
+        if base and self.method.needs_base and all(s.model != base for s in sources):
+            sources.append(SliceSource(model=base, layer_range=(0, self._layer_count(base))))
+        return [OutputSlice(sources=sources)]
+
+    def base_of(self, output_slice: OutputSlice) -> str | None:
+        return output_slice.base_model or self.recipe.base_model
+
+    def output_layers(self) -> list[OutputLayer]:
+        layers = []
+        for number, output_slice in enumerate(self.slices):
+            lengths = []
+            for source in output_slice.sources:
+                start, end = source.layer_range
+                count = self._layer_count(source.model)
+                if not (0 <= start < end <= count):
+                    raise ComposerError(
+                        f"Recipe key slices[{number}]: layer_range [{start}, {end}] of model '{source.model}' is out of bounds; "
+                        f"that model has {count} layers, so a range must satisfy 0 <= start < end <= {count}."
+                    )
+                lengths.append(end - start)
+            if len(set(lengths)) > 1:
+                raise ComposerError(f"Recipe key slices[{number}]: every source of a slice must span the same number of layers (got {lengths}).")
+            self._check_model_count(output_slice, number)
+            for offset in range(lengths[0]):
+                layers.append(OutputLayer(
+                    sources=tuple((s.model, s.layer_range[0] + offset) for s in output_slice.sources),
+                    base_model=self.base_of(output_slice),
+                    output_slice=output_slice,
+                    t=layer_t(offset, lengths[0]),
+                ))
+        return layers
+
+    def _check_model_count(self, output_slice: OutputSlice, number: int) -> None:
+        base = self.base_of(output_slice)
+        models = [s.model for s in output_slice.sources]
+        if self.method.needs_base:
+            if base is None:
+                raise ComposerError(f"Merge method '{self.method.name}' needs a base_model; the recipe names none.")
+            if base not in models:
+                raise ComposerError(f"Recipe key slices[{number}]: base_model '{base}' must be one of the slice's sources for '{self.method.name}'.")
+        others = [m for m in models if not (self.method.needs_base and m == base)]
+        if len(others) < self.method.min_models or (self.method.max_models is not None and len(others) > self.method.max_models):
+            wanted = f"exactly {self.method.max_models}" if self.method.max_models == self.method.min_models else f"at least {self.method.min_models}"
+            extra = " besides the base model" if self.method.needs_base else ""
+            raise ComposerError(
+                f"Recipe key slices[{number}]: merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)})."
+            )
+
+    # --- parameters ---------------------------------------------------------------------------
+    def _parameter(self, name: str, tensor_name: str, t: float, output_slice: OutputSlice | None, model: str | None) -> Any:
+        settings = []
+        if output_slice is not None and model is not None:
+            settings += [s.parameters[name] for s in output_slice.sources if s.model == model and s.parameters and name in s.parameters]
+        if output_slice is not None and output_slice.parameters and name in output_slice.parameters:
+            settings.append(output_slice.parameters[name])
+        if self.recipe.parameters and name in self.recipe.parameters:
+            settings.append(self.recipe.parameters[name])
+        for setting in settings:
+            value = evaluate(setting, tensor_name, t)
+            if value is not None:
+                return value
+        return None
+
+    def _operation(self, tensor_name: str, models: list[str], base: str | None, t: float, output_slice: OutputSlice) -> tuple[Operation, list[str]]:
+        """The operation for one output tensor, and the input models in the order it wants them."""
+        method = self.method
+        base_position = models.index(base) if method.needs_base and base in models else None
+        others = [m for i, m in enumerate(models) if i != base_position]
+        params: dict[str, Any] = {}
+        for parameter in method.parameters:
+            if parameter.per_model:
+                values = [self._parameter(parameter.name, tensor_name, t, output_slice, m) for m in others]
+                for model, value in zip(others, values):
+                    if value is None and parameter.required:
+                        raise ComposerError(f"Merge method '{method.name}' needs parameter '{parameter.name}' for model '{model}' (tensor {tensor_name}); none is set.")
+                params[parameter.name] = [parameter.default if v is None else v for v in values]
+            else:
+                value = self._parameter(parameter.name, tensor_name, t, output_slice, None)
+                if value is None and parameter.required:
+                    raise ComposerError(f"Merge method '{method.name}' needs parameter '{parameter.name}' (tensor {tensor_name}); none is set.")
+                params[parameter.name] = parameter.default if value is None else value
+        ordered = others + ([models[base_position]] if base_position is not None else [])
+        has_base = base_position is not None
+
+        def run(inputs: list[torch.Tensor], _params=params, _count=len(others), _has_base=has_base) -> torch.Tensor:
+            return method.apply(inputs[:_count], inputs[_count] if _has_base else None, _params)
+
+        compute_dtype = self.compute_dtype if (method.blends or any(v not in (None, 1) for v in params.get("scale", []))) else None
+        return Operation(method.name, run, params, compute_dtype), ordered
+
+    # --- tensors ------------------------------------------------------------------------------
+    def plan_tensor(self, out_name: str, inputs: list[tuple[str, str]], base: str | None, t: float, output_slice: OutputSlice) -> PlannedTensor:
+        infos = []
+        for model, in_name in inputs:
+            info = self.sources[model].tensor_infos().get(in_name)
+            if info is None:
+                raise ComposerError(f"Model '{model}' has no tensor '{in_name}', which the output tensor '{out_name}' needs.")
+            infos.append((model, info))
+        first_model, first = infos[0]
+        for model, info in infos[1:]:
+            if info.shape != first.shape:
+                raise ComposerError(
+                    f"Tensor '{info.name}' has shape {list(info.shape)} in model '{model}' but {list(first.shape)} in model "
+                    f"'{first_model}'; tensors can only be merged when their shapes agree."
+                )
+        models = [model for model, _ in inputs]
+        operation, ordered_models = self._operation(out_name, models, base, t, output_slice)
+        name_of = dict(inputs)
+        refs = tuple(TensorRef(model, name_of[model]) for model in ordered_models)
+        return PlannedTensor(out_name, first.shape, self.out_dtype or first.dtype, refs, operation)
+
+    def _present_in_any(self, models: list[str], name: str) -> bool:
+        return any(name in self.sources[m].tensor_infos() for m in models)
+
+    def _edge_tensor(self, weight: WeightDefinition, output_slice: OutputSlice, t: float, ties: bool) -> PlannedTensor | None:
+        models = [s.model for s in output_slice.sources]
+        if weight.tied_to and ties:
+            return None
+        name = weight.name
+        if not self._present_in_any(models, name):
+            if weight.tied_to and self._present_in_any(models, weight.tied_to):
+                name = weight.tied_to  # untie: the output keeps a separate head, copied from the embeddings
+            elif weight.optional:
+                return None
+        return self.plan_tensor(weight.name, [(m, name) for m in models], self.base_of(output_slice), t, output_slice)
+
+    def build(self) -> Plan:
+        base_ref = self.recipe.base_model or self.slices[0].sources[0].model
+        architecture: Architecture = self.architectures[base_ref]
+        self.out_dtype = parse_dtype(self.recipe.out_dtype or self.recipe.dtype, "Recipe key out_dtype")
+        self.compute_dtype = parse_dtype(self.recipe.dtype, "Recipe key dtype") or torch.float32
+        layers = self.output_layers()
+        source_layers = [layer.sources[0][1] for layer in layers]
+        config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype)
+        ties = bool(config.get("tie_word_embeddings", _default_tie(config)))
+
+        tensors: list[PlannedTensor] = []
+        for weight in architecture.pre:
+            planned = self._edge_tensor(weight, self.slices[0], 0.0, ties)
+            tensors += [planned] if planned else []
+        for index, layer in enumerate(layers):
+            out_weights = architecture.layer_weights(index)
+            for out_weight in out_weights:
+                inputs = [(model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix) for model, src_index in layer.sources]
+                if out_weight.optional and not any(name in self.sources[m].tensor_infos() for m, name in inputs):
+                    continue
+                tensors.append(self.plan_tensor(out_weight.name, inputs, layer.base_model, layer.t, layer.output_slice))
+        for weight in architecture.post:
+            planned = self._edge_tensor(weight, self.slices[-1], 1.0, ties)
+            tensors += [planned] if planned else []
+
+        validate_against_transformers(config, {t.name: t.shape for t in tensors}, base_ref)
+        tokenizer_source = self._tokenizer_source(base_ref)
+        parents = [ref for ref in self.recipe.referenced_models()]
+        return Plan(
+            tensors=tensors, sources=self.sources, config=config, tokenizer_source=tokenizer_source,
+            recipe_text=self.recipe_text, method=self.method.name, parents=parents, chat_template=self.recipe.chat_template,
+        )
+
+    def _tokenizer_source(self, base_ref: str) -> str | None:
+        choice = self.recipe.tokenizer.source if self.recipe.tokenizer else self.recipe.tokenizer_source
+        if self.recipe.tokenizer and (self.recipe.tokenizer.tokens or self.recipe.tokenizer.pad_to_multiple_of):
+            raise ComposerError("Recipe key tokenizer.tokens / tokenizer.pad_to_multiple_of: vocabulary changes during a merge are not supported yet.")
+        if choice in (None, "base"):
+            return base_ref
+        if choice == "union":
+            raise ComposerError("Recipe key tokenizer_source: 'union' (merging vocabularies) is not supported yet; use 'base' or a model.")
+        if choice not in self.sources:
+            self.sources[choice] = open_source(choice)
+        if not self.sources[choice].has_tokenizer():
+            raise ComposerError(f"Recipe key tokenizer_source: model '{choice}' has no tokenizer files.")
+        return choice
+
+
+def _default_tie(config: dict) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.for_model(**config), "tie_word_embeddings", False))
+
+
+def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None) -> Plan:
+    return _Planner(recipe, recipe_text, recipe_dir, sources).build()

@@ -1,0 +1,69 @@
+"""The plan: every output tensor, the input tensors it reads and the pure operation that makes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from composer.sources import ModelSource
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    model: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Operation:
+    """`fn(inputs) -> tensor`; `label` and `arguments` are only for showing the plan."""
+
+    label: str
+    fn: Callable[[list[torch.Tensor]], torch.Tensor]
+    arguments: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    inputs: tuple[TensorRef, ...]
+    operation: Operation
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+@dataclass
+class Plan:
+    tensors: list[PlannedTensor]
+    sources: dict[str, ModelSource]
+    config: dict
+    tokenizer_source: str | None
+    recipe_text: str
+    method: str
+    parents: list[str]
+    chat_template: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def input_bytes(self) -> int:
+        seen = {}
+        for tensor in self.tensors:
+            for ref in tensor.inputs:
+                seen[ref] = self.sources[ref.model].tensor_infos()[ref.name].nbytes
+        return sum(seen.values())
+
+    def output_bytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()

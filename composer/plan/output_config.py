@@ -1,0 +1,73 @@
+"""The output config.json: layer-count-dependent keys rewritten, then proven loadable by transformers."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from composer.architecture import Architecture, build_meta_model, tied_parameter_names
+from composer.errors import ComposerError
+
+
+def _effective_config(config: dict):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**config)
+
+
+def rewrite_config(architecture: Architecture, config: dict, source_layers: list[int], out_dtype: torch.dtype | None) -> dict:
+    """`config` for a model whose layer i is source layer `source_layers[i]`."""
+    output = copy.deepcopy(config)
+    source_count = architecture.layer_count(config)
+    effective = _effective_config(config)
+    new_count = len(source_layers)
+    for key in architecture.layer_count_keys:
+        if key in output or key == architecture.layer_count_keys[0]:
+            output[key] = new_count
+    for key in architecture.per_layer_keys:
+        values = output.get(key)
+        if values is None:
+            values = getattr(effective, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == source_count:
+            output[key] = [values[i] for i in source_layers]
+    for key in architecture.threshold_keys:
+        threshold = output.get(key, getattr(effective, key, None))
+        if isinstance(threshold, int):
+            below = [i < threshold for i in source_layers]
+            output[key] = next((position for position, flag in enumerate(below) if not flag), new_count)
+    if out_dtype is not None:
+        name = str(out_dtype).removeprefix("torch.")
+        for key in ("torch_dtype", "dtype"):
+            if key in output:
+                output[key] = name
+        if "torch_dtype" not in output and "dtype" not in output:
+            output["torch_dtype"] = name
+    return output
+
+
+def validate_against_transformers(config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str) -> None:
+    """Build the output model on the meta device and require its tensors to be exactly the planned ones."""
+    model = build_meta_model(config, f"the output (config from '{reference}')")
+    layer_count = model.config.num_hidden_layers
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        for target in tied_parameter_names(model):
+            expected.pop(target, None)
+    for key, value in model.config.to_dict().items():
+        if key.endswith("layer_types") and isinstance(value, list) and len(value) != layer_count:
+            raise ComposerError(f"Output config key '{key}' has {len(value)} entries for {layer_count} layers.")
+    missing = sorted(set(expected) - set(planned_shapes))
+    unexpected = sorted(set(planned_shapes) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"the plan lacks {len(missing)} tensor(s) transformers expects, e.g. '{missing[0]}'")
+        if unexpected:
+            parts.append(f"it has {len(unexpected)} tensor(s) transformers does not know, e.g. '{unexpected[0]}'")
+        raise ComposerError(f"The output would not load with transformers ({model.__class__.__name__}): {'; '.join(parts)}. Nothing was written.")
+    for name, shape in planned_shapes.items():
+        if expected[name] != shape:
+            raise ComposerError(
+                f"Output tensor '{name}' would have shape {list(shape)}, but the output config makes transformers expect {list(expected[name])}. Nothing was written."
+            )

@@ -1,0 +1,43 @@
+"""A plan as text: one line a tensor, then totals and the predicted peak memory."""
+
+from __future__ import annotations
+
+from composer.execute.schedule import Schedule, describe_dtype
+from composer.plan.model import Plan
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    return str(count)
+
+
+def _arguments(arguments: dict) -> str:
+    shown = []
+    for key, value in arguments.items():
+        if isinstance(value, list) and all(v is None for v in value):
+            continue
+        if isinstance(value, float):
+            value = round(value, 4)
+        if isinstance(value, list):
+            value = [round(v, 4) if isinstance(v, float) else v for v in value]
+        shown.append(f"{key}={value}")
+    return " ".join(shown)
+
+
+def format_plan(plan: Plan, schedule: Schedule, limit: int = 0) -> str:
+    lines = [f"method: {plan.method}    output layers: {plan.config.get('num_hidden_layers', plan.config.get('n_layer'))}    tokenizer from: {plan.tokenizer_source}"]
+    lines.append(f"{'output tensor':<52} {'shape':<16} {'dtype':<9} operation <- inputs")
+    shown = plan.tensors[:limit] if limit else plan.tensors
+    for tensor in shown:
+        inputs = ", ".join(f"{ref.model}:{ref.name}" for ref in tensor.inputs)
+        operation = tensor.operation.label
+        arguments = _arguments(tensor.operation.arguments)
+        lines.append(f"{tensor.name:<52} {str(list(tensor.shape)):<16} {describe_dtype(tensor.dtype):<9} {operation}{' ' + arguments if arguments else ''} <- {inputs}")
+    if limit and len(plan.tensors) > limit:
+        lines.append(f"... {len(plan.tensors) - limit} more tensors")
+    lines.append("")
+    lines.append(f"tensors: {len(plan.tensors)}    read: {_bytes(plan.input_bytes())}    write: {_bytes(plan.output_bytes())}    predicted peak memory for tensors: {_bytes(schedule.peak_bytes)}")
+    return "\n".join(lines)

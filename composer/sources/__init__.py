@@ -1,0 +1,36 @@
+"""Open a model reference lazily: local folder, single weights file, GGUF file or hub id."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from composer.errors import ComposerError
+from composer.sources.base import ModelSource, TensorInfo
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+__all__ = ["ModelSource", "TensorInfo", "open_source"]
+
+
+def open_source(reference: str, relative_to: Path | None = None) -> ModelSource:
+    from composer.sources.folder import open_folder
+
+    path = Path(reference).expanduser()
+    if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
+        path = relative_to / path
+    if path.is_dir():
+        return open_folder(reference, path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            from composer.sources.gguf_file import GGUFFile
+
+            return GGUFFile(reference, path)
+        if path.suffix in (".safetensors", ".bin"):
+            return open_folder(reference, path.parent)
+        raise ComposerError(f"Model '{reference}' is a file composer cannot read: give a model folder, a .gguf file or a hub id.")
+    if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
+        from composer.sources.hub import fetch_hub_model
+
+        return open_folder(reference, fetch_hub_model(reference))
+    raise ComposerError(f"Model path '{reference}' does not exist (and is not a hub id of the form org/name).")

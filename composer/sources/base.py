@@ -1,0 +1,118 @@
+"""What every model source hands out: tensor metadata up front, tensor data one at a time."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from composer.errors import ComposerError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+class ModelSource(ABC):
+    """A model opened lazily: nothing but headers is read until `read` is called."""
+
+    def __init__(self, reference: str):
+        self.reference = reference
+
+    @abstractmethod
+    def tensor_infos(self) -> dict[str, TensorInfo]: ...
+
+    @abstractmethod
+    def read(self, name: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def config(self) -> dict: ...
+
+    @abstractmethod
+    def save_tokenizer(self, destination: Path) -> list[str]:
+        """Write this model's tokenizer files into `destination`; return the file names written."""
+
+    def license(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def has_tokenizer(self) -> bool:
+        return True
+
+
+class FolderFilesMixin:
+    """Config, tokenizer and licence read from plain files in a model folder."""
+
+    folder: Path
+    reference: str
+
+    def config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise ComposerError(f"Model '{self.reference}' has no config.json in {self.folder}; a model folder needs one.")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ComposerError(f"{path} is not valid JSON ({error}).") from None
+
+    def has_tokenizer(self) -> bool:
+        return any((self.folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
+
+    def save_tokenizer(self, destination: Path) -> list[str]:
+        written = []
+        for name in TOKENIZER_FILES:
+            path = self.folder / name
+            if path.is_file():
+                (destination / name).write_bytes(path.read_bytes())
+                written.append(name)
+        return written
+
+    def license(self) -> str | None:
+        return read_card_license(self.folder / "README.md")
+
+
+def read_card_license(card_path: Path) -> str | None:
+    """The `license:` field of a Hugging Face model card's front matter, if there is one."""
+    if not card_path.is_file():
+        return None
+    text = card_path.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    import yaml
+
+    try:
+        meta = yaml.safe_load(front) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None

@@ -1,0 +1,69 @@
+"""Shared test helpers: tiny random models of each family, saved as real model folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
+FAMILY_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "gpt2": "gpt2",
+}
+
+
+def tiny_config(model_type: str, layers: int = 4, **overrides):
+    from transformers import AutoConfig
+
+    if model_type == "gpt2":
+        settings = dict(n_embd=64, n_head=4, n_layer=layers, n_positions=256, vocab_size=320)
+    else:
+        settings = dict(TINY, num_hidden_layers=layers, head_dim=16)
+    if model_type in ("gemma2", "gemma3_text"):
+        settings["sliding_window"] = 32
+    if model_type == "phi3":
+        settings.pop("head_dim")
+        settings["pad_token_id"] = 0
+    settings.update(overrides)
+    return AutoConfig.for_model(model_type, **settings)
+
+
+def save_tiny_model(folder: Path, model_type: str = "llama", layers: int = 4, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """A random model of `model_type` written with save_pretrained (safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers, **overrides))
+    with torch.no_grad():
+        for parameter in model.parameters():  # norms start at one; perturb so every tensor is distinct
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    return state
+
+
+def logits_of(folder: Path, ids: torch.Tensor | None = None) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.eval()
+    if ids is None:
+        ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        return model(ids).logits
