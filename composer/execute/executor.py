@@ -133,6 +133,7 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                         cache.drop(ref)
                 del inputs, work, result
                 bar.update(planned.nbytes)
+                bar.set_postfix_str(f"{step + 1}/{len(schedule.order)} tensors", refresh=False)
         writer.finish()
         folder.commit()
     except BaseException:

@@ -1,0 +1,81 @@
+"""The executor: every input read once, a memory budget that bounds what is kept, shards, atomic output."""
+
+from pathlib import Path
+
+import torch
+
+from composer.compose import compose_text
+from composer.execute import ExecutionOptions, make_schedule
+from composer.plan import build_plan
+from composer.recipe import parse_recipe
+from helpers import load_state, logits_of, save_tiny_model
+
+UPSCALE = """merge_method: passthrough
+slices:
+  - sources:
+      - model: {model}
+        layer_range: [0, 4]
+  - sources:
+      - model: {model}
+        layer_range: [2, 6]
+"""
+SOURCE_LAYER = [0, 1, 2, 3, 2, 3, 4, 5]
+
+
+def _layer(state: dict, index: int) -> dict:
+    prefix = f"model.layers.{index}."
+    return {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+
+
+def test_upscale_reads_each_input_tensor_once(tmp_path: Path):
+    source = save_tiny_model(tmp_path / "src", layers=6)
+    report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions())
+    assert report.reads and max(report.reads.values()) == 1
+    assert len(report.reads) == len(load_state(source))  # every source tensor used (tied head absent)
+
+
+def test_tiny_memory_budget_still_gives_exact_layers(tmp_path: Path):
+    source = save_tiny_model(tmp_path / "src", layers=6)
+    report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions(memory_budget=1))
+    assert max(report.reads.values()) == 2  # nothing can be kept, so shared layers are read again
+    source_state, out_state = load_state(source), load_state(tmp_path / "out")
+    for index, source_index in enumerate(SOURCE_LAYER):
+        expected, got = _layer(source_state, source_index), _layer(out_state, index)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_predicted_peak_respects_budget_and_shared_inputs_run_back_to_back(tmp_path: Path):
+    source = save_tiny_model(tmp_path / "src", layers=6)
+    text = UPSCALE.format(model=source)
+    plan = build_plan(parse_recipe(text), text)
+    unbounded = make_schedule(plan)
+    bounded = make_schedule(plan, memory_budget=unbounded.largest_step_bytes)
+    assert bounded.peak_bytes <= unbounded.peak_bytes
+    assert unbounded.largest_step_bytes <= unbounded.peak_bytes
+    order = [t.name for t in unbounded.order]
+    # output layers 2 and 4 read the same source layer, so they are computed one after the other
+    first = order.index("model.layers.2.mlp.up_proj.weight")
+    assert order[first + 1] == "model.layers.4.mlp.up_proj.weight"
+
+
+def test_small_shards_get_an_index_and_load(tmp_path: Path):
+    source = save_tiny_model(tmp_path / "src", layers=4)
+    recipe = f"merge_method: passthrough\nmodels:\n  - model: {source}\n"
+    compose_text(recipe, tmp_path / "out", ExecutionOptions(shard_size=40_000))
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits_of(source), logits_of(tmp_path / "out"))
+
+
+def test_output_folder_has_card_recipe_and_config(tmp_path: Path):
+    source = save_tiny_model(tmp_path / "src", layers=6)
+    text = UPSCALE.format(model=source)
+    compose_text(text, tmp_path / "out", ExecutionOptions())
+    out = tmp_path / "out"
+    card = (out / "README.md").read_text()
+    assert str(source) in card and "passthrough" in card and "layer_range: [2, 6]" in card
+    assert (out / "composer-recipe.yml").read_text() == text
+    assert '"num_hidden_layers": 8' in (out / "config.json").read_text()
+    assert not list(tmp_path.glob(".out.partial-*"))
