@@ -13,16 +13,36 @@ from composer.errors import ComposerError
 
 @dataclass(frozen=True)
 class Parameter:
+    """A parameter of a method. `per_model`: set per input model (sources[].parameters or
+    models[].parameters), giving a list aligned with the non-base tensors; otherwise one value for the
+    tensor, which may only be set per slice or at the top level. `kind`: "number" or "bool"."""
+
     name: str
     default: Any = None
     required: bool = False
     per_model: bool = False
+    kind: str = "number"
+
+    def coerce(self, value: Any) -> Any:
+        """`value` as this parameter's kind; ValueError with a readable reason when it cannot be."""
+        if value is None:
+            return None
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)):
+                return bool(value)  # mergekit configs sometimes write `normalize: 1.0`
+            raise ValueError(f"'{self.name}' must be true or false, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"'{self.name}' must be a number, not {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     """`apply(tensors, base, params)`: tensors of the non-base models in recipe order, the base tensor
-    (or None), and the resolved parameters: per-model ones as lists aligned with `tensors`."""
+    (or None), and the resolved parameters: per-model ones as lists aligned with `tensors`.
+    `check(params)`, when given, returns why resolved parameters cannot work (checked at plan time)."""
 
     name: str
     apply: Callable
@@ -33,6 +53,7 @@ class MergeMethod:
     blends: bool = True
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    check: Callable[[dict], str | None] | None = None
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -65,6 +86,14 @@ def _apply_linear(tensors, base, params):
     return linear(tensors, params["weight"], params["normalize"])
 
 
+def _check_linear(params):
+    from composer.methods.interpolation import weights_cancel
+
+    if params["normalize"] and weights_cancel(params["weight"]):
+        return f"the weights {params['weight']} sum to zero, so they cannot be normalised (set normalize: false or change a weight)"
+    return None
+
+
 def _apply_slerp(tensors, base, params):
     from composer.methods.interpolation import slerp
 
@@ -82,8 +111,9 @@ register(MergeMethod(
 register(MergeMethod(
     name="linear",
     apply=_apply_linear,
-    parameters=(Parameter("weight", required=True, per_model=True), Parameter("normalize", default=True)),
+    parameters=(Parameter("weight", required=True, per_model=True), Parameter("normalize", default=True, kind="bool")),
     description="weighted average of the models",
+    check=_check_linear,
 ))
 register(MergeMethod(
     name="slerp",

@@ -2,41 +2,69 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-SLERP_PARALLEL_THRESHOLD = 0.9995
+SLERP_PARALLEL_THRESHOLD = 0.9995  # |cos| above this: the tensors are nearly (anti)parallel, use lerp
+_CHUNK = 1 << 22  # elements per step when half-precision dot products are accumulated in float64
+
+
+def weights_cancel(weights: list[float]) -> bool:
+    """True when the weights sum to zero (up to rounding), so normalising by their sum is undefined."""
+    return abs(sum(weights)) <= 1e-12 * max(1.0, sum(abs(w) for w in weights))
 
 
 def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
-    """sum_i w_i x_i, divided by sum_i w_i when `normalize` (Wortsman et al. 2022, model soups)."""
-    result = torch.zeros_like(tensors[0])
+    """sum_i w_i x_i, divided by sum_i w_i when `normalize` (Wortsman et al. 2022, model soups).
+
+    Accumulates in at least float32 and returns the dtype of the first tensor.
+    """
+    if len(tensors) != len(weights):
+        raise ValueError(f"linear: {len(tensors)} tensors but {len(weights)} weights")
+    if normalize and weights_cancel(weights):
+        raise ValueError("linear: the weights sum to zero, so they cannot be normalised")
+    first = tensors[0]
+    result = torch.zeros(first.shape, dtype=torch.promote_types(first.dtype, torch.float32), device=first.device)
     for tensor, weight in zip(tensors, weights):
         result.add_(tensor, alpha=weight)
     if normalize:
-        total = sum(weights)
-        if total == 0:
-            raise ValueError("linear: the weights sum to zero, so they cannot be normalised")
-        result.div_(total)
-    return result
+        result.div_(sum(weights))
+    return result.to(first.dtype)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> over all elements, in float32 or better whatever the tensors' dtype."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+        return float(torch.dot(a, b))
+    total = 0.0
+    for start in range(0, a.numel(), _CHUNK):
+        total += float(torch.dot(a[start:start + _CHUNK].double(), b[start:start + _CHUNK].double()))
+    return total
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation from `a` (t=0) to `b` (t=1) (Shoemake 1985), treating each tensor as one vector.
+    """Spherical interpolation from `a` (t=0) to `b` (t=1) (Shoemake 1985), each tensor taken as one vector.
 
-    The angle is measured between the normalised tensors; the weights apply to the originals, so
-    magnitudes interpolate too. Nearly parallel tensors fall back to linear interpolation.
+    theta = arccos(<a, b> / (|a| |b|));  result = sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b.
+    The angle comes from the directions; the weights apply to the originals, so magnitudes interpolate
+    too. When the tensors are nearly parallel or antiparallel (|cos theta| > 0.9995), or one has norm
+    below `eps` (no direction), this is linear interpolation (1-t) a + t b instead.
     """
     if t == 0:
-        return a.clone()
+        return a
     if t == 1:
-        return b.clone()
-    a_unit = a / (a.norm() + eps)
-    b_unit = b / (b.norm() + eps)
-    cosine = float((a_unit * b_unit).sum().clamp(-1.0, 1.0))
+        return b
+    norm_a = math.sqrt(max(_dot(a, a), 0.0))
+    norm_b = math.sqrt(max(_dot(b, b), 0.0))
+    if norm_a < eps or norm_b < eps:
+        return torch.lerp(a, b, t)
+    cosine = max(-1.0, min(1.0, _dot(a, b) / (norm_a * norm_b)))
     if abs(cosine) > SLERP_PARALLEL_THRESHOLD:
         return torch.lerp(a, b, t)
-    theta = torch.arccos(torch.tensor(cosine, dtype=torch.float64))
-    sin_theta = torch.sin(theta)
-    weight_a = float(torch.sin((1 - t) * theta) / sin_theta)
-    weight_b = float(torch.sin(t * theta) / sin_theta)
-    return a * weight_a + b * weight_b
+    theta = math.acos(cosine)
+    sin_theta = math.sin(theta)
+    weight_a = math.sin((1 - t) * theta) / sin_theta
+    weight_b = math.sin(t * theta) / sin_theta
+    return torch.add(a * weight_a, b, alpha=weight_b)

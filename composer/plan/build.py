@@ -13,6 +13,7 @@ from composer.errors import ComposerError
 from composer.methods import MergeMethod, get_method
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
+from composer.recipe.load import RecipeKeyError
 from composer.recipe.parameters import evaluate, layer_t
 from composer.recipe.schema import OutputSlice, Recipe, SliceSource
 from composer.sources import ModelSource, open_source
@@ -46,12 +47,24 @@ class _Planner:
     def __init__(self, recipe: Recipe, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None):
         self.recipe = recipe
         self.recipe_text = recipe_text
-        self.method: MergeMethod = get_method(recipe.merge_method)
+        self.recipe_dir = recipe_dir
+        try:
+            self.method: MergeMethod = get_method(recipe.merge_method)
+        except ComposerError as error:
+            import difflib
+
+            from composer.methods import METHODS
+
+            close = difflib.get_close_matches(str(recipe.merge_method), sorted(METHODS), n=1, cutoff=0.6)
+            raise RecipeKeyError(("merge_method",), str(error) + (f" Did you mean '{close[0]}'?" if close else "")) from None
         self._check_parameter_names()
         self.sources = sources if sources is not None else {}
         for reference in recipe.referenced_models():
             if reference not in self.sources:
-                self.sources[reference] = open_source(reference, recipe_dir)
+                try:
+                    self.sources[reference] = open_source(reference, recipe_dir)
+                except ComposerError as error:
+                    raise RecipeKeyError(_model_location(recipe, reference), str(error)) from None
         self.configs = {ref: source.config() for ref, source in self.sources.items()}
         self.architectures = {ref: architecture_for(config, ref) for ref, config in self.configs.items()}
         self._check_same_architecture()
@@ -60,16 +73,22 @@ class _Planner:
     # --- checks -----------------------------------------------------------------------------
     def _check_parameter_names(self) -> None:
         known = {parameter.name for parameter in self.method.parameters}
-        places: list[tuple[str, dict | None]] = [("parameters", self.recipe.parameters)]
-        places += [(f"models[{i}].parameters", entry.parameters) for i, entry in enumerate(self.recipe.models or [])]
+        places: list[tuple[tuple, dict | None, bool]] = [(("parameters",), self.recipe.parameters, False)]  # (where, settings, per model)
+        places += [(("models", i, "parameters"), entry.parameters, True) for i, entry in enumerate(self.recipe.models or [])]
         for i, output_slice in enumerate(self.recipe.slices or []):
-            places.append((f"slices[{i}].parameters", output_slice.parameters))
-            places += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(output_slice.sources)]
-        for where, parameters in places:
+            places.append((("slices", i, "parameters"), output_slice.parameters, False))
+            places += [(("slices", i, "sources", j, "parameters"), s.parameters, True) for j, s in enumerate(output_slice.sources)]
+        for where, parameters, per_model in places:
             for name in parameters or {}:
                 if name not in known:
                     takes = ", ".join(sorted(known)) or "no parameters"
-                    raise ComposerError(f"Recipe key {where}.{name}: merge method '{self.method.name}' does not take '{name}' (it takes {takes}).")
+                    raise RecipeKeyError(where + (name,), f"merge method '{self.method.name}' does not take '{name}' (it takes {takes}).")
+                if per_model and not self.method.parameter(name).per_model:
+                    raise RecipeKeyError(
+                        where + (name,),
+                        f"'{name}' of '{self.method.name}' is one value per tensor, not per model; "
+                        "set it in the slice's parameters or the top-level parameters.",
+                    )
 
     def _check_same_architecture(self) -> None:
         first_ref = next(iter(self.configs))
@@ -101,17 +120,18 @@ class _Planner:
         layers = []
         for number, output_slice in enumerate(self.slices):
             lengths = []
-            for source in output_slice.sources:
+            for position, source in enumerate(output_slice.sources):
                 start, end = source.layer_range
                 count = self._layer_count(source.model)
                 if not (0 <= start < end <= count):
-                    raise ComposerError(
-                        f"Recipe key slices[{number}]: layer_range [{start}, {end}] of model '{source.model}' is out of bounds; "
-                        f"that model has {count} layers, so a range must satisfy 0 <= start < end <= {count}."
+                    raise RecipeKeyError(
+                        ("slices", number, "sources", position, "layer_range"),
+                        f"layer_range [{start}, {end}] of model '{source.model}' is out of bounds; "
+                        f"that model has {count} layers, so a range must satisfy 0 <= start < end <= {count}.",
                     )
                 lengths.append(end - start)
             if len(set(lengths)) > 1:
-                raise ComposerError(f"Recipe key slices[{number}]: every source of a slice must span the same number of layers (got {lengths}).")
+                raise RecipeKeyError(("slices", number, "sources"), f"every source of a slice must span the same number of layers (got {lengths}).")
             self._check_model_count(output_slice, number)
             for offset in range(lengths[0]):
                 layers.append(OutputLayer(
@@ -127,22 +147,32 @@ class _Planner:
         models = [s.model for s in output_slice.sources]
         if self.method.needs_base:
             if base is None:
-                raise ComposerError(f"Merge method '{self.method.name}' needs a base_model; the recipe names none.")
+                raise RecipeKeyError(
+                    ("base_model",),
+                    f"merge method '{self.method.name}' needs a base_model, and the recipe names none. "
+                    "Add 'base_model: MODEL' at the top level (or in each slice).",
+                )
             if base not in models:
-                raise ComposerError(f"Recipe key slices[{number}]: base_model '{base}' must be one of the slice's sources for '{self.method.name}'.")
-        others = [m for m in models if not (self.method.needs_base and m == base)]
+                where = ("slices", number, "base_model") if output_slice.base_model else ("base_model",)
+                raise RecipeKeyError(where, f"base_model '{base}' must be one of the sources of slice {number} for '{self.method.name}'.")
+        others = list(models)
+        if self.method.needs_base:
+            others.remove(base)  # only the first source of the base model is the base; a second one is blended
         if len(others) < self.method.min_models or (self.method.max_models is not None and len(others) > self.method.max_models):
             wanted = f"exactly {self.method.max_models}" if self.method.max_models == self.method.min_models else f"at least {self.method.min_models}"
             extra = " besides the base model" if self.method.needs_base else ""
-            raise ComposerError(
-                f"Recipe key slices[{number}]: merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)})."
+            where = ("slices", number, "sources") if self.recipe.slices else ("models",)
+            raise RecipeKeyError(
+                where, f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)})."
             )
 
     # --- parameters ---------------------------------------------------------------------------
-    def _parameter(self, name: str, tensor_name: str, t: float, output_slice: OutputSlice | None, model: str | None) -> Any:
+    def _parameter(self, name: str, tensor_name: str, t: float, output_slice: OutputSlice | None, source: SliceSource | None) -> Any:
+        """Precedence: the source's own parameters, then the slice's, then the top level; the first
+        setting that gives a value for this tensor (a filter list may give none) wins."""
         settings = []
-        if output_slice is not None and model is not None:
-            settings += [s.parameters[name] for s in output_slice.sources if s.model == model and s.parameters and name in s.parameters]
+        if source is not None and source.parameters and name in source.parameters:
+            settings.append(source.parameters[name])
         if output_slice is not None and output_slice.parameters and name in output_slice.parameters:
             settings.append(output_slice.parameters[name])
         if self.recipe.parameters and name in self.recipe.parameters:
@@ -153,25 +183,37 @@ class _Planner:
                 return value
         return None
 
-    def _operation(self, tensor_name: str, models: list[str], base: str | None, t: float, output_slice: OutputSlice) -> tuple[Operation, list[str]]:
-        """The operation for one output tensor, and the input models in the order it wants them."""
+    def _resolved(self, parameter, value: Any, tensor_name: str, model: str | None) -> Any:
+        if value is None:
+            if parameter.required:
+                for_model = f" for model '{model}'" if model else ""
+                raise ComposerError(f"Merge method '{self.method.name}' needs parameter '{parameter.name}'{for_model} (tensor {tensor_name}); none is set.")
+            return parameter.default
+        try:
+            return parameter.coerce(value)
+        except ValueError as error:
+            raise ComposerError(f"Recipe parameters, tensor {tensor_name}: {error}.") from None
+
+    def _operation(self, tensor_name: str, sources: list[SliceSource], base: str | None, t: float, output_slice: OutputSlice) -> tuple[Operation, list[int]]:
+        """The operation for one output tensor, and the positions of its inputs (in `sources`) in the order it wants them."""
         method = self.method
+        models = [source.model for source in sources]
         base_position = models.index(base) if method.needs_base and base in models else None
-        others = [m for i, m in enumerate(models) if i != base_position]
+        others = [i for i in range(len(sources)) if i != base_position]
         params: dict[str, Any] = {}
         for parameter in method.parameters:
             if parameter.per_model:
-                values = [self._parameter(parameter.name, tensor_name, t, output_slice, m) for m in others]
-                for model, value in zip(others, values):
-                    if value is None and parameter.required:
-                        raise ComposerError(f"Merge method '{method.name}' needs parameter '{parameter.name}' for model '{model}' (tensor {tensor_name}); none is set.")
-                params[parameter.name] = [parameter.default if v is None else v for v in values]
+                params[parameter.name] = [
+                    self._resolved(parameter, self._parameter(parameter.name, tensor_name, t, output_slice, sources[i]), tensor_name, models[i])
+                    for i in others
+                ]
             else:
                 value = self._parameter(parameter.name, tensor_name, t, output_slice, None)
-                if value is None and parameter.required:
-                    raise ComposerError(f"Merge method '{method.name}' needs parameter '{parameter.name}' (tensor {tensor_name}); none is set.")
-                params[parameter.name] = parameter.default if value is None else value
-        ordered = others + ([models[base_position]] if base_position is not None else [])
+                params[parameter.name] = self._resolved(parameter, value, tensor_name, None)
+        problem = method.check(params) if method.check else None
+        if problem:
+            raise ComposerError(f"Merge method '{method.name}', tensor {tensor_name}: {problem}.")
+        ordered = others + ([base_position] if base_position is not None else [])
         has_base = base_position is not None
 
         def run(inputs: list[torch.Tensor], _params=params, _count=len(others), _has_base=has_base) -> torch.Tensor:
@@ -182,6 +224,7 @@ class _Planner:
 
     # --- tensors ------------------------------------------------------------------------------
     def plan_tensor(self, out_name: str, inputs: list[tuple[str, str]], base: str | None, t: float, output_slice: OutputSlice) -> PlannedTensor:
+        """`inputs`: (model, input tensor name) for each source of `output_slice`, in its order."""
         infos = []
         for model, in_name in inputs:
             info = self.sources[model].tensor_infos().get(in_name)
@@ -195,10 +238,8 @@ class _Planner:
                     f"Tensor '{info.name}' has shape {list(info.shape)} in model '{model}' but {list(first.shape)} in model "
                     f"'{first_model}'; tensors can only be merged when their shapes agree."
                 )
-        models = [model for model, _ in inputs]
-        operation, ordered_models = self._operation(out_name, models, base, t, output_slice)
-        name_of = dict(inputs)
-        refs = tuple(TensorRef(model, name_of[model]) for model in ordered_models)
+        operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        refs = tuple(TensorRef(*inputs[i]) for i in order)
         return PlannedTensor(out_name, first.shape, self.out_dtype or first.dtype, refs, operation)
 
     def _present_in_any(self, models: list[str], name: str) -> bool:
@@ -252,15 +293,18 @@ class _Planner:
     def _tokenizer_source(self, base_ref: str) -> str | None:
         choice = self.recipe.tokenizer.source if self.recipe.tokenizer else self.recipe.tokenizer_source
         if self.recipe.tokenizer and (self.recipe.tokenizer.tokens or self.recipe.tokenizer.pad_to_multiple_of):
-            raise ComposerError("Recipe key tokenizer.tokens / tokenizer.pad_to_multiple_of: vocabulary changes during a merge are not supported yet.")
+            raise RecipeKeyError(("tokenizer",), "tokenizer.tokens / tokenizer.pad_to_multiple_of: vocabulary changes during a merge are not supported yet.")
         if choice in (None, "base"):
             return base_ref
         if choice == "union":
-            raise ComposerError("Recipe key tokenizer_source: 'union' (merging vocabularies) is not supported yet; use 'base' or a model.")
+            raise RecipeKeyError(_tokenizer_key(self.recipe), "'union' (merging vocabularies) is not supported yet; use 'base' or a model.")
         if choice not in self.sources:
-            self.sources[choice] = open_source(choice)
+            try:
+                self.sources[choice] = open_source(choice, self.recipe_dir)
+            except ComposerError as error:
+                raise RecipeKeyError(_tokenizer_key(self.recipe), str(error)) from None
         if not self.sources[choice].has_tokenizer():
-            raise ComposerError(f"Recipe key tokenizer_source: model '{choice}' has no tokenizer files.")
+            raise RecipeKeyError(_tokenizer_key(self.recipe), f"model '{choice}' has no tokenizer files.")
         return choice
 
 
@@ -268,6 +312,26 @@ def _default_tie(config: dict) -> bool:
     from transformers import AutoConfig
 
     return bool(getattr(AutoConfig.for_model(**config), "tie_word_embeddings", False))
+
+
+def _model_location(recipe: Recipe, reference: str) -> tuple:
+    """The first recipe key that names `reference`, for error messages."""
+    if recipe.base_model == reference:
+        return ("base_model",)
+    for i, entry in enumerate(recipe.models or []):
+        if entry.model == reference:
+            return ("models", i, "model")
+    for i, output_slice in enumerate(recipe.slices or []):
+        if output_slice.base_model == reference:
+            return ("slices", i, "base_model")
+        for j, source in enumerate(output_slice.sources):
+            if source.model == reference:
+                return ("slices", i, "sources", j, "model")
+    return ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
+
+
+def _tokenizer_key(recipe: Recipe) -> tuple:
+    return ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
 
 
 def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None) -> Plan:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, str]
-Gradient = list[Union[StrictInt, StrictFloat]]
+# a list of numbers: a gradient, interpolated linearly over the layers of a slice
+Gradient = Annotated[list[Union[StrictInt, StrictFloat]], Field(min_length=1)]
+# a list of strings (mergekit accepts these): stepped over the layers, no interpolation
+Steps = Annotated[list[str], Field(min_length=1)]
 
 
 class Strict(BaseModel):
@@ -18,10 +21,10 @@ class ConditionalParameter(Strict):
     """One entry of a filtered list: applies to tensors whose name contains `filter` (no filter: all)."""
 
     filter: Optional[str] = None
-    value: Union[Scalar, Gradient]
+    value: Union[Scalar, Gradient, Steps]
 
 
-ParameterSetting = Union[Scalar, Gradient, ConditionalParameter, list[ConditionalParameter]]
+ParameterSetting = Union[Scalar, Gradient, Steps, ConditionalParameter, Annotated[list[ConditionalParameter], Field(min_length=1)]]
 Parameters = dict[str, ParameterSetting]
 
 
