@@ -124,3 +124,7 @@ register(MergeMethod(
     max_models=1,
     description="spherical interpolation from the base model (t=0) to the other model (t=1)",
 ))
+
+# --- task-arithmetic family (registered below this line) ---
+
+# --- other interpolation and selection methods (registered below this line) ---
