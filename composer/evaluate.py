@@ -25,24 +25,40 @@ class TextScore:
 
 
 def load_model(reference: str):
-    """(model, tokenizer) from a model folder or a .gguf file, in float32 on the CPU."""
+    """(model, tokenizer) from a model folder or a .gguf file, in float32 on the CPU.
+
+    A .gguf file is first dequantised by composer into a cached safetensors folder (once per file), so
+    loading it needs neither `accelerate` nor transformers' in-memory GGUF conversion.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(reference)
+    path = Path(reference).expanduser()
     if not path.exists():
         raise ComposerError(f"Model path '{reference}' does not exist.")
-    kwargs = {}
     if path.is_file() and path.suffix == ".gguf":
-        kwargs["gguf_file"] = path.name
-        path = path.parent
+        from composer.bundled import converted
+
+        path = converted(path, gguf_cache_name(path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise ComposerError(f"Model '{reference}' could not be loaded with transformers: {error}") from None
     model.eval()
     return model, tokenizer
+
+
+def gguf_cache_name(path: Path) -> str:
+    """A cache folder name for a GGUF file's converted copy: its stem plus a digest of where it is, its size and its mtime."""
+    import hashlib
+    import re
+
+    resolved = path.resolve()
+    stat = resolved.stat()
+    digest = hashlib.sha256(f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", resolved.stem)[:80]
+    return f"gguf-{stem}-{digest}"
 
 
 def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | None = None) -> TextScore:

@@ -1,4 +1,9 @@
-"""Local model folders: safetensors (one file or sharded with an index) or PyTorch .bin checkpoints."""
+"""Local model folders: safetensors (one file or sharded with an index) or PyTorch .bin checkpoints.
+
+Which files hold the weights follows transformers: the shards an index names, else `model.safetensors` /
+`pytorch_model.bin`, else every weights file in the folder. Opening reads headers only; a tensor's bytes
+are read when it is asked for, and each read hands back a tensor of its own (never a view of the map).
+"""
 
 from __future__ import annotations
 
@@ -11,20 +16,71 @@ from composer.errors import ComposerError
 from composer.sources.base import FolderFilesMixin, ModelSource, TensorInfo
 from composer.sources.safetensors_format import DTYPE_BY_CODE, read_header
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "scheduler.bin", "scaler.bin"}
 
-def _index_files(folder: Path, index_name: str, pattern: str) -> list[Path]:
+
+def read_index(folder: Path, index_name: str) -> dict[str, str] | None:
+    """The weight map (tensor name -> shard file name) of an index file, or None when there is none."""
     index_path = folder / index_name
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise ComposerError(f"{index_path} is not a valid index file (it needs a 'weight_map').") from None
+    if not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ComposerError(f"{index_path} is not a valid index file (it needs a JSON object with a 'weight_map').") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ComposerError(f"{index_path} is not a valid index file: 'weight_map' must map tensor names to shard file names.")
+    return weight_map
+
+
+def weight_files(folder: Path, index_name: str, single_name: str, pattern: str) -> tuple[list[Path], dict[str, str] | None]:
+    """The files holding the weights, and the index's weight map if there is one."""
+    weight_map = read_index(folder, index_name)
+    if weight_map is not None:
         files = sorted(set(weight_map.values()))
         missing = [name for name in files if not (folder / name).is_file()]
         if missing:
-            raise ComposerError(f"{index_path} names shard {missing[0]}, which is not in {folder}.")
-        return [folder / name for name in files]
-    return sorted(folder.glob(pattern))
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ComposerError(
+                f"{folder / index_name} names shard '{missing[0]}'{more}, which is not in {folder}. "
+                "The download is incomplete: fetch the missing shard or the whole model again."
+            )
+        return [folder / name for name in files], weight_map
+    if (folder / single_name).is_file():
+        return [folder / single_name], None
+    return sorted(path for path in folder.glob(pattern) if path.name not in NOT_WEIGHTS), None
+
+
+def _assign(folder: Path, index_name: str, weight_map: dict[str, str] | None, found: list[tuple[str, Path]]) -> dict[str, Path]:
+    """Tensor name -> the file to read it from. With an index the index decides; without one a name in two files is an error."""
+    file_of: dict[str, Path] = {}
+    places: dict[str, set[Path]] = {}
+    for name, path in found:
+        places.setdefault(name, set()).add(path)
+    for name, paths in places.items():
+        if weight_map is not None and name in weight_map:
+            wanted = folder / weight_map[name]
+            if wanted not in paths:
+                raise ComposerError(
+                    f"{folder / index_name} says tensor '{name}' is in {weight_map[name]}, but that shard does not hold it "
+                    f"(it is in {', '.join(sorted(p.name for p in paths))}). The index and the shards do not match."
+                )
+            file_of[name] = wanted
+        elif len(paths) > 1:
+            raise ComposerError(
+                f"Tensor '{name}' is in several files of {folder} ({', '.join(sorted(p.name for p in paths))}) "
+                "and no index says which one the model uses."
+            )
+        else:
+            file_of[name] = next(iter(paths))
+    for name, shard in (weight_map or {}).items():
+        if name not in file_of:
+            raise ComposerError(f"{folder / index_name} says tensor '{name}' is in {shard}, but that shard does not hold it.")
+    return file_of
 
 
 class SafetensorsFolder(FolderFilesMixin, ModelSource):
@@ -34,24 +90,33 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
         self._file_of: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
-        for path in _index_files(folder, "model.safetensors.index.json", "*.safetensors"):
-            for name, entry in read_header(path).items():
-                if name == "__metadata__":
-                    continue
-                self._file_of[name] = path
-                self._infos[name] = TensorInfo(name, tuple(entry["shape"]), DTYPE_BY_CODE[entry["dtype"]])
+        paths, weight_map = weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
+        headers = {path: read_header(path) for path in paths}
+        found = [(name, path) for path, header in headers.items() for name in header if name != "__metadata__"]
+        self._file_of = _assign(folder, SAFETENSORS_INDEX, weight_map, found)
+        for name, path in self._file_of.items():
+            entry = headers[path][name]
+            self._infos[name] = TensorInfo(name, tuple(entry["shape"]), DTYPE_BY_CODE[entry["dtype"]])
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        path = self._file_of[name]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(name)
+        path = self._file_of.get(name)
+        if path is None:
+            raise ComposerError(f"Model '{self.reference}' ({self.folder}) has no tensor '{name}'.")
+        try:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = safe_open(str(path), framework="pt")
+            tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise ComposerError(f"{path}: tensor '{name}' could not be read ({error}). The file may have changed since it was opened.") from None
+        # safe_open hands out views of its private map: two reads would share (and a caller's in-place op
+        # would corrupt) the same memory, so each read gets its own copy
+        return tensor.clone()
 
     def close(self) -> None:
         self._handles.clear()
@@ -63,35 +128,59 @@ class TorchBinFolder(FolderFilesMixin, ModelSource):
     def __init__(self, reference: str, folder: Path):
         super().__init__(reference)
         self.folder = folder
-        self._tensors: dict[str, torch.Tensor] = {}
-        for path in _index_files(folder, "pytorch_model.bin.index.json", "*.bin"):
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as error:  # torch raises many types for a damaged pickle
-                raise ComposerError(f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error}).") from None
-            self._tensors.update(state)
+        paths, weight_map = weight_files(folder, BIN_INDEX, BIN_SINGLE, "*.bin")
+        states = {path: _load_mapped(path) for path in paths}
+        found = [(name, path) for path, state in states.items() for name, value in state.items() if isinstance(value, torch.Tensor)]
+        file_of = _assign(folder, BIN_INDEX, weight_map, found)
+        self._tensors: dict[str, torch.Tensor] = {name: states[path][name] for name, path in file_of.items()}
         self._infos = {name: TensorInfo(name, tuple(t.shape), t.dtype) for name, t in self._tensors.items()}
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone()
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise ComposerError(f"Model '{self.reference}' ({self.folder}) has no tensor '{name}'.")
+        return tensor.clone()
 
     def close(self) -> None:
         self._tensors.clear()
 
 
+def _load_mapped(path: Path) -> dict:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "zip" in str(error).lower() or "mmap" in str(error).lower():
+            raise ComposerError(
+                f"{path} is a PyTorch checkpoint in the legacy (pre-1.6, non-zip) format, which cannot be memory-mapped "
+                "and so cannot be read one tensor at a time. Re-save it with torch.save or convert it to safetensors."
+            ) from None
+        raise ComposerError(f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error}).") from None
+    except Exception as error:  # torch raises many types for a damaged or unsafe pickle
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ComposerError(f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {message}).") from None
+    if not isinstance(state, dict):
+        raise ComposerError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors.")
+    return state
+
+
 def open_folder(reference: str, folder: Path) -> ModelSource:
-    if list(folder.glob("*.safetensors")):
+    if (folder / SAFETENSORS_INDEX).is_file() or list(folder.glob("*.safetensors")):
         return SafetensorsFolder(reference, folder)
-    if list(folder.glob("*.bin")):
+    if (folder / BIN_INDEX).is_file() or [p for p in folder.glob("*.bin") if p.name not in NOT_WEIGHTS]:
         return TorchBinFolder(reference, folder)
     ggufs = sorted(folder.glob("*.gguf"))
     if len(ggufs) == 1:
         from composer.sources.gguf_file import GGUFFile
 
         return GGUFFile(reference, ggufs[0])
+    if len(ggufs) > 1:
+        raise ComposerError(
+            f"Model folder {folder} (for '{reference}') holds {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs[:4])}); "
+            f"name the one to use, e.g. 'model: {folder / ggufs[0].name}'."
+        )
     raise ComposerError(
         f"Model folder {folder} (for '{reference}') holds no weights: composer looks for *.safetensors, *.bin or a single *.gguf file."
     )

@@ -1,12 +1,14 @@
 """GGUF files, dequantised one tensor at a time.
 
-Config and tokenizer metadata are translated by transformers' GGUF support; the tensor names and the
-per-family fix-ups (llama's permuted q/k rows, gemma's norm offsets) come from the same place, so a
-tensor read here equals what `from_pretrained(gguf_file=...)` would load.
+The header (tensor table, licence) is read by composer's own parser, which touches no tensor data. Config
+and tokenizer are translated by transformers' GGUF support; the tensor names and the per-family fix-ups
+(llama's permuted q/k rows, gemma's norm offsets, merged MoE experts) come from the same place, so a tensor
+read here equals what `from_pretrained(..., gguf_file=...)` loads.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -14,19 +16,19 @@ import torch
 
 from composer.errors import ComposerError
 from composer.sources.base import ModelSource, TensorInfo
+from composer.sources.gguf_format import GGUFTensorEntry, read_gguf_header, type_name
 
 
 class GGUFFile(ModelSource):
     def __init__(self, reference: str, path: Path):
         super().__init__(reference)
         self.path = path
-        try:
-            from gguf import GGUFReader
+        self.header = read_gguf_header(path)
+        if self.header.architecture is None:
+            raise ComposerError(f"{path} has no 'general.architecture' in its metadata, so composer cannot tell which model family it holds.")
+        self._memmap = None
 
-            self._reader = GGUFReader(str(path))
-        except Exception as error:  # the reader raises ValueError, struct.error, IndexError... on damage
-            raise ComposerError(f"{path} could not be read as a GGUF file ({type(error).__name__}: {error}).") from None
-        self._tensor_by_gguf_name = {tensor.name: tensor for tensor in self._reader.tensors}
+    # ---- translation through transformers (metadata only) -------------------------------------------
 
     @cached_property
     def _parsed(self) -> dict:
@@ -34,14 +36,21 @@ class GGUFFile(ModelSource):
 
         try:
             return load_gguf_checkpoint(str(self.path), return_tensors=False)
-        except (ValueError, NotImplementedError) as error:
-            raise ComposerError(f"{self.path}: transformers cannot translate this GGUF file's metadata ({error}).") from None
+        except (ValueError, NotImplementedError, KeyError) as error:
+            raise ComposerError(
+                f"{self.path}: transformers cannot translate this GGUF file's metadata "
+                f"(architecture '{self.header.architecture}'): {error}"
+            ) from None
 
-    def config(self) -> dict:
-        config = {key: value for key, value in self._parsed["config"].items() if not key.startswith("_")}
+    @cached_property
+    def _config(self) -> dict:
         from transformers import AutoConfig
 
-        model_config = AutoConfig.for_model(**config)
+        config = {key: value for key, value in self._parsed["config"].items() if not key.startswith("_")}
+        try:
+            model_config = AutoConfig.for_model(**config)
+        except (ValueError, KeyError) as error:
+            raise ComposerError(f"{self.path}: transformers has no model type '{config.get('model_type')}' for this GGUF file ({error}).") from None
         if not getattr(model_config, "architectures", None):
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -50,62 +59,157 @@ class GGUFFile(ModelSource):
                 model_config.architectures = [name]
         return model_config.to_diff_dict() | {"architectures": model_config.architectures, "model_type": model_config.model_type}
 
+    def config(self) -> dict:
+        return dict(self._config)
+
     @cached_property
-    def _hf_name_of(self) -> dict[str, str]:
-        """GGUF tensor name -> transformers parameter name, derived from a model built on the meta device."""
+    def _processor(self):
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        return TENSOR_PROCESSORS.get(self.header.architecture, TensorProcessor)(config=self._parsed["config"])
+
+    @cached_property
+    def _mapping(self) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+        """(GGUF tensor name -> transformers name, transformers name -> shape), from a model built on the meta device."""
         from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
         config = AutoConfig.for_model(**self.config())
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        processor = TENSOR_PROCESSORS.get(self._architecture, TensorProcessor)(config=self._parsed["config"])
-        return get_gguf_hf_weights_map(model, processor)
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            with _memoised_tensor_name_map():
+                hf_name_of = get_gguf_hf_weights_map(model, self._processor)
+        except (ValueError, NotImplementedError) as error:
+            raise ComposerError(f"{self.path}: transformers cannot map this GGUF file's tensors to '{config.model_type}' names ({error}).") from None
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        return hf_name_of, shapes
 
     @cached_property
-    def _architecture(self) -> str:
-        field = self._reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+    def _gguf_names_of(self) -> dict[str, list[str]]:
+        """transformers name -> the GGUF tensors it is built from (more than one for merged MoE experts)."""
+        hf_name_of, _ = self._mapping
+        names: dict[str, list[str]] = {}
+        for gguf_name in self.header.tensors:
+            hf_name = hf_name_of.get(gguf_name)
+            if hf_name is not None:
+                names.setdefault(hf_name, []).append(gguf_name)
+        return names
 
     @cached_property
     def _infos(self) -> dict[str, TensorInfo]:
+        _, shapes = self._mapping
         infos = {}
-        for gguf_name, tensor in self._tensor_by_gguf_name.items():
-            hf_name = self._hf_name_of.get(gguf_name)
-            if hf_name is None:
-                continue
-            shape = tuple(int(size) for size in reversed(tensor.shape.tolist()))
+        for hf_name, gguf_names in self._gguf_names_of.items():
+            shape = shapes.get(hf_name)
+            if shape is None or (len(gguf_names) == 1 and _numel(shape) != _numel(self.header.tensors[gguf_names[0]].shape)):
+                shape = self.header.tensors[gguf_names[0]].shape
             infos[hf_name] = TensorInfo(hf_name, shape, torch.float32)
         return infos
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
-    @cached_property
-    def _gguf_name_of(self) -> dict[str, str]:
-        return {hf: gguf for gguf, hf in self._hf_name_of.items()}
+    # ---- tensor data -------------------------------------------------------------------------------
+
+    def _tensor_bytes(self, entry: GGUFTensorEntry):
+        """The raw bytes of one tensor, as a read-only view of the memory-mapped file."""
+        import numpy as np
+
+        if self._memmap is None:
+            self._memmap = np.memmap(self.path, mode="r", dtype=np.uint8)
+        return self._memmap[entry.offset:entry.offset + entry.nbytes].reshape(entry.byte_shape)
+
+    def _dequantized(self, gguf_name: str):
+        from gguf import GGMLQuantizationType, dequantize
+
+        entry = self.header.tensors[gguf_name]
+        raw = self._tensor_bytes(entry)
+        try:
+            values = dequantize(raw, GGMLQuantizationType(entry.ggml_type))
+        except NotImplementedError:
+            raise ComposerError(
+                f"{self.path}: tensor '{gguf_name}' is stored as {type_name(entry.ggml_type)}, which the gguf package cannot dequantise."
+            ) from None
+        return values.reshape(entry.shape)
 
     def read(self, name: str) -> torch.Tensor:
         import numpy as np
-        from gguf import dequantize
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-        gguf_name = self._gguf_name_of[name]
-        tensor = self._tensor_by_gguf_name[gguf_name]
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        processor = TENSOR_PROCESSORS.get(self._architecture, TensorProcessor)(config=self._parsed["config"])
-        weights = processor.process(weights=weights, name=gguf_name).weights
-        result = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
-        return result.reshape(self._infos[name].shape)
+        gguf_names = self._gguf_names_of.get(name)
+        if gguf_names is None:
+            raise ComposerError(f"Model '{self.reference}' ({self.path}) has no tensor '{name}'.")
+        parsed: dict = {"tensors": {}}
+        hf_name_of, _ = self._mapping
+        weights = None
+        for gguf_name in gguf_names:
+            result = self._processor.process(
+                weights=self._dequantized(gguf_name), name=gguf_name, tensor_key_mapping=hf_name_of, parsed_parameters=parsed
+            )
+            if result.name is not None:
+                weights = result.weights
+        if name in parsed["tensors"]:  # assembled by the processor from several GGUF tensors
+            tensor = parsed["tensors"][name].to(torch.float32)
+        elif weights is not None:
+            # dequantize hands back a view of the read-only map for float32 tensors: copy those (only those)
+            # into memory the tensor owns, so it is writable and independent of the file
+            tensor = torch.from_numpy(np.require(weights, np.float32, ["C_CONTIGUOUS", "WRITEABLE", "OWNDATA"]))
+        else:
+            raise ComposerError(f"{self.path}: transformers' GGUF processor produced nothing for tensor '{name}' (from {', '.join(gguf_names)}).")
+        shape = self._infos[name].shape
+        if tensor.numel() != _numel(shape):
+            raise ComposerError(f"{self.path}: tensor '{name}' dequantises to shape {tuple(tensor.shape)}, which does not fit {shape}.")
+        return tensor.reshape(shape)
+
+    # ---- tokenizer and card -------------------------------------------------------------------------
+
+    def has_tokenizer(self) -> bool:
+        return "tokenizer.ggml.tokens" in self.header.metadata
 
     def save_tokenizer(self, destination: Path) -> list[str]:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        before = set(p.name for p in destination.iterdir())
+        if not self.has_tokenizer():
+            return []
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except (OSError, ValueError, KeyError, NotImplementedError) as error:
+            raise ComposerError(f"{self.path}: transformers cannot build a tokenizer from this GGUF file ({error}).") from None
+        before = {p.name for p in destination.iterdir()}
         tokenizer.save_pretrained(str(destination))
-        return sorted(set(p.name for p in destination.iterdir()) - before)
+        return sorted({p.name for p in destination.iterdir()} - before)
 
     def license(self) -> str | None:
-        field = self._reader.fields.get("general.license")
-        return bytes(field.parts[field.data[0]]).decode() if field else None
+        value = self.header.metadata.get("general.license")
+        return value if isinstance(value, str) and value else None
+
+    def close(self) -> None:
+        self._memmap = None
+
+
+@contextmanager
+def _memoised_tensor_name_map():
+    """`get_gguf_hf_weights_map` rebuilds gguf's name table for every submodule (seconds for a 30-layer model);
+    the table depends only on (architecture, layer count), so build it once while the map is made."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    built: dict = {}
+
+    def memoised(arch, n_blocks):
+        if (arch, n_blocks) not in built:
+            built[arch, n_blocks] = original(arch, n_blocks)
+        return built[arch, n_blocks]
+
+    gguf.get_tensor_name_map = memoised
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

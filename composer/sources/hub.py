@@ -1,13 +1,21 @@
-"""Hugging Face hub ids (`org/name` or `org/name@revision`): only the files a merge needs are fetched."""
+"""Hugging Face hub ids (`org/name` or `org/name@revision`): only the files a merge needs are fetched.
+
+First the small files at the top of the repository (config, tokenizer, model card), then only the weights
+transformers itself would load: the shards an index names, else `model.safetensors` / `pytorch_model.bin`,
+else the top-level weights files of one format. Everything goes through huggingface_hub's cache, so a
+model already there is used without the network, and HF_HUB_OFFLINE is honoured.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from composer.errors import ComposerError
+from composer.sources.folder import BIN_INDEX, NOT_WEIGHTS, SAFETENSORS_INDEX, read_index
 
-WANTED_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md"]
-BIN_FILES = ["*.json", "*.bin", "tokenizer.model", "*.txt", "*.jinja", "README.md"]
+METADATA_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "README.md"]
+WEIGHT_CHOICES = (["model.safetensors"], ["*.safetensors"], ["pytorch_model.bin"], ["*.bin"])
+NESTED = ["*/*"]  # files in subfolders (onnx/, original/, ...) are never part of the transformers checkpoint
 
 
 def split_revision(reference: str) -> tuple[str, str | None]:
@@ -17,23 +25,80 @@ def split_revision(reference: str) -> tuple[str, str | None]:
     return reference, None
 
 
-def fetch_hub_model(reference: str) -> Path:
-    """A local folder holding the hub model's config, tokenizer and weights (safetensors preferred)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+def _offline() -> bool:
+    from huggingface_hub import constants
 
-    repo_id, revision = split_revision(reference)
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _download(reference: str, repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import errors, snapshot_download
+
+    incomplete = getattr(errors, "IncompleteSnapshotError", ())
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=WANTED_FILES))
-        if not list(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=BIN_FILES))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
-        raise ComposerError(f"Model '{reference}' is neither a local path nor a model on the hub ({type(error).__name__}).") from None
-    except LocalEntryNotFoundError:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=NESTED))
+    except incomplete as error:
         raise ComposerError(
-            f"Model '{reference}' is not a local path and is not in the hub cache, and the hub cannot be reached "
-            "(offline, or HF_HUB_OFFLINE is set). Download it first or give a local folder."
+            f"Model '{reference}' is only partly in the hub cache and the hub cannot be reached to complete it "
+            f"({_first_line(error)})."
         ) from None
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        raise ComposerError(f"Model '{reference}' could not be fetched from the hub: {error}") from None
-    return folder
+    except errors.RevisionNotFoundError:
+        raise ComposerError(f"Model '{reference}': the hub repository '{repo_id}' has no revision '{revision}'.") from None
+    except errors.GatedRepoError:
+        raise ComposerError(
+            f"Model '{reference}' is a gated repository on the hub: accept its terms on the model page and log in "
+            "(`hf auth login` or HF_TOKEN) before composing with it."
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise ComposerError(
+            f"Model '{reference}' is neither a local path nor a model on the hub "
+            "(if it is private, log in with `hf auth login` or set HF_TOKEN)."
+        ) from None
+    except errors.LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the hub cannot be reached"
+        wanted = f"revision '{revision}' of '{repo_id}'" if revision else f"'{repo_id}'"
+        raise ComposerError(
+            f"Model '{reference}' is not a local path, {wanted} is not in the Hugging Face cache, and {why}. "
+            f"Download it first (e.g. `hf download {repo_id}{f' --revision {revision}' if revision else ''}`) or give a local folder."
+        ) from None
+    except (errors.HfHubHTTPError, OSError, ValueError) as error:
+        raise ComposerError(f"Model '{reference}' could not be fetched from the hub: {_first_line(error)}") from None
+
+
+def _holds(folder: Path, patterns: list[str]) -> bool:
+    return any(path.is_file() and path.name not in NOT_WEIGHTS for pattern in patterns for path in folder.glob(pattern))
+
+
+def fetch_hub_model(reference: str) -> Path:
+    """A local folder (a snapshot in the hub cache) holding the model's config, tokenizer and weights.
+
+    Weights already in the snapshot are used as they are: a commit's files never change, and asking the
+    hub again would only cost time (minutes of retries when it cannot be reached).
+    """
+    repo_id, revision = split_revision(reference)
+    folder = _download(reference, repo_id, revision, METADATA_FILES)
+    commit = folder.name  # snapshots/<commit>: later calls need not resolve the revision again
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        weight_map = read_index(folder, index_name)
+        if weight_map is not None:
+            shards = sorted(set(weight_map.values()))
+            if all((folder / shard).is_file() for shard in shards):
+                return folder
+            return _download(reference, repo_id, commit, shards)
+    for patterns in WEIGHT_CHOICES:
+        if _holds(folder, patterns):
+            return folder
+    for patterns in WEIGHT_CHOICES:
+        folder = _download(reference, repo_id, commit, patterns)
+        if _holds(folder, patterns):
+            return folder
+    where = "the hub cache (HF_HUB_OFFLINE is set)" if _offline() else "the hub repository"
+    raise ComposerError(
+        f"Model '{reference}': {where} holds no transformers weights for it (model.safetensors, pytorch_model.bin "
+        f"or an index of shards) at {folder}."
+    )

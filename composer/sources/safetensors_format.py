@@ -22,6 +22,9 @@ DTYPE_BY_CODE = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+for _code, _attribute in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attribute):  # newer torch releases only
+        DTYPE_BY_CODE[_code] = getattr(torch, _attribute)
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
 ALIGNMENT = 8
 
@@ -42,18 +45,31 @@ def read_header(path: Path) -> dict:
             header = json.loads(handle.read(header_length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ComposerError(f"{path} has a corrupt safetensors header (not valid JSON).") from None
+    if not isinstance(header, dict):
+        raise ComposerError(f"{path} has a corrupt safetensors header (not a JSON object).")
     data_size = size - 8 - header_length
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        end = entry["data_offsets"][1]
+        try:
+            dtype_code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for dimension in shape:
+                count *= int(dimension)
+        except (KeyError, TypeError, ValueError):
+            raise ComposerError(f"{path} has a corrupt safetensors header: the entry for tensor '{name}' needs dtype, shape and data_offsets.") from None
+        if dtype_code not in DTYPE_BY_CODE:
+            raise ComposerError(f"{path}: tensor '{name}' has dtype {dtype_code}, which composer does not read.")
         if end > data_size:
             raise ComposerError(
                 f"{path} is truncated: tensor '{name}' ends at byte {end} of the data section, "
                 f"but the file holds only {data_size} bytes of data. Download or copy the file again."
             )
-        if entry["dtype"] not in DTYPE_BY_CODE:
-            raise ComposerError(f"{path}: tensor '{name}' has dtype {entry['dtype']}, which composer does not read.")
+        if not 0 <= begin <= end or end - begin != count * DTYPE_BY_CODE[dtype_code].itemsize:
+            raise ComposerError(
+                f"{path} has a corrupt safetensors header: tensor '{name}' ({dtype_code}, shape {list(shape)}) "
+                f"spans bytes {begin}..{end} of the data section, which does not match its size."
+            )
     return header
 
 
