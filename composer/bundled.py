@@ -66,10 +66,13 @@ def converted(gguf_path: Path, name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
+    import json
+
     from composer.compose import compose_text
     from composer.execute import ExecutionOptions
 
-    recipe = f"merge_method: passthrough\nmodels:\n  - model: {gguf_path}\nout_dtype: float32\nname: {name}\n"
+    # JSON strings are valid YAML scalars, so any path or name is quoted safely
+    recipe = f"merge_method: passthrough\nmodels:\n  - model: {json.dumps(str(gguf_path))}\nout_dtype: float32\nname: {json.dumps(name)}\n"
     compose_text(recipe, target, ExecutionOptions(force=True))
     return target
 
