@@ -14,24 +14,47 @@ app = typer.Typer(
     help="Build new language models out of existing ones, with no training.\n\n"
     "compose RECIPE.yml [OUT] runs a recipe; the commands below inspect, evaluate and demonstrate.",
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 COMMANDS = {"run", "plan", "eval", "demo"}
 
 
-def _size(text: str) -> int:
+VALUE_OPTIONS = {"--memory-budget", "--device", "--shard-size", "--limit", "--text", "--out"}
+
+
+def _size(text: str, option: str = "--memory-budget") -> int:
+    """'2GB', '512MiB', '1.5g', '1000' -> bytes."""
+    from composer.errors import ComposerError
+
     units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
     cleaned = text.strip().lower().removesuffix("b").removesuffix("i")
-    if cleaned and cleaned[-1] in units:
-        return int(float(cleaned[:-1]) * units[cleaned[-1]])
-    return int(float(cleaned))
+    try:
+        value = float(cleaned[:-1]) * units[cleaned[-1]] if cleaned and cleaned[-1] in units else float(cleaned)
+    except ValueError:
+        raise ComposerError(f"{option} '{text}' is not a size; write it like 2GB, 512MB or 1000000 (bytes).") from None
+    if not value > 0 or value == float("inf"):
+        raise ComposerError(f"{option} '{text}' must be a positive size, like 2GB or 512MB.")
+    return int(value)
 
 
-def _fail(message: str) -> None:
+def _device(name: str) -> str:
+    import re
+
+    from composer.errors import ComposerError
+
+    if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", name.strip()):
+        raise ComposerError(f"--device '{name}' is not a device composer can use; use cpu, cuda or cuda:N.")
+    return name.strip()
+
+
+def _fail(message: str, code: int = 2) -> None:
     import textwrap
 
-    typer.echo("\n".join(textwrap.wrap(f"error: {message}", width=100)), err=True)
-    raise typer.Exit(code=2)
+    # one paragraph; never split a path or a name in the middle
+    lines = textwrap.wrap(f"error: {message}", width=100, break_long_words=False, break_on_hyphens=False)
+    typer.echo("\n".join(lines), err=True)
+    raise typer.Exit(code=code)
 
 
 def _guarded(action):
@@ -42,7 +65,10 @@ def _guarded(action):
     except ComposerError as error:
         _fail(str(error))
     except KeyboardInterrupt:
-        _fail("interrupted; no output was left behind.")
+        _fail("interrupted; no output was left behind.", code=130)
+    except OSError as error:  # disk full, permission denied, ...: the user's to fix, so no traceback
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(f"{where}{error.strerror or error}.")
 
 
 @app.command()
@@ -58,11 +84,15 @@ def run(
     """Run a recipe and write the model into OUT."""
 
     def action():
+        from composer.recipe import load_recipe
+
+        # mistakes in the options and the recipe are reported before torch and transformers load (seconds)
+        budget, shard, target = _size(memory_budget), _size(shard_size, "--shard-size"), _device(device)
+        load_recipe(recipe)
         from composer.compose import compose_file
         from composer.execute import ExecutionOptions
 
-        options = ExecutionOptions(memory_budget=_size(memory_budget), shard_size=_size(shard_size), device=device, force=force,
-                                   progress=None if progress else False)
+        options = ExecutionOptions(memory_budget=budget, shard_size=shard, device=target, force=force, progress=None if progress else False)
         report = compose_file(recipe, out, options)
         typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s")
 
@@ -78,12 +108,16 @@ def plan(
     """Dry run: every output tensor with its inputs and operation, bytes to read and write, predicted peak memory."""
 
     def action():
+        from composer.recipe import load_recipe
+
+        budget = _size(memory_budget)
+        load_recipe(recipe)  # fast feedback on the recipe itself, before the heavy imports
         from composer.compose import plan_from_file
         from composer.execute import make_schedule
         from composer.plan.show import format_plan
 
         _, built = plan_from_file(recipe)
-        schedule = make_schedule(built, _size(memory_budget))
+        schedule = make_schedule(built, budget)
         typer.echo(format_plan(built, schedule, limit))
         built.close()
 
@@ -101,12 +135,20 @@ def evaluate(
         from composer.errors import ComposerError
         from composer.evaluate import load_model, score_text
 
-        loaded, tokenizer = load_model(model)
-        typer.echo(f"{'text':<40} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")
-        for path in text:
+        texts = []
+        for path in text:  # every text is checked before the (slow) model load
             if not path.is_file():
                 raise ComposerError(f"Text file {path} does not exist.")
-            score = score_text(loaded, tokenizer, path.read_text())
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as error:
+                raise ComposerError(f"Text file {path} is not UTF-8 text (byte {error.start} cannot be decoded).") from None
+            if not texts[-1].strip():
+                raise ComposerError(f"Text file {path} is empty; there is nothing to score.")
+        loaded, tokenizer = load_model(model)
+        typer.echo(f"{'text':<40} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")
+        for path, content in zip(text, texts):
+            score = score_text(loaded, tokenizer, content)
             typer.echo(f"{str(path):<40} {score.tokens:>8} {score.bytes:>8} {score.perplexity:>11.3f} {score.bits_per_byte:>10.4f}")
 
     _guarded(action)
@@ -127,10 +169,30 @@ def demo(
     _guarded(action)
 
 
+def _first_positional(arguments: list[str]) -> str | None:
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument.startswith("-"):
+            skip = argument in VALUE_OPTIONS
+        else:
+            return argument
+    return None
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so the partial output folder is removed
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     arguments = sys.argv[1:]
-    if arguments and not arguments[0].startswith("-") and arguments[0] not in COMMANDS:
-        arguments = ["run", *arguments]
+    first = _first_positional(arguments)
+    if first is not None and first not in COMMANDS and not (set(arguments) & {"-h", "--help"} and arguments[0].startswith("-")):
+        arguments = ["run", *arguments]  # `compose RECIPE [OUT]` is `compose run RECIPE [OUT]`
     app(args=arguments, prog_name="compose")
 
 

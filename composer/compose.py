@@ -7,9 +7,10 @@ from pathlib import Path
 from composer.card import render_card
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
-from composer.execute.output_folder import check_output_free
+from composer.execute.output_folder import check_output_free, check_output_not_input
 from composer.plan import Plan, build_plan
 from composer.recipe import Recipe, load_recipe, parse_recipe
+from composer.recipe.load import RecipeKeyError
 
 CHAT_TEMPLATES = {
     "chatml": (
@@ -25,12 +26,46 @@ def resolve_output(recipe: Recipe, out: Path | None, recipe_path: Path | None) -
     if recipe.output:
         base = recipe_path.parent if recipe_path is not None else Path.cwd()
         return (base / recipe.output) if not Path(recipe.output).is_absolute() else Path(recipe.output)
-    raise ComposerError("No output folder: give OUT on the command line or an 'output:' key in the recipe.")
+    where = f"{recipe_path}: " if recipe_path is not None else ""
+    raise ComposerError(f"{where}no output folder: give OUT on the command line or an 'output:' key in the recipe.")
+
+
+def _build(recipe: Recipe, text: str, recipe_dir: Path | None, source_name: str) -> Plan:
+    """build_plan, with errors about a recipe key given the recipe's name and the key's line."""
+    try:
+        return build_plan(recipe, text, recipe_dir)
+    except RecipeKeyError as error:
+        raise error.located(text, source_name) from None
 
 
 def plan_from_file(recipe_path: Path) -> tuple[Recipe, Plan]:
     recipe, text = load_recipe(recipe_path)
-    return recipe, build_plan(recipe, text, recipe_path.parent)
+    return recipe, _build(recipe, text, recipe_path.parent, str(recipe_path))
+
+
+def _local_models(recipe: Recipe, recipe_dir: Path | None) -> dict[str, Path]:
+    """The recipe's model references that are local paths (resolved as the sources resolve them)."""
+    references = recipe.referenced_models()
+    choice = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    references += [choice] if choice and choice not in ("base", "union") else []
+    paths = {}
+    for reference in references:
+        path = Path(reference).expanduser()
+        if not path.is_absolute() and recipe_dir is not None and (recipe_dir / path).exists():
+            path = recipe_dir / path
+        if path.exists():
+            paths[f"the input model '{reference}'"] = path
+    return paths
+
+
+def _input_paths(plan: Plan) -> dict[str, Path]:
+    paths = {}
+    for reference, source in plan.sources.items():
+        for attribute in ("folder", "path"):
+            value = getattr(source, attribute, None)
+            if isinstance(value, Path):
+                paths[f"the input model '{reference}'"] = value
+    return paths
 
 
 def _write_chat_template(folder: Path, template: str) -> None:
@@ -45,7 +80,14 @@ def _write_chat_template(folder: Path, template: str) -> None:
     (folder / "chat_template.jinja").write_text(text)
 
 
-def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | None = None) -> ExecutionReport:
+def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | None = None, protected: dict[str, Path] | None = None) -> ExecutionReport:
+    """Execute the plan into `out`. `protected` adds paths (e.g. the recipe file) that `out` must not hold."""
+    try:
+        check_output_not_input(out, _input_paths(plan) | (protected or {}))
+    except ComposerError:
+        plan.close()
+        raise
+
     def extra_files(folder: Path) -> None:
         if plan.tokenizer_source is not None:
             plan.sources[plan.tokenizer_source].save_tokenizer(folder)
@@ -61,12 +103,15 @@ def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions)
     recipe, text = load_recipe(recipe_path)
     target = resolve_output(recipe, out, recipe_path)
     check_output_free(target, options.force)
-    plan = build_plan(recipe, text, recipe_path.parent)
-    return write_plan(plan, target, options, recipe.name)
+    protected = {"the recipe file": recipe_path} | _local_models(recipe, recipe_path.parent)
+    check_output_not_input(target, protected)  # before any work; write_plan checks again with every source resolved
+    plan = _build(recipe, text, recipe_path.parent, str(recipe_path))
+    return write_plan(plan, target, options, recipe.name, protected)
 
 
 def compose_text(recipe_text: str, out: Path, options: ExecutionOptions, base_dir: Path | None = None) -> ExecutionReport:
     recipe = parse_recipe(recipe_text, "recipe")
     check_output_free(out, options.force)
-    plan = build_plan(recipe, recipe_text, base_dir)
+    check_output_not_input(out, _local_models(recipe, base_dir))
+    plan = _build(recipe, recipe_text, base_dir, "recipe")
     return write_plan(plan, out, options, recipe.name)
