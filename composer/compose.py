@@ -99,8 +99,10 @@ def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | Non
     return execute(plan, out, options, extra_files)
 
 
-def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions) -> ExecutionReport:
+def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None) -> ExecutionReport:
     recipe, text = load_recipe(recipe_path)
+    if seed is not None:
+        recipe = recipe.model_copy(update={"random_seed": seed})
     target = resolve_output(recipe, out, recipe_path)
     check_output_free(target, options.force)
     protected = {"the recipe file": recipe_path} | _local_models(recipe, recipe_path.parent)

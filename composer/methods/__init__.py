@@ -48,12 +48,14 @@ class MergeMethod:
     apply: Callable
     parameters: tuple[Parameter, ...]
     needs_base: bool = False
+    optional_base: bool = False  # a base_model, when the recipe names one, is passed as `base` (else None)
     min_models: int = 1
     max_models: int | None = None
     blends: bool = True
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
     check: Callable[[dict], str | None] | None = None
+    random: bool = False  # the planner then adds params["seed"], fixed per output tensor
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -126,5 +128,143 @@ register(MergeMethod(
 ))
 
 # --- task-arithmetic family (registered below this line) ---
+from composer.methods.task_arithmetic_registry import TASK_ARITHMETIC_METHODS  # noqa: E402  (torch-free)
+
+for _method in TASK_ARITHMETIC_METHODS:
+    register(_method)
 
 # --- other interpolation and selection methods (registered below this line) ---
+
+
+def _apply_nuslerp(tensors, base, params):
+    from composer.methods.spherical import nuslerp
+
+    return nuslerp(tensors, params["weight"], base, params["nuslerp_row_wise"], params["nuslerp_flatten"])
+
+
+def _apply_multislerp(tensors, base, params):
+    from composer.methods.spherical import multislerp
+
+    return multislerp(tensors, params["weight"], base, params["normalize_weights"], params["eps"])
+
+
+def _check_multislerp(params):
+    from composer.methods.interpolation import weights_cancel
+
+    if params["normalize_weights"] and len(params["weight"]) > 1 and weights_cancel(params["weight"]):
+        return f"the weights {params['weight']} sum to zero, so they cannot be normalised (set normalize_weights: false or change a weight)"
+    return None
+
+
+def _apply_karcher(tensors, base, params):
+    from composer.methods.spherical import karcher
+
+    return karcher(tensors, params["max_iter"], params["tol"])
+
+
+def _check_karcher(params):
+    if params["max_iter"] != int(params["max_iter"]) or params["max_iter"] < 0:
+        return f"'max_iter' must be a whole number of iterations (0 or more), not {params['max_iter']}"
+    return None
+
+
+def _apply_model_stock(tensors, base, params):
+    from composer.methods.model_stock import model_stock
+
+    return model_stock(tensors, base, params["filter_wise"])
+
+
+def _apply_nearswap(tensors, base, params):
+    from composer.methods.selection import nearswap
+
+    return nearswap(base, tensors[0], params["t"])
+
+
+def _apply_arcee_fusion(tensors, base, params):
+    from composer.methods.selection import arcee_fusion
+
+    return arcee_fusion(base, tensors[0])
+
+
+def _apply_ram(tensors, base, params):
+    from composer.methods.selection import ram
+
+    return ram(tensors, base, params["epsilon"])
+
+
+def _apply_ramplus_tl(tensors, base, params):
+    from composer.methods.selection import ramplus_tl
+
+    return ramplus_tl(tensors, base, params["r"], params["alpha"], params["epsilon"])
+
+
+register(MergeMethod(
+    name="nuslerp",
+    apply=_apply_nuslerp,
+    parameters=(
+        Parameter("weight", required=True, per_model=True),
+        Parameter("nuslerp_row_wise", default=False, kind="bool"),
+        Parameter("nuslerp_flatten", default=True, kind="bool"),
+    ),
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+    description="spherical interpolation of two models (or of their task vectors from an optional base), t = w_1 / (w_0 + w_1)",
+))
+register(MergeMethod(
+    name="multislerp",
+    apply=_apply_multislerp,
+    parameters=(
+        Parameter("weight", required=True, per_model=True),
+        Parameter("normalize_weights", default=True, kind="bool"),
+        Parameter("eps", default=1e-8),
+    ),
+    optional_base=True,
+    description="weighted spherical mean of any number of models (or of their task vectors from an optional base)",
+    check=_check_multislerp,
+))
+register(MergeMethod(
+    name="karcher",
+    apply=_apply_karcher,
+    parameters=(Parameter("max_iter", default=10), Parameter("tol", default=1e-5)),
+    description="Karcher (Riemannian) mean of the models' directions on the sphere, scaled by their mean norm",
+    check=_check_karcher,
+))
+register(MergeMethod(
+    name="model_stock",
+    apply=_apply_model_stock,
+    parameters=(Parameter("filter_wise", default=False, kind="bool"),),
+    needs_base=True,
+    min_models=2,
+    description="Model Stock: from the base towards the fine-tunes' average by a ratio set by the angle between their updates",
+))
+register(MergeMethod(
+    name="nearswap",
+    apply=_apply_nearswap,
+    parameters=(Parameter("t", required=True),),
+    needs_base=True,
+    max_models=1,
+    description="take the other model's value where it is within t of the base, less of it the further it is",
+))
+register(MergeMethod(
+    name="arcee_fusion",
+    apply=_apply_arcee_fusion,
+    parameters=(),
+    needs_base=True,
+    max_models=1,
+    description="take the other model's value only where its change is an outlier of importance (|change| x KL)",
+))
+register(MergeMethod(
+    name="ram",
+    apply=_apply_ram,
+    parameters=(Parameter("epsilon", default=1e-5),),
+    needs_base=True,
+    description="Reinforced Agent Merging: keep unique task-vector entries whole, average shared ones over their contributors",
+))
+register(MergeMethod(
+    name="ramplus_tl",
+    apply=_apply_ramplus_tl,
+    parameters=(Parameter("r", default=0.1), Parameter("alpha", default=0.2), Parameter("epsilon", default=1e-5)),
+    needs_base=True,
+    description="RAM+ (tensor-local): RAM with each model's unique entries scaled up by its overlap ratio",
+))

@@ -26,6 +26,13 @@ DTYPES = {
 }
 
 
+def tensor_seed(recipe_seed: int, tensor_name: str) -> int:
+    """A seed for one output tensor: fixed by the recipe's seed and the tensor's name, not by execution order."""
+    import zlib
+
+    return (int(recipe_seed) * 1_000_003 + zlib.crc32(tensor_name.encode())) % (1 << 63)
+
+
 def parse_dtype(name: str | None, where: str) -> torch.dtype | None:
     if name is None:
         return None
@@ -109,7 +116,7 @@ class _Planner:
             return self.recipe.slices
         sources = [SliceSource(model=e.model, layer_range=(0, self._layer_count(e.model)), parameters=e.parameters) for e in self.recipe.models]
         base = self.recipe.base_model
-        if base and self.method.needs_base and all(s.model != base for s in sources):
+        if base and self._uses_base(base) and all(s.model != base for s in sources):
             sources.append(SliceSource(model=base, layer_range=(0, self._layer_count(base))))
         return [OutputSlice(sources=sources)]
 
@@ -142,6 +149,10 @@ class _Planner:
                 ))
         return layers
 
+    def _uses_base(self, base: str | None) -> bool:
+        """Whether the method gets a base tensor: always when it needs one, and when it can use one that is named."""
+        return self.method.needs_base or (self.method.optional_base and base is not None)
+
     def _check_model_count(self, output_slice: OutputSlice, number: int) -> None:
         base = self.base_of(output_slice)
         models = [s.model for s in output_slice.sources]
@@ -152,15 +163,15 @@ class _Planner:
                     f"merge method '{self.method.name}' needs a base_model, and the recipe names none. "
                     "Add 'base_model: MODEL' at the top level (or in each slice).",
                 )
-            if base not in models:
-                where = ("slices", number, "base_model") if output_slice.base_model else ("base_model",)
-                raise RecipeKeyError(where, f"base_model '{base}' must be one of the sources of slice {number} for '{self.method.name}'.")
+        if self._uses_base(base) and base not in models:
+            where = ("slices", number, "base_model") if output_slice.base_model else ("base_model",)
+            raise RecipeKeyError(where, f"base_model '{base}' must be one of the sources of slice {number} for '{self.method.name}'.")
         others = list(models)
-        if self.method.needs_base:
+        if self._uses_base(base):
             others.remove(base)  # only the first source of the base model is the base; a second one is blended
         if len(others) < self.method.min_models or (self.method.max_models is not None and len(others) > self.method.max_models):
             wanted = f"exactly {self.method.max_models}" if self.method.max_models == self.method.min_models else f"at least {self.method.min_models}"
-            extra = " besides the base model" if self.method.needs_base else ""
+            extra = " besides the base model" if self._uses_base(base) else ""
             where = ("slices", number, "sources") if self.recipe.slices else ("models",)
             raise RecipeKeyError(
                 where, f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)})."
@@ -198,7 +209,7 @@ class _Planner:
         """The operation for one output tensor, and the positions of its inputs (in `sources`) in the order it wants them."""
         method = self.method
         models = [source.model for source in sources]
-        base_position = models.index(base) if method.needs_base and base in models else None
+        base_position = models.index(base) if self._uses_base(base) and base in models else None
         others = [i for i in range(len(sources)) if i != base_position]
         params: dict[str, Any] = {}
         for parameter in method.parameters:
@@ -210,6 +221,8 @@ class _Planner:
             else:
                 value = self._parameter(parameter.name, tensor_name, t, output_slice, None)
                 params[parameter.name] = self._resolved(parameter, value, tensor_name, None)
+        if method.random:
+            params["seed"] = tensor_seed(self.recipe.random_seed or 0, tensor_name)
         problem = method.check(params) if method.check else None
         if problem:
             raise ComposerError(f"Merge method '{method.name}', tensor {tensor_name}: {problem}.")

@@ -17,6 +17,8 @@ def _bytes(count: int) -> str:
 def _arguments(arguments: dict) -> str:
     shown = []
     for key, value in arguments.items():
+        if key == "seed":
+            continue
         if isinstance(value, list) and all(v is None for v in value):
             continue
         if isinstance(value, float):

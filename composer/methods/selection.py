@@ -1,0 +1,133 @@
+"""Methods that decide element by element how much of each model to take: NearSwap, Arcee Fusion, and
+RAM / RAM+ (Reinforced Agent Merging).
+
+Each function returns a new tensor and never modifies its inputs. The arithmetic follows mergekit's
+order of operations, so float32 results agree with mergekit's to the bit (Arcee Fusion: see there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEARSWAP_FLOOR = 1e-6  # |base - other| is clamped to this before dividing
+FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence
+
+
+# --- NearSwap -------------------------------------------------------------------------------------
+
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """y = w * other + (1 - w) * base,  w = clamp(t / max(|base - other|, 1e-6), 0, 1), element by element.
+
+    Where the two models are within t of each other the other model's value is taken outright (w = 1);
+    further apart, w = t / |base - other| falls off with the distance, so large differences keep mostly
+    the base. t <= 0 gives the base.
+    """
+    distance = torch.sub(base, other).abs_().clamp_(min=NEARSWAP_FLOOR)
+    weight = (t / distance).clamp_(min=0, max=1)  # t / x is reciprocal(x) * t in torch; kept for bitwise agreement
+    del distance
+    return (weight * other).add_((1 - weight).mul_(base))
+
+
+# --- Arcee Fusion ---------------------------------------------------------------------------------
+
+def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Take the other model's value only where its change is an outlier of importance, else keep the base.
+
+        importance = |other - base| * KL(softmax(other) + 1e-8 || softmax(base) + 1e-8)
+    with softmax and KL along the last axis (one KL per row, broadcast over the row); the threshold is
+    median + 1.5 * (Q3 - Q1) of all importances of the tensor, the quantiles being order statistics
+    at floor(q (n - 1)). y = base + (other - base) * [importance >= threshold].
+
+    mergekit estimates the quantiles from a random sample of 10^6 elements when a tensor has more;
+    here they are exact (the same values whenever n <= 10^6), so the result is deterministic.
+    """
+    delta = other - base
+    p = torch.softmax(other, dim=-1).add_(FUSION_EPS)
+    q = torch.softmax(base, dim=-1).add_(FUSION_EPS)
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    del p, q
+    importance = delta.abs().mul_(kl)
+    q1, median, q3 = _quartiles(importance.reshape(-1))
+    threshold = median + 1.5 * (q3 - q1)
+    mask = (importance >= threshold).to(delta.dtype)
+    del importance
+    return base + delta.mul_(mask)
+
+
+def _quartiles(values: torch.Tensor) -> list[torch.Tensor]:
+    """The sorted values at positions floor(k (n - 1) / 4), k = 1, 2, 3, as 0-dim tensors of `values`' dtype."""
+    positions = [k * (values.numel() - 1) // 4 for k in (1, 2, 3)]
+    if values.device.type == "cpu":
+        import numpy as np
+
+        exact = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+        picked = np.partition(values.detach().to(exact).numpy(), positions)[positions]  # one copy, no index array
+        return [torch.tensor(value, dtype=values.dtype) for value in picked]
+    return [torch.kthvalue(values, position + 1).values for position in positions]
+
+
+# --- RAM and RAM+ ---------------------------------------------------------------------------------
+
+def ram(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
+    """Reinforced Agent Merging (arXiv:2601.13572): task vectors d_i = x_i - base, an entry counting as
+    changed where |d_i| > epsilon. Where exactly one model changed an entry its change is kept whole;
+    where c > 1 models changed it, their changes are averaged over those c (not over all models):
+
+        y = base + sum_i [|d_i| > eps] d_i / max(c, 1),   c = #{i : |d_i| > eps}
+    """
+    if not tensors:
+        return base
+    deltas, changed, counts = _task_vectors(tensors, base, epsilon)
+    return _combine(deltas, changed, counts, base, None)
+
+
+def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM+ with tensor-local rescaling: like `ram`, but each model's unique changes (entries only it
+    changed) are multiplied by lambda_i = 1 + r * clamp(rho_i, 0, alpha), where rho_i is the number of
+    its changed entries shared with other models divided by the number of its unique ones (the latter
+    floored at epsilon), counted within this tensor. The default caps lambda_i at 1 + 0.1 * 0.2 = 1.02.
+    """
+    if not tensors:
+        return base
+    deltas, changed, counts = _task_vectors(tensors, base, epsilon)
+    overlap, unique = counts > 1, counts == 1
+    shared_counts = (changed & overlap).sum(dim=1)
+    unique_counts = (changed & unique).sum(dim=1)
+    rho = shared_counts / unique_counts.clamp(min=epsilon)
+    lambdas = 1 + r * rho.clamp(min=0, max=alpha)
+    return _combine(deltas, changed, counts, base, lambdas)
+
+
+def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
+    """(d, changed, counts): d[i] = x_i - base flattened, changed = |d| > epsilon, counts = changed models per entry (1, n)."""
+    flat_base = base.reshape(-1)
+    deltas = torch.empty((len(tensors), flat_base.numel()), dtype=torch.promote_types(base.dtype, tensors[0].dtype), device=base.device)
+    changed = torch.empty(deltas.shape, dtype=torch.bool, device=base.device)
+    for i, tensor in enumerate(tensors):
+        torch.sub(tensor.reshape(-1), flat_base, out=deltas[i])
+        torch.gt(deltas[i].abs(), epsilon, out=changed[i])
+    counts = changed.sum(dim=0, keepdim=True, dtype=torch.uint8 if len(tensors) < 256 else torch.int32)  # small: one byte an entry
+    return deltas, changed, counts
+
+
+def _combine(deltas, changed, counts, base, lambdas) -> torch.Tensor:
+    """base + sum_i (changed_i d_i * [c == 1] * lambda_i + changed_i d_i * [c > 1] / max(c, 1)).
+
+    The two masks are disjoint and c = 1 where the first applies, so each term is (changed_i d_i) / max(c, 1),
+    times lambda_i on the unique entries. The terms are summed over the models in order, accumulating in
+    at least float32 as a sum over a stacked dimension does (so half-precision inputs round as mergekit's do;
+    float32 lambdas promote RAM+ terms to float32, as there)."""
+    divisor = counts.clamp(min=1)[0].to(deltas.dtype)  # small whole numbers: exact in any float dtype, so x / c rounds alike
+    result_dtype = deltas.dtype if lambdas is None else torch.promote_types(deltas.dtype, lambdas.dtype)
+    unique = (counts == 1)[0] if lambdas is not None else None
+    total = None
+    for i in range(deltas.shape[0]):
+        term = deltas[i].mul_(changed[i]).div_(divisor)  # rows of `deltas` are ours to overwrite
+        if lambdas is not None:
+            scaled = term.to(result_dtype) * lambdas[i].to(result_dtype)
+            term = torch.where(unique, scaled, term)
+        if total is None:
+            total = term.to(torch.promote_types(term.dtype, torch.float32))
+        else:
+            total += term
+    return base + total.to(result_dtype).reshape(base.shape)

@@ -1,0 +1,178 @@
+"""Interpolation on the hypersphere: NuSLERP (two models), Multi-SLERP and the Karcher mean (any number).
+
+Each function takes whole tensors and returns a new tensor; inputs are never modified. The
+arithmetic follows mergekit's order of operations step by step, so in float32 the results agree
+with mergekit's to the bit (a different order would round differently in the last place).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from composer.errors import ComposerError
+
+NUSLERP_EPS = 1e-8  # |sin(theta)| below this (cos(theta)^2 within eps^2 of 1): the pair is colinear, lerp
+_NORM_FLOOR = 1e-7  # norms are clamped to this before dividing, so an all-zero vector has direction 0
+
+
+def nuslerp_t(weights: list[float]) -> float:
+    """The interpolation factor of NuSLERP: w_1 / (w_0 + w_1), or 0.5 when the weights cancel (|sum| < 1e-6)."""
+    total = sum(weights)
+    return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+def nuslerp(
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None = None,
+    row_wise: bool = False,
+    flatten: bool = True,
+) -> torch.Tensor:
+    """SLERP of two tensors with t = w_1 / (w_0 + w_1); with a base, SLERP of the task vectors x_i - base,
+    added back to the base.
+
+    `flatten` (default): each tensor is one vector. Otherwise every vector along the last axis is
+    interpolated on its own (each row of a matrix), or, with `row_wise`, every vector along the first
+    axis (each column). Where two vectors are colinear (sin(theta) = 0) the result is linear
+    interpolation.
+    """
+    if len(tensors) != 2:
+        raise ValueError(f"nuslerp takes exactly two tensors besides the base, got {len(tensors)}")
+    t = nuslerp_t(weights)
+    first, second = tensors
+    if base is None:
+        return _slerp_vectors(first, second, t, row_wise, flatten)
+    return base + _slerp_vectors(first - base, second - base, t, row_wise, flatten)
+
+
+def _slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float, row_wise: bool, flatten: bool) -> torch.Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    direction0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
+    direction1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
+    cosine = direction0.mul_(direction1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    del direction0, direction1
+    colinear = (1 - cosine.square()) <= NUSLERP_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cosine))  # colinear entries get a harmless angle; lerp replaces them
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    if bool(colinear.any()):
+        result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def multislerp(
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere (Goddard 2025, "Multi-SLERP").
+
+    With x_i the tensors (minus the base, when there is one) as flat vectors and w_i the weights
+    (divided by their sum when `normalize_weights`):
+        u_i = x_i / (|x_i| + eps)                 the directions
+        m   = sum_i w_i u_i / |sum_i w_i u_i|     their weighted mean, projected onto the sphere
+        v   = sum_i w_i (u_i - <u_i, m> m)        the weighted mean of the tangent vectors at m
+        y   = (cos|v| m + sin|v| / |v| v) * sum_i w_i |x_i|     (|v| taken + eps)
+    (+ base). v vanishes in exact arithmetic, so y is the normalised weighted mean of the directions
+    scaled by the weighted mean of the norms; it is computed as written to round as mergekit does.
+    When the weighted directions cancel (|sum_i w_i u_i| < eps), two tensors give the weighted sum
+    w_0 x_0 + w_1 x_1 (+ base); more tensors are an error.
+    """
+    if len(tensors) != len(weights):
+        raise ValueError(f"multislerp: {len(tensors)} tensors but {len(weights)} weights")
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(tensors)  # our own copy: everything below may work in place on it
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(len(tensors), -1)
+    w = torch.tensor(weights, dtype=flat.dtype, device=flat.device)
+    if normalize_weights:
+        w = w / w.sum()
+    w_column = w.view(-1, 1)
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat.div_(norms + eps)  # flat (and `stacked`) now hold the directions
+    mean = (units * w_column).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(tensors) == 2:
+            first = tensors[0] if base is None else tensors[0] - base
+            second = tensors[1] if base is None else tensors[1] - base
+            result = first * w[0] + second * w[1]
+            return result if base is None else result + base
+        raise ComposerError(
+            "multislerp: the weighted directions of the tensors cancel (for example a tensor and its negation "
+            "with equal weights), so their mean has no direction; change the weights"
+        )
+    mean /= mean_norm
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangents = units.sub_(dots * mean)
+    tangent = tangents.mul_(w_column).sum(0)
+    del stacked, flat, units, tangents
+    tangent_norm = torch.linalg.vector_norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(tensors[0].shape)
+    return result if base is None else result + base
+
+
+def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """The Karcher (Riemannian / Frechet) mean of the tensors' directions on the unit sphere, with equal
+    weights, scaled by the mean of their norms.
+
+    Tensors with norm <= tol have no direction and are left out of the mean (their norm 0 still
+    counts in the scale). Start: the normalised arithmetic mean of the unit vectors u_i. Each step
+    moves the estimate m along the mean of the log maps,
+        v = sum_i a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m),   cos(theta_i) = <m, u_i>,
+        m <- cos|v| m + sin|v| v / |v|   (then renormalised),
+    skipping inputs within tol of m, for at most `max_iter` steps or until |v| < tol.
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norm_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms: list[torch.Tensor] = []
+    units: list[torch.Tensor] = []
+    for tensor in tensors:
+        norm = torch.linalg.vector_norm(tensor.to(norm_dtype))
+        norms.append(norm)
+        units.append(torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype))
+    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    valid_alphas = [alphas[i] for i in valid]
+    alpha_sum = sum(valid_alphas)
+    weights = [alpha / alpha_sum for alpha in valid_alphas]
+    directions = [units[i] for i in valid]
+    del units
+
+    mean = torch.zeros_like(directions[0])
+    for weight, direction in zip(weights, directions):
+        mean += weight * direction
+    mean_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
+    mean = directions[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+
+    for _ in range(int(max_iter)):
+        tangent = torch.zeros_like(mean)
+        for weight, direction in zip(weights, directions):
+            cosine = torch.clamp(torch.dot(mean.flatten(), direction.flatten()), -1.0, 1.0)
+            theta = torch.arccos(cosine)
+            if theta.item() < tol:
+                continue
+            tangent += weight * (theta / torch.sin(theta)) * (direction - cosine * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
+    return scale * mean

@@ -1,0 +1,237 @@
+"""The task-arithmetic family: merges of task vectors tau_i = x_i - base.
+
+    y = base + lambda * merge(tau_1 .. tau_n)
+
+`generalized_task_arithmetic` covers task arithmetic, TIES, DARE, breadcrumbs and DELLA (they differ
+in how each task vector is sparsified and whether a sign is elected per entry); `sce` is separate.
+The arithmetic follows mergekit's operation for operation (weighted deltas stacked, summed over the
+model axis, divided, scaled, added to the base), so the deterministic methods give the same float32
+weights bit for bit; selection by magnitude uses order statistics instead of a full sort (see
+`composer.methods.sparsify`). Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from composer.methods.sparsify import make_generator, rank_window_mask, sparsify_
+
+SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """The stacked task vectors [n, *base.shape], x_i - base, in the base's dtype."""
+    if not tensors:
+        raise ValueError("task arithmetic needs at least one model besides the base")
+    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    for i, tensor in enumerate(tensors):
+        if tensor.shape != base.shape:
+            raise ValueError(f"model {i + 1} has shape {list(tensor.shape)} but the base has {list(base.shape)}")
+        torch.sub(tensor.to(device=base.device, dtype=base.dtype), base, out=deltas[i])
+    return deltas
+
+
+def elect_signs_(deltas: torch.Tensor, weights: Sequence[float] | None = None, divisor: bool = True) -> torch.Tensor | None:
+    """TIES sign election on the stacked (already weighted) deltas, in place: the elected sign of an
+    entry is that of the sum over models (+ where the sum is >= 0); entries of the other sign are
+    set to zero. With `divisor`, returns per entry the sum of `weights` (ones when None) over the
+    models whose entry was kept (nonzero and of the elected sign); otherwise None."""
+    positive = deltas.sum(dim=0) >= 0
+    # accumulated in float32 or better and rounded once, as a sum over the stacked model axis would be
+    kept_weight = None
+    if divisor:
+        kept_weight = torch.zeros(deltas.shape[1:], dtype=torch.promote_types(deltas.dtype, torch.float32), device=deltas.device)
+    for i in range(deltas.shape[0]):
+        delta = deltas[i]
+        # drop where the sign bit disagrees with the elected sign (zeros stay zeros either way)
+        delta.masked_fill_(torch.signbit(delta).eq_(positive), 0)
+        if kept_weight is not None:
+            weight = 1.0 if weights is None else float(torch.tensor(float(weights[i]), dtype=deltas.dtype))
+            kept_weight.add_(delta != 0, alpha=weight)
+    return None if kept_weight is None else kept_weight.to(deltas.dtype)
+
+
+def generalized_task_arithmetic(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    sparsification: str | None = None,
+    consensus: bool = False,
+    densities: Sequence[float] | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    generator: torch.Generator | int | None = None,
+) -> torch.Tensor:
+    """base + lambda * merge of the task vectors of `tensors`.
+
+    1. tau_i = x_i - base, sparsified with `sparsification` at `densities[i]` (with `rescale`, the
+       kept entries are scaled to the task vector's L1 norm); `gammas` for "magnitude_outliers",
+       `epsilons` for "della_magprune"; the random methods draw from `generator` (model by model).
+    2. d_i = w_i tau_i.
+    3. consensus: per entry keep the d_i whose sign is the sign of sum_i d_i (TIES sign election);
+       m = sum of the kept d_i, D = sum of the w_i kept there (1 where none).
+       otherwise: m = sum_i d_i, D = sum_i w_i (1 when |D| < 1e-8).
+    4. m / D when `normalize`; times `lambda_`; plus base, in the base's dtype.
+    """
+    count = len(tensors)
+    if len(weights) != count:
+        raise ValueError(f"{count} models but {len(weights)} weights")
+    if sparsification is not None and sparsification not in SPARSIFICATIONS:
+        raise ValueError(f"unknown sparsification {sparsification!r}")
+    densities = [1.0] * count if densities is None else list(densities)
+    gammas = [0.01] * count if gammas is None else list(gammas)
+    epsilons = [0.15] * count if epsilons is None else list(epsilons)
+    deltas = task_vectors(tensors, base)
+    if sparsification is not None:
+        if sparsification in ("random", "della_magprune") and not isinstance(generator, torch.Generator):
+            generator = make_generator(0 if generator is None else generator, base.device)
+        for i in range(count):
+            sparsify_(deltas[i], sparsification, densities[i], rescale, gammas[i], epsilons[i], generator)
+    weight_column = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    weight_column = weight_column.reshape((count,) + (1,) * base.dim())
+    deltas.mul_(weight_column)
+    if consensus:
+        divisor = elect_signs_(deltas, weights, divisor=normalize)
+        merged = deltas.sum(dim=0)
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1)
+    else:
+        merged = deltas.sum(dim=0)
+        divisor = weight_column.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del deltas
+    if normalize:
+        merged /= divisor
+    if lambda_ != 1:
+        merged *= lambda_
+    return merged.add_(base).to(base.dtype)
+
+
+# --- the named methods ------------------------------------------------------------------------------
+
+def task_arithmetic(tensors, base, weights, *, normalize=False, lambda_=1.0):
+    """Ilharco et al. 2022, arXiv:2212.04089: base + lambda * sum_i w_i tau_i (/ sum_i w_i)."""
+    return generalized_task_arithmetic(tensors, base, weights, normalize=normalize, lambda_=lambda_)
+
+
+def ties(tensors, base, weights, densities=None, *, normalize=True, rescale=False, lambda_=1.0):
+    """Yadav et al. 2023, arXiv:2306.01708: trim by magnitude, elect signs, disjoint mean."""
+    return generalized_task_arithmetic(
+        tensors, base, weights, sparsification="magnitude", consensus=True, densities=densities,
+        normalize=normalize, rescale=rescale, lambda_=lambda_,
+    )
+
+
+def dare_linear(tensors, base, weights, densities=None, *, normalize=False, rescale=True, lambda_=1.0, generator=None):
+    """Yu et al. 2023, arXiv:2311.03099: random drop (keep with probability density), rescale, sum."""
+    return generalized_task_arithmetic(
+        tensors, base, weights, sparsification="random", densities=densities,
+        normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+    )
+
+
+def dare_ties(tensors, base, weights, densities=None, *, normalize=False, rescale=True, lambda_=1.0, generator=None):
+    """DARE's random drop, then TIES's sign election."""
+    return generalized_task_arithmetic(
+        tensors, base, weights, sparsification="random", consensus=True, densities=densities,
+        normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+    )
+
+
+def breadcrumbs(tensors, base, weights, densities=None, gammas=None, *, normalize=False, rescale=False, lambda_=1.0):
+    """Davari & Belilovsky 2023, arXiv:2312.06795: drop the largest gamma and the smallest entries."""
+    return generalized_task_arithmetic(
+        tensors, base, weights, sparsification="magnitude_outliers", densities=densities, gammas=gammas,
+        normalize=normalize, rescale=rescale, lambda_=lambda_,
+    )
+
+
+def breadcrumbs_ties(tensors, base, weights, densities=None, gammas=None, *, normalize=False, rescale=False, lambda_=1.0):
+    """Breadcrumbs' sparsification, then TIES's sign election."""
+    return generalized_task_arithmetic(
+        tensors, base, weights, sparsification="magnitude_outliers", consensus=True, densities=densities,
+        gammas=gammas, normalize=normalize, rescale=rescale, lambda_=lambda_,
+    )
+
+
+def della(tensors, base, weights, densities=None, epsilons=None, *, normalize=True, rescale=True, lambda_=1.0, generator=None):
+    """Deep et al. 2024, arXiv:2406.11617: magnitude-ranked random drop (MagPrune), sign election."""
+    return generalized_task_arithmetic(
+        tensors, base, weights, sparsification="della_magprune", consensus=True, densities=densities,
+        epsilons=epsilons, normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+    )
+
+
+def della_linear(tensors, base, weights, densities=None, epsilons=None, *, normalize=False, rescale=True, lambda_=1.0, generator=None):
+    """DELLA's MagPrune, then a weighted sum (no sign election)."""
+    return generalized_task_arithmetic(
+        tensors, base, weights, sparsification="della_magprune", densities=densities,
+        epsilons=epsilons, normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+    )
+
+
+_VARIANCE_CHUNK = 1 << 16
+
+
+def population_variance(stacked: torch.Tensor) -> torch.Tensor:
+    """torch.var(stacked, dim=0, unbiased=False), bit for bit. On a CPU that reduction is slow over
+    the leading axis, so float32 tensors take the same Welford recurrence in float64 here, in
+    cache-sized chunks: mean_k = mean_{k-1} + d / k with d = x_k - mean_{k-1},
+    m2_k = m2_{k-1} + d (x_k - mean_k); variance = m2_n / n, rounded once to float32."""
+    if stacked.device.type != "cpu" or stacked.dtype != torch.float32:
+        return torch.var(stacked, dim=0, unbiased=False)
+    count = stacked.shape[0]
+    flat = stacked.reshape(count, -1)
+    total = flat.shape[1]
+    result = torch.empty(total, dtype=stacked.dtype)
+    size = min(_VARIANCE_CHUNK, total)
+    mean, m2, x, d = (torch.empty(size, dtype=torch.float64) for _ in range(4))
+    for start in range(0, total, _VARIANCE_CHUNK):
+        stop = min(total, start + _VARIANCE_CHUNK)
+        width = stop - start
+        mean_, m2_, x_, d_ = mean[:width], m2[:width], x[:width], d[:width]
+        mean_.zero_()
+        m2_.zero_()
+        for k in range(count):
+            x_.copy_(flat[k, start:stop])
+            torch.sub(x_, mean_, out=d_)
+            mean_.add_(torch.div(d_, k + 1))
+            m2_.add_(d_.mul_(x_.sub_(mean_)))
+        result[start:stop].copy_(m2_.div_(count))
+    return result.reshape(stacked.shape[1:])
+
+
+def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float = 1.0) -> torch.Tensor:
+    """SCE (FuseChat, Wan et al. 2024, arXiv:2408.07990): select, calculate, erase.
+
+    Select: with select_topk < 1, keep in every task vector only the entries whose variance across
+    the models is among the top int(select_topk * #nonzero variances) (whole tensor).
+    Calculate: model weight c_i = mean(tau_i^2) / sum_j mean(tau_j^2) (uniform 1/n when that sum
+    is below 1e-6). Erase: TIES sign election on the selected tau_i (unweighted).
+    y = base + sum_i c_i [kept_i] tau_i / max(sum_i c_i [kept_i], 1e-6).
+    """
+    deltas = task_vectors(tensors, base)
+    count = deltas.shape[0]
+    if select_topk < 1:
+        if select_topk <= 0:
+            deltas.zero_()
+        else:
+            variance = population_variance(deltas)
+            k = int(int(torch.count_nonzero(variance)) * select_topk)
+            deltas.mul_(rank_window_mask(variance, 0, k, descending=True))
+            del variance
+    magnitudes = deltas.square().reshape(count, -1).mean(dim=1)
+    total = magnitudes.sum().item()
+    model_weights = torch.ones_like(magnitudes) / count if abs(total) < 1e-6 else magnitudes / total
+    kept_weight = elect_signs_(deltas, model_weights.tolist())  # the election sees the unweighted tau_i
+    deltas.mul_(model_weights.reshape((count,) + (1,) * base.dim()))
+    merged = deltas.sum(dim=0)
+    del deltas
+    merged /= kept_weight.clamp_(min=1e-6)
+    return merged.add_(base).to(base.dtype)
