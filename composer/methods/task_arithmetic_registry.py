@@ -4,8 +4,9 @@ registry's `apply(tensors, base, params)` to `composer.methods.task_arithmetic`.
 
 Kept free of torch so that reading the registry stays cheap; the adapters import lazily.
 The random methods read `params["seed"]` (an int the planner supplies per output tensor; 0 when
-absent) and draw from a generator seeded with it on the tensors' device, so a merge is the same
-from run to run and does not depend on the order tensors are computed in.
+absent) and draw from a CPU generator seeded with it (the draws are moved to the tensors' device),
+so a merge is the same from run to run and on every device, and does not depend on the order
+tensors are computed in.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _apply_generalized(sparsification: str | None, consensus: bool):
 
         generator = None
         if sparsification in ("random", "della_magprune"):
-            generator = make_generator(params.get("seed", 0) or 0, base.device)
+            generator = make_generator(params.get("seed", 0) or 0)  # on the CPU: the same masks on every device
         return generalized_task_arithmetic(
             tensors,
             base,
@@ -118,6 +119,7 @@ def _generalized(name: str) -> MergeMethod:
         needs_base=True,
         description=_DESCRIPTIONS[name],
         check=_check_generalized(name, sparsification),
+        random=sparsification in ("random", "della_magprune"),
     )
 
 
