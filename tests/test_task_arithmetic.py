@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from composer.compose import compose_text
@@ -310,6 +310,28 @@ def test_sparsification_keeps_the_stated_fraction(rows, cols, density, gamma, se
     dropped_top = min(int(gamma * n), n - int(density * n))
     largest = torch.argsort(delta.abs().reshape(-1), descending=True)[:dropped_top]
     assert not crumbs.reshape(-1)[largest].any()
+
+
+def test_heavily_tied_large_tensors_keep_exactly_the_stated_count():
+    # task vectors of bf16 checkpoints take few distinct values: many entries tie at the threshold
+    values = torch.randint(-20, 21, (600, 500), generator=torch.Generator().manual_seed(3)).float() * 2**-12
+    for density in (0.1, 0.5, 0.93):
+        kept = magnitude_mask(values, density)
+        assert int(kept.sum()) == int(density * values.numel())
+        assert values.abs()[kept].min() >= values.abs()[~kept].max()
+        crumbs = outlier_mask(values, density, 0.02)
+        assert int(crumbs.sum()) == int(density * values.numel())
+
+
+@settings(max_examples=30, deadline=None)
+@given(count=st.integers(1, 6), size=st.integers(1, 3000), seed=st.integers(0, 2**16))
+def test_population_variance_is_torch_var_bit_for_bit(count, size, seed):
+    from composer.methods.task_arithmetic import population_variance
+
+    generator = torch.Generator().manual_seed(seed)
+    stacked = torch.randn(count, size, generator=generator) * 0.01 + torch.randn(size, generator=generator)
+    with mock.patch("composer.methods.task_arithmetic._VARIANCE_CHUNK", 257):
+        assert torch.equal(population_variance(stacked), torch.var(stacked, dim=0, unbiased=False))
 
 
 def test_random_sparsification_keeps_the_fraction_on_average():

@@ -6,8 +6,10 @@ elementwise passes over the tensor); ties at a threshold are broken by position,
 first, so exactly the asked number of elements is kept. Only DELLA, whose drop probabilities depend
 on each element's rank within its row, sorts (row by row).
 
-Every function here returns a new tensor or a mask and never modifies its input, except the
-`*_` functions, which work in place on a delta the caller owns.
+Masks are 0/1 float32 tensors written into buffers the caller may supply (a float multiply is far
+cheaper than masking with booleans, and a reused buffer saves the page faults of a fresh one).
+Functions ending in `_` write into their first argument or into `out`; the others leave their
+inputs alone.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def _bracketed_order_statistic(flat: torch.Tensor, rank: int) -> tuple[torch.Ten
     """Bracket the order statistic between two sampled values, then select inside the bracket only.
     None when the bracket missed (practically never); the caller then selects on the whole tensor."""
     n = flat.numel()
-    generator = torch.Generator(device=flat.device).manual_seed(_SAMPLE_SEED)
-    sample = flat[torch.randint(0, n, (_SAMPLE,), generator=generator, device=flat.device)].sort().values
+    positions = torch.randint(0, n, (_SAMPLE,), generator=torch.Generator().manual_seed(_SAMPLE_SEED))
+    sample = flat[positions.to(flat.device)].sort().values
     p = (rank + 0.5) / n
     half_width = 5.0 * math.sqrt(_SAMPLE * p * (1 - p)) + 16
     low_index = math.floor(p * _SAMPLE - half_width)
@@ -66,18 +68,19 @@ def _bracketed_order_statistic(flat: torch.Tensor, rank: int) -> tuple[torch.Ten
     return value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value))
 
 
-def rank_window_mask(values: torch.Tensor, start: int, stop: int, descending: bool = False) -> torch.Tensor:
-    """Boolean mask (shape of `values`) of the elements whose rank lies in [start, stop), ranks taken
-    in a stable sort of the flattened tensor (ascending, or descending when `descending`): equal
-    values are ordered by position, lowest index first. Exactly max(0, min(stop, n) - max(start, 0))
-    elements are selected."""
-    flat = values.reshape(-1)
+def window_mask_(values: torch.Tensor, start: int, stop: int, descending: bool = False, spare: torch.Tensor | None = None) -> torch.Tensor:
+    """Overwrite the floating tensor `values` with a 0/1 mask of the elements whose rank lies in
+    [start, stop), ranks taken in a stable sort of the flattened tensor (ascending, or descending
+    when `descending`): equal values are ordered by position, lowest index first. Exactly
+    max(0, min(stop, n) - max(start, 0)) elements get 1. `spare`, a buffer of as many elements,
+    is used (and overwritten) when the window has two bounds. Returns `values`."""
+    flat = values.view(-1)
     n = flat.numel()
     start, stop = max(start, 0), min(stop, n)
     if stop <= start:
-        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+        return values.zero_()
     if start == 0 and stop == n:
-        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+        return values.fill_(1)
     # The kept values lie between the value at the window's first rank and at its last rank.
     bounds = []  # (ascending rank of the boundary value, keep elements >= it (True) or <= it (False))
     if descending:
@@ -90,40 +93,61 @@ def rank_window_mask(values: torch.Tensor, start: int, stop: int, descending: bo
             bounds.append((start, True))
         if stop < n:
             bounds.append((stop - 1, False))
-    mask = None
-    ties = []
+    thresholds, dropped = [], []
     for ascending_rank, lower in bounds:
         value, below, equal = order_statistic(flat, ascending_rank)
-        part = flat >= value if lower else flat <= value
-        mask = part if mask is None else mask.logical_and_(part)
-        ties.append((value, below, equal))
-    for value, below, equal in ties:
+        thresholds.append((value, lower))
         # The elements equal to `value` hold ranks before .. before + equal - 1, in index order.
         before = n - below - equal if descending else below
         first, last = max(0, start - before), min(equal, stop - before)
-        if first == 0 and last == equal:
-            continue
-        positions = (flat == value).nonzero().reshape(-1)
-        mask[positions[:first]] = False
-        mask[positions[last:]] = False
-    return mask.reshape(values.shape)
+        if first > 0 or last < equal:
+            positions = (flat == value).nonzero().view(-1)
+            dropped += [positions[:first], positions[last:]]
+    if len(thresholds) == 1:
+        (value, lower), = thresholds
+        (torch.ge if lower else torch.le)(flat, value, out=flat)
+    else:
+        (low, _), (high, _) = sorted(thresholds, key=lambda bound: not bound[1])
+        other = torch.empty_like(flat) if spare is None else spare.view(-1)[:n]
+        torch.ge(flat, low, out=other)
+        torch.le(flat, high, out=flat)
+        flat.mul_(other)
+    for positions in dropped:
+        flat[positions] = 0
+    return values
 
 
-# --- masks ----------------------------------------------------------------------------------------
-
-def _magnitudes(delta: torch.Tensor) -> torch.Tensor:
-    magnitudes = delta.abs()
-    return magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.float()
-
-
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES "trim": keep the k = max(1, int(density * n)) entries of largest magnitude (whole tensor)."""
-    n = delta.numel()
-    k = max(1, int(density * n))
-    return rank_window_mask(_magnitudes(delta), 0, k, descending=True)
+def rank_window_mask(values: torch.Tensor, start: int, stop: int, descending: bool = False) -> torch.Tensor:
+    """`window_mask_` as a boolean mask, leaving `values` alone."""
+    work = values.to(torch.promote_types(values.dtype, torch.float32), copy=True).contiguous()
+    return window_mask_(work, start, stop, descending) > 0
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+# --- masks: written as 0/1 into a float32 buffer, which the caller may supply --------------------
+
+def _buffer(delta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
+    return out.view(-1)[: delta.numel()].view(delta.shape)
+
+
+def _magnitudes_into(delta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    magnitudes = _buffer(delta, out)
+    if delta.dtype == torch.float32:
+        return torch.abs(delta, out=magnitudes)
+    return magnitudes.copy_(delta).abs_()
+
+
+def magnitude_mask_(delta: torch.Tensor, density: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES "trim": 1 for the k = max(1, int(density * n)) entries of largest magnitude (over the
+    whole tensor), 0 elsewhere, written into `out` (float32)."""
+    k = max(1, int(density * delta.numel()))
+    return window_mask_(_magnitudes_into(delta, out), 0, k, descending=True)
+
+
+def outlier_mask_(
+    delta: torch.Tensor, density: float, gamma: float, out: torch.Tensor | None = None, spare: torch.Tensor | None = None
+) -> torch.Tensor:
     """Model breadcrumbs: drop the int(gamma * n) largest magnitudes and the smallest ones, keeping
     int(density * n) entries. When density + gamma > 1 fewer large entries are dropped, so that
     int(density * n) remain (and no small ones are dropped)."""
@@ -131,7 +155,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    return rank_window_mask(_magnitudes(delta), bottom, bottom + keep)
+    return window_mask_(_magnitudes_into(delta, out), bottom, bottom + keep, spare=spare)
 
 
 _LEVELS = 1 << 16  # keep probabilities are resolved to 1/65536
@@ -154,33 +178,62 @@ def level_of(probability: float) -> int:
     return min(max(round(probability * _LEVELS), 0), _LEVELS) - _LEVELS // 2
 
 
-def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry independently with probability `density`."""
+def random_mask_(delta: torch.Tensor, density: float, generator: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
+    """DARE: each entry 1 independently with probability `density`."""
+    mask = _buffer(delta, out)
     threshold = level_of(density)
     if threshold >= _LEVELS // 2:
-        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
-    return random_levels(delta.shape, generator, delta.device) < threshold
+        return mask.fill_(1)
+    return torch.lt(random_levels(delta.shape, generator, delta.device), threshold, out=mask)
 
 
-def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def della_mask_(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    out: torch.Tensor | None = None,
+    spare: torch.Tensor | None = None,
+) -> torch.Tensor:
     """DELLA MagPrune: within each row (dimension 1; a 1-D tensor is one row), the entry of rank r
     (0 = smallest magnitude, m - 1 = largest, m entries) is kept with probability
     density - epsilon + 2 epsilon r / (m - 1), so larger entries are likelier to stay and the mean
     keep probability is `density`. A row of one entry keeps it with probability `density`."""
-    shape = delta.shape
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    m = rows.shape[1]
+    rows_shape = (1, delta.numel()) if delta.dim() < 2 else delta.shape
+    m = rows_shape[1]
     if m > 1:
         probabilities = torch.arange(m, device=delta.device, dtype=torch.float64) * (2 * epsilon / (m - 1)) + (density - epsilon)
     else:
         probabilities = torch.full((1,), density, dtype=torch.float64, device=delta.device)
     thresholds = (probabilities.clamp(0, 1) * _LEVELS).round_().sub_(_LEVELS // 2).to(torch.int32)
-    thresholds = thresholds.reshape((m,) + (1,) * (rows.dim() - 2))
-    order = torch.argsort(_magnitudes(rows), dim=1)
-    keep_in_order = random_levels(rows.shape, generator, delta.device) < thresholds  # the draw for rank r sits at r
-    mask = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    thresholds = thresholds.view((m,) + (1,) * (len(rows_shape) - 2))
+    magnitudes = _magnitudes_into(delta, out).view(rows_shape)
+    order = torch.argsort(magnitudes, dim=1)
+    keep_in_order = _buffer(magnitudes, spare)  # the draw for rank r sits at position r
+    torch.lt(random_levels(rows_shape, generator, delta.device), thresholds, out=keep_in_order)
+    mask = magnitudes  # the magnitudes are no longer needed
     mask.scatter_(1, order, keep_in_order)
-    return mask.reshape(shape)
+    return mask.view(delta.shape)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """`magnitude_mask_` as a boolean mask."""
+    return magnitude_mask_(delta, density) > 0
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """`outlier_mask_` as a boolean mask."""
+    return outlier_mask_(delta, density, gamma) > 0
+
+
+def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """`random_mask_` as a boolean mask."""
+    return random_mask_(delta, density, generator) > 0
+
+
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """`della_mask_` as a boolean mask."""
+    return della_mask_(delta, density, epsilon, generator) > 0
 
 
 # --- applying a mask --------------------------------------------------------------------------------
@@ -192,10 +245,10 @@ def _l1(tensor: torch.Tensor, exact: bool) -> torch.Tensor:
 
 
 def mask_(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, exact: bool = True) -> torch.Tensor:
-    """delta *= keep, in place (`keep` is inverted in place); with `rescale`, then scaled so that its L1 norm is what it was before
-    masking (skipped when either norm is below 1e-7). Returns `delta`."""
+    """delta *= keep (a 0/1 mask), in place; with `rescale`, then scaled so that its L1 norm is what
+    it was before masking (skipped when either norm is below 1e-7). Returns `delta`."""
     before = _l1(delta, exact) if rescale else None
-    delta.masked_fill_(keep.logical_not_(), 0)  # `keep` is the caller's and is consumed here
+    delta.mul_(keep)
     if rescale:
         after = _l1(delta, exact)
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
@@ -211,30 +264,38 @@ def sparsify_(
     gamma: float = 0.0,
     epsilon: float = 0.0,
     generator: torch.Generator | int | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparsify `delta` in place with `method` ("magnitude", "random", "magnitude_outliers",
-    "della_magprune"); density >= 1 leaves it untouched. Returns `delta`."""
+    "della_magprune"); density >= 1 leaves it untouched. `workspace`: a float32 tensor of at least
+    2 * delta.numel() elements on delta's device, reused for the masks (allocated when None).
+    Returns `delta`."""
     if density >= 1 or delta.numel() == 0:
         return delta
+    n = delta.numel()
+    if workspace is None:
+        workspace = torch.empty(2 * n, dtype=torch.float32, device=delta.device)
+    out, spare = workspace.view(-1)[:n], workspace.view(-1)[n:2 * n]
     if method == "magnitude":
-        keep = magnitude_mask(delta, density)
+        keep = magnitude_mask_(delta, density, out)
     elif method == "magnitude_outliers":
-        keep = outlier_mask(delta, density, gamma)
+        keep = outlier_mask_(delta, density, gamma, out, spare)
     elif method == "random":
-        keep = random_mask(delta, density, _generator(generator, delta.device))
+        keep = random_mask_(delta, density, _generator(generator), out)
     elif method == "della_magprune":
-        keep = della_mask(delta, density, epsilon, _generator(generator, delta.device))
+        keep = della_mask_(delta, density, epsilon, _generator(generator), out, spare)
     else:
         raise ValueError(f"unknown sparsification method {method!r}")
     return mask_(delta, keep, rescale, exact=method in ("magnitude", "magnitude_outliers"))
 
 
-def _generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator:
+def _generator(generator: torch.Generator | int | None) -> torch.Generator:
     if isinstance(generator, torch.Generator):
         return generator
-    return make_generator(0 if generator is None else generator, device)
+    return make_generator(0 if generator is None else generator)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on `device` seeded with `seed` (reduced to 64 bits)."""
+    """A generator on `device` (by default the CPU, whose draws are then moved to the tensors, so a
+    merge draws the same masks on every device) seeded with `seed` (reduced to 64 bits)."""
     return torch.Generator(device=device).manual_seed(int(seed) % (1 << 64))

@@ -6,8 +6,10 @@
 in how each task vector is sparsified and whether a sign is elected per entry); `sce` is separate.
 The arithmetic follows mergekit's operation for operation (weighted deltas stacked, summed over the
 model axis, divided, scaled, added to the base), so the deterministic methods give the same float32
-weights bit for bit; selection by magnitude uses order statistics instead of a full sort (see
-`composer.methods.sparsify`). Inputs are never modified.
+weights bit for bit wherever no two entries tie at a selection threshold (at a tie mergekit keeps
+whichever its unstable sort puts first; here the lowest positions). Selection by magnitude uses
+order statistics instead of a full sort (see `composer.methods.sparsify`). Inputs are never
+modified.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from composer.methods.sparsify import make_generator, rank_window_mask, sparsify_
+from composer.methods.sparsify import make_generator, sparsify_, window_mask_
 
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
@@ -33,23 +35,33 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.T
     return deltas
 
 
-def elect_signs_(deltas: torch.Tensor, weights: Sequence[float] | None = None, divisor: bool = True) -> torch.Tensor | None:
+def elect_signs_(
+    deltas: torch.Tensor, weights: Sequence[float] | None = None, divisor: bool = True, workspace: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """TIES sign election on the stacked (already weighted) deltas, in place: the elected sign of an
     entry is that of the sum over models (+ where the sum is >= 0); entries of the other sign are
     set to zero. With `divisor`, returns per entry the sum of `weights` (ones when None) over the
-    models whose entry was kept (nonzero and of the elected sign); otherwise None."""
-    positive = deltas.sum(dim=0) >= 0
+    models whose entry was kept (nonzero and of the elected sign); otherwise None. `workspace`: a
+    buffer of at least 2 * deltas[0].numel() elements of deltas' dtype (allocated when None)."""
+    shape = deltas.shape[1:]
+    n = deltas[0].numel()
+    if workspace is None or workspace.dtype != deltas.dtype or workspace.numel() < 2 * n:
+        workspace = torch.empty(2 * n, dtype=deltas.dtype, device=deltas.device)
+    sign = workspace.view(-1)[:n].view(shape)
+    torch.sum(deltas, dim=0, out=sign)
+    torch.ge(sign, 0, out=sign)
+    sign.mul_(2).sub_(1)  # +1 / -1
+    kept = workspace.view(-1)[n:2 * n].view(shape)
     # accumulated in float32 or better and rounded once, as a sum over the stacked model axis would be
     kept_weight = None
     if divisor:
-        kept_weight = torch.zeros(deltas.shape[1:], dtype=torch.promote_types(deltas.dtype, torch.float32), device=deltas.device)
+        kept_weight = torch.zeros(shape, dtype=torch.promote_types(deltas.dtype, torch.float32), device=deltas.device)
     for i in range(deltas.shape[0]):
         delta = deltas[i]
-        # drop where the sign bit disagrees with the elected sign (zeros stay zeros either way)
-        delta.masked_fill_(torch.signbit(delta).eq_(positive), 0)
+        delta.mul_(sign).relu_().mul_(sign)  # delta where its sign is the elected one, else 0
         if kept_weight is not None:
             weight = 1.0 if weights is None else float(torch.tensor(float(weights[i]), dtype=deltas.dtype))
-            kept_weight.add_(delta != 0, alpha=weight)
+            kept_weight.add_(torch.ne(delta, 0, out=kept), alpha=weight)
     return None if kept_weight is None else kept_weight.to(deltas.dtype)
 
 
@@ -88,16 +100,19 @@ def generalized_task_arithmetic(
     gammas = [0.01] * count if gammas is None else list(gammas)
     epsilons = [0.15] * count if epsilons is None else list(epsilons)
     deltas = task_vectors(tensors, base)
+    workspace = None  # two tensor-sized float32 buffers, reused for every model's masks
     if sparsification is not None:
         if sparsification in ("random", "della_magprune") and not isinstance(generator, torch.Generator):
-            generator = make_generator(0 if generator is None else generator, base.device)
+            generator = make_generator(0 if generator is None else generator)
         for i in range(count):
-            sparsify_(deltas[i], sparsification, densities[i], rescale, gammas[i], epsilons[i], generator)
+            if densities[i] < 1 and workspace is None:
+                workspace = torch.empty(2 * base.numel(), dtype=torch.float32, device=base.device)
+            sparsify_(deltas[i], sparsification, densities[i], rescale, gammas[i], epsilons[i], generator, workspace)
     weight_column = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
     weight_column = weight_column.reshape((count,) + (1,) * base.dim())
     deltas.mul_(weight_column)
     if consensus:
-        divisor = elect_signs_(deltas, weights, divisor=normalize)
+        divisor = elect_signs_(deltas, weights, divisor=normalize, workspace=workspace)
         merged = deltas.sum(dim=0)
         if divisor is not None:
             divisor.masked_fill_(divisor == 0, 1)
@@ -224,7 +239,9 @@ def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float 
         else:
             variance = population_variance(deltas)
             k = int(int(torch.count_nonzero(variance)) * select_topk)
-            deltas.mul_(rank_window_mask(variance, 0, k, descending=True))
+            if variance.dtype not in (torch.float32, torch.float64):
+                variance = variance.float()
+            deltas.mul_(window_mask_(variance, 0, k, descending=True))
             del variance
     magnitudes = deltas.square().reshape(count, -1).mean(dim=1)
     total = magnitudes.sum().item()

@@ -57,7 +57,10 @@ def _check_generalized(name: str, sparsification: str | None):
         if sparsification == "magnitude_outliers":
             for i, gamma in enumerate(params["gamma"]):
                 if not 0 <= gamma <= 1:
-                    return f"gamma must be in [0, 1] (the fraction of largest entries dropped), got {gamma} for the {_ordinal(i)} model besides the base"
+                    return (
+                        f"gamma must be in [0, 1] (the fraction of largest entries dropped), "
+                        f"got {gamma} for the {_ordinal(i)} model besides the base"
+                    )
         if sparsification == "della_magprune":
             for i, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
                 if epsilon < 0:
