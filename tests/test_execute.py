@@ -79,3 +79,20 @@ def test_output_folder_has_card_recipe_and_config(tmp_path: Path):
     assert (out / "composer-recipe.yml").read_text() == text
     assert '"num_hidden_layers": 8' in (out / "config.json").read_text()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_an_error_inside_a_method_names_the_output_tensor_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    import pytest
+
+    from composer.errors import ComposerError
+    from composer.methods import METHODS, MergeMethod, Parameter, register
+
+    def fail(tensors, base, params):
+        raise ComposerError("the directions cancel")
+
+    monkeypatch.setitem(METHODS, "failing", METHODS["linear"])
+    register(MergeMethod(name="failing", apply=fail, parameters=(Parameter("weight", default=1.0, per_model=True),)))
+    source = save_tiny_model(tmp_path / "src", layers=2)
+    with pytest.raises(ComposerError, match=r"Output tensor '\S+' \(failing\): the directions cancel"):
+        compose_text(f"merge_method: failing\nmodels:\n  - model: {source}\n", tmp_path / "out", ExecutionOptions())
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from composer.errors import ComposerError
 from composer.execute.output_folder import OutputFolder
 from composer.execute.schedule import make_schedule
 from composer.execute.writer import ShardedWriter
@@ -94,8 +95,6 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
     """Write the plan's output into `out`. `extra_files(folder)` adds the non-tensor files (tokenizer, card)."""
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from composer.errors import ComposerError
-
         raise ComposerError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
     started = time.perf_counter()
     schedule = make_schedule(plan, options.memory_budget)
@@ -117,7 +116,10 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                 inputs = [cache.get(ref) for ref in planned.inputs]
                 compute = planned.operation.compute_dtype
                 work = [x.to(compute) if compute is not None and x.dtype != compute else x for x in inputs]
-                result = planned.operation.fn(work)
+                try:
+                    result = planned.operation.fn(work)
+                except ComposerError as error:
+                    raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
                 if result.dtype != planned.dtype:
                     result = result.to(planned.dtype)
                 writer.write(planned.name, result)
