@@ -11,6 +11,7 @@ from composer.execute.output_folder import check_output_free, check_output_not_i
 from composer.plan import Plan, build_plan
 from composer.recipe import Recipe, load_recipe, parse_recipe
 from composer.recipe.load import RecipeKeyError
+from composer.sources import local_path
 
 CHAT_TEMPLATES = {
     "chatml": (
@@ -50,9 +51,7 @@ def _local_models(recipe: Recipe, recipe_dir: Path | None) -> dict[str, Path]:
     references += [choice] if choice and choice not in ("base", "union") else []
     paths = {}
     for reference in references:
-        path = Path(reference).expanduser()
-        if not path.is_absolute() and recipe_dir is not None and (recipe_dir / path).exists():
-            path = recipe_dir / path
+        path = local_path(reference, recipe_dir)
         if path.exists():
             paths[f"the input model '{reference}'"] = path
     return paths

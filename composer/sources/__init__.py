@@ -10,15 +10,21 @@ from composer.sources.base import ModelSource, TensorInfo
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
-__all__ = ["ModelSource", "TensorInfo", "open_source"]
+__all__ = ["ModelSource", "TensorInfo", "local_path", "open_source"]
+
+
+def local_path(reference: str, relative_to: Path | None = None) -> Path:
+    """Where a reference points on disk: relative to `relative_to` (a recipe's folder) when it exists there."""
+    path = Path(reference).expanduser()
+    if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
+        path = relative_to / path
+    return path
 
 
 def open_source(reference: str, relative_to: Path | None = None) -> ModelSource:
     from composer.sources.folder import open_folder
 
-    path = Path(reference).expanduser()
-    if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
-        path = relative_to / path
+    path = local_path(reference, relative_to)
     if path.is_dir():
         return open_folder(reference, path)
     if path.is_file():
