@@ -13,19 +13,20 @@ def render_card(plan: Plan, name: str | None = None) -> str:
     front = {
         "base_model": plan.parents,
         "library_name": "transformers",
-        "tags": ["composer", "merge", plan.method],
+        "tags": ["composer", "merge"] + list(dict.fromkeys(method for _, method in plan.stages or [("", plan.method)])),
     }
     known = sorted({value for value in licences.values() if value})
     if len(known) == 1:
         front["license"] = known[0]
     layer_count = plan.config.get("num_hidden_layers", plan.config.get("n_layer"))
+    how = f"in {len(plan.stages)} stages" if plan.stages else f"using the `{plan.method}` method"
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
         "---",
         f"# {name or 'Merged model'}",
         "",
-        f"Built with [composer](https://pypi.org/project/composer-merge/) {__version__} using the `{plan.method}` method, "
+        f"Built with [composer](https://pypi.org/project/composer-merge/) {__version__} {how}, "
         f"with no training. It has {layer_count} layers and {len(plan.tensors)} tensors.",
         "",
         "## Parents",
@@ -34,6 +35,9 @@ def render_card(plan: Plan, name: str | None = None) -> str:
     for ref in plan.parents:
         licence = licences.get(ref)
         lines.append(f"- `{ref}` (licence: {licence or 'not stated in its files; check the original model'})")
+    if plan.stages:
+        lines += ["", "## Stages", "", "Computed in one pass; no intermediate model was written.", ""]
+        lines += [f"{number}. `{name}`: {method}" for number, (name, method) in enumerate(plan.stages, 1)]
     lines += [
         "",
         "The output inherits its parents' licences and terms of use.",

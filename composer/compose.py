@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from composer.card import render_card
@@ -46,9 +47,10 @@ def plan_from_file(recipe_path: Path) -> tuple[Recipe, Plan]:
 
 def _local_models(recipe: Recipe, recipe_dir: Path | None) -> dict[str, Path]:
     """The recipe's model references that are local paths (resolved as the sources resolve them)."""
-    references = recipe.referenced_models()
-    choice = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    references += [choice] if choice and choice not in ("base", "union") else []
+    references = recipe.input_models()
+    for _, merge in recipe.merges():
+        choice = merge.tokenizer.source if merge.tokenizer else merge.tokenizer_source
+        references += [choice] if choice and choice not in ("base", "union") else []
     paths = {}
     for reference in references:
         path = local_path(reference, recipe_dir)
@@ -98,10 +100,22 @@ def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | Non
     return execute(plan, out, options, extra_files)
 
 
+def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
+    """The recipe with --seed in force for the output and every stage, and the recipe text (embedded in the card) saying so."""
+    stages = [stage.model_copy(update={"random_seed": seed}) for stage in recipe.stages or []] or None
+    seeded = recipe.model_copy(update={"random_seed": seed, "stages": stages})
+    line = f"random_seed: {seed}  # set on the command line with --seed"
+    text, replaced = re.subn(r"^random_seed:.*$", line, text, flags=re.MULTILINE)
+    text = text if replaced else text.rstrip("\n") + "\n" + line + "\n"
+    if any(stage.random_seed is not None for stage in recipe.stages or []):
+        text += f"# --seed {seed} also replaced every stage's own random_seed\n"
+    return seeded, text
+
+
 def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None) -> ExecutionReport:
     recipe, text = load_recipe(recipe_path)
     if seed is not None:
-        recipe = recipe.model_copy(update={"random_seed": seed})
+        recipe, text = with_seed(recipe, text, seed)
     target = resolve_output(recipe, out, recipe_path)
     check_output_free(target, options.force)
     protected = {"the recipe file": recipe_path} | _local_models(recipe, recipe_path.parent)

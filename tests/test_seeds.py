@@ -54,3 +54,9 @@ def test_seed_option_overrides_the_recipe(tmp_path: Path):
     compose_text(RECIPE.format(seed="random_seed: 2", **models), tmp_path / "recipe2", ExecutionOptions())
     first, second = load_state(tmp_path / "seed2"), load_state(tmp_path / "recipe2")
     assert all(torch.equal(first[key], second[key]) for key in first)
+    # the recipe kept with the output (and in its card) runs again to the same weights
+    kept = (tmp_path / "seed2" / "composer-recipe.yml").read_text()
+    assert "random_seed: 2" in kept and "random_seed: 1" not in kept
+    compose_text(kept, tmp_path / "rerun", ExecutionOptions())
+    rerun = load_state(tmp_path / "rerun")
+    assert all(torch.equal(first[key], rerun[key]) for key in first)

@@ -15,7 +15,7 @@ from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
 from composer.recipe.load import RecipeKeyError
 from composer.recipe.parameters import evaluate, layer_t
-from composer.recipe.schema import OutputSlice, Recipe, SliceSource
+from composer.recipe.schema import Merge, OutputSlice, SliceSource
 from composer.sources import ModelSource, open_source
 
 DTYPES = {
@@ -51,8 +51,9 @@ class OutputLayer:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None):
+    def __init__(self, recipe: Merge, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None, seed_namespace: str | None = None):
         self.recipe = recipe
+        self.seed_namespace = seed_namespace
         self.recipe_text = recipe_text
         self.recipe_dir = recipe_dir
         try:
@@ -71,7 +72,7 @@ class _Planner:
                 try:
                     self.sources[reference] = open_source(reference, recipe_dir)
                 except ComposerError as error:
-                    raise RecipeKeyError(_model_location(recipe, reference), str(error)) from None
+                    raise RecipeKeyError(model_location(recipe, reference), str(error)) from None
         self.configs = {ref: source.config() for ref, source in self.sources.items()}
         self.architectures = {ref: architecture_for(config, ref) for ref, config in self.configs.items()}
         self._check_same_architecture()
@@ -222,7 +223,8 @@ class _Planner:
                 value = self._parameter(parameter.name, tensor_name, t, output_slice, None)
                 params[parameter.name] = self._resolved(parameter, value, tensor_name, None)
         if method.random:
-            params["seed"] = tensor_seed(self.recipe.random_seed or 0, tensor_name)
+            seed_name = f"{self.seed_namespace}/{tensor_name}" if self.seed_namespace else tensor_name
+            params["seed"] = tensor_seed(self.recipe.random_seed or 0, seed_name)
         problem = method.check(params) if method.check else None
         if problem:
             raise ComposerError(f"Merge method '{method.name}', tensor {tensor_name}: {problem}.")
@@ -327,7 +329,7 @@ def _default_tie(config: dict) -> bool:
     return bool(getattr(AutoConfig.for_model(**config), "tie_word_embeddings", False))
 
 
-def _model_location(recipe: Recipe, reference: str) -> tuple:
+def model_location(recipe: Merge, reference: str) -> tuple:
     """The first recipe key that names `reference`, for error messages."""
     if recipe.base_model == reference:
         return ("base_model",)
@@ -343,9 +345,12 @@ def _model_location(recipe: Recipe, reference: str) -> tuple:
     return ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
 
 
-def _tokenizer_key(recipe: Recipe) -> tuple:
+def _tokenizer_key(recipe: Merge) -> tuple:
     return ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
 
 
-def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None) -> Plan:
-    return _Planner(recipe, recipe_text, recipe_dir, sources).build()
+def plan_merge(
+    merge: Merge, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None, seed_namespace: str | None = None
+) -> Plan:
+    """The plan of one merge. `seed_namespace` (a stage's name) keeps its random draws apart from other stages'."""
+    return _Planner(merge, recipe_text, recipe_dir, sources, seed_namespace).build()

@@ -53,6 +53,7 @@ class Plan:
     parents: list[str]
     chat_template: str | None = None
     notes: list[str] = field(default_factory=list)
+    stages: list[tuple[str, str]] = field(default_factory=list)  # (stage name, its method), output last; empty for one merge
 
     def input_bytes(self) -> int:
         seen = {}

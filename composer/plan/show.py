@@ -14,7 +14,7 @@ def _bytes(count: int) -> str:
     return str(count)
 
 
-def _arguments(arguments: dict) -> str:
+def format_arguments(arguments: dict) -> str:
     shown = []
     for key, value in arguments.items():
         if key == "seed":
@@ -30,13 +30,14 @@ def _arguments(arguments: dict) -> str:
 
 
 def format_plan(plan: Plan, schedule: Schedule, limit: int = 0) -> str:
-    lines = [f"method: {plan.method}    output layers: {plan.config.get('num_hidden_layers', plan.config.get('n_layer'))}    tokenizer from: {plan.tokenizer_source}"]
+    how = "stages: " + " -> ".join(f"{name} ({method})" for name, method in plan.stages) if plan.stages else f"method: {plan.method}"
+    lines = [f"{how}    output layers: {plan.config.get('num_hidden_layers', plan.config.get('n_layer'))}    tokenizer from: {plan.tokenizer_source}"]
     lines.append(f"{'output tensor':<52} {'shape':<16} {'dtype':<9} operation <- inputs")
     shown = plan.tensors[:limit] if limit else plan.tensors
     for tensor in shown:
         inputs = ", ".join(f"{ref.model}:{ref.name}" for ref in tensor.inputs)
         operation = tensor.operation.label
-        arguments = _arguments(tensor.operation.arguments)
+        arguments = format_arguments(tensor.operation.arguments)
         lines.append(f"{tensor.name:<52} {str(list(tensor.shape)):<16} {describe_dtype(tensor.dtype):<9} {operation}{' ' + arguments if arguments else ''} <- {inputs}")
     if limit and len(plan.tensors) > limit:
         lines.append(f"... {len(plan.tensors) - limit} more tensors")

@@ -31,6 +31,8 @@ def _model_reference(value: Any) -> Any:
 
 def normalise_mergekit(data: dict) -> dict:
     data = dict(data)
+    if isinstance(data.get("stages"), list):
+        data["stages"] = [normalise_mergekit(stage) if isinstance(stage, dict) else stage for stage in data["stages"]]
     for key in ("base_model", "tokenizer_source"):
         if key in data:
             data[key] = _model_reference(data[key])

@@ -57,7 +57,9 @@ class TokenizerSettings(Strict):
     pad_to_multiple_of: Optional[int] = None
 
 
-class Recipe(Strict):
+class Merge(Strict):
+    """One merge: the keys of a mergekit merge config."""
+
     merge_method: str
     base_model: Optional[str] = None
     models: Optional[list[ModelEntry]] = None
@@ -69,13 +71,10 @@ class Recipe(Strict):
     tokenizer: Optional[TokenizerSettings] = None
     chat_template: Optional[str] = None
     random_seed: Optional[int] = None
-    # composer's own keys
-    output: Optional[str] = None
-    name: Optional[str] = None
 
     @model_validator(mode="after")
     def _check_inputs(self):
-        if bool(self.models) == bool(self.slices):
+        if self.merge_method is not None and bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of 'models' (whole models to merge) or 'slices' (layer ranges)")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
@@ -91,4 +90,53 @@ class Recipe(Strict):
         for model in candidates:
             if model not in seen:
                 seen.append(model)
+        return seen
+
+
+class Stage(Merge):
+    """A named merge whose output later stages (and the recipe's own merge) may use as a model."""
+
+    name: str = Field(min_length=1)
+
+
+class Recipe(Merge):
+    """A whole recipe: one merge, or named stages whose last one (or the top-level merge, when given) is the output."""
+
+    merge_method: Optional[str] = None
+    stages: Optional[Annotated[list[Stage], Field(min_length=1)]] = None
+    # composer's own keys
+    output: Optional[str] = None
+    name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check_stages(self):
+        if self.stages is None and self.merge_method is None:
+            raise ValueError("'merge_method' is missing: name the merge method (or give 'stages')")
+        if self.merge_method is None:
+            stray = [key for key in ("base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+                     if getattr(self, key) is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} at the top level belong to a merge, and there is no top-level 'merge_method'; "
+                                 "move them into a stage (the last stage is the output)")
+        names = [stage.name for stage in self.stages or []]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two stages are named '{name}'; stage names must be unique")
+        return self
+
+    def merges(self) -> list[tuple[str | None, Merge]]:
+        """(stage name, merge) in order; the output merge comes last with name None."""
+        stages: list[tuple[str | None, Merge]] = [(stage.name, stage) for stage in self.stages or []]
+        if self.merge_method is not None:
+            stages.append((None, self))
+        return stages
+
+    def input_models(self) -> list[str]:
+        """Every model the recipe reads, in every stage (stage names excluded)."""
+        stage_names = {stage.name for stage in self.stages or []}
+        seen: list[str] = []
+        for _, merge in self.merges():
+            for model in merge.referenced_models():
+                if model not in seen and model not in stage_names:
+                    seen.append(model)
         return seen
