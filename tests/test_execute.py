@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from composer.compose import compose_text
@@ -96,3 +97,50 @@ def test_an_error_inside_a_method_names_the_output_tensor_and_leaves_nothing(tmp
     with pytest.raises(ComposerError, match=r"Output tensor '\S+' \(failing\): the directions cancel"):
         compose_text(f"merge_method: failing\nmodels:\n  - model: {source}\n", tmp_path / "out", ExecutionOptions())
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_overlapped_path_writes_the_same_bytes_as_one_thing_at_a_time(tmp_path: Path):
+    """Read-ahead and background writes change when things happen, never what is written."""
+    models = {name: save_tiny_model(tmp_path / name, layers=6, seed=number) for number, name in enumerate(("base", "a", "b"))}
+    recipe = f"""merge_method: dare_ties
+base_model: {models['base']}
+slices:
+  - sources:
+      - {{model: {models['base']}, layer_range: [0, 4]}}
+      - {{model: {models['a']}, layer_range: [0, 4], parameters: {{weight: 0.6, density: 0.5}}}}
+      - {{model: {models['b']}, layer_range: [0, 4], parameters: {{weight: 0.4, density: 0.7}}}}
+  - sources:
+      - {{model: {models['base']}, layer_range: [2, 6]}}
+      - {{model: {models['a']}, layer_range: [2, 6], parameters: {{weight: 0.6, density: 0.5}}}}
+      - {{model: {models['b']}, layer_range: [2, 6], parameters: {{weight: 0.4, density: 0.7}}}}
+dtype: bfloat16
+random_seed: 3
+"""
+    simple = compose_text(recipe, tmp_path / "simple", ExecutionOptions(overlap=False, shard_size=100_000))
+    fast = compose_text(recipe, tmp_path / "fast", ExecutionOptions(overlap=True, shard_size=100_000))
+    assert fast.reads == simple.reads and max(fast.reads.values()) == 1
+    files = sorted(p.name for p in (tmp_path / "simple").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "fast").iterdir()) and len([f for f in files if f.endswith(".safetensors")]) > 1
+    for name in files:
+        assert (tmp_path / "simple" / name).read_bytes() == (tmp_path / "fast" / name).read_bytes(), name
+
+
+def test_a_failing_operation_stops_the_threads_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    from composer.methods import interpolation
+
+    source = save_tiny_model(tmp_path / "src", layers=2)
+    calls = []
+
+    def failing_linear(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    real = interpolation.linear
+    monkeypatch.setattr(interpolation, "linear", failing_linear)
+    recipe = f"merge_method: linear\nmodels:\n  - model: {source}\n    parameters: {{weight: 1.0}}\n"
+    with pytest.raises(RuntimeError, match="boom"):
+        compose_text(recipe, tmp_path / "out", ExecutionOptions())
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +33,7 @@ class ExecutionOptions:
     device: str = "cpu"
     force: bool = False
     progress: bool | None = None  # None: only when stderr is a terminal
+    overlap: bool = True  # read the next inputs and write the last result while computing; False: one thing at a time
 
 
 @dataclass
@@ -44,25 +47,51 @@ class ExecutionReport:
 
 
 class InputCache:
-    """Input tensors kept between their uses, evicting the one needed furthest ahead when over budget."""
+    """Input tensors: read ahead by a worker thread, kept between their uses, and the one needed furthest
+    ahead evicted when the cache would pass its budget."""
 
-    def __init__(self, plan: Plan, budget: int, device: torch.device):
+    def __init__(self, plan: Plan, budget: int, device: torch.device, reader: ThreadPoolExecutor | None):
         self.plan = plan
         self.budget = budget
         self.device = device
+        self.reader = reader
         self.tensors: dict[TensorRef, torch.Tensor] = {}
+        self.pending: dict[TensorRef, Future] = {}
         self.resident = 0
         self.reads: Counter = Counter()
         self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _load(self, ref: TensorRef) -> torch.Tensor:
+        tensor = self.plan.sources[ref.model].read(ref.name)
+        with self._lock:
+            self.reads[ref] += 1
+            self.bytes_read += tensor.numel() * tensor.element_size()
+        if self._copy_stream is not None:
+            # copies on a stream of their own, finished before the tensor is handed over
+            with torch.cuda.stream(self._copy_stream):
+                tensor = tensor.to(self.device, non_blocking=True)
+            self._copy_stream.synchronize()
+        elif self.device.type != "cpu":
+            tensor = tensor.to(self.device)
+        return tensor
+
+    def prefetch(self, refs) -> None:
+        if self.reader is None:
+            return
+        for ref in refs:
+            if ref not in self.tensors and ref not in self.pending:
+                self.pending[ref] = self.reader.submit(self._load, ref)
 
     def get(self, ref: TensorRef) -> torch.Tensor:
         tensor = self.tensors.get(ref)
-        if tensor is None:
-            tensor = self.plan.sources[ref.model].read(ref.name)
-            self.reads[ref] += 1
-            self.bytes_read += tensor.numel() * tensor.element_size()
-            if self.device.type != "cpu":
-                tensor = tensor.to(self.device, non_blocking=True)
+        if tensor is not None:
+            return tensor
+        future = self.pending.pop(ref, None)
+        tensor = future.result() if future is not None else self._load(ref)
+        if self._copy_stream is not None:
+            tensor.record_stream(torch.cuda.current_stream(self.device))
         return tensor
 
     def keep(self, ref: TensorRef, tensor: torch.Tensor, next_use: dict[TensorRef, int]) -> None:
@@ -83,6 +112,44 @@ class InputCache:
         if tensor is not None:
             self.resident -= tensor.numel() * tensor.element_size()
 
+    def cancel(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+
+
+class BackgroundWriter:
+    """Hands results to a writer thread, holding at most `window` bytes of results not yet written."""
+
+    def __init__(self, writer: ShardedWriter, pool: ThreadPoolExecutor | None, window: int):
+        self.writer = writer
+        self.pool = pool
+        self.window = window
+        self.queued: deque[tuple[Future, int]] = deque()
+        self.queued_bytes = 0
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.write(name, tensor.to("cpu") if tensor.device.type != "cpu" else tensor)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.pool is None:
+            self._write(name, tensor)
+            return
+        size = tensor.numel() * tensor.element_size()
+        while self.queued and self.queued_bytes + size > self.window:
+            self._settle_oldest()
+        self.queued.append((self.pool.submit(self._write, name, tensor), size))
+        self.queued_bytes += size
+
+    def _settle_oldest(self) -> None:
+        future, size = self.queued.popleft()
+        self.queued_bytes -= size
+        future.result()  # a failed write raises here
+
+    def flush(self) -> None:
+        while self.queued:
+            self._settle_oldest()
+
 
 def _progress(total_bytes: int, count: int, enabled: bool | None):
     from tqdm import tqdm
@@ -100,12 +167,21 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
     schedule = make_schedule(plan, options.memory_budget)
     folder = OutputFolder(out, options.force)
     writer = None
+    cache: InputCache | None = None
+    pools: list[ThreadPoolExecutor] = []
     try:
         (folder.partial / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(folder.partial)
         writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size)
-        cache = InputCache(plan, options.memory_budget, device)
+        # the current step, the next step's inputs read ahead and one result being written must fit beside the cache
+        overlap = options.overlap and options.memory_budget >= 3 * schedule.largest_step_bytes
+        reader = ThreadPoolExecutor(1, thread_name_prefix="composer-read") if overlap else None
+        writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if overlap else None
+        pools = [pool for pool in (reader, writes) if pool is not None]
+        reserved = 3 * schedule.largest_step_bytes if overlap else schedule.largest_step_bytes
+        cache = InputCache(plan, max(0, options.memory_budget - reserved), device, reader)
+        background = BackgroundWriter(writer, writes, schedule.largest_step_bytes)
         pending_uses: dict[TensorRef, deque[int]] = {}
         for step, tensor in enumerate(schedule.order):
             for ref in tensor.inputs:
@@ -114,6 +190,8 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         with _progress(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
             for step, planned in enumerate(schedule.order):
                 inputs = [cache.get(ref) for ref in planned.inputs]
+                if step + 1 < len(schedule.order):  # inputs shared with this step are kept, not read again
+                    cache.prefetch([ref for ref in schedule.order[step + 1].inputs if ref not in planned.inputs])
                 compute = planned.operation.compute_dtype
                 work = [x.to(compute) if compute is not None and x.dtype != compute else x for x in inputs]
                 try:
@@ -122,7 +200,7 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                     raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
                 if result.dtype != planned.dtype:
                     result = result.to(planned.dtype)
-                writer.write(planned.name, result)
+                background.write(planned.name, result)
                 for ref, tensor in zip(planned.inputs, inputs):
                     uses = pending_uses[ref]
                     while uses and uses[0] <= step:
@@ -136,13 +214,20 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                 del inputs, work, result
                 bar.update(planned.nbytes)
                 bar.set_postfix_str(f"{step + 1}/{len(schedule.order)} tensors", refresh=False)
+            background.flush()
         writer.finish()
         folder.commit()
     except BaseException:
+        if cache is not None:
+            cache.cancel()
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)  # no thread may still write into the folder being removed
         if writer is not None:
             writer.close()
         folder.discard()
         raise
     finally:
+        for pool in pools:
+            pool.shutdown(wait=True)
         plan.close()
     return ExecutionReport(out, len(plan.tensors), cache.bytes_read, plan.output_bytes(), time.perf_counter() - started, cache.reads)

@@ -8,13 +8,14 @@ are read when it is asked for, and each read hands back a tensor of its own (nev
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from composer.errors import ComposerError
 from composer.sources.base import FolderFilesMixin, ModelSource, TensorInfo
-from composer.sources.safetensors_format import DTYPE_BY_CODE, read_header
+from composer.sources.safetensors_format import DTYPE_BY_CODE, read_into, read_layout
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -87,39 +88,39 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
     def __init__(self, reference: str, folder: Path):
         super().__init__(reference)
         self.folder = folder
-        self._file_of: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
-        self._handles: dict[Path, object] = {}
+        self._location: dict[str, tuple[Path, int]] = {}  # name -> (file, byte offset of its data)
+        self._descriptors: dict[Path, int] = {}
         paths, weight_map = weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
-        headers = {path: read_header(path) for path in paths}
-        found = [(name, path) for path, header in headers.items() for name in header if name != "__metadata__"]
-        self._file_of = _assign(folder, SAFETENSORS_INDEX, weight_map, found)
-        for name, path in self._file_of.items():
-            entry = headers[path][name]
+        layouts = {path: read_layout(path) for path in paths}
+        found = [(name, path) for path, (header, _) in layouts.items() for name in header if name != "__metadata__"]
+        for name, path in _assign(folder, SAFETENSORS_INDEX, weight_map, found).items():
+            header, data_start = layouts[path]
+            entry = header[name]
             self._infos[name] = TensorInfo(name, tuple(entry["shape"]), DTYPE_BY_CODE[entry["dtype"]])
+            self._location[name] = (path, data_start + entry["data_offsets"][0])
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def read(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
-        path = self._file_of.get(name)
-        if path is None:
+        location = self._location.get(name)
+        if location is None:
             raise ComposerError(f"Model '{self.reference}' ({self.folder}) has no tensor '{name}'.")
+        path, offset = location
+        info = self._infos[name]
         try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = safe_open(str(path), framework="pt")
-            tensor = handle.get_tensor(name)
-        except (SafetensorError, OSError) as error:
+            descriptor = self._descriptors.get(path)
+            if descriptor is None:
+                descriptor = self._descriptors[path] = os.open(path, os.O_RDONLY)
+            return read_into(descriptor, offset, info.shape, info.dtype)
+        except (OSError, EOFError) as error:
             raise ComposerError(f"{path}: tensor '{name}' could not be read ({error}). The file may have changed since it was opened.") from None
-        # safe_open hands out views of its private map: two reads would share (and a caller's in-place op
-        # would corrupt) the same memory, so each read gets its own copy
-        return tensor.clone()
 
     def close(self) -> None:
-        self._handles.clear()
+        descriptors, self._descriptors = self._descriptors, {}
+        for descriptor in descriptors.values():
+            os.close(descriptor)
 
 
 class TorchBinFolder(FolderFilesMixin, ModelSource):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -31,6 +32,11 @@ ALIGNMENT = 8
 
 def read_header(path: Path) -> dict:
     """The header of a safetensors file, checked against the file's real size."""
+    return read_layout(path)[0]
+
+
+def read_layout(path: Path) -> tuple[dict, int]:
+    """The checked header, and the file offset where the data section (which data_offsets count from) starts."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
@@ -70,7 +76,27 @@ def read_header(path: Path) -> dict:
                 f"{path} has a corrupt safetensors header: tensor '{name}' ({dtype_code}, shape {list(shape)}) "
                 f"spans bytes {begin}..{end} of the data section, which does not match its size."
             )
-    return header
+    return header, 8 + header_length
+
+
+def read_into(descriptor: int, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor filled straight from the file with pread: one copy, no memory map.
+
+    Reading through the page cache keeps resident memory to the tensors in use (a map's touched pages
+    count as the process's own), and the copy needs no Python lock, so a reader thread overlaps compute.
+    """
+    count = 1
+    for size in shape:
+        count *= size
+    buffer = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
+    view = memoryview(buffer.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(descriptor, [view[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"the file ends {len(view) - done} bytes before the tensor does")
+        done += got
+    return buffer.view(dtype).reshape(shape)
 
 
 def build_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
