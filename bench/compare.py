@@ -1,0 +1,158 @@
+"""composer against mergekit on the same recipes, side by side in one run, with the I/O floor.
+
+    python bench/compare.py --models /tmp/synth [--recipes linear,ties] [--repeat 1]
+    MERGEKIT_PYTHONPATH=/path/to/mergekit/src:/path/to/its/deps python bench/compare.py --models /tmp/synth
+
+Models come from bench/synthetic.py (made when missing: a base and three fine-tunes). Each recipe is
+run by composer and, when mergekit is importable (from MERGEKIT_PYTHONPATH or the environment), by
+mergekit, one after the other, in fresh processes; wall time and peak resident memory are those of
+the whole process. Prints one markdown table. Machines are noisy: compare figures of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from io_floor import io_floor  # noqa: E402
+
+TASK = "    parameters: {{weight: {weight}, density: {density}}}\n"
+
+
+def _models_block(models: list[str], weights: list[float], density: float | None) -> str:
+    lines = "models:\n"
+    for model, weight in zip(models, weights):
+        lines += f"  - model: {model}\n"
+        lines += TASK.format(weight=weight, density=density) if density is not None else f"    parameters: {{weight: {weight}}}\n"
+    return lines
+
+
+def recipes(root: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (recipe text, the model folders it reads)."""
+    base, tuned = str(root / "base"), [str(root / f"model-{i}") for i in (1, 2, 3)]
+    weights = [0.4, 0.3, 0.3]
+    task = "merge_method: {method}\nbase_model: " + base + "\n" + "{models}dtype: bfloat16\n"
+    found = {
+        "linear, 3 models": (f"merge_method: linear\n{_models_block(tuned, weights, None)}dtype: bfloat16\n", tuned),
+        "task_arithmetic, base + 3": (task.format(method="task_arithmetic", models=_models_block(tuned, weights, None)), [base] + tuned),
+    }
+    for method in ("ties", "dare_ties", "breadcrumbs", "della"):
+        found[f"{method}, density 0.5"] = (task.format(method=method, models=_models_block(tuned, weights, 0.5)) + "random_seed: 1\n", [base] + tuned)
+    found["slerp, 2 models"] = (
+        f"merge_method: slerp\nbase_model: {tuned[0]}\nmodels:\n  - model: {tuned[0]}\n  - model: {tuned[1]}\nparameters: {{t: 0.4}}\ndtype: bfloat16\n",
+        tuned[:2],
+    )
+    found["model_stock"] = (f"merge_method: model_stock\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {m}\n" for m in tuned) + "dtype: bfloat16\n", [base] + tuned)
+    layers = _layer_count(root / "base")
+    half = layers // 2
+    found[f"passthrough upscale {layers} -> {layers + half}"] = (
+        f"merge_method: passthrough\nslices:\n  - sources: [{{model: {base}, layer_range: [0, {layers - half // 2}]}}]\n"
+        f"  - sources: [{{model: {base}, layer_range: [{half // 2}, {layers}]}}]\ndtype: bfloat16\n",
+        [base],
+    )
+    return found
+
+
+def _layer_count(folder: Path) -> int:
+    import json
+
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
+def run_child(command: list[str], env: dict | None = None) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS in GB, exit status and the tail of the output of `command`; rusage comes from wait4."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-2000:]
+    return wall, usage.ru_maxrss / 1e6, process.returncode, tail
+
+
+def mergekit_env() -> dict | None:
+    env = dict(os.environ)
+    extra = os.environ.get("MERGEKIT_PYTHONPATH")
+    if extra:
+        env["PYTHONPATH"] = extra + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    probe = subprocess.run([sys.executable, "-c", "import mergekit.scripts.run_yaml"], env=env, capture_output=True)
+    return env if probe.returncode == 0 else None
+
+
+def weights_files(folders: list[str]) -> list[Path]:
+    return [path for folder in folders for path in sorted(Path(folder).glob("*.safetensors"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "composer-bench-models")
+    parser.add_argument("--work", type=Path, default=None, help="where outputs go (default: beside the models)")
+    parser.add_argument("--recipes", default="", help="comma-separated name prefixes to run (default: all)")
+    parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--memory-budget", default=None, help="passed to compose as --memory-budget")
+    parser.add_argument("--synthetic-args", default="", help="extra flags for bench/synthetic.py, e.g. '--layers 8'")
+    arguments = parser.parse_args()
+    if not (arguments.models / "model-3" / "config.json").is_file():
+        subprocess.run([sys.executable, str(BENCH / "synthetic.py"), str(arguments.models), *arguments.synthetic_args.split()], check=True)
+    work = arguments.work or arguments.models / "outputs"
+    work.mkdir(parents=True, exist_ok=True)
+    compose = [sys.executable, "-m", "composer.cli"]
+    env = None if arguments.no_mergekit else mergekit_env()
+    chosen = [p.strip() for p in arguments.recipes.split(",") if p.strip()]
+    rows = []
+    print(f"mergekit: {'found' if env else 'not found (set MERGEKIT_PYTHONPATH)'}; cores: {os.cpu_count()}", flush=True)
+    for name, (text, inputs) in recipes(arguments.models).items():
+        if chosen and not any(name.startswith(prefix) for prefix in chosen):
+            continue
+        recipe = work / "recipe.yml"
+        recipe.write_text(text)
+        out = work / "composer-out"
+        options = ["--force", "--no-progress"] + (["--memory-budget", arguments.memory_budget] if arguments.memory_budget else [])
+        ours = run_child(compose + [str(recipe), str(out)] + options)
+        if ours[2] != 0:
+            print(f"composer failed on {name}:\n{ours[3]}", file=sys.stderr)
+        written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        floor = io_floor(weights_files(inputs), written, work)["floor_s"]
+        shutil.rmtree(out, ignore_errors=True)
+        theirs = None
+        if env is not None:
+            mk_out = work / "mergekit-out"
+            shutil.rmtree(mk_out, ignore_errors=True)
+            theirs = run_child([sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()", str(recipe), str(mk_out), "--lazy-unpickle"], env)
+            if theirs[2] != 0:
+                print(f"mergekit failed on {name}:\n{theirs[3]}", file=sys.stderr)
+            shutil.rmtree(mk_out, ignore_errors=True)
+        rows.append((name, ours, theirs, floor))
+        _print_row(rows[-1])
+    print()
+    print("| recipe | composer wall | composer peak RSS | mergekit wall | mergekit peak RSS | speed-up | I/O floor | composer / floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(_table_row(row))
+
+
+def _table_row(row) -> str:
+    name, ours, theirs, floor = row
+    mk_wall = f"{theirs[0]:.1f} s" if theirs else "-"
+    mk_rss = f"{theirs[1]:.2f} GB" if theirs else "-"
+    speedup = f"{theirs[0] / ours[0]:.1f}x" if theirs else "-"
+    return f"| {name} | {ours[0]:.1f} s | {ours[1]:.2f} GB | {mk_wall} | {mk_rss} | {speedup} | {floor:.1f} s | {ours[0] / floor:.2f} |"
+
+
+def _print_row(row) -> None:
+    print(_table_row(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
