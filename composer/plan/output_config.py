@@ -8,19 +8,14 @@ import torch
 
 from composer.architecture import Architecture, build_meta_model, tied_parameter_names
 from composer.errors import ComposerError
-
-
-def _effective_config(config: dict):
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(**config)
+from composer.plan.transformers_facts import config_defaults
 
 
 def rewrite_config(architecture: Architecture, config: dict, source_layers: list[int], out_dtype: torch.dtype | None) -> dict:
     """`config` for a model whose layer i is source layer `source_layers[i]`."""
     output = copy.deepcopy(config)
     source_count = architecture.layer_count(config)
-    effective = _effective_config(config)
+    defaults = config_defaults(config, architecture.per_layer_keys + architecture.threshold_keys)
     new_count = len(source_layers)
     for key in architecture.layer_count_keys:
         if key in output or key == architecture.layer_count_keys[0]:
@@ -28,11 +23,11 @@ def rewrite_config(architecture: Architecture, config: dict, source_layers: list
     for key in architecture.per_layer_keys:
         values = output.get(key)
         if values is None:
-            values = getattr(effective, key, None)
+            values = defaults.get(key)
         if isinstance(values, (list, tuple)) and len(values) == source_count:
             output[key] = [values[i] for i in source_layers]
     for key in architecture.threshold_keys:
-        threshold = output.get(key, getattr(effective, key, None))
+        threshold = output.get(key, defaults.get(key))
         if isinstance(threshold, int):
             below = [i < threshold for i in source_layers]
             output[key] = next((position for position, flag in enumerate(below) if not flag), new_count)

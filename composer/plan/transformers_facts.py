@@ -1,0 +1,86 @@
+"""What transformers says about a config, remembered between runs so that most merges never import it.
+
+Importing transformers costs seconds; asking it the same question about the same config always gets
+the same answer for one transformers version. Answers are kept in the cache folder, keyed by that
+version and the exact question, so a new transformers release asks again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+
+from composer.cache import cache_dir
+
+FILE_NAME = "transformers-facts.json"
+MOST_KEPT = 2000
+
+
+@lru_cache(maxsize=1)
+def _transformers_version() -> str:
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _key(kind: str, payload) -> str:
+    text = json.dumps({"transformers": _transformers_version(), "kind": kind, "payload": payload}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _path():
+    return cache_dir() / FILE_NAME
+
+
+def _load() -> dict:
+    try:
+        facts = json.loads(_path().read_text())
+        return facts if isinstance(facts, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(key: str, value) -> None:
+    """Best effort: a cache that cannot be written only costs time."""
+    try:
+        facts = _load()
+        facts.pop(key, None)
+        facts[key] = value
+        if len(facts) > MOST_KEPT:
+            facts = dict(list(facts.items())[-MOST_KEPT:])
+        partial = _path().with_name(f"{FILE_NAME}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(facts))
+        partial.replace(_path())
+    except OSError:
+        pass
+
+
+def config_defaults(config: dict, keys: tuple[str, ...]) -> dict:
+    """The values transformers gives `keys` for `config` (filling defaults the file leaves out); None where it has none."""
+    key = _key("defaults", {"config": config, "keys": sorted(keys)})
+    known = _load().get(key)
+    if known is not None:
+        return known
+    from transformers import AutoConfig
+
+    effective = AutoConfig.for_model(**config)
+    values = {}
+    for name in keys:
+        value = getattr(effective, name, None)
+        value = list(value) if isinstance(value, tuple) else value
+        values[name] = value if isinstance(value, (bool, int, float, str, list, type(None))) else None
+    _store(key, values)
+    return values
+
+
+def checked_loadable(config: dict, planned_shapes: dict[str, tuple[int, ...]], check) -> None:
+    """Run `check(config, planned_shapes)` (which raises on a problem) unless it passed before for exactly this question."""
+    key = _key("loadable", {"config": config, "shapes": sorted((name, list(shape)) for name, shape in planned_shapes.items())})
+    if _load().get(key) is True:
+        return
+    check(config, planned_shapes)
+    _store(key, True)
