@@ -17,7 +17,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo"}
+COMMANDS = {"run", "plan", "eval", "demo", "extract-lora"}
 
 
 VALUE_OPTIONS = {"--memory-budget", "--device", "--shard-size", "--limit", "--text", "--out"}
@@ -166,6 +166,32 @@ def demo(
         from composer.demo import run_demo
 
         run_demo(out, force, echo=typer.echo)
+
+    _guarded(action)
+
+
+@app.command("extract-lora")
+def extract_lora(
+    finetune: str = typer.Argument(..., help="The fine-tuned model (folder, .gguf, hub id or BASE+ADAPTER)."),
+    out: Path = typer.Argument(..., help="Folder to write the PEFT adapter into."),
+    base: str = typer.Option(..., "--base", help="The model FINETUNE was fine-tuned from."),
+    rank: int = typer.Option(..., "--rank", help="LoRA rank r (> 0)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    modules: Optional[list[str]] = typer.Option(None, "--modules", help="Only these modules, e.g. q_proj,v_proj (default: every linear layer weight)."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="Also save the embeddings / output head whole (modules_to_save) when they differ."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Write a PEFT LoRA adapter (rank R) for BASE that approximates FINETUNE - BASE, by truncated SVD."""
+
+    def action():
+        from composer.extract_lora import extract_lora as extract
+
+        names = [name.strip() for entry in modules or [] for name in entry.split(",") if name.strip()]
+        report = extract(finetune, base, out, rank, force, names or None, embeddings, None if progress else False)
+        worst_name, worst_error = report.worst
+        saved = f"; whole tensors: {', '.join(report.modules_to_save)}" if report.modules_to_save else ""
+        typer.echo(f"wrote a rank-{rank} LoRA of {len(report.errors)} tensors to {report.out} in {report.seconds:.1f} s{saved}")
+        typer.echo(f"relative Frobenius error: mean {report.mean_error:.4f}, worst {worst_error:.4f} ({worst_name})")
 
     _guarded(action)
 

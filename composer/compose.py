@@ -61,11 +61,8 @@ def _local_models(recipe: Recipe, recipe_dir: Path | None) -> dict[str, Path]:
 
 def _input_paths(plan: Plan) -> dict[str, Path]:
     paths = {}
-    for reference, source in plan.sources.items():
-        for attribute in ("folder", "path"):
-            value = getattr(source, attribute, None)
-            if isinstance(value, Path):
-                paths[f"the input model '{reference}'"] = value
+    for source in plan.sources.values():
+        paths |= source.input_paths()
     return paths
 
 

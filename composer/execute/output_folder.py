@@ -8,8 +8,8 @@ from pathlib import Path
 
 from composer.errors import ComposerError
 
-# a folder holding any of these is a model folder (composer's own outputs always hold config.json)
-MODEL_FOLDER_MARKERS = ("config.json", "composer-recipe.yml", "model.safetensors", "model.safetensors.index.json")
+# a folder holding any of these is a model folder (composer's own outputs always hold config.json) or an adapter
+MODEL_FOLDER_MARKERS = ("config.json", "composer-recipe.yml", "model.safetensors", "model.safetensors.index.json", "adapter_config.json")
 
 
 def _exists(path: Path) -> bool:

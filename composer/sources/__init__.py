@@ -35,6 +35,10 @@ def open_source(reference: str, relative_to: Path | None = None) -> ModelSource:
         if path.suffix in (".safetensors", ".bin"):
             return open_folder(reference, path.parent)
         raise ComposerError(f"Model '{reference}' is a file composer cannot read: give a model folder, a .gguf file or a hub id.")
+    if "+" in reference:  # BASE+ADAPTER: a PEFT LoRA adapter merged into its base as tensors are read
+        from composer.sources.lora import open_with_adapter
+
+        return open_with_adapter(reference, relative_to)
     if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
         from composer.sources.hub import fetch_hub_model
 

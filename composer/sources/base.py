@@ -68,6 +68,15 @@ class ModelSource(ABC):
     def has_tokenizer(self) -> bool:
         return True
 
+    def input_paths(self) -> dict[str, Path]:
+        """The local files and folders this source reads, by what they are (no output may be written there)."""
+        paths = {}
+        for attribute in ("folder", "path"):
+            value = getattr(self, attribute, None)
+            if isinstance(value, Path):
+                paths[f"the input model '{self.reference}'"] = value
+        return paths
+
 
 class FolderFilesMixin:
     """Config, tokenizer and licence read from plain files in a model folder."""

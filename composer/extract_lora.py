@@ -1,0 +1,321 @@
+"""`compose extract-lora FINETUNE --base BASE OUT --rank R`: a PEFT LoRA adapter approximating FINETUNE - BASE.
+
+Each linear weight inside the layers gets the best rank-r approximation of its task vector (Eckart-Young:
+the truncated SVD), split evenly as A = sqrt(S) Vh and B = U sqrt(S), with lora_alpha = r so PEFT's scaling
+is 1 and B @ A is the approximation itself. Tensors are streamed: one pair is read, factored and written
+before the next, and the adapter's layout is fixed up front so nothing waits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from composer.architecture import architecture_for, build_meta_model
+from composer.errors import ComposerError
+from composer.execute.output_folder import OutputFolder, check_output_free, check_output_not_input
+from composer.sources import ModelSource, open_source
+from composer.sources.lora import ADAPTER_CONFIG, SAVED_PREFIX
+
+ADAPTER_FILE = "adapter_model.safetensors"
+OVERSAMPLING = 10  # extra random directions for the randomised SVD
+POWER_ITERATIONS = 6  # bench/lora_svd.py: within 0.1% of the exact truncation on flat spectra
+
+
+@dataclass(frozen=True)
+class Target:
+    """A weight to factor: `name` in both models, the PEFT module it belongs to, and its layout."""
+
+    name: str
+    module: str
+    shape: tuple[int, ...]
+    transposed: bool  # stored in x out (GPT-2's Conv1D): PEFT's fan_in_fan_out
+
+    @property
+    def out_in(self) -> tuple[int, int]:
+        return (self.shape[1], self.shape[0]) if self.transposed else (self.shape[0], self.shape[1])
+
+
+@dataclass
+class ExtractionReport:
+    out: Path
+    rank: int
+    errors: dict[str, float] = field(default_factory=dict)  # tensor -> relative Frobenius error of B @ A
+    modules_to_save: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.errors.values()) / len(self.errors) if self.errors else 0.0
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        return max(self.errors.items(), key=lambda item: item[1]) if self.errors else ("", 0.0)
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, relative error) with B @ A the best rank-`rank` approximation of `delta` (out x in), in float32."""
+    delta = delta.to(torch.float32)
+    norm = torch.linalg.matrix_norm(delta).item()
+    if norm == 0.0:
+        return delta.new_zeros(rank, delta.shape[1]), delta.new_zeros(delta.shape[0], rank), 0.0
+    sketch = rank + OVERSAMPLING
+    if 2 * sketch >= min(delta.shape):  # a sketch this close to full size saves nothing
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the sketch is random: seed it so the output is reproducible
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(delta, q=sketch, niter=POWER_ITERATIONS)
+        vh = v.T
+    root = s[:rank].sqrt()
+    a = root[:, None] * vh[:rank]
+    b = u[:, :rank] * root
+    error = torch.linalg.matrix_norm(delta - b @ a).item() / norm
+    return a.contiguous(), b.contiguous(), error
+
+
+def _module_kinds(config: dict, reference: str) -> dict[str, str]:
+    """Module name -> 'linear', 'conv1d' or 'other', from the model transformers builds for `config` (on the meta device)."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = {}
+    for name, module in build_meta_model(config, reference).named_modules():
+        kinds[name] = "linear" if isinstance(module, torch.nn.Linear) else "conv1d" if isinstance(module, Conv1D) else "other"
+    return kinds
+
+
+def _matches(module: str, wanted: str) -> bool:
+    """PEFT's target_modules rule: the whole module name, or its end after a dot."""
+    return module == wanted or module.endswith("." + wanted)
+
+
+def find_targets(base: ModelSource, config: dict, modules: list[str] | None) -> list[Target]:
+    """The 2-D linear weights inside the layers (norms and biases are not low-rank material), limited to `modules`."""
+    architecture = architecture_for(config, base.reference)
+    infos = base.tensor_infos()
+    kinds = _module_kinds(config, base.reference)
+    targets = []
+    for index in range(architecture.layer_count(config)):
+        for weight in architecture.layer_weights(index):
+            info = infos.get(weight.name)
+            module = weight.name.removesuffix(".weight")
+            # a module the checkpoint names differently from transformers' classes is taken for a linear one
+            kind = kinds.get(module, "linear")
+            if info is not None and weight.name.endswith(".weight") and len(info.shape) == 2 and kind != "other":
+                targets.append(Target(weight.name, module, info.shape, kind == "conv1d"))
+    if not targets:
+        raise ComposerError(f"Model '{base.reference}' has no 2-D linear weights inside its layers to extract a LoRA from.")
+    if modules:
+        for wanted in modules:
+            if not any(_matches(target.module, wanted) for target in targets):
+                names = sorted({target.module.rsplit(".", 1)[-1] for target in targets})
+                raise ComposerError(f"--modules '{wanted}' matches no linear layer weight; the layers have {', '.join(names)}.")
+        targets = [target for target in targets if any(_matches(target.module, wanted) for wanted in modules)]
+    return targets
+
+
+def check_pair(finetune: ModelSource, base: ModelSource, rank: int, modules: list[str] | None) -> list[Target]:
+    """Everything that can be refused from configs and headers: architectures, shapes, the rank. Returns the targets."""
+    base_config, finetune_config = base.config(), finetune.config()
+    base_architecture = architecture_for(base_config, base.reference).name
+    finetune_architecture = architecture_for(finetune_config, finetune.reference).name
+    if base_architecture != finetune_architecture:
+        raise ComposerError(
+            f"Models '{finetune.reference}' ({finetune_architecture}) and '{base.reference}' ({base_architecture}) have different "
+            "architectures; a LoRA can only be extracted from a fine-tune of the base it is applied to."
+        )
+    finetune_infos = finetune.tensor_infos()
+    for name, info in base.tensor_infos().items():
+        other = finetune_infos.get(name)
+        if other is not None and other.shape != info.shape:
+            raise ComposerError(
+                f"Tensor '{name}' has shape {list(other.shape)} in '{finetune.reference}' but {list(info.shape)} in base "
+                f"'{base.reference}'; a LoRA can only be extracted between models of the same shapes."
+            )
+    targets = find_targets(base, base_config, modules)
+    for target in targets:
+        if target.name not in finetune_infos:
+            raise ComposerError(f"Model '{finetune.reference}' has no tensor '{target.name}', which base '{base.reference}' has.")
+        if rank > min(target.shape):
+            raise ComposerError(
+                f"--rank {rank} is larger than tensor '{target.name}' allows (shape {list(target.shape)}: at most rank "
+                f"{min(target.shape)}); choose a rank of at most {min(min(t.shape) for t in targets)}."
+            )
+    return targets
+
+
+def whole_tensors(finetune: ModelSource, base: ModelSource) -> dict[str, str]:
+    """Adapter name -> fine-tune tensor, for the vocabulary tensors (embeddings, output head) the fine-tune changed.
+
+    A head the base ties to its embeddings has no tensor of its own; PEFT (with ensure_weight_tying) still wants
+    one in the file, a copy of the changed embeddings, to keep the two tied.
+    """
+    architecture = architecture_for(base.config(), base.reference)
+    infos, finetune_infos = base.tensor_infos(), finetune.tensor_infos()
+    present = [weight.name for weight in architecture.vocab_weights() if weight.name in infos and weight.name in finetune_infos]
+    changed = [name for name in present if not torch.equal(finetune.read(name), base.read(name))]  # one pair at a time
+    saved = {name: name for name in changed}
+    for weight in architecture.vocab_weights():
+        if weight.tied_to in changed and weight.name not in infos:
+            saved[weight.name] = weight.tied_to
+    return saved
+
+
+def _identity(inputs: list[torch.Tensor]) -> torch.Tensor:
+    return inputs[0]
+
+
+def _layout(targets: list[Target], rank: int, finetune: ModelSource, whole: dict[str, str]) -> list:
+    """The adapter file's tensors, in PEFT's names, as the sharded writer wants them planned."""
+    from composer.plan.model import Operation, PlannedTensor
+
+    infos = finetune.tensor_infos()
+    written = Operation("extract-lora", _identity)
+
+    def planned(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> PlannedTensor:
+        return PlannedTensor(SAVED_PREFIX + name, shape, dtype, (), written)
+
+    layout = []
+    for target in targets:
+        out_features, in_features = target.out_in
+        dtype = infos[target.name].dtype if infos[target.name].dtype.is_floating_point else torch.float32
+        layout.append(planned(target.module + ".lora_A.weight", (rank, in_features), dtype))
+        layout.append(planned(target.module + ".lora_B.weight", (out_features, rank), dtype))
+    layout += [planned(saved, infos[name].shape, infos[name].dtype) for saved, name in whole.items()]
+    return layout
+
+
+def adapter_config(base_reference: str, rank: int, targets: list[Target], modules: list[str] | None, whole: dict[str, str]) -> dict:
+    target_modules = list(modules) if modules else sorted({target.module.rsplit(".", 1)[-1] for target in targets})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_reference,
+        "r": rank,
+        "lora_alpha": rank,  # scaling alpha / r = 1: B @ A is the approximation itself
+        "lora_dropout": 0.0,
+        "target_modules": target_modules,
+        "fan_in_fan_out": any(target.transposed for target in targets),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": [name.removesuffix(".weight") for saved, name in whole.items() if saved == name] or None,
+        "ensure_weight_tying": any(saved != name for saved, name in whole.items()),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def adapter_card(finetune_reference: str, base_reference: str, rank: int, report: ExtractionReport) -> str:
+    worst_name, worst_error = report.worst
+    return (
+        f"---\nbase_model: {json.dumps(base_reference)}\nlibrary_name: peft\ntags:\n- composer\n- lora\n- extract-lora\n---\n"
+        f"# LoRA extracted from {finetune_reference}\n\n"
+        f"A rank-{rank} LoRA adapter for `{base_reference}` that approximates `{finetune_reference}` - `{base_reference}`, "
+        f"extracted with no training by composer's `extract-lora` (truncated SVD of each task vector).\n\n"
+        f"Relative Frobenius error of the approximation over {len(report.errors)} tensors: mean {report.mean_error:.4f}, "
+        f"worst {worst_error:.4f} (`{worst_name}`).\n"
+        + (f"\nWhole tensors saved (modules_to_save): {', '.join(f'`{m}`' for m in report.modules_to_save)}.\n" if report.modules_to_save else "")
+    )
+
+
+def check_output_outside(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an OUT that is, holds or lies inside an input: an adapter written into a model's folder would be mixed up with it."""
+    import os
+
+    check_output_not_input(out, inputs)
+    target = Path(os.path.abspath(out)).resolve()
+    for what, path in inputs.items():
+        if Path(os.path.abspath(path)).resolve() in target.parents:
+            raise ComposerError(f"Output {out} is inside {what} ({path}), which this run reads; choose an output folder outside it.")
+
+
+def source_pair(finetune_reference: str, base_reference: str, relative_to: Path | None) -> tuple[ModelSource, ModelSource]:
+    finetune = open_source(finetune_reference, relative_to)
+    try:
+        return finetune, open_source(base_reference, relative_to)
+    except BaseException:
+        finetune.close()
+        raise
+
+
+def extract_lora(
+    finetune_reference: str,
+    base_reference: str,
+    out: Path,
+    rank: int,
+    force: bool = False,
+    modules: list[str] | None = None,
+    embeddings: bool = False,
+    progress: bool | None = None,
+    relative_to: Path | None = None,
+) -> ExtractionReport:
+    """Write into `out` a PEFT LoRA adapter for the base that approximates the fine-tune; report its error."""
+
+    if rank <= 0:
+        raise ComposerError(f"--rank must be a positive number of dimensions (got {rank}).")
+    check_output_free(out, force)
+    started = time.perf_counter()
+    finetune, base = source_pair(finetune_reference, base_reference, relative_to)
+    try:
+        check_output_outside(out, finetune.input_paths() | base.input_paths())
+        targets = check_pair(finetune, base, rank, modules)
+        whole = whole_tensors(finetune, base) if embeddings else {}
+        config = adapter_config(base_reference, rank, targets, modules, whole)
+        report = ExtractionReport(Path(out), rank, modules_to_save=config["modules_to_save"] or [])
+
+        def extra_files(folder: Path) -> None:
+            (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            (folder / "README.md").write_text(adapter_card(finetune_reference, base_reference, rank, report))
+
+        write_adapter(finetune, base, targets, whole, report, force, progress, extra_files)
+    finally:
+        finetune.close()
+        base.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def write_adapter(finetune, base, targets, whole, report: ExtractionReport, force: bool, progress: bool | None, extra_files) -> None:
+    """Factor each target's task vector and write the adapter into a partial folder, moved into place when complete."""
+    from composer.execute.executor import _progress
+    from composer.execute.writer import ShardedWriter
+
+    folder = OutputFolder(report.out, force)
+    writer = None
+    try:
+        layout = _layout(targets, report.rank, finetune, whole)
+        dtypes = {planned.name: planned.dtype for planned in layout}
+        writer = ShardedWriter(folder.partial, layout, shard_size=1 << 62)
+        infos = finetune.tensor_infos()
+        total = sum(infos[target.name].nbytes for target in targets) + sum(infos[name].nbytes for name in whole.values())
+        with _progress(total, len(targets), progress) as bar:
+            bar.set_description(f"factoring {len(targets)} tensors")
+            for target in targets:
+                delta = finetune.read(target.name).to(torch.float32) - base.read(target.name).to(torch.float32)
+                a, b, report.errors[target.name] = low_rank_factors(delta.T if target.transposed else delta, report.rank)
+                del delta
+                for name, factor in ((target.module + ".lora_A.weight", a), (target.module + ".lora_B.weight", b)):
+                    writer.write(SAVED_PREFIX + name, factor.to(dtypes[SAVED_PREFIX + name]))
+                bar.update(infos[target.name].nbytes)
+            for saved, name in whole.items():
+                writer.write(SAVED_PREFIX + saved, finetune.read(name))
+                bar.update(infos[name].nbytes)
+        writer.finish()
+        (folder.partial / "model.safetensors").rename(folder.partial / ADAPTER_FILE)
+        extra_files(folder.partial)
+        folder.commit()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        folder.discard()
+        raise
