@@ -212,10 +212,19 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C, so the partial output folder is removed
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    import textwrap
+
+    text = str(message) if issubclass(category, UserWarning) else f"{category.__name__}: {message}"
+    typer.echo("\n".join(textwrap.wrap(f"warning: {text}", width=100, break_long_words=False, break_on_hyphens=False)), err=True)
+
+
 def main() -> None:
     import signal
+    import warnings
 
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _show_warning
     arguments = sys.argv[1:]
     first = _first_positional(arguments)
     if first is not None and first not in COMMANDS and not (set(arguments) & {"-h", "--help"} and arguments[0].startswith("-")):

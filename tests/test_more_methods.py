@@ -516,7 +516,7 @@ def test_end_to_end_optional_base_is_used(family, tmp_path):
     ("merge_method: model_stock\nbase_model: {base}\n{models1}", "at least 2"),
     ("merge_method: nearswap\n{models1}parameters:\n  t: 0.1\n", "needs a base_model"),
     ("merge_method: nearswap\nbase_model: {base}\n{models1}", "needs parameter 't'"),
-    ("merge_method: ram\nbase_model: {base}\n{models1}parameters:\n  r: 0.1\n", "does not take 'r'"),
+    ("merge_method: ram\nbase_model: {base}\n{models1}parameters:\n  epsilonn: 0.1\n", "does not take 'epsilonn'.*Did you mean 'epsilon'"),
 ])
 def test_plan_time_errors(family, tmp_path, text, message):
     base, dense, _ = family

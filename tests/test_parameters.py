@@ -235,8 +235,8 @@ def test_a_per_tensor_parameter_set_per_model_is_an_error(models):
 
 def test_unknown_and_missing_and_ill_typed_parameters_are_errors(models):
     a, b = models
-    with pytest.raises(ComposerError, match="does not take 'density'"):
-        arguments_of(slerp_recipe(a, b, "  density: 0.5\n"))
+    with pytest.raises(ComposerError, match="does not take 'desnity'.*Did you mean 'density'"):
+        arguments_of(slerp_recipe(a, b, "  desnity: 0.5\n"))
     with pytest.raises(ComposerError, match="needs parameter 't'"):
         arguments_of(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n")
     with pytest.raises(ComposerError, match="needs parameter 'weight' for model"):
@@ -274,3 +274,13 @@ def test_mergekit_dict_spellings_of_model_references(models):
     )
     assert parse_recipe(sliced).slices[0].sources[0].model == str(b)
     assert arguments_of(sliced)["@inputs"]["model.norm.weight"] == [(str(b), "model.norm.weight")]
+
+
+def test_a_parameter_of_another_method_is_ignored_with_a_warning_as_mergekit_does(models):
+    """mergekit configs in the wild carry leftovers such as density on slerp; they must run unchanged."""
+    from composer.errors import ComposerWarning
+
+    a, b = models
+    with pytest.warns(ComposerWarning, match=r"parameters\.density': merge method 'slerp' does not use 'density'.*ignored"):
+        with_leftover = arguments_of(slerp_recipe(a, b, "  t: 0.5\n  density: 0.5\n"))
+    assert with_leftover == arguments_of(slerp_recipe(a, b, "  t: 0.5\n"))

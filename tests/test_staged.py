@@ -157,9 +157,9 @@ stages:
          "two stages are named 'x'"),
         ("models: [{{model: {a}}}]\nstages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}]\n",
          "models at the top level belong to a merge"),
-        ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n    parameters: {{density: 0.5}}\n"
+        ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n    parameters: {{weihgt: 0.5}}\n"
          "merge_method: linear\nmodels: [{{model: x}}, {{model: {a}}}]\n",
-         "line 5: recipe key 'stages[0].parameters.density': merge method 'linear' does not take 'density'"),
+         "line 5: recipe key 'stages[0].parameters.weihgt': merge method 'linear' does not take 'weihgt'"),
         ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}, paramters: {{weight: 1}}}}]\n",
          "unknown key 'stages[0].models[0].paramters'"),
     ],

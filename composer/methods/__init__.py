@@ -268,3 +268,8 @@ register(MergeMethod(
     needs_base=True,
     description="RAM+ (tensor-local): RAM with each model's unique entries scaled up by its overlap ratio",
 ))
+
+
+def parameter_names() -> set[str]:
+    """Every parameter name some registered method takes."""
+    return {parameter.name for method in METHODS.values() for parameter in method.parameters}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,12 @@ from typing import Any
 import torch
 
 from composer.architecture import Architecture, WeightDefinition, architecture_for
-from composer.errors import ComposerError
-from composer.methods import MergeMethod, get_method
+from composer.errors import ComposerError, ComposerWarning
+from composer.methods import MergeMethod, get_method, parameter_names
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
 from composer.plan.transformers_facts import checked_loadable, config_defaults
-from composer.recipe.load import RecipeKeyError
+from composer.recipe.load import RecipeKeyError, path_text
 from composer.recipe.parameters import evaluate, layer_t
 from composer.recipe.schema import Merge, OutputSlice, SliceSource
 from composer.sources import ModelSource, open_source
@@ -52,9 +53,13 @@ class OutputLayer:
 
 
 class _Planner:
-    def __init__(self, recipe: Merge, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None, seed_namespace: str | None = None):
+    def __init__(
+        self, recipe: Merge, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None,
+        seed_namespace: str | None = None, key_prefix: tuple = (),
+    ):
         self.recipe = recipe
         self.seed_namespace = seed_namespace
+        self.key_prefix = key_prefix  # where this merge sits in the recipe file, e.g. ('stages', 0)
         self.recipe_text = recipe_text
         self.recipe_dir = recipe_dir
         try:
@@ -88,10 +93,19 @@ class _Planner:
             places.append((("slices", i, "parameters"), output_slice.parameters, False))
             places += [(("slices", i, "sources", j, "parameters"), s.parameters, True) for j, s in enumerate(output_slice.sources)]
         for where, parameters, per_model in places:
-            for name in parameters or {}:
+            for name in list(parameters or {}):
                 if name not in known:
                     takes = ", ".join(sorted(known)) or "no parameters"
-                    raise RecipeKeyError(where + (name,), f"merge method '{self.method.name}' does not take '{name}' (it takes {takes}).")
+                    if name not in parameter_names():
+                        raise RecipeKeyError(where + (name,), f"merge method '{self.method.name}' does not take '{name}' (it takes {takes}).{_did_you_mean(name)}")
+                    # a parameter of another method: mergekit ignores it, so configs in the wild carry such leftovers
+                    warnings.warn(
+                        f"Recipe key '{path_text(self.key_prefix + where + (name,))}': merge method '{self.method.name}' does not use '{name}' "
+                        f"(it takes {takes}); the value is ignored, as mergekit ignores it.",
+                        ComposerWarning, stacklevel=2,
+                    )
+                    parameters.pop(name)
+                    continue
                 if per_model and not self.method.parameter(name).per_model:
                     raise RecipeKeyError(
                         where + (name,),
@@ -328,6 +342,13 @@ def _default_tie(config: dict) -> bool:
     return bool(config_defaults(config, ("tie_word_embeddings",))["tie_word_embeddings"])
 
 
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(parameter_names()), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 def model_location(recipe: Merge, reference: str) -> tuple:
     """The first recipe key that names `reference`, for error messages."""
     if recipe.base_model == reference:
@@ -349,7 +370,9 @@ def _tokenizer_key(recipe: Merge) -> tuple:
 
 
 def plan_merge(
-    merge: Merge, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None, seed_namespace: str | None = None
+    merge: Merge, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None,
+    seed_namespace: str | None = None, key_prefix: tuple = (),
 ) -> Plan:
-    """The plan of one merge. `seed_namespace` (a stage's name) keeps its random draws apart from other stages'."""
-    return _Planner(merge, recipe_text, recipe_dir, sources, seed_namespace).build()
+    """The plan of one merge. `seed_namespace` (a stage's name) keeps its random draws apart from other stages';
+    `key_prefix` is where the merge sits in the recipe, for messages."""
+    return _Planner(merge, recipe_text, recipe_dir, sources, seed_namespace, key_prefix).build()

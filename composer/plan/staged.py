@@ -149,9 +149,10 @@ def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = 
             last = position == len(merges) - 1
             try:
                 # an intermediate stage's random masks differ from the output's for the same tensor name
-                plan = plan_merge(merge, recipe_text, recipe_dir, sources, seed_namespace=None if last else name)
+                prefix = ("stages", position) if name is not None else ()
+                plan = plan_merge(merge, recipe_text, recipe_dir, sources, seed_namespace=None if last else name, key_prefix=prefix)
             except RecipeKeyError as error:
-                raise RecipeKeyError(("stages", position) + error.location if name is not None else error.location, error.detail) from None
+                raise RecipeKeyError(prefix + error.location, error.detail) from None
             methods.append((name or "output", plan.method))
             if not last:
                 stages[name] = StageSource(name, plan)
