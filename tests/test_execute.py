@@ -1,5 +1,6 @@
 """The executor: every input read once, a memory budget that bounds what is kept, shards, atomic output."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,18 @@ def test_a_failing_operation_stops_the_threads_and_leaves_nothing(tmp_path: Path
         compose_text(recipe, tmp_path / "out", ExecutionOptions())
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_partial_folder_of_a_killed_run_is_cleared_by_the_next_run(tmp_path: Path):
+    import subprocess
+
+    source = save_tiny_model(tmp_path / "src", layers=2)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs, as after a SIGKILL
+    abandoned = tmp_path / f".out.partial-{dead.pid}"
+    abandoned.mkdir()
+    (abandoned / "model.safetensors").write_bytes(b"half written")
+    alive = tmp_path / f".out.partial-{os.getppid()}"  # another run still working on it: left alone
+    alive.mkdir()
+    compose_text(f"merge_method: passthrough\nmodels:\n  - model: {source}\n", tmp_path / "out", ExecutionOptions())
+    assert not abandoned.exists() and alive.exists() and (tmp_path / "out" / "config.json").is_file()

@@ -43,6 +43,24 @@ def check_output_not_input(out: Path, inputs: dict[str, Path]) -> None:
             )
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Partial folders of runs that were killed outright (SIGKILL, power loss) before they could clean up."""
+    for leftover in out.parent.glob(f".{out.name}.partial-*") if out.parent.is_dir() else []:
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 class OutputFolder:
     def __init__(self, out: Path, force: bool):
         check_output_free(out, force)
@@ -60,6 +78,7 @@ class OutputFolder:
             raise ComposerError(f"Output {out}: cannot create its parent folder {out.parent} ({error.strerror}).") from None
         if not os.access(out.parent, os.W_OK | os.X_OK):
             raise ComposerError(f"Output {out}: its folder {out.parent} is not writable, so the model cannot be written there.")
+        _remove_abandoned(out)
         self.partial = out.parent / f".{out.name}.partial-{os.getpid()}"
         if self.partial.exists():
             shutil.rmtree(self.partial)
