@@ -6,21 +6,15 @@ import re
 from pathlib import Path
 
 from composer.card import render_card
+from composer.chat_templates import template_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
 from composer.execute.output_folder import check_output_free, check_output_not_input
+from composer.moe.compose import compose_moe_file, is_moe_file, moe_plan_from_file
 from composer.plan import Plan, build_plan
 from composer.recipe import Recipe, load_recipe, parse_recipe
 from composer.recipe.load import RecipeKeyError
 from composer.sources import local_path
-
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-}
-
 
 def resolve_output(recipe: Recipe, out: Path | None, recipe_path: Path | None) -> Path:
     if out is not None:
@@ -41,6 +35,8 @@ def _build(recipe: Recipe, text: str, recipe_dir: Path | None, source_name: str)
 
 
 def plan_from_file(recipe_path: Path) -> tuple[Recipe, Plan]:
+    if is_moe_file(recipe_path):
+        return moe_plan_from_file(recipe_path)
     recipe, text = load_recipe(recipe_path)
     return recipe, _build(recipe, text, recipe_path.parent, str(recipe_path))
 
@@ -69,7 +65,7 @@ def _input_paths(plan: Plan) -> dict[str, Path]:
 def _write_chat_template(folder: Path, template: str) -> None:
     import json
 
-    text = CHAT_TEMPLATES.get(template, template)
+    text = template_text(template)
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
         settings = json.loads(config_path.read_text())
@@ -110,6 +106,8 @@ def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
 
 
 def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None) -> ExecutionReport:
+    if is_moe_file(recipe_path):
+        return compose_moe_file(recipe_path, out, options, seed)
     recipe, text = load_recipe(recipe_path)
     if seed is not None:
         recipe, text = with_seed(recipe, text, seed)
