@@ -8,6 +8,7 @@ import torch
 
 SLERP_PARALLEL_THRESHOLD = 0.9995  # |cos| above this: the tensors are nearly (anti)parallel, use lerp
 _CHUNK = 1 << 22  # elements per step when half-precision dot products are accumulated in float64
+_CACHE_CHUNK = 1 << 18  # elements per step of elementwise CPU work: a float32 operand of 1 MiB stays in cache
 
 
 def weights_cancel(weights: list[float]) -> bool:
@@ -18,19 +19,34 @@ def weights_cancel(weights: list[float]) -> bool:
 def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
     """sum_i w_i x_i, divided by sum_i w_i when `normalize` (Wortsman et al. 2022, model soups).
 
-    Accumulates in at least float32 and returns the dtype of the first tensor.
+    Accumulates in at least float32 and returns the dtype of the first tensor. On the CPU the sum runs
+    over cache-sized chunks (several times faster than whole-tensor passes; the same operations, so the
+    same bits).
     """
     if len(tensors) != len(weights):
         raise ValueError(f"linear: {len(tensors)} tensors but {len(weights)} weights")
     if normalize and weights_cancel(weights):
         raise ValueError("linear: the weights sum to zero, so they cannot be normalised")
     first = tensors[0]
-    result = torch.zeros(first.shape, dtype=torch.promote_types(first.dtype, torch.float32), device=first.device)
-    for tensor, weight in zip(tensors, weights):
-        result.add_(tensor, alpha=weight)
-    if normalize:
-        result.div_(sum(weights))
-    return result.to(first.dtype)
+    accumulate = torch.promote_types(first.dtype, torch.float32)
+    flats = [tensor.reshape(-1) for tensor in tensors]
+    out = torch.empty(first.numel(), dtype=first.dtype, device=first.device)
+    total = sum(weights)
+    for start, end in chunk_bounds(first):
+        result = torch.zeros(end - start, dtype=accumulate, device=first.device)
+        for flat, weight in zip(flats, weights):
+            result.add_(flat[start:end].to(accumulate), alpha=weight)
+        if normalize:
+            result.div_(total)
+        out[start:end] = result
+    return out.view(first.shape)
+
+
+def chunk_bounds(tensor: torch.Tensor):
+    """(start, end) element ranges for elementwise work: cache-sized on the CPU, the whole tensor elsewhere."""
+    count = tensor.numel()
+    step = _CACHE_CHUNK if tensor.device.type == "cpu" else max(count, 1)
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
