@@ -58,6 +58,29 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def save_fine_tune(base: Path, folder: Path, seed: int = 0, scale: float = 0.02, density: float = 1.0, change: dict[str, torch.Tensor] | None = None) -> Path:
+    """A stand-in for a fine-tune: a copy of the model folder `base` (config, tokenizer) whose weights
+    are moved by `change` (tensor name -> addend) where given, else by noise of standard deviation
+    `scale` on a `density` share of the entries. Written as one model.safetensors."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in load_state(base).items():
+        if change is not None:
+            state[name] = (tensor.float() + change[name]).to(tensor.dtype) if name in change else tensor
+            continue
+        noise = torch.randn(tensor.shape, generator=generator) * scale
+        if density < 1:
+            noise *= torch.rand(tensor.shape, generator=generator) < density
+        state[name] = tensor + noise
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 def logits_of(folder: Path, ids: torch.Tensor | None = None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 

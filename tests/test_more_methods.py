@@ -5,7 +5,6 @@ checked with hypothesis, the registry entries, and end-to-end merges of tiny lla
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from composer.methods import get_method
 from composer.methods.model_stock import model_stock
 from composer.methods.selection import arcee_fusion, nearswap, ram, ramplus_tl
 from composer.methods.spherical import karcher, multislerp, nuslerp
-from helpers import load_state, logits_of, save_tiny_model
+from helpers import load_state, logits_of, save_fine_tune, save_tiny_model
 
 
 def random_tensors(count, shape=(12, 20), seed=0, dtype=torch.float32):
@@ -413,28 +412,12 @@ def test_bfloat16_inputs_agree_with_float32_to_bfloat16_precision(name):
 
 # --- end to end on tiny llamas --------------------------------------------------------------------
 
-def derive(base_folder: Path, folder: Path, seed: int, scale: float = 0.02, density: float = 1.0) -> Path:
-    """A "fine-tune" of the model in `base_folder`: its weights plus random changes (on a `density` share of entries)."""
-    from safetensors.torch import save_file
-
-    shutil.copytree(base_folder, folder)
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in load_state(base_folder).items():
-        change = torch.randn(tensor.shape, generator=generator) * scale
-        if density < 1:
-            change *= torch.rand(tensor.shape, generator=generator) < density
-        state[name] = tensor + change
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("more-methods")
     base = save_tiny_model(root / "base", "llama", 2, seed=3)
-    dense = [derive(base, root / f"dense{i}", seed=i) for i in range(3)]
-    sparse = [derive(base, root / f"sparse{i}", seed=10 + i, density=0.3) for i in range(3)]
+    dense = [save_fine_tune(base, root / f"dense{i}", seed=i) for i in range(3)]
+    sparse = [save_fine_tune(base, root / f"sparse{i}", seed=10 + i, density=0.3) for i in range(3)]
     return base, dense, sparse
 
 

@@ -97,15 +97,16 @@ def test_schema_accepts_the_three_forms_and_rejects_an_empty_gradient(models):
 
 # --- t over layers and slices, resolved by the planner --------------------------------------------
 
-def test_gradient_gives_each_layer_its_value_and_edges_t0_t1(models):
+def test_gradient_gives_each_layer_its_value_and_the_tensors_outside_the_layers_t0(models):
+    """As mergekit: embeddings, final norm and head all take the gradient's value at t = 0."""
     a, b = models
     args = arguments_of(slerp_recipe(a, b, "  t: [0, 1]\n"))
     for i, expected in enumerate([0, 0.25, 0.5, 0.75, 1]):
         for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
             assert args[layer(i, suffix)]["t"] == pytest.approx(expected)
     assert args["model.embed_tokens.weight"]["t"] == 0
-    assert args["model.norm.weight"]["t"] == 1
-    assert args["lm_head.weight"]["t"] == 1
+    assert args["model.norm.weight"]["t"] == 0
+    assert args["lm_head.weight"]["t"] == 0
 
 
 def test_filter_list_gives_attention_mlp_and_default_values(models):
@@ -144,7 +145,7 @@ def test_t_restarts_in_every_slice_and_edges_follow_first_and_last_slice(models)
     assert [args[layer(i, "self_attn.q_proj.weight")]["t"] for i in range(6)] == pytest.approx(expected)
     assert args["@inputs"][layer(5, "mlp.up_proj.weight")] == [(str(b), layer(4, "mlp.up_proj.weight")), (str(a), layer(4, "mlp.up_proj.weight"))]
     assert args["model.embed_tokens.weight"]["t"] == 0
-    assert args["model.norm.weight"]["t"] == 1
+    assert args["model.norm.weight"]["t"] == 0
 
 
 def test_edge_tensors_come_from_the_first_and_last_slice_sources(models):
@@ -161,7 +162,7 @@ def test_edge_tensors_come_from_the_first_and_last_slice_sources(models):
     assert args["@inputs"]["model.norm.weight"] == [(str(b), "model.norm.weight")]
     assert args["@inputs"]["lm_head.weight"] == [(str(b), "lm_head.weight")]
     assert args["model.embed_tokens.weight"]["scale"] == [0.5]
-    assert args["lm_head.weight"]["scale"] == [1.5]
+    assert args["lm_head.weight"]["scale"] == [0.5]  # the last slice's sources, at t = 0 as in mergekit
     assert [args[layer(i, "mlp.up_proj.weight")]["scale"][0] for i in range(6)] == pytest.approx([0.5, 1, 1.5] * 2)
     assert args["@inputs"][layer(3, "mlp.up_proj.weight")] == [(str(b), layer(2, "mlp.up_proj.weight"))]
 
@@ -209,7 +210,7 @@ def test_models_entry_parameters_beat_top_level(models):
     assert [args[layer(i, "self_attn.o_proj.weight")]["weight"][0] for i in range(LAYERS)] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert all(args[layer(i, "self_attn.o_proj.weight")]["weight"][1] == 1 for i in range(LAYERS))
     assert args["model.embed_tokens.weight"]["weight"] == [0, 1]
-    assert args["lm_head.weight"]["weight"] == [1, 1]
+    assert args["lm_head.weight"]["weight"] == [0, 1]
 
 
 def test_the_same_model_twice_in_a_slice_keeps_its_layers_and_parameters_apart(models):

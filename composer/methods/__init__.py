@@ -33,6 +33,11 @@ class Parameter:
             if isinstance(value, (int, float)):
                 return bool(value)  # mergekit configs sometimes write `normalize: 1.0`
             raise ValueError(f"'{self.name}' must be true or false, not {value!r}")
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-5` (no decimal point) as a string; mergekit takes it as the number
+                return float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"'{self.name}' must be a number, not {value!r}")
         return value

@@ -309,7 +309,7 @@ class _Planner:
                     continue
                 tensors.append(self.plan_tensor(out_weight.name, inputs, layer.base_model, layer.t, layer.output_slice))
         for weight in architecture.post:
-            planned = self._edge_tensor(weight, self.slices[-1], 1.0, ties)
+            planned = self._edge_tensor(weight, self.slices[-1], 0.0, ties)
             tensors += [planned] if planned else []
 
         checked_loadable(config, {t.name: t.shape for t in tensors}, lambda c, shapes: validate_against_transformers(c, shapes, base_ref))
