@@ -17,10 +17,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo", "extract-lora"}
+COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route"}
 
 
-VALUE_OPTIONS = {"--memory-budget", "--device", "--shard-size", "--limit", "--text", "--out"}
+VALUE_OPTIONS = {"--memory-budget", "--device", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png"}
 
 
 def _size(text: str, option: str = "--memory-budget") -> int:
@@ -85,11 +85,11 @@ def run(
     """Run a recipe and write the model into OUT."""
 
     def action():
-        from composer.recipe import load_recipe
+        from composer.moe.compose import check_recipe_file
 
         # mistakes in the options and the recipe are reported before torch and transformers load (seconds)
         budget, shard, target = _size(memory_budget), _size(shard_size, "--shard-size"), _device(device)
-        load_recipe(recipe)
+        check_recipe_file(recipe)
         from composer.compose import compose_file
         from composer.execute import ExecutionOptions
 
@@ -109,10 +109,10 @@ def plan(
     """Dry run: every output tensor with its inputs and operation, bytes to read and write, predicted peak memory."""
 
     def action():
-        from composer.recipe import load_recipe
+        from composer.moe.compose import check_recipe_file
 
         budget = _size(memory_budget)
-        load_recipe(recipe)  # fast feedback on the recipe itself, before the heavy imports
+        check_recipe_file(recipe)  # fast feedback on the recipe itself (merge or MoE), before the heavy imports
         from composer.compose import plan_from_file
         from composer.execute import make_schedule
         from composer.plan.show import format_plan
@@ -192,6 +192,31 @@ def extract_lora(
         saved = f"; whole tensors: {', '.join(report.modules_to_save)}" if report.modules_to_save else ""
         typer.echo(f"wrote a rank-{rank} LoRA of {len(report.errors)} tensors to {report.out} in {report.seconds:.1f} s{saved}")
         typer.echo(f"relative Frobenius error: mean {report.mean_error:.4f}, worst {worst_error:.4f} ({worst_name})")
+
+    _guarded(action)
+
+
+@app.command()
+def route(
+    model: Path = typer.Argument(..., help="An MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE)."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts: a .txt file (one a line) or YAML/JSON (a list, or group name -> list)."),
+    png: Path = typer.Option(Path("routing.png"), "--png", help="Where to write the heat map."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    per_prompt: bool = typer.Option(True, "--per-prompt/--totals", help="Also list each prompt's shares."),
+) -> None:
+    """Share of tokens each router sends to each expert, per layer, per prompt and in total: a table and a PNG heat map."""
+
+    def action():
+        from composer.moe.prompts import read_prompt_file
+
+        groups = read_prompt_file(prompts)
+        target = _device(device)
+        from composer.moe.route import draw_heat_map, format_routing, measure_routing
+
+        routing = measure_routing(model, groups, target)
+        typer.echo(format_routing(routing, per_prompt))
+        draw_heat_map(routing, png)
+        typer.echo(f"heat map: {png}")
 
     _guarded(action)
 

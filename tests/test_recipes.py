@@ -9,7 +9,8 @@ from composer.compose import compose_text
 from composer.execute import ExecutionOptions
 from composer.evaluate import load_model, score_text
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yml"))
+# MoE recipes are run by tests/test_moe_routing.py, which routes held-out prompts through them
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yml") if "moe" not in p.stem)
 pytestmark = pytest.mark.real_model
 
 

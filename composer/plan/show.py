@@ -43,4 +43,5 @@ def format_plan(plan: Plan, schedule: Schedule, limit: int = 0) -> str:
         lines.append(f"... {len(plan.tensors) - limit} more tensors")
     lines.append("")
     lines.append(f"tensors: {len(plan.tensors)}    read: {_bytes(plan.input_bytes())}    write: {_bytes(plan.output_bytes())}    predicted peak memory for tensors: {_bytes(schedule.peak_bytes)}")
+    lines += [f"note: {note}" if not note.startswith(" ") else note for note in plan.notes]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 
@@ -19,7 +19,7 @@ from composer.errors import ComposerError
 from composer.plan.build import model_location, plan_merge
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.recipe.load import RecipeKeyError
-from composer.recipe.schema import Recipe
+from composer.recipe.schema import Recipe, Stage
 from composer.sources import ModelSource, TensorInfo
 
 
@@ -114,68 +114,89 @@ def _fuse_tensor(planned: PlannedTensor, stages: dict[str, StageSource]) -> Plan
     return PlannedTensor(planned.name, planned.shape, planned.dtype, tuple(leaves), operation)
 
 
-def _check_references(recipe: Recipe) -> None:
-    """A merge may use only stages defined before it, and every stage must be used by something after it."""
-    merges = recipe.merges()
-    names = [name for name, _ in merges if name is not None]
-    used: set[str] = set()
-    for position, (name, merge) in enumerate(merges):
-        prefix = ("stages", position) if name is not None else ()
-        for reference in merge.referenced_models() + ([merge.tokenizer_source] if merge.tokenizer_source else []):
+def check_stage_references(stages: list[Stage], output_references: list[str], last_is_output: bool) -> None:
+    """A stage may use only the stages before it, and every stage must be used by something after it."""
+    names = [stage.name for stage in stages]
+    used: set[str] = set(output_references)
+    for position, stage in enumerate(stages):
+        for reference in stage.referenced_models() + ([stage.tokenizer_source] if stage.tokenizer_source else []):
             if reference in names[position:]:
-                what = "itself" if reference == name else f"stage '{reference}', which comes later"
-                raise RecipeKeyError(prefix + model_location(merge, reference), f"stage '{name or 'output'}' uses {what}; a stage can only use the stages before it.")
+                what = "itself" if reference == stage.name else f"stage '{reference}', which comes later"
+                location = ("stages", position) + model_location(stage, reference)
+                raise RecipeKeyError(location, f"stage '{stage.name}' uses {what}; a stage can only use the stages before it.")
             used.add(reference)
-    final_name = merges[-1][0]
     for position, name in enumerate(names):
-        if name not in used and name != final_name:
+        if name not in used and not (last_is_output and position == len(names) - 1):
             raise RecipeKeyError(("stages", position, "name"), f"stage '{name}' is not used by any later stage or by the output; use it or remove it.")
+
+
+def plan_stages(
+    stages: list[Stage], random_seed: int | None, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource]
+) -> tuple[dict[str, StageSource], list[tuple[str, str]]]:
+    """Plan each intermediate stage against the ones before it; each becomes a source named after it."""
+    planned: dict[str, StageSource] = {}
+    methods: list[tuple[str, str]] = []
+    for position, stage in enumerate(stages):
+        if stage.random_seed is None and random_seed is not None:
+            stage = stage.model_copy(update={"random_seed": random_seed})
+        prefix = ("stages", position)
+        try:
+            # a stage's random masks differ from the output's for the same tensor name
+            plan = plan_merge(stage, recipe_text, recipe_dir, sources, seed_namespace=stage.name, key_prefix=prefix)
+        except RecipeKeyError as error:
+            raise RecipeKeyError(prefix + error.location, error.detail) from None
+        methods.append((stage.name, plan.method))
+        planned[stage.name] = sources[stage.name] = StageSource(stage.name, plan)
+    return planned, methods
+
+
+def plan_with_stages(
+    stages: list[Stage], random_seed: int | None, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None,
+    build_output: Callable[[dict[str, ModelSource]], Plan], output_name: str, parents: list[str],
+) -> Plan:
+    """Plan `stages`, then the output with `build_output(sources)` (sources holding the stages), fused into one plan."""
+    sources = sources if sources is not None else {}
+    try:
+        planned, methods = plan_stages(stages, random_seed, recipe_text, recipe_dir, sources)
+        output = build_output(sources)
+    except ComposerError:
+        for source in sources.values():
+            source.close()
+        raise
+    methods.append((output_name, output.method))
+    leaves = {reference: source for reference, source in sources.items() if reference not in planned}
+    return Plan(
+        tensors=[_fuse_tensor(tensor, planned) for tensor in output.tensors], sources=leaves, config=output.config,
+        tokenizer_source=_tokenizer_root(output.tokenizer_source, planned), recipe_text=recipe_text,
+        method=" -> ".join(f"{name}: {method}" for name, method in methods), parents=parents,
+        chat_template=output.chat_template, notes=output.notes, stages=methods,
+    )
 
 
 def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None) -> Plan:
     """The plan of a whole recipe: its one merge, or its stages fused into one plan."""
     if not recipe.stages:
         return plan_merge(recipe, recipe_text, recipe_dir, sources)
-    _check_references(recipe)
-    sources = sources if sources is not None else {}
-    stages: dict[str, StageSource] = {}
-    methods: list[tuple[str, str]] = []
-    merges = recipe.merges()
-    plan: Plan | None = None
-    try:
-        for position, (name, merge) in enumerate(merges):
-            if merge.random_seed is None and recipe.random_seed is not None:
-                merge = merge.model_copy(update={"random_seed": recipe.random_seed})
-            last = position == len(merges) - 1
-            try:
-                # an intermediate stage's random masks differ from the output's for the same tensor name
-                prefix = ("stages", position) if name is not None else ()
-                plan = plan_merge(merge, recipe_text, recipe_dir, sources, seed_namespace=None if last else name, key_prefix=prefix)
-            except RecipeKeyError as error:
-                raise RecipeKeyError(prefix + error.location, error.detail) from None
-            methods.append((name or "output", plan.method))
-            if not last:
-                stages[name] = StageSource(name, plan)
-                sources[name] = stages[name]
-    except ComposerError:
-        for source in sources.values():
-            source.close()
-        raise
-    assert plan is not None
-    leaves = {reference: source for reference, source in sources.items() if reference not in stages}
-    fused = [_fuse_tensor(tensor, stages) for tensor in plan.tensors]
-    tokenizer_source = plan.tokenizer_source
-    if tokenizer_source in stages:
-        # the output's tokenizer comes from the stage's own tokenizer source
-        tokenizer_source = _tokenizer_root(tokenizer_source, stages)
-    return Plan(
-        tensors=fused, sources=leaves, config=plan.config, tokenizer_source=tokenizer_source, recipe_text=recipe_text,
-        method=" -> ".join(f"{name}: {method}" for name, method in methods), parents=recipe.input_models(),
-        chat_template=plan.chat_template, notes=plan.notes, stages=methods,
-    )
+    if recipe.merge_method is not None:  # the top-level merge is the output
+        intermediate, output, prefix, output_name = recipe.stages, recipe, (), "output"
+    else:  # the last stage is
+        intermediate, output = recipe.stages[:-1], recipe.stages[-1]
+        prefix, output_name = ("stages", len(recipe.stages) - 1), output.name
+        if output.random_seed is None and recipe.random_seed is not None:
+            output = output.model_copy(update={"random_seed": recipe.random_seed})
+    check_stage_references(list(recipe.stages), output.referenced_models() if output is recipe else [], recipe.merge_method is None)
+
+    def build_output(sources: dict[str, ModelSource]) -> Plan:
+        try:
+            return plan_merge(output, recipe_text, recipe_dir, sources, key_prefix=prefix)
+        except RecipeKeyError as error:
+            raise RecipeKeyError(prefix + error.location, error.detail) from None
+
+    return plan_with_stages(intermediate, recipe.random_seed, recipe_text, recipe_dir, sources, build_output, output_name, recipe.input_models())
 
 
 def _tokenizer_root(reference: str | None, stages: dict[str, StageSource]) -> str | None:
+    """The model whose tokenizer files a reference ends at, through stages."""
     while reference in stages:
         reference = stages[reference].plan.tokenizer_source
     return reference

@@ -1,0 +1,125 @@
+"""Run a dense model one decoder layer at a time, straight from its ModelSource, and hand out for each layer
+what an MoE router in that layer receives: the output of the layer's post-attention norm.
+
+Only one layer's weights are in memory at a time (read, run over every prompt, freed); the hidden states of
+the prompts are kept between layers. Prompts are right-padded into one batch; `mask` says which positions are
+real tokens, and the attention masks keep padding out of every real token's context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from composer.errors import ComposerError
+from composer.sources import ModelSource
+
+MAX_PROMPT_TOKENS = 1024
+CHUNK = 16  # prompts per forward call
+
+
+@dataclass
+class PromptBatch:
+    ids: torch.Tensor  # [prompts, tokens], right-padded with 0
+    mask: torch.Tensor  # [prompts, tokens], True at real tokens
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer of `source`, through a temporary folder of its tokenizer files."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="composer-tokenizer-") as folder:
+        written = source.save_tokenizer(Path(folder))
+        if not written:
+            raise ComposerError(f"Model '{source.reference}' has no tokenizer files; router gates from prompts need one.")
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as error:
+            raise ComposerError(f"The tokenizer of '{source.reference}' cannot be loaded ({error}).") from None
+
+
+def tokenize(tokenizer, texts: list[str]) -> PromptBatch:
+    """Each text tokenized as the model would see it by default (special tokens included), right-padded."""
+    rows = [tokenizer(text, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"] for text in texts]
+    empty = [i for i, row in enumerate(rows) if not row]
+    if empty:
+        raise ComposerError(f"Prompt {texts[empty[0]]!r} has no tokens; every prompt needs some text.")
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+    return PromptBatch(ids, mask)
+
+
+def _attention_masks(model_config, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, object]:
+    """The attention mask of each layer type (full and, where the config has it, sliding window)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    arguments = dict(config=model_config, inputs_embeds=hidden, attention_mask=mask.long(), past_key_values=None, position_ids=positions)
+    masks = {"full_attention": create_causal_mask(**arguments)}
+    if getattr(model_config, "sliding_window", None):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
+    return masks
+
+
+def _layer_type(model_config, index: int) -> str:
+    types = getattr(model_config, "layer_types", None)
+    if types:
+        return types[index]
+    return "sliding_attention" if getattr(model_config, "sliding_window", None) else "full_attention"
+
+
+def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_prefix: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(layer index, router input [prompts, tokens, hidden]) for each layer in turn, in float32.
+
+    `layer_prefix` is the dense architecture's layer prefix, e.g. 'model.layers.{i}.'. Padding positions
+    hold values too; use `batch.mask` to leave them out."""
+    from composer.architecture import build_meta_model
+
+    model = build_meta_model(config, f"'{source.reference}'")
+    inner = model.model
+    layers = inner.layers
+    if not all(hasattr(layer, "post_attention_layernorm") for layer in layers):
+        raise ComposerError(f"The layers of '{source.reference}' have no post_attention_layernorm, so the router's input is unknown.")
+    embeddings = source.read("model.embed_tokens.weight").float()
+    hidden = torch.nn.functional.embedding(batch.ids, embeddings)
+    del embeddings
+    rotary = type(inner.rotary_emb)(config=model.config)
+    chunks = _chunks(batch.mask)
+    with torch.no_grad():
+        prepared = []
+        for rows, width in chunks:
+            positions = torch.arange(width).unsqueeze(0).expand(len(rows), -1)
+            part = hidden[rows, :width]
+            prepared.append((positions, rotary(part, position_ids=positions), _attention_masks(model.config, part, batch.mask[rows, :width], positions)))
+        for index, layer in enumerate(layers):
+            prefix = layer_prefix.format(i=index)
+            state = {name: source.read(prefix + name).float() for name in layer.state_dict()}
+            layer.load_state_dict(state, assign=True)
+            del state
+            captured: list[torch.Tensor] = []
+            hook = layer.post_attention_layernorm.register_forward_hook(lambda module, args, output: captured.append(output))
+            kind = _layer_type(model.config, index)
+            inputs = torch.zeros_like(hidden)
+            try:
+                for (rows, width), (positions, rotation, masks) in zip(chunks, prepared):
+                    hidden[rows, :width] = layer(hidden[rows, :width], attention_mask=masks[kind], position_ids=positions, position_embeddings=rotation)
+                    inputs[rows, :width] = captured.pop()
+            finally:
+                hook.remove()
+                layer.to_empty(device="meta")  # free this layer's weights before the next one is read
+            yield index, inputs
+
+
+def _chunks(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Prompts grouped by length (CHUNK at a time), each group cut to its longest prompt: little padding to compute."""
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    groups = [order[start : start + CHUNK] for start in range(0, len(order), CHUNK)]
+    return [(rows, int(lengths[rows].max())) for rows in groups]

@@ -1,0 +1,181 @@
+"""The MoE recipe: mergekit-moe's config as it is, plus composer's own keys (descriptions, a prompt corpus,
+pooling, gate rows, output and name). Also accepted nested under a `moe:` key of a native recipe."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from composer.errors import ComposerError
+from composer.recipe.schema import Stage, Strict
+
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
+# mergekit's spellings of the hidden mode with the pooling built in
+GATE_MODE_ALIASES = {"hidden_avg": ("hidden", "mean"), "hidden_last": ("hidden", "last")}
+PROMPT_MODES = ("hidden", "cheap_embed")
+
+
+class Expert(Strict):
+    source_model: str
+    positive_prompts: Optional[list[str]] = None
+    negative_prompts: Optional[list[str]] = None
+    noise_scale: Optional[float] = None
+    residual_scale: Optional[float] = None
+    # composer's own keys
+    description: Optional[str] = None
+    name: Optional[str] = None
+
+    @field_validator("source_model", mode="before")
+    @classmethod
+    def _reference(cls, value):
+        from composer.recipe.load import _model_reference
+
+        return _model_reference(value)
+
+
+class MoEConfig(Strict):
+    base_model: str
+    experts: list[Expert] = Field(min_length=1)
+    gate_mode: str = "hidden"
+    experts_per_token: int = 2
+    shared_experts: Optional[list[Expert]] = None
+    dtype: Optional[str] = None
+    architecture: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+    random_seed: Optional[int] = None
+    # composer's own keys
+    pooling: Optional[Literal["mean", "last"]] = None
+    gate_rows: Literal["discriminant", "average"] = "discriminant"
+    prompt_corpus: Optional[str] = None
+    prompt_model: Optional[str] = None
+    prompts_per_expert: int = Field(default=8, ge=1)
+    shared_expert_weight: float = Field(default=0.5, gt=0.0, lt=1.0)
+    output: Optional[str] = None
+    name: Optional[str] = None
+    stages: Optional[Annotated[list[Stage], Field(min_length=1)]] = None  # merges whose outputs experts may use
+
+    @field_validator("base_model", "tokenizer_source", mode="before")
+    @classmethod
+    def _reference(cls, value):
+        from composer.recipe.load import _model_reference
+
+        return _model_reference(value)
+
+    @model_validator(mode="after")
+    def _check(self):
+        mode = self.gate_mode
+        if mode in GATE_MODE_ALIASES:
+            mode, pooling = GATE_MODE_ALIASES[mode]
+            if self.pooling is not None and self.pooling != pooling:
+                raise ValueError(f"gate_mode '{self.gate_mode}' pools by '{pooling}', but pooling is '{self.pooling}'")
+            self.gate_mode, self.pooling = mode, pooling
+        if self.gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode '{self.gate_mode}' is not one of {', '.join(GATE_MODES)}")
+        if self.pooling is None:
+            self.pooling = "mean"
+        return self
+
+    @property
+    def uses_prompts(self) -> bool:
+        return self.gate_mode in PROMPT_MODES
+
+    def referenced_models(self) -> list[str]:
+        seen: list[str] = []
+        for reference in [self.base_model] + [e.source_model for e in self.experts + (self.shared_experts or [])]:
+            if reference not in seen:
+                seen.append(reference)
+        return seen
+
+    def expert_label(self, index: int) -> str:
+        expert = self.experts[index]
+        return f"expert {index} ({expert.name or expert.source_model})"
+
+
+NATIVE_KEYS = {"moe", "name", "output", "random_seed", "stages"}
+
+
+def is_moe_recipe(data: object) -> bool:
+    """A mergekit-moe config (experts, no merge_method) or a native recipe with an `moe:` section."""
+    if not isinstance(data, dict):
+        return False
+    return isinstance(data.get("moe"), dict) or ("experts" in data and "merge_method" not in data)
+
+
+def _flatten(data: dict) -> tuple[dict, tuple]:
+    """The MoE keys at the top level, and the key path prefix errors need for the nested spelling."""
+    if "moe" not in data:
+        return data, ()
+    extra = sorted(set(data) - NATIVE_KEYS)
+    if extra:
+        raise ValueError(f"unknown key '{extra[0]}' beside 'moe'; put the MoE settings inside 'moe:' (only name, output, random_seed and stages go beside it)")
+    inner = dict(data["moe"])
+    for key in ("name", "output", "random_seed", "stages"):
+        if key in data:
+            inner[key] = data[key]
+    return inner, ("moe",)
+
+
+def _suggestion(key: object) -> str:
+    import difflib
+
+    if not isinstance(key, str):
+        return ""
+    known = set(MoEConfig.model_fields) | set(Expert.model_fields)
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+    return f" Did you mean '{close[0]}'?" if close else " docs/moe.md lists every key."
+
+
+def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
+    from composer.recipe.load import _check_duplicate_keys, _line_of, _yaml_problem, path_text
+
+    try:
+        root, data = yaml.compose(text), yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ComposerError(_yaml_problem(error, source_name)) from None
+    if not is_moe_recipe(data):
+        raise ComposerError(f"{source_name} is not an MoE recipe: it needs 'base_model' and 'experts' (or an 'moe:' section).")
+    _check_duplicate_keys(root, source_name)
+    try:
+        flat, prefix = _flatten(data)
+    except ValueError as error:
+        raise ComposerError(f"{source_name}: {error}.") from None
+    if isinstance(flat.get("stages"), list):
+        from composer.recipe.load import normalise_mergekit
+
+        flat = {**flat, "stages": [normalise_mergekit(stage) if isinstance(stage, dict) else stage for stage in flat["stages"]]}
+    try:
+        return MoEConfig.model_validate(flat)
+    except ValidationError as error:
+        problems = sorted(error.errors(), key=lambda problem: problem["type"] != "extra_forbidden")
+        messages = []
+        for problem in problems:
+            location = tuple(p for p in problem["loc"] if isinstance(p, int) or (isinstance(p, str) and "[" not in p and p != "function-after"))
+            location = location if location[:1] == ("stages",) else prefix + location  # stages sit beside 'moe:' 
+            line = _line_of(root, location)
+            where = f"{source_name}, line {line}" if line else source_name
+            if problem["type"] == "extra_forbidden":
+                message = f"{where}: unknown key '{path_text(location)}'.{_suggestion(location[-1] if location else None)}"
+            elif problem["type"] == "missing":
+                message = f"{where}: required key '{path_text(location)}' is missing."
+            else:
+                detail = str(problem["msg"]).removeprefix("Value error, ").rstrip(".")
+                message = f"{where}: '{path_text(location)}': {detail}." if location else f"{where}: {detail}."
+            if message not in messages:
+                messages.append(message)
+        raise ComposerError(" ".join(messages[:4])) from None
+
+
+def load_moe_config(path) -> tuple[MoEConfig, str]:
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        from composer.recipe import load_recipe
+
+        load_recipe(Path(path))  # raises the error any unreadable recipe gets
+        raise
+    return parse_moe_config(text, str(path)), text
