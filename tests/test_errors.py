@@ -65,7 +65,7 @@ def cases(models: dict[str, Path]) -> dict[str, tuple[str | bytes | None, list[s
         "unknown_method": (linear(llama, llama).replace("merge_method: linear", "merge_method: lineer"), default),
         "slerp_without_base": (
             f"merge_method: slerp\nmodels:\n  - model: {llama}\n  - model: {wide}\nparameters:\n  t: 0.5\n", default),
-        "parameter_not_taken": (linear(llama, llama).replace("{weight: 0.5}", "{weight: 0.5, density: 0.3}", 1), default),
+        "parameter_not_taken": (linear(llama, llama).replace("{weight: 0.5}", "{weight: 0.5, densty: 0.3}", 1), default),
         "duplicate_key": (passthrough(llama) + "merge_method: linear\n", default),
         "recipe_not_text": (b"\xff\xfe\x00merge_method", default),
         "bad_memory_budget": (passthrough(llama), [*default, "--memory-budget", "lots"]),
@@ -179,7 +179,7 @@ def test_slerp_without_base_model(refusals):
 def test_parameter_the_method_does_not_take(refusals):
     message = refused(refusals, "parameter_not_taken")
     assert "recipe.yml, line 4" in message
-    assert "models[0].parameters.density" in message and "linear" in message
+    assert "models[0].parameters.densty" in message and "linear" in message and "Did you mean 'density'" in message
 
 
 def test_duplicate_key_is_an_error_not_silently_the_last(refusals):
