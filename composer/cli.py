@@ -17,10 +17,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route"}
+COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant"}
 
 
-VALUE_OPTIONS = {"--memory-budget", "--device", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png"}
+VALUE_OPTIONS = {"--memory-budget", "--device", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules"}
 
 
 def _size(text: str, option: str = "--memory-budget") -> int:
@@ -217,6 +217,34 @@ def route(
         typer.echo(format_routing(routing, per_prompt))
         draw_heat_map(routing, png)
         typer.echo(f"heat map: {png}")
+
+    _guarded(action)
+
+
+@app.command()
+def transplant(
+    model: str = typer.Argument(..., help="The model to give another tokenizer (folder, .gguf or hub id)."),
+    out: Path = typer.Argument(..., help="Output folder."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="DONOR: the model or tokenizer folder whose tokenizer MODEL is to speak."),
+    estimator: str = typer.Option("mapped", "--estimator", help="Rows of new tokens: mapped (default), subword, omp or knn."),
+    k: int = typer.Option(8, "--k", help="Anchor tokens per new token for omp and knn."),
+    pad_to_multiple_of: Optional[int] = typer.Option(None, "--pad-to-multiple-of", help="Pad the vocabulary rows to a multiple of N."),
+    report: bool = typer.Option(False, "--report", help="Print how tokens were handled, and bits per byte and perplexity before and after on each --text."),
+    text: Optional[list[Path]] = typer.Option(None, "--text", help="Text file(s) to score with --report."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Most memory held for tensors, e.g. 2GB, 512MB."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """MODEL with DONOR's tokenizer: embeddings and head rebuilt in DONOR's id order, new tokens estimated."""
+
+    def action():
+        budget, shard = _size(memory_budget), _size(shard_size, "--shard-size")
+        from composer.execute import ExecutionOptions
+        from composer.transplant import TransplantOptions, transplant_command
+
+        execution = ExecutionOptions(memory_budget=budget, shard_size=shard, force=force, progress=None if progress else False)
+        transplant_command(model, tokenizer, out, TransplantOptions(estimator, k, pad_to_multiple_of), execution, report, text or [], typer.echo)
 
     _guarded(action)
 
