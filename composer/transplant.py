@@ -19,7 +19,8 @@ from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.sources import ModelSource, local_path, open_source
-from composer.sources.base import FolderFilesMixin, TensorInfo
+from composer.sources.base import FolderFilesMixin
+from composer.sources.built_tokenizer import WeightlessSource
 
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 DONOR_EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "tok_embeddings", "embeddings")
@@ -45,18 +46,12 @@ class TransplantSummary:
     notes: list[str] = field(default_factory=list)
 
 
-class TokenizerOnly(FolderFilesMixin, ModelSource):
+class TokenizerOnly(FolderFilesMixin, WeightlessSource):
     """A donor folder with a tokenizer and no weights: its tokenizer (and config, if any) is all it gives."""
 
     def __init__(self, reference: str, folder: Path):
         super().__init__(reference)
         self.folder = folder
-
-    def tensor_infos(self) -> dict[str, TensorInfo]:
-        return {}
-
-    def read(self, name: str) -> torch.Tensor:
-        raise ComposerError(f"'{self.reference}' holds only a tokenizer; it has no tensor '{name}'.")
 
     def config(self) -> dict:
         return super().config() if (self.folder / "config.json").is_file() else {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -90,3 +92,77 @@ def logits_of(folder: Path, ids: torch.Tensor | None = None) -> torch.Tensor:
         ids = torch.arange(1, 17).unsqueeze(0)
     with torch.no_grad():
         return model(ids).logits
+
+
+# --- tiny tokenizers trained in a second, and tiny models that speak them ---------------------------
+
+TOKENIZER_CORPUS = [
+    "The small town sits at the bend of a slow river, where the old bridge carries trucks every morning.",
+    "A pequena cidade fica à beira de um rio largo e tranquilo, onde os pescadores saem de barco.",
+    "No centro da cidade há uma praça com uma igreja antiga e um café onde os moradores conversam.",
+    "Water expands when it freezes, so ice floats and the pond keeps living things alive in winter.",
+    "Ele também disse que a ponte velha seria reformada no próximo ano, com ajuda da prefeitura.",
+    "def main():\n    return 42\n\n\nprint(main())  # the answer\n",
+] * 3
+
+
+def byte_level_tokenizer(size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    return tokenizer
+
+
+def sentencepiece_tokenizer(size: int):
+    """BPE over `▁`-marked words with byte-fallback tokens <0x00>..<0xFF> in the vocabulary, as Gemma and Llama 2."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    trained.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], show_progress=False)
+    trained.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    spec = json.loads(trained.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [vocab["<bos>"]], "tokens": ["<bos>"]}},
+    }
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def save_tokenizer(tokenizer, folder: Path, **special) -> int:
+    from transformers import PreTrainedTokenizerFast
+
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+    wrapped.save_pretrained(str(folder))
+    return len(wrapped)
+
+
+def tiny_model_with_tokenizer(folder: Path, tokenizer, special: dict, seed: int, tied: bool = True, rows: int | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = folder.parent / f".{folder.name}-tokenizer"
+    size = save_tokenizer(tokenizer, scratch, **special)
+    ids = {f"{role}_token_id": tokenizer.token_to_id(special[f"{role}_token"]) for role in ("bos", "eos", "pad") if f"{role}_token" in special}
+    save_tiny_model(folder, "llama", layers=2, seed=seed, vocab_size=rows or size, tie_word_embeddings=tied, **ids)
+    for path in scratch.iterdir():
+        shutil.copy(path, folder / path.name)
+    shutil.rmtree(scratch)
+    return folder
+
+
+BYTE_LEVEL_SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
+SENTENCEPIECE_SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}

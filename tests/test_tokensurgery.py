@@ -15,98 +15,27 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_state, logits_of, save_tiny_model
+from helpers import (
+    BYTE_LEVEL_SPECIAL, SENTENCEPIECE_SPECIAL, TOKENIZER_CORPUS, byte_level_tokenizer, load_state, logits_of, save_tokenizer, sentencepiece_tokenizer,
+    tiny_model_with_tokenizer,
+)
 from tokensurgery import EstimatorSettings, Match, Transplant, Vocabulary, align, estimate_rows
 from tokensurgery.estimators import combine, compose_subwords, fit_linear_map, nearest_neighbours, sparse_code
 from tokensurgery.pieces import Pieces
 from tokensurgery.vocabulary import byte_level_alphabet
 
-CORPUS = [
-    "The small town sits at the bend of a slow river, where the old bridge carries trucks every morning.",
-    "A pequena cidade fica à beira de um rio largo e tranquilo, onde os pescadores saem de barco.",
-    "No centro da cidade há uma praça com uma igreja antiga e um café onde os moradores conversam.",
-    "Water expands when it freezes, so ice floats and the pond keeps living things alive in winter.",
-    "Ele também disse que a ponte velha seria reformada no próximo ano, com ajuda da prefeitura.",
-    "def main():\n    return 42\n\n\nprint(main())  # the answer\n",
-] * 3
-
-
-# --- tiny tokenizers and models -----------------------------------------------------------------
-
-def _byte_level_tokenizer(size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return tokenizer
-
-
-def _sentencepiece_tokenizer(size: int):
-    """BPE over `▁`-marked words with byte-fallback tokens <0x00>..<0xFF> in the vocabulary, as Gemma and Llama 2."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    trained = Tokenizer(models.BPE(unk_token="<unk>"))
-    trained.normalizer = normalizers.Replace(" ", "▁")
-    trained.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], show_progress=False)
-    trained.train_from_iterator(CORPUS, trainer)
-    spec = json.loads(trained.to_str())
-    vocab = spec["model"]["vocab"]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    spec["model"]["byte_fallback"] = True
-    spec["decoder"] = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
-    spec["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [vocab["<bos>"]], "tokens": ["<bos>"]}},
-    }
-    return Tokenizer.from_str(json.dumps(spec))
-
-
-def _save_tokenizer(tokenizer, folder: Path, **special) -> int:
-    from transformers import PreTrainedTokenizerFast
-
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
-    wrapped.save_pretrained(str(folder))
-    return len(wrapped)
-
-
-def _tiny_model(folder: Path, tokenizer, special: dict, seed: int, tied: bool = True, rows: int | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    scratch = folder.parent / f".{folder.name}-tokenizer"
-    size = _save_tokenizer(tokenizer, scratch, **special)
-    ids = {f"{role}_token_id": tokenizer.token_to_id(special[f"{role}_token"]) for role in ("bos", "eos", "pad") if f"{role}_token" in special}
-    save_tiny_model(folder, "llama", layers=2, seed=seed, vocab_size=rows or size, tie_word_embeddings=tied, **ids)
-    for path in scratch.iterdir():
-        shutil.copy(path, folder / path.name)
-    shutil.rmtree(scratch)
-    return folder
-
-
-BYTE_LEVEL_SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
-SENTENCEPIECE_SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Folders: a tied byte-level model, an untied one, a SentencePiece-style donor model, and a tokenizer-only donor."""
     root = tmp_path_factory.mktemp("tokensurgery")
-    byte_level, sentencepiece = _byte_level_tokenizer(300), _sentencepiece_tokenizer(420)
+    byte_level, sentencepiece = byte_level_tokenizer(300), sentencepiece_tokenizer(420)
     folders = {
-        "model": _tiny_model(root / "model", byte_level, BYTE_LEVEL_SPECIAL, seed=1),
-        "untied": _tiny_model(root / "untied", byte_level, BYTE_LEVEL_SPECIAL, seed=2, tied=False),
-        "donor": _tiny_model(root / "donor", sentencepiece, SENTENCEPIECE_SPECIAL, seed=3),
+        "model": tiny_model_with_tokenizer(root / "model", byte_level, BYTE_LEVEL_SPECIAL, seed=1),
+        "untied": tiny_model_with_tokenizer(root / "untied", byte_level, BYTE_LEVEL_SPECIAL, seed=2, tied=False),
+        "donor": tiny_model_with_tokenizer(root / "donor", sentencepiece, SENTENCEPIECE_SPECIAL, seed=3),
     }
     folders["donor_tokenizer"] = root / "donor_tokenizer"
-    _save_tokenizer(sentencepiece, folders["donor_tokenizer"], **SENTENCEPIECE_SPECIAL)
+    save_tokenizer(sentencepiece, folders["donor_tokenizer"], **SENTENCEPIECE_SPECIAL)
     return folders
 
 
@@ -277,7 +206,7 @@ def test_a_donor_without_a_tokenizer_is_refused_before_any_work(tiny, tmp_path):
 def test_embeddings_smaller_than_the_tokenizer_are_refused_before_any_work(tiny, tmp_path):
     from composer.errors import ComposerError
 
-    short = _tiny_model(tmp_path / "short", _byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=4, rows=250)
+    short = tiny_model_with_tokenizer(tmp_path / "short", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=4, rows=250)
     with pytest.raises(ComposerError, match=r"has 250 rows, but the model's tokenizer has 300 tokens.*--pad-to-multiple-of"):
         _transplant(short, tiny["donor"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -296,7 +225,7 @@ def test_cli_transplant_report(tiny, tmp_path):
 
     compose = Path(sys.executable).with_name("compose")
     text = tmp_path / "pt.txt"
-    text.write_text(CORPUS[1])
+    text.write_text(TOKENIZER_CORPUS[1])
     result = subprocess.run(
         [str(compose), "transplant", str(tiny["model"]), "--tokenizer", str(tiny["donor"]), str(tmp_path / "out"),
          "--estimator", "subword", "--report", "--text", str(text), "--no-progress"],

@@ -15,10 +15,12 @@ from composer.methods import MergeMethod, get_method, parameter_names
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
 from composer.plan.transformers_facts import checked_loadable, config_defaults
+from composer.plan.vocabulary import OutputVocabulary, VocabularyKeyError, VocabularyMerge, VocabularyRequest, plan_vocabulary
 from composer.recipe.load import RecipeKeyError, path_text
 from composer.recipe.parameters import evaluate, layer_t
 from composer.recipe.schema import Merge, OutputSlice, SliceSource
 from composer.sources import ModelSource, open_source
+from composer.sources.built_tokenizer import BuiltTokenizer
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -79,10 +81,11 @@ class _Planner:
                     self.sources[reference] = open_source(reference, recipe_dir)
                 except ComposerError as error:
                     raise RecipeKeyError(model_location(recipe, reference), str(error)) from None
-        self.configs = {ref: source.config() for ref, source in self.sources.items()}
+        self.configs = {ref: self.sources[ref].config() for ref in recipe.referenced_models()}
         self.architectures = {ref: architecture_for(config, ref) for ref, config in self.configs.items()}
         self._check_same_architecture()
         self.slices = self._output_slices()
+        self.vocabulary: OutputVocabulary | None = None
 
     # --- checks -----------------------------------------------------------------------------
     def _check_parameter_names(self) -> None:
@@ -253,24 +256,38 @@ class _Planner:
         return Operation(method.name, run, params, compute_dtype), ordered
 
     # --- tensors ------------------------------------------------------------------------------
-    def plan_tensor(self, out_name: str, inputs: list[tuple[str, str]], base: str | None, t: float, output_slice: OutputSlice) -> PlannedTensor:
-        """`inputs`: (model, input tensor name) for each source of `output_slice`, in its order."""
+    def plan_tensor(
+        self, out_name: str, inputs: list[tuple[str, str]], base: str | None, t: float, output_slice: OutputSlice, vocab_axis: int | None = None,
+    ) -> PlannedTensor:
+        """`inputs`: (model, input tensor name) for each source of `output_slice`, in its order. `vocab_axis`: the
+        tensor's vocabulary axis when it is vocabulary-indexed (its rows then move into the output vocabulary)."""
         infos = []
         for model, in_name in inputs:
             info = self.sources[model].tensor_infos().get(in_name)
             if info is None:
                 raise ComposerError(f"Model '{model}' has no tensor '{in_name}', which the output tensor '{out_name}' needs.")
             infos.append((model, info))
+        vocabulary = None
+        if vocab_axis is not None and self.vocabulary is not None:
+            vocabulary = self.vocabulary.for_models([model for model, _ in inputs])
         first_model, first = infos[0]
         for model, info in infos[1:]:
-            if info.shape != first.shape:
+            if not _shapes_agree(info.shape, first.shape, vocab_axis if vocabulary else None):
+                hint = ""
+                if vocab_axis is not None and self.vocabulary is None:
+                    hint = (" The models' vocabularies differ: add 'tokenizer_source: union' (or 'base', or a model) so that each "
+                            "model's rows are moved into one output vocabulary before merging.")
                 raise ComposerError(
                     f"Tensor '{info.name}' has shape {list(info.shape)} in model '{model}' but {list(first.shape)} in model "
-                    f"'{first_model}'; tensors can only be merged when their shapes agree."
+                    f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
                 )
         operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
         refs = tuple(TensorRef(*inputs[i]) for i in order)
-        return PlannedTensor(out_name, first.shape, self.out_dtype or first.dtype, refs, operation)
+        shape = first.shape
+        if vocabulary is not None:
+            operation = _in_output_vocabulary(operation, vocabulary, [ref.model for ref in refs], vocab_axis)
+            shape = shape[:vocab_axis] + (vocabulary.size,) + shape[vocab_axis + 1:]
+        return PlannedTensor(out_name, shape, self.out_dtype or first.dtype, refs, operation)
 
     def _present_in_any(self, models: list[str], name: str) -> bool:
         return any(name in self.sources[m].tensor_infos() for m in models)
@@ -285,7 +302,7 @@ class _Planner:
                 name = weight.tied_to  # untie: the output keeps a separate head, copied from the embeddings
             elif weight.optional:
                 return None
-        return self.plan_tensor(weight.name, [(m, name) for m in models], self.base_of(output_slice), t, output_slice)
+        return self.plan_tensor(weight.name, [(m, name) for m in models], self.base_of(output_slice), t, output_slice, weight.vocab_axis)
 
     def build(self) -> Plan:
         base_ref = self.recipe.base_model or self.slices[0].sources[0].model
@@ -295,6 +312,9 @@ class _Planner:
         layers = self.output_layers()
         source_layers = [layer.sources[0][1] for layer in layers]
         config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype)
+        self.vocabulary = self._output_vocabulary(base_ref, architecture)
+        if self.vocabulary is not None:
+            config.update(vocab_size=self.vocabulary.size, **self._special_token_ids())
         ties = bool(config.get("tie_word_embeddings", _default_tie(config)))
 
         tensors: list[PlannedTensor] = []
@@ -318,16 +338,52 @@ class _Planner:
         return Plan(
             tensors=tensors, sources=self.sources, config=config, tokenizer_source=tokenizer_source,
             recipe_text=self.recipe_text, method=self.method.name, parents=parents, chat_template=self.recipe.chat_template,
+            notes=self.vocabulary.summary() if self.vocabulary is not None else [],
         )
 
-    def _tokenizer_source(self, base_ref: str) -> str | None:
-        choice = self.recipe.tokenizer.source if self.recipe.tokenizer else self.recipe.tokenizer_source
-        if self.recipe.tokenizer and (self.recipe.tokenizer.tokens or self.recipe.tokenizer.pad_to_multiple_of):
-            raise RecipeKeyError(("tokenizer",), "tokenizer.tokens / tokenizer.pad_to_multiple_of: vocabulary changes during a merge are not supported yet.")
-        if choice in (None, "base"):
-            return base_ref
-        if choice == "union":
-            raise RecipeKeyError(_tokenizer_key(self.recipe), "'union' (merging vocabularies) is not supported yet; use 'base' or a model.")
+    # --- vocabulary -----------------------------------------------------------------------------
+    def _output_vocabulary(self, base_ref: str, architecture: Architecture) -> OutputVocabulary | None:
+        request = VocabularyRequest.from_recipe(self.recipe.tokenizer_source, self.recipe.tokenizer)
+        if request is None:
+            return None
+        models = self.recipe.referenced_models()
+        outside = None
+        if request.source not in ("base", "union") and request.source not in models:
+            outside = self._open_tokenizer_source(request.source)
+        vocab_rows = {model: self._embedding_rows(model, architecture) for model in models}
+        try:
+            return plan_vocabulary(request, models, base_ref, self.sources, vocab_rows, outside)
+        except VocabularyKeyError as error:
+            raise RecipeKeyError(_vocabulary_key(self.recipe, error.location), error.detail) from None
+
+    def _embedding_rows(self, model: str, architecture: Architecture) -> int:
+        infos = self.sources[model].tensor_infos()
+        for weight in architecture.vocab_weights():
+            if weight.name in infos:
+                return infos[weight.name].shape[weight.vocab_axis]
+        raise ComposerError(f"Model '{model}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())}).")
+
+    def _special_token_ids(self) -> dict:
+        """bos/eos/pad ids when the output speaks another model's vocabulary: that model's config's, else its tokenizer's."""
+        vocabulary = self.vocabulary
+        base_rows = vocabulary.rows[vocabulary.base]
+        if vocabulary.request.source in ("base", "union") or base_rows.same_vocabulary:
+            return {}
+        try:
+            donor_config = self.sources[vocabulary.request.source].config()
+        except ComposerError:
+            donor_config = {}
+        ids = {}
+        for role in ("bos", "eos", "pad"):
+            key = f"{role}_token_id"
+            value = donor_config.get(key)
+            if not (isinstance(value, int) and 0 <= value < vocabulary.token_count):
+                value = getattr(vocabulary.output, key, None)
+            if key in self.configs[vocabulary.base] or value is not None:
+                ids[key] = value
+        return ids
+
+    def _open_tokenizer_source(self, choice: str) -> ModelSource:
         if choice not in self.sources:
             try:
                 self.sources[choice] = open_source(choice, self.recipe_dir)
@@ -335,7 +391,42 @@ class _Planner:
                 raise RecipeKeyError(_tokenizer_key(self.recipe), str(error)) from None
         if not self.sources[choice].has_tokenizer():
             raise RecipeKeyError(_tokenizer_key(self.recipe), f"model '{choice}' has no tokenizer files.")
-        return choice
+        return self.sources[choice]
+
+    def _tokenizer_source(self, base_ref: str) -> str | None:
+        """The source whose tokenizer files the output gets (a built tokenizer is registered as a source)."""
+        if self.vocabulary is None:
+            return base_ref
+        if self.vocabulary.files_of is not None:
+            return self.vocabulary.files_of
+        reference = f"{self.seed_namespace or 'output'}: merged tokenizer"
+        self.sources[reference] = BuiltTokenizer(reference, self.vocabulary.output)
+        return reference
+
+
+def _shapes_agree(shape: tuple, other: tuple, except_axis: int | None) -> bool:
+    if except_axis is None:
+        return shape == other
+    return len(shape) == len(other) and all(a == b for i, (a, b) in enumerate(zip(shape, other)) if i != except_axis)
+
+
+def _in_output_vocabulary(operation: Operation, vocabulary: VocabularyMerge, models: list[str], axis: int) -> Operation:
+    """`operation` applied after each input's vocabulary rows are moved into the output vocabulary."""
+
+    def run(inputs: list[torch.Tensor]) -> torch.Tensor:
+        by_model: dict[str, torch.Tensor] = {}
+        for model, tensor in zip(models, inputs):
+            by_model.setdefault(model, tensor.movedim(axis, 0))
+        rebuilt = vocabulary.rebuild(by_model)
+        return operation.fn([rebuilt[model].movedim(0, axis).contiguous() if axis else rebuilt[model] for model in models])
+
+    return Operation(operation.label, run, dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), operation.compute_dtype)
+
+
+def _vocabulary_key(recipe: Merge, location: tuple) -> tuple:
+    if recipe.tokenizer is not None:
+        return ("tokenizer",) + location
+    return ("tokenizer_source",)
 
 
 def _default_tie(config: dict) -> bool:

@@ -47,8 +47,16 @@ def normalise_mergekit(data: dict) -> dict:
         for source in output_slice.get("sources") or []:
             if isinstance(source, dict) and "model" in source:
                 source["model"] = _model_reference(source["model"])
-    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
-        data["tokenizer"]["source"] = _model_reference(data["tokenizer"]["source"])
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        if "source" in tokenizer:
+            tokenizer["source"] = _model_reference(tokenizer["source"])
+        for setting in (tokenizer.get("tokens") or {}).values() if isinstance(tokenizer.get("tokens"), dict) else []:
+            source = setting.get("source") if isinstance(setting, dict) else None
+            if isinstance(source, dict) and "kind" not in source:
+                setting["source"] = _model_reference(source)
+            elif isinstance(source, dict) and "model" in source:
+                source["model"] = _model_reference(source["model"])
     return data
 
 

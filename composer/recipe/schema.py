@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StrictBool, StrictFloat, StrictInt, model_validator
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, str]
 # a list of numbers: a gradient, interpolated linearly over the layers of a slice
@@ -51,10 +51,36 @@ class ModelEntry(Strict):
     parameters: Optional[Parameters] = None
 
 
+class ModelTokenRow(Strict):
+    """The row of one token (by text or id) of one of the merged models."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: Optional[str] = None
+    token_id: Optional[NonNegativeInt] = None
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' and 'token_id'")
+        return self
+
+
+class ZeroRow(Strict):
+    kind: Literal["zero"]
+
+
+class TokenRowSettings(Strict):
+    """Where a token's row comes from for the models that lack it (every model, with `force`)."""
+
+    source: Union[str, ModelTokenRow, ZeroRow, None] = None
+    force: bool = False
+
+
 class TokenizerSettings(Strict):
-    source: str = "base"
-    tokens: Optional[dict] = None
-    pad_to_multiple_of: Optional[int] = None
+    source: str = "union"  # mergekit's default when a `tokenizer:` section is given
+    tokens: Optional[dict[str, TokenRowSettings]] = None
+    pad_to_multiple_of: Optional[PositiveInt] = None
 
 
 class Merge(Strict):
