@@ -362,3 +362,14 @@ def test_random_gates_follow_the_seed(models, tmp_path):
         routers[name] = load_state(tmp_path / name)["model.layers.0.block_sparse_moe.gate.weight"]
     assert torch.equal(routers["a"], routers["b"]) and not torch.equal(routers["a"], routers["c"])
     assert "random_seed: 6  # set on the command line with --seed" in (tmp_path / "c" / "composer-recipe.yml").read_text()
+
+
+def test_covariance_solve_in_token_space_equals_the_direct_solve():
+    """Fewer prompt tokens than dimensions: the Woodbury form gives the direct solve's answer."""
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (40, 260):
+        centred = torch.randn(tokens, 200, dtype=torch.float64, generator=generator)
+        stats = G.ExpertStatistics(torch.zeros(3, 200, dtype=torch.float64), torch.zeros(3, 200, dtype=torch.float64), torch.zeros(3, dtype=torch.bool), centred)
+        right = torch.randn(200, 5, dtype=torch.float64, generator=generator)
+        direct = torch.linalg.solve(G.regularised_covariance(stats), right)
+        torch.testing.assert_close(G.solve_covariance(stats, right), direct, rtol=1e-10, atol=1e-10)

@@ -29,8 +29,16 @@ class ExpertStatistics:
     positive_means: torch.Tensor  # [experts, hidden]: mean over each expert's prompts of the pooled vector
     negative_means: torch.Tensor  # [experts, hidden]: the same for negative prompts (zero where none)
     has_negatives: torch.Tensor  # [experts] bool
-    scatter: torch.Tensor  # [hidden, hidden]: sum over experts of the scatter of its prompts' tokens around their mean
-    count: int  # tokens in the scatter
+    centred: torch.Tensor  # [tokens, hidden]: every prompt token minus its expert's token mean (float64)
+
+    @property
+    def count(self) -> int:
+        return max(self.centred.shape[0], 1)
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """[hidden, hidden]: the sum over experts of the scatter of its prompts' tokens around their mean."""
+        return self.centred.T @ self.centred
 
 
 def pooled(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -48,15 +56,12 @@ def statistics(states: torch.Tensor, mask: torch.Tensor, positives: list[list[in
     hidden = states.shape[-1]
     positive_means = torch.stack([vectors[rows].mean(0) for rows in positives])
     negative_means = torch.stack([vectors[rows].mean(0) if rows else torch.zeros(hidden, dtype=torch.float64) for rows in negatives])
-    scatter = torch.zeros(hidden, hidden, dtype=torch.float64)
-    count = 0
+    centred = []
     for rows in positives:
-        tokens = states[rows][mask[rows]]  # every real token: the router routes each of them, whatever the pooling
-        centred = tokens - tokens.mean(0)
-        scatter += (centred.T @ centred).double()
-        count += tokens.shape[0]
+        tokens = states[rows][mask[rows]].double()  # every real token: the router routes each of them, whatever the pooling
+        centred.append(tokens - tokens.mean(0))
     has_negatives = torch.tensor([bool(rows) for rows in negatives])
-    return ExpertStatistics(positive_means, negative_means, has_negatives, scatter, max(count, 1))
+    return ExpertStatistics(positive_means, negative_means, has_negatives, torch.cat(centred))
 
 
 def expert_targets(stats: ExpertStatistics) -> torch.Tensor:
@@ -72,17 +77,39 @@ def average_rows(stats: ExpertStatistics) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+def _isotropic_level(stats: ExpertStatistics) -> torch.Tensor:
+    """The mean variance per dimension: trace(scatter) / count / hidden."""
+    return (stats.centred.square().sum() / stats.count / stats.centred.shape[1]).clamp(min=1e-12)
+
+
 def regularised_covariance(stats: ExpertStatistics, shrinkage: float = SHRINKAGE) -> torch.Tensor:
     """The pooled within-expert covariance of the prompt tokens, shrunk towards a multiple of the identity."""
     covariance = stats.scatter / stats.count
-    level = covariance.diagonal().mean().clamp(min=1e-12)
-    return (1 - shrinkage) * covariance + shrinkage * level * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    return (1 - shrinkage) * covariance + shrinkage * _isotropic_level(stats) * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+
+
+def solve_covariance(stats: ExpertStatistics, right: torch.Tensor, shrinkage: float = SHRINKAGE) -> torch.Tensor:
+    """regularised_covariance(stats)^-1 @ right ([hidden, k]). With fewer prompt tokens than dimensions the
+    covariance is a ridge plus a low-rank part, C = a I + b Z^T Z (Z: the centred tokens), and the Woodbury
+    identity C^-1 = (I - Z^T (a/b I + Z Z^T)^-1 Z) / a solves it in token space: [tokens, tokens] instead of
+    [hidden, hidden], which is what makes hidden gates cheap for wide models."""
+    tokens, hidden = stats.centred.shape
+    if tokens >= hidden:
+        return torch.linalg.solve(regularised_covariance(stats, shrinkage), right)
+    ridge = shrinkage * _isotropic_level(stats)
+    if shrinkage >= 1:
+        return right / ridge
+    low_rank = (1 - shrinkage) / stats.count
+    z = stats.centred
+    inner = z @ z.T
+    inner.diagonal().add_(ridge / low_rank)
+    return (right - z.T @ torch.linalg.solve(inner, z @ right)) / ridge
 
 
 def discriminant_rows(stats: ExpertStatistics, shrinkage: float = SHRINKAGE) -> torch.Tensor:
     """LDA rows with the offsets folded onto the common mean direction, centred, scaled to mean row norm 1."""
     targets = expert_targets(stats)
-    weights = torch.linalg.solve(regularised_covariance(stats, shrinkage), targets.T).T
+    weights = solve_covariance(stats, targets.T, shrinkage).T
     offsets = -0.5 * (weights * targets).sum(-1)
     common = targets.mean(0)
     rows = weights + offsets.unsqueeze(1) * common.unsqueeze(0) / (common @ common).clamp(min=1e-12)
@@ -94,7 +121,7 @@ def separations(stats: ExpertStatistics, shrinkage: float = SHRINKAGE) -> torch.
     kinds this far apart are confused by the best linear router for a share Phi(-distance / 2) of their tokens."""
     targets = expert_targets(stats)
     differences = targets.unsqueeze(1) - targets.unsqueeze(0)  # [e, f, hidden]
-    solved = torch.linalg.solve(regularised_covariance(stats, shrinkage), differences.reshape(-1, targets.shape[1]).T).T
+    solved = solve_covariance(stats, differences.reshape(-1, targets.shape[1]).T, shrinkage).T
     return (differences.reshape(-1, targets.shape[1]) * solved).sum(-1).clamp(min=0).sqrt().reshape(len(targets), len(targets))
 
 

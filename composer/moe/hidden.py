@@ -7,6 +7,7 @@ real tokens, and the attention masks keep padding out of every real token's cont
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -98,23 +99,39 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
             positions = torch.arange(width).unsqueeze(0).expand(len(rows), -1)
             part = hidden[rows, :width]
             prepared.append((positions, rotary(part, position_ids=positions), _attention_masks(model.config, part, batch.mask[rows, :width], positions)))
+    with ThreadPoolExecutor(1, thread_name_prefix="composer-gates-read") as reader:
+        # the next layer's weights are read while this one runs
+        def read(index: int):
+            return reader.submit(_read_layer, source, layer_prefix.format(i=index), list(layers[index].state_dict())) if index < len(layers) else None
+
+        upcoming = read(0)
         for index, layer in enumerate(layers):
-            prefix = layer_prefix.format(i=index)
-            state = {name: source.read(prefix + name).float() for name in layer.state_dict()}
-            layer.load_state_dict(state, assign=True)
-            del state
-            captured: list[torch.Tensor] = []
-            hook = layer.post_attention_layernorm.register_forward_hook(lambda module, args, output: captured.append(output))
-            kind = _layer_type(model.config, index)
-            inputs = torch.zeros_like(hidden)
-            try:
-                for (rows, width), (positions, rotation, masks) in zip(chunks, prepared):
-                    hidden[rows, :width] = layer(hidden[rows, :width], attention_mask=masks[kind], position_ids=positions, position_embeddings=rotation)
-                    inputs[rows, :width] = captured.pop()
-            finally:
-                hook.remove()
-                layer.to_empty(device="meta")  # free this layer's weights before the next one is read
-            yield index, inputs
+            state = upcoming.result()
+            upcoming = read(index + 1)
+            yield index, _run_layer(layer, state, model.config, index, hidden, chunks, prepared)
+
+
+def _read_layer(source: ModelSource, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
+    return {name: source.read(prefix + name).float() for name in names}
+
+
+def _run_layer(layer, state: dict[str, torch.Tensor], model_config, index: int, hidden: torch.Tensor, chunks, prepared) -> torch.Tensor:
+    """Run one layer over every prompt chunk (updating `hidden` in place); the router's input for each position."""
+    with torch.no_grad():
+        layer.load_state_dict(state, assign=True)
+        del state
+        captured: list[torch.Tensor] = []
+        hook = layer.post_attention_layernorm.register_forward_hook(lambda module, args, output: captured.append(output))
+        kind = _layer_type(model_config, index)
+        inputs = torch.zeros_like(hidden)
+        try:
+            for (rows, width), (positions, rotation, masks) in zip(chunks, prepared):
+                hidden[rows, :width] = layer(hidden[rows, :width], attention_mask=masks[kind], position_ids=positions, position_embeddings=rotation)
+                inputs[rows, :width] = captured.pop()
+        finally:
+            hook.remove()
+            layer.to_empty(device="meta")  # free this layer's weights before the next one is read
+    return inputs
 
 
 def _chunks(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
