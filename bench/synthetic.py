@@ -3,7 +3,8 @@
     python bench/synthetic.py OUT_DIR --count 3 --hidden 2048 --intermediate 5632 --layers 16 --vocab 32000
 
 writes OUT_DIR/base, OUT_DIR/model-1 ... model-COUNT: a base and fine-tunes that are the base plus small
-noise (so task-vector methods have something to work on), bf16 safetensors with config.json.
+noise (so task-vector methods have something to work on), bf16 safetensors with config.json, and a small
+byte-level BPE tokenizer (trained on ../shared/eval texts) so that MoE gates can be computed from prompts.
 """
 
 from __future__ import annotations
@@ -78,6 +79,29 @@ def write_model(folder: Path, config: dict, seed: int, noise_seed: int | None) -
     return path.stat().st_size
 
 
+TOKENIZER_TEXTS = ("en.txt", "pt.txt")
+
+
+def write_tokenizer(folder: Path, vocab: int) -> None:
+    """A byte-level BPE tokenizer trained on the shared evaluation texts (at most `vocab` tokens), so that
+    MoE gates can be computed from prompts; deterministic for a given text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts_dir = Path(__file__).resolve().parents[2] / "shared" / "eval"
+    lines = [line for name in TOKENIZER_TEXTS if (texts_dir / name).is_file() for line in (texts_dir / name).read_text().splitlines()]
+    lines = lines or ["the quick brown fox jumps over the lazy dog"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab, 8000), special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(str(folder))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -95,9 +119,12 @@ def main() -> None:
     for number, name in enumerate(names):
         folder = arguments.out / name
         if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()) == config:
+            if not (folder / "tokenizer.json").is_file():
+                write_tokenizer(folder, arguments.vocab)
             print(f"{folder}: exists")
             continue
         size = write_model(folder, config, arguments.seed, None if number == 0 else arguments.seed + number)
+        write_tokenizer(folder, arguments.vocab)
         print(f"{folder}: {size / 1e9:.2f} GB")
 
 
