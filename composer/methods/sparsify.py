@@ -41,26 +41,44 @@ def order_statistic(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, int,
     return value, int(torch.count_nonzero(flat < value)), int(torch.count_nonzero(flat == value))
 
 
-def _bracketed_order_statistic(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, int, int] | None:
-    """Bracket the order statistic between two sampled values, then select inside the bracket only.
-    None when the bracket missed (practically never); the caller then selects on the whole tensor."""
-    n = flat.numel()
-    positions = torch.randint(0, n, (_SAMPLE,), generator=torch.Generator().manual_seed(_SAMPLE_SEED))
-    sample = flat[positions.to(flat.device)].sort().values
+def _bracket(sample: torch.Tensor, rank: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """Two values of the sorted sample between which the value of `rank` (of n) lies with near
+    certainty (None for an open side); None when both sides are open."""
     p = (rank + 0.5) / n
     half_width = 5.0 * math.sqrt(_SAMPLE * p * (1 - p)) + 16
     low_index = math.floor(p * _SAMPLE - half_width)
     high_index = math.ceil(p * _SAMPLE + half_width)
-    if low_index >= 0:
-        band = flat >= sample[low_index]
-        below = n - int(torch.count_nonzero(band))
-        if high_index < _SAMPLE:
-            band.logical_and_(flat <= sample[high_index])
-    elif high_index < _SAMPLE:
-        band = flat <= sample[high_index]
-        below = 0
-    else:
+    low = sample[low_index] if low_index >= 0 else None
+    high = sample[high_index] if high_index < _SAMPLE else None
+    return None if low is None and high is None else (low, high)
+
+
+def _sample_positions(n: int) -> torch.Tensor:
+    return torch.randint(0, n, (_SAMPLE,), generator=torch.Generator().manual_seed(_SAMPLE_SEED))
+
+
+def _band_(values: torch.Tensor, low, high, out: torch.Tensor) -> int:
+    """out = low <= values <= high (an open side unchecked), as booleans; returns how many values
+    lie below `low`."""
+    if low is None:
+        torch.le(values, high, out=out)
+        return 0
+    torch.ge(values, low, out=out)
+    below = values.numel() - int(torch.count_nonzero(out))
+    if high is not None:
+        out.logical_and_(values <= high)
+    return below
+
+
+def _bracketed_order_statistic(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, int, int] | None:
+    """Bracket the order statistic between two sampled values, then select inside the bracket only.
+    None when the bracket missed (practically never); the caller then selects on the whole tensor."""
+    n = flat.numel()
+    bracket = _bracket(flat[_sample_positions(n).to(flat.device)].sort().values, rank, n)
+    if bracket is None:
         return None
+    band = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    below = _band_(flat, *bracket, out=band)
     inside = flat[band]
     if not below <= rank < below + inside.numel():
         return None
@@ -68,19 +86,17 @@ def _bracketed_order_statistic(flat: torch.Tensor, rank: int) -> tuple[torch.Ten
     return value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value))
 
 
-def window_mask_(values: torch.Tensor, start: int, stop: int, descending: bool = False, spare: torch.Tensor | None = None) -> torch.Tensor:
-    """Overwrite the floating tensor `values` with a 0/1 mask of the elements whose rank lies in
-    [start, stop), ranks taken in a stable sort of the flattened tensor (ascending, or descending
-    when `descending`): equal values are ordered by position, lowest index first. Exactly
-    max(0, min(stop, n) - max(start, 0)) elements get 1. `spare`, a buffer of as many elements,
-    is used (and overwritten) when the window has two bounds. Returns `values`."""
-    flat = values.view(-1)
-    n = flat.numel()
+def window_boundaries(n: int, start: int, stop: int, descending: bool, statistics) -> list[tuple] | bool:
+    """The thresholds of the rank window [start, stop) of n values (ranks as in `window_mask_`):
+    True when every element is in it, False when none is, else a list of (value, lower, first, last,
+    equal): the window keeps elements >= value (lower) or <= value (not lower), and of the `equal`
+    elements equal to value, in index order, those of index in [first, last).
+    `statistics(ranks)` gives (value, below, equal) for each ascending rank, as `order_statistic`."""
     start, stop = max(start, 0), min(stop, n)
     if stop <= start:
-        return values.zero_()
+        return False
     if start == 0 and stop == n:
-        return values.fill_(1)
+        return True
     # The kept values lie between the value at the window's first rank and at its last rank.
     bounds = []  # (ascending rank of the boundary value, keep elements >= it (True) or <= it (False))
     if descending:
@@ -93,21 +109,37 @@ def window_mask_(values: torch.Tensor, start: int, stop: int, descending: bool =
             bounds.append((start, True))
         if stop < n:
             bounds.append((stop - 1, False))
-    thresholds, dropped = [], []
-    for ascending_rank, lower in bounds:
-        value, below, equal = order_statistic(flat, ascending_rank)
-        thresholds.append((value, lower))
-        # The elements equal to `value` hold ranks before .. before + equal - 1, in index order.
+    found = []
+    for (_, lower), (value, below, equal) in zip(bounds, statistics([rank for rank, _ in bounds])):
+        # The elements equal to `value` hold window ranks before .. before + equal - 1, in index order.
         before = n - below - equal if descending else below
-        first, last = max(0, start - before), min(equal, stop - before)
+        found.append((value, lower, max(0, start - before), min(equal, stop - before), equal))
+    return found
+
+
+def window_mask_(values: torch.Tensor, start: int, stop: int, descending: bool = False, spare: torch.Tensor | None = None) -> torch.Tensor:
+    """Overwrite the floating tensor `values` with a 0/1 mask of the elements whose rank lies in
+    [start, stop), ranks taken in a stable sort of the flattened tensor (ascending, or descending
+    when `descending`): equal values are ordered by position, lowest index first. Exactly
+    max(0, min(stop, n) - max(start, 0)) elements get 1. `spare`, a buffer of as many elements,
+    is used (and overwritten) when the window has two bounds. Returns `values`."""
+    flat = values.view(-1)
+    n = flat.numel()
+    bounds = window_boundaries(n, start, stop, descending, lambda ranks: [order_statistic(flat, rank) for rank in ranks])
+    if bounds is False:
+        return values.zero_()
+    if bounds is True:
+        return values.fill_(1)
+    dropped = []
+    for value, _, first, last, equal in bounds:
         if first > 0 or last < equal:
             positions = (flat == value).nonzero().view(-1)
             dropped += [positions[:first], positions[last:]]
-    if len(thresholds) == 1:
-        (value, lower), = thresholds
+    if len(bounds) == 1:
+        (value, lower, *_), = bounds
         (torch.ge if lower else torch.le)(flat, value, out=flat)
     else:
-        (low, _), (high, _) = sorted(thresholds, key=lambda bound: not bound[1])
+        (low, *_), (high, *_) = sorted(bounds, key=lambda bound: not bound[1])
         other = torch.empty_like(flat) if spare is None else spare.view(-1)[:n]
         torch.ge(flat, low, out=other)
         torch.le(flat, high, out=flat)
@@ -121,6 +153,83 @@ def rank_window_mask(values: torch.Tensor, start: int, stop: int, descending: bo
     """`window_mask_` as a boolean mask, leaving `values` alone."""
     work = values.to(torch.promote_types(values.dtype, torch.float32), copy=True).contiguous()
     return window_mask_(work, start, stop, descending) > 0
+
+
+class ChunkedWindow:
+    """`window_mask_` over the magnitudes of a tensor that is only ever seen one chunk at a time.
+
+    Built with one pass over the chunks (`magnitudes(i)`: the magnitudes of chunk i = `chunks[i]`
+    of the flattened tensor, in any floating dtype that holds them exactly; `sample(positions)`:
+    float32 magnitudes at flat positions). The sample brackets each boundary's order statistic as
+    in `order_statistic`; the pass counts the elements below each bracket and keeps the few inside
+    it, and also how many elements equal to each boundary value every chunk holds, so that
+    `keep_(magnitudes, i, out)` later writes chunk i of the mask with a comparison, plus a position
+    fix-up only in a chunk where the tie at a threshold is split. Same mask, bit for bit, as
+    `window_mask_` on the whole tensor."""
+
+    def __init__(self, magnitudes, chunks: list[tuple[int, int]], start: int, stop: int, descending: bool, sample):
+        self.chunks = chunks
+        n = chunks[-1][1] if chunks else 0
+        self.equal_counts: list[list[int]] = []
+        self.bounds = window_boundaries(n, start, stop, descending, lambda ranks: self._statistics(magnitudes, n, ranks, sample))
+
+    def _statistics(self, magnitudes, n: int, ranks: list[int], sample) -> list[tuple[torch.Tensor, int, int]]:
+        found = self._bracketed(magnitudes, n, ranks, sample) if n > _EXACT_LIMIT else None
+        if found is None:  # small tensors, or a bracket missed
+            whole = torch.cat([magnitudes(i).to(torch.float32, copy=True) for i in range(len(self.chunks))])
+            found = []
+            for rank in ranks:
+                found.append(order_statistic(whole, rank))
+                self.equal_counts.append([int(torch.count_nonzero(whole[s:e] == found[-1][0])) for s, e in self.chunks])
+        return found
+
+    def _bracketed(self, magnitudes, n: int, ranks: list[int], sample):
+        brackets = [_bracket(sample(_sample_positions(n)).sort().values, rank, n) for rank in ranks]
+        if any(bracket is None for bracket in brackets):
+            return None
+        belows, bands = [0] * len(ranks), [[] for _ in ranks]
+        band = None
+        for i, (start, stop) in enumerate(self.chunks):
+            values = magnitudes(i)
+            if band is None or band.numel() < stop - start:
+                band = torch.empty(stop - start, dtype=torch.bool, device=values.device)
+            for j, bracket in enumerate(brackets):
+                # thresholds in the magnitudes' dtype (they hold them exactly): mixed-dtype comparisons are slow
+                low, high = (None if bound is None else bound.to(values.dtype) for bound in bracket)
+                belows[j] += _band_(values, low, high, out=band[: stop - start])
+                bands[j].append(values[band[: stop - start]].float())
+        found = []
+        for rank, below, pieces in zip(ranks, belows, bands):
+            inside = torch.cat(pieces)
+            if not below <= rank < below + inside.numel():
+                self.equal_counts.clear()
+                return None
+            value = torch.kthvalue(inside, rank - below + 1).values
+            found.append((value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value))))
+            self.equal_counts.append([int(torch.count_nonzero(piece == value)) for piece in pieces])
+        return found
+
+    def keep_(self, values: torch.Tensor, index: int, out: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:
+        """Write into the boolean `out` the mask of chunk `index`, whose magnitudes are `values`."""
+        if self.bounds is True or self.bounds is False:
+            return out.fill_(self.bounds)
+        dropped = []
+        for number, ((value, lower, first, last, _), counts) in enumerate(zip(self.bounds, self.equal_counts)):
+            value = value.to(values.dtype)  # exactly; mixed-dtype comparisons are slow
+            seen, here = sum(counts[:index]), counts[index]
+            whole = here == 0 or (first <= seen and seen + here <= last)
+            none = not whole and (seen + here <= first or seen >= last)
+            compare = (torch.gt if none else torch.ge) if lower else (torch.lt if none else torch.le)
+            if number == 0:
+                compare(values, value, out=out)
+            else:
+                out.logical_and_(compare(values, value, out=spare))
+            if not whole and not none:  # the tie at this threshold is split inside this chunk
+                positions = (values == value).nonzero().view(-1)
+                dropped += [positions[: max(0, first - seen)], positions[max(0, last - seen):]]
+        for positions in dropped:
+            out[positions] = False
+        return out
 
 
 # --- masks: written as 0/1 into a float32 buffer, which the caller may supply --------------------
@@ -238,21 +347,43 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: t
 
 # --- applying a mask --------------------------------------------------------------------------------
 
-def _l1(tensor: torch.Tensor, exact: bool) -> torch.Tensor:
-    # `exact`: summed as mergekit sums it (abs, then sum), so the scale matches it bit for bit;
-    # otherwise without the temporary (the random masks cannot match mergekit's anyway)
-    return tensor.abs().sum() if exact else torch.linalg.vector_norm(tensor, 1)
+_L1_PIECE = 1 << 18  # elements summed at a time by `l1_norm`
+
+
+def l1_norm(values: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """total + sum |values|, in float64, the flattened tensor summed piece by piece (1 << 18
+    elements at a time, from its start): so a tensor summed one chunk at a time, with chunks of a
+    multiple of that size, gets the same bits as summed whole."""
+    flat = values.reshape(-1)
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _L1_PIECE):
+        total = total + torch.linalg.vector_norm(flat[start:start + _L1_PIECE], 1, dtype=torch.float64)
+    return total
+
+
+def rescale_factor(before: torch.Tensor, after: torch.Tensor):
+    """What a masked delta is multiplied by to get back the L1 norm `before` from `after`: a tensor
+    when the norms are tensors of the delta's dtype (summed as mergekit sums them, so the scale
+    matches it bit for bit), a float for float64 norms from `l1_norm`; None when either norm is
+    below 1e-7."""
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return None
+    return float(before / after) if before.dtype == torch.float64 else before / after
 
 
 def mask_(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, exact: bool = True) -> torch.Tensor:
     """delta *= keep (a 0/1 mask), in place; with `rescale`, then scaled so that its L1 norm is what
-    it was before masking (skipped when either norm is below 1e-7). Returns `delta`."""
-    before = _l1(delta, exact) if rescale else None
+    it was before masking (skipped when either norm is below 1e-7). `exact`: the norms are summed
+    as mergekit sums them (abs, then sum, in delta's dtype); otherwise with `l1_norm` (no
+    temporary; the random masks cannot match mergekit's anyway). Returns `delta`."""
+    l1 = (lambda tensor: tensor.abs().sum()) if exact else l1_norm
+    before = l1(delta) if rescale else None
     delta.mul_(keep)
     if rescale:
-        after = _l1(delta, exact)
-        if before >= RESCALE_EPS and after >= RESCALE_EPS:
-            delta.mul_(before / after)
+        factor = rescale_factor(before, l1(delta))
+        if factor is not None:
+            delta.mul_(factor)
     return delta
 
 

@@ -18,7 +18,10 @@ from typing import Sequence
 
 import torch
 
-from composer.methods.sparsify import make_generator, sparsify_, window_mask_
+from composer.methods.interpolation import chunk_bounds
+from composer.methods.sparsify import (
+    ChunkedWindow, della_mask_, l1_norm, level_of, make_generator, random_levels, rescale_factor, sparsify_, window_mask_,
+)
 
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
@@ -65,40 +68,10 @@ def elect_signs_(
     return None if kept_weight is None else kept_weight.to(deltas.dtype)
 
 
-def generalized_task_arithmetic(
-    tensors: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    weights: Sequence[float],
-    *,
-    sparsification: str | None = None,
-    consensus: bool = False,
-    densities: Sequence[float] | None = None,
-    gammas: Sequence[float] | None = None,
-    epsilons: Sequence[float] | None = None,
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    generator: torch.Generator | int | None = None,
-) -> torch.Tensor:
-    """base + lambda * merge of the task vectors of `tensors`.
-
-    1. tau_i = x_i - base, sparsified with `sparsification` at `densities[i]` (with `rescale`, the
-       kept entries are scaled to the task vector's L1 norm); `gammas` for "magnitude_outliers",
-       `epsilons` for "della_magprune"; the random methods draw from `generator` (model by model).
-    2. d_i = w_i tau_i.
-    3. consensus: per entry keep the d_i whose sign is the sign of sum_i d_i (TIES sign election);
-       m = sum of the kept d_i, D = sum of the w_i kept there (1 where none).
-       otherwise: m = sum_i d_i, D = sum_i w_i (1 when |D| < 1e-8).
-    4. m / D when `normalize`; times `lambda_`; plus base, in the base's dtype.
-    """
+def _whole_tensors(tensors, base, weights, sparsification, consensus, densities, gammas, epsilons, normalize, rescale, lambda_, generator):
+    """The reference path of `generalized_task_arithmetic`: whole tensors at a time (k stacked
+    deltas in the base's dtype, two float32 mask buffers), the operations in mergekit's order."""
     count = len(tensors)
-    if len(weights) != count:
-        raise ValueError(f"{count} models but {len(weights)} weights")
-    if sparsification is not None and sparsification not in SPARSIFICATIONS:
-        raise ValueError(f"unknown sparsification {sparsification!r}")
-    densities = [1.0] * count if densities is None else list(densities)
-    gammas = [0.01] * count if gammas is None else list(gammas)
-    epsilons = [0.15] * count if epsilons is None else list(epsilons)
     deltas = task_vectors(tensors, base)
     workspace = None  # two tensor-sized float32 buffers, reused for every model's masks
     if sparsification is not None:
@@ -126,6 +99,201 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         merged *= lambda_
     return merged.add_(base).to(base.dtype)
+
+
+_FUSED_CHUNK = 1 << 20  # elements per chunk on a CPU; a multiple of the L1 summing piece and of 4
+
+
+def generalized_task_arithmetic(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    sparsification: str | None = None,
+    consensus: bool = False,
+    densities: Sequence[float] | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    generator: torch.Generator | int | None = None,
+    reference: bool = False,
+) -> torch.Tensor:
+    """base + lambda * merge of the task vectors of `tensors`.
+
+    1. tau_i = x_i - base, sparsified with `sparsification` at `densities[i]` (with `rescale`, the
+       kept entries are scaled to the task vector's L1 norm); `gammas` for "magnitude_outliers",
+       `epsilons` for "della_magprune"; the random methods draw from `generator` (model by model).
+    2. d_i = w_i tau_i.
+    3. consensus: per entry keep the d_i whose sign is the sign of sum_i d_i (TIES sign election);
+       m = sum of the kept d_i, D = sum of the w_i kept there (1 where none).
+       otherwise: m = sum_i d_i, D = sum_i w_i (1 when |D| < 1e-8).
+    4. m / D when `normalize`; times `lambda_`; plus base, in the base's dtype.
+
+    `reference`: the simple path, whole tensors at a time (k stacked deltas, float32 masks). By
+    default the same result, bit for bit, in cache-sized chunks (the whole tensor is one chunk off
+    the CPU), with no tensor-sized float32 temporaries (tests/test_fused_task_arithmetic.py).
+    Pass 1, model by model, only where a mask needs the whole tensor: the magnitude thresholds
+    (`ChunkedWindow`), the random masks (drawn chunk by chunk from the same stream, kept as
+    booleans) and the L1 norms for `rescale`. Pass 2, chunk by chunk: the task vectors, masked,
+    rescaled, weighted, sign-elected, summed, divided, scaled and added to the base, with the same
+    operations as the reference on each chunk (all elementwise, so the same bits).
+    """
+    count = len(tensors)
+    if len(weights) != count:
+        raise ValueError(f"{count} models but {len(weights)} weights")
+    if sparsification is not None and sparsification not in SPARSIFICATIONS:
+        raise ValueError(f"unknown sparsification {sparsification!r}")
+    if not tensors:
+        raise ValueError("task arithmetic needs at least one model besides the base")
+    for i, tensor in enumerate(tensors):
+        if tensor.shape != base.shape:
+            raise ValueError(f"model {i + 1} has shape {list(tensor.shape)} but the base has {list(base.shape)}")
+    densities = [1.0] * count if densities is None else list(densities)
+    gammas = [0.01] * count if gammas is None else list(gammas)
+    epsilons = [0.15] * count if epsilons is None else list(epsilons)
+    arguments = (tensors, base, weights, sparsification, consensus, densities, gammas, epsilons, normalize, rescale, lambda_, generator)
+    return (_whole_tensors if reference else _chunked)(*arguments)
+
+
+def reference_generalized_task_arithmetic(tensors, base, weights, **options) -> torch.Tensor:
+    """`generalized_task_arithmetic` by the simple whole-tensor path (the reference)."""
+    return generalized_task_arithmetic(tensors, base, weights, reference=True, **options)
+
+
+def _chunked(tensors, base, weights, sparsification, consensus, densities, gammas, epsilons, normalize, rescale, lambda_, generator):
+    """The chunked path of `generalized_task_arithmetic` (its default)."""
+    count = len(tensors)
+    dtype, device = base.dtype, base.device
+    base_flat = base.reshape(-1)
+    flats = [tensor.reshape(-1) for tensor in tensors]
+    if sparsification == "della_magprune":
+        chunks = _row_chunks(base)
+    elif device.type == "cpu":
+        chunks = [(start, min(start + _FUSED_CHUNK, base.numel())) for start in range(0, base.numel(), _FUSED_CHUNK)]
+    else:
+        chunks = chunk_bounds(base)
+    width = max((stop - start for start, stop in chunks), default=0)
+    buffer = torch.empty(width, dtype=dtype, device=device)
+
+    def delta_into(i: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.sub(_as(flats[i][start:stop], dtype, device), base_flat[start:stop], out=out)
+
+    keeps, scales = [None] * count, [None] * count
+    if sparsification is not None:
+        if sparsification in ("random", "della_magprune") and not isinstance(generator, torch.Generator):
+            generator = make_generator(0 if generator is None else generator)
+        for i in range(count):
+            if densities[i] < 1 and base.numel():
+                keeps[i], scales[i] = _select(
+                    sparsification, lambda start, stop, out, i=i: delta_into(i, start, stop, out), chunks, buffer, base,
+                    densities[i], gammas[i], epsilons[i], rescale, generator,
+                    lambda positions, i=i: _as(flats[i][positions.to(device)], dtype, device).sub(base_flat[positions.to(device)]).abs().float(),
+                )
+
+    weight_column = torch.tensor(list(weights), dtype=dtype, device=device).reshape(count, 1)
+    divisor = None
+    if not consensus:
+        divisor = weight_column.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    out = torch.empty(base.numel(), dtype=dtype, device=device)
+    stack = torch.empty((count, width), dtype=dtype, device=device)
+    keep_buffer = torch.empty((2, width), dtype=torch.bool, device=device)
+    for index, (start, stop) in enumerate(chunks):
+        deltas = stack[:, : stop - start]
+        for i in range(count):
+            delta = delta_into(i, start, stop, deltas[i])
+            keep = keeps[i]
+            if isinstance(keep, ChunkedWindow):
+                magnitudes = torch.abs(delta, out=buffer[: stop - start])
+                delta.mul_(keep.keep_(magnitudes, index, keep_buffer[0, : stop - start], keep_buffer[1, : stop - start]))
+            elif keep is not None:
+                delta.mul_(keep[start:stop])
+            if scales[i] is not None:
+                delta.mul_(scales[i])
+        deltas.mul_(weight_column)
+        if consensus:
+            kept_weight = elect_signs_(deltas, weights, divisor=normalize)
+            merged = deltas.sum(dim=0)
+            if kept_weight is not None:
+                divisor = kept_weight.masked_fill_(kept_weight == 0, 1)
+        else:
+            merged = deltas.sum(dim=0)
+        if normalize:
+            merged /= divisor
+        if lambda_ != 1:
+            merged *= lambda_
+        torch.add(merged, base_flat[start:stop], out=out[start:stop])
+    return out.view(base.shape)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype)
+
+
+def _row_chunks(base: torch.Tensor) -> list[tuple[int, int]]:
+    """Flat ranges of whole rows (DELLA ranks entries within rows, along dimension 1) of about
+    `_FUSED_CHUNK` elements, a multiple of 4 elements each (the random words are drawn 4 entries
+    at a time); one range for a 1-D tensor or off the CPU."""
+    n = base.numel()
+    if base.dim() < 2 or base.device.type != "cpu" or n == 0:
+        return [(0, n)] if n else []
+    row = n // base.shape[0]
+    rows = max(4, (_FUSED_CHUNK // max(row, 1)) // 4 * 4)
+    return [(start * row, min(start + rows, base.shape[0]) * row) for start in range(0, base.shape[0], rows)]
+
+
+def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, rescale, generator, sample):
+    """Pass 1 for one model: (keep, scale). keep: a `ChunkedWindow` for the magnitude methods, a
+    flat boolean mask for the random ones; scale: what the masked delta is multiplied by (None for
+    none), as `sparsify_` computes it."""
+    n = base.numel()
+    if method in ("magnitude", "magnitude_outliers"):
+        def magnitudes(index):
+            start, stop = chunks[index]
+            return delta_into(start, stop, buffer[: stop - start]).abs_()
+
+        if method == "magnitude":
+            window = ChunkedWindow(magnitudes, chunks, 0, max(1, int(density * n)), True, sample)
+        else:
+            keep, top = int(density * n), int(gamma * n)
+            bottom = max(0, n - keep - top)
+            window = ChunkedWindow(magnitudes, chunks, bottom, bottom + keep, False, sample)
+        if not rescale:
+            return window, None
+        # summed whole, as the reference (and mergekit) sums them, for the same bits
+        delta = torch.empty(n, dtype=base.dtype, device=base.device)
+        for start, stop in chunks:
+            delta_into(start, stop, delta[start:stop])
+        before = delta.abs().sum()
+        spare = torch.empty((2, buffer.numel()), dtype=torch.bool, device=base.device)
+        for index, (start, stop) in enumerate(chunks):
+            magnitudes = torch.abs(delta[start:stop], out=buffer[: stop - start])
+            delta[start:stop].mul_(window.keep_(magnitudes, index, spare[0, : stop - start], spare[1, : stop - start]))
+        return window, rescale_factor(before, delta.abs().sum())
+    mask = torch.empty(n, dtype=torch.bool, device=base.device)
+    before = after = None
+    if method == "random":
+        threshold = level_of(density)
+        if threshold >= 1 << 15:
+            return None, None  # kept whole, and no draws, as in `random_mask_`
+    else:
+        rows = base.shape[0] if base.dim() >= 2 else 1
+        row_shape = base.shape[1:] if base.dim() >= 2 else (n,)
+        float_masks = torch.empty((2, buffer.numel()), dtype=torch.float32, device=base.device)
+    for start, stop in chunks:
+        delta = delta_into(start, stop, buffer[: stop - start])
+        if method == "random":
+            torch.lt(random_levels((stop - start,), generator, base.device), threshold, out=mask[start:stop])
+        else:
+            shape = ((stop - start) * rows // n, *row_shape)
+            keep = della_mask_(delta.view(shape), density, epsilon, generator, float_masks[0], float_masks[1])
+            torch.gt(keep.view(-1), 0, out=mask[start:stop])
+        if rescale:
+            before = l1_norm(delta, before)
+            after = l1_norm(delta.mul_(mask[start:stop]), after)
+    return mask, (rescale_factor(before, after) if rescale else None)
 
 
 # --- the named methods ------------------------------------------------------------------------------
