@@ -117,6 +117,26 @@ def mergekit_env() -> dict | None:
     return env if probe.returncode == 0 else None
 
 
+def machine_description(mergekit: dict | None) -> str:
+    """CPU, cores, memory, load and tool versions, for the results' header."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    version = "not found (set MERGEKIT_PYTHONPATH)"
+    if mergekit is not None:
+        probe = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"], env=mergekit, capture_output=True, text=True)
+        version = probe.stdout.strip() or "found (version unknown)"
+    return (f"machine: {cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, load average {os.getloadavg()[0]:.2f}; "
+            f"python {platform.python_version()}, torch {torch.__version__}; mergekit: {version}")
+
+
 def weights_files(folders: list[str]) -> list[Path]:
     return [path for folder in folders for path in sorted(Path(folder).glob("*.safetensors"))]
 
@@ -140,7 +160,7 @@ def main() -> None:
     env = None if arguments.no_mergekit else mergekit_env()
     chosen = [p.strip() for p in arguments.recipes.split(",") if p.strip()]
     rows = []
-    print(f"mergekit: {'found' if env else 'not found (set MERGEKIT_PYTHONPATH)'}; cores: {os.cpu_count()}", flush=True)
+    print(machine_description(env), flush=True)
     for name, (text, inputs) in recipes(arguments.models).items():
         if chosen and not any(name.startswith(prefix) for prefix in chosen):
             continue

@@ -76,7 +76,7 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML (native or a mergekit config)."),
     out: Optional[Path] = typer.Argument(None, help="Output folder (default: the recipe's 'output:' key)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Most memory held for tensors, e.g. 2GB, 512MB."),
+    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory the process holds, e.g. 1GB, 8GB (never less than one tensor's inputs and result)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
@@ -103,7 +103,7 @@ def run(
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
-    memory_budget: str = typer.Option("2GB", "--memory-budget"),
+    memory_budget: str = typer.Option("1GB", "--memory-budget"),
     limit: int = typer.Option(0, "--limit", help="Show only the first N tensors (0: all)."),
 ) -> None:
     """Dry run: every output tensor with its inputs and operation, bytes to read and write, predicted peak memory."""
@@ -232,7 +232,7 @@ def transplant(
     report: bool = typer.Option(False, "--report", help="Print how tokens were handled, and bits per byte and perplexity before and after on each --text."),
     text: Optional[list[Path]] = typer.Option(None, "--text", help="Text file(s) to score with --report."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Most memory held for tensors, e.g. 2GB, 512MB."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Most memory the process holds, e.g. 2GB (the rows being estimated come on top)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:

@@ -19,16 +19,27 @@ import torch
 
 from composer.errors import ComposerError
 from composer.execute.output_folder import OutputFolder
-from composer.execute.schedule import make_schedule
+from composer.execute.schedule import make_schedule, step_bytes
 from composer.execute.writer import ShardedWriter
 from composer.plan.model import Plan, TensorRef
 
 GIB = 1024**3
 
 
+def resident_bytes() -> int:
+    """Memory the process holds now (Linux: /proc/self/statm); 0 where that cannot be read."""
+    try:
+        import os
+
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 @dataclass
 class ExecutionOptions:
-    memory_budget: int = 2 * GIB
+    memory_budget: int = GIB  # the whole process's resident memory; the runtime's own share is subtracted at start
     shard_size: int = 5 * GIB
     device: str = "cpu"
     force: bool = False
@@ -76,6 +87,13 @@ class InputCache:
         elif self.device.type != "cpu":
             tensor = tensor.to(self.device)
         return tensor
+
+    def missing_bytes(self, refs) -> int:
+        """Bytes that reading `refs` would add: those neither kept nor already being read."""
+        return sum(self._nbytes(ref) for ref in set(refs) if ref not in self.tensors and ref not in self.pending)
+
+    def _nbytes(self, ref: TensorRef) -> int:
+        return self.plan.sources[ref.model].tensor_infos()[ref.name].nbytes
 
     def prefetch(self, refs) -> None:
         if self.reader is None:
@@ -151,6 +169,17 @@ class BackgroundWriter:
             self._settle_oldest()
 
 
+def _loose_bytes(refs, tensors: list[torch.Tensor], cache: InputCache) -> int:
+    """Bytes of this step's inputs that the cache does not count (read for this step only)."""
+    seen = set()
+    total = 0
+    for ref, tensor in zip(refs, tensors):
+        if ref not in cache.tensors and ref not in seen:
+            seen.add(ref)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def _progress(total_bytes: int, count: int, enabled: bool | None):
     from tqdm import tqdm
 
@@ -174,14 +203,15 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         if extra_files is not None:
             extra_files(folder.partial)
         writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size)
-        # the current step, the next step's inputs read ahead and one result being written must fit beside the cache
-        overlap = options.overlap and options.memory_budget >= 3 * schedule.largest_step_bytes
-        reader = ThreadPoolExecutor(1, thread_name_prefix="composer-read") if overlap else None
-        writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if overlap else None
+        # what the process already holds (python, torch, the plan) is not available for tensors
+        tensor_budget = max(0, options.memory_budget - resident_bytes())
+        reader = ThreadPoolExecutor(1, thread_name_prefix="composer-read") if options.overlap else None
+        writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
         pools = [pool for pool in (reader, writes) if pool is not None]
-        reserved = 3 * schedule.largest_step_bytes if overlap else schedule.largest_step_bytes
-        cache = InputCache(plan, max(0, options.memory_budget - reserved), device, reader)
-        background = BackgroundWriter(writer, writes, schedule.largest_step_bytes)
+        # kept inputs leave room for any step; read-ahead and queued writes only use what the current step leaves
+        cache = InputCache(plan, max(0, tensor_budget - schedule.largest_step_bytes), device, reader)
+        largest_output = max((tensor.nbytes for tensor in plan.tensors), default=0)
+        background = BackgroundWriter(writer, writes, largest_output)
         pending_uses: dict[TensorRef, deque[int]] = {}
         for step, tensor in enumerate(schedule.order):
             for ref in tensor.inputs:
@@ -191,7 +221,10 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
             for step, planned in enumerate(schedule.order):
                 inputs = [cache.get(ref) for ref in planned.inputs]
                 if step + 1 < len(schedule.order):  # inputs shared with this step are kept, not read again
-                    cache.prefetch([ref for ref in schedule.order[step + 1].inputs if ref not in planned.inputs])
+                    upcoming = [ref for ref in schedule.order[step + 1].inputs if ref not in planned.inputs]
+                    held = cache.resident + _loose_bytes(planned.inputs, inputs, cache) + step_bytes(plan, planned) + background.queued_bytes
+                    if held + cache.missing_bytes(upcoming) <= tensor_budget:
+                        cache.prefetch(upcoming)
                 compute = planned.operation.compute_dtype
                 work = [x.to(compute) if compute is not None and x.dtype != compute else x for x in inputs]
                 try:

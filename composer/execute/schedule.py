@@ -28,7 +28,7 @@ def _input_rank(plan: Plan) -> dict[TensorRef, tuple[int, int]]:
     return ranks
 
 
-def _step_bytes(plan: Plan, tensor: PlannedTensor) -> int:
+def step_bytes(plan: Plan, tensor: PlannedTensor) -> int:
     """Memory one step needs beyond cached inputs: compute-dtype copies and the output."""
     infos = [plan.sources[ref.model].tensor_infos()[ref.name] for ref in tensor.inputs]
     count = tensor.nbytes // tensor.dtype.itemsize
@@ -50,7 +50,7 @@ def make_schedule(plan: Plan, memory_budget: int | None = None) -> Schedule:
     peak = largest = 0
     for tensor in order:
         cached.update(tensor.inputs)
-        step = _step_bytes(plan, tensor)
+        step = step_bytes(plan, tensor)
         largest = max(largest, step + sum(size[ref] for ref in set(tensor.inputs)))
         peak = max(peak, step + sum(size[ref] for ref in cached))
         for ref in tensor.inputs:
