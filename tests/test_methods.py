@@ -94,6 +94,21 @@ def test_slerp_matches_the_formula(t):
     torch.testing.assert_close(result.double(), reference_slerp(a, b, t), rtol=1e-5, atol=1e-5)
 
 
+def test_slerp_of_half_precision_tensors_in_chunks_is_the_whole_tensor_formula():
+    """bf16 tensors of several cache-sized chunks: the angle from float64 dot products, then a * w_a + b * w_b
+    in bf16, exactly as whole-tensor operations give it (and however torch splits them between threads)."""
+    generator = torch.Generator().manual_seed(13)
+    a = torch.randn(700, 1000, generator=generator).bfloat16()
+    b = (a.float() + 0.3 * torch.randn(700, 1000, generator=generator)).bfloat16()
+    from composer.methods.interpolation import _DOT_CHUNK
+
+    a64, b64 = a.double().reshape(-1).split(_DOT_CHUNK), b.double().reshape(-1).split(_DOT_CHUNK)
+    dot = lambda xs, ys: sum(float(x @ y) for x, y in zip(xs, ys))  # noqa: E731
+    theta = math.acos(dot(a64, b64) / (math.sqrt(dot(a64, a64)) * math.sqrt(dot(b64, b64))))
+    expected = a * (math.sin(0.6 * theta) / math.sin(theta)) + b * (math.sin(0.4 * theta) / math.sin(theta))
+    assert torch.equal(slerp(a, b, 0.4), expected)
+
+
 def test_slerp_endpoints_are_exact():
     a, b = random_tensors(2, seed=12)
     assert torch.equal(slerp(a, b, 0), a)

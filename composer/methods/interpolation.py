@@ -7,7 +7,6 @@ import math
 import torch
 
 SLERP_PARALLEL_THRESHOLD = 0.9995  # |cos| above this: the tensors are nearly (anti)parallel, use lerp
-_CHUNK = 1 << 22  # elements per step when half-precision dot products are accumulated in float64
 _CACHE_CHUNK = 1 << 18  # elements per step of elementwise CPU work: a float32 operand of 1 MiB stays in cache
 
 
@@ -49,15 +48,22 @@ def chunk_bounds(tensor: torch.Tensor):
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> over all elements, in float32 or better whatever the tensors' dtype."""
+_DOT_CHUNK = 1 << 16  # elements per step when half-precision dot products are taken in float64: a cache-sized copy
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(<a, a>, <b, b>, <a, b>) over all elements, in float32 or better whatever the tensors' dtype;
+    half-precision tensors are converted a cache-sized piece at a time, once for all three products."""
     a, b = a.reshape(-1), b.reshape(-1)
     if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
-        return float(torch.dot(a, b))
-    total = 0.0
-    for start in range(0, a.numel(), _CHUNK):
-        total += float(torch.dot(a[start:start + _CHUNK].double(), b[start:start + _CHUNK].double()))
-    return total
+        return float(torch.dot(a, a)), float(torch.dot(b, b)), float(torch.dot(a, b))
+    aa = bb = ab = 0.0
+    for start in range(0, a.numel(), _DOT_CHUNK):
+        x, y = a[start:start + _DOT_CHUNK].double(), b[start:start + _DOT_CHUNK].double()
+        aa += float(torch.dot(x, x))
+        bb += float(torch.dot(y, y))
+        ab += float(torch.dot(x, y))
+    return aa, bb, ab
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
@@ -72,15 +78,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
         return a
     if t == 1:
         return b
-    norm_a = math.sqrt(max(_dot(a, a), 0.0))
-    norm_b = math.sqrt(max(_dot(b, b), 0.0))
+    squared_a, squared_b, product = _dots(a, b)
+    norm_a = math.sqrt(max(squared_a, 0.0))
+    norm_b = math.sqrt(max(squared_b, 0.0))
     if norm_a < eps or norm_b < eps:
         return torch.lerp(a, b, t)
-    cosine = max(-1.0, min(1.0, _dot(a, b) / (norm_a * norm_b)))
+    cosine = max(-1.0, min(1.0, product / (norm_a * norm_b)))
     if abs(cosine) > SLERP_PARALLEL_THRESHOLD:
         return torch.lerp(a, b, t)
     theta = math.acos(cosine)
     sin_theta = math.sin(theta)
     weight_a = math.sin((1 - t) * theta) / sin_theta
     weight_b = math.sin(t * theta) / sin_theta
-    return torch.add(a * weight_a, b, alpha=weight_b)
+    # weight_a * a + weight_b * b: two products and a sum, each rounded in the tensors' dtype (never a fused
+    # multiply-add, whose use in torch depends on how a tensor is split between threads), a cache-sized
+    # chunk at a time on the CPU
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    out = torch.empty(a.numel(), dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    scaled = torch.empty(min(a.numel(), _CACHE_CHUNK) if a.device.type == "cpu" else a.numel(), dtype=out.dtype, device=a.device)
+    for start, end in chunk_bounds(a):
+        part = torch.mul(flat_b[start:end], weight_b, out=scaled[: end - start])
+        torch.mul(flat_a[start:end], weight_a, out=out[start:end]).add_(part)
+    return out.view(a.shape)
