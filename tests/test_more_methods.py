@@ -279,6 +279,19 @@ def test_model_stock_matches_the_paper(count, filter_wise):
     close(model_stock(tensors, base, filter_wise), ref_model_stock(tensors, base, filter_wise))
 
 
+@pytest.mark.parametrize("count", [2, 3])
+def test_model_stock_of_bf16_tensors_matches_the_paper(count):
+    """The half-precision path (angle from float32/float64 sums over pieces, blend in bf16): the float64 formula
+    applied to the bf16 inputs, to within the rounding of the bf16 blend."""
+    tensors, base = fine_tunes(count, shape=(300, 900), seed=50 + count)
+    tensors = [(t + 0.03 * tensors[0]).bfloat16() for t in tensors]
+    base = base.bfloat16()
+    result = model_stock(tensors, base)
+    assert result.dtype == torch.bfloat16
+    expected = ref_model_stock([t.double() for t in tensors], base.double())
+    torch.testing.assert_close(result.double(), expected, rtol=2 ** -6, atol=2 ** -8)
+
+
 def test_model_stock_of_a_vector_and_its_geometry():
     tensors, base = fine_tunes(2, shape=(32,), seed=40)
     close(model_stock(tensors, base, filter_wise=True), ref_model_stock(tensors, base))  # 1-D: one row either way
