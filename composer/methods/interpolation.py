@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from composer.memory import empty
+
 SLERP_PARALLEL_THRESHOLD = 0.9995  # |cos| above this: the tensors are nearly (anti)parallel, use lerp
 _CACHE_CHUNK = 1 << 18  # elements per step of elementwise CPU work: a float32 operand of 1 MiB stays in cache
 
@@ -29,7 +31,7 @@ def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = 
     first = tensors[0]
     accumulate = torch.promote_types(first.dtype, torch.float32)
     flats = [tensor.reshape(-1) for tensor in tensors]
-    out = torch.empty(first.numel(), dtype=first.dtype, device=first.device)
+    out = empty((first.numel(),), first.dtype, first.device)
     total = sum(weights)
     for start, end in chunk_bounds(first):
         result = torch.zeros(end - start, dtype=accumulate, device=first.device)
@@ -94,7 +96,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     # multiply-add, whose use in torch depends on how a tensor is split between threads), a cache-sized
     # chunk at a time on the CPU
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    out = torch.empty(a.numel(), dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    out = empty((a.numel(),), torch.promote_types(a.dtype, b.dtype), a.device)
     scaled = torch.empty(min(a.numel(), _CACHE_CHUNK) if a.device.type == "cpu" else a.numel(), dtype=out.dtype, device=a.device)
     for start, end in chunk_bounds(a):
         part = torch.mul(flat_b[start:end], weight_b, out=scaled[: end - start])

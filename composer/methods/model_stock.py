@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from composer.memory import empty
+
 COSINE_NORM_FLOOR = 1e-6  # |a| |b| is clamped to this before dividing: a zero update has cosine 0 with anything
 SINGULAR = 1e-6  # |1 + (N-1) cos| below this: no finite ratio, keep the base
 
@@ -64,7 +66,7 @@ def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> to
     denominator = 1 + (count - 1) * cosine_t
     ratio = torch.zeros_like(cosine_t) if denominator.abs() < SINGULAR else (count * cosine_t) / denominator
     keep = 1 - ratio
-    out = torch.empty_like(base_flat)
+    out = empty(base_flat.shape, base_flat.dtype)
     for start in range(0, base_flat.numel(), _PIECE * 4):
         stop = min(start + _PIECE * 4, base_flat.numel())
         average = flats[0][start:stop] + flats[1][start:stop]

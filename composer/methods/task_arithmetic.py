@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from composer.memory import empty
 from composer.methods.interpolation import chunk_bounds
 from composer.methods.sparsify import (
     ChunkedWindow, della_mask_, l1_norm, level_of, make_generator, random_levels, rescale_factor, sparsify_, window_mask_,
@@ -197,7 +198,7 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
     if not consensus:
         divisor = weight_column.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
-    out = torch.empty(base.numel(), dtype=dtype, device=device)
+    out = empty((base.numel(),), dtype, device)
     stack = torch.empty((count, width), dtype=dtype, device=device)
     keep_buffer = torch.empty((2, width), dtype=torch.bool, device=device)
     for index, (start, stop) in enumerate(chunks):
@@ -272,7 +273,7 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
             magnitudes = torch.abs(delta[start:stop], out=buffer[: stop - start])
             delta[start:stop].mul_(window.keep_(magnitudes, index, spare[0, : stop - start], spare[1, : stop - start]))
         return window, rescale_factor(before, delta.abs().sum())
-    mask = torch.empty(n, dtype=torch.bool, device=base.device)
+    mask = empty((n,), torch.bool, base.device)
     before = after = None
     if method == "random":
         threshold = level_of(density)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.memory import empty
 
 DTYPE_BY_CODE = {
     "F64": torch.float64,
@@ -88,7 +89,7 @@ def read_into(descriptor: int, offset: int, shape: tuple[int, ...], dtype: torch
     count = 1
     for size in shape:
         count *= size
-    buffer = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
+    buffer = empty((count * dtype.itemsize,), torch.uint8)
     view = memoryview(buffer.numpy()).cast("B")
     done = 0
     while done < len(view):
