@@ -6,7 +6,10 @@
 Models come from bench/synthetic.py (made when missing: a base and three fine-tunes). Each recipe is
 run by composer and, when mergekit is importable (from MERGEKIT_PYTHONPATH or the environment), by
 mergekit, one after the other, in fresh processes; wall time and peak resident memory are those of
-the whole process. Prints one markdown table. Machines are noisy: compare figures of one run only.
+the whole process. "composer writing" is the time composer itself reports for the work after planning
+(reading, merging, writing: what the I/O floor bounds); the wall time adds Python's start, imports (torch
+alone takes 1-3 s) and planning. Neither tool waits for the disk at the end (`compose --fsync` would), so
+neither does the floor. Prints one markdown table. Machines are noisy: compare figures of one run only.
 """
 
 from __future__ import annotations
@@ -187,10 +190,18 @@ def main() -> None:
         rows.append((name, ours, theirs, floor))
         _print_row(rows[-1])
     print()
-    print("| recipe | composer wall | composer peak RSS | mergekit wall | mergekit peak RSS | speed-up | I/O floor | composer / floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | composer wall | composer peak RSS | mergekit wall | mergekit peak RSS | speed-up | I/O floor | composer writing | writing / floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(_table_row(row))
+
+
+def _writing_seconds(tail: str) -> float | None:
+    """The seconds composer reports for reading, computing and writing ("wrote N tensors ... in X s")."""
+    import re
+
+    found = re.findall(r"wrote \d+ tensors .* in ([0-9.]+) s", tail)
+    return float(found[-1]) if found else None
 
 
 def _table_row(row) -> str:
@@ -198,7 +209,10 @@ def _table_row(row) -> str:
     mk_wall = f"{theirs[0]:.1f} s" if theirs else "-"
     mk_rss = f"{theirs[1]:.2f} GB" if theirs else "-"
     speedup = f"{theirs[0] / ours[0]:.1f}x" if theirs else "-"
-    return f"| {name} | {ours[0]:.1f} s | {ours[1]:.2f} GB | {mk_wall} | {mk_rss} | {speedup} | {floor:.1f} s | {ours[0] / floor:.2f} |"
+    writing = _writing_seconds(ours[3])
+    ratio = f"{writing / floor:.2f}" if writing and floor > 0.05 else "-"
+    return (f"| {name} | {ours[0]:.1f} s | {ours[1]:.2f} GB | {mk_wall} | {mk_rss} | {speedup} | {floor:.1f} s | "
+            f"{f'{writing:.1f} s' if writing else '-'} | {ratio} |")
 
 
 def _print_row(row) -> None:

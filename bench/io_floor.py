@@ -3,7 +3,8 @@
     python bench/io_floor.py --read FILE [FILE ...] --write-bytes N --dir DIR [--cold]
 
 Reads go through the page cache with pread into one reused buffer (what an ideal merge does); the
-write goes to a scratch file in DIR (the output's disk) and is fsynced, as a finished merge is.
+write goes to a scratch file in DIR (the output's disk), into the page cache as an ordinary write is
+(and as `compose` writes by default); --fsync waits for the disk too, as `compose --fsync` does.
 --cold drops the page cache first (needs root); the default measures a warm cache, which is how
 merges are usually run right after a download.
 """
@@ -47,7 +48,7 @@ def read_seconds(paths: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - started, total
 
 
-def write_seconds(folder: Path, count: int) -> float:
+def write_seconds(folder: Path, count: int, durable: bool = False) -> float:
     buffer = os.urandom(min(CHUNK, max(count, 1)))
     target = folder / ".io-floor-scratch"
     started = time.perf_counter()
@@ -56,7 +57,8 @@ def write_seconds(folder: Path, count: int) -> float:
         written = 0
         while written < count:
             written += os.write(descriptor, buffer[: min(len(buffer), count - written)])
-        os.fsync(descriptor)
+        if durable:
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
         elapsed = time.perf_counter() - started
@@ -64,14 +66,15 @@ def write_seconds(folder: Path, count: int) -> float:
     return elapsed
 
 
-def io_floor(inputs: list[Path], output_bytes: int, folder: Path, cold: bool = False) -> dict:
-    """Seconds to read `inputs` and write `output_bytes` into `folder`; warm unless `cold` (and permitted)."""
+def io_floor(inputs: list[Path], output_bytes: int, folder: Path, cold: bool = False, durable: bool = False) -> dict:
+    """Seconds to read `inputs` and write `output_bytes` into `folder` (flushed to the disk when `durable`);
+    warm unless `cold` (and permitted)."""
     if cold:
         cold = drop_page_cache()
     else:
         read_seconds(inputs)  # warm the page cache
     reading, read_bytes = read_seconds(inputs)
-    writing = write_seconds(folder, output_bytes)
+    writing = write_seconds(folder, output_bytes, durable)
     return {"read_s": reading, "write_s": writing, "floor_s": reading + writing, "read_bytes": read_bytes, "cold": cold}
 
 
@@ -81,8 +84,9 @@ def main() -> None:
     parser.add_argument("--write-bytes", type=int, required=True, help="bytes the merge writes")
     parser.add_argument("--dir", type=Path, default=Path("."), help="folder on the output's disk")
     parser.add_argument("--cold", action="store_true", help="drop the page cache first (root only)")
+    parser.add_argument("--fsync", action="store_true", help="wait until the written bytes are on the disk")
     arguments = parser.parse_args()
-    figures = io_floor(arguments.read, arguments.write_bytes, arguments.dir, arguments.cold)
+    figures = io_floor(arguments.read, arguments.write_bytes, arguments.dir, arguments.cold, arguments.fsync)
     print(f"read {figures['read_bytes'] / 1e9:.2f} GB in {figures['read_s']:.2f} s ({figures['read_bytes'] / figures['read_s'] / 1e9:.2f} GB/s, "
           f"{'cold' if figures['cold'] else 'warm'}), write {arguments.write_bytes / 1e9:.2f} GB in {figures['write_s']:.2f} s: "
           f"floor {figures['floor_s']:.2f} s")

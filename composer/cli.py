@@ -81,6 +81,7 @@ def run(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA, ...); overrides the recipe's random_seed."),
+    fsync: bool = typer.Option(False, "--fsync", help="Flush the output to the disk before it appears (survives a power loss; waits for the disk)."),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -93,7 +94,7 @@ def run(
         from composer.compose import compose_file
         from composer.execute import ExecutionOptions
 
-        options = ExecutionOptions(memory_budget=budget, shard_size=shard, device=target, force=force, progress=None if progress else False)
+        options = ExecutionOptions(memory_budget=budget, shard_size=shard, device=target, force=force, progress=None if progress else False, durable=fsync)
         report = compose_file(recipe, out, options, seed=seed)
         typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s")
 

@@ -45,6 +45,7 @@ class ExecutionOptions:
     force: bool = False
     progress: bool | None = None  # None: only when stderr is a terminal
     overlap: bool = True  # read the next inputs and write the last result while computing; False: one thing at a time
+    durable: bool = False  # flush the output to the disk before it appears (survives a power loss; waits for the disk)
 
 
 @dataclass
@@ -202,7 +203,7 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         (folder.partial / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(folder.partial)
-        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size)
+        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable)
         # what the process already holds (python, torch, the plan) is not available for tensors
         tensor_budget = max(0, options.memory_budget - resident_bytes())
         reader = ThreadPoolExecutor(1, thread_name_prefix="composer-read") if options.overlap else None

@@ -19,7 +19,12 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 class ShardedWriter:
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int):
+    """`durable`: flush every shard to the disk before `finish` returns (safe against power loss, but the
+    merge then waits for the disk); otherwise the page cache holds what the disk has not taken yet, as
+    with any ordinary file write."""
+
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int, durable: bool = False):
+        self.durable = durable
         shards: list[list[PlannedTensor]] = [[]]
         filled = 0
         for tensor in tensors:
@@ -55,7 +60,7 @@ class ShardedWriter:
         written = 0
         while written < len(view):
             written += os.pwrite(self._descriptors[shard], view[written:], offset + written)
-        if hasattr(os, "posix_fadvise"):
+        if self.durable and hasattr(os, "posix_fadvise"):
             # Linux starts writing these pages back now (without waiting), so the final fsync does not find
             # the whole output still dirty and flush it after the last tensor, with nothing left to overlap.
             os.posix_fadvise(self._descriptors[shard], offset, len(view), os.POSIX_FADV_DONTNEED)
@@ -65,8 +70,9 @@ class ShardedWriter:
         missing = set(self._location) - self._written
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]}")
-        for descriptor in self._descriptors:
-            os.fsync(descriptor)
+        if self.durable:
+            for descriptor in self._descriptors:
+                os.fsync(descriptor)
         self.close()
         if len(self.files) > 1:
             weight_map = {name: self.files[shard].name for name, (shard, _, _) in self._location.items()}
