@@ -117,7 +117,7 @@ slices:
 dtype: bfloat16
 random_seed: 3
 """
-    simple = compose_text(recipe, tmp_path / "simple", ExecutionOptions(overlap=False, shard_size=100_000))
+    simple = compose_text(recipe, tmp_path / "simple", ExecutionOptions(overlap=False, shard_size=100_000, durable=True))  # fsynced
     fast = compose_text(recipe, tmp_path / "fast", ExecutionOptions(overlap=True, shard_size=100_000))
     assert fast.reads == simple.reads and max(fast.reads.values()) == 1
     files = sorted(p.name for p in (tmp_path / "simple").iterdir())
