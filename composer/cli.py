@@ -94,7 +94,7 @@ def run(
         from composer.compose import compose_file
         from composer.execute import ExecutionOptions
 
-        options = ExecutionOptions(memory_budget=budget, shard_size=shard, device=target, force=force, progress=None if progress else False, durable=fsync)
+        options = ExecutionOptions(memory_budget=budget, whole_process=True, shard_size=shard, device=target, force=force, progress=None if progress else False, durable=fsync)
         report = compose_file(recipe, out, options, seed=seed)
         typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s")
 
@@ -244,7 +244,7 @@ def transplant(
         from composer.execute import ExecutionOptions
         from composer.transplant import TransplantOptions, transplant_command
 
-        execution = ExecutionOptions(memory_budget=budget, shard_size=shard, force=force, progress=None if progress else False)
+        execution = ExecutionOptions(memory_budget=budget, whole_process=True, shard_size=shard, force=force, progress=None if progress else False)
         transplant_command(model, tokenizer, out, TransplantOptions(estimator, k, pad_to_multiple_of), execution, report, text or [], typer.echo)
 
     _guarded(action)

@@ -39,7 +39,8 @@ def resident_bytes() -> int:
 
 @dataclass
 class ExecutionOptions:
-    memory_budget: int = GIB  # the whole process's resident memory; the runtime's own share is subtracted at start
+    memory_budget: int = 2 * GIB  # bytes of tensors held (inputs kept and read ahead, results being written)
+    whole_process: bool = False  # memory_budget bounds the whole process instead: what it holds at the start is subtracted
     shard_size: int = 5 * GIB
     device: str = "cpu"
     force: bool = False
@@ -204,8 +205,8 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         if extra_files is not None:
             extra_files(folder.partial)
         writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable)
-        # what the process already holds (python, torch, the plan) is not available for tensors
-        tensor_budget = max(0, options.memory_budget - resident_bytes())
+        # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors
+        tensor_budget = max(0, options.memory_budget - (resident_bytes() if options.whole_process else 0))
         reader = ThreadPoolExecutor(1, thread_name_prefix="composer-read") if options.overlap else None
         writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
         pools = [pool for pool in (reader, writes) if pool is not None]
