@@ -37,7 +37,8 @@ def temporaries_mb(method: str, n: int, k: int, itemsize: int, fused: bool) -> f
     sparse = "sparsification" in arguments
     if fused:
         chunk = min(n, _FUSED_CHUNK)
-        size = chunk * (k * itemsize + itemsize + 2 + 4)  # deltas, magnitudes, boolean masks, kept weights
+        # deltas, magnitudes, two masks, the sum, the sign-election workspace (2), the kept weights (float32)
+        size = chunk * (k * itemsize + 6 * itemsize + 4)
         if arguments.get("sparsification") in ("random", "della_magprune"):
             size += k * n  # one boolean mask per model
         return size / 1e6

@@ -1,7 +1,8 @@
 """The chunked (fused) task-arithmetic path gives the same bits as the whole-tensor reference path,
 for every method of the family, in float32 and bfloat16, with many ties at the thresholds, over
 several chunks (small chunk sizes are patched in so that small tensors span many of them and the
-sampled brackets of the order statistics are used)."""
+sampled brackets of the order statistics are used); and the random stream of DARE and DELLA
+(splitmix64, drawn by position: the same in pieces as whole, statistically sound)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,17 @@ def test_fused_path_equals_reference_bit_for_bit(method, option, dtype, shape, t
     assert torch.equal(torch.signbit(fused), torch.signbit(reference))
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_path_in_float16(method, tied):
+    """16-bit magnitudes take their thresholds from counts of bit patterns; float16 as well as bf16."""
+    models, base = inputs((130, 200), torch.float16, tied)
+    chunk, piece, limit = small_chunks()
+    with chunk, piece, limit:
+        reference, fused = both(models, base, method, "defaults")
+    assert torch.equal(fused, reference) and torch.equal(torch.signbit(fused), torch.signbit(reference))
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
 def test_fused_path_at_real_chunk_sizes(method):
     """Over 1 << 20 elements (two chunks, bracketed order statistics, several L1 pieces), bf16."""
@@ -106,3 +118,60 @@ def test_density_one_and_empty_tensors():
         )
     empty = torch.empty(0, 4)
     assert generalized_task_arithmetic([empty], empty, [1.0], sparsification="magnitude", densities=[0.5]).shape == (0, 4)
+
+
+# --- the random stream of DARE and DELLA ------------------------------------------------------------
+
+def _splitmix64(key: int, index: int) -> int:
+    """Word `index` of the splitmix64 stream of `key` (Steele, Lea & Flood 2014), in Python integers."""
+    word = (key + (index + 1) * 0x9E3779B97F4A7C15) % (1 << 64)
+    word = ((word ^ (word >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    word = ((word ^ (word >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return word ^ (word >> 31)
+
+
+@pytest.mark.parametrize("key", [0, 1, -1, 0x7FFF_FFFF_FFFF_FFFF, -(1 << 63), 123456789123])
+def test_random_words_are_splitmix64(key):
+    words = sparsify_module.random_words(key, 1000, 50)
+    assert [int(word) % (1 << 64) for word in words] == [_splitmix64(key % (1 << 64), 1000 + i) for i in range(50)]
+    assert _splitmix64(0, 0) == 0xE220A8397B1DCDAF  # the published first output of seed 0
+
+
+def test_random_levels_drawn_in_pieces_equal_drawn_whole():
+    whole = sparsify_module.random_levels((37, 29), key=99)
+    flat = whole.reshape(-1)
+    cuts = [0, 1, 2, 7, 8, 100, 101, 555, flat.numel()]
+    pieces = [sparsify_module.random_levels(stop - start, 99, offset=start) for start, stop in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(pieces), flat)
+    assert torch.equal(sparsify_module.random_levels((37, 29), key=99), whole)  # reproducible
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_random_levels_are_the_same_on_cuda():
+    assert torch.equal(sparsify_module.random_levels(100_003, -5, "cuda", offset=3).cpu(), sparsify_module.random_levels(100_003, -5, offset=3))
+
+
+def test_random_masks_are_statistically_sound():
+    """On 10^7 draws: the keep share is the density to within 4 sigma, and masks are uncorrelated
+    between neighbouring positions (same word and next word), between models (keys drawn one
+    after the other from one generator) and between seeds."""
+    n, density = 10_000_000, 0.3
+    generator = torch.Generator().manual_seed(5)
+    keys = [sparsify_module.stream_key(generator) for _ in range(2)] + [sparsify_module.stream_key(6)]
+    threshold = sparsify_module.level_of(density)
+    masks = [sparsify_module.random_levels(n, key) < threshold for key in keys]
+    p = (threshold + 32768) / 65536
+    sigma = (p * (1 - p) / n) ** 0.5
+    limit = 4 / n ** 0.5  # 4 sigma of the correlation of independent draws
+
+    def correlation(a, b):  # of two boolean masks (the phi coefficient)
+        both, count_a, count_b, total = int(torch.count_nonzero(a & b)), int(a.sum()), int(b.sum()), a.numel()
+        return (both * total - count_a * count_b) / (count_a * (total - count_a) * count_b * (total - count_b)) ** 0.5
+
+    for mask in masks:
+        assert abs(int(mask.sum()) / n - p) < 4 * sigma
+        for lag in (1, 2, 3, 4, 5, 8):
+            assert abs(correlation(mask[:-lag], mask[lag:])) < limit
+    assert abs(correlation(masks[0], masks[1])) < limit
+    assert abs(correlation(masks[0], masks[2])) < limit
+    assert len(set(keys)) == 3

@@ -2,9 +2,15 @@
 
 Selection never sorts a whole flattened tensor. An order statistic comes from a small random sample
 that brackets it, then `torch.kthvalue` on the few elements inside the bracket (a handful of
-elementwise passes over the tensor); ties at a threshold are broken by position, lowest index
-first, so exactly the asked number of elements is kept. Only DELLA, whose drop probabilities depend
-on each element's rank within its row, sorts (row by row).
+elementwise passes over the tensor); for 16-bit magnitudes streamed in chunks (`ChunkedWindow`),
+from a count of their bit patterns instead (one pass). Ties at a threshold are broken by position,
+lowest index first, so exactly the asked number of elements is kept. Only DELLA, whose drop
+probabilities depend on each element's rank within its row, sorts (row by row).
+
+Random masks come from a counter-based stream: splitmix64 of the word index and a 64-bit key drawn
+per model and tensor (`stream_key`), four 16-bit draws per word, computed with int64 tensor
+operations on the tensor's device. Any chunk computes its own draws from its position, so chunked
+and whole-tensor paths, and CPU and GPU, draw the same masks.
 
 Masks are 0/1 float32 tensors written into buffers the caller may supply (a float multiply is far
 cheaper than masking with booleans, and a reused buffer saves the page faults of a fresh one).
@@ -20,6 +26,7 @@ import torch
 
 _EXACT_LIMIT = 1 << 18  # at most this many elements: torch.kthvalue on the whole tensor
 _SAMPLE = 1 << 14  # sample size used to bracket an order statistic of a larger tensor
+_HALF_DTYPES = (torch.bfloat16, torch.float16)  # thresholds of their magnitudes come from counts of bit patterns
 _SAMPLE_SEED = 0x5EED  # the bracket is a speed device only; any sample gives the same answer
 RESCALE_EPS = 1e-7  # L1 norms below this are not rescaled (as in mergekit)
 
@@ -174,6 +181,9 @@ class ChunkedWindow:
         self.bounds = window_boundaries(n, start, stop, descending, lambda ranks: self._statistics(magnitudes, n, ranks, sample))
 
     def _statistics(self, magnitudes, n: int, ranks: list[int], sample) -> list[tuple[torch.Tensor, int, int]]:
+        first = magnitudes(0)
+        if first.dtype in _HALF_DTYPES:
+            return self._counted(magnitudes, first, ranks)
         found = self._bracketed(magnitudes, n, ranks, sample) if n > _EXACT_LIMIT else None
         if found is None:  # small tensors, or a bracket missed
             whole = torch.cat([magnitudes(i).to(torch.float32, copy=True) for i in range(len(self.chunks))])
@@ -181,6 +191,25 @@ class ChunkedWindow:
             for rank in ranks:
                 found.append(order_statistic(whole, rank))
                 self.equal_counts.append([int(torch.count_nonzero(whole[s:e] == found[-1][0])) for s, e in self.chunks])
+        return found
+
+    def _counted(self, magnitudes, first: torch.Tensor, ranks: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """The order statistics of 16-bit magnitudes from a count of each bit pattern, chunk by chunk
+        (one pass): non-negative floats order as their bit patterns do, and 16 bits make only 32768
+        patterns, so the counts give each value, how many lie below it and how many each chunk
+        holds, exactly."""
+        counts = torch.stack([
+            torch.bincount((first if i == 0 else magnitudes(i)).view(torch.int16), minlength=1 << 15)
+            for i in range(len(self.chunks))
+        ])
+        totals = counts.sum(dim=0)
+        cumulative = totals.cumsum(0)
+        found = []
+        for rank in ranks:
+            pattern = int(torch.searchsorted(cumulative, rank, right=True))  # the first whose cumulative count passes rank
+            value = torch.tensor(pattern, dtype=torch.int16).view(first.dtype).float()
+            found.append((value, int(cumulative[pattern] - totals[pattern]), int(totals[pattern])))
+            self.equal_counts.append(counts[:, pattern].tolist())
         return found
 
     def _bracketed(self, magnitudes, n: int, ranks: list[int], sample):
@@ -210,7 +239,9 @@ class ChunkedWindow:
         return found
 
     def keep_(self, values: torch.Tensor, index: int, out: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:
-        """Write into the boolean `out` the mask of chunk `index`, whose magnitudes are `values`."""
+        """Write into `out` the mask of chunk `index`, whose magnitudes are `values`: booleans, or
+        0/1 in a floating dtype (best the delta's: a multiply of like dtypes is several times
+        faster than by booleans). `spare`, like `out`, is used when the window has two bounds."""
         if self.bounds is True or self.bounds is False:
             return out.fill_(self.bounds)
         dropped = []
@@ -223,12 +254,12 @@ class ChunkedWindow:
             if number == 0:
                 compare(values, value, out=out)
             else:
-                out.logical_and_(compare(values, value, out=spare))
+                out.mul_(compare(values, value, out=spare))
             if not whole and not none:  # the tie at this threshold is split inside this chunk
                 positions = (values == value).nonzero().view(-1)
                 dropped += [positions[: max(0, first - seen)], positions[max(0, last - seen):]]
         for positions in dropped:
-            out[positions] = False
+            out[positions] = 0
         return out
 
 
@@ -270,16 +301,52 @@ def outlier_mask_(
 _LEVELS = 1 << 16  # keep probabilities are resolved to 1/65536
 
 
-def random_levels(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Independent uniform integers in [-32768, 32768) (int16), drawn 64 bits at a time from
-    `generator` on its device and moved to `device`. u < round(p * 65536) - 32768 holds with
-    probability p to within 1/65536: three times cheaper on a CPU than float draws."""
-    count = 1
-    for size in shape:
-        count *= size
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=generator.device)
-    words.random_(-(1 << 63), None, generator=generator)
-    return words.view(torch.int16)[:count].reshape(shape).to(device)
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 that holds it."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64 (Steele, Lea & Flood 2014): the word at index w of the stream of key s is the
+# finaliser applied to s + (w + 1) * golden-ratio increment, so any word is computed on its own.
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIXERS = ((30, _signed(0xBF58476D1CE4E5B9)), (27, _signed(0x94D049BB133111EB)), (31, None))
+
+
+def stream_key(generator: torch.Generator | int | None) -> int:
+    """The 64-bit key of one random stream (one model's draws for one tensor): drawn from
+    `generator` (a torch.Generator, one draw), or from a generator seeded with an int (0 for None)."""
+    if not isinstance(generator, torch.Generator):
+        generator = make_generator(0 if generator is None else generator)
+    word = torch.empty(1, dtype=torch.int64, device=generator.device)
+    return int(word.random_(-(1 << 63), None, generator=generator))
+
+
+def random_words(key: int, first: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Words first .. first + count - 1 of the splitmix64 stream of `key`, as int64, computed with
+    int64 tensor operations on `device` (the same bits on every device; torch's >> on int64 is
+    arithmetic, so the logical shifts mask off the copied sign bits)."""
+    words = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
+    words.mul_(_GOLDEN).add_(_signed(key))
+    shifted = torch.empty_like(words)
+    for shift, multiplier in _MIXERS:
+        torch.bitwise_right_shift(words, shift, out=shifted)
+        words.bitwise_xor_(shifted.bitwise_and_((1 << (64 - shift)) - 1))
+        if multiplier is not None:
+            words.mul_(multiplier)
+    return words
+
+
+def random_levels(shape, key: int, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
+    """Uniform integers in [-32768, 32768) (int16) of `shape`, for the flat positions offset,
+    offset + 1, .. of the stream of `key`: position p is 16-bit lane p % 4 of word p // 4, so a
+    tensor drawn chunk by chunk (each chunk with its own offset) gets the same levels as drawn
+    whole. u < round(p * 65536) - 32768 holds with probability p to within 1/65536 (`level_of`)."""
+    count = math.prod(shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
+    first, lane = divmod(offset, 4)
+    words = random_words(key, first, (lane + count + 3) // 4, device)
+    levels = words.view(torch.int16)[lane:lane + count]
+    return levels.reshape(shape) if isinstance(shape, (tuple, list, torch.Size)) else levels
 
 
 def level_of(probability: float) -> int:
@@ -287,27 +354,31 @@ def level_of(probability: float) -> int:
     return min(max(round(probability * _LEVELS), 0), _LEVELS) - _LEVELS // 2
 
 
-def random_mask_(delta: torch.Tensor, density: float, generator: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
-    """DARE: each entry 1 independently with probability `density`."""
+def random_mask_(delta: torch.Tensor, density: float, key: int, out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """DARE: each entry 1 independently with probability `density`, drawn from the stream of `key`
+    at the flat positions offset, offset + 1, ..."""
     mask = _buffer(delta, out)
     threshold = level_of(density)
     if threshold >= _LEVELS // 2:
         return mask.fill_(1)
-    return torch.lt(random_levels(delta.shape, generator, delta.device), threshold, out=mask)
+    return torch.lt(random_levels(delta.shape, key, delta.device, offset), threshold, out=mask)
 
 
 def della_mask_(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    key: int,
     out: torch.Tensor | None = None,
     spare: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """DELLA MagPrune: within each row (dimension 1; a 1-D tensor is one row), the entry of rank r
     (0 = smallest magnitude, m - 1 = largest, m entries) is kept with probability
     density - epsilon + 2 epsilon r / (m - 1), so larger entries are likelier to stay and the mean
-    keep probability is `density`. A row of one entry keeps it with probability `density`."""
+    keep probability is `density`. A row of one entry keeps it with probability `density`. The
+    draw for the entry of rank r in row i is at flat position offset + i * m + r of the stream of
+    `key` (`offset`: where these rows start in a larger tensor drawn row block by row block)."""
     rows_shape = (1, delta.numel()) if delta.dim() < 2 else delta.shape
     m = rows_shape[1]
     if m > 1:
@@ -319,7 +390,7 @@ def della_mask_(
     magnitudes = _magnitudes_into(delta, out).view(rows_shape)
     order = torch.argsort(magnitudes, dim=1)
     keep_in_order = _buffer(magnitudes, spare)  # the draw for rank r sits at position r
-    torch.lt(random_levels(rows_shape, generator, delta.device), thresholds, out=keep_in_order)
+    torch.lt(random_levels(rows_shape, key, delta.device, offset), thresholds, out=keep_in_order)
     mask = magnitudes  # the magnitudes are no longer needed
     mask.scatter_(1, order, keep_in_order)
     return mask.view(delta.shape)
@@ -335,14 +406,14 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return outlier_mask_(delta, density, gamma) > 0
 
 
-def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """`random_mask_` as a boolean mask."""
-    return random_mask_(delta, density, generator) > 0
+def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator | int) -> torch.Tensor:
+    """`random_mask_` as a boolean mask, with a stream key drawn from `generator` (`stream_key`)."""
+    return random_mask_(delta, density, stream_key(generator)) > 0
 
 
-def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
-    """`della_mask_` as a boolean mask."""
-    return della_mask_(delta, density, epsilon, generator) > 0
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | int) -> torch.Tensor:
+    """`della_mask_` as a boolean mask, with a stream key drawn from `generator` (`stream_key`)."""
+    return della_mask_(delta, density, epsilon, stream_key(generator)) > 0
 
 
 # --- applying a mask --------------------------------------------------------------------------------
@@ -353,7 +424,9 @@ _L1_PIECE = 1 << 18  # elements summed at a time by `l1_norm`
 def l1_norm(values: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
     """total + sum |values|, in float64, the flattened tensor summed piece by piece (1 << 18
     elements at a time, from its start): so a tensor summed one chunk at a time, with chunks of a
-    multiple of that size, gets the same bits as summed whole."""
+    multiple of that size, gets the same bits as summed whole. (Float32 piece sums would be about
+    twice as fast, but their bits depend on the number of threads; float64 sums of float32 or
+    narrower magnitudes do not, in practice, so a merge is the same on every machine.)"""
     flat = values.reshape(-1)
     if total is None:
         total = torch.zeros((), dtype=torch.float64, device=flat.device)
@@ -412,18 +485,12 @@ def sparsify_(
     elif method == "magnitude_outliers":
         keep = outlier_mask_(delta, density, gamma, out, spare)
     elif method == "random":
-        keep = random_mask_(delta, density, _generator(generator), out)
+        keep = random_mask_(delta, density, stream_key(generator), out)
     elif method == "della_magprune":
-        keep = della_mask_(delta, density, epsilon, _generator(generator), out, spare)
+        keep = della_mask_(delta, density, epsilon, stream_key(generator), out, spare)
     else:
         raise ValueError(f"unknown sparsification method {method!r}")
     return mask_(delta, keep, rescale, exact=method in ("magnitude", "magnitude_outliers"))
-
-
-def _generator(generator: torch.Generator | int | None) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    return make_generator(0 if generator is None else generator)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -21,7 +21,8 @@ import torch
 from composer.memory import empty
 from composer.methods.interpolation import chunk_bounds
 from composer.methods.sparsify import (
-    ChunkedWindow, della_mask_, l1_norm, level_of, make_generator, random_levels, rescale_factor, sparsify_, window_mask_,
+    ChunkedWindow, della_mask_, l1_norm, level_of, make_generator, random_levels, rescale_factor, sparsify_, stream_key,
+    window_mask_,
 )
 
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -125,7 +126,8 @@ def generalized_task_arithmetic(
 
     1. tau_i = x_i - base, sparsified with `sparsification` at `densities[i]` (with `rescale`, the
        kept entries are scaled to the task vector's L1 norm); `gammas` for "magnitude_outliers",
-       `epsilons` for "della_magprune"; the random methods draw from `generator` (model by model).
+       `epsilons` for "della_magprune"; the random methods take one stream key per model, in
+       order, from `generator` (`composer.methods.sparsify.stream_key`).
     2. d_i = w_i tau_i.
     3. consensus: per entry keep the d_i whose sign is the sign of sum_i d_i (TIES sign election);
        m = sum of the kept d_i, D = sum of the w_i kept there (1 where none).
@@ -139,7 +141,8 @@ def generalized_task_arithmetic(
     (`ChunkedWindow`), the random masks (drawn chunk by chunk from the same stream, kept as
     booleans) and the L1 norms for `rescale`. Pass 2, chunk by chunk: the task vectors, masked,
     rescaled, weighted, sign-elected, summed, divided, scaled and added to the base, with the same
-    operations as the reference on each chunk (all elementwise, so the same bits).
+    operations as the reference on each chunk (all elementwise, so the same bits; masks as 0/1 in
+    the deltas' dtype).
     """
     count = len(tensors)
     if len(weights) != count:
@@ -200,7 +203,9 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
         divisor[divisor.abs() < 1e-8] = 1
     out = empty((base.numel(),), dtype, device)
     stack = torch.empty((count, width), dtype=dtype, device=device)
-    keep_buffer = torch.empty((2, width), dtype=torch.bool, device=device)
+    keep_buffer = torch.empty((2, width), dtype=dtype, device=device)  # 0/1 masks in the deltas' dtype
+    merged_buffer = torch.empty(width, dtype=dtype, device=device)
+    sign_workspace = torch.empty(2 * width, dtype=dtype, device=device) if consensus else None
     for index, (start, stop) in enumerate(chunks):
         deltas = stack[:, : stop - start]
         for i in range(count):
@@ -210,17 +215,19 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
                 magnitudes = torch.abs(delta, out=buffer[: stop - start])
                 delta.mul_(keep.keep_(magnitudes, index, keep_buffer[0, : stop - start], keep_buffer[1, : stop - start]))
             elif keep is not None:
-                delta.mul_(keep[start:stop])
+                delta.mul_(_as_factor(keep[start:stop], keep_buffer[0, : stop - start]))
             if scales[i] is not None:
                 delta.mul_(scales[i])
         deltas.mul_(weight_column)
+        merged = merged_buffer[: stop - start]
         if consensus:
-            kept_weight = elect_signs_(deltas, weights, divisor=normalize)
-            merged = deltas.sum(dim=0)
+            kept_weight = elect_signs_(deltas, weights, divisor=normalize, workspace=sign_workspace)
+            torch.sum(deltas, dim=0, out=merged)
             if kept_weight is not None:
-                divisor = kept_weight.masked_fill_(kept_weight == 0, 1)
+                # 1 where no weight was kept: + (x == 0) is masked_fill_'s result (x == 0 holds for -0 too), faster
+                divisor = kept_weight.add_(torch.eq(kept_weight, 0, out=keep_buffer[0, : stop - start]))
         else:
-            merged = deltas.sum(dim=0)
+            torch.sum(deltas, dim=0, out=merged)
         if normalize:
             merged /= divisor
         if lambda_ != 1:
@@ -233,15 +240,21 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch
     return tensor.to(device=device, dtype=dtype)
 
 
+def _as_factor(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The boolean `mask` as 0/1 in `out`'s dtype (a comparison of its bytes: far faster on a CPU
+    than a conversion or a multiply by booleans)."""
+    return torch.gt(mask.view(torch.uint8), 0, out=out)
+
+
 def _row_chunks(base: torch.Tensor) -> list[tuple[int, int]]:
     """Flat ranges of whole rows (DELLA ranks entries within rows, along dimension 1) of about
-    `_FUSED_CHUNK` elements, a multiple of 4 elements each (the random words are drawn 4 entries
-    at a time); one range for a 1-D tensor or off the CPU."""
+    `_FUSED_CHUNK` elements (the draws are by flat position, so any boundary gives the same
+    draws); one range for a 1-D tensor or off the CPU."""
     n = base.numel()
     if base.dim() < 2 or base.device.type != "cpu" or n == 0:
         return [(0, n)] if n else []
     row = n // base.shape[0]
-    rows = max(4, (_FUSED_CHUNK // max(row, 1)) // 4 * 4)
+    rows = max(1, _FUSED_CHUNK // max(row, 1))
     return [(start * row, min(start + rows, base.shape[0]) * row) for start in range(0, base.shape[0], rows)]
 
 
@@ -268,12 +281,14 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
         for start, stop in chunks:
             delta_into(start, stop, delta[start:stop])
         before = delta.abs().sum()
-        spare = torch.empty((2, buffer.numel()), dtype=torch.bool, device=base.device)
+        spare = torch.empty((2, buffer.numel()), dtype=base.dtype, device=base.device)
         for index, (start, stop) in enumerate(chunks):
             magnitudes = torch.abs(delta[start:stop], out=buffer[: stop - start])
             delta[start:stop].mul_(window.keep_(magnitudes, index, spare[0, : stop - start], spare[1, : stop - start]))
         return window, rescale_factor(before, delta.abs().sum())
+    key = stream_key(generator)  # drawn before anything is skipped, as `sparsify_` draws it
     mask = empty((n,), torch.bool, base.device)
+    factor = torch.empty(buffer.numel(), dtype=base.dtype, device=base.device) if rescale else None
     before = after = None
     if method == "random":
         threshold = level_of(density)
@@ -286,14 +301,14 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
     for start, stop in chunks:
         delta = delta_into(start, stop, buffer[: stop - start])
         if method == "random":
-            torch.lt(random_levels((stop - start,), generator, base.device), threshold, out=mask[start:stop])
+            torch.lt(random_levels(stop - start, key, base.device, start), threshold, out=mask[start:stop])
         else:
             shape = ((stop - start) * rows // n, *row_shape)
-            keep = della_mask_(delta.view(shape), density, epsilon, generator, float_masks[0], float_masks[1])
+            keep = della_mask_(delta.view(shape), density, epsilon, key, float_masks[0], float_masks[1], start)
             torch.gt(keep.view(-1), 0, out=mask[start:stop])
         if rescale:
             before = l1_norm(delta, before)
-            after = l1_norm(delta.mul_(mask[start:stop]), after)
+            after = l1_norm(delta.mul_(_as_factor(mask[start:stop], factor[: stop - start])), after)
     return mask, (rescale_factor(before, after) if rescale else None)
 
 

@@ -4,9 +4,9 @@ registry's `apply(tensors, base, params)` to `composer.methods.task_arithmetic`.
 
 Kept free of torch so that reading the registry stays cheap; the adapters import lazily.
 The random methods read `params["seed"]` (an int the planner supplies per output tensor; 0 when
-absent) and draw from a CPU generator seeded with it (the draws are moved to the tensors' device),
-so a merge is the same from run to run and on every device, and does not depend on the order
-tensors are computed in.
+absent): it seeds a generator that gives each model a 64-bit key, and the masks are a counter-based
+stream of those keys and each entry's position, computed on the tensors' device, so a merge is the
+same from run to run and on every device, and does not depend on the order tensors are computed in.
 """
 
 from __future__ import annotations
