@@ -33,13 +33,19 @@ def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = 
     flats = [tensor.reshape(-1) for tensor in tensors]
     out = empty((first.numel(),), first.dtype, first.device)
     total = sum(weights)
-    for start, end in chunk_bounds(first):
-        result = torch.zeros(end - start, dtype=accumulate, device=first.device)
+    bounds = chunk_bounds(first)
+    width = max((end - start for start, end in bounds), default=0)
+    result, converted = (torch.empty(width, dtype=accumulate, device=first.device) for _ in range(2))  # reused for every chunk
+    for start, end in bounds:
+        chunk_result = result[: end - start].zero_()
         for flat, weight in zip(flats, weights):
-            result.add_(flat[start:end].to(accumulate), alpha=weight)
+            part = flat[start:end]
+            if part.dtype != accumulate:
+                part = converted[: end - start].copy_(part)
+            chunk_result.add_(part, alpha=weight)
         if normalize:
-            result.div_(total)
-        out[start:end] = result
+            chunk_result.div_(total)
+        out[start:end] = chunk_result
     return out.view(first.shape)
 
 

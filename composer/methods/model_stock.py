@@ -55,9 +55,14 @@ def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> to
     count = len(tensors)
     base_flat, flats = base.reshape(-1), [tensor.reshape(-1) for tensor in tensors]
     products = torch.zeros(count, count, dtype=torch.float64)
+    work = torch.empty(count + 1, min(_PIECE, base_flat.numel()), dtype=torch.float32)  # reused for every piece
     for start in range(0, base_flat.numel(), _PIECE):
-        anchor = base_flat[start:start + _PIECE].float()
-        offsets = torch.stack([flat[start:start + _PIECE].float() - anchor for flat in flats])  # exact for half inputs
+        stop = min(start + _PIECE, base_flat.numel())
+        piece = work[:, : stop - start]
+        piece[count].copy_(base_flat[start:stop])
+        for i, flat in enumerate(flats):
+            piece[i].copy_(flat[start:stop]).sub_(piece[count])  # exact for half-precision inputs
+        offsets = piece[:count]
         products += (offsets @ offsets.T).double()
     norms = products.diagonal().clamp(min=0).sqrt()
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
