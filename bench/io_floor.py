@@ -73,6 +73,7 @@ def io_floor(inputs: list[Path], output_bytes: int, folder: Path, cold: bool = F
         cold = drop_page_cache()
     else:
         read_seconds(inputs)  # warm the page cache
+        os.sync()
     reading, read_bytes = read_seconds(inputs)
     writing = write_seconds(folder, output_bytes, durable)
     return {"read_s": reading, "write_s": writing, "floor_s": reading + writing, "read_bytes": read_bytes, "cold": cold}
