@@ -253,6 +253,23 @@ def test_della_keeps_larger_entries_more_often_ranking_within_rows():
     assert (one_d - expected).abs().max() < 0.04
 
 
+def test_della_ranks_equal_half_precision_magnitudes_by_position():
+    """bf16 task vectors often hold equal magnitudes: they are ranked lowest position first (a stable sort), so the
+    mask is the one drawn for those ranks, the same on every machine."""
+    from composer.methods.sparsify import della_mask_, random_levels, stream_key
+
+    delta = torch.tensor([[0.5, -0.25, 0.5, 0.25, -0.5, 0.125, 0.25, 0.5]] * 3, dtype=torch.bfloat16)
+    key = stream_key(torch.Generator().manual_seed(4))
+    mask = della_mask_(delta, 0.5, 0.3, key) > 0
+    order = torch.sort(delta.float().abs(), dim=1, stable=True).indices
+    m = delta.shape[1]
+    probabilities = 0.5 - 0.3 + 2 * 0.3 * torch.arange(m, dtype=torch.float64) / (m - 1)
+    thresholds = (probabilities * 65536).round() - 32768
+    keep_by_rank = random_levels(delta.shape, key, delta.device).to(torch.float64) < thresholds
+    expected = torch.zeros(delta.shape, dtype=torch.bool).scatter_(1, order, keep_by_rank)
+    assert torch.equal(mask, expected)
+
+
 def test_della_is_the_formula_for_the_mask_it_drew():
     tensors, base = models_near(10, count=2, shape=(12, 16))
     taus = task_vectors_of(tensors, base)
