@@ -7,7 +7,6 @@ is streamed, appears atomically and gets a model card and DONOR's tokenizer file
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,9 @@ from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.sources import ModelSource, local_path, open_source
 from composer.sources.base import FolderFilesMixin
 from composer.sources.built_tokenizer import WeightlessSource
+from composer.sources.tokenizer import check_vocabulary_rows, load_source_tokenizer
+from tokensurgery.vocabulary import TOKENIZER_FILES
 
-TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 DONOR_EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "tok_embeddings", "embeddings")
 
 
@@ -65,9 +65,9 @@ def open_donor(reference: str) -> ModelSource:
     """DONOR as a source: with its weights when it has them (for estimators that use them), else its tokenizer only."""
     path = local_path(reference)
     if path.is_dir():
-        if not any((path / name).is_file() for name in TOKENIZER_NAMES):
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise ComposerError(
-                f"Donor '{reference}' has no tokenizer: {path} holds none of {', '.join(TOKENIZER_NAMES)}. "
+                f"Donor '{reference}' has no tokenizer: {path} holds none of {', '.join(TOKENIZER_FILES)}. "
                 "The donor must be a model or tokenizer folder with its tokenizer files."
             )
         return open_source(reference) if _has_weights(path) else TokenizerOnly(reference, path)
@@ -75,20 +75,6 @@ def open_donor(reference: str) -> ModelSource:
     if not source.has_tokenizer():
         raise ComposerError(f"Donor '{reference}' has no tokenizer, so there is nothing to transplant.")
     return source
-
-
-def load_source_tokenizer(source: ModelSource, role: str):
-    """The source's tokenizer, loaded by transformers from the files the source writes (folder, GGUF or hub)."""
-    from tokensurgery import TokenSurgeryError, load_tokenizer
-
-    if not source.has_tokenizer():
-        raise ComposerError(f"The {role} '{source.reference}' has no tokenizer files; a transplant needs the tokenizer of both models.")
-    with tempfile.TemporaryDirectory(prefix="composer-tokenizer-") as folder:
-        source.save_tokenizer(Path(folder))
-        try:
-            return load_tokenizer(folder)
-        except TokenSurgeryError as error:
-            raise ComposerError(f"The tokenizer of the {role} '{source.reference}' cannot be read: {error}") from None
 
 
 def _donor_rows_names(donor: ModelSource, size: int) -> tuple[str | None, str | None]:
@@ -114,19 +100,6 @@ def _donor_rows_names(donor: ModelSource, size: int) -> tuple[str | None, str | 
         ]
         embedding = min(candidates, key=len) if candidates else None
     return embedding, head or embedding
-
-
-def _check_rows(model: ModelSource, weight: WeightDefinition, vocabulary_size: int) -> None:
-    info = model.tensor_infos()[weight.name]
-    rows = info.shape[weight.vocab_axis]
-    if rows < vocabulary_size:
-        raise ComposerError(
-            f"Model '{model.reference}': tensor '{weight.name}' has {rows} rows, but the model's tokenizer has "
-            f"{vocabulary_size} tokens, so token ids {rows} and above have no row to move. The tokenizer does not belong "
-            "to these weights, or tokens were added to it without resizing the embeddings: resize them (or use the "
-            "tokenizer the model was trained with). Rows beyond the tokenizer are fine: they are taken as padding and "
-            "dropped, and --pad-to-multiple-of N pads the output's rows to a multiple of N."
-        )
 
 
 def _rebuild_operation(transplant, weight: WeightDefinition, with_donor: bool, counts: Counter) -> Operation:
@@ -222,13 +195,14 @@ def _plan_sources(model_ref: str, donor_ref: str, model: ModelSource, donor: Mod
 
     config = model.config()
     architecture = architecture_for(config, model_ref)
-    model_vocabulary = Vocabulary.from_tokenizer(load_source_tokenizer(model, "model"), model_ref)
+    model_vocabulary = Vocabulary.from_tokenizer(load_source_tokenizer(model, "a transplant needs the tokenizer of both models"), model_ref)
     vocab_weights = [weight for weight in architecture.vocab_weights() if weight.name in model.tensor_infos()]
     if not vocab_weights:
         raise ComposerError(f"Model '{model_ref}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())}).")
     for weight in vocab_weights:
-        _check_rows(model, weight, len(model_vocabulary))
-    donor_vocabulary = Vocabulary.from_tokenizer(load_source_tokenizer(donor, "donor"), donor_ref)
+        rows = model.tensor_infos()[weight.name].shape[weight.vocab_axis]
+        check_vocabulary_rows(model_ref, weight.name, rows, len(model_vocabulary), " --pad-to-multiple-of N pads the output's rows to a multiple of N.")
+    donor_vocabulary = Vocabulary.from_tokenizer(load_source_tokenizer(donor, "a transplant needs the tokenizer of both models"), donor_ref)
     transplant = Transplant.between(model_vocabulary, donor_vocabulary, settings, options.pad_to_multiple_of)
 
     donor_embedding, donor_head = _donor_rows_names(donor, len(donor_vocabulary))

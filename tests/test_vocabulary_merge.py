@@ -249,3 +249,12 @@ stages:
     assert _vocab(out) == _vocab(one_stage)
     merged, single = load_state(out), load_state(one_stage)
     assert torch.equal(merged[EMBED], single[EMBED]) and torch.equal(merged[HEAD], single[HEAD])
+
+
+def test_a_model_whose_embedding_is_shorter_than_its_tokenizer_is_refused(models, tmp_path):
+    from composer.errors import ComposerError
+
+    short = tiny_model_with_tokenizer(tmp_path / "short", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=6, rows=250, tied=False)
+    with pytest.raises(ComposerError, match=r"tensor 'model.embed_tokens.weight' has 250 rows, but the model's tokenizer has 300 tokens"):
+        _merge(tmp_path, _linear(models["base"], short, extra="tokenizer_source: union\n"))
+    assert not (tmp_path / "out").exists()

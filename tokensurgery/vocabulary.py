@@ -191,13 +191,15 @@ class Vocabulary:
         return cls.from_tokenizer(load_tokenizer(folder), name or str(folder))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(folder: Path | str):
     """A transformers fast tokenizer from a model or tokenizer folder, with a clear error when there is none."""
     from transformers import AutoTokenizer
 
     path = Path(folder)
-    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
-    if not path.is_dir() or not any((path / name).is_file() for name in names):
+    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise TokenSurgeryError(
             f"{folder} has no tokenizer: a tokenizer folder needs tokenizer.json (or tokenizer.model, vocab.json + merges.txt, vocab.txt)."
         )

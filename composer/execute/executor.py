@@ -6,6 +6,7 @@ The executor knows tensors, bytes and devices; it never knows which method or fe
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -29,8 +30,6 @@ GIB = 1024**3
 def resident_bytes() -> int:
     """Memory the process holds now (Linux: /proc/self/statm); 0 where that cannot be read."""
     try:
-        import os
-
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):

@@ -34,9 +34,7 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
         base_rows, rows = base, list(tensors)
     cosine = _mean_pairwise_cosine([row - base_rows for row in rows]).unsqueeze(-1)
     count = len(rows)
-    denominator = 1 + (count - 1) * cosine
-    singular = denominator.abs() < SINGULAR
-    ratio = torch.where(singular, torch.zeros_like(cosine), (count * cosine) / torch.where(singular, torch.ones_like(denominator), denominator))
+    ratio = _ratio(cosine, count)
     average = rows[0] + rows[1]
     for row in rows[2:]:
         average += row
@@ -44,7 +42,14 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
     return average.mul_(ratio).add_((1 - ratio) * base_rows).reshape(shape)
 
 
-_PIECE = 1 << 16  # elements per step of the half-precision path: float64 copies that stay in cache
+def _ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:
+    """t = N cos / (1 + (N - 1) cos), 0 where the denominator is within SINGULAR of zero."""
+    denominator = 1 + (count - 1) * cosine
+    singular = denominator.abs() < SINGULAR
+    return torch.where(singular, torch.zeros_like(cosine), (count * cosine) / torch.where(singular, torch.ones_like(denominator), denominator))
+
+
+_PIECE = 1 << 16  # elements per step of the half-precision path: float32 copies that stay in cache
 
 
 def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -67,9 +72,7 @@ def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> to
     norms = products.diagonal().clamp(min=0).sqrt()
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
     cosine = sum(max(-1.0, min(1.0, float(products[i, j]) / max(float(norms[i] * norms[j]), COSINE_NORM_FLOOR))) for i, j in pairs) / len(pairs)
-    cosine_t = torch.tensor(cosine, dtype=base.dtype)
-    denominator = 1 + (count - 1) * cosine_t
-    ratio = torch.zeros_like(cosine_t) if denominator.abs() < SINGULAR else (count * cosine_t) / denominator
+    ratio = _ratio(torch.tensor(cosine, dtype=base.dtype), count)
     keep = 1 - ratio
     out = empty(base_flat.shape, base_flat.dtype)
     for start in range(0, base_flat.numel(), _PIECE * 4):

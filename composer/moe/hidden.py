@@ -27,20 +27,10 @@ class PromptBatch:
 
 
 def load_tokenizer(source: ModelSource):
-    """The tokenizer of `source`, through a temporary folder of its tokenizer files."""
-    import tempfile
-    from pathlib import Path
+    """The tokenizer of `source` (the base or the tokenizer source of an MoE)."""
+    from composer.sources.tokenizer import load_source_tokenizer
 
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="composer-tokenizer-") as folder:
-        written = source.save_tokenizer(Path(folder))
-        if not written:
-            raise ComposerError(f"Model '{source.reference}' has no tokenizer files; router gates from prompts need one.")
-        try:
-            return AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as error:
-            raise ComposerError(f"The tokenizer of '{source.reference}' cannot be loaded ({error}).") from None
+    return load_source_tokenizer(source, "router gates from prompts need one")
 
 
 def tokenize(tokenizer, texts: list[str]) -> PromptBatch:

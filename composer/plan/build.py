@@ -356,11 +356,12 @@ class _Planner:
         except VocabularyKeyError as error:
             raise RecipeKeyError(_vocabulary_key(self.recipe, error.location), error.detail) from None
 
-    def _embedding_rows(self, model: str, architecture: Architecture) -> int:
+    def _embedding_rows(self, model: str, architecture: Architecture) -> tuple[str, int]:
+        """(name, rows) of the model's first vocabulary-indexed tensor."""
         infos = self.sources[model].tensor_infos()
         for weight in architecture.vocab_weights():
             if weight.name in infos:
-                return infos[weight.name].shape[weight.vocab_axis]
+                return weight.name, infos[weight.name].shape[weight.vocab_axis]
         raise ComposerError(f"Model '{model}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())}).")
 
     def _special_token_ids(self) -> dict:
@@ -453,7 +454,7 @@ def model_location(recipe: Merge, reference: str) -> tuple:
         for j, source in enumerate(output_slice.sources):
             if source.model == reference:
                 return ("slices", i, "sources", j, "model")
-    return ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
+    return _tokenizer_key(recipe)
 
 
 def _tokenizer_key(recipe: Merge) -> tuple:

@@ -31,6 +31,7 @@ import torch
 from composer.errors import ComposerError, ComposerWarning
 from composer.recipe.schema import ModelTokenRow, TokenizerSettings, ZeroRow
 from composer.sources import ModelSource
+from composer.sources.tokenizer import check_vocabulary_rows, load_source_tokenizer
 
 
 @dataclass
@@ -138,12 +139,6 @@ class VocabularyKeyError(ComposerError):
         self.detail = detail
 
 
-def _tokenizer_of(source: ModelSource, role: str):
-    from composer.transplant import load_source_tokenizer
-
-    return load_source_tokenizer(source, role)
-
-
 def _same_ids(tokenizer, output_vocab: dict[str, int]) -> bool:
     """Whether every token of `tokenizer` has the same id in `output_vocab`."""
     return all(output_vocab.get(token) == index for token, index in tokenizer.get_vocab().items())
@@ -223,17 +218,17 @@ class OutputVocabulary:
 
 
 def plan_vocabulary(
-    request: VocabularyRequest, models: list[str], base: str, sources: dict[str, ModelSource], vocab_rows: dict[str, int],
+    request: VocabularyRequest, models: list[str], base: str, sources: dict[str, ModelSource], vocab_rows: dict[str, tuple[str, int]],
     outside_source: ModelSource | None = None,
 ) -> OutputVocabulary:
     """Load every model's tokenizer, build the output tokenizer and place each model's tokens in it.
-    `vocab_rows`: rows of each model's embedding; `outside_source`: the tokenizer source when it is not merged."""
+    `vocab_rows`: each model's embedding (tensor name, rows); `outside_source`: the tokenizer source when it is not merged."""
     from tokensurgery import align
 
     tokenizers = {}
     for model in models:
         if sources[model].has_tokenizer():
-            tokenizers[model] = _tokenizer_of(sources[model], f"model '{model}'")
+            tokenizers[model] = load_source_tokenizer(sources[model], "merging vocabularies needs every model's tokenizer")
     if base not in tokenizers and request.source in ("base", "union"):
         raise VocabularyKeyError(("source",), f"the base model '{base}' has no tokenizer files, so '{request.source}' has nothing to start from; name a model that has one.")
     for model in models:
@@ -248,7 +243,7 @@ def plan_vocabulary(
         files_of = base if len(output) == len(tokenizers[base]) else None
     else:
         files_of = request.source
-        output = tokenizers[files_of] if files_of in tokenizers else _tokenizer_of(outside_source, f"tokenizer source '{files_of}'")
+        output = tokenizers[files_of] if files_of in tokenizers else load_source_tokenizer(outside_source, "it cannot be the tokenizer source")
     missing = [token for token in request.tokens if token not in output.get_vocab()]
     if missing:
         import copy
@@ -262,33 +257,24 @@ def plan_vocabulary(
     vocabulary = OutputVocabulary(request, tokenizers, output, files_of, base, token_count, {})
     for model in models:
         tokenizer = tokenizers[model]
-        _check_rows(model, vocab_rows[model], len(tokenizer))
+        check_vocabulary_rows(model, vocab_rows[model][0], vocab_rows[model][1], len(tokenizer), " `tokenizer: {pad_to_multiple_of: N}` pads the output's rows.")
         if _same_ids(tokenizer, output_vocab):
             owned = np.full(token_count, -1, dtype=np.int64)
             owned[: len(tokenizer)] = np.arange(len(tokenizer))
-            vocabulary.rows[model] = ModelRows(owned, len(tokenizer) == token_count, vocab_rows[model])
+            vocabulary.rows[model] = ModelRows(owned, len(tokenizer) == token_count, vocab_rows[model][1])
         else:
             alignment = align(vocabulary.vocabulary(model), vocabulary.vocabulary(None))
-            vocabulary.rows[model] = ModelRows(alignment.source_ids.copy(), False, vocab_rows[model])
+            vocabulary.rows[model] = ModelRows(alignment.source_ids.copy(), False, vocab_rows[model][1])
 
     size = token_count
     keeper = files_of if files_of in models else (base if request.source == "union" else None)
     if keeper is not None:
-        size = max(size, vocab_rows[keeper])  # keep the padding rows of the model whose vocabulary the output extends
+        size = max(size, vocab_rows[keeper][1])  # keep the padding rows of the model whose vocabulary the output extends
     if request.pad_to_multiple_of:
         size = -(-size // request.pad_to_multiple_of) * request.pad_to_multiple_of
     vocabulary.size = size
     vocabulary.for_models(models, check=True)  # the `tokens:` settings are checked here, before any work
     return vocabulary
-
-
-def _check_rows(model: str, rows: int, tokens: int) -> None:
-    if rows < tokens:
-        raise ComposerError(
-            f"Model '{model}': its embedding has {rows} rows but its tokenizer has {tokens} tokens, so token ids {rows} "
-            "and above have no row. The tokenizer does not belong to these weights, or tokens were added to it without "
-            "resizing the embeddings."
-        )
 
 
 def _token_row(model: str, setting, tokenizers: dict, token: str) -> int:
@@ -329,8 +315,9 @@ def _stand_in_rules(request, models, base, rows, token_count, output_vocab, toke
         chosen[token_id] = (model, _token_row(model, source, tokenizers, token))
     someone_has = has.any(axis=0)
     needs = (~has).any(axis=0) | forced
-    stand_in_tokens = np.flatnonzero(needs & (someone_has | np.isin(np.arange(token_count), list(chosen))))
-    estimated = np.flatnonzero(needs & ~someone_has & ~np.isin(np.arange(token_count), list(chosen)))
+    has_setting = np.isin(np.arange(token_count), list(chosen))
+    stand_in_tokens = np.flatnonzero(needs & (someone_has | has_setting))
+    estimated = np.flatnonzero(needs & ~someone_has & ~has_setting)
     from_model: dict[str, tuple[list, list]] = {}
     mean = []
     base_position = models.index(base) if base in models else None

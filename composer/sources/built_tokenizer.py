@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,12 +29,7 @@ class BuiltTokenizer(WeightlessSource):
         return {}
 
     def save_tokenizer(self, destination: Path) -> list[str]:
-        with tempfile.TemporaryDirectory(prefix="composer-tokenizer-") as scratch:
-            self.tokenizer.save_pretrained(scratch)
-            written = sorted(path.name for path in Path(scratch).iterdir() if path.is_file())
-            for name in written:
-                (destination / name).write_bytes((Path(scratch) / name).read_bytes())
-        return written
+        return sorted(Path(path).name for path in self.tokenizer.save_pretrained(str(destination)))
 
     def input_paths(self) -> dict[str, Path]:
         return {}
