@@ -223,7 +223,7 @@ def plan_vocabulary(
 ) -> OutputVocabulary:
     """Load every model's tokenizer, build the output tokenizer and place each model's tokens in it.
     `vocab_rows`: each model's embedding (tensor name, rows); `outside_source`: the tokenizer source when it is not merged."""
-    from tokensurgery import align
+    from tokensurgery import align, padded
 
     tokenizers = {}
     for model in models:
@@ -270,9 +270,7 @@ def plan_vocabulary(
     keeper = files_of if files_of in models else (base if request.source == "union" else None)
     if keeper is not None:
         size = max(size, vocab_rows[keeper][1])  # keep the padding rows of the model whose vocabulary the output extends
-    if request.pad_to_multiple_of:
-        size = -(-size // request.pad_to_multiple_of) * request.pad_to_multiple_of
-    vocabulary.size = size
+    vocabulary.size = padded(size, request.pad_to_multiple_of)
     vocabulary.for_models(models, check=True)  # the `tokens:` settings are checked here, before any work
     return vocabulary
 
