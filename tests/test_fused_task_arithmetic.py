@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from composer.methods import sparsify as sparsify_module
+from composer.methods import draws as draws_module
 from composer.methods import task_arithmetic as task_arithmetic_module
 from composer.methods.task_arithmetic import generalized_task_arithmetic, reference_generalized_task_arithmetic
 
@@ -132,23 +133,23 @@ def _splitmix64(key: int, index: int) -> int:
 
 @pytest.mark.parametrize("key", [0, 1, -1, 0x7FFF_FFFF_FFFF_FFFF, -(1 << 63), 123456789123])
 def test_random_words_are_splitmix64(key):
-    words = sparsify_module.random_words(key, 1000, 50)
+    words = draws_module.random_words(key, 1000, 50)
     assert [int(word) % (1 << 64) for word in words] == [_splitmix64(key % (1 << 64), 1000 + i) for i in range(50)]
     assert _splitmix64(0, 0) == 0xE220A8397B1DCDAF  # the published first output of seed 0
 
 
 def test_random_levels_drawn_in_pieces_equal_drawn_whole():
-    whole = sparsify_module.random_levels((37, 29), key=99)
+    whole = draws_module.random_levels((37, 29), key=99)
     flat = whole.reshape(-1)
     cuts = [0, 1, 2, 7, 8, 100, 101, 555, flat.numel()]
-    pieces = [sparsify_module.random_levels(stop - start, 99, offset=start) for start, stop in zip(cuts, cuts[1:])]
+    pieces = [draws_module.random_levels(stop - start, 99, offset=start) for start, stop in zip(cuts, cuts[1:])]
     assert torch.equal(torch.cat(pieces), flat)
-    assert torch.equal(sparsify_module.random_levels((37, 29), key=99), whole)  # reproducible
+    assert torch.equal(draws_module.random_levels((37, 29), key=99), whole)  # reproducible
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_random_levels_are_the_same_on_cuda():
-    assert torch.equal(sparsify_module.random_levels(100_003, -5, "cuda", offset=3).cpu(), sparsify_module.random_levels(100_003, -5, offset=3))
+    assert torch.equal(draws_module.random_levels(100_003, -5, "cuda", offset=3).cpu(), draws_module.random_levels(100_003, -5, offset=3))
 
 
 def test_random_masks_are_statistically_sound():
@@ -157,9 +158,9 @@ def test_random_masks_are_statistically_sound():
     after the other from one generator) and between seeds."""
     n, density = 10_000_000, 0.3
     generator = torch.Generator().manual_seed(5)
-    keys = [sparsify_module.stream_key(generator) for _ in range(2)] + [sparsify_module.stream_key(6)]
-    threshold = sparsify_module.level_of(density)
-    masks = [sparsify_module.random_levels(n, key) < threshold for key in keys]
+    keys = [draws_module.stream_key(generator) for _ in range(2)] + [draws_module.stream_key(6)]
+    threshold = draws_module.level_of(density)
+    masks = [draws_module.random_levels(n, key) < threshold for key in keys]
     p = (threshold + 32768) / 65536
     sigma = (p * (1 - p) / n) ** 0.5
     limit = 4 / n ** 0.5  # 4 sigma of the correlation of independent draws

@@ -256,7 +256,8 @@ def test_della_keeps_larger_entries_more_often_ranking_within_rows():
 def test_della_ranks_equal_half_precision_magnitudes_by_position():
     """bf16 task vectors often hold equal magnitudes: they are ranked lowest position first (a stable sort), so the
     mask is the one drawn for those ranks, the same on every machine."""
-    from composer.methods.sparsify import della_mask_, random_levels, stream_key
+    from composer.methods.draws import random_levels, stream_key
+    from composer.methods.sparsify import della_mask_
 
     delta = torch.tensor([[0.5, -0.25, 0.5, 0.25, -0.5, 0.125, 0.25, 0.5]] * 3, dtype=torch.bfloat16)
     key = stream_key(torch.Generator().manual_seed(4))

@@ -7,10 +7,7 @@ from a count of their bit patterns instead (one pass). Ties at a threshold are b
 lowest index first, so exactly the asked number of elements is kept. Only DELLA, whose drop
 probabilities depend on each element's rank within its row, sorts (row by row).
 
-Random masks come from a counter-based stream: splitmix64 of the word index and a 64-bit key drawn
-per model and tensor (`stream_key`), four 16-bit draws per word, computed with int64 tensor
-operations on the tensor's device. Any chunk computes its own draws from its position, so chunked
-and whole-tensor paths, and CPU and GPU, draw the same masks.
+Random masks come from the counter-based stream of `composer.methods.draws`.
 
 Masks are 0/1 float32 tensors written into buffers the caller may supply (a float multiply is far
 cheaper than masking with booleans, and a reused buffer saves the page faults of a fresh one).
@@ -23,6 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from composer.methods.draws import LEVELS, level_of, random_levels, stream_key
 
 _EXACT_LIMIT = 1 << 18  # at most this many elements: torch.kthvalue on the whole tensor
 _SAMPLE = 1 << 14  # sample size used to bracket an order statistic of a larger tensor
@@ -298,83 +297,33 @@ def outlier_mask_(
     return window_mask_(_magnitudes_into(delta, out), bottom, bottom + keep, spare=spare)
 
 
-_LEVELS = 1 << 16  # keep probabilities are resolved to 1/65536
-
-
-def _signed(value: int) -> int:
-    """A 64-bit pattern as the int64 that holds it."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# splitmix64 (Steele, Lea & Flood 2014): the word at index w of the stream of key s is the
-# finaliser applied to s + (w + 1) * golden-ratio increment, so any word is computed on its own.
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MIXERS = ((30, _signed(0xBF58476D1CE4E5B9)), (27, _signed(0x94D049BB133111EB)), (31, None))
-
-
-def stream_key(generator: torch.Generator | int | None) -> int:
-    """The 64-bit key of one random stream (one model's draws for one tensor): drawn from
-    `generator` (a torch.Generator, one draw), or from a generator seeded with an int (0 for None)."""
-    if not isinstance(generator, torch.Generator):
-        generator = make_generator(0 if generator is None else generator)
-    word = torch.empty(1, dtype=torch.int64, device=generator.device)
-    return int(word.random_(-(1 << 63), None, generator=generator))
-
-
-def random_words(key: int, first: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Words first .. first + count - 1 of the splitmix64 stream of `key`, as int64, computed with
-    int64 tensor operations on `device` (the same bits on every device; torch's >> on int64 is
-    arithmetic, so the logical shifts mask off the copied sign bits)."""
-    words = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
-    words.mul_(_GOLDEN).add_(_signed(key))
-    shifted = torch.empty_like(words)
-    for shift, multiplier in _MIXERS:
-        torch.bitwise_right_shift(words, shift, out=shifted)
-        words.bitwise_xor_(shifted.bitwise_and_((1 << (64 - shift)) - 1))
-        if multiplier is not None:
-            words.mul_(multiplier)
-    return words
-
-
-def random_levels(shape, key: int, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
-    """Uniform integers in [-32768, 32768) (int16) of `shape`, for the flat positions offset,
-    offset + 1, .. of the stream of `key`: position p is 16-bit lane p % 4 of word p // 4, so a
-    tensor drawn chunk by chunk (each chunk with its own offset) gets the same levels as drawn
-    whole. u < round(p * 65536) - 32768 holds with probability p to within 1/65536 (`level_of`)."""
-    count = math.prod(shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
-    first, lane = divmod(offset, 4)
-    words = random_words(key, first, (lane + count + 3) // 4, device)
-    levels = words.view(torch.int16)[lane:lane + count]
-    return levels.reshape(shape) if isinstance(shape, (tuple, list, torch.Size)) else levels
-
-
-def level_of(probability: float) -> int:
-    """The int16 threshold for `random_levels` that is passed with `probability` (clamped to [0, 1])."""
-    return min(max(round(probability * _LEVELS), 0), _LEVELS) - _LEVELS // 2
-
-
 def random_mask_(delta: torch.Tensor, density: float, key: int, out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """DARE: each entry 1 independently with probability `density`, drawn from the stream of `key`
     at the flat positions offset, offset + 1, ..."""
     mask = _buffer(delta, out)
     threshold = level_of(density)
-    if threshold >= _LEVELS // 2:
+    if threshold >= LEVELS // 2:
         return mask.fill_(1)
     return torch.lt(random_levels(delta.shape, key, delta.device, offset), threshold, out=mask)
 
 
-def della_mask_(
-    delta: torch.Tensor,
-    density: float,
-    epsilon: float,
-    key: int,
-    out: torch.Tensor | None = None,
-    spare: torch.Tensor | None = None,
-    offset: int = 0,
+def stable_row_order(keys: torch.Tensor) -> torch.Tensor:
+    """torch.sort(keys, dim=1, stable=True).indices for 16-bit integer keys. On a CPU numpy's stable
+    argsort, a radix sort for 16-bit keys (two passes over bytes), is about 3x faster than torch's
+    comparison sort and gives the same permutation."""
+    if keys.device.type != "cpu":
+        return torch.sort(keys, dim=1, stable=True).indices
+    import numpy as np
+
+    return torch.from_numpy(np.argsort(keys.contiguous().numpy(), axis=1, kind="stable"))
+
+
+def della_keep(
+    delta: torch.Tensor, density: float, epsilon: float, key: int, out: torch.Tensor | None = None, offset: int = 0
 ) -> torch.Tensor:
-    """DELLA MagPrune: within each row (dimension 1; a 1-D tensor is one row), the entry of rank r
-    (0 = smallest magnitude, m - 1 = largest, m entries) is kept with probability
+    """DELLA MagPrune as a boolean mask (into `out` when given): within each row (dimension 1; a
+    1-D tensor is one row), the entry of rank r (0 = smallest magnitude, m - 1 = largest, m
+    entries; equal magnitudes ranked by position) is kept with probability
     density - epsilon + 2 epsilon r / (m - 1), so larger entries are likelier to stay and the mean
     keep probability is `density`. A row of one entry keeps it with probability `density`. The
     draw for the entry of rank r in row i is at flat position offset + i * m + r of the stream of
@@ -385,21 +334,24 @@ def della_mask_(
         probabilities = torch.arange(m, device=delta.device, dtype=torch.float64) * (2 * epsilon / (m - 1)) + (density - epsilon)
     else:
         probabilities = torch.full((1,), density, dtype=torch.float64, device=delta.device)
-    thresholds = (probabilities.clamp(0, 1) * _LEVELS).round_().sub_(_LEVELS // 2).to(torch.int32)
+    thresholds = (probabilities.clamp(0, 1) * LEVELS).round_().sub_(LEVELS // 2).to(torch.int32)
     thresholds = thresholds.view((m,) + (1,) * (len(rows_shape) - 2))
-    if delta.dtype in (torch.bfloat16, torch.float16):
-        # the bit patterns of half-precision magnitudes sort as the values do; a stable sort of them is faster
-        # than sorting floats and ranks equal magnitudes by position, the same on every machine
-        order = torch.sort(delta.abs().view(torch.int16).view(rows_shape), dim=1, stable=True).indices
-        magnitudes = _buffer(delta, out).view(rows_shape)
+    if delta.dtype in _HALF_DTYPES:
+        # the bit patterns of half-precision magnitudes sort as the values do; a stable sort of them ranks
+        # equal magnitudes by position, the same on every machine
+        order = stable_row_order(delta.abs().view(torch.int16).view(rows_shape))
     else:
-        magnitudes = _magnitudes_into(delta, out).view(rows_shape)
-        order = torch.argsort(magnitudes, dim=1)
-    keep_in_order = _buffer(magnitudes, spare)  # the draw for rank r sits at position r
-    torch.lt(random_levels(rows_shape, key, delta.device, offset), thresholds, out=keep_in_order)
-    mask = magnitudes  # the magnitudes are no longer needed
-    mask.scatter_(1, order, keep_in_order)
-    return mask.view(delta.shape)
+        order = torch.sort(_magnitudes_into(delta, None).view(rows_shape), dim=1, stable=True).indices
+    keep_in_order = torch.lt(random_levels(rows_shape, key, delta.device, offset), thresholds)  # rank r at position r
+    mask = torch.empty(rows_shape, dtype=torch.bool, device=delta.device) if out is None else out.view(rows_shape)
+    return mask.scatter_(1, order, keep_in_order).view(delta.shape)
+
+
+def della_mask_(
+    delta: torch.Tensor, density: float, epsilon: float, key: int, out: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
+    """`della_keep` as 0/1 in a float32 buffer (`out` when given)."""
+    return _buffer(delta, out).copy_(della_keep(delta, density, epsilon, key, offset=offset))
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -418,8 +370,8 @@ def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator 
 
 
 def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | int) -> torch.Tensor:
-    """`della_mask_` as a boolean mask, with a stream key drawn from `generator` (`stream_key`)."""
-    return della_mask_(delta, density, epsilon, stream_key(generator)) > 0
+    """`della_keep` with a stream key drawn from `generator` (`stream_key`)."""
+    return della_keep(delta, density, epsilon, stream_key(generator))
 
 
 # --- applying a mask --------------------------------------------------------------------------------
@@ -493,13 +445,7 @@ def sparsify_(
     elif method == "random":
         keep = random_mask_(delta, density, stream_key(generator), out)
     elif method == "della_magprune":
-        keep = della_mask_(delta, density, epsilon, stream_key(generator), out, spare)
+        keep = della_mask_(delta, density, epsilon, stream_key(generator), out)
     else:
         raise ValueError(f"unknown sparsification method {method!r}")
     return mask_(delta, keep, rescale, exact=method in ("magnitude", "magnitude_outliers"))
-
-
-def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on `device` (by default the CPU, whose draws are then moved to the tensors, so a
-    merge draws the same masks on every device) seeded with `seed` (reduced to 64 bits)."""
-    return torch.Generator(device=device).manual_seed(int(seed) % (1 << 64))

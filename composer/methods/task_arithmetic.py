@@ -14,16 +14,16 @@ modified.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from composer.memory import empty
 from composer.methods.interpolation import chunk_bounds
-from composer.methods.sparsify import (
-    ChunkedWindow, della_mask_, l1_norm, level_of, make_generator, random_levels, rescale_factor, sparsify_, stream_key,
-    window_mask_,
-)
+from composer.methods.bitmask import BitMask
+from composer.methods.draws import level_of, make_generator, random_levels, stream_key
+from composer.methods.sparsify import ChunkedWindow, della_keep, l1_norm, rescale_factor, sparsify_, window_mask_
 
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
@@ -127,7 +127,7 @@ def generalized_task_arithmetic(
     1. tau_i = x_i - base, sparsified with `sparsification` at `densities[i]` (with `rescale`, the
        kept entries are scaled to the task vector's L1 norm); `gammas` for "magnitude_outliers",
        `epsilons` for "della_magprune"; the random methods take one stream key per model, in
-       order, from `generator` (`composer.methods.sparsify.stream_key`).
+       order, from `generator` (`composer.methods.draws.stream_key`).
     2. d_i = w_i tau_i.
     3. consensus: per entry keep the d_i whose sign is the sign of sum_i d_i (TIES sign election);
        m = sum of the kept d_i, D = sum of the w_i kept there (1 where none).
@@ -138,8 +138,8 @@ def generalized_task_arithmetic(
     default the same result, bit for bit, in cache-sized chunks (the whole tensor is one chunk off
     the CPU), with no tensor-sized float32 temporaries (tests/test_fused_task_arithmetic.py).
     Pass 1, model by model, only where a mask needs the whole tensor: the magnitude thresholds
-    (`ChunkedWindow`), the random masks (drawn chunk by chunk from the same stream, kept as
-    booleans) and the L1 norms for `rescale`. Pass 2, chunk by chunk: the task vectors, masked,
+    (`ChunkedWindow`), the random masks (drawn chunk by chunk from the same stream, kept one
+    bit per entry, `BitMask`) and the L1 norms for `rescale`. Pass 2, chunk by chunk: the task vectors, masked,
     rescaled, weighted, sign-elected, summed, divided, scaled and added to the base, with the same
     operations as the reference on each chunk (all elementwise, so the same bits; masks as 0/1 in
     the deltas' dtype).
@@ -215,7 +215,7 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
                 magnitudes = torch.abs(delta, out=buffer[: stop - start])
                 delta.mul_(keep.keep_(magnitudes, index, keep_buffer[0, : stop - start], keep_buffer[1, : stop - start]))
             elif keep is not None:
-                delta.mul_(_as_factor(keep[start:stop], keep_buffer[0, : stop - start]))
+                delta.mul_(keep.factor_into(start, stop, keep_buffer[0]))
             if scales[i] is not None:
                 delta.mul_(scales[i])
         deltas.mul_(weight_column)
@@ -254,7 +254,8 @@ def _row_chunks(base: torch.Tensor) -> list[tuple[int, int]]:
     if base.dim() < 2 or base.device.type != "cpu" or n == 0:
         return [(0, n)] if n else []
     row = n // base.shape[0]
-    rows = max(1, _FUSED_CHUNK // max(row, 1))
+    step = 8 // math.gcd(row, 8)  # every range starts at a multiple of 8, where a `BitMask` can be stored
+    rows = max(step, _FUSED_CHUNK // max(row, 1) // step * step)
     return [(start * row, min(start + rows, base.shape[0]) * row) for start in range(0, base.shape[0], rows)]
 
 
@@ -287,9 +288,6 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
             delta[start:stop].mul_(window.keep_(magnitudes, index, spare[0, : stop - start], spare[1, : stop - start]))
         return window, rescale_factor(before, delta.abs().sum())
     key = stream_key(generator)  # drawn before anything is skipped, as `sparsify_` draws it
-    mask = empty((n,), torch.bool, base.device)
-    factor = torch.empty(buffer.numel(), dtype=base.dtype, device=base.device) if rescale else None
-    before = after = None
     if method == "random":
         threshold = level_of(density)
         if threshold >= 1 << 15:
@@ -297,18 +295,24 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
     else:
         rows = base.shape[0] if base.dim() >= 2 else 1
         row_shape = base.shape[1:] if base.dim() >= 2 else (n,)
-        float_masks = torch.empty((2, buffer.numel()), dtype=torch.float32, device=base.device)
+    mask = BitMask(n, base.device)
+    chunk_keep = torch.empty(buffer.numel(), dtype=torch.bool, device=base.device)
+    factor = torch.empty(buffer.numel(), dtype=base.dtype, device=base.device) if rescale else None
+    before = after = None
     for start, stop in chunks:
-        delta = delta_into(start, stop, buffer[: stop - start])
+        keep = chunk_keep[: stop - start]
         if method == "random":
-            torch.lt(random_levels(stop - start, key, base.device, start), threshold, out=mask[start:stop])
+            torch.lt(random_levels(stop - start, key, base.device, start), threshold, out=keep)
         else:
+            delta = delta_into(start, stop, buffer[: stop - start])
             shape = ((stop - start) * rows // n, *row_shape)
-            keep = della_mask_(delta.view(shape), density, epsilon, key, float_masks[0], float_masks[1], start)
-            torch.gt(keep.view(-1), 0, out=mask[start:stop])
+            della_keep(delta.view(shape), density, epsilon, key, keep, start)
+        mask.store(start, keep)
         if rescale:
+            if method == "random":
+                delta = delta_into(start, stop, buffer[: stop - start])
             before = l1_norm(delta, before)
-            after = l1_norm(delta.mul_(_as_factor(mask[start:stop], factor[: stop - start])), after)
+            after = l1_norm(delta.mul_(_as_factor(keep, factor[: stop - start])), after)
     return mask, (rescale_factor(before, after) if rescale else None)
 
 

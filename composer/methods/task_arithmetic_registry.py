@@ -77,7 +77,7 @@ def _check_generalized(name: str, sparsification: str | None):
 
 def _apply_generalized(sparsification: str | None, consensus: bool):
     def apply(tensors, base, params):
-        from composer.methods.sparsify import make_generator
+        from composer.methods.draws import make_generator
         from composer.methods.task_arithmetic import generalized_task_arithmetic
 
         generator = None
