@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from composer.memory import empty
+
 from composer.errors import ComposerError
 from composer.sources import ModelSource
 
@@ -78,9 +80,8 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
     layers = inner.layers
     if not all(hasattr(layer, "post_attention_layernorm") for layer in layers):
         raise ComposerError(f"The layers of '{source.reference}' have no post_attention_layernorm, so the router's input is unknown.")
-    embeddings = source.read("model.embed_tokens.weight").float()
-    hidden = torch.nn.functional.embedding(batch.ids, embeddings)
-    del embeddings
+    # rows looked up in the stored dtype, then widened: the same values without a float32 copy of the table
+    hidden = torch.nn.functional.embedding(batch.ids, source.read("model.embed_tokens.weight")).float()
     rotary = type(inner.rotary_emb)(config=model.config)
     chunks = _chunks(batch.mask)
     with torch.no_grad():
@@ -90,19 +91,26 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
             part = hidden[rows, :width]
             prepared.append((positions, rotary(part, position_ids=positions), _attention_masks(model.config, part, batch.mask[rows, :width], positions)))
     with ThreadPoolExecutor(1, thread_name_prefix="composer-gates-read") as reader:
-        # the next layer's weights are read while this one runs
+        # the next layer's weights are read (in their stored dtype, half the bytes of float32) while this one runs
         def read(index: int):
             return reader.submit(_read_layer, source, layer_prefix.format(i=index), list(layers[index].state_dict())) if index < len(layers) else None
 
         upcoming = read(0)
         for index, layer in enumerate(layers):
-            state = upcoming.result()
+            stored = upcoming.result()
             upcoming = read(index + 1)
+            state = {name: _widened(stored.pop(name)) for name in list(stored)}  # each stored tensor freed once widened
             yield index, _run_layer(layer, state, model.config, index, hidden, chunks, prepared)
 
 
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 in a buffer of its own (large ones are memory maps, given back to the system when freed,
+    where freed heap memory of two threads' arenas lingers)."""
+    return empty(tuple(tensor.shape), torch.float32).copy_(tensor)
+
+
 def _read_layer(source: ModelSource, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
-    return {name: source.read(prefix + name).float() for name in names}
+    return {name: source.read(prefix + name) for name in names}
 
 
 def _run_layer(layer, state: dict[str, torch.Tensor], model_config, index: int, hidden: torch.Tensor, chunks, prepared) -> torch.Tensor:
