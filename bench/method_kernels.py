@@ -7,7 +7,7 @@ The two paths run alternately in one process and the best of `--repeat` runs is 
 are noisy). "temporaries" is the size of what each path allocates beyond its inputs and output,
 worked out from the code rather than measured (tracemalloc does not see torch's allocations):
 the reference holds k deltas, two float32 mask buffers and a float32 accumulator; the fused path
-one chunk per model plus a boolean mask per model for the random methods.
+one chunk per model plus a mask per model for the random methods (one bit per entry).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def temporaries_mb(method: str, n: int, k: int, itemsize: int, fused: bool) -> f
         # deltas, magnitudes, two masks, the sum, the sign-election workspace (2), the kept weights (float32)
         size = chunk * (k * itemsize + 6 * itemsize + 4)
         if arguments.get("sparsification") in ("random", "della_magprune"):
-            size += k * n  # one boolean mask per model
+            size += k * n / 8  # one bit mask per model
         return size / 1e6
     size = k * n * itemsize + n * 4  # stacked deltas, float32 accumulator (sum / kept weights)
     if sparse:

@@ -49,7 +49,7 @@ def _ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(singular, torch.zeros_like(cosine), (count * cosine) / torch.where(singular, torch.ones_like(denominator), denominator))
 
 
-_PIECE = 1 << 16  # elements per step of the half-precision path: float32 copies that stay in cache
+_PIECE = 1 << 17  # elements per step of the half-precision path: float32 copies that stay in cache
 
 
 def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
