@@ -176,3 +176,15 @@ def test_random_masks_are_statistically_sound():
     assert abs(correlation(masks[0], masks[1])) < limit
     assert abs(correlation(masks[0], masks[2])) < limit
     assert len(set(keys)) == 3
+
+
+def test_radix_row_order_is_torchs_stable_sort():
+    """DELLA's row ranks on a CPU come from numpy's radix argsort; it must be the permutation of
+    torch's stable sort, ties (many, in bf16) ranked by position."""
+    from composer.methods.sparsify import stable_row_order
+
+    generator = torch.Generator().manual_seed(3)
+    delta = (torch.randn(64, 300, generator=generator) * 0.01).to(torch.bfloat16)
+    delta[5] = 0  # a row of equal magnitudes
+    keys = delta.abs().view(torch.int16)
+    assert torch.equal(stable_row_order(keys), torch.sort(keys, dim=1, stable=True).indices)
