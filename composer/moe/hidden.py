@@ -13,9 +13,8 @@ from typing import Iterator
 
 import torch
 
-from composer.memory import empty
-
 from composer.errors import ComposerError
+from composer.memory import empty
 from composer.sources import ModelSource
 
 MAX_PROMPT_TOKENS = 1024
@@ -91,7 +90,7 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
             part = hidden[rows, :width]
             prepared.append((positions, rotary(part, position_ids=positions), _attention_masks(model.config, part, batch.mask[rows, :width], positions)))
     with ThreadPoolExecutor(1, thread_name_prefix="composer-gates-read") as reader:
-        # the next layer's weights are read (in their stored dtype, half the bytes of float32) while this one runs
+        # the next layer's weights are read in their stored dtype (half float32's bytes for a bf16 model) while this one runs
         def read(index: int):
             return reader.submit(_read_layer, source, layer_prefix.format(i=index), list(layers[index].state_dict())) if index < len(layers) else None
 
@@ -104,8 +103,10 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
 
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:
-    """float32 in a buffer of its own (large ones are memory maps, given back to the system when freed,
-    where freed heap memory of two threads' arenas lingers)."""
+    """`tensor` as float32: itself when it already is, else a copy in a buffer from `composer.memory.empty`
+    (a large one is a memory map, given back to the system as soon as the layer is done with it)."""
+    if tensor.dtype == torch.float32:
+        return tensor
     return empty(tuple(tensor.shape), torch.float32).copy_(tensor)
 
 
