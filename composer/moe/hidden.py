@@ -53,7 +53,11 @@ def _attention_masks(model_config, hidden: torch.Tensor, mask: torch.Tensor, pos
     """The attention mask of each layer type (full and, where the config has it, sliding window)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    arguments = dict(config=model_config, inputs_embeds=hidden, attention_mask=mask.long(), past_key_values=None, position_ids=positions)
+    import inspect
+
+    # no cache: named `cache` from transformers 5.2x, `past_key_values` before
+    no_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    arguments = dict(config=model_config, inputs_embeds=hidden, attention_mask=mask.long(), position_ids=positions, **{no_cache: None})
     masks = {"full_attention": create_causal_mask(**arguments)}
     if getattr(model_config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
