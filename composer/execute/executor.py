@@ -22,6 +22,7 @@ from composer.errors import ComposerError
 from composer.execute.output_folder import OutputFolder
 from composer.execute.schedule import make_schedule, step_bytes
 from composer.execute.writer import ShardedWriter
+from composer.memory import recycling
 from composer.plan.model import Plan, TensorRef
 
 GIB = 1024**3
@@ -218,7 +219,7 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
             for ref in tensor.inputs:
                 pending_uses.setdefault(ref, deque()).append(step)
         next_use: dict[TensorRef, int] = {}
-        with _progress(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
+        with recycling(), _progress(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
             for step, planned in enumerate(schedule.order):
                 inputs = [cache.get(ref) for ref in planned.inputs]
                 if step + 1 < len(schedule.order):  # inputs shared with this step are kept, not read again
