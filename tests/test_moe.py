@@ -134,6 +134,7 @@ def test_the_in_memory_fused_layout_loads_too(models, tmp_path, monkeypatch):
         return [name for name in model.state_dict() if name != "lm_head.weight" or not model.config.tie_word_embeddings]
 
     monkeypatch.setattr(moe_plan, "checkpoint_names", fused_names)
+    monkeypatch.setattr(moe_plan, "remembered", lambda kind, question, answer: answer())  # another transformers: asked afresh
     dense = models["qwen3"]
     compose_moe_text(moe_text(dense, [dense] * 3, "random"), tmp_path / "moe", OPTIONS)
     assert any(name.endswith("mlp.experts.gate_up_proj") for name in load_state(tmp_path / "moe"))

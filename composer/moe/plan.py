@@ -16,6 +16,7 @@ from composer.moe.layout import MoETensor, OutputArchitecture, checkpoint_names,
 from composer.moe.schema import Expert, MoEConfig
 from composer.plan.build import parse_dtype, tensor_seed
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
+from composer.plan.transformers_facts import remembered
 from composer.sources import ModelSource, open_source
 
 PROMPT_PREVIEW = 70
@@ -184,9 +185,13 @@ class _MoEPlanner:
         intermediate = self.configs[config.experts[0].source_model].get("intermediate_size")
         shared_intermediate = self.configs[self.shared.source_model].get("intermediate_size") if self.shared else None
         dtype_name = str(self.out_dtype).removeprefix("torch.") if self.out_dtype else None
-        out_config = output_config(self.output, base_config, len(config.experts), config.experts_per_token, intermediate, shared_intermediate, dtype_name)
-        meta = build_meta_model(out_config, f"the {self.output.class_name} output")
-        expected = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
+        # transformers' answers (seconds of imports and model building) are remembered between runs
+        layout = (len(config.experts), config.experts_per_token, intermediate, shared_intermediate, dtype_name)
+        out_config = remembered(
+            "moe-config", {"output": self.output.class_name, "dense": base_config, "layout": layout},
+            lambda: output_config(self.output, base_config, *layout),
+        )
+        expected = {name: tuple(shape) for name, shape in remembered("meta-shapes", out_config, lambda: _meta_shapes(out_config, self.output)).items()}
         architecture = self.architectures[self.base]
         suffixes = set(architecture.layer_tensors) | set(architecture.layer_optional)
         self.computer = GateComputer(
@@ -194,7 +199,8 @@ class _MoEPlanner:
                          [config.expert_label(i) for i in range(len(config.experts))], config.random_seed or 0),
             self.sources[self.base], self.sources[self.tokenizer_ref], base_config, architecture.layer_prefix,
         )
-        tensors = [self._tensor(name, classify(name, architecture.layer_prefix, suffixes)) for name in checkpoint_names(out_config)]
+        names = remembered("checkpoint-names", out_config, lambda: checkpoint_names(out_config))
+        tensors = [self._tensor(name, classify(name, architecture.layer_prefix, suffixes)) for name in names]
         self._check_shapes(tensors, expected, intermediate, base_config["hidden_size"])
         notes = [
             f"output: {self.output.class_name}, {len(config.experts)} experts, top-{config.experts_per_token} routing"
@@ -283,6 +289,12 @@ class _MoEPlanner:
         for name, shape in expected.items():
             if name.endswith("experts.gate_up_proj") and shape != (experts, 2 * intermediate, hidden):
                 raise ComposerError(f"{self.output.class_name} expects '{name}' of shape {list(shape)}, not the experts' {[experts, 2 * intermediate, hidden]}.")
+
+
+def _meta_shapes(out_config: dict, output: OutputArchitecture) -> dict[str, list[int]]:
+    """Each tensor's shape in the output model as transformers builds it."""
+    meta = build_meta_model(out_config, f"the {output.class_name} output")
+    return {name: list(tensor.shape) for name, tensor in meta.state_dict().items()}
 
 
 def _identity(inputs: list[torch.Tensor]) -> torch.Tensor:

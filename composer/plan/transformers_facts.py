@@ -59,22 +59,33 @@ def _store(key: str, value) -> None:
         pass
 
 
-def config_defaults(config: dict, keys: tuple[str, ...]) -> dict:
-    """The values transformers gives `keys` for `config` (filling defaults the file leaves out); None where it has none."""
-    key = _key("defaults", {"config": config, "keys": sorted(keys)})
+def remembered(kind: str, question, answer):
+    """`answer()` (a JSON value, not None) for `question` (JSON data), from the cache when this transformers
+    version answered it before. An answer that raises is not kept."""
+    key = _key(kind, question)
     known = _load().get(key)
     if known is not None:
         return known
-    from transformers import AutoConfig
+    value = answer()
+    _store(key, value)
+    return value
 
-    effective = AutoConfig.for_model(**config)
-    values = {}
-    for name in keys:
-        value = getattr(effective, name, None)
-        value = list(value) if isinstance(value, tuple) else value
-        values[name] = value if isinstance(value, (bool, int, float, str, list, type(None))) else None
-    _store(key, values)
-    return values
+
+def config_defaults(config: dict, keys: tuple[str, ...]) -> dict:
+    """The values transformers gives `keys` for `config` (filling defaults the file leaves out); None where it has none."""
+
+    def answer() -> dict:
+        from transformers import AutoConfig
+
+        effective = AutoConfig.for_model(**config)
+        values = {}
+        for name in keys:
+            value = getattr(effective, name, None)
+            value = list(value) if isinstance(value, tuple) else value
+            values[name] = value if isinstance(value, (bool, int, float, str, list, type(None))) else None
+        return values
+
+    return remembered("defaults", {"config": config, "keys": sorted(keys)}, answer)
 
 
 def checked_loadable(config: dict, planned_shapes: dict[str, tuple[int, ...]], check) -> None:
