@@ -50,6 +50,10 @@ def recipes(root: Path) -> dict[str, tuple[str, list[str]]]:
     }
     for method in ("ties", "dare_ties", "breadcrumbs", "della"):
         found[f"{method}, density 0.5"] = (task.format(method=method, models=_models_block(tuned, weights, 0.5)) + "random_seed: 1\n", [base] + tuned)
+    found["sce, select_topk 0.5"] = (
+        f"merge_method: sce\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {m}\n" for m in tuned) + "parameters: {select_topk: 0.5}\ndtype: bfloat16\n",
+        [base] + tuned,
+    )
     found["slerp, 2 models"] = (
         f"merge_method: slerp\nbase_model: {tuned[0]}\nmodels:\n  - model: {tuned[0]}\n  - model: {tuned[1]}\nparameters: {{t: 0.4}}\ndtype: bfloat16\n",
         tuned[:2],

@@ -188,3 +188,18 @@ def test_radix_row_order_is_torchs_stable_sort():
     delta[5] = 0  # a row of equal magnitudes
     keys = delta.abs().view(torch.int16)
     assert torch.equal(stable_row_order(keys), torch.sort(keys, dim=1, stable=True).indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("shape, tied", [((300,), False), ((257, 93), False), ((130, 200), True)])
+def test_sce_in_chunks_equals_its_reference_bit_for_bit(dtype, select_topk, shape, tied):
+    from composer.methods.task_arithmetic import reference_sce, sce
+
+    models, base = inputs(shape, dtype, tied)
+    models[2].view(-1)[: base.numel() // 3] = models[0].view(-1)[: base.numel() // 3]  # ties and zero variances
+    chunk, piece, limit = small_chunks()
+    with chunk, piece, limit, mock.patch.object(task_arithmetic_module, "_VARIANCE_CHUNK", 1000):
+        reference, fused = reference_sce(models, base, select_topk), sce(models, base, select_topk)
+    assert fused.dtype == reference.dtype == dtype
+    assert torch.equal(fused, reference) and torch.equal(torch.signbit(fused), torch.signbit(reference))

@@ -342,14 +342,22 @@ def test_heavily_tied_large_tensors_keep_exactly_the_stated_count():
 
 
 @settings(max_examples=30, deadline=None)
-@given(count=st.integers(1, 6), size=st.integers(1, 3000), seed=st.integers(0, 2**16))
-def test_population_variance_is_torch_var_bit_for_bit(count, size, seed):
+@given(
+    count=st.integers(1, 6), size=st.integers(1, 3000), seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), spread=st.integers(0, 24),
+)
+def test_population_variance_is_torch_var_bit_for_bit(count, size, seed, dtype, spread):
     from composer.methods.task_arithmetic import population_variance
 
     generator = torch.Generator().manual_seed(seed)
     stacked = torch.randn(count, size, generator=generator) * 0.01 + torch.randn(size, generator=generator)
+    # entries of very different sizes (float16 keeps to its range), and some equal across models
+    scales = torch.pow(2.0, -torch.randint(0, 1 + (min(spread, 10) if dtype == torch.float16 else spread), (size,), generator=generator).float())
+    stacked = (stacked * scales).to(dtype)
+    stacked[:, : size // 10] = stacked[0, : size // 10].clone()
     with mock.patch("composer.methods.task_arithmetic._VARIANCE_CHUNK", 257):
-        assert torch.equal(population_variance(stacked), torch.var(stacked, dim=0, unbiased=False))
+        found, expected = population_variance(stacked), torch.var(stacked, dim=0, unbiased=False)
+    assert found.dtype == expected.dtype and torch.equal(found, expected)
 
 
 def test_random_sparsification_keeps_the_fraction_on_average():

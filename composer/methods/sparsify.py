@@ -161,6 +161,11 @@ def rank_window_mask(values: torch.Tensor, start: int, stop: int, descending: bo
     return window_mask_(work, start, stop, descending) > 0
 
 
+def pattern_counts(magnitudes: torch.Tensor) -> torch.Tensor:
+    """How many of the non-negative 16-bit `magnitudes` hold each of the 32768 bit patterns (pattern 0 is +0)."""
+    return torch.bincount(magnitudes.reshape(-1).view(torch.int16), minlength=1 << 15)
+
+
 class ChunkedWindow:
     """`window_mask_` over the magnitudes of a tensor that is only ever seen one chunk at a time.
 
@@ -173,16 +178,18 @@ class ChunkedWindow:
     fix-up only in a chunk where the tie at a threshold is split. Same mask, bit for bit, as
     `window_mask_` on the whole tensor."""
 
-    def __init__(self, magnitudes, chunks: list[tuple[int, int]], start: int, stop: int, descending: bool, sample):
+    def __init__(self, magnitudes, chunks: list[tuple[int, int]], start: int, stop: int, descending: bool, sample, counts=None):
+        """`counts`: for 16-bit magnitudes, their `pattern_counts` chunk by chunk ([chunks, 32768]) when the
+        caller has them already (the pass over the chunks is then skipped)."""
         self.chunks = chunks
         n = chunks[-1][1] if chunks else 0
         self.equal_counts: list[list[int]] = []
-        self.bounds = window_boundaries(n, start, stop, descending, lambda ranks: self._statistics(magnitudes, n, ranks, sample))
+        self.bounds = window_boundaries(n, start, stop, descending, lambda ranks: self._statistics(magnitudes, n, ranks, sample, counts))
 
-    def _statistics(self, magnitudes, n: int, ranks: list[int], sample) -> list[tuple[torch.Tensor, int, int]]:
+    def _statistics(self, magnitudes, n: int, ranks: list[int], sample, counts) -> list[tuple[torch.Tensor, int, int]]:
         first = magnitudes(0)
         if first.dtype in _HALF_DTYPES:
-            return self._counted(magnitudes, first, ranks)
+            return self._counted(magnitudes, first, ranks, counts)
         found = self._bracketed(magnitudes, n, ranks, sample) if n > _EXACT_LIMIT else None
         if found is None:  # small tensors, or a bracket missed
             whole = torch.cat([magnitudes(i).to(torch.float32, copy=True) for i in range(len(self.chunks))])
@@ -192,15 +199,13 @@ class ChunkedWindow:
                 self.equal_counts.append([int(torch.count_nonzero(whole[s:e] == found[-1][0])) for s, e in self.chunks])
         return found
 
-    def _counted(self, magnitudes, first: torch.Tensor, ranks: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+    def _counted(self, magnitudes, first: torch.Tensor, ranks: list[int], counts=None) -> list[tuple[torch.Tensor, int, int]]:
         """The order statistics of 16-bit magnitudes from a count of each bit pattern, chunk by chunk
         (one pass): non-negative floats order as their bit patterns do, and 16 bits make only 32768
         patterns, so the counts give each value, how many lie below it and how many each chunk
         holds, exactly."""
-        counts = torch.stack([
-            torch.bincount((first if i == 0 else magnitudes(i)).view(torch.int16), minlength=1 << 15)
-            for i in range(len(self.chunks))
-        ])
+        if counts is None:
+            counts = torch.stack([pattern_counts(first if i == 0 else magnitudes(i)) for i in range(len(self.chunks))])
         totals = counts.sum(dim=0)
         cumulative = totals.cumsum(0)
         found = []

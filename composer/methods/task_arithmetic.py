@@ -23,7 +23,7 @@ from composer.memory import empty
 from composer.methods.interpolation import chunk_bounds
 from composer.methods.bitmask import BitMask
 from composer.methods.draws import level_of, make_generator, random_levels, stream_key
-from composer.methods.sparsify import ChunkedWindow, della_keep, l1_norm, rescale_factor, sparsify_, window_mask_
+from composer.methods.sparsify import ChunkedWindow, della_keep, l1_norm, pattern_counts, rescale_factor, sparsify_, window_mask_
 
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
@@ -384,15 +384,16 @@ _VARIANCE_CHUNK = 1 << 16
 
 def population_variance(stacked: torch.Tensor) -> torch.Tensor:
     """torch.var(stacked, dim=0, unbiased=False), bit for bit. On a CPU that reduction is slow over
-    the leading axis, so float32 tensors take the same Welford recurrence in float64 here, in
-    cache-sized chunks: mean_k = mean_{k-1} + d / k with d = x_k - mean_{k-1},
-    m2_k = m2_{k-1} + d (x_k - mean_k); variance = m2_n / n, rounded once to float32."""
-    if stacked.device.type != "cpu" or stacked.dtype != torch.float32:
+    the leading axis (for bfloat16 about 200 ns an entry), so float32, bfloat16 and float16 tensors
+    take the same Welford recurrence in float64 here, in cache-sized chunks: mean_k = mean_{k-1} + d / k
+    with d = x_k - mean_{k-1}, m2_k = m2_{k-1} + d (x_k - mean_k); variance = m2_n / n, rounded to
+    float32 (and then to the tensors' 16-bit dtype, as torch rounds it)."""
+    if stacked.device.type != "cpu" or stacked.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return torch.var(stacked, dim=0, unbiased=False)
     count = stacked.shape[0]
     flat = stacked.reshape(count, -1)
     total = flat.shape[1]
-    result = torch.empty(total, dtype=stacked.dtype)
+    result = torch.empty(total, dtype=torch.float32)
     size = min(_VARIANCE_CHUNK, total)
     mean, m2, x, d = (torch.empty(size, dtype=torch.float64) for _ in range(4))
     for start in range(0, total, _VARIANCE_CHUNK):
@@ -407,18 +408,46 @@ def population_variance(stacked: torch.Tensor) -> torch.Tensor:
             mean_.add_(torch.div(d_, k + 1))
             m2_.add_(d_.mul_(x_.sub_(mean_)))
         result[start:stop].copy_(m2_.div_(count))
-    return result.reshape(stacked.shape[1:])
+    return result.to(stacked.dtype).reshape(stacked.shape[1:])
 
 
-def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float = 1.0) -> torch.Tensor:
+def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float = 1.0, *, reference: bool = False) -> torch.Tensor:
     """SCE (FuseChat, Wan et al. 2024, arXiv:2408.07990): select, calculate, erase.
 
     Select: with select_topk < 1, keep in every task vector only the entries whose variance across
-    the models is among the top int(select_topk * #nonzero variances) (whole tensor).
-    Calculate: model weight c_i = mean(tau_i^2) / sum_j mean(tau_j^2) (uniform 1/n when that sum
-    is below 1e-6). Erase: TIES sign election on the selected tau_i (unweighted).
+    the models is among the top int(select_topk * #nonzero variances) (whole tensor; equal variances
+    ranked by position).
+    Calculate: model weight c_i = m_i / sum_j m_j (uniform 1/n when that sum is below 1e-6), m_i the
+    mean of tau_i^2 (squares in the tensors' dtype, summed in float64 as `l1_norm` sums, the mean
+    rounded to the dtype). Erase: TIES sign election on the selected tau_i (unweighted).
     y = base + sum_i c_i [kept_i] tau_i / max(sum_i c_i [kept_i], 1e-6).
+
+    `reference`: whole tensors at a time (k stacked task vectors and a float32 mask). By default the
+    same result, bit for bit, a cache-sized chunk at a time on a CPU: one pass counts the variances'
+    bit patterns for the selection threshold (`ChunkedWindow`), one keeps the selection one bit per
+    entry and sums the squares, one merges.
     """
+    if reference or base.device.type != "cpu" or base.numel() == 0:
+        return _sce_whole(tensors, base, select_topk)
+    return _sce_chunked(tensors, base, select_topk)
+
+
+def reference_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float = 1.0) -> torch.Tensor:
+    """`sce` by the simple whole-tensor path (the reference)."""
+    return sce(tensors, base, select_topk, reference=True)
+
+
+def _sce_weights(mean_squares: torch.Tensor) -> torch.Tensor:
+    count = mean_squares.numel()
+    total = mean_squares.sum().item()
+    return torch.ones_like(mean_squares) / count if abs(total) < 1e-6 else mean_squares / total
+
+
+def _mean_square(sums: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    return (sums / count).to(dtype)
+
+
+def _sce_whole(tensors, base, select_topk):
     deltas = task_vectors(tensors, base)
     count = deltas.shape[0]
     if select_topk < 1:
@@ -431,12 +460,81 @@ def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float 
                 variance = variance.float()
             deltas.mul_(window_mask_(variance, 0, k, descending=True))
             del variance
-    magnitudes = deltas.square().reshape(count, -1).mean(dim=1)
-    total = magnitudes.sum().item()
-    model_weights = torch.ones_like(magnitudes) / count if abs(total) < 1e-6 else magnitudes / total
+    sums = torch.stack([l1_norm(torch.square(deltas[i])) for i in range(count)])
+    model_weights = _sce_weights(_mean_square(sums, base.numel(), deltas.dtype))
     kept_weight = elect_signs_(deltas, model_weights.tolist())  # the election sees the unweighted tau_i
     deltas.mul_(model_weights.reshape((count,) + (1,) * base.dim()))
     merged = deltas.sum(dim=0)
     del deltas
     merged /= kept_weight.clamp_(min=1e-6)
     return merged.add_(base).to(base.dtype)
+
+
+def _sce_chunked(tensors, base, select_topk):
+    count = len(tensors)
+    for i, tensor in enumerate(tensors):
+        if tensor.shape != base.shape:
+            raise ValueError(f"model {i + 1} has shape {list(tensor.shape)} but the base has {list(base.shape)}")
+    if not tensors:
+        raise ValueError("task arithmetic needs at least one model besides the base")
+    dtype, device, n = base.dtype, base.device, base.numel()
+    base_flat, flats = base.reshape(-1), [tensor.reshape(-1) for tensor in tensors]
+    chunks = [(start, min(start + _FUSED_CHUNK, n)) for start in range(0, n, _FUSED_CHUNK)]
+    width = chunks[0][1]
+    stack = torch.empty((count, width), dtype=dtype, device=device)
+
+    def deltas_of(start: int, stop: int) -> torch.Tensor:
+        deltas = stack[:, : stop - start]
+        for i in range(count):
+            torch.sub(_as(flats[i][start:stop], dtype, device), base_flat[start:stop], out=deltas[i])
+        return deltas
+
+    window = selection = None
+    if 0 < select_topk < 1:
+        def variances(index: int) -> torch.Tensor:
+            return population_variance(deltas_of(*chunks[index]))
+
+        def sample(positions: torch.Tensor) -> torch.Tensor:
+            picked = torch.stack([flat[positions] for flat in flats]).to(dtype).sub_(base_flat[positions])
+            return population_variance(picked).float()
+
+        counts = None
+        if dtype in (torch.bfloat16, torch.float16):  # one pass counts both the nonzero variances and their bit patterns
+            counts = torch.stack([pattern_counts(variances(index)) for index in range(len(chunks))])
+            nonzero = n - int(counts[:, 0].sum())  # a variance is never -0
+        else:
+            nonzero = sum(int(torch.count_nonzero(variances(index))) for index in range(len(chunks)))
+        window = ChunkedWindow(variances, chunks, 0, int(nonzero * select_topk), True, sample, counts)
+        selection = BitMask(n, device)
+    keep = torch.empty(width, dtype=torch.bool, device=device)
+    factor = torch.empty(width, dtype=dtype, device=device)
+    squares = torch.empty(width, dtype=dtype, device=device)
+    sums = [None] * count
+    for index, (start, stop) in enumerate(chunks):
+        deltas = deltas_of(start, stop)
+        if window is not None:
+            kept = window.keep_(population_variance(deltas), index, keep[: stop - start], factor[: stop - start])
+            selection.store(start, kept)
+            deltas.mul_(_as_factor(kept, factor[: stop - start]))
+        elif select_topk <= 0:
+            deltas.zero_()
+        for i in range(count):
+            sums[i] = l1_norm(torch.square(deltas[i], out=squares[: stop - start]), sums[i])
+    model_weights = _sce_weights(_mean_square(torch.stack(sums), n, dtype))
+    weights = model_weights.tolist()
+    weight_column = model_weights.reshape(count, 1)
+    out = empty((n,), dtype, device)
+    merged = torch.empty(width, dtype=dtype, device=device)
+    workspace = torch.empty(2 * width, dtype=dtype, device=device)
+    for start, stop in chunks:
+        deltas = deltas_of(start, stop)
+        if selection is not None:
+            deltas.mul_(selection.factor_into(start, stop, factor))
+        elif select_topk <= 0:
+            deltas.zero_()
+        kept_weight = elect_signs_(deltas, weights, workspace=workspace)
+        deltas.mul_(weight_column)
+        torch.sum(deltas, dim=0, out=merged[: stop - start])
+        merged[: stop - start].div_(kept_weight.clamp_(min=1e-6))
+        torch.add(merged[: stop - start], base_flat[start:stop], out=out[start:stop])
+    return out.view(base.shape)
