@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -523,3 +524,20 @@ def test_plan_time_errors(family, tmp_path, text, message):
     with pytest.raises(ComposerError, match=message):
         compose_text(text, tmp_path / "out", ExecutionOptions())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_selection_methods_run_in_chunks_with_the_same_bits(dtype):
+    """nearswap, ram and ramplus_tl go a chunk at a time over large tensors (ramplus_tl counts in a first pass)."""
+    import composer.methods.interpolation as interpolation
+
+    generator = torch.Generator().manual_seed(5)
+    base = (torch.randn(300, 77, generator=generator) * 0.02).to(dtype)
+    tuned = [base + (torch.randn(300, 77, generator=generator) * 0.001 * (torch.rand(300, 77, generator=generator) < 0.6)).to(dtype) for _ in range(3)]
+    runs = []
+    for chunk in (1 << 20, 1000):  # one whole chunk, then 24 chunks (the last one short)
+        with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", chunk):
+            runs.append([nearswap(base, tuned[0], 0.0005), ram(tuned, base), ramplus_tl(tuned, base, r=0.5, alpha=1.0)])
+    for whole, chunked in zip(*runs):
+        assert whole.shape == chunked.shape == base.shape and whole.dtype == chunked.dtype
+        assert torch.equal(whole, chunked) and torch.equal(torch.signbit(whole), torch.signbit(chunked))

@@ -49,6 +49,39 @@ def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = 
     return out.view(first.shape)
 
 
+_ELEMENTWISE_CHUNK = 1 << 20  # entries per call of an elementwise function run chunk by chunk
+
+
+def flat_chunks(tensors: list[torch.Tensor]):
+    """Lists of the same flat chunk (1 << 20 entries) of each of `tensors` (one shape), in order; the whole
+    flattened tensors at once off the CPU or when they hold at most one chunk."""
+    count = tensors[0].numel()
+    flats = [tensor.reshape(-1) for tensor in tensors]
+    if tensors[0].device.type != "cpu" or count <= _ELEMENTWISE_CHUNK:
+        yield flats
+        return
+    for start in range(0, count, _ELEMENTWISE_CHUNK):
+        yield [flat[start:start + _ELEMENTWISE_CHUNK] for flat in flats]
+
+
+def in_chunks(fn, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """fn(list of flat chunks, one per tensor) -> the flat result chunk, run over `flat_chunks` into one
+    output: for a function whose every output entry depends only on the entries at the same position of
+    its inputs (no reduction over a tensor), the same result, bit for bit, as fn of the whole flattened
+    tensors, with only chunk-sized temporaries. The result takes the inputs' shape."""
+    shape, count = tensors[0].shape, tensors[0].numel()
+    out, start = None, 0
+    for flats in flat_chunks(tensors):
+        part = fn(flats)
+        if start == 0 and part.numel() == count:
+            return part.reshape(shape)
+        if out is None:
+            out = empty((count,), part.dtype, part.device)
+        out[start:start + part.numel()] = part
+        start += part.numel()
+    return out.view(shape)
+
+
 def chunk_bounds(tensor: torch.Tensor):
     """(start, end) element ranges for elementwise work: cache-sized on the CPU, the whole tensor elsewhere."""
     count = tensor.numel()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from composer.methods.interpolation import flat_chunks, in_chunks
+
 NEARSWAP_FLOOR = 1e-6  # |base - other| is clamped to this before dividing
 FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence
 
@@ -20,8 +22,12 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
 
     Where the two models are within t of each other the other model's value is taken outright (w = 1);
     further apart, w = t / |base - other| falls off with the distance, so large differences keep mostly
-    the base. t <= 0 gives the base.
+    the base. t <= 0 gives the base. Elementwise: run a chunk at a time (`in_chunks`).
     """
+    return in_chunks(lambda flats: _nearswap(*flats, t), [base, other])
+
+
+def _nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     distance = torch.sub(base, other).abs_().clamp_(min=NEARSWAP_FLOOR)
     weight = (t / distance).clamp_(min=0, max=1)  # t / x is reciprocal(x) * t in torch; kept for bitwise agreement
     del distance
@@ -77,8 +83,7 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5) 
     """
     if not tensors:
         return base
-    deltas, changed, counts = _task_vectors(tensors, base, epsilon)
-    return _combine(deltas, changed, counts, base, None)
+    return in_chunks(lambda flats: _combine(*_task_vectors(flats[1:], flats[0], epsilon), flats[0], None), [base, *tensors])
 
 
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
@@ -89,13 +94,15 @@ def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, 
     """
     if not tensors:
         return base
-    deltas, changed, counts = _task_vectors(tensors, base, epsilon)
-    overlap, unique = counts > 1, counts == 1
-    shared_counts = (changed & overlap).sum(dim=1)
-    unique_counts = (changed & unique).sum(dim=1)
+    # the counts come from a first pass, chunk by chunk (whole numbers: the same sums as over the whole tensor)
+    shared_counts = unique_counts = 0
+    for flats in flat_chunks([base, *tensors]):
+        _, changed, counts = _task_vectors(flats[1:], flats[0], epsilon)
+        shared_counts = shared_counts + (changed & (counts > 1)).sum(dim=1)
+        unique_counts = unique_counts + (changed & (counts == 1)).sum(dim=1)
     rho = shared_counts / unique_counts.clamp(min=epsilon)
     lambdas = 1 + r * rho.clamp(min=0, max=alpha)
-    return _combine(deltas, changed, counts, base, lambdas)
+    return in_chunks(lambda flats: _combine(*_task_vectors(flats[1:], flats[0], epsilon), flats[0], lambdas), [base, *tensors])
 
 
 def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
