@@ -36,7 +36,7 @@ def step_bytes(plan: Plan, tensor: PlannedTensor) -> int:
     compute = tensor.operation.compute_dtype
     if compute is not None:
         working += sum(count * compute.itemsize for info in infos if info.dtype != compute)
-        working += 2 * count * compute.itemsize  # result plus one temporary
+        working += int(tensor.operation.temporaries * count * compute.itemsize)  # the method's own estimate (two by default)
     return working
 
 

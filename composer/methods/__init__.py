@@ -61,6 +61,10 @@ class MergeMethod:
     aliases: tuple[str, ...] = field(default=())
     check: Callable[[dict], str | None] | None = None
     random: bool = False  # the planner then adds params["seed"], fixed per output tensor
+    # (model count, resolved params) -> how many tensor-sized buffers (in the compute dtype) `apply` holds at
+    # once beyond its inputs and result, for the memory budget; None: two (a chunked method holds less)
+    temporaries: Callable[[int, dict], float] | None = None
+    light: bool = False  # a few elementwise passes, bound by reading and writing: the executor leaves a core to its I/O threads
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -114,6 +118,7 @@ register(MergeMethod(
     max_models=1,
     blends=False,
     description="copy one model's tensors (layer stacking), optionally scaled",
+    light=True,
 ))
 register(MergeMethod(
     name="linear",
@@ -121,6 +126,7 @@ register(MergeMethod(
     parameters=(Parameter("weight", required=True, per_model=True), Parameter("normalize", default=True, kind="bool")),
     description="weighted average of the models",
     check=_check_linear,
+    light=True,
 ))
 register(MergeMethod(
     name="slerp",
@@ -130,6 +136,7 @@ register(MergeMethod(
     min_models=1,
     max_models=1,
     description="spherical interpolation from the base model (t=0) to the other model (t=1)",
+    light=True,
 ))
 
 # --- task-arithmetic family (registered below this line) ---
@@ -215,6 +222,7 @@ register(MergeMethod(
     min_models=2,
     max_models=2,
     description="spherical interpolation of two models (or of their task vectors from an optional base), t = w_1 / (w_0 + w_1)",
+    temporaries=lambda count, params: 6,
 ))
 register(MergeMethod(
     name="multislerp",
@@ -227,6 +235,7 @@ register(MergeMethod(
     optional_base=True,
     description="weighted spherical mean of any number of models (or of their task vectors from an optional base)",
     check=_check_multislerp,
+    temporaries=lambda count, params: 2 * count + 2,
 ))
 register(MergeMethod(
     name="karcher",
@@ -234,6 +243,7 @@ register(MergeMethod(
     parameters=(Parameter("max_iter", default=10), Parameter("tol", default=1e-5)),
     description="Karcher (Riemannian) mean of the models' directions on the sphere, scaled by their mean norm",
     check=_check_karcher,
+    temporaries=lambda count, params: count + 4,
 ))
 register(MergeMethod(
     name="model_stock",
@@ -242,6 +252,8 @@ register(MergeMethod(
     needs_base=True,
     min_models=2,
     description="Model Stock: from the base towards the fine-tunes' average by a ratio set by the angle between their updates",
+    temporaries=lambda count, params: count + 3 if params["filter_wise"] else 2,
+    light=True,
 ))
 register(MergeMethod(
     name="nearswap",
@@ -250,6 +262,7 @@ register(MergeMethod(
     needs_base=True,
     max_models=1,
     description="take the other model's value where it is within t of the base, less of it the further it is",
+    light=True,
 ))
 register(MergeMethod(
     name="arcee_fusion",
@@ -258,6 +271,7 @@ register(MergeMethod(
     needs_base=True,
     max_models=1,
     description="take the other model's value only where its change is an outlier of importance (|change| x KL)",
+    temporaries=lambda count, params: 6,
 ))
 register(MergeMethod(
     name="ram",
@@ -265,6 +279,7 @@ register(MergeMethod(
     parameters=(Parameter("epsilon", default=1e-5),),
     needs_base=True,
     description="Reinforced Agent Merging: keep unique task-vector entries whole, average shared ones over their contributors",
+    light=True,
 ))
 register(MergeMethod(
     name="ramplus_tl",

@@ -123,6 +123,7 @@ def _generalized(name: str) -> MergeMethod:
         description=_DESCRIPTIONS[name],
         check=_check_generalized(name, sparsification),
         random=sparsification in ("random", "della_magprune"),
+        light=sparsification is None and not consensus,
     )
 
 

@@ -217,7 +217,7 @@ class _MoEPlanner:
     def _tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         if what.kind == "copy":
             info = self._info(self.base, name)
-            return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(self.base, name),), Operation("copy", _identity))
+            return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(self.base, name),), Operation("copy", _identity, light=True))
         if what.kind in ("router", "shared_gate"):
             return self._gate_tensor(name, what)
         if what.kind in ("expert", "shared"):
@@ -258,7 +258,7 @@ class _MoEPlanner:
             parts = [_expert_operation(s, n, seed + i).fn([x]) for i, (x, s, n) in enumerate(zip(inputs, scales, noises))]
             return torch.stack([torch.cat(parts[i : i + _per]) for i in range(0, len(parts), _per)])
 
-        return PlannedTensor(name, shape, self.out_dtype or infos[0].dtype, tuple(refs), Operation("stack experts", stack, {"experts": len(self.config.experts)}, torch.float32))
+        return PlannedTensor(name, shape, self.out_dtype or infos[0].dtype, tuple(refs), Operation("stack experts", stack, {"experts": len(self.config.experts)}, torch.float32, light=True))
 
     def _gate_tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         # the layer's post-attention norm weight is listed as the input so the tensor has a place in the read order
@@ -307,7 +307,7 @@ def _zeros_like_row(inputs: list[torch.Tensor]) -> torch.Tensor:
 
 def _expert_operation(scale: float, noise: float, seed: int) -> Operation:
     if scale == 1.0 and noise == 0.0:
-        return Operation("copy", _identity)
+        return Operation("copy", _identity, light=True)
 
     def apply(inputs: list[torch.Tensor]) -> torch.Tensor:
         tensor = inputs[0].float()
@@ -317,7 +317,7 @@ def _expert_operation(scale: float, noise: float, seed: int) -> Operation:
         return tensor * scale if scale != 1.0 else tensor
 
     arguments = ({"scale": scale} if scale != 1.0 else {}) | ({"noise_scale": noise} if noise else {})
-    return Operation("expert", apply, arguments, torch.float32)
+    return Operation("expert", apply, arguments, torch.float32, light=True)
 
 
 def build_moe_plan(config: MoEConfig, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None, prompt_model=None) -> Plan:

@@ -24,6 +24,8 @@ class Operation:
     fn: Callable[[list[torch.Tensor]], torch.Tensor]
     arguments: dict[str, Any] = field(default_factory=dict)
     compute_dtype: torch.dtype | None = None
+    temporaries: float = 2.0  # tensor-sized buffers in compute_dtype it holds at once beyond inputs and result (for the memory budget)
+    light: bool = False  # bound by reading and writing, not computing: run on one core fewer than the machine has
 
 
 @dataclass(frozen=True)
