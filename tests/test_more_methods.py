@@ -541,3 +541,20 @@ def test_elementwise_selection_methods_run_in_chunks_with_the_same_bits(dtype):
     for whole, chunked in zip(*runs):
         assert whole.shape == chunked.shape == base.shape and whole.dtype == chunked.dtype
         assert torch.equal(whole, chunked) and torch.equal(torch.signbit(whole), torch.signbit(chunked))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 77), (9, 400), (6, 5, 40)])
+def test_filter_wise_model_stock_in_row_blocks_has_the_same_bits(dtype, shape):
+    """Each row is merged on its own, so a large matrix goes a block of rows at a time (one row when a row is larger)."""
+    import composer.methods.model_stock as module
+
+    generator = torch.Generator().manual_seed(2)
+    base = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+    tuned = [base + (torch.randn(shape, generator=generator) * 0.001).to(dtype) for _ in range(3)]
+    tuned[1][0] = base[0]  # a row with no update
+    whole = model_stock(tuned, base, filter_wise=True)
+    with mock.patch.object(module, "_ROW_BLOCK", 300):
+        blocks = model_stock(tuned, base, filter_wise=True)
+    assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
+    assert torch.equal(blocks, whole) and torch.equal(torch.signbit(blocks), torch.signbit(whole))

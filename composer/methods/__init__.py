@@ -252,7 +252,6 @@ register(MergeMethod(
     needs_base=True,
     min_models=2,
     description="Model Stock: from the base towards the fine-tunes' average by a ratio set by the angle between their updates",
-    temporaries=lambda count, params: count + 3 if params["filter_wise"] else 2,
     light=True,
 ))
 register(MergeMethod(

@@ -23,9 +23,15 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
     """
     if len(tensors) < 2:
         raise ValueError(f"model_stock needs at least two tensors besides the base, got {len(tensors)}")
-    shape = base.shape
     if not filter_wise and base.dtype in (torch.float16, torch.bfloat16) and base.device.type == "cpu":
         return _half_precision_whole(tensors, base)
+    if filter_wise and base.dim() >= 2 and base.device.type == "cpu" and base.numel() > _ROW_BLOCK:
+        return _in_row_blocks(tensors, base)
+    return _whole(tensors, base, filter_wise)
+
+
+def _whole(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bool) -> torch.Tensor:
+    shape = base.shape
     if not filter_wise:
         base_rows, rows = base.reshape(-1), [tensor.reshape(-1) for tensor in tensors]
     elif base.dim() == 1:
@@ -40,6 +46,24 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
         average += row
     average /= count
     return average.mul_(ratio).add_((1 - ratio) * base_rows).reshape(shape)
+
+
+_ROW_BLOCK = 1 << 20  # entries per block of rows for the filter-wise path
+
+
+def _in_row_blocks(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """The filter-wise `model_stock` of a matrix a block of rows at a time: every row is merged on its own,
+    so each block gives the rows the whole matrix would (the same reductions along each row), with
+    temporaries the size of a block."""
+    rows = base.shape[0]
+    step = max(1, _ROW_BLOCK // max(1, base[0].numel()))
+    out = None
+    for start in range(0, rows, step):
+        block = _whole([tensor[start:start + step] for tensor in tensors], base[start:start + step], True)
+        if out is None:
+            out = empty(tuple(base.shape), block.dtype, base.device)
+        out[start:start + step] = block
+    return out
 
 
 def _ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:
