@@ -41,12 +41,12 @@ class _Recycler:
     def take(self, nbytes: int) -> np.ndarray:
         with self.lock:
             free = self._free_arrays()
-            for array in free:
-                if array.nbytes == nbytes:
-                    self.arrays = [held for held in self.arrays if held is not array] + [array]
-                    return array
             held = sum(array.nbytes for array in self.arrays)
             self.most_in_use = max(self.most_in_use, held - sum(array.nbytes for array in free) + nbytes)
+            for array in free:
+                if array.nbytes == nbytes:
+                    self.arrays = [kept for kept in self.arrays if kept is not array] + [array]
+                    return array
             unmapped = set()
             for array in free:
                 if held + nbytes <= self.most_in_use:
