@@ -28,14 +28,24 @@ from composer.methods.sparsify import ChunkedWindow, della_keep, l1_norm, patter
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
 
-def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """The stacked task vectors [n, *base.shape], x_i - base, in the base's dtype."""
+def _check_task_inputs(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> None:
     if not tensors:
         raise ValueError("task arithmetic needs at least one model besides the base")
-    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, tensor in enumerate(tensors):
         if tensor.shape != base.shape:
             raise ValueError(f"model {i + 1} has shape {list(tensor.shape)} but the base has {list(base.shape)}")
+
+
+def _cpu_chunks(count: int) -> list[tuple[int, int]]:
+    """Flat (start, stop) ranges of `_FUSED_CHUNK` entries covering `count`."""
+    return [(start, min(start + _FUSED_CHUNK, count)) for start in range(0, count, _FUSED_CHUNK)]
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """The stacked task vectors [n, *base.shape], x_i - base, in the base's dtype."""
+    _check_task_inputs(tensors, base)
+    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    for i, tensor in enumerate(tensors):
         torch.sub(tensor.to(device=base.device, dtype=base.dtype), base, out=deltas[i])
     return deltas
 
@@ -149,11 +159,7 @@ def generalized_task_arithmetic(
         raise ValueError(f"{count} models but {len(weights)} weights")
     if sparsification is not None and sparsification not in SPARSIFICATIONS:
         raise ValueError(f"unknown sparsification {sparsification!r}")
-    if not tensors:
-        raise ValueError("task arithmetic needs at least one model besides the base")
-    for i, tensor in enumerate(tensors):
-        if tensor.shape != base.shape:
-            raise ValueError(f"model {i + 1} has shape {list(tensor.shape)} but the base has {list(base.shape)}")
+    _check_task_inputs(tensors, base)
     densities = [1.0] * count if densities is None else list(densities)
     gammas = [0.01] * count if gammas is None else list(gammas)
     epsilons = [0.15] * count if epsilons is None else list(epsilons)
@@ -175,7 +181,7 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
     if sparsification == "della_magprune":
         chunks = _row_chunks(base)
     elif device.type == "cpu":
-        chunks = [(start, min(start + _FUSED_CHUNK, base.numel())) for start in range(0, base.numel(), _FUSED_CHUNK)]
+        chunks = _cpu_chunks(base.numel())
     else:
         chunks = chunk_bounds(base)
     width = max((stop - start for start, stop in chunks), default=0)
@@ -471,15 +477,11 @@ def _sce_whole(tensors, base, select_topk):
 
 
 def _sce_chunked(tensors, base, select_topk):
+    _check_task_inputs(tensors, base)
     count = len(tensors)
-    for i, tensor in enumerate(tensors):
-        if tensor.shape != base.shape:
-            raise ValueError(f"model {i + 1} has shape {list(tensor.shape)} but the base has {list(base.shape)}")
-    if not tensors:
-        raise ValueError("task arithmetic needs at least one model besides the base")
     dtype, device, n = base.dtype, base.device, base.numel()
     base_flat, flats = base.reshape(-1), [tensor.reshape(-1) for tensor in tensors]
-    chunks = [(start, min(start + _FUSED_CHUNK, n)) for start in range(0, n, _FUSED_CHUNK)]
+    chunks = _cpu_chunks(n)
     width = chunks[0][1]
     stack = torch.empty((count, width), dtype=dtype, device=device)
 
