@@ -90,8 +90,8 @@ def config_defaults(config: dict, keys: tuple[str, ...]) -> dict:
 
 def checked_loadable(config: dict, planned_shapes: dict[str, tuple[int, ...]], check) -> None:
     """Run `check(config, planned_shapes)` (which raises on a problem) unless it passed before for exactly this question."""
-    key = _key("loadable", {"config": config, "shapes": sorted((name, list(shape)) for name, shape in planned_shapes.items())})
-    if _load().get(key) is True:
-        return
-    check(config, planned_shapes)
-    _store(key, True)
+    def answer() -> bool:
+        check(config, planned_shapes)
+        return True
+
+    remembered("loadable", {"config": config, "shapes": sorted((name, list(shape)) for name, shape in planned_shapes.items())}, answer)
