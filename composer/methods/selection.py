@@ -83,7 +83,7 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5) 
     """
     if not tensors:
         return base
-    return in_chunks(lambda flats: _combine(*_task_vectors(flats[1:], flats[0], epsilon), flats[0], None), [base, *tensors])
+    return in_chunks(lambda flats: _merged_chunk(flats, epsilon, None), [base, *tensors])
 
 
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
@@ -102,7 +102,12 @@ def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, 
         unique_counts = unique_counts + (changed & (counts == 1)).sum(dim=1)
     rho = shared_counts / unique_counts.clamp(min=epsilon)
     lambdas = 1 + r * rho.clamp(min=0, max=alpha)
-    return in_chunks(lambda flats: _combine(*_task_vectors(flats[1:], flats[0], epsilon), flats[0], lambdas), [base, *tensors])
+    return in_chunks(lambda flats: _merged_chunk(flats, epsilon, lambdas), [base, *tensors])
+
+
+def _merged_chunk(flats: list[torch.Tensor], epsilon: float, lambdas) -> torch.Tensor:
+    """RAM (RAM+ with `lambdas`) of one flat chunk: flats[0] from the base, the rest from the models."""
+    return _combine(*_task_vectors(flats[1:], flats[0], epsilon), flats[0], lambdas)
 
 
 def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
