@@ -96,7 +96,8 @@ def run(
 
         options = ExecutionOptions(memory_budget=budget, whole_process=True, shard_size=shard, device=target, force=force, progress=None if progress else False, durable=fsync)
         report = compose_file(recipe, out, options, seed=seed)
-        typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s")
+        on_device = f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
+        typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}")
 
     _guarded(action)
 

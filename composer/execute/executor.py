@@ -57,6 +57,7 @@ class ExecutionReport:
     bytes_written: int
     seconds: float
     reads: Counter = field(default_factory=Counter)
+    device_peak_bytes: int = 0  # the most device memory torch held at once (CUDA only; 0 elsewhere)
 
 
 class InputCache:
@@ -212,8 +213,10 @@ def _progress(total_bytes: int, count: int, enabled: bool | None):
 def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Callable[[Path], None] | None = None) -> ExecutionReport:
     """Write the plan's output into `out`. `extra_files(folder)` adds the non-tensor files (tokenizer, card)."""
     device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ComposerError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ComposerError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     schedule = make_schedule(plan, options.memory_budget)
     folder = OutputFolder(out, options.force)
@@ -288,4 +291,5 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         for pool in pools:
             pool.shutdown(wait=True)
         plan.close()
-    return ExecutionReport(out, len(plan.tensors), cache.bytes_read, plan.output_bytes(), time.perf_counter() - started, cache.reads)
+    device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return ExecutionReport(out, len(plan.tensors), cache.bytes_read, plan.output_bytes(), time.perf_counter() - started, cache.reads, device_peak)
