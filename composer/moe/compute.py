@@ -44,14 +44,15 @@ class GateComputer:
     def experts(self) -> int:
         return len(self.settings.positives)
 
-    def rows(self, layer: int, seed: int) -> torch.Tensor:
-        """The [experts, hidden] router weight of `layer` (float64); prompt-based rows are computed for every layer at once."""
+    def rows(self, layer: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The [experts, hidden] router weight of `layer` (float64, on the CPU); prompt-based rows are computed for
+        every layer at once, the base model's layers running on `device`."""
         mode = self.settings.mode
         if mode in ("random", "uniform_random"):
             hidden = self.config["hidden_size"]
             return G.random_rows(self.experts, hidden, seed, uniform=mode == "uniform_random")
         if self._rows is None:
-            self._rows = self._compute_hidden() if mode == "hidden" else self._compute_cheap()
+            self._rows = self._compute_hidden(device) if mode == "hidden" else self._compute_cheap()
             self.warn()
         return self._rows[layer]
 
@@ -79,7 +80,7 @@ class GateComputer:
         return rows
 
     # --- hidden -----------------------------------------------------------------------------------
-    def _compute_hidden(self) -> dict[int, torch.Tensor]:
+    def _compute_hidden(self, device: torch.device | str) -> dict[int, torch.Tensor]:
         from tqdm import tqdm
 
         from composer.moe.hidden import load_tokenizer, router_inputs, tokenize
@@ -96,7 +97,7 @@ class GateComputer:
         enabled = sys.stderr.isatty() if self.progress is None else self.progress
         rows_by_layer = {}
         with tqdm(total=layer_count, desc=f"router gates from {len(texts)} prompts", unit="layer", disable=not enabled, file=sys.stderr) as bar:
-            for layer, states in router_inputs(self.base, self.config, batch, self.layer_prefix):
+            for layer, states in router_inputs(self.base, self.config, batch, self.layer_prefix, device):
                 stats = G.statistics(states, batch.mask, positives, negatives, settings.pooling)
                 rows = G.discriminant_rows(stats) if settings.rows == "discriminant" else G.average_rows(stats)
                 rows_by_layer[layer] = rows

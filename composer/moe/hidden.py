@@ -71,8 +71,9 @@ def _layer_type(model_config, index: int) -> str:
     return "sliding_attention" if getattr(model_config, "sliding_window", None) else "full_attention"
 
 
-def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_prefix: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """(layer index, router input [prompts, tokens, hidden]) for each layer in turn, in float32.
+def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_prefix: str, device: torch.device | str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+    """(layer index, router input [prompts, tokens, hidden]) for each layer in turn, in float32 on the CPU;
+    the layers run on `device`.
 
     `layer_prefix` is the dense architecture's layer prefix, e.g. 'model.layers.{i}.'. Padding positions
     hold values too; use `batch.mask` to leave them out."""
@@ -84,15 +85,16 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
     if not all(hasattr(layer, "post_attention_layernorm") for layer in layers):
         raise ComposerError(f"The layers of '{source.reference}' have no post_attention_layernorm, so the router's input is unknown.")
     # rows looked up in the stored dtype, then widened: the same values without a float32 copy of the table
-    hidden = torch.nn.functional.embedding(batch.ids, source.read("model.embed_tokens.weight")).float()
-    rotary = type(inner.rotary_emb)(config=model.config)
+    hidden = torch.nn.functional.embedding(batch.ids, source.read("model.embed_tokens.weight")).float().to(device)
+    rotary = type(inner.rotary_emb)(config=model.config).to(device)
     chunks = _chunks(batch.mask)
     with torch.no_grad():
         prepared = []
         for rows, width in chunks:
-            positions = torch.arange(width).unsqueeze(0).expand(len(rows), -1)
-            part = hidden[rows, :width]
-            prepared.append((positions, rotary(part, position_ids=positions), _attention_masks(model.config, part, batch.mask[rows, :width], positions)))
+            positions = torch.arange(width, device=device).unsqueeze(0).expand(len(rows), -1)
+            part = hidden[rows.to(device), :width]
+            prepared.append((positions, rotary(part, position_ids=positions), _attention_masks(model.config, part, batch.mask[rows, :width].to(device), positions)))
+    chunks = [(rows.to(device), width) for rows, width in chunks]
     with ThreadPoolExecutor(1, thread_name_prefix="composer-gates-read") as reader:
         # the next layer's weights are read in their stored dtype (half float32's bytes for a bf16 model) while this one runs
         def read(index: int):
@@ -102,15 +104,17 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
         for index, layer in enumerate(layers):
             stored = upcoming.result()
             upcoming = read(index + 1)
-            state = {name: _widened(stored.pop(name)) for name in list(stored)}  # each stored tensor freed once widened
-            yield index, _run_layer(layer, state, model.config, index, hidden, chunks, prepared)
+            state = {name: _widened(stored.pop(name), device) for name in list(stored)}  # each stored tensor freed once widened
+            yield index, _run_layer(layer, state, model.config, index, hidden, chunks, prepared).cpu()
 
 
-def _widened(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` as float32: itself when it already is, else a copy in a buffer from `composer.memory.empty`
-    (a large one is a memory map, given back to the system as soon as the layer is done with it)."""
-    if tensor.dtype == torch.float32:
+def _widened(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` as float32 on `device`: itself when it already is, else a copy (on the CPU in a buffer from
+    `composer.memory.empty`: a large one is a memory map, given back to the system once the layer is done)."""
+    if tensor.dtype == torch.float32 and tensor.device == torch.device(device):
         return tensor
+    if torch.device(device).type != "cpu":
+        return tensor.to(device=device, dtype=torch.float32)
     return empty(tuple(tensor.shape), torch.float32).copy_(tensor)
 
 

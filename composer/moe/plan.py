@@ -271,7 +271,7 @@ class _MoEPlanner:
         computer, layer, seed = self.computer, what.layer, tensor_seed(self.config.random_seed or 0, name)
 
         def router(inputs: list[torch.Tensor]) -> torch.Tensor:
-            return computer.rows(layer, seed).float()
+            return computer.rows(layer, seed, inputs[0].device if inputs else "cpu").float()  # the anchor came on the merge's device
 
         arguments = {"mode": self.config.gate_mode}
         if self.config.uses_prompts:
