@@ -190,6 +190,24 @@ def test_radix_row_order_is_torchs_stable_sort():
     assert torch.equal(stable_row_order(keys), torch.sort(keys, dim=1, stable=True).indices)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_row_ranks_in_threads_scatter_as_one_sort(threads):
+    """Blocks of rows sorted and scattered in threads (any count, rows not a multiple of it) give the
+    scatter of the whole tensor's stable row order."""
+    from composer.methods.sparsify import scatter_by_row_rank_, stable_row_order
+
+    generator = torch.Generator().manual_seed(4)
+    keys = (torch.randn(101, 77, generator=generator) * 0.01).to(torch.bfloat16).abs().view(torch.int16)
+    by_rank = torch.rand(101, 77, generator=generator) < 0.5
+    expected = torch.empty(101, 77, dtype=torch.bool).scatter_(1, stable_row_order(keys), by_rank)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(scatter_by_row_rank_(torch.empty(101, 77, dtype=torch.bool), keys, by_rank), expected)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
 @pytest.mark.parametrize("shape, tied", [((300,), False), ((257, 93), False), ((130, 200), True)])

@@ -323,6 +323,36 @@ def stable_row_order(keys: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.argsort(keys.contiguous().numpy(), axis=1, kind="stable"))
 
 
+_MIN_ROWS_PER_THREAD = 8
+
+
+def scatter_by_row_rank_(out: torch.Tensor, keys: torch.Tensor, by_rank: torch.Tensor) -> torch.Tensor:
+    """out[i, order[i, r]] = by_rank[i, r], order the stable row order of the 16-bit `keys`: each entry gets
+    the value of its rank within its row. On a CPU blocks of rows go to torch's number of threads at
+    once (numpy's sort runs on one core and releases the GIL), each block sorted and scattered on its own."""
+    rows = keys.shape[0]
+    threads = min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD) if keys.device.type == "cpu" else 1
+    if threads <= 1:
+        return out.scatter_(1, stable_row_order(keys), by_rank)
+    step = -(-rows // threads)
+    blocks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+    list(_row_pool().map(lambda block: out[block].scatter_(1, stable_row_order(keys[block]), by_rank[block]), blocks))
+    return out
+
+
+_POOL = None
+
+
+def _row_pool():
+    global _POOL
+    if _POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="composer-rows")
+    return _POOL
+
+
 def della_keep(
     delta: torch.Tensor, density: float, epsilon: float, key: int, out: torch.Tensor | None = None, offset: int = 0
 ) -> torch.Tensor:
@@ -341,14 +371,13 @@ def della_keep(
         probabilities = torch.full((1,), density, dtype=torch.float64, device=delta.device)
     thresholds = (probabilities.clamp(0, 1) * LEVELS).round_().sub_(LEVELS // 2).to(torch.int32)
     thresholds = thresholds.view((m,) + (1,) * (len(rows_shape) - 2))
+    keep_in_order = torch.lt(random_levels(rows_shape, key, delta.device, offset), thresholds)  # rank r at position r
+    mask = torch.empty(rows_shape, dtype=torch.bool, device=delta.device) if out is None else out.view(rows_shape)
     if delta.dtype in _HALF_DTYPES:
         # the bit patterns of half-precision magnitudes sort as the values do; a stable sort of them ranks
         # equal magnitudes by position, the same on every machine
-        order = stable_row_order(delta.abs().view(torch.int16).view(rows_shape))
-    else:
-        order = torch.sort(_magnitudes_into(delta, None).view(rows_shape), dim=1, stable=True).indices
-    keep_in_order = torch.lt(random_levels(rows_shape, key, delta.device, offset), thresholds)  # rank r at position r
-    mask = torch.empty(rows_shape, dtype=torch.bool, device=delta.device) if out is None else out.view(rows_shape)
+        return scatter_by_row_rank_(mask, delta.abs().view(torch.int16).view(rows_shape), keep_in_order).view(delta.shape)
+    order = torch.sort(_magnitudes_into(delta, None).view(rows_shape), dim=1, stable=True).indices
     return mask.scatter_(1, order, keep_in_order).view(delta.shape)
 
 
