@@ -117,7 +117,6 @@ def main() -> None:
     mergekit = None if arguments.no_mergekit else mergekit_env()
     chosen = [p.strip() for p in arguments.recipes.split(",") if p.strip()]
     rows = []
-    warmed = False
     found = [(name, entry) for name, entry in recipes(arguments.models).items() if not name.startswith("tiny")]
     if chosen:  # in the order asked for
         found = [(name, entry) for prefix in chosen for name, entry in found if name.startswith(prefix)]
@@ -129,14 +128,13 @@ def main() -> None:
         recipe.write_text(text)
         read_gb = sum(path.stat().st_size for path in weights_files(inputs)) / 1e9
         outs = {}
+        # planning fills composer's cache of transformers' answers for this config, as a user's second run finds it
+        run_child(compose + ["plan", str(recipe)])
         devices = ["cuda"] + ([] if arguments.no_cpu else ["cpu"])
         for device in devices:
             out = work / f"out-{device}"
             command = compose + [str(recipe), str(out), "--force", "--no-progress", "--device", device]
             command += ["--memory-budget", arguments.memory_budget] if arguments.memory_budget else []
-            if not warmed:
-                run_child(command)  # fills composer's cache of transformers' answers, as a user's second run finds it
-                warmed = True
             wall, rss, status, tail = run_child(command)
             parsed = _report(tail)
             if status != 0 or parsed is None:
