@@ -217,7 +217,7 @@ def _plan_sources(model_ref: str, donor_ref: str, model: ModelSource, donor: Mod
     for name, info in model.tensor_infos().items():
         weight = next((w for w in vocab_weights if w.name == name), None)
         if weight is None:
-            tensors.append(PlannedTensor(name, info.shape, info.dtype, (TensorRef(model_ref, name),), Operation("copy", _copy, light=True)))
+            tensors.append(PlannedTensor(name, info.shape, info.dtype, (TensorRef(model_ref, name),), Operation("copy", _copy, light=True, copies=True)))
             continue
         source_name = name
         if tied and weight.tied_to and weight.tied_to in model.tensor_infos():

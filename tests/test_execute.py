@@ -36,6 +36,17 @@ def test_upscale_reads_each_input_tensor_once(tmp_path: Path):
     assert len(report.reads) == len(load_state(source))  # every source tensor used (tied head absent)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_copies_never_go_to_the_device(tmp_path: Path, overlap: bool):
+    """An upscale with the device set to torch's meta device (which holds no data, so any tensor sent there
+    and back would fail to write): copies run on the CPU where they were read, the same bytes as on the CPU."""
+    source = save_tiny_model(tmp_path / "src", layers=6)
+    compose_text(UPSCALE.format(model=source), tmp_path / "cpu", ExecutionOptions(progress=False))
+    compose_text(UPSCALE.format(model=source), tmp_path / "meta", ExecutionOptions(progress=False, device="meta", overlap=overlap))
+    for shard in (tmp_path / "cpu").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "meta" / shard.name).read_bytes()
+
+
 def test_tiny_memory_budget_still_gives_exact_layers(tmp_path: Path):
     source = save_tiny_model(tmp_path / "src", layers=6)
     report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions(memory_budget=1))

@@ -60,9 +60,12 @@ class ExecutionReport:
     device_peak_bytes: int = 0  # the most device memory torch held at once (CUDA only; 0 elsewhere)
 
 
+CPU = torch.device("cpu")
+
+
 class InputCache:
     """Input tensors: read ahead by a worker thread, kept between their uses, and the one needed furthest
-    ahead evicted when the cache would pass its budget."""
+    ahead evicted when the cache would pass its budget. Each is read onto the device its step runs on."""
 
     def __init__(self, plan: Plan, budget: int, device: torch.device, reader: ThreadPoolExecutor | None):
         self.plan = plan
@@ -77,19 +80,20 @@ class InputCache:
         self._lock = threading.Lock()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _load(self, ref: TensorRef) -> torch.Tensor:
+    def _load(self, ref: TensorRef, device: torch.device) -> torch.Tensor:
         tensor = self.plan.sources[ref.model].read(ref.name)
         with self._lock:
             self.reads[ref] += 1
             self.bytes_read += tensor.numel() * tensor.element_size()
+        if device.type == "cpu":
+            return tensor
         if self._copy_stream is not None:
             # copies on a stream of their own, finished before the tensor is handed over
             with torch.cuda.stream(self._copy_stream):
-                tensor = tensor.to(self.device, non_blocking=True)
+                tensor = tensor.to(device, non_blocking=True)
             self._copy_stream.synchronize()
-        elif self.device.type != "cpu":
-            tensor = tensor.to(self.device)
-        return tensor
+            return tensor
+        return tensor.to(device)
 
     def missing_bytes(self, refs) -> int:
         """Bytes that reading `refs` would add: those neither kept nor already being read."""
@@ -98,22 +102,22 @@ class InputCache:
     def _nbytes(self, ref: TensorRef) -> int:
         return self.plan.sources[ref.model].tensor_infos()[ref.name].nbytes
 
-    def prefetch(self, refs) -> None:
+    def prefetch(self, refs, device: torch.device) -> None:
         if self.reader is None:
             return
         for ref in refs:
             if ref not in self.tensors and ref not in self.pending:
-                self.pending[ref] = self.reader.submit(self._load, ref)
+                self.pending[ref] = self.reader.submit(self._load, ref, device)
 
-    def get(self, ref: TensorRef) -> torch.Tensor:
+    def get(self, ref: TensorRef, device: torch.device) -> torch.Tensor:
+        """`ref` on `device` (moved there if it was kept or read ahead for a step on the other one)."""
         tensor = self.tensors.get(ref)
-        if tensor is not None:
-            return tensor
-        future = self.pending.pop(ref, None)
-        tensor = future.result() if future is not None else self._load(ref)
-        if self._copy_stream is not None:
-            tensor.record_stream(torch.cuda.current_stream(self.device))
-        return tensor
+        if tensor is None:
+            future = self.pending.pop(ref, None)
+            tensor = future.result() if future is not None else self._load(ref, device)
+            if self._copy_stream is not None and tensor.device.type == "cuda":
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+        return tensor.to(device)
 
     def keep(self, ref: TensorRef, tensor: torch.Tensor, next_use: dict[TensorRef, int]) -> None:
         if ref in self.tensors:
@@ -192,6 +196,11 @@ class ComputeThreads:
         self.use(False)
 
 
+def _device_of(planned, device: torch.device) -> torch.device:
+    """Where a step runs: copies stay on the CPU, where their inputs were read and their result is written."""
+    return CPU if planned.operation.copies else device
+
+
 def _loose_bytes(refs, tensors: list[torch.Tensor], cache: InputCache) -> int:
     """Bytes of this step's inputs that the cache does not count (read for this step only)."""
     seen = set()
@@ -245,12 +254,13 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         next_use: dict[TensorRef, int] = {}
         with recycling(), _progress(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
             for step, planned in enumerate(schedule.order):
-                inputs = [cache.get(ref) for ref in planned.inputs]
+                inputs = [cache.get(ref, _device_of(planned, device)) for ref in planned.inputs]
                 if step + 1 < len(schedule.order):  # inputs shared with this step are kept, not read again
-                    upcoming = [ref for ref in schedule.order[step + 1].inputs if ref not in planned.inputs]
+                    following = schedule.order[step + 1]
+                    upcoming = [ref for ref in following.inputs if ref not in planned.inputs]
                     held = cache.resident + _loose_bytes(planned.inputs, inputs, cache) + step_bytes(plan, planned) + background.queued_bytes
                     if held + cache.missing_bytes(upcoming) <= tensor_budget:
-                        cache.prefetch(upcoming)
+                        cache.prefetch(upcoming, _device_of(following, device))
                 compute = planned.operation.compute_dtype
                 work = [x.to(compute) if compute is not None and x.dtype != compute else x for x in inputs]
                 threads.use(planned.operation.light)

@@ -217,7 +217,7 @@ class _MoEPlanner:
     def _tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         if what.kind == "copy":
             info = self._info(self.base, name)
-            return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(self.base, name),), Operation("copy", _identity, light=True))
+            return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(self.base, name),), Operation("copy", _identity, light=True, copies=True))
         if what.kind in ("router", "shared_gate"):
             return self._gate_tensor(name, what)
         if what.kind in ("expert", "shared"):
@@ -307,7 +307,7 @@ def _zeros_like_row(inputs: list[torch.Tensor]) -> torch.Tensor:
 
 def _expert_operation(scale: float, noise: float, seed: int) -> Operation:
     if scale == 1.0 and noise == 0.0:
-        return Operation("copy", _identity, light=True)
+        return Operation("copy", _identity, light=True, copies=True)
 
     def apply(inputs: list[torch.Tensor]) -> torch.Tensor:
         tensor = inputs[0].float()

@@ -254,7 +254,7 @@ class _Planner:
 
         compute_dtype = self.compute_dtype if (method.blends or any(v not in (None, 1) for v in params.get("scale", []))) else None
         temporaries = method.temporaries(len(others), params) if method.temporaries else 2.0
-        return Operation(method.name, run, params, compute_dtype, temporaries, method.light), ordered
+        return Operation(method.name, run, params, compute_dtype, temporaries, method.light, method.copies), ordered
 
     # --- tensors ------------------------------------------------------------------------------
     def plan_tensor(
@@ -422,7 +422,7 @@ def _in_output_vocabulary(operation: Operation, vocabulary: VocabularyMerge, mod
         rebuilt = vocabulary.rebuild(by_model)
         return operation.fn([rebuilt[model].movedim(0, axis).contiguous() if axis else rebuilt[model] for model in models])
 
-    return Operation(operation.label, run, dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), operation.compute_dtype, operation.temporaries, operation.light)
+    return Operation(operation.label, run, dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), operation.compute_dtype, operation.temporaries, operation.light, operation.copies)
 
 
 def _vocabulary_key(recipe: Merge, location: tuple) -> tuple:

@@ -26,6 +26,7 @@ class Operation:
     compute_dtype: torch.dtype | None = None
     temporaries: float = 2.0  # tensor-sized buffers in compute_dtype it holds at once beyond inputs and result (for the memory budget)
     light: bool = False  # bound by reading and writing, not computing: run on one core fewer than the machine has
+    copies: bool = False  # only copies (or scales) what it reads: a merge on a GPU runs it on the CPU, with no round trip
 
 
 @dataclass(frozen=True)
