@@ -23,7 +23,7 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
     """
     if len(tensors) < 2:
         raise ValueError(f"model_stock needs at least two tensors besides the base, got {len(tensors)}")
-    if not filter_wise and base.dtype in (torch.float16, torch.bfloat16) and base.device.type == "cpu":
+    if not filter_wise and base.dtype in (torch.float16, torch.bfloat16):
         return _half_precision_whole(tensors, base)
     if filter_wise and base.dim() >= 2 and base.device.type == "cpu" and base.numel() > _ROW_BLOCK:
         return _in_row_blocks(tensors, base)
@@ -80,27 +80,30 @@ def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> to
     """`model_stock` of half-precision tensors with one ratio per tensor, a cache-sized piece at a time: the
     updates' norms and dot products summed in float32 within a piece and in float64 across pieces (more
     exact than sums in half precision, and several times faster), then the ratio and the blend in the
-    tensors' dtype as in the general path."""
+    tensors' dtype as in the general path. Off the CPU the piece is the whole tensor (one product)."""
     count = len(tensors)
     base_flat, flats = base.reshape(-1), [tensor.reshape(-1) for tensor in tensors]
-    products = torch.zeros(count, count, dtype=torch.float64)
-    work = torch.empty(count + 1, min(_PIECE, base_flat.numel()), dtype=torch.float32)  # reused for every piece
-    for start in range(0, base_flat.numel(), _PIECE):
-        stop = min(start + _PIECE, base_flat.numel())
+    device = base.device
+    piece_size = _PIECE if device.type == "cpu" else max(1, base_flat.numel())
+    products = torch.zeros(count, count, dtype=torch.float64, device=device)
+    work = torch.empty(count + 1, min(piece_size, base_flat.numel()), dtype=torch.float32, device=device)  # reused for every piece
+    for start in range(0, base_flat.numel(), piece_size):
+        stop = min(start + piece_size, base_flat.numel())
         piece = work[:, : stop - start]
         piece[count].copy_(base_flat[start:stop])
         for i, flat in enumerate(flats):
             piece[i].copy_(flat[start:stop]).sub_(piece[count])  # exact for half-precision inputs
         offsets = piece[:count]
         products += (offsets @ offsets.T).double()
+    products = products.cpu()
     norms = products.diagonal().clamp(min=0).sqrt()
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
     cosine = sum(max(-1.0, min(1.0, float(products[i, j]) / max(float(norms[i] * norms[j]), COSINE_NORM_FLOOR))) for i, j in pairs) / len(pairs)
     ratio = _ratio(torch.tensor(cosine, dtype=base.dtype), count)
     keep = 1 - ratio
-    out = empty(base_flat.shape, base_flat.dtype)
-    for start in range(0, base_flat.numel(), _PIECE * 4):
-        stop = min(start + _PIECE * 4, base_flat.numel())
+    out = empty(base_flat.shape, base_flat.dtype, device)
+    for start in range(0, base_flat.numel(), piece_size * 4):
+        stop = min(start + piece_size * 4, base_flat.numel())
         average = flats[0][start:stop] + flats[1][start:stop]
         for flat in flats[2:]:
             average += flat[start:stop]
