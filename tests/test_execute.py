@@ -111,8 +111,9 @@ def test_an_error_inside_a_method_names_the_output_tensor_and_leaves_nothing(tmp
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_overlapped_path_writes_the_same_bytes_as_one_thing_at_a_time(tmp_path: Path):
-    """Read-ahead and background writes change when things happen, never what is written."""
+@pytest.mark.parametrize("readers", [1, 3])
+def test_overlapped_path_writes_the_same_bytes_as_one_thing_at_a_time(tmp_path: Path, readers: int):
+    """Read-ahead (by one thread or several) and background writes change when things happen, never what is written."""
     models = {name: save_tiny_model(tmp_path / name, layers=6, seed=number) for number, name in enumerate(("base", "a", "b"))}
     recipe = f"""merge_method: dare_ties
 base_model: {models['base']}
@@ -129,7 +130,7 @@ dtype: bfloat16
 random_seed: 3
 """
     simple = compose_text(recipe, tmp_path / "simple", ExecutionOptions(overlap=False, shard_size=100_000, durable=True))  # fsynced
-    fast = compose_text(recipe, tmp_path / "fast", ExecutionOptions(overlap=True, shard_size=100_000))
+    fast = compose_text(recipe, tmp_path / "fast", ExecutionOptions(overlap=True, shard_size=100_000, readers=readers))
     assert fast.reads == simple.reads and max(fast.reads.values()) == 1
     files = sorted(p.name for p in (tmp_path / "simple").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "fast").iterdir()) and len([f for f in files if f.endswith(".safetensors")]) > 1

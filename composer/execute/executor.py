@@ -47,6 +47,15 @@ class ExecutionOptions:
     progress: bool | None = None  # None: only when stderr is a terminal
     overlap: bool = True  # read the next inputs and write the last result while computing; False: one thing at a time
     durable: bool = False  # flush the output to the disk before it appears (survives a power loss; waits for the disk)
+    readers: int | None = None  # threads reading ahead (None: one per four cores, at most four)
+
+
+def reader_count(options: ExecutionOptions) -> int:
+    """Reading from the page cache is a memory copy that one thread does at a few GB/s; on a machine with
+    cores to spare, several threads read the next step's inputs at once."""
+    if options.readers is not None:
+        return max(1, options.readers)
+    return min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
 @dataclass
@@ -78,7 +87,7 @@ class InputCache:
         self.reads: Counter = Counter()
         self.bytes_read = 0
         self._lock = threading.Lock()
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._streams = threading.local()  # each reader thread copies to the GPU on a stream of its own
 
     def _load(self, ref: TensorRef, device: torch.device) -> torch.Tensor:
         tensor = self.plan.sources[ref.model].read(ref.name)
@@ -87,11 +96,13 @@ class InputCache:
             self.bytes_read += tensor.numel() * tensor.element_size()
         if device.type == "cpu":
             return tensor
-        if self._copy_stream is not None:
-            # copies on a stream of their own, finished before the tensor is handed over
-            with torch.cuda.stream(self._copy_stream):
+        if device.type == "cuda":
+            stream = getattr(self._streams, "stream", None)
+            if stream is None:
+                stream = self._streams.stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(stream):  # finished before the tensor is handed over
                 tensor = tensor.to(device, non_blocking=True)
-            self._copy_stream.synchronize()
+            stream.synchronize()
             return tensor
         return tensor.to(device)
 
@@ -115,7 +126,7 @@ class InputCache:
         if tensor is None:
             future = self.pending.pop(ref, None)
             tensor = future.result() if future is not None else self._load(ref, device)
-            if self._copy_stream is not None and tensor.device.type == "cuda":
+            if tensor.device.type == "cuda":
                 tensor.record_stream(torch.cuda.current_stream(self.device))
         return tensor.to(device)
 
@@ -240,7 +251,7 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable)
         # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors
         tensor_budget = max(0, options.memory_budget - (resident_bytes() if options.whole_process else 0))
-        reader = ThreadPoolExecutor(1, thread_name_prefix="composer-read") if options.overlap else None
+        reader = ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
         writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
         pools = [pool for pool in (reader, writes) if pool is not None]
         # kept inputs leave room for any step; read-ahead and queued writes only use what the current step leaves
