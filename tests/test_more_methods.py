@@ -547,14 +547,51 @@ def test_elementwise_selection_methods_run_in_chunks_with_the_same_bits(dtype):
 @pytest.mark.parametrize("shape", [(300, 77), (9, 400), (6, 5, 40)])
 def test_filter_wise_model_stock_in_row_blocks_has_the_same_bits(dtype, shape):
     """Each row is merged on its own, so a large matrix goes a block of rows at a time (one row when a row is larger)."""
-    import composer.methods.model_stock as module
+    from composer.methods import interpolation as module
 
     generator = torch.Generator().manual_seed(2)
     base = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
     tuned = [base + (torch.randn(shape, generator=generator) * 0.001).to(dtype) for _ in range(3)]
     tuned[1][0] = base[0]  # a row with no update
     whole = model_stock(tuned, base, filter_wise=True)
-    with mock.patch.object(module, "_ROW_BLOCK", 300):
+    with mock.patch.object(module, "ROW_BLOCK", 300):
         blocks = model_stock(tuned, base, filter_wise=True)
     assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
     assert torch.equal(blocks, whole) and torch.equal(torch.signbit(blocks), torch.signbit(whole))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 77), (9, 400), (6, 5, 40)])
+def test_arcee_fusion_in_row_blocks_has_the_same_bits(dtype, shape):
+    """A large matrix's importances are taken a block of rows at a time (softmax and KL stay within rows)
+    and the fusion a chunk at a time: the whole tensor's result, bit for bit."""
+    from composer.methods import interpolation
+
+    (other,), base = fine_tunes(1, shape=shape, seed=61, scale=0.1)
+    base, other = base.to(dtype), other.to(dtype)
+    whole = arcee_fusion(base, other)
+    with mock.patch.object(interpolation, "ROW_BLOCK", 300), mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
+        blocks = arcee_fusion(base, other)
+    assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
+    assert torch.equal(blocks, whole) and torch.equal(torch.signbit(blocks), torch.signbit(whole))
+    assert 0 < int((whole != base).sum()) < whole.numel() // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("negative", [False, True])
+def test_half_precision_quartiles_from_pattern_counts_are_the_sorted_values(dtype, negative):
+    """Arcee Fusion's quartiles of 16-bit importances come from counting bit patterns (no widened copy);
+    a negative value (a KL rounded below zero) falls back to sorting. Either way: the sorted values."""
+    from composer.methods import interpolation
+    from composer.methods.selection import _quartiles
+
+    generator = torch.Generator().manual_seed(9)
+    values = (torch.randn(5001, generator=generator).abs() * 0.01).to(dtype)
+    values[:1200] = 0  # many ties
+    if negative:
+        values[77] = -0.5
+    expected = values.float().sort().values[[k * (values.numel() - 1) // 4 for k in (1, 2, 3)]].to(dtype)
+    with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
+        found = _quartiles(values)
+    assert all(value.dim() == 0 and value.dtype == dtype for value in found)
+    assert torch.equal(torch.stack(found), expected)

@@ -272,7 +272,7 @@ register(MergeMethod(
     needs_base=True,
     max_models=1,
     description="take the other model's value only where its change is an outlier of importance (|change| x KL)",
-    temporaries=lambda count, params: 6,
+    temporaries=lambda count, params: 1,  # a large tensor on a CPU: its importances (the rest goes a block at a time)
 ))
 register(MergeMethod(
     name="ram",

@@ -82,6 +82,17 @@ def in_chunks(fn, tensors: list[torch.Tensor]) -> torch.Tensor:
     return out.view(shape)
 
 
+ROW_BLOCK = 1 << 20  # entries per block of rows for work that reduces only within rows
+
+
+def row_blocks(tensor: torch.Tensor) -> list[slice]:
+    """Slices of whole rows (along the first axis) of about `ROW_BLOCK` entries each (one row when a row is
+    larger): work whose reductions stay within rows gives each block what the whole tensor would."""
+    rows = tensor.shape[0]
+    step = max(1, ROW_BLOCK // max(1, tensor[0].numel()))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def chunk_bounds(tensor: torch.Tensor):
     """(start, end) element ranges for elementwise work: cache-sized on the CPU, the whole tensor elsewhere."""
     count = tensor.numel()

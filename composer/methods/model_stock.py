@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from composer.memory import empty
+from composer.methods import interpolation
 
 COSINE_NORM_FLOOR = 1e-6  # |a| |b| is clamped to this before dividing: a zero update has cosine 0 with anything
 SINGULAR = 1e-6  # |1 + (N-1) cos| below this: no finite ratio, keep the base
@@ -25,7 +26,7 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
         raise ValueError(f"model_stock needs at least two tensors besides the base, got {len(tensors)}")
     if not filter_wise and base.dtype in (torch.float16, torch.bfloat16):
         return _half_precision_whole(tensors, base)
-    if filter_wise and base.dim() >= 2 and base.device.type == "cpu" and base.numel() > _ROW_BLOCK:
+    if filter_wise and base.dim() >= 2 and base.device.type == "cpu" and base.numel() > interpolation.ROW_BLOCK:
         return _in_row_blocks(tensors, base)
     return _whole(tensors, base, filter_wise)
 
@@ -48,21 +49,16 @@ def _whole(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bool) -
     return average.mul_(ratio).add_((1 - ratio) * base_rows).reshape(shape)
 
 
-_ROW_BLOCK = 1 << 20  # entries per block of rows for the filter-wise path
-
-
 def _in_row_blocks(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """The filter-wise `model_stock` of a matrix a block of rows at a time: every row is merged on its own,
     so each block gives the rows the whole matrix would (the same reductions along each row), with
     temporaries the size of a block."""
-    rows = base.shape[0]
-    step = max(1, _ROW_BLOCK // max(1, base[0].numel()))
     out = None
-    for start in range(0, rows, step):
-        block = _whole([tensor[start:start + step] for tensor in tensors], base[start:start + step], True)
+    for rows in interpolation.row_blocks(base):
+        block = _whole([tensor[rows] for tensor in tensors], base[rows], True)
         if out is None:
             out = empty(tuple(base.shape), block.dtype, base.device)
-        out[start:start + step] = block
+        out[rows] = block
     return out
 
 

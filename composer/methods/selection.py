@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from composer.memory import empty
+from composer.methods import interpolation
 from composer.methods.interpolation import flat_chunks, in_chunks
+from composer.methods.sparsify import pattern_counts
 
 NEARSWAP_FLOOR = 1e-6  # |base - other| is clamped to this before dividing
 FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence
@@ -46,30 +49,73 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
     mergekit estimates the quantiles from a random sample of 10^6 elements when a tensor has more;
     here they are exact (the same values whenever n <= 10^6), so the result is deterministic.
+
+    A large matrix on the CPU is taken a block of rows at a time (the softmaxes and KL stay within rows,
+    the rest is elementwise), bit for bit the whole tensor's result, holding only the importances whole.
     """
-    delta = other - base
+    if base.dim() >= 2 and base.device.type == "cpu" and base.numel() > interpolation.ROW_BLOCK:
+        importance = None
+        for rows in interpolation.row_blocks(base):
+            block = _importance(base[rows], other[rows])
+            if importance is None:
+                importance = empty(tuple(base.shape), block.dtype, base.device)
+            importance[rows] = block
+        threshold = _outlier_threshold(importance)
+        return in_chunks(lambda flats: _fused(flats[0], flats[1], flats[2] >= threshold), [base, other, importance])
+    importance = _importance(base, other)
+    keep = importance >= _outlier_threshold(importance)
+    del importance
+    return _fused(base, other, keep)
+
+
+def _importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """|other - base| * KL(softmax(other) + eps || softmax(base) + eps), the KL taken along the last axis."""
     p = torch.softmax(other, dim=-1).add_(FUSION_EPS)
     q = torch.softmax(base, dim=-1).add_(FUSION_EPS)
     kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
     del p, q
-    importance = delta.abs().mul_(kl)
+    return (other - base).abs_().mul_(kl)
+
+
+def _outlier_threshold(importance: torch.Tensor) -> torch.Tensor:
     q1, median, q3 = _quartiles(importance.reshape(-1))
-    threshold = median + 1.5 * (q3 - q1)
-    mask = (importance >= threshold).to(delta.dtype)
-    del importance
-    return base + delta.mul_(mask)
+    return median + 1.5 * (q3 - q1)
+
+
+def _fused(base: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    delta = other - base
+    return base + delta.mul_(keep.to(delta.dtype))
 
 
 def _quartiles(values: torch.Tensor) -> list[torch.Tensor]:
     """The sorted values at positions floor(k (n - 1) / 4), k = 1, 2, 3, as 0-dim tensors of `values`' dtype."""
     positions = [k * (values.numel() - 1) // 4 for k in (1, 2, 3)]
+    counted = _counted_order_statistics(values, positions) if values.dtype in (torch.float16, torch.bfloat16) else None
+    if counted is not None:
+        return counted
     if values.device.type == "cpu":
         import numpy as np
 
         exact = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
-        picked = np.partition(values.detach().to(exact).numpy(), positions)[positions]  # one copy, no index array
-        return [torch.tensor(value, dtype=values.dtype) for value in picked]
+        array = values.detach().to(exact, copy=True).numpy()
+        array.partition(positions)  # in place: the copy above is the only one, and no index array
+        return [torch.tensor(array[position], dtype=values.dtype) for position in positions]
     return [torch.kthvalue(values, position + 1).values for position in positions]
+
+
+def _counted_order_statistics(values: torch.Tensor, positions: list[int]) -> list[torch.Tensor] | None:
+    """The order statistics of non-negative 16-bit floats from a count of their bit patterns, a chunk at a
+    time (they order as their patterns do): no sorted or widened copy. None when a value is negative
+    (its pattern orders the other way; the caller sorts then)."""
+    counts = None
+    for (flat,) in flat_chunks([values.reshape(-1)]):
+        if bool((flat.view(torch.int16) < 0).any()):
+            return None
+        part = pattern_counts(flat)
+        counts = part if counts is None else counts.add_(part)
+    cumulative = counts.cumsum(0)
+    patterns = [int(torch.searchsorted(cumulative, position, right=True)) for position in positions]
+    return [torch.tensor(pattern, dtype=torch.int16).view(values.dtype) for pattern in patterns]
 
 
 # --- RAM and RAM+ ---------------------------------------------------------------------------------
