@@ -19,7 +19,7 @@ from composer.execute import ExecutionOptions
 from composer.methods import get_method
 from composer.methods.model_stock import model_stock
 from composer.methods.selection import arcee_fusion, nearswap, ram, ramplus_tl
-from composer.methods.spherical import karcher, multislerp, nuslerp
+from composer.methods.spherical import karcher, multislerp, nuslerp, nuslerp_t
 from helpers import load_state, logits_of, save_fine_tune, save_tiny_model
 
 
@@ -595,3 +595,20 @@ def test_half_precision_quartiles_from_pattern_counts_are_the_sorted_values(dtyp
         found = _quartiles(values)
     assert all(value.dim() == 0 and value.dtype == dtype for value in found)
     assert torch.equal(torch.stack(found), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_flat_nuslerp_in_chunks_has_the_whole_tensor_bits(dtype, with_base):
+    """nuslerp of whole tensors builds the directions' product a chunk at a time and blends a chunk at a
+    time: bit for bit the whole-tensor computation (`_slerp_vectors`)."""
+    from composer.methods import interpolation
+    from composer.methods.spherical import _slerp_vectors
+
+    x0, x1, base = (tensor.to(dtype) for tensor in random_tensors(3, shape=(300, 77), seed=12))
+    t = nuslerp_t([0.7, 1.3])
+    expected = base + _slerp_vectors(x0 - base, x1 - base, t, False, True) if with_base else _slerp_vectors(x0, x1, t, False, True)
+    with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
+        chunked = nuslerp([x0, x1], [0.7, 1.3], base if with_base else None)
+    assert chunked.dtype == expected.dtype and chunked.shape == expected.shape
+    assert torch.equal(chunked, expected) and torch.equal(torch.signbit(chunked), torch.signbit(expected))

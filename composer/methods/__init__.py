@@ -224,7 +224,8 @@ register(MergeMethod(
     min_models=2,
     max_models=2,
     description="spherical interpolation of two models (or of their task vectors from an optional base), t = w_1 / (w_0 + w_1)",
-    temporaries=lambda count, params: 6,
+    # whole vectors (the default): the two task vectors and the directions' product; per row: six
+    temporaries=lambda count, params: 3 if params.get("nuslerp_flatten", True) else 6,
 ))
 register(MergeMethod(
     name="multislerp",

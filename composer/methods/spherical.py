@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from composer.errors import ComposerError
+from composer.methods.interpolation import flat_chunks, in_chunks
 
 NUSLERP_EPS = 1e-8  # |sin(theta)| below this (cos(theta)^2 within eps^2 of 1): the pair is colinear, lerp
 _NORM_FLOOR = 1e-7  # norms are clamped to this before dividing, so an all-zero vector has direction 0
@@ -40,9 +41,40 @@ def nuslerp(
         raise ValueError(f"nuslerp takes exactly two tensors besides the base, got {len(tensors)}")
     t = nuslerp_t(weights)
     first, second = tensors
+    if flatten:
+        return _slerp_flat(first, second, t, base)
     if base is None:
         return _slerp_vectors(first, second, t, row_wise, flatten)
     return base + _slerp_vectors(first - base, second - base, t, row_wise, flatten)
+
+
+def _slerp_flat(first: torch.Tensor, second: torch.Tensor, t: float, base: torch.Tensor | None) -> torch.Tensor:
+    """`_slerp_vectors` of the whole tensors as single vectors (+ base), holding the two vectors, one
+    product buffer and the result: the directions' product is built a chunk at a time into the buffer and
+    summed whole (the same sum, so the same bits), and the blend is elementwise (`in_chunks`)."""
+    v0, v1 = (first, second) if base is None else (first - base, second - base)
+    norm0 = torch.linalg.vector_norm(v0.reshape(-1), dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
+    norm1 = torch.linalg.vector_norm(v1.reshape(-1), dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
+    product = v0.reshape(-1) / norm0  # the first direction, then times the second in place
+    start = 0
+    for (part,) in flat_chunks([v1]):
+        product[start:start + part.numel()].mul_(part / norm1)
+        start += part.numel()
+    cosine = product.sum(dim=-1, keepdim=True).clamp(-1, 1)
+    del product
+    colinear = (1 - cosine.square()) <= NUSLERP_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cosine))  # a colinear pair gets a harmless angle; lerp replaces it
+    weight0, weight1, divisor = torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
+    lerp = bool(colinear.any())
+
+    def blend(flats: list[torch.Tensor]) -> torch.Tensor:
+        a, b = flats[0], flats[1]
+        result = (weight0 * a + weight1 * b) / divisor
+        if lerp:
+            result = torch.where(colinear, (1 - t) * a + t * b, result)
+        return result if base is None else flats[2] + result
+
+    return in_chunks(blend, [v0, v1] if base is None else [v0, v1, base])
 
 
 def _slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float, row_wise: bool, flatten: bool) -> torch.Tensor:
