@@ -55,7 +55,8 @@ def reader_count(options: ExecutionOptions) -> int:
     cores to spare, several threads read the next step's inputs at once."""
     if options.readers is not None:
         return max(1, options.readers)
-    return min(4, max(1, (os.cpu_count() or 1) // 4))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, max(1, cores // 4))
 
 
 @dataclass

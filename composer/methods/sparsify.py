@@ -17,7 +17,10 @@ inputs alone.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -340,17 +343,9 @@ def scatter_by_row_rank_(out: torch.Tensor, keys: torch.Tensor, by_rank: torch.T
     return out
 
 
-_POOL = None
-
-
-def _row_pool():
-    global _POOL
-    if _POOL is None:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="composer-rows")
-    return _POOL
+@functools.cache
+def _row_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="composer-rows")
 
 
 def della_keep(
