@@ -612,3 +612,18 @@ def test_flat_nuslerp_in_chunks_has_the_whole_tensor_bits(dtype, with_base):
         chunked = nuslerp([x0, x1], [0.7, 1.3], base if with_base else None)
     assert chunked.dtype == expected.dtype and chunked.shape == expected.shape
     assert torch.equal(chunked, expected) and torch.equal(torch.signbit(chunked), torch.signbit(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [2, 3])
+def test_karcher_in_chunks_has_the_whole_tensor_bits(dtype, count):
+    """Karcher's elementwise updates go a chunk at a time (its dot products and norms stay whole): the same
+    bits as updating whole tensors."""
+    from composer.methods import interpolation
+
+    tensors = [tensor.to(dtype) for tensor in random_tensors(count, shape=(300, 77), seed=20 + count)]
+    whole = karcher(tensors, max_iter=20, tol=1e-7)
+    with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
+        chunked = karcher(tensors, max_iter=20, tol=1e-7)
+    assert chunked.dtype == whole.dtype and chunked.shape == whole.shape
+    assert torch.equal(chunked, whole) and torch.equal(torch.signbit(chunked), torch.signbit(whole))

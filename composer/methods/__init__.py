@@ -246,7 +246,7 @@ register(MergeMethod(
     parameters=(Parameter("max_iter", default=10), Parameter("tol", default=1e-5)),
     description="Karcher (Riemannian) mean of the models' directions on the sphere, scaled by their mean norm",
     check=_check_karcher,
-    temporaries=lambda count, params: count + 4,
+    temporaries=lambda count, params: count + 3,  # the unit vectors, the mean, the step, a widened copy for a norm
 ))
 register(MergeMethod(
     name="model_stock",

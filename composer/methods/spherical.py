@@ -164,47 +164,58 @@ def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
         v = sum_i a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m),   cos(theta_i) = <m, u_i>,
         m <- cos|v| m + sin|v| v / |v|   (then renormalised),
     skipping inputs within tol of m, for at most `max_iter` steps or until |v| < tol.
+
+    Memory: the elementwise updates go a chunk at a time, with chunk-sized temporaries; the dot products
+    and norms are taken over the whole tensors, so the bits are those of updating whole tensors.
     """
     if len(tensors) == 1:
         return tensors[0]
     alphas = [1.0 / len(tensors)] * len(tensors)
     norm_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms: list[torch.Tensor] = []
-    units: list[torch.Tensor] = []
-    for tensor in tensors:
-        norm = torch.linalg.vector_norm(tensor.to(norm_dtype))
-        norms.append(norm)
-        units.append(torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype))
+    norms = [torch.linalg.vector_norm(tensor.to(norm_dtype)) for tensor in tensors]
     valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     valid_alphas = [alphas[i] for i in valid]
     alpha_sum = sum(valid_alphas)
     weights = [alpha / alpha_sum for alpha in valid_alphas]
-    directions = [units[i] for i in valid]
-    del units
+
+    directions = [(tensors[i] / norms[i]).to(tensors[i].dtype) for i in valid]  # norms above tol: not zero
 
     mean = torch.zeros_like(directions[0])
-    for weight, direction in zip(weights, directions):
-        mean += weight * direction
+    for weight, unit in zip(weights, directions):
+        _each_chunk(lambda m, u: m.add_(weight * u), mean, unit)
     mean_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
-    mean = directions[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    if mean_norm.item() < tol:
+        mean = directions[0].clone()
+    else:
+        _each_chunk(lambda m: m.copy_((m / mean_norm).to(m.dtype)), mean)
 
     for _ in range(int(max_iter)):
         tangent = torch.zeros_like(mean)
-        for weight, direction in zip(weights, directions):
-            cosine = torch.clamp(torch.dot(mean.flatten(), direction.flatten()), -1.0, 1.0)
+        for weight, unit in zip(weights, directions):
+            cosine = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(cosine)
             if theta.item() < tol:
                 continue
-            tangent += weight * (theta / torch.sin(theta)) * (direction - cosine * mean)
+            factor = weight * (theta / torch.sin(theta))
+            _each_chunk(lambda t, u, m: t.add_(factor * (u - cosine * m)), tangent, unit, mean)
         tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
         if tangent_norm.item() < tol:
             break
-        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        along, across = torch.cos(tangent_norm), torch.sin(tangent_norm)
+        _each_chunk(lambda m, t: m.copy_((along * m + across * (t / tangent_norm)).to(m.dtype)), mean, tangent)
+        del tangent
         unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
         if unit_norm.item() > tol:
-            mean = (mean / unit_norm).to(mean.dtype)
+            _each_chunk(lambda m: m.copy_((m / unit_norm).to(m.dtype)), mean)
 
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
     return scale * mean
+
+
+def _each_chunk(update, target: torch.Tensor, *others: torch.Tensor) -> None:
+    """update(target chunk, other chunks...) over the same flat chunks of tensors of one shape: for
+    elementwise updates of `target` in place with chunk-sized temporaries."""
+    for flats in flat_chunks([target, *others]):
+        update(*flats)
