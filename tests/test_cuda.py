@@ -59,10 +59,11 @@ def test_method_on_cuda_matches_cpu(models, tmp_path, name):
     assert_same_merge(load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda"), exact=name == "passthrough")
 
 
-@pytest.mark.parametrize("name", ["ties", "model_stock", "della"])
+@pytest.mark.parametrize("name", ["ties", "model_stock", "della", "arcee_fusion", "sce"])
 def test_bfloat16_merge_on_cuda_matches_cpu(models, tmp_path, name):
-    """model_stock: bf16 takes the same float32/float64 dot products on both devices (run 7 found 0.09% of
-    entries a bf16 step apart while the GPU summed in bf16)."""
+    """bf16 paths of their own: model_stock's float32/float64 dot products (run 7 found 0.09% of entries a
+    bf16 step apart while the GPU summed in bf16), DELLA's row ranks, arcee_fusion's quartiles and SCE's
+    thresholds from bit-pattern counts."""
     text = recipe(name, case_of(name, CASES), models).replace("dtype: float32", "dtype: bfloat16")
     compose_text(text, tmp_path / "cpu", CPU)
     compose_text(text, tmp_path / "cuda", CUDA)
