@@ -113,6 +113,8 @@ def _counted_order_statistics(values: torch.Tensor, positions: list[int]) -> lis
             return None
         part = pattern_counts(flat)
         counts = part if counts is None else counts.add_(part)
+    if counts is None:  # no values: no order statistics to count
+        return None
     cumulative = counts.cumsum(0)
     patterns = [int(torch.searchsorted(cumulative, position, right=True)) for position in positions]
     return [torch.tensor(pattern, dtype=torch.int16).view(values.dtype) for pattern in patterns]
