@@ -2,7 +2,8 @@
 `--device cpu` on the same machine and, when importable, mergekit with `--cuda`; each CUDA output is
 checked against the CPU one.
 
-    python bench/gpu.py --models /tmp/synth [--recipes linear,ties] [--no-cpu] [--no-mergekit] [--deadline 480]
+    python bench/gpu.py --models /tmp/synth [--recipes linear,ties] [--no-cpu] [--no-mergekit]
+        [--memory-budget 8GB] [--readers 1] [--deadline 480]
 
 Models come from bench/synthetic.py (made when missing). "tensors/s" and "GB/s" are over composer's own
 writing time (reading, computing, writing; planning and imports excluded); GB/s counts the input bytes
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--no-cpu", action="store_true")
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--memory-budget", default=None, help="passed to compose as --memory-budget")
+    parser.add_argument("--readers", default=None, help="passed to compose as --readers (its default follows the cores)")
     parser.add_argument("--deadline", type=float, default=1e9, help="start no run after this many seconds")
     parser.add_argument("--in-child", nargs="+", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
@@ -135,6 +137,7 @@ def main() -> None:
             out = work / f"out-{device}"
             command = compose + [str(recipe), str(out), "--force", "--no-progress", "--device", device]
             command += ["--memory-budget", arguments.memory_budget] if arguments.memory_budget else []
+            command += ["--readers", arguments.readers] if arguments.readers else []
             wall, rss, status, tail = run_child(command)
             parsed = _report(tail)
             if status != 0 or parsed is None:

@@ -20,7 +20,7 @@ app = typer.Typer(
 COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant"}
 
 
-VALUE_OPTIONS = {"--memory-budget", "--device", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules"}
+VALUE_OPTIONS = {"--memory-budget", "--device", "--readers", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules"}
 
 
 def _size(text: str, option: str = "--memory-budget") -> int:
@@ -82,6 +82,7 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA, ...); overrides the recipe's random_seed."),
     fsync: bool = typer.Option(False, "--fsync", help="Flush the output to the disk before it appears (survives a power loss; waits for the disk)."),
+    readers: Optional[int] = typer.Option(None, "--readers", min=1, help="Threads reading inputs ahead (default: one per four cores, at most four)."),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -94,7 +95,7 @@ def run(
         from composer.compose import compose_file
         from composer.execute import ExecutionOptions
 
-        options = ExecutionOptions(memory_budget=budget, whole_process=True, shard_size=shard, device=target, force=force, progress=None if progress else False, durable=fsync)
+        options = ExecutionOptions(memory_budget=budget, whole_process=True, shard_size=shard, device=target, force=force, progress=None if progress else False, durable=fsync, readers=readers)
         report = compose_file(recipe, out, options, seed=seed)
         on_device = f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
         typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}")

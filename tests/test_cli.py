@@ -116,7 +116,12 @@ def scenario_refused(folder: Path, models) -> dict:
 
 def scenario_forced(folder: Path, models) -> dict:
     (folder / "recipe.yml").write_text(blend(models["first"], models["second"]))
-    return {"run": run_cli("run", "recipe.yml", "out", "--force", cwd=folder)}
+    return {"run": run_cli("run", "recipe.yml", "out", "--force", "--readers", "3", cwd=folder)}
+
+
+def scenario_bad_readers(folder: Path, models) -> dict:
+    (folder / "recipe.yml").write_text(blend(models["first"], models["second"]))
+    return {"run": run_cli("recipe.yml", "out", "--readers", "0", cwd=folder)}
 
 
 def scenario_plan(folder: Path, models) -> dict:
@@ -204,6 +209,13 @@ def test_existing_out_is_refused_and_left_untouched_without_force(scenarios):
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "out" in refused.stderr and "--force" in refused.stderr
     assert result["after"] == result["before"]  # not one byte changed, nothing added
+
+
+def test_a_reader_count_below_one_is_refused_before_any_work(scenarios):
+    folder, result = outcome(scenarios, "bad_readers")
+    refused = result["run"]
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "--readers" in refused.stderr and not (folder / "out").exists()
 
 
 def test_existing_out_is_replaced_with_force(scenarios):
