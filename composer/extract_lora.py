@@ -165,16 +165,12 @@ def whole_tensors(finetune: ModelSource, base: ModelSource) -> dict[str, str]:
     return saved
 
 
-def _identity(inputs: list[torch.Tensor]) -> torch.Tensor:
-    return inputs[0]
-
-
 def _layout(targets: list[Target], rank: int, finetune: ModelSource, whole: dict[str, str]) -> list:
     """The adapter file's tensors, in PEFT's names, as the sharded writer wants them planned."""
-    from composer.plan.model import Operation, PlannedTensor
+    from composer.plan.model import Operation, PlannedTensor, first_input
 
     infos = finetune.tensor_infos()
-    written = Operation("extract-lora", _identity)
+    written = Operation("extract-lora", first_input)
 
     def planned(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> PlannedTensor:
         return PlannedTensor(SAVED_PREFIX + name, shape, dtype, (), written)

@@ -16,7 +16,7 @@ import torch
 from composer.architecture import WeightDefinition, architecture_for
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport
-from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
+from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
 from composer.sources import ModelSource, local_path, open_source
 from composer.sources.base import FolderFilesMixin
 from composer.sources.built_tokenizer import WeightlessSource
@@ -128,10 +128,6 @@ def _config_or_none(source: ModelSource) -> dict | None:
         return None
 
 
-def _copy(inputs: list[torch.Tensor]) -> torch.Tensor:
-    return inputs[0]
-
-
 def _tied(config: dict) -> bool:
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
@@ -217,7 +213,7 @@ def _plan_sources(model_ref: str, donor_ref: str, model: ModelSource, donor: Mod
     for name, info in model.tensor_infos().items():
         weight = next((w for w in vocab_weights if w.name == name), None)
         if weight is None:
-            tensors.append(PlannedTensor(name, info.shape, info.dtype, (TensorRef(model_ref, name),), Operation("copy", _copy, light=True, copies=True)))
+            tensors.append(PlannedTensor(name, info.shape, info.dtype, (TensorRef(model_ref, name),), COPY))
             continue
         source_name = name
         if tied and weight.tied_to and weight.tied_to in model.tensor_infos():

@@ -15,7 +15,7 @@ from composer.moe.compute import GateComputer, GateSettings
 from composer.moe.layout import MoETensor, OutputArchitecture, checkpoint_names, choose_output, classify, output_config
 from composer.moe.schema import Expert, MoEConfig
 from composer.plan.build import parse_dtype, tensor_seed
-from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
+from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.transformers_facts import remembered
 from composer.sources import ModelSource, open_source
 
@@ -217,7 +217,7 @@ class _MoEPlanner:
     def _tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         if what.kind == "copy":
             info = self._info(self.base, name)
-            return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(self.base, name),), Operation("copy", _identity, light=True, copies=True))
+            return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(self.base, name),), COPY)
         if what.kind in ("router", "shared_gate"):
             return self._gate_tensor(name, what)
         if what.kind in ("expert", "shared"):
@@ -297,17 +297,13 @@ def _meta_shapes(out_config: dict, output: OutputArchitecture) -> dict[str, list
     return {name: list(tensor.shape) for name, tensor in meta.state_dict().items()}
 
 
-def _identity(inputs: list[torch.Tensor]) -> torch.Tensor:
-    return inputs[0]
-
-
 def _zeros_like_row(inputs: list[torch.Tensor]) -> torch.Tensor:
     return torch.zeros(1, inputs[0].shape[0], dtype=inputs[0].dtype)
 
 
 def _expert_operation(scale: float, noise: float, seed: int) -> Operation:
     if scale == 1.0 and noise == 0.0:
-        return Operation("copy", _identity, light=True, copies=True)
+        return COPY
 
     def apply(inputs: list[torch.Tensor]) -> torch.Tensor:
         tensor = inputs[0].float()

@@ -29,6 +29,13 @@ class Operation:
     copies: bool = False  # only copies (or scales) what it reads: a merge on a GPU runs it on the CPU, with no round trip
 
 
+def first_input(inputs: list[torch.Tensor]) -> torch.Tensor:
+    return inputs[0]
+
+
+COPY = Operation("copy", first_input, light=True, copies=True)  # an output tensor that is one input as read
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
