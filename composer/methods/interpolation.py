@@ -82,6 +82,13 @@ def in_chunks(fn, tensors: list[torch.Tensor]) -> torch.Tensor:
     return out.view(shape)
 
 
+def each_chunk(update, target: torch.Tensor, *others: torch.Tensor) -> None:
+    """update(target chunk, other chunks...) over `flat_chunks` of tensors of one number of entries: for
+    elementwise updates of `target` in place with chunk-sized temporaries."""
+    for flats in flat_chunks([target, *others]):
+        update(*flats)
+
+
 ROW_BLOCK = 1 << 20  # entries per block of rows for work that reduces only within rows
 
 
@@ -91,6 +98,19 @@ def row_blocks(tensor: torch.Tensor) -> list[slice]:
     rows = tensor.shape[0]
     step = max(1, ROW_BLOCK // max(1, tensor[0].numel()))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def by_row_blocks(fn, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """fn(the same block of rows of each of `tensors`) -> that block of the result, over `row_blocks`, into
+    one output of the inputs' shape: for work whose every output row depends only on the same rows of its
+    inputs, the whole tensors' result with temporaries the size of a block."""
+    out = None
+    for rows in row_blocks(tensors[0]):
+        block = fn([tensor[rows] for tensor in tensors])
+        if out is None:
+            out = empty(tuple(tensors[0].shape), block.dtype, block.device)
+        out[rows] = block
+    return out
 
 
 def chunk_bounds(tensor: torch.Tensor):

@@ -53,13 +53,7 @@ def _in_row_blocks(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Ten
     """The filter-wise `model_stock` of a matrix a block of rows at a time: every row is merged on its own,
     so each block gives the rows the whole matrix would (the same reductions along each row), with
     temporaries the size of a block."""
-    out = None
-    for rows in interpolation.row_blocks(base):
-        block = _whole([tensor[rows] for tensor in tensors], base[rows], True)
-        if out is None:
-            out = empty(tuple(base.shape), block.dtype, base.device)
-        out[rows] = block
-    return out
+    return interpolation.by_row_blocks(lambda blocks: _whole(blocks[1:], blocks[0], True), [base, *tensors])
 
 
 def _ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:

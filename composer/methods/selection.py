@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from composer.memory import empty
 from composer.methods import interpolation
 from composer.methods.interpolation import flat_chunks, in_chunks
 from composer.methods.sparsify import pattern_counts
@@ -54,12 +53,7 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     the rest is elementwise), bit for bit the whole tensor's result, holding only the importances whole.
     """
     if base.dim() >= 2 and base.device.type == "cpu" and base.numel() > interpolation.ROW_BLOCK:
-        importance = None
-        for rows in interpolation.row_blocks(base):
-            block = _importance(base[rows], other[rows])
-            if importance is None:
-                importance = empty(tuple(base.shape), block.dtype, base.device)
-            importance[rows] = block
+        importance = interpolation.by_row_blocks(lambda blocks: _importance(*blocks), [base, other])
         threshold = _outlier_threshold(importance)
         return in_chunks(lambda flats: _fused(flats[0], flats[1], flats[2] >= threshold), [base, other, importance])
     importance = _importance(base, other)

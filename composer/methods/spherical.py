@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from composer.errors import ComposerError
-from composer.methods.interpolation import flat_chunks, in_chunks
+from composer.methods.interpolation import each_chunk, in_chunks
 
 NUSLERP_EPS = 1e-8  # |sin(theta)| below this (cos(theta)^2 within eps^2 of 1): the pair is colinear, lerp
 _NORM_FLOOR = 1e-7  # norms are clamped to this before dividing, so an all-zero vector has direction 0
@@ -56,10 +56,7 @@ def _slerp_flat(first: torch.Tensor, second: torch.Tensor, t: float, base: torch
     norm0 = torch.linalg.vector_norm(v0.reshape(-1), dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
     norm1 = torch.linalg.vector_norm(v1.reshape(-1), dim=-1, keepdim=True).clamp(min=_NORM_FLOOR)
     product = v0.reshape(-1) / norm0  # the first direction, then times the second in place
-    start = 0
-    for (part,) in flat_chunks([v1]):
-        product[start:start + part.numel()].mul_(part / norm1)
-        start += part.numel()
+    each_chunk(lambda p, b: p.mul_(b / norm1), product, v1)
     cosine = product.sum(dim=-1, keepdim=True).clamp(-1, 1)
     del product
     colinear = (1 - cosine.square()) <= NUSLERP_EPS**2
@@ -184,12 +181,12 @@ def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
 
     mean = torch.zeros_like(directions[0])
     for weight, unit in zip(weights, directions):
-        _each_chunk(lambda m, u: m.add_(weight * u), mean, unit)
+        each_chunk(lambda m, u: m.add_(weight * u), mean, unit)
     mean_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
     if mean_norm.item() < tol:
         mean = directions[0].clone()
     else:
-        _each_chunk(lambda m: m.copy_((m / mean_norm).to(m.dtype)), mean)
+        each_chunk(lambda m: m.copy_((m / mean_norm).to(m.dtype)), mean)
 
     for _ in range(int(max_iter)):
         tangent = torch.zeros_like(mean)
@@ -199,23 +196,16 @@ def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
             if theta.item() < tol:
                 continue
             factor = weight * (theta / torch.sin(theta))
-            _each_chunk(lambda t, u, m: t.add_(factor * (u - cosine * m)), tangent, unit, mean)
+            each_chunk(lambda t, u, m: t.add_(factor * (u - cosine * m)), tangent, unit, mean)
         tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
         if tangent_norm.item() < tol:
             break
         along, across = torch.cos(tangent_norm), torch.sin(tangent_norm)
-        _each_chunk(lambda m, t: m.copy_((along * m + across * (t / tangent_norm)).to(m.dtype)), mean, tangent)
+        each_chunk(lambda m, t: m.copy_((along * m + across * (t / tangent_norm)).to(m.dtype)), mean, tangent)
         del tangent
         unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
         if unit_norm.item() > tol:
-            _each_chunk(lambda m: m.copy_((m / unit_norm).to(m.dtype)), mean)
+            each_chunk(lambda m: m.copy_((m / unit_norm).to(m.dtype)), mean)
 
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
     return scale * mean
-
-
-def _each_chunk(update, target: torch.Tensor, *others: torch.Tensor) -> None:
-    """update(target chunk, other chunks...) over the same flat chunks of tensors of one shape: for
-    elementwise updates of `target` in place with chunk-sized temporaries."""
-    for flats in flat_chunks([target, *others]):
-        update(*flats)
