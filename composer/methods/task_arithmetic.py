@@ -188,7 +188,7 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
     buffer = torch.empty(width, dtype=dtype, device=device)
 
     def delta_into(i: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        return torch.sub(_as(flats[i][start:stop], dtype, device), base_flat[start:stop], out=out)
+        return _chunk_delta(flats[i], base_flat, start, stop, out)
 
     keeps, scales = [None] * count, [None] * count
     if sparsification is not None:
@@ -244,6 +244,11 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype)
+
+
+def _chunk_delta(flat: torch.Tensor, base_flat: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """The task vector of one flat chunk, x - base, in the base's dtype, into `out`."""
+    return torch.sub(_as(flat[start:stop], base_flat.dtype, base_flat.device), base_flat[start:stop], out=out)
 
 
 def _as_factor(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -488,7 +493,7 @@ def _sce_chunked(tensors, base, select_topk):
     def deltas_of(start: int, stop: int) -> torch.Tensor:
         deltas = stack[:, : stop - start]
         for i in range(count):
-            torch.sub(_as(flats[i][start:stop], dtype, device), base_flat[start:stop], out=deltas[i])
+            _chunk_delta(flats[i], base_flat, start, stop, deltas[i])
         return deltas
 
     window = selection = None
