@@ -11,7 +11,7 @@ import torch
 
 from composer.methods import interpolation
 from composer.methods.interpolation import flat_chunks, in_chunks
-from composer.methods.sparsify import pattern_counts
+from composer.methods.sparsify import counted_value, pattern_counts
 
 NEARSWAP_FLOOR = 1e-6  # |base - other| is clamped to this before dividing
 FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence
@@ -110,8 +110,7 @@ def _counted_order_statistics(values: torch.Tensor, positions: list[int]) -> lis
     if counts is None:  # no values: no order statistics to count
         return None
     cumulative = counts.cumsum(0)
-    patterns = [int(torch.searchsorted(cumulative, position, right=True)) for position in positions]
-    return [torch.tensor(pattern, dtype=torch.int16).view(values.dtype) for pattern in patterns]
+    return [counted_value(cumulative, position, values.dtype)[1] for position in positions]
 
 
 # --- RAM and RAM+ ---------------------------------------------------------------------------------

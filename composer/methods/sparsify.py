@@ -169,6 +169,13 @@ def pattern_counts(magnitudes: torch.Tensor) -> torch.Tensor:
     return torch.bincount(magnitudes.reshape(-1).view(torch.int16), minlength=1 << 15)
 
 
+def counted_value(cumulative: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """(bit pattern, value as a 0-dim tensor of the 16-bit `dtype`) of the element of `rank` (0 = smallest),
+    from the cumulative `pattern_counts`: the first pattern whose cumulative count passes the rank."""
+    pattern = int(torch.searchsorted(cumulative, rank, right=True))
+    return pattern, torch.tensor(pattern, dtype=torch.int16).view(dtype)
+
+
 class ChunkedWindow:
     """`window_mask_` over the magnitudes of a tensor that is only ever seen one chunk at a time.
 
@@ -213,9 +220,8 @@ class ChunkedWindow:
         cumulative = totals.cumsum(0)
         found = []
         for rank in ranks:
-            pattern = int(torch.searchsorted(cumulative, rank, right=True))  # the first whose cumulative count passes rank
-            value = torch.tensor(pattern, dtype=torch.int16).view(first.dtype).float()
-            found.append((value, int(cumulative[pattern] - totals[pattern]), int(totals[pattern])))
+            pattern, value = counted_value(cumulative, rank, first.dtype)
+            found.append((value.float(), int(cumulative[pattern] - totals[pattern]), int(totals[pattern])))
             self.equal_counts.append(counts[:, pattern].tolist())
         return found
 
