@@ -74,7 +74,7 @@ CPU = torch.device("cpu")
 
 
 class InputCache:
-    """Input tensors: read ahead by a worker thread, kept between their uses, and the one needed furthest
+    """Input tensors: read ahead by reader threads, kept between their uses, and the one needed furthest
     ahead evicted when the cache would pass its budget. Each is read onto the device its step runs on."""
 
     def __init__(self, plan: Plan, budget: int, device: torch.device, reader: ThreadPoolExecutor | None):
