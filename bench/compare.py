@@ -211,12 +211,21 @@ def _best(runs: list[tuple[float, float, int, str]]) -> tuple[float, float, int,
     return min(runs, key=lambda run: (run[2] != 0, run[0]))
 
 
-def _writing_seconds(tail: str) -> float | None:
-    """The seconds composer reports for reading, computing and writing ("wrote N tensors ... in X s")."""
+def compose_report(tail: str) -> tuple[int, float, float, float] | None:
+    """(tensors, MB written, seconds, device GB) from compose's last line ("wrote N tensors (M MB) to OUT
+    in X s[; at most G GB of cuda memory]"): the seconds are its reading, computing and writing."""
     import re
 
-    found = re.findall(r"wrote \d+ tensors .* in ([0-9.]+) s", tail)
-    return float(found[-1]) if found else None
+    found = re.findall(r"wrote (\d+) tensors \(([0-9.]+) MB\) to .* in ([0-9.]+) s(?:; at most ([0-9.]+) GB)?", tail)
+    if not found:
+        return None
+    tensors, mb, seconds, device_gb = found[-1]
+    return int(tensors), float(mb), float(seconds), float(device_gb or 0)
+
+
+def _writing_seconds(tail: str) -> float | None:
+    report = compose_report(tail)
+    return report[2] if report else None
 
 
 def _table_row(row) -> str:

@@ -15,7 +15,6 @@ starting once --deadline seconds have passed (device time is often lent by the m
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from compare import mergekit_command, mergekit_env, recipes, run_child, weights_files  # noqa: E402
+from compare import compose_report, mergekit_command, mergekit_env, recipes, run_child, weights_files  # noqa: E402
 from io_floor import io_floor  # noqa: E402
 
 
@@ -85,15 +84,6 @@ def compare_outputs(expected: Path, actual: Path) -> str:
     return f"{equal}/{total} equal, {differing / max(entries, 1):.1e} of entries differ, worst {worst:.1e} of max |w|"
 
 
-def _report(tail: str) -> tuple[int, float, float, float] | None:
-    """(tensors, MB written, writing seconds, device GB) from compose's last line."""
-    found = re.findall(r"wrote (\d+) tensors \(([0-9.]+) MB\) to .* in ([0-9.]+) s(?:; at most ([0-9.]+) GB)?", tail)
-    if not found:
-        return None
-    tensors, mb, seconds, device_gb = found[-1]
-    return int(tensors), float(mb), float(seconds), float(device_gb or 0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("/tmp/composer-bench-models"))
@@ -139,7 +129,7 @@ def main() -> None:
             command += ["--memory-budget", arguments.memory_budget] if arguments.memory_budget else []
             command += ["--readers", arguments.readers] if arguments.readers else []
             wall, rss, status, tail = run_child(command)
-            parsed = _report(tail)
+            parsed = compose_report(tail)
             if status != 0 or parsed is None:
                 print(f"composer --device {device} failed on {name}:\n{tail}", flush=True)
                 continue
