@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from composer.methods.draws import LEVELS, level_of, random_levels, stream_key
+from composer.methods.magnitude_sum import DTYPES as MAGNITUDE_SUM_DTYPES, MagnitudeSum
 
 _EXACT_LIMIT = 1 << 18  # at most this many elements: torch.kthvalue on the whole tensor
 _SAMPLE = 1 << 14  # sample size used to bracket an order statistic of a larger tensor
@@ -414,18 +415,34 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: t
 _L1_PIECE = 1 << 18  # elements summed at a time by `l1_norm`
 
 
-def l1_norm(values: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
-    """total + sum |values|, in float64, the flattened tensor summed piece by piece (1 << 18
-    elements at a time, from its start): so a tensor summed one chunk at a time, with chunks of a
-    multiple of that size, gets the same bits as summed whole. (Float32 piece sums would be about
-    twice as fast, but their bits depend on the number of threads; float64 sums of float32 or
-    narrower magnitudes do not, in practice, so a merge is the same on every machine.)"""
-    flat = values.reshape(-1)
-    if total is None:
-        total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), _L1_PIECE):
-        total = total + torch.linalg.vector_norm(flat[start:start + _L1_PIECE], 1, dtype=torch.float64)
-    return total
+class _PieceSum:
+    """sum |x| in float64, the flattened tensor summed piece by piece (1 << 18 elements at a time,
+    from its start): so a tensor summed one chunk at a time, with chunks of a multiple of that size,
+    gets the same bits as summed whole. For dtypes other than bf16 and fp16, whose sums are exact."""
+
+    def __init__(self, device: torch.device | str):
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, values: torch.Tensor) -> "_PieceSum":
+        flat = values.reshape(-1)
+        for start in range(0, flat.numel(), _L1_PIECE):
+            self.total = self.total + torch.linalg.vector_norm(flat[start:start + _L1_PIECE], 1, dtype=torch.float64)
+        return self
+
+    def value(self) -> torch.Tensor:
+        return self.total
+
+
+def l1_sum(dtype: torch.dtype, device: torch.device | str = "cpu") -> MagnitudeSum | _PieceSum:
+    """An accumulator of sum |x| over the pieces `add`ed to it, read as a float64 tensor by `value()`:
+    exact for bf16 and fp16 (`MagnitudeSum`: the same bits in any order, on any device), float64
+    piece sums otherwise."""
+    return MagnitudeSum(dtype, device) if dtype in MAGNITUDE_SUM_DTYPES else _PieceSum(device)
+
+
+def l1_norm(values: torch.Tensor) -> torch.Tensor:
+    """sum |values| as a float64 tensor (`l1_sum`)."""
+    return l1_sum(values.dtype, values.device).add(values).value()
 
 
 def rescale_factor(before: torch.Tensor, after: torch.Tensor):

@@ -23,7 +23,7 @@ from composer.memory import empty
 from composer.methods.interpolation import chunk_bounds
 from composer.methods.bitmask import BitMask
 from composer.methods.draws import level_of, make_generator, random_levels, stream_key
-from composer.methods.sparsify import ChunkedWindow, della_keep, l1_norm, pattern_counts, rescale_factor, sparsify_, window_mask_
+from composer.methods.sparsify import ChunkedWindow, della_keep, l1_norm, l1_sum, pattern_counts, rescale_factor, sparsify_, window_mask_
 
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
@@ -309,7 +309,7 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
     mask = BitMask(n, base.device)
     chunk_keep = torch.empty(buffer.numel(), dtype=torch.bool, device=base.device)
     factor = torch.empty(buffer.numel(), dtype=base.dtype, device=base.device) if rescale else None
-    before = after = None
+    before, after = l1_sum(base.dtype, base.device), l1_sum(base.dtype, base.device)
     for start, stop in chunks:
         keep = chunk_keep[: stop - start]
         if method == "random":
@@ -322,9 +322,9 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
         if rescale:
             if method == "random":
                 delta = delta_into(start, stop, buffer[: stop - start])
-            before = l1_norm(delta, before)
-            after = l1_norm(delta.mul_(_as_factor(keep, factor[: stop - start])), after)
-    return mask, (rescale_factor(before, after) if rescale else None)
+            before.add(delta)
+            after.add(delta.mul_(_as_factor(keep, factor[: stop - start])))
+    return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
 
 
 # --- the named methods ------------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float 
     the models is among the top int(select_topk * #nonzero variances) (whole tensor; equal variances
     ranked by position).
     Calculate: model weight c_i = m_i / sum_j m_j (uniform 1/n when that sum is below 1e-6), m_i the
-    mean of tau_i^2 (squares in the tensors' dtype, summed in float64 as `l1_norm` sums, the mean
+    mean of tau_i^2 (squares in the tensors' dtype, summed as `l1_norm` sums, the mean
     rounded to the dtype). Erase: TIES sign election on the selected tau_i (unweighted).
     y = base + sum_i c_i [kept_i] tau_i / max(sum_i c_i [kept_i], 1e-6).
 
@@ -516,7 +516,7 @@ def _sce_chunked(tensors, base, select_topk):
     keep = torch.empty(width, dtype=torch.bool, device=device)
     factor = torch.empty(width, dtype=dtype, device=device)
     squares = torch.empty(width, dtype=dtype, device=device)
-    sums = [None] * count
+    sums = [l1_sum(dtype, device) for _ in range(count)]
     for index, (start, stop) in enumerate(chunks):
         deltas = deltas_of(start, stop)
         if window is not None:
@@ -526,8 +526,8 @@ def _sce_chunked(tensors, base, select_topk):
         elif select_topk <= 0:
             deltas.zero_()
         for i in range(count):
-            sums[i] = l1_norm(torch.square(deltas[i], out=squares[: stop - start]), sums[i])
-    model_weights = _sce_weights(_mean_square(torch.stack(sums), n, dtype))
+            sums[i].add(torch.square(deltas[i], out=squares[: stop - start]))
+    model_weights = _sce_weights(_mean_square(torch.stack([total.value() for total in sums]), n, dtype))
     weights = model_weights.tolist()
     weight_column = model_weights.reshape(count, 1)
     out = empty((n,), dtype, device)

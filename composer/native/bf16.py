@@ -1,0 +1,78 @@
+"""Typed calls into the bf16 kernels of kernels.c: torch tensors in, their memory written in place.
+Every function here expects what `usable` checks (contiguous bf16 CPU tensors) and the library
+loaded (`composer.native.library()` not None)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ctypes
+
+import torch
+
+from composer import native
+
+MAX_MODELS = 16  # kernels.c's MAX_MODELS
+KEEP_ALL, KEEP_BITS, KEEP_BYTES, KEEP_PATTERNS = range(4)
+EXPONENT_SUMS = 320  # kernels.c SUMS: value slots, then infinities and NaNs
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors (and are built)."""
+    return all(
+        tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" and tensor.is_contiguous() for tensor in tensors
+    ) and native.library() is not None
+
+
+def _pointers(values, kind=ctypes.c_void_p):
+    return (kind * max(1, len(values)))(*values)
+
+
+def task_arithmetic_(
+    start: int,
+    stop: int,
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    keeps: Sequence[tuple],
+    scales: Sequence[float | None],
+    weights: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    divisor: float,
+    lambda_: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Entries [start, stop) of the flat `out` from the flat `base` and `models` (kernels.c's
+    task_arithmetic_bf16). keeps[i]: (KEEP_ALL,), (KEEP_BITS, uint8 bits of the whole tensor),
+    (KEEP_BYTES, one byte per entry of the range) or (KEEP_PATTERNS, low, high)."""
+    modes, data, lows, highs = [], [], [], []
+    for keep in keeps:
+        mode = keep[0]
+        modes.append(mode)
+        data.append(keep[1].data_ptr() if mode in (KEEP_BITS, KEEP_BYTES) else None)
+        lows.append(keep[1] if mode == KEEP_PATTERNS else 0)
+        highs.append(keep[2] if mode == KEEP_PATTERNS else 0)
+    native.library().task_arithmetic_bf16(
+        start, stop, len(models), base.data_ptr(), _pointers([model.data_ptr() for model in models]),
+        _pointers(modes, ctypes.c_int), _pointers(data), _pointers(lows, ctypes.c_uint16), _pointers(highs, ctypes.c_uint16),
+        _pointers([scale is not None for scale in scales], ctypes.c_int), _pointers([scale or 0.0 for scale in scales], ctypes.c_float),
+        _pointers(list(weights), ctypes.c_float), int(consensus), int(normalize), divisor, int(lambda_ != 1), lambda_, out.data_ptr(),
+    )
+    return out
+
+
+def dare_select(
+    start: int, stop: int, key: int, threshold: int, bits: torch.Tensor,
+    model: torch.Tensor | None = None, base: torch.Tensor | None = None,
+    before: torch.Tensor | None = None, after: torch.Tensor | None = None,
+) -> None:
+    """DARE's keep bits for [start, stop) into `bits` (the whole tensor's); with `before` and
+    `after` (int64, EXPONENT_SUMS each), the exact L1 sums of model - base and of it masked added to them."""
+    sums = [None if tensor is None else tensor.data_ptr() for tensor in (model, base, before, after)]
+    native.library().dare_select_bf16(start, stop, key & ((1 << 64) - 1), threshold, bits.data_ptr(), *sums)
+
+
+def magnitude_sums_(values: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Add the exact L1 sums of the bf16 `values` to `sums` (int64, EXPONENT_SUMS)."""
+    native.library().magnitude_sums_bf16(values.numel(), values.data_ptr(), sums.data_ptr())
+    return sums

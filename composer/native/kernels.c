@@ -1,0 +1,262 @@
+/* Fused CPU kernels for bf16 task arithmetic (composer.native).
+ *
+ * Each kernel computes, entry by entry, what a sequence of torch operations on bf16 tensors computes:
+ * every torch operation on bf16 widens its operands to float32, computes once and rounds the result
+ * to bf16 (round to nearest even), so each step below rounds with `round_bf16`, in the same order as
+ * the torch path of composer/methods/task_arithmetic.py. Built without -ffast-math and without
+ * floating-point contraction, so every float operation is the IEEE single-precision one. NaNs come
+ * out as NaN (their payload may differ from torch's).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 256
+#define MAX_MODELS 16
+
+static inline float widen(uint16_t half) {
+    uint32_t bits = (uint32_t)half << 16;
+    float value;
+    memcpy(&value, &bits, 4);
+    return value;
+}
+
+static inline uint16_t round_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return (bits & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : rounded;
+}
+
+static inline float rounded(float value) { return widen(round_bf16(value)); }
+
+/* How a model's delta is masked: not at all, by a bit per entry of the whole tensor (bit p % 8 of
+ * byte p / 8), by a byte per entry of this range, or by the bit pattern of its magnitude lying in
+ * [low, high]. A masked-out entry is multiplied by 0, as torch's delta * mask does. */
+enum { KEEP_ALL = 0, KEEP_BITS = 1, KEEP_BYTES = 2, KEEP_PATTERNS = 3 };
+
+/* One model's weighted, masked and scaled delta over one block: stored into `target` (`store`)
+ * or added to it (the running sum over models). */
+static inline __attribute__((always_inline)) void model_pass(
+    int length, int64_t block, int64_t start, const uint16_t *model, const uint16_t *base, const int mode,
+    const uint8_t *data, uint16_t low, uint16_t high, const int scaled, float scale, float weight, const int store, float *target)
+{
+    uint8_t expanded[BLOCK];
+    const uint8_t *bytes = mode == KEEP_BYTES ? data + (block - start) : expanded;
+    if (mode == KEEP_BITS) {
+        for (int byte = 0; byte < (length + 7) >> 3; byte++) {
+            /* the byte's bit k to byte k: nonzero exactly where the bit is set (block is a multiple of 8) */
+            const uint64_t spread = ((uint64_t)data[(block >> 3) + byte] * 0x0101010101010101ull) & 0x8040201008040201ull;
+            memcpy(expanded + 8 * byte, &spread, 8);
+        }
+        bytes = expanded;
+    }
+    for (int j = 0; j < length; j++) {
+        float value = rounded(widen(model[j]) - widen(base[j]));
+        if (mode == KEEP_BITS || mode == KEEP_BYTES) {
+            value = rounded(value * (float)(bytes[j] != 0));
+        } else if (mode == KEEP_PATTERNS) {
+            const uint16_t magnitude = round_bf16(value) & 0x7FFF;
+            value = rounded(value * (float)(magnitude >= low && magnitude <= high));
+        }
+        if (scaled)
+            value = rounded(value * scale);
+        value = rounded(value * weight);
+        if (store)
+            target[j] = value;
+        else
+            target[j] += value;
+    }
+}
+
+/* out[p] for p in [start, stop) of
+ *   d_i = bf16(x_i - base), masked, times scale_i (when has_scale[i]), times weight_i;
+ *   consensus: TIES sign election (sign of the bf16 sum, + for >= 0; entries of the other sign
+ *   zeroed; kept weight = float32 sum of the weights of the nonzero entries, rounded);
+ *   merged = bf16(float32 sum of the d_i); / divisor (normalize: the kept weight, 1 where it is 0,
+ *   under consensus, else `divisor`); times lambda (has_lambda); out = bf16(merged + base).
+ * Pointers to models and base address the whole flat tensors; `out` too. */
+void task_arithmetic_bf16(
+    int64_t start, int64_t stop, int count,
+    const uint16_t *base, const uint16_t *const *models,
+    const int *keep_modes, const uint8_t *const *keep_data, const uint16_t *keep_low, const uint16_t *keep_high,
+    const int *has_scale, const float *scales, const float *weights,
+    int consensus, int normalize, float divisor, int has_lambda, float lambda, uint16_t *out)
+{
+    float deltas[MAX_MODELS][BLOCK];
+    float kept_weight[BLOCK], sign[BLOCK], merged[BLOCK];
+    for (int64_t block = start; block < stop; block += BLOCK) {
+        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const uint16_t *base_here = base + block;
+        for (int j = 0; j < length; j++)
+            merged[j] = 0.0f;  /* torch's sum over models starts from +0 */
+        for (int i = 0; i < count; i++) {
+            const int mode = keep_modes[i], variant = (mode << 2) | (has_scale[i] << 1) | (consensus != 0);
+            float *target = consensus ? deltas[i] : merged;
+            const uint16_t *model = models[i] + block;
+            const uint8_t *data = keep_data[i];
+            const float scale = scales[i], weight = weights[i];
+            /* each combination of the flags gets its own loop, so the compiler vectorises each */
+#define MODEL_PASS(MODE, SCALED, STORE) \
+    case ((MODE) << 2) | ((SCALED) << 1) | (STORE): \
+        model_pass(length, block, start, model, base_here, MODE, data, keep_low[i], keep_high[i], SCALED, scale, weight, STORE, target); break;
+            switch (variant) {
+                MODEL_PASS(KEEP_ALL, 0, 0) MODEL_PASS(KEEP_ALL, 0, 1) MODEL_PASS(KEEP_ALL, 1, 0) MODEL_PASS(KEEP_ALL, 1, 1)
+                MODEL_PASS(KEEP_BITS, 0, 0) MODEL_PASS(KEEP_BITS, 0, 1) MODEL_PASS(KEEP_BITS, 1, 0) MODEL_PASS(KEEP_BITS, 1, 1)
+                MODEL_PASS(KEEP_BYTES, 0, 0) MODEL_PASS(KEEP_BYTES, 0, 1) MODEL_PASS(KEEP_BYTES, 1, 0) MODEL_PASS(KEEP_BYTES, 1, 1)
+                MODEL_PASS(KEEP_PATTERNS, 0, 0) MODEL_PASS(KEEP_PATTERNS, 0, 1) MODEL_PASS(KEEP_PATTERNS, 1, 0) MODEL_PASS(KEEP_PATTERNS, 1, 1)
+            }
+#undef MODEL_PASS
+        }
+        if (consensus) {
+            for (int j = 0; j < length; j++)
+                sign[j] = kept_weight[j] = 0.0f;
+            for (int i = 0; i < count; i++)
+                for (int j = 0; j < length; j++)
+                    sign[j] += deltas[i][j];
+            for (int j = 0; j < length; j++)
+                sign[j] = rounded(sign[j]) >= 0.0f ? 1.0f : -1.0f;
+            for (int i = 0; i < count; i++) {
+                const float weight = weights[i];
+                for (int j = 0; j < length; j++) {
+                    const float aligned = deltas[i][j] * sign[j];
+                    const float kept = (aligned < 0.0f ? 0.0f : aligned) * sign[j];
+                    deltas[i][j] = kept;
+                    kept_weight[j] += kept != 0.0f ? weight : 0.0f;
+                }
+            }
+        }
+        if (consensus)
+            for (int i = 0; i < count; i++)
+                for (int j = 0; j < length; j++)
+                    merged[j] += deltas[i][j];
+        for (int j = 0; j < length; j++)
+            merged[j] = rounded(merged[j]);
+        if (normalize && consensus) {
+            for (int j = 0; j < length; j++) {
+                const float kept = rounded(kept_weight[j]);
+                merged[j] = rounded(merged[j] / rounded(kept + (kept == 0.0f ? 1.0f : 0.0f)));
+            }
+        } else if (normalize) {
+            for (int j = 0; j < length; j++)
+                merged[j] = rounded(merged[j] / divisor);
+        }
+        if (has_lambda)
+            for (int j = 0; j < length; j++)
+                merged[j] = rounded(merged[j] * lambda);
+        uint16_t *out_here = out + block;
+        for (int j = 0; j < length; j++)
+            out_here[j] = round_bf16(merged[j] + widen(base_here[j]));
+    }
+}
+
+/* splitmix64 (Steele, Lea & Flood 2014) word `index` of the stream of `key`. */
+static inline uint64_t stream_word(uint64_t key, uint64_t index) {
+    uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Exact sums of bf16 magnitudes: sums[s] (s >= 1) counts units of 2^(s - 134), so the sum is
+ * sum_s sums[s] * 2^(s - 134) (a bf16 magnitude of biased exponent e and integer significand m is
+ * m * 2^(max(e, 1) - 134)); sums[INF_SLOT] counts infinities and sums[NAN_SLOT] NaNs. A slot that
+ * nears 2^62 carries into the next (worth twice as much), so no slot overflows. */
+#define VALUE_SLOTS 318
+#define INF_SLOT 318
+#define NAN_SLOT 319
+#define SPAN_LIMIT 37  /* 2^(8 + 37) * BLOCK = 2^53 */
+
+static inline void add_to_slot(int64_t *sums, int slot, int64_t amount) {
+    sums[slot] += amount;
+    while (sums[slot] >= (INT64_C(1) << 61) && slot + 1 < VALUE_SLOTS) {
+        sums[slot + 1] += sums[slot] >> 1;
+        sums[slot] &= 1;
+        slot++;
+    }
+}
+
+static void add_magnitude(int64_t *sums, uint16_t magnitude) {
+    const int exponent = magnitude >> 7, fraction = magnitude & 0x7F;
+    if (exponent == 255)
+        sums[fraction ? NAN_SLOT : INF_SLOT] += 1;
+    else if (magnitude)
+        add_to_slot(sums, exponent ? exponent : 1, fraction | (exponent ? 0x80 : 0));
+}
+
+/* Add the magnitudes (bit patterns, sign cleared) of one block. Where their nonzero exponents span
+ * at most SPAN_LIMIT, each is an integer number of units of the smallest exponent below 2^45, and
+ * the block's total below 2^53, so the block is summed in int64 (vectorised) and added to one slot;
+ * otherwise, or with an infinity or NaN, value by value. */
+static void add_magnitudes(int64_t *sums, const uint16_t *magnitudes, int length) {
+    unsigned high = 0, low = 0xFFFF;
+    for (int j = 0; j < length; j++) {
+        const unsigned magnitude = magnitudes[j], less = (magnitude - 1u) & 0xFFFFu;  /* 0 -> 0xFFFF */
+        high = magnitude > high ? magnitude : high;
+        low = less < low ? less : low;
+    }
+    if (high == 0)
+        return;
+    const int top = (int)(high >> 7), bottom = (int)((low + 1u) >> 7), unit = bottom ? bottom : 1;
+    if (top == 255 || top - bottom > SPAN_LIMIT) {
+        for (int j = 0; j < length; j++)
+            add_magnitude(sums, magnitudes[j]);
+        return;
+    }
+    int64_t total = 0;
+    for (int j = 0; j < length; j++) {
+        const int magnitude = magnitudes[j], exponent = magnitude >> 7;
+        const int64_t significand = (magnitude & 0x7F) | (exponent ? 0x80 : 0);
+        const int shift = (exponent ? exponent : 1) - unit;
+        total += magnitude ? significand << (shift < 0 ? 0 : shift) : 0;
+    }
+    add_to_slot(sums, unit, total);
+}
+
+/* DARE's first pass over [start, stop) of one model (start a multiple of BLOCK): keep bits drawn
+ * from the stream of `key` (entry p is 16-bit lane p % 4 of word p / 4, as a signed integer, kept
+ * when below `threshold`) written to `bits` (the whole tensor's, bit p % 8 of byte p / 8); with
+ * `before` and `after` (else NULL), the exact sums (`add_magnitudes`) of the magnitudes of the delta
+ * bf16(x - base) and of the delta times its keep mask (0 times an infinity or NaN is NaN). */
+void dare_select_bf16(
+    int64_t start, int64_t stop, uint64_t key, int threshold, uint8_t *bits,
+    const uint16_t *model, const uint16_t *base, int64_t *before, int64_t *after)
+{
+    uint16_t magnitudes[BLOCK], kept[BLOCK];
+    uint8_t expanded[BLOCK];
+    for (int64_t block = start; block < stop; block += BLOCK) {
+        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        for (int64_t byte = block >> 3; byte < (block + length + 7) >> 3; byte++) {
+            const uint64_t words[2] = {stream_word(key, (uint64_t)(byte * 2)), stream_word(key, (uint64_t)(byte * 2 + 1))};
+            uint8_t packed = 0;
+            for (int lane = 0; lane < 8; lane++)
+                packed |= (uint8_t)(((int16_t)(uint16_t)(words[lane >> 2] >> (16 * (lane & 3))) < threshold) << lane);
+            bits[byte] = packed;
+            const uint64_t spread = ((uint64_t)packed * 0x0101010101010101ull) & 0x8040201008040201ull;
+            memcpy(expanded + 8 * (byte - (block >> 3)), &spread, 8);
+        }
+        if (block + length == stop && (stop & 7))
+            bits[stop >> 3] &= (uint8_t)((1u << (stop & 7)) - 1);
+        if (before == NULL)
+            continue;
+        int dropped_unbounded = 0;
+        for (int j = 0; j < length; j++) {
+            magnitudes[j] = round_bf16(widen(model[block + j]) - widen(base[block + j])) & 0x7FFF;
+            kept[j] = expanded[j] ? magnitudes[j] : 0;
+            dropped_unbounded += !expanded[j] && magnitudes[j] >= 0x7F80;
+        }
+        add_magnitudes(before, magnitudes, length);
+        add_magnitudes(after, kept, length);
+        after[NAN_SLOT] += dropped_unbounded;  /* 0 times an infinity or NaN is NaN */
+    }
+}
+
+/* The exact sums (`add_magnitudes`) of the magnitudes of the bf16 values in [0, count). */
+void magnitude_sums_bf16(int64_t count, const uint16_t *values, int64_t *sums) {
+    uint16_t magnitudes[BLOCK];
+    for (int64_t block = 0; block < count; block += BLOCK) {
+        const int length = (int)(count - block < BLOCK ? count - block : BLOCK);
+        for (int j = 0; j < length; j++)
+            magnitudes[j] = values[block + j] & 0x7FFF;
+        add_magnitudes(sums, magnitudes, length);
+    }
+}
