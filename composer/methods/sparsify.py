@@ -177,6 +177,15 @@ def counted_value(cumulative: torch.Tensor, rank: int, dtype: torch.dtype) -> tu
     return pattern, torch.tensor(pattern, dtype=torch.int16).view(dtype)
 
 
+def _tie_side(counts: list[int], index: int, first: int, last: int) -> tuple[bool, bool]:
+    """Whether chunk `index` keeps all (whole) or none of its entries equal to a threshold, of which
+    the window keeps those of tie rank [first, last), `counts` of them in each chunk (neither: the
+    tie is split inside the chunk)."""
+    seen, here = sum(counts[:index]), counts[index]
+    whole = here == 0 or (first <= seen and seen + here <= last)
+    return whole, not whole and (seen + here <= first or seen >= last)
+
+
 class ChunkedWindow:
     """`window_mask_` over the magnitudes of a tensor that is only ever seen one chunk at a time.
 
@@ -195,10 +204,12 @@ class ChunkedWindow:
         self.chunks = chunks
         n = chunks[-1][1] if chunks else 0
         self.equal_counts: list[list[int]] = []
+        self._dtype = None  # the magnitudes' dtype, once seen
         self.bounds = window_boundaries(n, start, stop, descending, lambda ranks: self._statistics(magnitudes, n, ranks, sample, counts))
 
     def _statistics(self, magnitudes, n: int, ranks: list[int], sample, counts) -> list[tuple[torch.Tensor, int, int]]:
         first = magnitudes(0)
+        self._dtype = first.dtype
         if first.dtype in _HALF_DTYPES:
             return self._counted(magnitudes, first, ranks, counts)
         found = self._bracketed(magnitudes, n, ranks, sample) if n > _EXACT_LIMIT else None
@@ -252,6 +263,24 @@ class ChunkedWindow:
             self.equal_counts.append([int(torch.count_nonzero(piece == value)) for piece in pieces])
         return found
 
+    def pattern_range(self, index: int) -> tuple[int, int] | None:
+        """For 16-bit magnitudes: chunk `index` keeps exactly the entries whose magnitude's bit pattern
+        lies in [low, high] (an empty range when none); None where a tie at a threshold is split
+        inside the chunk (then only `keep_` knows which equal entries stay)."""
+        if self.bounds is True or self.bounds is False:
+            return (0, 0xFFFF) if self.bounds else (1, 0)
+        low, high = 0, 0xFFFF
+        for (value, lower, first, last, _), counts in zip(self.bounds, self.equal_counts):
+            pattern = int(value.to(self._dtype).view(torch.int16)) & 0xFFFF
+            whole, none = _tie_side(counts, index, first, last)
+            if not whole and not none:
+                return None
+            if lower:
+                low = max(low, pattern + 1 if none else pattern)
+            else:
+                high = min(high, pattern - 1 if none else pattern)
+        return low, high
+
     def keep_(self, values: torch.Tensor, index: int, out: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:
         """Write into `out` the mask of chunk `index`, whose magnitudes are `values`: booleans, or
         0/1 in a floating dtype (best the delta's: a multiply of like dtypes is several times
@@ -261,9 +290,8 @@ class ChunkedWindow:
         dropped = []
         for number, ((value, lower, first, last, _), counts) in enumerate(zip(self.bounds, self.equal_counts)):
             value = value.to(values.dtype)  # exactly; mixed-dtype comparisons are slow
-            seen, here = sum(counts[:index]), counts[index]
-            whole = here == 0 or (first <= seen and seen + here <= last)
-            none = not whole and (seen + here <= first or seen >= last)
+            whole, none = _tie_side(counts, index, first, last)
+            seen = sum(counts[:index])
             compare = (torch.gt if none else torch.ge) if lower else (torch.lt if none else torch.le)
             if number == 0:
                 compare(values, value, out=out)

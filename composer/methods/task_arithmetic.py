@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from composer.memory import empty
+from composer.native import bf16 as native_bf16
 from composer.methods.interpolation import chunk_bounds
 from composer.methods.bitmask import BitMask
 from composer.methods.draws import level_of, make_generator, random_levels, stream_key
@@ -197,7 +198,7 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
         for i in range(count):
             if densities[i] < 1 and base.numel():
                 keeps[i], scales[i] = _select(
-                    sparsification, lambda start, stop, out, i=i: delta_into(i, start, stop, out), chunks, buffer, base,
+                    sparsification, lambda start, stop, out, i=i: delta_into(i, start, stop, out), chunks, buffer, base, flats[i],
                     densities[i], gammas[i], epsilons[i], rescale, generator,
                     lambda positions, i=i: _as(flats[i][positions.to(device)], dtype, device).sub(base_flat[positions.to(device)]).abs().float(),
                 )
@@ -207,6 +208,8 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
     if not consensus:
         divisor = weight_column.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
+    if count <= native_bf16.MAX_MODELS and native_bf16.usable(base_flat, *flats):
+        return _native_merge(base, flats, chunks, keeps, scales, weight_column, consensus, normalize, divisor, lambda_)
     out = empty((base.numel(),), dtype, device)
     stack = torch.empty((count, width), dtype=dtype, device=device)
     keep_buffer = torch.empty((2, width), dtype=dtype, device=device)  # 0/1 masks in the deltas' dtype
@@ -242,6 +245,40 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
     return out.view(base.shape)
 
 
+def _native_merge(base, flats, chunks, keeps, scales, weight_column, consensus, normalize, divisor, lambda_):
+    """Pass 2 of `_chunked` by the fused bf16 kernel (composer.native): the same operations, rounded
+    at the same steps, in one pass. The whole tensor at once, unless a magnitude window splits a tie
+    inside a chunk: then chunk by chunk, that chunk's mask computed as the torch path computes it."""
+    base_flat, n = base.reshape(-1), base.numel()
+    out = empty((n,), base.dtype, base.device)
+    weights = weight_column.reshape(-1).tolist()
+    scales = [None if scale is None else float(scale) for scale in scales]
+    arguments = (scales, weights, consensus, normalize, 1.0 if divisor is None else float(divisor), lambda_, out)
+    windows = [isinstance(keep, ChunkedWindow) for keep in keeps]
+    if not any(windows):
+        specs = [(native_bf16.KEEP_ALL,) if keep is None else (native_bf16.KEEP_BITS, keep.bits) for keep in keeps]
+        native_bf16.task_arithmetic_(0, n, base_flat, flats, specs, *arguments)
+        return out.view(base.shape)
+    width = max(stop - start for start, stop in chunks)
+    delta, magnitudes = (torch.empty(width, dtype=base.dtype) for _ in range(2))
+    kept_masks = [torch.empty(width, dtype=torch.bool) for _ in keeps]
+    spare = torch.empty(width, dtype=torch.bool)
+    for index, (start, stop) in enumerate(chunks):
+        specs = []
+        for i, keep in enumerate(keeps):
+            if keep is None:
+                specs.append((native_bf16.KEEP_ALL,))
+            elif not windows[i]:
+                specs.append((native_bf16.KEEP_BITS, keep.bits))
+            elif (patterns := keep.pattern_range(index)) is not None:
+                specs.append((native_bf16.KEEP_PATTERNS, *patterns))
+            else:
+                torch.abs(_chunk_delta(flats[i], base_flat, start, stop, delta[: stop - start]), out=magnitudes[: stop - start])
+                specs.append((native_bf16.KEEP_BYTES, keep.keep_(magnitudes[: stop - start], index, kept_masks[i][: stop - start], spare[: stop - start])))
+        native_bf16.task_arithmetic_(start, stop, base_flat, flats, specs, *arguments)
+    return out.view(base.shape)
+
+
 def _as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype)
 
@@ -270,7 +307,7 @@ def _row_chunks(base: torch.Tensor) -> list[tuple[int, int]]:
     return [(start * row, min(start + rows, base.shape[0]) * row) for start in range(0, base.shape[0], rows)]
 
 
-def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, rescale, generator, sample):
+def _select(method, delta_into, chunks, buffer, base, model, density, gamma, epsilon, rescale, generator, sample):
     """Pass 1 for one model: (keep, scale). keep: a `ChunkedWindow` for the magnitude methods, a
     flat boolean mask for the random ones; scale: what the masked delta is multiplied by (None for
     none), as `sparsify_` computes it."""
@@ -307,6 +344,11 @@ def _select(method, delta_into, chunks, buffer, base, density, gamma, epsilon, r
         rows = base.shape[0] if base.dim() >= 2 else 1
         row_shape = base.shape[1:] if base.dim() >= 2 else (n,)
     mask = BitMask(n, base.device)
+    if method == "random" and native_bf16.usable(base, model):
+        before, after = l1_sum(base.dtype), l1_sum(base.dtype)
+        sums = (model, base.reshape(-1), before.slots, after.slots) if rescale else ()
+        native_bf16.dare_select(0, n, key, threshold, mask.bits, *sums)
+        return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
     chunk_keep = torch.empty(buffer.numel(), dtype=torch.bool, device=base.device)
     factor = torch.empty(buffer.numel(), dtype=base.dtype, device=base.device) if rescale else None
     before, after = l1_sum(base.dtype, base.device), l1_sum(base.dtype, base.device)

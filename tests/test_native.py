@@ -1,0 +1,127 @@
+"""The fused C kernels (composer.native) give the bits of the torch path they replace: every method of
+the task-arithmetic family in bf16, with signed zeros, infinities, NaNs and ties at the thresholds,
+over chunks that split the ties; and the exact magnitude sums equal a sum in rationals."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from unittest import mock
+
+import pytest
+import torch
+
+from composer import native
+from composer.methods import task_arithmetic as task_arithmetic_module
+from composer.methods.magnitude_sum import MagnitudeSum
+from composer.methods.task_arithmetic import generalized_task_arithmetic, reference_generalized_task_arithmetic
+
+needs_kernels = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
+
+METHODS = {
+    "task_arithmetic": dict(),
+    "ties": dict(sparsification="magnitude", consensus=True, normalize=True),
+    "dare_linear": dict(sparsification="random", rescale=True),
+    "dare_ties": dict(sparsification="random", consensus=True, rescale=True),
+    "breadcrumbs_ties": dict(sparsification="magnitude_outliers", consensus=True, gammas=[0.02, 0.05, 0.3, 0.1]),
+    "della": dict(sparsification="della_magprune", consensus=True, normalize=True, rescale=True),
+}
+VARIANTS = {
+    "defaults": dict(),
+    "normalized, lambda": dict(normalize=True, lambda_=0.8),
+    "magnitude rescaled": dict(rescale=True),
+}
+
+
+def canonical(tensor: torch.Tensor) -> torch.Tensor:
+    """The bit patterns, every NaN as one (the kernels promise NaN, not torch's NaN payload)."""
+    bits = tensor.view(torch.int16).clone()
+    bits[torch.isnan(tensor)] = 0x7FC0
+    return bits
+
+
+def awkward_inputs(tied: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (96, 130)
+    if tied:  # integer deltas: thousands of equal magnitudes at each threshold
+        base = torch.randint(-20, 20, shape, generator=generator).to(torch.bfloat16)
+        models = [base + torch.randint(-4, 5, shape, generator=generator).to(torch.bfloat16) for _ in range(4)]
+    else:
+        scales = torch.exp2(torch.randint(-30, 2, (4, *shape), generator=generator).float())
+        base = torch.randn(shape, generator=generator).to(torch.bfloat16)
+        models = [(base.float() + torch.randn(shape, generator=generator) * scales[i]).to(torch.bfloat16) for i in range(4)]
+    flat_base = base.view(-1)
+    flat_base[:40] = 0.0
+    flat_base[20:40] = -0.0
+    models[0].view(-1)[:60] = -0.0  # signed zeros on both sides
+    models[1].view(-1)[:30] = flat_base[:30]  # zero deltas
+    models[2].view(-1)[500] = float("inf")
+    models[3].view(-1)[700] = float("nan")
+    models[1].view(-1)[900] = -float("inf")
+    return models, base
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_kernels_give_the_torch_paths_bits(method, variant, tied, monkeypatch):
+    models, base = awkward_inputs(tied)
+    arguments = dict(METHODS[method], **VARIANTS[variant])
+    if "sparsification" in arguments:
+        arguments["densities"] = [0.5, 0.7, 0.3, 0.9]
+    weights = [0.6, -0.3, 0.5, 0.25]
+    with mock.patch.object(task_arithmetic_module, "_FUSED_CHUNK", 4096):
+        fused = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
+        monkeypatch.setenv("COMPOSER_NATIVE", "0")
+        chunked = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
+    reference = reference_generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
+    assert torch.equal(canonical(chunked), canonical(reference))
+    assert torch.equal(canonical(fused), canonical(chunked))
+
+
+@needs_kernels
+def test_the_kernels_are_used_for_bf16_on_a_cpu(monkeypatch):
+    models, base = awkward_inputs(False)
+    calls = []
+    library = native.library()
+    with mock.patch.object(native, "library", lambda: calls.append(1) or library):
+        generalized_task_arithmetic(models, base, [0.5] * 4, sparsification="random", densities=[0.5] * 4, rescale=True)
+    assert calls
+
+
+def exact_magnitude_sum(values: torch.Tensor) -> float:
+    magnitudes = values.float().abs()
+    if torch.isnan(magnitudes).any():
+        return math.nan
+    if torch.isinf(magnitudes).any():
+        return math.inf
+    return float(sum(Fraction(value) for value in magnitudes.tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["spread", "subnormal", "infinity", "nan"])
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_magnitude_sums_are_exact(dtype, case, kernels, monkeypatch):
+    monkeypatch.setenv("COMPOSER_NATIVE", kernels)
+    generator = torch.Generator().manual_seed(3)
+    lowest = -40 if dtype == torch.bfloat16 else -20
+    values = (torch.randn(5000, generator=generator) * torch.exp2(torch.randint(lowest, 12, (5000,), generator=generator).float())).to(dtype)
+    values[:10], values[10:20] = 0.0, -0.0
+    if case == "subnormal":
+        values[::3] = torch.finfo(dtype).smallest_normal / 8
+    elif case == "infinity":
+        values[5] = -float("inf")
+    elif case == "nan":
+        values[7] = float("nan")
+    total = MagnitudeSum(dtype)
+    for start in range(0, values.numel(), 700):
+        total.add(values[start:start + 700])
+    got, want = float(total.value()), exact_magnitude_sum(values)
+    assert got == want or (math.isnan(got) and math.isnan(want))
+
+
+def test_magnitude_sums_of_a_long_tensor_do_not_overflow():
+    values = torch.full((1 << 20,), 3.0e38, dtype=torch.bfloat16)
+    total = float(MagnitudeSum(torch.bfloat16).add(values).add(values).value())
+    assert total == float(Fraction(float(values[0])) * (1 << 21))
