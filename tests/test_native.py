@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from composer import native
+from composer.native import bf16 as native_bf16
 from composer.methods import task_arithmetic as task_arithmetic_module
 from composer.methods.magnitude_sum import MagnitudeSum
 from composer.methods.task_arithmetic import generalized_task_arithmetic, reference_generalized_task_arithmetic
@@ -65,13 +66,16 @@ def awkward_inputs(tied: bool, seed: int = 0):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tied", [False, True])
-def test_kernels_give_the_torch_paths_bits(method, variant, tied, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernels_give_the_torch_paths_bits(method, variant, tied, threads, monkeypatch):
     models, base = awkward_inputs(tied)
     arguments = dict(METHODS[method], **VARIANTS[variant])
     if "sparsification" in arguments:
         arguments["densities"] = [0.5, 0.7, 0.3, 0.9]
     weights = [0.6, -0.3, 0.5, 0.25]
-    with mock.patch.object(task_arithmetic_module, "_FUSED_CHUNK", 4096):
+    # with threads > 1, ranges above 1000 entries are split between threads (at multiples of 256)
+    with mock.patch.object(task_arithmetic_module, "_FUSED_CHUNK", 4096), mock.patch.object(native_bf16, "_MIN_PART", 1000), \
+            mock.patch.object(native_bf16, "_thread_count", lambda: threads):
         fused = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
         monkeypatch.setenv("COMPOSER_NATIVE", "0")
         chunked = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)

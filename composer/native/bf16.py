@@ -4,9 +4,11 @@ loaded (`composer.native.library()` not None)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import ctypes
+import functools
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -15,6 +17,8 @@ from composer import native
 MAX_MODELS = 16  # kernels.c's MAX_MODELS
 KEEP_ALL, KEEP_BITS, KEEP_BYTES, KEEP_PATTERNS = range(4)
 EXPONENT_SUMS = 320  # kernels.c SUMS: value slots, then infinities and NaNs
+_BLOCK = 256  # kernels.c's BLOCK: ranges split between threads start at multiples of it
+_MIN_PART = 1 << 17  # entries below which a range is not split between threads
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -26,6 +30,33 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def _pointers(values, kind=ctypes.c_void_p):
     return (kind * max(1, len(values)))(*values)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="composer-kernels")
+
+
+def _thread_count() -> int:
+    return torch.get_num_threads()
+
+
+def _parts(start: int, stop: int) -> list[tuple[int, int]]:
+    """[start, stop) in torch's number of threads of parts (ctypes lets go of the GIL while a kernel
+    runs, so they run at once), each but the first starting at a multiple of BLOCK."""
+    count = max(1, min(_thread_count(), (stop - start) // _MIN_PART))
+    step = -(-(stop - start) // count)
+    cuts = [start] + [(start + k * step) // _BLOCK * _BLOCK for k in range(1, count)] + [stop]
+    return [(low, high) for low, high in zip(cuts, cuts[1:]) if high > low]
+
+
+def _in_parts(kernel, start: int, stop: int) -> None:
+    """kernel(part_start, part_stop) over `_parts`, the last on this thread."""
+    parts = _parts(start, stop)
+    pending = [_pool().submit(kernel, *part) for part in parts[:-1]]
+    kernel(*parts[-1])
+    for future in pending:
+        future.result()
 
 
 def task_arithmetic_(
@@ -52,12 +83,22 @@ def task_arithmetic_(
         data.append(keep[1].data_ptr() if mode in (KEEP_BITS, KEEP_BYTES) else None)
         lows.append(keep[1] if mode == KEEP_PATTERNS else 0)
         highs.append(keep[2] if mode == KEEP_PATTERNS else 0)
-    native.library().task_arithmetic_bf16(
-        start, stop, len(models), base.data_ptr(), _pointers([model.data_ptr() for model in models]),
-        _pointers(modes, ctypes.c_int), _pointers(data), _pointers(lows, ctypes.c_uint16), _pointers(highs, ctypes.c_uint16),
+    common = (
+        _pointers(modes, ctypes.c_int), _pointers(lows, ctypes.c_uint16), _pointers(highs, ctypes.c_uint16),
         _pointers([scale is not None for scale in scales], ctypes.c_int), _pointers([scale or 0.0 for scale in scales], ctypes.c_float),
-        _pointers(list(weights), ctypes.c_float), int(consensus), int(normalize), divisor, int(lambda_ != 1), lambda_, out.data_ptr(),
+        _pointers(list(weights), ctypes.c_float),
     )
+    model_pointers = _pointers([model.data_ptr() for model in models])
+
+    def kernel(low: int, high: int) -> None:
+        # a range's byte masks start at the range's start
+        here = _pointers([pointer + (low - start) if mode == KEEP_BYTES else pointer for mode, pointer in zip(modes, data)])
+        native.library().task_arithmetic_bf16(
+            low, high, len(models), base.data_ptr(), model_pointers, common[0], here, *common[1:],
+            int(consensus), int(normalize), divisor, int(lambda_ != 1), lambda_, out.data_ptr(),
+        )
+
+    _in_parts(kernel, start, stop)
     return out
 
 
@@ -68,8 +109,19 @@ def dare_select(
 ) -> None:
     """DARE's keep bits for [start, stop) into `bits` (the whole tensor's); with `before` and
     `after` (int64, EXPONENT_SUMS each), the exact L1 sums of model - base and of it masked added to them."""
-    sums = [None if tensor is None else tensor.data_ptr() for tensor in (model, base, before, after)]
-    native.library().dare_select_bf16(start, stop, key & ((1 << 64) - 1), threshold, bits.data_ptr(), *sums)
+    parts = _parts(start, stop)
+    counted = before is not None
+    sums = [(torch.zeros(EXPONENT_SUMS, dtype=torch.int64), torch.zeros(EXPONENT_SUMS, dtype=torch.int64)) if counted else (None, None) for _ in parts]
+
+    def kernel(low: int, high: int) -> None:
+        pointers = [None if tensor is None else tensor.data_ptr() for tensor in (model, base, *sums[parts.index((low, high))])]
+        native.library().dare_select_bf16(low, high, key & ((1 << 64) - 1), threshold, bits.data_ptr(), *pointers)
+
+    _in_parts(kernel, start, stop)
+    if counted:
+        for part_before, part_after in sums:
+            before += part_before
+            after += part_after
 
 
 def magnitude_sums_(values: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
