@@ -383,6 +383,15 @@ def _row_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="composer-rows")
 
 
+def della_thresholds(m: int, density: float, epsilon: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The int32 `random_levels` thresholds of DELLA's keep probabilities by rank in a row of m entries."""
+    if m > 1:
+        probabilities = torch.arange(m, device=device, dtype=torch.float64) * (2 * epsilon / (m - 1)) + (density - epsilon)
+    else:
+        probabilities = torch.full((1,), density, dtype=torch.float64, device=device)
+    return (probabilities.clamp(0, 1) * LEVELS).round_().sub_(LEVELS // 2).to(torch.int32)
+
+
 def della_keep(
     delta: torch.Tensor, density: float, epsilon: float, key: int, out: torch.Tensor | None = None, offset: int = 0
 ) -> torch.Tensor:
@@ -395,12 +404,7 @@ def della_keep(
     `key` (`offset`: where these rows start in a larger tensor drawn row block by row block)."""
     rows_shape = (1, delta.numel()) if delta.dim() < 2 else delta.shape
     m = rows_shape[1]
-    if m > 1:
-        probabilities = torch.arange(m, device=delta.device, dtype=torch.float64) * (2 * epsilon / (m - 1)) + (density - epsilon)
-    else:
-        probabilities = torch.full((1,), density, dtype=torch.float64, device=delta.device)
-    thresholds = (probabilities.clamp(0, 1) * LEVELS).round_().sub_(LEVELS // 2).to(torch.int32)
-    thresholds = thresholds.view((m,) + (1,) * (len(rows_shape) - 2))
+    thresholds = della_thresholds(m, density, epsilon, delta.device).view((m,) + (1,) * (len(rows_shape) - 2))
     keep_in_order = torch.lt(random_levels(rows_shape, key, delta.device, offset), thresholds)  # rank r at position r
     mask = torch.empty(rows_shape, dtype=torch.bool, device=delta.device) if out is None else out.view(rows_shape)
     if delta.dtype in _HALF_DTYPES:

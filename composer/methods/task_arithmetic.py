@@ -24,7 +24,7 @@ from composer.native import bf16 as native_bf16
 from composer.methods.interpolation import chunk_bounds
 from composer.methods.bitmask import BitMask
 from composer.methods.draws import level_of, make_generator, random_levels, stream_key
-from composer.methods.sparsify import ChunkedWindow, della_keep, l1_norm, l1_sum, pattern_counts, rescale_factor, sparsify_, window_mask_
+from composer.methods.sparsify import ChunkedWindow, della_keep, della_thresholds, l1_norm, l1_sum, pattern_counts, rescale_factor, sparsify_, window_mask_
 
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 
@@ -350,6 +350,16 @@ def _select(method, delta_into, chunks, buffer, base, model, density, gamma, eps
         native_bf16.dare_select(0, n, key, threshold, mask.bits, *sums)
         return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
     chunk_keep = torch.empty(buffer.numel(), dtype=torch.bool, device=base.device)
+    if method == "della_magprune" and base.dim() <= 2 and native_bf16.usable(base, model):
+        width = base.numel() // rows
+        thresholds = della_thresholds(width, density, epsilon)
+        before, after = l1_sum(base.dtype), l1_sum(base.dtype)
+        sums = (before.slots, after.slots) if rescale else ()
+        for start, stop in chunks:
+            keep = chunk_keep[: stop - start]
+            native_bf16.della_select((stop - start) // width, width, start, key, thresholds, keep, model, base.reshape(-1), *sums)
+            mask.store(start, keep)
+        return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
     factor = torch.empty(buffer.numel(), dtype=base.dtype, device=base.device) if rescale else None
     before, after = l1_sum(base.dtype, base.device), l1_sum(base.dtype, base.device)
     for start, stop in chunks:

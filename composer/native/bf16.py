@@ -124,6 +124,44 @@ def dare_select(
             after += part_after
 
 
+def della_select(
+    rows: int, width: int, offset: int, key: int, thresholds: torch.Tensor, keep: torch.Tensor,
+    model: torch.Tensor, base: torch.Tensor, before: torch.Tensor | None = None, after: torch.Tensor | None = None,
+) -> None:
+    """DELLA's keep bytes for `rows` rows of `width` entries at flat `offset` of the flat `model` and
+    `base` into `keep` (a byte per entry of those rows), the rows split between threads; with `before`
+    and `after`, the exact L1 sums of the delta and of it masked added to them (kernels.c's
+    della_select_bf16; `thresholds`: int32, one per rank)."""
+    parts = _row_parts(rows, width)
+    counted = before is not None
+    sums = [(torch.zeros(EXPONENT_SUMS, dtype=torch.int64), torch.zeros(EXPONENT_SUMS, dtype=torch.int64)) if counted else (None, None) for _ in parts]
+
+    def kernel(index: int) -> None:
+        first, last = parts[index]
+        at = offset + first * width
+        pointers = [None if tensor is None else tensor.data_ptr() for tensor in sums[index]]
+        native.library().della_select_bf16(
+            last - first, width, at, key & ((1 << 64) - 1), thresholds.data_ptr(), keep.data_ptr() + first * width,
+            model.data_ptr() + 2 * at, base.data_ptr() + 2 * at, *pointers,
+        )
+
+    pending = [_pool().submit(kernel, index) for index in range(len(parts) - 1)]
+    kernel(len(parts) - 1)
+    for future in pending:
+        future.result()
+    if counted:
+        for part_before, part_after in sums:
+            before += part_before
+            after += part_after
+
+
+def _row_parts(rows: int, width: int) -> list[tuple[int, int]]:
+    """Rows [0, rows) in torch's number of threads of parts of at least _MIN_PART entries."""
+    count = max(1, min(_thread_count(), rows * width // _MIN_PART, rows))
+    cuts = [rows * k // count for k in range(count + 1)]
+    return [(low, high) for low, high in zip(cuts, cuts[1:]) if high > low]
+
+
 def magnitude_sums_(values: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """Add the exact L1 sums of the bf16 `values` to `sums` (int64, EXPONENT_SUMS)."""
     native.library().magnitude_sums_bf16(values.numel(), values.data_ptr(), sums.data_ptr())

@@ -8,6 +8,7 @@
  * out as NaN (their payload may differ from torch's).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 256
@@ -259,4 +260,74 @@ void magnitude_sums_bf16(int64_t count, const uint16_t *values, int64_t *sums) {
             magnitudes[j] = values[block + j] & 0x7FFF;
         add_magnitudes(sums, magnitudes, length);
     }
+}
+
+/* DELLA's first pass over `rows` rows of `width` entries (the model's and base's pointers at the
+ * first row, which is at flat position `offset`): within each row the entry of rank r (magnitudes
+ * of the delta bf16(x - base) ascending, equal ones by position: a counting sort of their bit
+ * patterns) is kept when the draw at flat position offset + row * width + r is below
+ * thresholds[r]; `keep` gets a byte per entry (1 kept). With `before` and `after` (else NULL), the
+ * exact sums of the delta's magnitudes and of the masked delta's, as in `dare_select_bf16`. */
+void della_select_bf16(
+    int64_t rows, int64_t width, int64_t offset, uint64_t key, const int32_t *thresholds, uint8_t *keep,
+    const uint16_t *model, const uint16_t *base, int64_t *before, int64_t *after)
+{
+    uint16_t *magnitudes = malloc((size_t)width * sizeof(uint16_t));
+    int32_t *counters = malloc(0x8000 * sizeof(int32_t));
+    uint64_t *draws = malloc((size_t)(width / 4 + 2) * sizeof(uint64_t));
+    uint8_t *kept_by_rank = malloc((size_t)width);
+    uint16_t kept[BLOCK];
+    for (int64_t row = 0; row < rows; row++) {
+        const uint16_t *model_row = model + row * width, *base_row = base + row * width;
+        uint8_t *keep_row = keep + row * width;
+        /* Ranks by a counting sort of the 15-bit patterns: counters only for the patterns between
+         * the row's smallest and largest nonzero one (and 0), so a row costs about its length. */
+        for (int64_t j = 0; j < width; j++)
+            magnitudes[j] = round_bf16(widen(model_row[j]) - widen(base_row[j])) & 0x7FFF;
+        uint16_t lowest = 0x7FFF, highest = 0;
+        for (int64_t j = 0; j < width; j++) {
+            const uint16_t magnitude = magnitudes[j], below_nonzero = (uint16_t)(magnitude - 1);  /* 0 -> 0xFFFF */
+            lowest = below_nonzero < lowest ? below_nonzero : lowest;
+            highest = magnitude > highest ? magnitude : highest;
+        }
+        lowest++;  /* the smallest nonzero pattern (0x8000 when there is none: an empty range below) */
+        counters[0] = 0;
+        for (unsigned pattern = lowest; pattern <= highest; pattern++)
+            counters[pattern] = 0;
+        for (int64_t j = 0; j < width; j++)
+            counters[magnitudes[j]]++;
+        int32_t below = counters[0];
+        counters[0] = 0;
+        for (unsigned pattern = lowest; pattern <= highest; pattern++) {
+            const int32_t count = counters[pattern];
+            counters[pattern] = below;
+            below += count;
+        }
+        /* the row's draws, a word (four draws) at a time from the word holding its first position */
+        const int64_t first = offset + row * width, first_word = first >> 2, words = ((first + width + 3) >> 2) - first_word;
+        for (int64_t w = 0; w < words; w++)
+            draws[w] = stream_word(key, (uint64_t)(first_word + w));
+        const int16_t *levels = (const int16_t *)draws + (first & 3);  /* little-endian lanes */
+        for (int64_t rank = 0; rank < width; rank++)
+            kept_by_rank[rank] = levels[rank] < thresholds[rank];
+        for (int64_t j = 0; j < width; j++)
+            keep_row[j] = kept_by_rank[counters[magnitudes[j]]++];  /* equal patterns ranked by position */
+        if (before == NULL)
+            continue;
+        for (int64_t block = 0; block < width; block += BLOCK) {
+            const int length = (int)(width - block < BLOCK ? width - block : BLOCK);
+            int dropped_unbounded = 0;
+            for (int j = 0; j < length; j++) {
+                kept[j] = keep_row[block + j] ? magnitudes[block + j] : 0;
+                dropped_unbounded += !keep_row[block + j] && magnitudes[block + j] >= 0x7F80;
+            }
+            add_magnitudes(before, magnitudes + block, length);
+            add_magnitudes(after, kept, length);
+            after[NAN_SLOT] += dropped_unbounded;
+        }
+    }
+    free(magnitudes);
+    free(counters);
+    free(draws);
+    free(kept_by_rank);
 }
