@@ -129,3 +129,18 @@ def test_magnitude_sums_of_a_long_tensor_do_not_overflow():
     values = torch.full((1 << 20,), 3.0e38, dtype=torch.bfloat16)
     total = float(MagnitudeSum(torch.bfloat16).add(values).add(values).value())
     assert total == float(Fraction(float(values[0])) * (1 << 21))
+
+
+@needs_kernels
+@pytest.mark.parametrize("count", [2, 3, 5])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_model_stock_blend_gives_the_torch_paths_bits(count, threads, monkeypatch):
+    from composer.methods.model_stock import model_stock
+
+    models, base = awkward_inputs(False)
+    models = [torch.nan_to_num(model, nan=0.5, posinf=2.0, neginf=-2.0) for model in models * 2][:count]  # a finite ratio
+    with mock.patch.object(native_bf16, "_MIN_PART", 1000), mock.patch.object(native_bf16, "_thread_count", lambda: threads):
+        fused = model_stock(models, base)
+    monkeypatch.setenv("COMPOSER_NATIVE", "0")
+    assert not torch.isnan(fused).any()
+    assert torch.equal(fused, model_stock(models, base))

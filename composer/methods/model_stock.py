@@ -8,6 +8,7 @@ import torch
 
 from composer.memory import empty
 from composer.methods import interpolation
+from composer.native import bf16 as native_bf16
 
 COSINE_NORM_FLOOR = 1e-6  # |a| |b| is clamped to this before dividing: a zero update has cosine 0 with anything
 SINGULAR = 1e-6  # |1 + (N-1) cos| below this: no finite ratio, keep the base
@@ -92,6 +93,8 @@ def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> to
     ratio = _ratio(torch.tensor(cosine, dtype=base.dtype), count)
     keep = 1 - ratio
     out = empty(base_flat.shape, base_flat.dtype, device)
+    if native_bf16.usable(base_flat, *flats):
+        return native_bf16.model_stock_blend_(base_flat, flats, float(ratio), float(keep), out).view(base.shape)
     for start in range(0, base_flat.numel(), piece_size * 4):
         stop = min(start + piece_size * 4, base_flat.numel())
         average = flats[0][start:stop] + flats[1][start:stop]

@@ -162,6 +162,17 @@ def _row_parts(rows: int, width: int) -> list[tuple[int, int]]:
     return [(low, high) for low, high in zip(cuts, cuts[1:]) if high > low]
 
 
+def model_stock_blend_(base: torch.Tensor, models: Sequence[torch.Tensor], ratio: float, keep: float, out: torch.Tensor) -> torch.Tensor:
+    """Model Stock's blend of the flat `models` and `base` into `out` (kernels.c's model_stock_blend_bf16)."""
+    pointers = _pointers([model.data_ptr() for model in models])
+
+    def kernel(low: int, high: int) -> None:
+        native.library().model_stock_blend_bf16(low, high, len(models), pointers, base.data_ptr(), ratio, keep, out.data_ptr())
+
+    _in_parts(kernel, 0, base.numel())
+    return out
+
+
 def magnitude_sums_(values: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """Add the exact L1 sums of the bf16 `values` to `sums` (int64, EXPONENT_SUMS)."""
     native.library().magnitude_sums_bf16(values.numel(), values.data_ptr(), sums.data_ptr())

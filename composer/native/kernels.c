@@ -331,3 +331,28 @@ void della_select_bf16(
     free(draws);
     free(kept_by_rank);
 }
+
+/* Model Stock's blend over [start, stop): average = bf16 sum of the models, one at a time, divided by
+ * their count; out = bf16(bf16(average * ratio) + bf16(keep * base)), keep being bf16(1 - ratio). */
+void model_stock_blend_bf16(
+    int64_t start, int64_t stop, int count, const uint16_t *const *models, const uint16_t *base,
+    float ratio, float keep, uint16_t *out)
+{
+    float average[BLOCK];
+    for (int64_t block = start; block < stop; block += BLOCK) {
+        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const uint16_t *first = models[0] + block, *second = models[1] + block;
+        for (int j = 0; j < length; j++)
+            average[j] = rounded(widen(first[j]) + widen(second[j]));
+        for (int i = 2; i < count; i++) {
+            const uint16_t *model = models[i] + block;
+            for (int j = 0; j < length; j++)
+                average[j] = rounded(average[j] + widen(model[j]));
+        }
+        const float divisor = (float)count;
+        const uint16_t *base_here = base + block;
+        uint16_t *out_here = out + block;
+        for (int j = 0; j < length; j++)
+            out_here[j] = round_bf16(rounded(rounded(average[j] / divisor) * ratio) + rounded(keep * widen(base_here[j])));
+    }
+}
