@@ -62,6 +62,11 @@ def awkward_inputs(tied: bool, seed: int = 0):
     return models, base
 
 
+def finite(models: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The models with their infinities and NaNs replaced (for methods whose every entry a NaN would reach)."""
+    return [torch.nan_to_num(model, nan=0.5, posinf=2.0, neginf=-2.0) for model in models]
+
+
 @needs_kernels
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -138,9 +143,27 @@ def test_model_stock_blend_gives_the_torch_paths_bits(count, threads, monkeypatc
     from composer.methods.model_stock import model_stock
 
     models, base = awkward_inputs(False)
-    models = [torch.nan_to_num(model, nan=0.5, posinf=2.0, neginf=-2.0) for model in models * 2][:count]  # a finite ratio
+    models = finite(models * 2)[:count]  # a finite ratio
     with mock.patch.object(native_bf16, "_MIN_PART", 1000), mock.patch.object(native_bf16, "_thread_count", lambda: threads):
         fused = model_stock(models, base)
     monkeypatch.setenv("COMPOSER_NATIVE", "0")
     assert not torch.isnan(fused).any()
     assert torch.equal(fused, model_stock(models, base))
+
+
+@needs_kernels
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sce_gives_the_torch_paths_bits(select_topk, tied, threads, monkeypatch):
+    from composer.methods.task_arithmetic import reference_sce, sce
+
+    models, base = awkward_inputs(tied)
+    models = finite(models)  # finite model weights
+    with mock.patch.object(task_arithmetic_module, "_FUSED_CHUNK", 4096), mock.patch.object(native_bf16, "_MIN_PART", 1000), \
+            mock.patch.object(native_bf16, "_thread_count", lambda: threads):
+        fused = sce(models, base, select_topk)
+        monkeypatch.setenv("COMPOSER_NATIVE", "0")
+        chunked = sce(models, base, select_topk)
+    assert torch.equal(canonical(chunked), canonical(reference_sce(models, base, select_topk)))
+    assert torch.equal(canonical(fused), canonical(chunked))

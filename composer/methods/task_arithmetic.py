@@ -317,12 +317,13 @@ def _select(method, delta_into, chunks, buffer, base, model, density, gamma, eps
             start, stop = chunks[index]
             return delta_into(start, stop, buffer[: stop - start]).abs_()
 
+        counts = native_bf16.delta_pattern_counts(chunks, model, base.reshape(-1)) if native_bf16.usable(base, model) else None
         if method == "magnitude":
-            window = ChunkedWindow(magnitudes, chunks, 0, max(1, int(density * n)), True, sample)
+            window = ChunkedWindow(magnitudes, chunks, 0, max(1, int(density * n)), True, sample, counts)
         else:
             keep, top = int(density * n), int(gamma * n)
             bottom = max(0, n - keep - top)
-            window = ChunkedWindow(magnitudes, chunks, bottom, bottom + keep, False, sample)
+            window = ChunkedWindow(magnitudes, chunks, bottom, bottom + keep, False, sample, counts)
         if not rescale:
             return window, None
         # summed whole, as the reference (and mergekit) sums them, for the same bits
@@ -548,10 +549,18 @@ def _sce_chunked(tensors, base, select_topk):
             _chunk_delta(flats[i], base_flat, start, stop, deltas[i])
         return deltas
 
+    fused = count <= native_bf16.MAX_MODELS and select_topk > 0 and native_bf16.usable(base_flat, *flats)
+    variance_buffer = torch.empty(width, dtype=dtype) if fused else None
+
+    def chunk_variances(index: int) -> torch.Tensor:
+        start, stop = chunks[index]
+        if fused:
+            return native_bf16.sce_variances_(start, stop, base_flat, flats, variance_buffer[: stop - start])
+        return population_variance(deltas_of(start, stop))
+
     window = selection = None
     if 0 < select_topk < 1:
-        def variances(index: int) -> torch.Tensor:
-            return population_variance(deltas_of(*chunks[index]))
+        variances = chunk_variances
 
         def sample(positions: torch.Tensor) -> torch.Tensor:
             picked = torch.stack([flat[positions] for flat in flats]).to(dtype).sub_(base_flat[positions])
@@ -566,10 +575,19 @@ def _sce_chunked(tensors, base, select_topk):
         window = ChunkedWindow(variances, chunks, 0, int(nonzero * select_topk), True, sample, counts)
         selection = BitMask(n, device)
     keep = torch.empty(width, dtype=torch.bool, device=device)
+    spare = torch.empty(width, dtype=torch.bool, device=device) if fused else None
     factor = torch.empty(width, dtype=dtype, device=device)
     squares = torch.empty(width, dtype=dtype, device=device)
     sums = [l1_sum(dtype, device) for _ in range(count)]
     for index, (start, stop) in enumerate(chunks):
+        if fused:
+            kept = None
+            if window is not None:
+                kept = window.keep_(chunk_variances(index), index, keep[: stop - start], spare[: stop - start])
+                selection.store(start, kept)
+            for i in range(count):
+                native_bf16.sce_square_sums(start, stop, base_flat, flats[i], kept, sums[i].slots)
+            continue
         deltas = deltas_of(start, stop)
         if window is not None:
             kept = window.keep_(population_variance(deltas), index, keep[: stop - start], factor[: stop - start])
@@ -583,6 +601,8 @@ def _sce_chunked(tensors, base, select_topk):
     weights = model_weights.tolist()
     weight_column = model_weights.reshape(count, 1)
     out = empty((n,), dtype, device)
+    if fused:
+        return native_bf16.sce_merge_(base_flat, flats, None if selection is None else selection.bits, weights, out).view(base.shape)
     merged = torch.empty(width, dtype=dtype, device=device)
     workspace = torch.empty(2 * width, dtype=dtype, device=device)
     for start, stop in chunks:

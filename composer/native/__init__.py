@@ -36,6 +36,10 @@ _SIGNATURES = {
     "dare_select_bf16": [_INT64, _INT64, ctypes.c_uint64, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
     "magnitude_sums_bf16": [_INT64, _POINTER, _POINTER],
     "model_stock_blend_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, ctypes.c_float, ctypes.c_float, _POINTER],
+    "sce_variances_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, _POINTER],
+    "sce_square_sums_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER],
+    "sce_merge_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
+    "delta_pattern_counts_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER],
     "della_select_bf16": [_INT64, _INT64, _INT64, ctypes.c_uint64, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
 }
 

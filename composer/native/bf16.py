@@ -50,13 +50,31 @@ def _parts(start: int, stop: int) -> list[tuple[int, int]]:
     return [(low, high) for low, high in zip(cuts, cuts[1:]) if high > low]
 
 
-def _in_parts(kernel, start: int, stop: int) -> None:
-    """kernel(part_start, part_stop) over `_parts`, the last on this thread."""
-    parts = _parts(start, stop)
-    pending = [_pool().submit(kernel, *part) for part in parts[:-1]]
-    kernel(*parts[-1])
+def _each(kernel, count: int) -> None:
+    """kernel(0) .. kernel(count - 1) at once, the last on this thread."""
+    pending = [_pool().submit(kernel, index) for index in range(count - 1)]
+    kernel(count - 1)
     for future in pending:
         future.result()
+
+
+def _part_sums(parts: list, targets: Sequence[torch.Tensor | None]) -> list[tuple]:
+    """Zeroed sums for each part, one per target (None where the target is None): each thread adds
+    to its own, and `_fold` adds them to the targets."""
+    return [tuple(None if target is None else torch.zeros(EXPONENT_SUMS, dtype=torch.int64) for target in targets) for _ in parts]
+
+
+def _fold(sums: list[tuple], targets: Sequence[torch.Tensor | None]) -> None:
+    for part in sums:
+        for target, total in zip(targets, part):
+            if target is not None:
+                target += total
+
+
+def _in_parts(kernel, start: int, stop: int) -> None:
+    """kernel(part_start, part_stop) over `_parts`."""
+    parts = _parts(start, stop)
+    _each(lambda index: kernel(*parts[index]), len(parts))
 
 
 def task_arithmetic_(
@@ -110,18 +128,14 @@ def dare_select(
     """DARE's keep bits for [start, stop) into `bits` (the whole tensor's); with `before` and
     `after` (int64, EXPONENT_SUMS each), the exact L1 sums of model - base and of it masked added to them."""
     parts = _parts(start, stop)
-    counted = before is not None
-    sums = [(torch.zeros(EXPONENT_SUMS, dtype=torch.int64), torch.zeros(EXPONENT_SUMS, dtype=torch.int64)) if counted else (None, None) for _ in parts]
+    sums = _part_sums(parts, (before, after))
 
-    def kernel(low: int, high: int) -> None:
-        pointers = [None if tensor is None else tensor.data_ptr() for tensor in (model, base, *sums[parts.index((low, high))])]
-        native.library().dare_select_bf16(low, high, key & ((1 << 64) - 1), threshold, bits.data_ptr(), *pointers)
+    def kernel(index: int) -> None:
+        pointers = [None if tensor is None else tensor.data_ptr() for tensor in (model, base, *sums[index])]
+        native.library().dare_select_bf16(*parts[index], key & ((1 << 64) - 1), threshold, bits.data_ptr(), *pointers)
 
-    _in_parts(kernel, start, stop)
-    if counted:
-        for part_before, part_after in sums:
-            before += part_before
-            after += part_after
+    _each(kernel, len(parts))
+    _fold(sums, (before, after))
 
 
 def della_select(
@@ -133,8 +147,7 @@ def della_select(
     and `after`, the exact L1 sums of the delta and of it masked added to them (kernels.c's
     della_select_bf16; `thresholds`: int32, one per rank)."""
     parts = _row_parts(rows, width)
-    counted = before is not None
-    sums = [(torch.zeros(EXPONENT_SUMS, dtype=torch.int64), torch.zeros(EXPONENT_SUMS, dtype=torch.int64)) if counted else (None, None) for _ in parts]
+    sums = _part_sums(parts, (before, after))
 
     def kernel(index: int) -> None:
         first, last = parts[index]
@@ -145,14 +158,8 @@ def della_select(
             model.data_ptr() + 2 * at, base.data_ptr() + 2 * at, *pointers,
         )
 
-    pending = [_pool().submit(kernel, index) for index in range(len(parts) - 1)]
-    kernel(len(parts) - 1)
-    for future in pending:
-        future.result()
-    if counted:
-        for part_before, part_after in sums:
-            before += part_before
-            after += part_after
+    _each(kernel, len(parts))
+    _fold(sums, (before, after))
 
 
 def _row_parts(rows: int, width: int) -> list[tuple[int, int]]:
@@ -171,6 +178,62 @@ def model_stock_blend_(base: torch.Tensor, models: Sequence[torch.Tensor], ratio
 
     _in_parts(kernel, 0, base.numel())
     return out
+
+
+def sce_variances_(start: int, stop: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The bf16 variances across `models` of their deltas over [start, stop) into `out` (from its start),
+    as `population_variance` computes them (kernels.c's sce_variances_bf16)."""
+    pointers = _pointers([model.data_ptr() for model in models])
+
+    def kernel(low: int, high: int) -> None:
+        native.library().sce_variances_bf16(low, high, len(models), base.data_ptr(), pointers, out.data_ptr() + 2 * (low - start))
+
+    _in_parts(kernel, start, stop)
+    return out
+
+
+def sce_square_sums(start: int, stop: int, base: torch.Tensor, model: torch.Tensor, keep: torch.Tensor | None, sums: torch.Tensor) -> None:
+    """Add to `sums` the exact sums of the squared deltas of `model` over [start, stop), masked by the
+    booleans `keep` (from its start) when given (kernels.c's sce_square_sums_bf16)."""
+    parts = _parts(start, stop)
+    totals = _part_sums(parts, (sums,))
+
+    def kernel(index: int) -> None:
+        low, high = parts[index]
+        mask = None if keep is None else keep.data_ptr() + (low - start)
+        native.library().sce_square_sums_bf16(low, high, model.data_ptr(), base.data_ptr(), mask, totals[index][0].data_ptr())
+
+    _each(kernel, len(parts))
+    _fold(totals, (sums,))
+
+
+def sce_merge_(
+    base: torch.Tensor, models: Sequence[torch.Tensor], bits: torch.Tensor | None, weights: Sequence[float], out: torch.Tensor
+) -> torch.Tensor:
+    """SCE's merge of the flat `models` and `base` into `out`, with the selection `bits` (the whole
+    tensor's; every entry when None) and the model `weights` (kernels.c's sce_merge_bf16)."""
+    pointers, weight_values = _pointers([model.data_ptr() for model in models]), _pointers(list(weights), ctypes.c_float)
+    selection = None if bits is None else bits.data_ptr()
+
+    def kernel(low: int, high: int) -> None:
+        native.library().sce_merge_bf16(low, high, len(models), base.data_ptr(), pointers, selection, weight_values, out.data_ptr())
+
+    _in_parts(kernel, 0, base.numel())
+    return out
+
+
+def delta_pattern_counts(chunks: Sequence[tuple[int, int]], model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """How many of the bf16 deltas model - base of each chunk have each magnitude bit pattern
+    ([chunks, 32768] int64, as `sparsify.pattern_counts` of each chunk's magnitudes), chunks split
+    between threads (kernels.c's delta_pattern_counts_bf16)."""
+    counts = torch.zeros((len(chunks), 1 << 15), dtype=torch.int64)
+
+    def kernel(index: int) -> None:
+        native.library().delta_pattern_counts_bf16(*chunks[index], model.data_ptr(), base.data_ptr(), counts[index].data_ptr())
+
+    for first in range(0, len(chunks), _thread_count()):
+        _each(lambda index, first=first: kernel(first + index), min(_thread_count(), len(chunks) - first))
+    return counts
 
 
 def magnitude_sums_(values: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,15 @@ static inline uint16_t round_bf16(float value) {
 
 static inline float rounded(float value) { return widen(round_bf16(value)); }
 
+/* TIES sign election: the sign of an entry's bf16 sum over models (+ for >= 0), and a delta kept
+ * where it has that sign (0 elsewhere; times the sign twice, as torch's mul, relu, mul). */
+static inline float elected_sign(float total) { return rounded(total) >= 0.0f ? 1.0f : -1.0f; }
+
+static inline float elected(float delta, float sign) {
+    const float aligned = delta * sign;
+    return (aligned < 0.0f ? 0.0f : aligned) * sign;
+}
+
 /* How a model's delta is masked: not at all, by a bit per entry of the whole tensor (bit p % 8 of
  * byte p / 8), by a byte per entry of this range, or by the bit pattern of its magnitude lying in
  * [low, high]. A masked-out entry is multiplied by 0, as torch's delta * mask does. */
@@ -115,13 +124,11 @@ void task_arithmetic_bf16(
                 for (int j = 0; j < length; j++)
                     sign[j] += deltas[i][j];
             for (int j = 0; j < length; j++)
-                sign[j] = rounded(sign[j]) >= 0.0f ? 1.0f : -1.0f;
+                sign[j] = elected_sign(sign[j]);
             for (int i = 0; i < count; i++) {
                 const float weight = weights[i];
                 for (int j = 0; j < length; j++) {
-                    const float aligned = deltas[i][j] * sign[j];
-                    const float kept = (aligned < 0.0f ? 0.0f : aligned) * sign[j];
-                    deltas[i][j] = kept;
+                    const float kept = deltas[i][j] = elected(deltas[i][j], sign[j]);
                     kept_weight[j] += kept != 0.0f ? weight : 0.0f;
                 }
             }
@@ -355,4 +362,125 @@ void model_stock_blend_bf16(
         for (int j = 0; j < length; j++)
             out_here[j] = round_bf16(rounded(rounded(average[j] / divisor) * ratio) + rounded(keep * widen(base_here[j])));
     }
+}
+
+/* SCE's variance across models of the deltas bf16(x_k - base) over [start, stop) into `out` (from
+ * out[0]): the float64 Welford recurrence of composer.methods.task_arithmetic.population_variance,
+ * mean += d / (k + 1) and m2 += d (x - mean) with d = x - mean before the update, then m2 / count
+ * rounded to float32 and to bf16. */
+void sce_variances_bf16(int64_t start, int64_t stop, int count, const uint16_t *base, const uint16_t *const *models, uint16_t *out) {
+    double mean[BLOCK], m2[BLOCK];
+    for (int64_t block = start; block < stop; block += BLOCK) {
+        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const uint16_t *base_here = base + block;
+        for (int j = 0; j < length; j++)
+            mean[j] = m2[j] = 0.0;
+        for (int k = 0; k < count; k++) {
+            const uint16_t *model = models[k] + block;
+            const double seen = (double)(k + 1);
+            if (((k + 1) & k) == 0) {  /* a power of two: dividing by it is multiplying by its inverse, exactly */
+                const double inverse = 1.0 / seen;
+                for (int j = 0; j < length; j++) {
+                    const double x = (double)rounded(widen(model[j]) - widen(base_here[j]));
+                    const double d = x - mean[j];
+                    mean[j] = mean[j] + d * inverse;
+                    m2[j] = m2[j] + d * (x - mean[j]);
+                }
+            } else {
+                for (int j = 0; j < length; j++) {
+                    const double x = (double)rounded(widen(model[j]) - widen(base_here[j]));
+                    const double d = x - mean[j];
+                    mean[j] = mean[j] + d / seen;
+                    m2[j] = m2[j] + d * (x - mean[j]);
+                }
+            }
+        }
+        for (int j = 0; j < length; j++)
+            out[block - start + j] = round_bf16((float)(m2[j] / (double)count));
+    }
+}
+
+/* The exact sums (`add_magnitudes`) of the squares bf16(d * d) of one model's deltas
+ * d = bf16(x - base) over [start, stop), each times its keep byte (from keep[0]; all kept when NULL). */
+void sce_square_sums_bf16(int64_t start, int64_t stop, const uint16_t *model, const uint16_t *base, const uint8_t *keep, int64_t *sums) {
+    uint16_t squares[BLOCK];
+    for (int64_t block = start; block < stop; block += BLOCK) {
+        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        for (int j = 0; j < length; j++) {
+            float delta = rounded(widen(model[block + j]) - widen(base[block + j]));
+            if (keep != NULL)
+                delta = rounded(delta * (float)(keep[block - start + j] != 0));
+            squares[j] = round_bf16(delta * delta) & 0x7FFF;
+        }
+        add_magnitudes(sums, squares, length);
+    }
+}
+
+/* SCE's merge over [start, stop): d_i = bf16(x_i - base), times its selection bit (`bits`, the whole
+ * tensor's, when not NULL); TIES sign election on the unweighted d_i (the kept weight: the float32
+ * sum of weights[i] over the nonzero elected d_i, rounded); merged = bf16 sum of bf16(d_i * w_i),
+ * divided by the kept weight clamped below at 1e-6; out = bf16(merged + base). */
+void sce_merge_bf16(
+    int64_t start, int64_t stop, int count, const uint16_t *base, const uint16_t *const *models,
+    const uint8_t *bits, const float *weights, uint16_t *out)
+{
+    float deltas[MAX_MODELS][BLOCK];
+    float sign[BLOCK], kept_weight[BLOCK], merged[BLOCK];
+    uint8_t expanded[BLOCK];
+    for (int64_t block = start; block < stop; block += BLOCK) {
+        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const uint16_t *base_here = base + block;
+        if (bits != NULL)
+            for (int byte = 0; byte < (length + 7) >> 3; byte++) {
+                const uint64_t spread = ((uint64_t)bits[(block >> 3) + byte] * 0x0101010101010101ull) & 0x8040201008040201ull;
+                memcpy(expanded + 8 * byte, &spread, 8);
+            }
+        for (int j = 0; j < length; j++)
+            sign[j] = kept_weight[j] = merged[j] = 0.0f;
+        for (int i = 0; i < count; i++) {
+            const uint16_t *model = models[i] + block;
+            float *delta = deltas[i];
+            for (int j = 0; j < length; j++)
+                delta[j] = rounded(widen(model[j]) - widen(base_here[j]));
+            if (bits != NULL)
+                for (int j = 0; j < length; j++)
+                    delta[j] = rounded(delta[j] * (float)(expanded[j] != 0));
+            for (int j = 0; j < length; j++)
+                sign[j] += delta[j];
+        }
+        for (int j = 0; j < length; j++)
+            sign[j] = elected_sign(sign[j]);
+        for (int i = 0; i < count; i++) {
+            const float weight = weights[i];
+            for (int j = 0; j < length; j++) {
+                const float kept = elected(deltas[i][j], sign[j]);
+                kept_weight[j] += kept != 0.0f ? weight : 0.0f;
+                merged[j] += rounded(kept * weight);
+            }
+        }
+        uint16_t *out_here = out + block;
+        for (int j = 0; j < length; j++) {
+            const float kept = rounded(kept_weight[j]);
+            const float divisor = rounded(kept < 1e-6f ? 1e-6f : kept);
+            out_here[j] = round_bf16(rounded(rounded(merged[j]) / divisor) + widen(base_here[j]));
+        }
+    }
+}
+
+/* How many of the deltas bf16(x - base) over [start, stop) have each magnitude bit pattern, added to
+ * counts[0 .. 32767] (int64); counted in two interleaved copies, so that runs of one pattern do not
+ * wait on one counter. */
+void delta_pattern_counts_bf16(int64_t start, int64_t stop, const uint16_t *model, const uint16_t *base, int64_t *counts) {
+    int32_t *copies = calloc(2 * 0x8000, sizeof(int32_t));
+    uint16_t magnitudes[BLOCK];
+    for (int64_t block = start; block < stop; block += BLOCK) {
+        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        for (int j = 0; j < length; j++)
+            magnitudes[j] = round_bf16(widen(model[block + j]) - widen(base[block + j])) & 0x7FFF;
+        for (int j = 0; j < length; j++)
+            copies[((j & 1) << 15) | magnitudes[j]]++;
+    }
+    for (int pattern = 0; pattern < 0x8000; pattern++)
+        counts[pattern] += copies[pattern] + copies[0x8000 | pattern];
+    free(copies);
 }
