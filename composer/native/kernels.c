@@ -231,19 +231,21 @@ void dare_select_bf16(
 {
     uint16_t magnitudes[BLOCK], kept[BLOCK];
     uint8_t expanded[BLOCK];
+    uint64_t words[BLOCK / 4];
     for (int64_t block = start; block < stop; block += BLOCK) {
         const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
-        for (int64_t byte = block >> 3; byte < (block + length + 7) >> 3; byte++) {
-            const uint64_t words[2] = {stream_word(key, (uint64_t)(byte * 2)), stream_word(key, (uint64_t)(byte * 2 + 1))};
-            uint8_t packed = 0;
-            for (int lane = 0; lane < 8; lane++)
-                packed |= (uint8_t)(((int16_t)(uint16_t)(words[lane >> 2] >> (16 * (lane & 3))) < threshold) << lane);
-            bits[byte] = packed;
-            const uint64_t spread = ((uint64_t)packed * 0x0101010101010101ull) & 0x8040201008040201ull;
-            memcpy(expanded + 8 * (byte - (block >> 3)), &spread, 8);
+        for (int w = 0; w < (length + 3) / 4; w++)
+            words[w] = stream_word(key, (uint64_t)((block >> 2) + w));
+        const int16_t *levels = (const int16_t *)words;  /* little-endian: entry p is lane p % 4 of word p / 4 */
+        for (int j = 0; j < length; j++)
+            expanded[j] = levels[j] < threshold;
+        for (int j = length; j < ((length + 7) & ~7); j++)
+            expanded[j] = 0;
+        for (int byte = 0; byte < (length + 7) >> 3; byte++) {
+            uint64_t flags;  /* eight 0/1 bytes: their bits gathered into the top byte of the product */
+            memcpy(&flags, expanded + 8 * byte, 8);
+            bits[(block >> 3) + byte] = (uint8_t)((flags * 0x0102040810204080ull) >> 56);
         }
-        if (block + length == stop && (stop & 7))
-            bits[stop >> 3] &= (uint8_t)((1u << (stop & 7)) - 1);
         if (before == NULL)
             continue;
         int dropped_unbounded = 0;
