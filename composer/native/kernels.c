@@ -372,6 +372,7 @@ void model_stock_blend_bf16(
  * rounded to float32 and to bf16. */
 void sce_variances_bf16(int64_t start, int64_t stop, int count, const uint16_t *base, const uint16_t *const *models, uint16_t *out) {
     double mean[BLOCK], m2[BLOCK];
+    float deltas[BLOCK];
     for (int64_t block = start; block < stop; block += BLOCK) {
         const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
         const uint16_t *base_here = base + block;
@@ -380,17 +381,19 @@ void sce_variances_bf16(int64_t start, int64_t stop, int count, const uint16_t *
         for (int k = 0; k < count; k++) {
             const uint16_t *model = models[k] + block;
             const double seen = (double)(k + 1);
+            for (int j = 0; j < length; j++)
+                deltas[j] = rounded(widen(model[j]) - widen(base_here[j]));
             if (((k + 1) & k) == 0) {  /* a power of two: dividing by it is multiplying by its inverse, exactly */
                 const double inverse = 1.0 / seen;
                 for (int j = 0; j < length; j++) {
-                    const double x = (double)rounded(widen(model[j]) - widen(base_here[j]));
+                    const double x = (double)deltas[j];
                     const double d = x - mean[j];
                     mean[j] = mean[j] + d * inverse;
                     m2[j] = m2[j] + d * (x - mean[j]);
                 }
             } else {
                 for (int j = 0; j < length; j++) {
-                    const double x = (double)rounded(widen(model[j]) - widen(base_here[j]));
+                    const double x = (double)deltas[j];
                     const double d = x - mean[j];
                     mean[j] = mean[j] + d / seen;
                     m2[j] = m2[j] + d * (x - mean[j]);
