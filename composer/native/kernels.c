@@ -191,11 +191,12 @@ static void add_magnitude(int64_t *sums, uint16_t magnitude) {
         add_to_slot(sums, exponent ? exponent : 1, fraction | (exponent ? 0x80 : 0));
 }
 
-/* Add the magnitudes (bit patterns, sign cleared) of one block. Where their nonzero exponents span
+/* Add the magnitudes (bit patterns, sign cleared) of one block to `sums`, and those whose `keep`
+ * byte is nonzero to `kept_sums` (when `keep` is not NULL: the kept ones span no more). Where their nonzero exponents span
  * at most SPAN_LIMIT, each is an integer number of units of the smallest exponent below 2^45, and
  * the block's total below 2^53, so the block is summed in int64 (vectorised) and added to one slot;
  * otherwise, or with an infinity or NaN, value by value. */
-static void add_magnitudes(int64_t *sums, const uint16_t *magnitudes, int length) {
+static void add_magnitudes_kept(int64_t *sums, int64_t *kept_sums, const uint16_t *magnitudes, const uint8_t *keep, int length) {
     unsigned high = 0, low = 0xFFFF;
     for (int j = 0; j < length; j++) {
         const unsigned magnitude = magnitudes[j], less = (magnitude - 1u) & 0xFFFFu;  /* 0 -> 0xFFFF */
@@ -206,18 +207,31 @@ static void add_magnitudes(int64_t *sums, const uint16_t *magnitudes, int length
         return;
     const int top = (int)(high >> 7), bottom = (int)((low + 1u) >> 7), unit = bottom ? bottom : 1;
     if (top == 255 || top - bottom > SPAN_LIMIT) {
-        for (int j = 0; j < length; j++)
+        for (int j = 0; j < length; j++) {
             add_magnitude(sums, magnitudes[j]);
+            if (keep != NULL)
+                add_magnitude(kept_sums, keep[j] ? magnitudes[j] : 0);
+        }
         return;
     }
-    int64_t total = 0;
+    int64_t total = 0, kept_total = 0;
     for (int j = 0; j < length; j++) {
         const int magnitude = magnitudes[j], exponent = magnitude >> 7;
         const int64_t significand = (magnitude & 0x7F) | (exponent ? 0x80 : 0);
         const int shift = (exponent ? exponent : 1) - unit;
-        total += magnitude ? significand << (shift < 0 ? 0 : shift) : 0;
+        const int64_t amount = magnitude ? significand << (shift < 0 ? 0 : shift) : 0;
+        total += amount;
+        if (keep != NULL)
+            kept_total += keep[j] ? amount : 0;
     }
     add_to_slot(sums, unit, total);
+    if (keep != NULL)
+        add_to_slot(kept_sums, unit, kept_total);
+}
+
+/* `add_magnitudes_kept` without the kept sums. */
+static void add_magnitudes(int64_t *sums, const uint16_t *magnitudes, int length) {
+    add_magnitudes_kept(sums, NULL, magnitudes, NULL, length);
 }
 
 /* DARE's first pass over [start, stop) of one model (start a multiple of BLOCK): keep bits drawn
@@ -229,7 +243,7 @@ void dare_select_bf16(
     int64_t start, int64_t stop, uint64_t key, int threshold, uint8_t *bits,
     const uint16_t *model, const uint16_t *base, int64_t *before, int64_t *after)
 {
-    uint16_t magnitudes[BLOCK], kept[BLOCK];
+    uint16_t magnitudes[BLOCK];
     uint8_t expanded[BLOCK];
     uint64_t words[BLOCK / 4];
     for (int64_t block = start; block < stop; block += BLOCK) {
@@ -249,13 +263,11 @@ void dare_select_bf16(
         if (before == NULL)
             continue;
         int dropped_unbounded = 0;
-        for (int j = 0; j < length; j++) {
+        for (int j = 0; j < length; j++)
             magnitudes[j] = round_bf16(widen(model[block + j]) - widen(base[block + j])) & 0x7FFF;
-            kept[j] = expanded[j] ? magnitudes[j] : 0;
+        for (int j = 0; j < length; j++)
             dropped_unbounded += !expanded[j] && magnitudes[j] >= 0x7F80;
-        }
-        add_magnitudes(before, magnitudes, length);
-        add_magnitudes(after, kept, length);
+        add_magnitudes_kept(before, after, magnitudes, expanded, length);
         after[NAN_SLOT] += dropped_unbounded;  /* 0 times an infinity or NaN is NaN */
     }
 }
@@ -285,7 +297,6 @@ void della_select_bf16(
     int32_t *counters = malloc(0x8000 * sizeof(int32_t));
     uint64_t *draws = malloc((size_t)(width / 4 + 2) * sizeof(uint64_t));
     uint8_t *kept_by_rank = malloc((size_t)width);
-    uint16_t kept[BLOCK];
     for (int64_t row = 0; row < rows; row++) {
         const uint16_t *model_row = model + row * width, *base_row = base + row * width;
         uint8_t *keep_row = keep + row * width;
@@ -326,12 +337,9 @@ void della_select_bf16(
         for (int64_t block = 0; block < width; block += BLOCK) {
             const int length = (int)(width - block < BLOCK ? width - block : BLOCK);
             int dropped_unbounded = 0;
-            for (int j = 0; j < length; j++) {
-                kept[j] = keep_row[block + j] ? magnitudes[block + j] : 0;
+            for (int j = 0; j < length; j++)
                 dropped_unbounded += !keep_row[block + j] && magnitudes[block + j] >= 0x7F80;
-            }
-            add_magnitudes(before, magnitudes + block, length);
-            add_magnitudes(after, kept, length);
+            add_magnitudes_kept(before, after, magnitudes + block, keep_row + block, length);
             after[NAN_SLOT] += dropped_unbounded;
         }
     }
