@@ -1,5 +1,7 @@
 """Milliseconds per tensor of the task-arithmetic family, fused (chunked) path beside the whole-tensor
 reference path, on one 5632 x 2048 bf16 tensor (a Llama MLP weight) with a base and three fine-tunes.
+The fused path is timed twice: in torch operations (`COMPOSER_NATIVE=0`) and through the C kernels
+of composer.native ("C ms"; the same as torch where they cannot be built).
 
     python bench/method_kernels.py [--repeat 3] [--methods ties,dare_ties] [--shape 5632,2048]
 
@@ -13,6 +15,7 @@ one chunk per model plus a mask per model for the random methods (one bit per en
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -63,23 +66,25 @@ def main() -> None:
     weights = [0.4, 0.3, 0.3]
     n = base.numel()
     print(f"{shape} bf16, base + {len(models)} models, density {DENSITY}, {torch.get_num_threads()} threads, best of {args.repeat}")
-    print("| method | reference ms | fused ms | speed-up | same bits | reference temporaries MB | fused temporaries MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | reference ms | fused ms | C ms | speed-up (C) | same bits | reference temporaries MB | fused temporaries MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    paths = {"reference": (reference_generalized_task_arithmetic, "0"), "fused": (generalized_task_arithmetic, "0"), "C": (generalized_task_arithmetic, "1")}
     for method in args.methods.split(","):
         arguments = dict(METHODS[method])
         if "sparsification" in arguments:
             arguments["densities"] = [DENSITY] * len(models)
-        times = {reference_generalized_task_arithmetic: [], generalized_task_arithmetic: []}
+        times = {name: [] for name in paths}
         results = {}
         for _ in range(args.repeat):
-            for function in times:
+            for name, (function, kernels) in paths.items():
+                os.environ["COMPOSER_NATIVE"] = kernels
                 started = time.perf_counter()
-                results[function] = function(models, base, weights, generator=1, **arguments)
-                times[function].append((time.perf_counter() - started) * 1000)
-        reference, fused = (min(values) for values in times.values())
-        same = torch.equal(results[reference_generalized_task_arithmetic], results[generalized_task_arithmetic])
+                results[name] = function(models, base, weights, generator=1, **arguments)
+                times[name].append((time.perf_counter() - started) * 1000)
+        reference, fused, compiled = (min(values) for values in times.values())
+        same = torch.equal(results["reference"], results["fused"]) and torch.equal(results["fused"], results["C"])
         print(
-            f"| {method} | {reference:.0f} | {fused:.0f} | {reference / fused:.1f}x | {'yes' if same else 'NO'} | "
+            f"| {method} | {reference:.0f} | {fused:.0f} | {compiled:.0f} | {reference / compiled:.1f}x | {'yes' if same else 'NO'} | "
             f"{temporaries_mb(method, n, len(models), 2, False):.0f} | {temporaries_mb(method, n, len(models), 2, True):.0f} |"
         )
 

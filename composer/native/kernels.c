@@ -63,10 +63,12 @@ static inline __attribute__((always_inline)) void model_pass(
     for (int j = 0; j < length; j++) {
         float value = rounded(widen(model[j]) - widen(base[j]));
         if (mode == KEEP_BITS || mode == KEEP_BYTES) {
-            value = rounded(value * (float)(bytes[j] != 0));
+            value = value * (float)(bytes[j] != 0);  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
         } else if (mode == KEEP_PATTERNS) {
-            const uint16_t magnitude = round_bf16(value) & 0x7FFF;
-            value = rounded(value * (float)(magnitude >= low && magnitude <= high));
+            uint32_t bits;
+            memcpy(&bits, &value, 4);  /* a bf16 value already: its upper half is its pattern */
+            const uint16_t magnitude = (uint16_t)(bits >> 16) & 0x7FFF;
+            value = value * (float)(magnitude >= low && magnitude <= high);
         }
         if (scaled)
             value = rounded(value * scale);
@@ -422,7 +424,7 @@ void sce_square_sums_bf16(int64_t start, int64_t stop, const uint16_t *model, co
         for (int j = 0; j < length; j++) {
             float delta = rounded(widen(model[block + j]) - widen(base[block + j]));
             if (keep != NULL)
-                delta = rounded(delta * (float)(keep[block - start + j] != 0));
+                delta = delta * (float)(keep[block - start + j] != 0);
             squares[j] = round_bf16(delta * delta) & 0x7FFF;
         }
         add_magnitudes(sums, squares, length);
@@ -457,7 +459,7 @@ void sce_merge_bf16(
                 delta[j] = rounded(widen(model[j]) - widen(base_here[j]));
             if (bits != NULL)
                 for (int j = 0; j < length; j++)
-                    delta[j] = rounded(delta[j] * (float)(expanded[j] != 0));
+                    delta[j] = delta[j] * (float)(expanded[j] != 0);
             for (int j = 0; j < length; j++)
                 sign[j] += delta[j];
         }
