@@ -25,9 +25,10 @@ class BitMask:
     """A mask of `count` entries on `device`, one bit each (bit i % 8 of byte i // 8). Written in
     pieces that start at a multiple of 8 (`store`), read back as 0/1 factors (`factor_into`)."""
 
-    def __init__(self, count: int, device: torch.device | str = "cpu"):
+    def __init__(self, count: int, device: torch.device | str = "cpu", zeroed: bool = True):
+        """`zeroed=False` leaves the bits as allocated, for a writer that fills every byte."""
         self.count = count
-        self.bits = torch.zeros((count + 7) // 8, dtype=torch.uint8, device=device)
+        self.bits = (torch.zeros if zeroed else torch.empty)((count + 7) // 8, dtype=torch.uint8, device=device)
 
     def store(self, start: int, keep: torch.Tensor) -> None:
         """Entries start .. start + len(keep) - 1 from the boolean `keep`; `start` a multiple of 8,

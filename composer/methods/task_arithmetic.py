@@ -344,23 +344,12 @@ def _select(method, delta_into, chunks, buffer, base, model, density, gamma, eps
     else:
         rows = base.shape[0] if base.dim() >= 2 else 1
         row_shape = base.shape[1:] if base.dim() >= 2 else (n,)
-    mask = BitMask(n, base.device)
     if method == "random" and native_bf16.usable(base, model):
-        before, after = l1_sum(base.dtype), l1_sum(base.dtype)
-        sums = (model, base.reshape(-1), before.slots, after.slots) if rescale else ()
-        native_bf16.dare_select(0, n, key, threshold, mask.bits, *sums)
-        return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
+        return _native_dare(base, model, key, threshold, rescale)
     chunk_keep = torch.empty(buffer.numel(), dtype=torch.bool, device=base.device)
     if method == "della_magprune" and base.dim() <= 2 and native_bf16.usable(base, model):
-        width = base.numel() // rows
-        thresholds = della_thresholds(width, density, epsilon)
-        before, after = l1_sum(base.dtype), l1_sum(base.dtype)
-        sums = (before.slots, after.slots) if rescale else ()
-        for start, stop in chunks:
-            keep = chunk_keep[: stop - start]
-            native_bf16.della_select((stop - start) // width, width, start, key, thresholds, keep, model, base.reshape(-1), *sums)
-            mask.store(start, keep)
-        return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
+        return _native_della(base, model, chunks, chunk_keep, rows, density, epsilon, key, rescale)
+    mask = BitMask(n, base.device)
     factor = torch.empty(buffer.numel(), dtype=base.dtype, device=base.device) if rescale else None
     before, after = l1_sum(base.dtype, base.device), l1_sum(base.dtype, base.device)
     for start, stop in chunks:
@@ -377,6 +366,29 @@ def _select(method, delta_into, chunks, buffer, base, model, density, gamma, eps
                 delta = delta_into(start, stop, buffer[: stop - start])
             before.add(delta)
             after.add(delta.mul_(_as_factor(keep, factor[: stop - start])))
+    return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
+
+
+def _native_dare(base, model, key, threshold, rescale):
+    """`_select` for "random" by the C kernel: the whole tensor's bits and exact L1 sums in one call."""
+    mask = BitMask(base.numel(), base.device, zeroed=False)  # the kernel writes every byte
+    before, after = l1_sum(base.dtype), l1_sum(base.dtype)
+    sums = (model, base.reshape(-1), before.slots, after.slots) if rescale else ()
+    native_bf16.dare_select(0, base.numel(), key, threshold, mask.bits, *sums)
+    return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
+
+
+def _native_della(base, model, chunks, chunk_keep, rows, density, epsilon, key, rescale):
+    """`_select` for "della_magprune" by the C kernel, a block of rows (`chunks`) at a time."""
+    mask = BitMask(base.numel(), base.device)
+    width = base.numel() // rows
+    thresholds = della_thresholds(width, density, epsilon)
+    before, after = l1_sum(base.dtype), l1_sum(base.dtype)
+    sums = (before.slots, after.slots) if rescale else ()
+    for start, stop in chunks:
+        keep = chunk_keep[: stop - start]
+        native_bf16.della_select((stop - start) // width, width, start, key, thresholds, keep, model, base.reshape(-1), *sums)
+        mask.store(start, keep)
     return mask, (rescale_factor(before.value(), after.value()) if rescale else None)
 
 
