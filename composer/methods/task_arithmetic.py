@@ -153,7 +153,8 @@ def generalized_task_arithmetic(
     bit per entry, `BitMask`) and the L1 norms for `rescale`. Pass 2, chunk by chunk: the task vectors, masked,
     rescaled, weighted, sign-elected, summed, divided, scaled and added to the base, with the same
     operations as the reference on each chunk (all elementwise, so the same bits; masks as 0/1 in
-    the deltas' dtype).
+    the deltas' dtype). bf16 on a CPU: composer.native's C kernels do pass 2 in one sweep, and DARE's
+    and DELLA's pass 1 and the magnitude counts, rounding at the same steps (tests/test_native.py).
     """
     count = len(tensors)
     if len(weights) != count:
