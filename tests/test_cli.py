@@ -301,8 +301,29 @@ def test_a_run_that_fails_midway_leaves_no_out_and_no_partial_folder(models, tmp
 
     failing = FailingReads(monkeypatch, after=10, error=error)
     with pytest.raises(type(error)):
-        compose_text(upscale(models["first"]), tmp_path / "out", ExecutionOptions(progress=False))
+        compose_text(upscale(models["first"]), tmp_path / "out", ExecutionOptions(progress=False, copy_files=False))
     assert failing.reads == 11  # it did fail midway: ten tensors were read and written first
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_file_to_file_copy_that_fails_midway_leaves_no_out(models, tmp_path, monkeypatch, overlap):
+    from composer.compose import compose_text
+    from composer.execute import ExecutionOptions
+    from composer.execute.writer import ShardedWriter
+
+    real, copies = ShardedWriter.copy_range, []
+
+    def copy_range(writer, *arguments):
+        copies.append(arguments)
+        if len(copies) > 10:
+            raise OSError(28, "No space left on device")
+        return real(writer, *arguments)
+
+    monkeypatch.setattr(ShardedWriter, "copy_range", copy_range)
+    with pytest.raises(OSError):
+        compose_text(upscale(models["first"]), tmp_path / "out", ExecutionOptions(progress=False, overlap=overlap))
+    assert len(copies) > 10
     assert list(tmp_path.iterdir()) == []
 
 
@@ -322,7 +343,7 @@ def test_a_forced_run_that_fails_midway_keeps_the_old_out(models, tmp_path, monk
 def test_the_cli_reports_an_os_error_without_a_traceback(models, tmp_path, monkeypatch, capsys):
     from composer import cli
 
-    (tmp_path / "recipe.yml").write_text(upscale(models["first"]))
+    (tmp_path / "recipe.yml").write_text(blend(models["first"], models["second"]))  # a merge reads its inputs
     FailingReads(monkeypatch, after=3, error=OSError(28, "No space left on device", str(tmp_path / "out")))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["compose", "recipe.yml", "out", "--no-progress"])

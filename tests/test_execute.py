@@ -31,9 +31,28 @@ def _layer(state: dict, index: int) -> dict:
 
 def test_upscale_reads_each_input_tensor_once(tmp_path: Path):
     source = save_tiny_model(tmp_path / "src", layers=6)
-    report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions())
+    report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions(copy_files=False))
     assert report.reads and max(report.reads.values()) == 1
     assert len(report.reads) == len(load_state(source))  # every source tensor used (tied head absent)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_unchanged_tensors_go_file_to_file_with_the_same_bytes(tmp_path: Path, overlap: bool, monkeypatch):
+    """An upscale's tensors are its input's bytes: copied from file to file, never read into memory, the
+    same output as read and written; and the same where the system cannot copy between the files."""
+    source = save_tiny_model(tmp_path / "src", layers=6)
+    read = compose_text(UPSCALE.format(model=source), tmp_path / "read", ExecutionOptions(progress=False, copy_files=False))
+    copied = compose_text(UPSCALE.format(model=source), tmp_path / "copied", ExecutionOptions(progress=False, overlap=overlap))
+    assert read.reads and not copied.reads
+    assert copied.bytes_read == copied.bytes_written  # each output's bytes, copied from its input (shared layers twice)
+    if hasattr(os, "copy_file_range"):
+        def refuse(*arguments):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    compose_text(UPSCALE.format(model=source), tmp_path / "buffered", ExecutionOptions(progress=False, overlap=overlap))
+    for shard in (tmp_path / "read").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "copied" / shard.name).read_bytes() == (tmp_path / "buffered" / shard.name).read_bytes()
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -49,7 +68,7 @@ def test_copies_never_go_to_the_device(tmp_path: Path, overlap: bool):
 
 def test_tiny_memory_budget_still_gives_exact_layers(tmp_path: Path):
     source = save_tiny_model(tmp_path / "src", layers=6)
-    report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions(memory_budget=1))
+    report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions(memory_budget=1, copy_files=False))
     assert max(report.reads.values()) == 2  # nothing can be kept, so shared layers are read again
     source_state, out_state = load_state(source), load_state(tmp_path / "out")
     for index, source_index in enumerate(SOURCE_LAYER):

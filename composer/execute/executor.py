@@ -48,6 +48,7 @@ class ExecutionOptions:
     overlap: bool = True  # read the next inputs and write the last result while computing; False: one thing at a time
     durable: bool = False  # flush the output to the disk before it appears (survives a power loss; waits for the disk)
     readers: int | None = None  # threads reading ahead (None: one per four cores, at most four)
+    copy_files: bool = True  # outputs that are an input's stored bytes go file to file, never read into memory
 
 
 def reader_count(options: ExecutionOptions) -> int:
@@ -164,6 +165,7 @@ class BackgroundWriter:
         self.window = window
         self.queued: deque[tuple[Future, int]] = deque()
         self.queued_bytes = 0
+        self.copied_bytes = 0  # written from input files directly, never read into memory
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.write(name, tensor.to("cpu") if tensor.device.type != "cpu" else tensor)
@@ -177,6 +179,14 @@ class BackgroundWriter:
             self._settle_oldest()
         self.queued.append((self.pool.submit(self._write, name, tensor), size))
         self.queued_bytes += size
+
+    def copy(self, name: str, source: Path, offset: int, length: int) -> None:
+        """Write tensor `name` from a byte range of an input file (`ShardedWriter.copy_range`)."""
+        self.copied_bytes += length
+        if self.pool is None:
+            self.writer.copy_range(name, source, offset, length)
+            return
+        self.queued.append((self.pool.submit(self.writer.copy_range, name, source, offset, length), 0))
 
     def _settle_oldest(self) -> None:
         future, size = self.queued.popleft()
@@ -211,6 +221,19 @@ class ComputeThreads:
 def _device_of(planned, device: torch.device) -> torch.device:
     """Where a step runs: copies stay on the CPU, where their inputs were read and their result is written."""
     return CPU if planned.operation.copies else device
+
+
+def _verbatim_range(plan: Plan, planned) -> tuple[Path, int, int] | None:
+    """Where the bytes of an output tensor that is one input unchanged lie in that input's file (None
+    when the step computes anything, or its input is not stored as it is to be written)."""
+    if not planned.operation.verbatim or len(planned.inputs) != 1:
+        return None
+    ref = planned.inputs[0]
+    source = plan.sources[ref.model]
+    info = source.tensor_infos().get(ref.name)
+    if info is None or info.dtype != planned.dtype or tuple(info.shape) != tuple(planned.shape):
+        return None
+    return source.byte_range(ref.name)
 
 
 def _loose_bytes(refs, tensors: list[torch.Tensor], cache: InputCache) -> int:
@@ -259,16 +282,23 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         cache = InputCache(plan, max(0, tensor_budget - schedule.largest_step_bytes), device, reader)
         largest_output = max((tensor.nbytes for tensor in plan.tensors), default=0)
         background = BackgroundWriter(writer, writes, largest_output)
+        # outputs that are an input's stored bytes go file to file, and their inputs are never read
+        verbatim = [_verbatim_range(plan, planned) if options.copy_files else None for planned in schedule.order]
         pending_uses: dict[TensorRef, deque[int]] = {}
         for step, tensor in enumerate(schedule.order):
-            for ref in tensor.inputs:
+            for ref in tensor.inputs if verbatim[step] is None else ():
                 pending_uses.setdefault(ref, deque()).append(step)
         next_use: dict[TensorRef, int] = {}
         with recycling(), _progress(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
             for step, planned in enumerate(schedule.order):
+                if verbatim[step] is not None:
+                    background.copy(planned.name, *verbatim[step])
+                    bar.update(planned.nbytes)
+                    continue
                 inputs = [cache.get(ref, _device_of(planned, device)) for ref in planned.inputs]
-                if step + 1 < len(schedule.order):  # inputs shared with this step are kept, not read again
-                    following = schedule.order[step + 1]
+                following_step = next((later for later in range(step + 1, len(schedule.order)) if verbatim[later] is None), None)
+                if following_step is not None:  # inputs shared with this step are kept, not read again
+                    following = schedule.order[following_step]
                     upcoming = [ref for ref in following.inputs if ref not in planned.inputs]
                     held = cache.resident + _loose_bytes(planned.inputs, inputs, cache) + step_bytes(plan, planned) + background.queued_bytes
                     if held + cache.missing_bytes(upcoming) <= tensor_budget:
@@ -314,4 +344,4 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
             pool.shutdown(wait=True)
         plan.close()
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return ExecutionReport(out, len(plan.tensors), cache.bytes_read, plan.output_bytes(), time.perf_counter() - started, cache.reads, device_peak)
+    return ExecutionReport(out, len(plan.tensors), cache.bytes_read + background.copied_bytes, plan.output_bytes(), time.perf_counter() - started, cache.reads, device_peak)

@@ -16,6 +16,7 @@ from composer.plan.model import PlannedTensor
 from composer.sources.safetensors_format import build_header
 
 INDEX_NAME = "model.safetensors.index.json"
+_COPY_PIECE = 64 << 20  # bytes per read where a copy cannot go file to file
 
 
 class ShardedWriter:
@@ -50,6 +51,7 @@ class ShardedWriter:
                 self._location[tensor.name] = (len(self._descriptors) - 1, offsets[tensor.name], tensor)
         self.folder = folder
         self._written: set[str] = set()
+        self._sources: dict[Path, int] = {}  # input files copied from, opened once
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, offset, planned = self._location[name]
@@ -64,6 +66,36 @@ class ShardedWriter:
             # Linux starts writing these pages back now (without waiting), so the final fsync does not find
             # the whole output still dirty and flush it after the last tensor, with nothing left to overlap.
             os.posix_fadvise(self._descriptors[shard], offset, len(view), os.POSIX_FADV_DONTNEED)
+        self._written.add(name)
+
+    def copy_range(self, name: str, source: Path, source_offset: int, length: int) -> None:
+        """Write tensor `name` from `length` bytes of the file `source` at `source_offset`, file to file
+        (`os.copy_file_range`: the kernel copies, or shares the blocks where the filesystem can; no
+        tensor in this process's memory), or through a buffer where that is not possible."""
+        shard, offset, planned = self._location[name]
+        if length != planned.nbytes:
+            raise RuntimeError(f"tensor {name}: {length} bytes to copy, {planned.nbytes} planned")
+        descriptor = self._sources.get(source)
+        if descriptor is None:
+            descriptor = self._sources[source] = os.open(source, os.O_RDONLY)
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < length:
+                    copied = os.copy_file_range(descriptor, self._descriptors[shard], length - done, source_offset + done, offset + done)
+                    if copied == 0:
+                        raise EOFError(f"{source} ends before tensor {name} does")
+                    done += copied
+            except OSError:  # not between these files (another filesystem on an old kernel, a special file)
+                pass
+        while done < length:
+            data = os.pread(descriptor, min(length - done, _COPY_PIECE), source_offset + done)
+            if not data:
+                raise EOFError(f"{source} ends before tensor {name} does")
+            written = 0
+            while written < len(data):
+                written += os.pwrite(self._descriptors[shard], data[written:], offset + done + written)
+            done += len(data)
         self._written.add(name)
 
     def finish(self) -> None:
@@ -81,9 +113,10 @@ class ShardedWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
     def close(self) -> None:
-        for descriptor in self._descriptors:
+        for descriptor in [*self._descriptors, *self._sources.values()]:
             try:
                 os.close(descriptor)
             except OSError:
                 pass
         self._descriptors = []
+        self._sources = {}

@@ -252,9 +252,11 @@ class _Planner:
         def run(inputs: list[torch.Tensor], _params=params, _count=len(others), _has_base=has_base) -> torch.Tensor:
             return method.apply(inputs[:_count], inputs[_count] if _has_base else None, _params)
 
-        compute_dtype = self.compute_dtype if (method.blends or any(v not in (None, 1) for v in params.get("scale", []))) else None
+        scaled = any(v not in (None, 1) for v in params.get("scale", []))
+        compute_dtype = self.compute_dtype if (method.blends or scaled) else None
         temporaries = method.temporaries(len(others), params) if method.temporaries else 2.0
-        return Operation(method.name, run, params, compute_dtype, temporaries, method.light, method.copies), ordered
+        verbatim = method.copies and not scaled and len(sources) == 1
+        return Operation(method.name, run, params, compute_dtype, temporaries, method.light, method.copies, verbatim), ordered
 
     # --- tensors ------------------------------------------------------------------------------
     def plan_tensor(
@@ -422,7 +424,7 @@ def _in_output_vocabulary(operation: Operation, vocabulary: VocabularyMerge, mod
         rebuilt = vocabulary.rebuild(by_model)
         return operation.fn([rebuilt[model].movedim(0, axis).contiguous() if axis else rebuilt[model] for model in models])
 
-    return Operation(operation.label, run, dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), operation.compute_dtype, operation.temporaries, operation.light, operation.copies)
+    return Operation(operation.label, run, dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), operation.compute_dtype, operation.temporaries, operation.light, operation.copies)  # not verbatim: rows change
 
 
 def _vocabulary_key(recipe: Merge, location: tuple) -> tuple:

@@ -27,13 +27,14 @@ class Operation:
     temporaries: float = 2.0  # tensor-sized buffers in compute_dtype it holds at once beyond inputs and result (for the memory budget)
     light: bool = False  # bound by reading and writing, not computing: run on one core fewer than the machine has
     copies: bool = False  # only copies (or scales) what it reads: a merge on a GPU runs it on the CPU, with no round trip
+    verbatim: bool = False  # its result is its one input unchanged: the bytes may go file to file, never through memory
 
 
 def first_input(inputs: list[torch.Tensor]) -> torch.Tensor:
     return inputs[0]
 
 
-COPY = Operation("copy", first_input, light=True, copies=True)  # an output tensor that is one input as read
+COPY = Operation("copy", first_input, light=True, copies=True, verbatim=True)  # an output tensor that is one input as read
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,11 @@ class ModelSource(ABC):
     def save_tokenizer(self, destination: Path) -> list[str]:
         """Write this model's tokenizer files into `destination`; return the file names written."""
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, length) where tensor `name` is stored as it would be written (safetensors
+        bytes), for a copy from file to file; None where it is not stored so."""
+        return None
+
     def license(self) -> str | None:
         return None
 

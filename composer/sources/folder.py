@@ -8,6 +8,7 @@ are read when it is asked for, and each read hands back a tensor of its own (nev
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -102,6 +103,13 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._infos
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        location = self._location.get(name)
+        if location is None:
+            return None
+        info = self._infos[name]
+        return location[0], location[1], math.prod(info.shape) * info.dtype.itemsize
 
     def read(self, name: str) -> torch.Tensor:
         location = self._location.get(name)
