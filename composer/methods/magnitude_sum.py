@@ -36,6 +36,8 @@ class MagnitudeSum:
         flat = values.reshape(-1)
         if flat.dtype != self.dtype:
             raise ValueError(f"a sum of {self.dtype} magnitudes was given {flat.dtype} values")
+        if flat.numel() == 0:
+            return self
         if native_bf16.usable(flat) and self.slots.device.type == "cpu":
             native_bf16.magnitude_sums_(flat, self.slots)
         else:
