@@ -30,6 +30,26 @@ static inline uint16_t round_bf16(float value) {
 
 static inline float rounded(float value) { return widen(round_bf16(value)); }
 
+/* A model's delta from the base, x - base rounded to bf16 (torch's bf16 subtraction), and the bit
+ * pattern of its magnitude. */
+static inline float delta_of(uint16_t model, uint16_t base) { return rounded(widen(model) - widen(base)); }
+
+static inline uint16_t delta_magnitude(uint16_t model, uint16_t base) {
+    return round_bf16(widen(model) - widen(base)) & 0x7FFF;
+}
+
+/* Entries in the block from `block` on, at most BLOCK, before `stop`. */
+static inline int block_length(int64_t block, int64_t stop) { return (int)(stop - block < BLOCK ? stop - block : BLOCK); }
+
+/* A block's entries of a bit mask of the whole tensor (bit p % 8 of byte p / 8; block a multiple of 8)
+ * as one byte each, nonzero where the bit is set: each byte's bit k goes to byte k by a multiply. */
+static inline void expand_bits(const uint8_t *bits, int64_t block, int length, uint8_t *out) {
+    for (int byte = 0; byte < (length + 7) >> 3; byte++) {
+        const uint64_t spread = ((uint64_t)bits[(block >> 3) + byte] * 0x0101010101010101ull) & 0x8040201008040201ull;
+        memcpy(out + 8 * byte, &spread, 8);
+    }
+}
+
 /* TIES sign election: the sign of an entry's bf16 sum over models (+ for >= 0), and a delta kept
  * where it has that sign (0 elsewhere; times the sign twice, as torch's mul, relu, mul). */
 static inline float elected_sign(float total) { return rounded(total) >= 0.0f ? 1.0f : -1.0f; }
@@ -52,16 +72,10 @@ static inline __attribute__((always_inline)) void model_pass(
 {
     uint8_t expanded[BLOCK];
     const uint8_t *bytes = mode == KEEP_BYTES ? data + (block - start) : expanded;
-    if (mode == KEEP_BITS) {
-        for (int byte = 0; byte < (length + 7) >> 3; byte++) {
-            /* the byte's bit k to byte k: nonzero exactly where the bit is set (block is a multiple of 8) */
-            const uint64_t spread = ((uint64_t)data[(block >> 3) + byte] * 0x0101010101010101ull) & 0x8040201008040201ull;
-            memcpy(expanded + 8 * byte, &spread, 8);
-        }
-        bytes = expanded;
-    }
+    if (mode == KEEP_BITS)
+        expand_bits(data, block, length, expanded);
     for (int j = 0; j < length; j++) {
-        float value = rounded(widen(model[j]) - widen(base[j]));
+        float value = delta_of(model[j], base[j]);
         if (mode == KEEP_BITS || mode == KEEP_BYTES) {
             value = value * (float)(bytes[j] != 0);  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
         } else if (mode == KEEP_PATTERNS) {
@@ -97,7 +111,7 @@ void task_arithmetic_bf16(
     float deltas[MAX_MODELS][BLOCK];
     float kept_weight[BLOCK], sign[BLOCK], merged[BLOCK];
     for (int64_t block = start; block < stop; block += BLOCK) {
-        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const int length = block_length(block, stop);
         const uint16_t *base_here = base + block;
         for (int j = 0; j < length; j++)
             merged[j] = 0.0f;  /* torch's sum over models starts from +0 */
@@ -249,7 +263,7 @@ void dare_select_bf16(
     uint8_t expanded[BLOCK];
     uint64_t words[BLOCK / 4];
     for (int64_t block = start; block < stop; block += BLOCK) {
-        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const int length = block_length(block, stop);
         for (int w = 0; w < (length + 3) / 4; w++)
             words[w] = stream_word(key, (uint64_t)((block >> 2) + w));
         const int16_t *levels = (const int16_t *)words;  /* little-endian: entry p is lane p % 4 of word p / 4 */
@@ -266,7 +280,7 @@ void dare_select_bf16(
             continue;
         int dropped_unbounded = 0;
         for (int j = 0; j < length; j++)
-            magnitudes[j] = round_bf16(widen(model[block + j]) - widen(base[block + j])) & 0x7FFF;
+            magnitudes[j] = delta_magnitude(model[block + j], base[block + j]);
         for (int j = 0; j < length; j++)
             dropped_unbounded += !expanded[j] && magnitudes[j] >= 0x7F80;
         add_magnitudes_kept(before, after, magnitudes, expanded, length);
@@ -278,7 +292,7 @@ void dare_select_bf16(
 void magnitude_sums_bf16(int64_t count, const uint16_t *values, int64_t *sums) {
     uint16_t magnitudes[BLOCK];
     for (int64_t block = 0; block < count; block += BLOCK) {
-        const int length = (int)(count - block < BLOCK ? count - block : BLOCK);
+        const int length = block_length(block, count);
         for (int j = 0; j < length; j++)
             magnitudes[j] = values[block + j] & 0x7FFF;
         add_magnitudes(sums, magnitudes, length);
@@ -305,7 +319,7 @@ void della_select_bf16(
         /* Ranks by a counting sort of the 15-bit patterns: counters only for the patterns between
          * the row's smallest and largest nonzero one (and 0), so a row costs about its length. */
         for (int64_t j = 0; j < width; j++)
-            magnitudes[j] = round_bf16(widen(model_row[j]) - widen(base_row[j])) & 0x7FFF;
+            magnitudes[j] = delta_magnitude(model_row[j], base_row[j]);
         uint16_t lowest = 0x7FFF, highest = 0;
         for (int64_t j = 0; j < width; j++) {
             const uint16_t magnitude = magnitudes[j], below_nonzero = (uint16_t)(magnitude - 1);  /* 0 -> 0xFFFF */
@@ -337,7 +351,7 @@ void della_select_bf16(
         if (before == NULL)
             continue;
         for (int64_t block = 0; block < width; block += BLOCK) {
-            const int length = (int)(width - block < BLOCK ? width - block : BLOCK);
+            const int length = block_length(block, width);
             int dropped_unbounded = 0;
             for (int j = 0; j < length; j++)
                 dropped_unbounded += !keep_row[block + j] && magnitudes[block + j] >= 0x7F80;
@@ -359,7 +373,7 @@ void model_stock_blend_bf16(
 {
     float average[BLOCK];
     for (int64_t block = start; block < stop; block += BLOCK) {
-        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const int length = block_length(block, stop);
         const uint16_t *first = models[0] + block, *second = models[1] + block;
         for (int j = 0; j < length; j++)
             average[j] = rounded(widen(first[j]) + widen(second[j]));
@@ -384,7 +398,7 @@ void sce_variances_bf16(int64_t start, int64_t stop, int count, const uint16_t *
     double mean[BLOCK], m2[BLOCK];
     float deltas[BLOCK];
     for (int64_t block = start; block < stop; block += BLOCK) {
-        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const int length = block_length(block, stop);
         const uint16_t *base_here = base + block;
         for (int j = 0; j < length; j++)
             mean[j] = m2[j] = 0.0;
@@ -392,7 +406,7 @@ void sce_variances_bf16(int64_t start, int64_t stop, int count, const uint16_t *
             const uint16_t *model = models[k] + block;
             const double seen = (double)(k + 1);
             for (int j = 0; j < length; j++)
-                deltas[j] = rounded(widen(model[j]) - widen(base_here[j]));
+                deltas[j] = delta_of(model[j], base_here[j]);
             if (((k + 1) & k) == 0) {  /* a power of two: dividing by it is multiplying by its inverse, exactly */
                 const double inverse = 1.0 / seen;
                 for (int j = 0; j < length; j++) {
@@ -420,9 +434,9 @@ void sce_variances_bf16(int64_t start, int64_t stop, int count, const uint16_t *
 void sce_square_sums_bf16(int64_t start, int64_t stop, const uint16_t *model, const uint16_t *base, const uint8_t *keep, int64_t *sums) {
     uint16_t squares[BLOCK];
     for (int64_t block = start; block < stop; block += BLOCK) {
-        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const int length = block_length(block, stop);
         for (int j = 0; j < length; j++) {
-            float delta = rounded(widen(model[block + j]) - widen(base[block + j]));
+            float delta = delta_of(model[block + j], base[block + j]);
             if (keep != NULL)
                 delta = delta * (float)(keep[block - start + j] != 0);
             squares[j] = round_bf16(delta * delta) & 0x7FFF;
@@ -443,20 +457,17 @@ void sce_merge_bf16(
     float sign[BLOCK], kept_weight[BLOCK], merged[BLOCK];
     uint8_t expanded[BLOCK];
     for (int64_t block = start; block < stop; block += BLOCK) {
-        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const int length = block_length(block, stop);
         const uint16_t *base_here = base + block;
         if (bits != NULL)
-            for (int byte = 0; byte < (length + 7) >> 3; byte++) {
-                const uint64_t spread = ((uint64_t)bits[(block >> 3) + byte] * 0x0101010101010101ull) & 0x8040201008040201ull;
-                memcpy(expanded + 8 * byte, &spread, 8);
-            }
+            expand_bits(bits, block, length, expanded);
         for (int j = 0; j < length; j++)
             sign[j] = kept_weight[j] = merged[j] = 0.0f;
         for (int i = 0; i < count; i++) {
             const uint16_t *model = models[i] + block;
             float *delta = deltas[i];
             for (int j = 0; j < length; j++)
-                delta[j] = rounded(widen(model[j]) - widen(base_here[j]));
+                delta[j] = delta_of(model[j], base_here[j]);
             if (bits != NULL)
                 for (int j = 0; j < length; j++)
                     delta[j] = delta[j] * (float)(expanded[j] != 0);
@@ -489,9 +500,9 @@ void delta_pattern_counts_bf16(int64_t start, int64_t stop, const uint16_t *mode
     int32_t *copies = calloc(2 * 0x8000, sizeof(int32_t));
     uint16_t magnitudes[BLOCK];
     for (int64_t block = start; block < stop; block += BLOCK) {
-        const int length = (int)(stop - block < BLOCK ? stop - block : BLOCK);
+        const int length = block_length(block, stop);
         for (int j = 0; j < length; j++)
-            magnitudes[j] = round_bf16(widen(model[block + j]) - widen(base[block + j])) & 0x7FFF;
+            magnitudes[j] = delta_magnitude(model[block + j], base[block + j]);
         for (int j = 0; j < length; j++)
             copies[((j & 1) << 15) | magnitudes[j]]++;
     }
