@@ -39,7 +39,8 @@ def test_upscale_reads_each_input_tensor_once(tmp_path: Path):
 @pytest.mark.parametrize("overlap", [True, False])
 def test_unchanged_tensors_go_file_to_file_with_the_same_bytes(tmp_path: Path, overlap: bool, monkeypatch):
     """An upscale's tensors are its input's bytes: copied from file to file, never read into memory, the
-    same output as read and written; and the same where the system cannot copy between the files."""
+    same output as read and written; and the same where the system cannot copy between the files (that
+    run also flushed to the disk, as --fsync does)."""
     source = save_tiny_model(tmp_path / "src", layers=6)
     read = compose_text(UPSCALE.format(model=source), tmp_path / "read", ExecutionOptions(progress=False, copy_files=False))
     copied = compose_text(UPSCALE.format(model=source), tmp_path / "copied", ExecutionOptions(progress=False, overlap=overlap))
@@ -50,7 +51,7 @@ def test_unchanged_tensors_go_file_to_file_with_the_same_bytes(tmp_path: Path, o
             raise OSError(18, "Invalid cross-device link")
 
         monkeypatch.setattr(os, "copy_file_range", refuse)
-    compose_text(UPSCALE.format(model=source), tmp_path / "buffered", ExecutionOptions(progress=False, overlap=overlap))
+    compose_text(UPSCALE.format(model=source), tmp_path / "buffered", ExecutionOptions(progress=False, overlap=overlap, durable=True))
     for shard in (tmp_path / "read").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "copied" / shard.name).read_bytes() == (tmp_path / "buffered" / shard.name).read_bytes()
 

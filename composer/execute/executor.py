@@ -284,6 +284,9 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         background = BackgroundWriter(writer, writes, largest_output)
         # outputs that are an input's stored bytes go file to file, and their inputs are never read
         verbatim = [_verbatim_range(plan, planned) if options.copy_files else None for planned in schedule.order]
+        next_computed: list[int | None] = [None] * len(schedule.order)  # the next step after each that reads its inputs
+        for step in range(len(schedule.order) - 2, -1, -1):
+            next_computed[step] = step + 1 if verbatim[step + 1] is None else next_computed[step + 1]
         pending_uses: dict[TensorRef, deque[int]] = {}
         for step, tensor in enumerate(schedule.order):
             for ref in tensor.inputs if verbatim[step] is None else ():
@@ -296,9 +299,8 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                     bar.update(planned.nbytes)
                     continue
                 inputs = [cache.get(ref, _device_of(planned, device)) for ref in planned.inputs]
-                following_step = next((later for later in range(step + 1, len(schedule.order)) if verbatim[later] is None), None)
-                if following_step is not None:  # inputs shared with this step are kept, not read again
-                    following = schedule.order[following_step]
+                if next_computed[step] is not None:  # inputs shared with this step are kept, not read again
+                    following = schedule.order[next_computed[step]]
                     upcoming = [ref for ref in following.inputs if ref not in planned.inputs]
                     held = cache.resident + _loose_bytes(planned.inputs, inputs, cache) + step_bytes(plan, planned) + background.queued_bytes
                     if held + cache.missing_bytes(upcoming) <= tensor_budget:

@@ -59,13 +59,14 @@ class ShardedWriter:
             raise RuntimeError(f"tensor {name} came out as {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         view = memoryview(data).cast("B")
-        written = 0
-        while written < len(view):
-            written += os.pwrite(self._descriptors[shard], view[written:], offset + written)
+        _write_all(self._descriptors[shard], view, offset)
+        self._wrote(name, shard, offset, len(view))
+
+    def _wrote(self, name: str, shard: int, offset: int, length: int) -> None:
         if self.durable and hasattr(os, "posix_fadvise"):
             # Linux starts writing these pages back now (without waiting), so the final fsync does not find
             # the whole output still dirty and flush it after the last tensor, with nothing left to overlap.
-            os.posix_fadvise(self._descriptors[shard], offset, len(view), os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._descriptors[shard], offset, length, os.POSIX_FADV_DONTNEED)
         self._written.add(name)
 
     def copy_range(self, name: str, source: Path, source_offset: int, length: int) -> None:
@@ -92,11 +93,9 @@ class ShardedWriter:
             data = os.pread(descriptor, min(length - done, _COPY_PIECE), source_offset + done)
             if not data:
                 raise EOFError(f"{source} ends before tensor {name} does")
-            written = 0
-            while written < len(data):
-                written += os.pwrite(self._descriptors[shard], data[written:], offset + done + written)
+            _write_all(self._descriptors[shard], memoryview(data), offset + done)
             done += len(data)
-        self._written.add(name)
+        self._wrote(name, shard, offset, length)
 
     def finish(self) -> None:
         missing = set(self._location) - self._written
@@ -120,3 +119,10 @@ class ShardedWriter:
                 pass
         self._descriptors = []
         self._sources = {}
+
+
+def _write_all(descriptor: int, data: memoryview, offset: int) -> None:
+    """pwrite all of `data` at `offset` (one call may write less than asked)."""
+    written = 0
+    while written < len(data):
+        written += os.pwrite(descriptor, data[written:], offset + written)

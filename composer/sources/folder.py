@@ -8,7 +8,6 @@ are read when it is asked for, and each read hands back a tensor of its own (nev
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -108,8 +107,7 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
         location = self._location.get(name)
         if location is None:
             return None
-        info = self._infos[name]
-        return location[0], location[1], math.prod(info.shape) * info.dtype.itemsize
+        return location[0], location[1], self._infos[name].nbytes
 
     def read(self, name: str) -> torch.Tensor:
         location = self._location.get(name)
