@@ -17,15 +17,13 @@ inputs alone.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from composer.methods.draws import LEVELS, level_of, random_levels, stream_key
 from composer.methods.magnitude_sum import DTYPES as MAGNITUDE_SUM_DTYPES, MagnitudeSum
+from composer.parallel import each
 
 _EXACT_LIMIT = 1 << 18  # at most this many elements: torch.kthvalue on the whole tensor
 _SAMPLE = 1 << 14  # sample size used to bracket an order statistic of a larger tensor
@@ -374,13 +372,8 @@ def scatter_by_row_rank_(out: torch.Tensor, keys: torch.Tensor, by_rank: torch.T
         return out.scatter_(1, stable_row_order(keys), by_rank)
     step = -(-rows // threads)
     blocks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-    list(_row_pool().map(lambda block: out[block].scatter_(1, stable_row_order(keys[block]), by_rank[block]), blocks))
+    each(lambda index: out[blocks[index]].scatter_(1, stable_row_order(keys[blocks[index]]), by_rank[blocks[index]]), len(blocks))
     return out
-
-
-@functools.cache
-def _row_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="composer-rows")
 
 
 def della_thresholds(m: int, density: float, epsilon: float, device: torch.device | str = "cpu") -> torch.Tensor:

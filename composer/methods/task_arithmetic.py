@@ -209,7 +209,7 @@ def _chunked(tensors, base, weights, sparsification, consensus, densities, gamma
     if not consensus:
         divisor = weight_column.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
-    if count <= native_bf16.MAX_MODELS and native_bf16.usable(base_flat, *flats):
+    if native_bf16.usable_for_merge(base_flat, flats):
         return _native_merge(base, flats, chunks, keeps, scales, weight_column, consensus, normalize, divisor, lambda_)
     out = empty((base.numel(),), dtype, device)
     stack = torch.empty((count, width), dtype=dtype, device=device)
@@ -562,7 +562,7 @@ def _sce_chunked(tensors, base, select_topk):
             _chunk_delta(flats[i], base_flat, start, stop, deltas[i])
         return deltas
 
-    fused = count <= native_bf16.MAX_MODELS and select_topk > 0 and native_bf16.usable(base_flat, *flats)
+    fused = select_topk > 0 and native_bf16.usable_for_merge(base_flat, flats)
     variance_buffer = torch.empty(width, dtype=dtype) if fused else None
 
     def chunk_variances(index: int) -> torch.Tensor:

@@ -5,14 +5,12 @@ loaded (`composer.native.library()` not None)."""
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from composer import native
+from composer.parallel import each
 
 MAX_MODELS = 16  # kernels.c's MAX_MODELS
 KEEP_ALL, KEEP_BITS, KEEP_BYTES, KEEP_PATTERNS = range(4)
@@ -28,13 +26,13 @@ def usable(*tensors: torch.Tensor) -> bool:
     ) and native.library() is not None
 
 
+def usable_for_merge(base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
+    """Whether the merge kernels can take `base` and `models` (at most MAX_MODELS of them)."""
+    return len(models) <= MAX_MODELS and usable(base, *models)
+
+
 def _pointers(values, kind=ctypes.c_void_p):
     return (kind * max(1, len(values)))(*values)
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="composer-kernels")
 
 
 def _thread_count() -> int:
@@ -48,14 +46,6 @@ def _parts(start: int, stop: int) -> list[tuple[int, int]]:
     step = -(-(stop - start) // count)
     cuts = [start] + [(start + k * step) // _BLOCK * _BLOCK for k in range(1, count)] + [stop]
     return [(low, high) for low, high in zip(cuts, cuts[1:]) if high > low]
-
-
-def _each(kernel, count: int) -> None:
-    """kernel(0) .. kernel(count - 1) at once, the last on this thread."""
-    pending = [_pool().submit(kernel, index) for index in range(count - 1)]
-    kernel(count - 1)
-    for future in pending:
-        future.result()
 
 
 def _part_sums(parts: list, targets: Sequence[torch.Tensor | None]) -> list[tuple]:
@@ -74,7 +64,7 @@ def _fold(sums: list[tuple], targets: Sequence[torch.Tensor | None]) -> None:
 def _in_parts(kernel, start: int, stop: int) -> None:
     """kernel(part_start, part_stop) over `_parts`."""
     parts = _parts(start, stop)
-    _each(lambda index: kernel(*parts[index]), len(parts))
+    each(lambda index: kernel(*parts[index]), len(parts))
 
 
 def task_arithmetic_(
@@ -134,7 +124,7 @@ def dare_select(
         pointers = [None if tensor is None else tensor.data_ptr() for tensor in (model, base, *sums[index])]
         native.library().dare_select_bf16(*parts[index], key & ((1 << 64) - 1), threshold, bits.data_ptr(), *pointers)
 
-    _each(kernel, len(parts))
+    each(kernel, len(parts))
     _fold(sums, (before, after))
 
 
@@ -158,7 +148,7 @@ def della_select(
             model.data_ptr() + 2 * at, base.data_ptr() + 2 * at, *pointers,
         )
 
-    _each(kernel, len(parts))
+    each(kernel, len(parts))
     _fold(sums, (before, after))
 
 
@@ -203,7 +193,7 @@ def sce_square_sums(start: int, stop: int, base: torch.Tensor, model: torch.Tens
         mask = None if keep is None else keep.data_ptr() + (low - start)
         native.library().sce_square_sums_bf16(low, high, model.data_ptr(), base.data_ptr(), mask, totals[index][0].data_ptr())
 
-    _each(kernel, len(parts))
+    each(kernel, len(parts))
     _fold(totals, (sums,))
 
 
@@ -232,7 +222,7 @@ def delta_pattern_counts(chunks: Sequence[tuple[int, int]], model: torch.Tensor,
         native.library().delta_pattern_counts_bf16(*chunks[index], model.data_ptr(), base.data_ptr(), counts[index].data_ptr())
 
     for first in range(0, len(chunks), _thread_count()):
-        _each(lambda index, first=first: kernel(first + index), min(_thread_count(), len(chunks) - first))
+        each(lambda index, first=first: kernel(first + index), min(_thread_count(), len(chunks) - first))
     return counts
 
 
