@@ -15,8 +15,8 @@ import torch
 
 from composer.native import bf16 as native_bf16
 
-SLOTS = 320  # kernels.c: value slots 0 .. 317, then infinities, then NaNs
-INF_SLOT, NAN_SLOT = 318, 319
+SLOTS = native_bf16.EXPONENT_SUMS  # value slots, then infinities, then NaNs (as kernels.c counts them)
+INF_SLOT, NAN_SLOT = SLOTS - 2, SLOTS - 1
 UNIT_EXPONENT = -134  # slot s counts units of 2^(s + UNIT_EXPONENT)
 # (exponent bits, significand bits, the power of two of significand unit 1 at biased exponent 1)
 _FORMATS = {torch.bfloat16: (8, 7, -133), torch.float16: (5, 10, -24)}
