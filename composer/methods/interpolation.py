@@ -120,18 +120,19 @@ def chunk_bounds(tensor: torch.Tensor):
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
-_DOT_CHUNK = 1 << 16  # elements per step when half-precision dot products are taken in float64: a cache-sized copy
+_DOT_CHUNK = 1 << 16  # elements per step of the float64 dot products: a cache-sized copy
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """(<a, a>, <b, b>, <a, b>) over all elements, in float32 or better whatever the tensors' dtype;
-    half-precision tensors are converted a cache-sized piece at a time, once for all three products."""
+    """(<a, a>, <b, b>, <a, b>) over all elements, summed in float64 a cache-sized piece at a time, once for all
+    three products. The pieces are fresh copies: BLAS's dot products (MKL's on AMD processors among them)
+    round differently with the inputs' address, and a tensor mapped from a file sits wherever its header
+    put it, so the same values would otherwise give other bits when they come from memory."""
     a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
-        return float(torch.dot(a, a)), float(torch.dot(b, b)), float(torch.dot(a, b))
     aa = bb = ab = 0.0
     for start in range(0, a.numel(), _DOT_CHUNK):
-        x, y = a[start:start + _DOT_CHUNK].double(), b[start:start + _DOT_CHUNK].double()
+        x = a[start:start + _DOT_CHUNK].to(torch.float64, copy=True)
+        y = b[start:start + _DOT_CHUNK].to(torch.float64, copy=True)
         aa += float(torch.dot(x, x))
         bb += float(torch.dot(y, y))
         ab += float(torch.dot(x, y))
