@@ -258,3 +258,18 @@ def test_a_model_whose_embedding_is_shorter_than_its_tokenizer_is_refused(models
     with pytest.raises(ComposerError, match=r"tensor 'model.embed_tokens.weight' has 250 rows, but the model's tokenizer has 300 tokens"):
         _merge(tmp_path, _linear(models["base"], short, extra="tokenizer_source: union\n"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_source_when_no_model_has_a_tokenizer_is_refused_by_name(tmp_path):
+    """Once a KeyError: a passthrough of two models without tokenizer files, told to take one's tokenizer."""
+    from composer.compose import compose_text
+    from composer.errors import ComposerError
+    from composer.execute import ExecutionOptions
+    from helpers import save_tiny_model
+
+    first, second = (save_tiny_model(tmp_path / name, layers=2, seed=number) for number, name in enumerate(("first", "second")))
+    text = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {first}, layer_range: [0, 2]}}]\n"
+            f"  - sources: [{{model: {second}, layer_range: [0, 2]}}]\ntokenizer_source: {second}\n")
+    with pytest.raises(ComposerError, match=r"line 5: recipe key 'tokenizer_source'.*no model of this merge has tokenizer files"):
+        compose_text(text, tmp_path / "out", ExecutionOptions(progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]

@@ -231,10 +231,13 @@ def plan_vocabulary(
             tokenizers[model] = load_source_tokenizer(sources[model], "merging vocabularies needs every model's tokenizer")
     if base not in tokenizers and request.source in ("base", "union"):
         raise VocabularyKeyError(("source",), f"the base model '{base}' has no tokenizer files, so '{request.source}' has nothing to start from; name a model that has one.")
+    stand_in = base if base in tokenizers else next((model for model in (request.source, *models) if model in tokenizers), None)
     for model in models:
         if model not in tokenizers:
-            warnings.warn(f"model '{model}' has no tokenizer files; its vocabulary is taken to be the base model's.", ComposerWarning, stacklevel=2)
-            tokenizers[model] = tokenizers[base]
+            if stand_in is None:
+                raise VocabularyKeyError(("source",), f"no model of this merge has tokenizer files ('{model}' among them), so there is no vocabulary to merge; give the models their tokenizers or leave the tokenizer settings out.")
+            warnings.warn(f"model '{model}' has no tokenizer files; its vocabulary is taken to be that of '{stand_in}'.", ComposerWarning, stacklevel=2)
+            tokenizers[model] = tokenizers[stand_in]
 
     if request.source == "base":
         output, files_of = tokenizers[base], base
