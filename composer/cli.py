@@ -65,16 +65,36 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _guarded(action):
     from composer.errors import ComposerError
+    from composer.signals import Interrupted
 
     try:
         return action()
     except ComposerError as error:
         _fail(str(error))
+    except Interrupted as error:
+        _fail(f"{error}", code=130)
     except KeyboardInterrupt:
-        _fail("interrupted; no output was left behind.", code=130)
+        _fail("interrupted before anything was written.", code=130)
     except OSError as error:  # disk full, permission denied, ...: the user's to fix, so no traceback
         where = f"{error.filename}: " if error.filename else ""
         _fail(f"{where}{error.strerror or error}.")
+    except RecursionError:
+        _fail("the input is nested too deeply to be read (a recipe, config or header built to exhaust the parser).")
+    except MemoryError:
+        _fail("composer ran out of memory; lower --memory-budget or free memory, and check that the inputs are what they claim to be.")
+    except Exception as error:  # a bug: one paragraph, the traceback only when asked for
+        if os.environ.get("COMPOSER_DEBUG"):
+            raise
+        where = _innermost_frame(error)
+        _fail(f"internal error: {type(error).__name__}: {error} (at {where}). This is a bug in composer; please report it with the "
+              "command that caused it. Set COMPOSER_DEBUG=1 to see the full traceback.", code=3)
+
+
+def _innermost_frame(error: BaseException) -> str:
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "unknown place"
 
 
 @app.command()
@@ -89,6 +109,8 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA, ...); overrides the recipe's random_seed."),
     fsync: bool = typer.Option(False, "--fsync", help="Flush the output to the disk before it appears (survives a power loss; waits for the disk)."),
     readers: Optional[int] = typer.Option(None, "--readers", min=1, help="Threads reading inputs ahead (default: one per four cores, at most four)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue a run that was killed (default: whenever its partial output matches this recipe and these inputs); --no-resume starts over."),
+    keep_partial: bool = typer.Option(False, "--keep-partial", help="If the run is interrupted or fails, keep its finished tensors for a later run to resume."),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -101,10 +123,14 @@ def run(
         from composer.compose import compose_file
         from composer.execute import ExecutionOptions
 
-        options = ExecutionOptions(memory_budget=budget, whole_process=True, shard_size=shard, device=target, force=force, progress=None if progress else False, durable=fsync, readers=readers)
+        options = ExecutionOptions(
+            memory_budget=budget, whole_process=True, shard_size=shard, device=target, force=force, progress=None if progress else False,
+            durable=fsync, readers=readers, resume={None: "auto", True: "require", False: "never"}[resume], keep_partial=keep_partial,
+        )
         report = compose_file(recipe, out, options, seed=seed)
         on_device = f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
-        typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}")
+        resumed = f" ({report.resumed} of them kept from the interrupted run)" if report.resumed else ""
+        typer.echo(f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}")
 
     _guarded(action)
 
@@ -166,8 +192,8 @@ def evaluate(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Where to write the upscaled model."),
-    force: bool = typer.Option(True, "--force/--no-force", help="Replace an earlier demo output."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Where to write the upscaled model (an earlier demo output there is replaced)."),
+    force: bool = typer.Option(False, "--force", help="Also replace another of composer's outputs at OUT."),
 ) -> None:
     """SOLAR-style depth upscale of the real SmolLM2-135M-Instruct (30 -> 44 layers), then compare it with its source."""
 
@@ -270,8 +296,19 @@ def _first_positional(arguments: list[str]) -> str | None:
     return None
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so the partial output folder is removed
+def _show_notes() -> None:
+    import logging
+    import textwrap
+
+    class Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines = textwrap.wrap(f"note: {record.getMessage()}", width=100, break_long_words=False, break_on_hyphens=False)
+            typer.echo("\n".join(lines), err=True)
+
+    logger = logging.getLogger("composer")
+    logger.setLevel(logging.INFO)
+    logger.handlers = [handler for handler in logger.handlers if type(handler).__name__ != "Notes"] + [Notes()]
+    logger.propagate = False
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -282,10 +319,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main() -> None:
-    import signal
     import warnings
 
-    signal.signal(signal.SIGTERM, _terminate)
+    from composer.signals import stop_on_signals
+
+    stop_on_signals()  # SIGTERM and SIGHUP unwind like Ctrl-C, so the partial output folder is removed
+    _show_notes()
     warnings.showwarning = _show_warning
     arguments = sys.argv[1:]
     first = _first_positional(arguments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -16,13 +17,22 @@ from composer.recipe import Recipe, load_recipe, parse_recipe
 from composer.recipe.load import RecipeKeyError
 from composer.sources import local_path
 
+
 def resolve_output(recipe: Recipe, out: Path | None, recipe_path: Path | None) -> Path:
+    """OUT from the command line, else the recipe's `output:` key, which may only name a folder beside or below the
+    recipe: a recipe from someone else must not be able to aim a run (and --force) anywhere on the machine."""
     if out is not None:
         return out
+    where = f"{recipe_path}: " if recipe_path is not None else ""
     if recipe.output:
         base = recipe_path.parent if recipe_path is not None else Path.cwd()
-        return (base / recipe.output) if not Path(recipe.output).is_absolute() else Path(recipe.output)
-    where = f"{recipe_path}: " if recipe_path is not None else ""
+        target = Path(os.path.abspath(base / recipe.output))
+        if Path(recipe.output).is_absolute() or Path(os.path.abspath(base)) not in target.parents:
+            raise ComposerError(
+                f"{where}'output: {recipe.output}' points outside the recipe's folder; a recipe may only name an output folder "
+                "beside or below itself. Give OUT on the command line to write elsewhere."
+            )
+        return target
     raise ComposerError(f"{where}no output folder: give OUT on the command line or an 'output:' key in the recipe.")
 
 

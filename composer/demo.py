@@ -9,7 +9,7 @@ from typing import Callable
 
 DEMO_RECIPE = """\
 # SOLAR-style depth upscaling: two overlapping copies of the layer stack, 30 -> 44 layers.
-name: SmolLM2-135M-Instruct upscaled to 44 layers
+name: {name}
 merge_method: passthrough
 slices:
   - sources:
@@ -23,19 +23,34 @@ dtype: float32
 PROMPT = "What is the capital of France?"
 
 
+DEMO_NAME = "SmolLM2-135M-Instruct upscaled to 44 layers"
+
+
+def is_demo_output(folder: Path) -> bool:
+    """Whether `folder` holds an earlier demo's output (its recipe is the demo's), which the demo may replace."""
+    try:
+        recipe = (folder / "composer-recipe.yml").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return f"name: {DEMO_NAME}\n" in recipe
+
+
 def run_demo(out: Path, force: bool, echo: Callable[[str], None] = print) -> None:
+    """`force`: replace any of composer's outputs at `out`; an earlier demo output is replaced without it."""
     from composer.bundled import smollm2_dir
     from composer.compose import compose_text
     from composer.evaluate import greedy_generate, load_model, score_text
     from composer.execute import ExecutionOptions
+    from composer.execute.output_folder import check_output_free
 
+    check_output_free(out, force or is_demo_output(out))
     started = time.perf_counter()
     echo("1/3 converting SmolLM2-135M-Instruct from its GGUF wheel to safetensors (cached after the first run)")
     source = smollm2_dir()
     echo(f"    source model: {source}")
     echo("2/3 upscaling 30 -> 44 layers with slices [0,22] + [8,30]")
-    recipe = DEMO_RECIPE.format(model=source)
-    report = compose_text(recipe, out, ExecutionOptions(force=force, progress=None))
+    recipe = DEMO_RECIPE.format(model=source, name=DEMO_NAME)
+    report = compose_text(recipe, out, ExecutionOptions(force=force or is_demo_output(out), progress=None))
     echo(f"    wrote {report.tensors} tensors ({report.bytes_written / 1e6:.0f} MB) to {out} in {report.seconds:.1f} s")
     echo("3/3 evaluating both on a bundled text")
     text = resources.files("composer").joinpath("data/demo.txt").read_text()

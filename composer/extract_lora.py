@@ -224,17 +224,6 @@ def adapter_card(finetune_reference: str, base_reference: str, rank: int, report
     )
 
 
-def check_output_outside(out: Path, inputs: dict[str, Path]) -> None:
-    """Refuse an OUT that is, holds or lies inside an input: an adapter written into a model's folder would be mixed up with it."""
-    import os
-
-    check_output_not_input(out, inputs)
-    target = Path(os.path.abspath(out)).resolve()
-    for what, path in inputs.items():
-        if Path(os.path.abspath(path)).resolve() in target.parents:
-            raise ComposerError(f"Output {out} is inside {what} ({path}), which this run reads; choose an output folder outside it.")
-
-
 def source_pair(finetune_reference: str, base_reference: str, relative_to: Path | None) -> tuple[ModelSource, ModelSource]:
     finetune = open_source(finetune_reference, relative_to)
     try:
@@ -263,7 +252,7 @@ def extract_lora(
     started = time.perf_counter()
     finetune, base = source_pair(finetune_reference, base_reference, relative_to)
     try:
-        check_output_outside(out, finetune.input_paths() | base.input_paths())
+        check_output_not_input(out, finetune.input_paths() | base.input_paths())
         targets = check_pair(finetune, base, rank, modules)
         whole = whole_tensors(finetune, base) if embeddings else {}
         config = adapter_config(base_reference, rank, targets, modules, whole)
@@ -283,18 +272,19 @@ def extract_lora(
 
 def write_adapter(finetune, base, targets, whole, report: ExtractionReport, force: bool, progress: bool | None, extra_files) -> None:
     """Factor each target's task vector and write the adapter into a partial folder, moved into place when complete."""
-    from composer.execute.executor import _progress
+    from composer.execute.executor import progress_bar
     from composer.execute.writer import ShardedWriter
 
     folder = OutputFolder(report.out, force)
     writer = None
     try:
+        folder.open()
         layout = _layout(targets, report.rank, finetune, whole)
         dtypes = {planned.name: planned.dtype for planned in layout}
         writer = ShardedWriter(folder.partial, layout, shard_size=1 << 62)
         infos = finetune.tensor_infos()
         total = sum(infos[target.name].nbytes for target in targets) + sum(infos[name].nbytes for name in whole.values())
-        with _progress(total, len(targets), progress) as bar:
+        with progress_bar(total, len(targets), progress) as bar:
             bar.set_description(f"factoring {len(targets)} tensors")
             for target in targets:
                 delta = finetune.read(target.name).to(torch.float32) - base.read(target.name).to(torch.float32)

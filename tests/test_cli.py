@@ -85,13 +85,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
 # an existing OUT is made in process, and `output_key` also puts options first and shards the output.
 
 
-def existing_out(folder: Path, models) -> Path:
-    """An earlier output, made in process, plus a file of the user's inside it."""
+def existing_out(folder: Path, models, user_file: bool = True) -> Path:
+    """An earlier output, made in process, plus (`user_file`) a file of the user's inside it."""
     from composer.compose import compose_text
     from composer.execute import ExecutionOptions
 
     compose_text(upscale(models["first"]), folder / "out", ExecutionOptions(progress=False))
-    (folder / "out" / "my-notes.txt").write_text("mine")
+    if user_file:
+        (folder / "out" / "my-notes.txt").write_text("mine")
     return folder / "out"
 
 
@@ -117,6 +118,12 @@ def scenario_refused(folder: Path, models) -> dict:
 def scenario_forced(folder: Path, models) -> dict:
     (folder / "recipe.yml").write_text(blend(models["first"], models["second"]))
     return {"run": run_cli("run", "recipe.yml", "out", "--force", "--readers", "3", cwd=folder)}
+
+
+def scenario_forced_over_a_user_file(folder: Path, models) -> dict:
+    (folder / "recipe.yml").write_text(blend(models["first"], models["second"]))
+    before = snapshot(folder)
+    return {"run": run_cli("recipe.yml", "out", "--force", cwd=folder), "before": before, "after": snapshot(folder)}
 
 
 def scenario_bad_readers(folder: Path, models) -> dict:
@@ -158,8 +165,8 @@ def scenarios(models, tmp_path_factory):
         if name not in futures:
             folder = root / name
             folder.mkdir()
-            if name in ("refused", "forced"):
-                existing_out(folder, models)
+            if name in ("refused", "forced", "forced_over_a_user_file"):
+                existing_out(folder, models, user_file=name != "forced")
             futures[name] = (folder, pool.submit(SCENARIOS[name], folder, models))
     yield {name: (folder, future) for name, (folder, future) in futures.items()}
     pool.shutdown(wait=True)
@@ -211,6 +218,14 @@ def test_existing_out_is_refused_and_left_untouched_without_force(scenarios):
     assert result["after"] == result["before"]  # not one byte changed, nothing added
 
 
+def test_force_never_replaces_an_output_that_holds_a_file_of_the_users(scenarios):
+    _, result = outcome(scenarios, "forced_over_a_user_file")
+    refused = result["run"]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "my-notes.txt" in refused.stderr and "composer did not write" in refused.stderr
+    assert result["after"] == result["before"]
+
+
 def test_a_reader_count_below_one_is_refused_before_any_work(scenarios):
     folder, result = outcome(scenarios, "bad_readers")
     refused = result["run"]
@@ -222,7 +237,6 @@ def test_existing_out_is_replaced_with_force(scenarios):
     folder, result = outcome(scenarios, "forced")
     succeeded(result["run"])
     out = folder / "out"
-    assert not (out / "my-notes.txt").exists()
     assert_model_folder(out, layers=4)
     assert "linear" in (out / "composer-recipe.yml").read_text()
     assert leftovers(folder) == ["out"]

@@ -180,17 +180,26 @@ def test_a_failing_operation_stops_the_threads_and_leaves_nothing(tmp_path: Path
 
 
 def test_the_partial_folder_of_a_killed_run_is_cleared_by_the_next_run(tmp_path: Path):
+    """A partial folder nobody holds the lock on belongs to a dead run (whatever its name says); one whose lock a
+    live process holds is another run at work and is left alone."""
     import subprocess
+    import sys
 
     source = save_tiny_model(tmp_path / "src", layers=2)
-    dead = subprocess.Popen(["true"])
-    dead.wait()  # a pid that no longer runs, as after a SIGKILL
-    abandoned = tmp_path / f".out.partial-{dead.pid}"
+    abandoned = tmp_path / ".out.partial-999999999"
     abandoned.mkdir()
     (abandoned / "model.safetensors").write_bytes(b"half written")
-    alive = tmp_path / f".out.partial-{os.getppid()}"  # another run still working on it: left alone
+    alive = tmp_path / ".out.partial-1"
     alive.mkdir()
-    compose_text(f"merge_method: passthrough\nmodels:\n  - model: {source}\n", tmp_path / "out", ExecutionOptions())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; d = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(d, fcntl.LOCK_EX); print(1, flush=True); sys.stdin.read()", str(alive)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "1"  # the lock is held
+        compose_text(f"merge_method: passthrough\nmodels:\n  - model: {source}\n", tmp_path / "out", ExecutionOptions())
+    finally:
+        holder.communicate("")
     assert not abandoned.exists() and alive.exists() and (tmp_path / "out" / "config.json").is_file()
 
 

@@ -6,6 +6,7 @@ The executor knows tensors, bytes and devices; it never knows which method or fe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -18,14 +19,18 @@ from typing import Callable
 
 import torch
 
-from composer.errors import ComposerError
+from composer.errors import ComposerError, ComposerWarning
+from composer.execute.journal import Journal, identity_digest, read_entries, read_identity
 from composer.execute.output_folder import OutputFolder
 from composer.execute.schedule import make_schedule, step_bytes
 from composer.execute.writer import ShardedWriter
 from composer.memory import recycling
 from composer.plan.model import Plan, TensorRef
+from composer.signals import Interrupted
 
 GIB = 1024**3
+RESUME_CHOICES = ("auto", "require", "never")
+log = logging.getLogger("composer")
 
 
 def resident_bytes() -> int:
@@ -49,6 +54,8 @@ class ExecutionOptions:
     durable: bool = False  # flush the output to the disk before it appears (survives a power loss; waits for the disk)
     readers: int | None = None  # threads reading ahead (None: one per four cores, at most four)
     copy_files: bool = True  # outputs that are an input's stored bytes go file to file, never read into memory
+    resume: str = "auto"  # a dead run's partial output of the same recipe and inputs: auto (resume it), require, never
+    keep_partial: bool = False  # an interrupted or failed run keeps its partial output for a later resume
 
 
 def reader_count(options: ExecutionOptions) -> int:
@@ -69,6 +76,8 @@ class ExecutionReport:
     seconds: float
     reads: Counter = field(default_factory=Counter)
     device_peak_bytes: int = 0  # the most device memory torch held at once (CUDA only; 0 elsewhere)
+    resumed: int = 0  # tensors a dead run had finished, checked and kept instead of written again
+    nonfinite: list[str] = field(default_factory=list)  # output tensors holding NaN or infinity
 
 
 CPU = torch.device("cpu")
@@ -247,11 +256,88 @@ def _loose_bytes(refs, tensors: list[torch.Tensor], cache: InputCache) -> int:
     return total
 
 
-def _progress(total_bytes: int, count: int, enabled: bool | None):
+def progress_bar(total_bytes: int, count: int, enabled: bool | None):
+    """A bar of bytes written on stderr (only on a terminal unless `enabled`), with units done and ETA."""
     from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {count} tensors",
                 disable=(not sys.stderr.isatty()) if enabled is None else not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def _file_stamps(path: Path) -> object:
+    """Size and modification time of a file, or of each file directly in a folder: what says an input changed."""
+    try:
+        if path.is_dir():
+            return {entry.name: _file_stamps(Path(entry.path)) for entry in sorted(os.scandir(path), key=lambda e: e.name) if entry.is_file()}
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def run_identity(plan: Plan, options: ExecutionOptions) -> str:
+    """A digest of everything that decides the output's bytes: composer, the recipe, the planned tensors and
+    their operations, the shard layout, the device, and the input files' sizes and times."""
+    from composer import __version__
+
+    inputs = {str(path): _file_stamps(path) for source in plan.sources.values() for path in source.input_paths().values()}
+    tensors = [[t.name, list(t.shape), str(t.dtype), t.operation.label, [[r.model, r.name] for r in t.inputs]] for t in plan.tensors]
+    return identity_digest({
+        "composer": __version__, "recipe": plan.recipe_text, "config": plan.config, "tensors": tensors,
+        "shard_size": options.shard_size, "device": torch.device(options.device).type, "inputs": inputs,
+    })
+
+
+def _open_partial(folder: OutputFolder, identity: str, resume: str) -> bool:
+    """Start the partial folder, resuming a dead run's of the same identity unless told not to; True when resumed."""
+    def same_run(path: Path) -> bool:
+        return read_identity(path) == identity
+
+    if resume not in RESUME_CHOICES:
+        raise ComposerError(f"resume must be one of {', '.join(RESUME_CHOICES)}, not '{resume}'.")
+    if resume == "require" and not any(same_run(path) for path, _ in folder.abandoned):
+        found = [path.name for path, _ in folder.abandoned]
+        folder.discard()
+        if not found:
+            raise ComposerError(f"--resume: there is no partial output of an earlier run beside {folder.out} to resume.")
+        raise ComposerError(
+            f"--resume: the partial output beside {folder.out} ({', '.join(found)}) was made from another recipe, other inputs "
+            "or other options, so it cannot be resumed; it was left as it is. Run without --resume to start over (which removes it)."
+        )
+    return folder.open(None if resume == "never" else same_run)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no infinity in a floating-point tensor (one reduction pass: NaN propagates through min and max)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _warn_nonfinite(found: list[tuple[str, list[TensorRef]]]) -> None:
+    """One warning for the whole run, naming the output tensors with NaN or infinity and the inputs that hold them."""
+    import warnings
+
+    def described(name: str, refs: list[TensorRef]) -> str:
+        inputs = ", ".join(f"'{ref.name}' of '{ref.model}'" for ref in refs)
+        return f"'{name}'" + (f" (from {inputs}, which hold{'s' if len(refs) == 1 else ''} them already)" if refs else "")
+
+    shown = "; ".join(described(name, refs) for name, refs in found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+    warnings.warn(ComposerWarning(
+        f"{len(found)} output tensor{'s hold' if len(found) > 1 else ' holds'} NaN or infinite values: {shown}. "
+        "A model with them gives NaN outputs; check the inputs named and the recipe's numbers."
+    ), stacklevel=3)
+
+
+def _interrupted(error: KeyboardInterrupt, folder: OutputFolder, kept: bool) -> Interrupted:
+    reason = str(error) or "interrupted"
+    if folder.committed:
+        return Interrupted(f"{reason} just after the output was complete; {folder.out} holds the whole model.")
+    if kept:
+        return Interrupted(f"{reason}; nothing was written to {folder.out}. The finished tensors are kept in {folder.partial} "
+                           "for the same command to resume.")
+    return Interrupted(f"{reason}; no output was left behind.")
 
 
 def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Callable[[Path], None] | None = None) -> ExecutionReport:
@@ -264,15 +350,23 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
     started = time.perf_counter()
     schedule = make_schedule(plan, options.memory_budget)
     folder = OutputFolder(out, options.force)
-    writer = None
+    writer = journal = None
     cache: InputCache | None = None
     pools: list[ThreadPoolExecutor] = []
     threads = ComputeThreads(options.overlap, device)
+    nonfinite: list[tuple[str, list[TensorRef]]] = []
     try:
+        identity = run_identity(plan, options)
+        resumed = _open_partial(folder, identity, options.resume)
+        journal = Journal(folder.partial, identity, fresh=not resumed)
         (folder.partial / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(folder.partial)
-        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable)
+        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable, journal, reuse=resumed)
+        finished = writer.finished_earlier(read_entries(folder.partial)) if resumed else set()
+        if resumed:
+            log.info("resuming the run that stopped in %s: %d of %d tensors were finished and are kept", folder.resumed_from, len(finished), len(plan.tensors))
+        order = [planned for planned in schedule.order if planned.name not in finished]
         # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors
         tensor_budget = max(0, options.memory_budget - (resident_bytes() if options.whole_process else 0))
         reader = ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
@@ -283,24 +377,25 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         largest_output = max((tensor.nbytes for tensor in plan.tensors), default=0)
         background = BackgroundWriter(writer, writes, largest_output)
         # outputs that are an input's stored bytes go file to file, and their inputs are never read
-        verbatim = [_verbatim_range(plan, planned) if options.copy_files else None for planned in schedule.order]
-        next_computed: list[int | None] = [None] * len(schedule.order)  # the next step after each that reads its inputs
-        for step in range(len(schedule.order) - 2, -1, -1):
+        verbatim = [_verbatim_range(plan, planned) if options.copy_files else None for planned in order]
+        next_computed: list[int | None] = [None] * len(order)  # the next step after each that reads its inputs
+        for step in range(len(order) - 2, -1, -1):
             next_computed[step] = step + 1 if verbatim[step + 1] is None else next_computed[step + 1]
         pending_uses: dict[TensorRef, deque[int]] = {}
-        for step, tensor in enumerate(schedule.order):
+        for step, tensor in enumerate(order):
             for ref in tensor.inputs if verbatim[step] is None else ():
                 pending_uses.setdefault(ref, deque()).append(step)
         next_use: dict[TensorRef, int] = {}
-        with recycling(), _progress(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
-            for step, planned in enumerate(schedule.order):
+        with recycling(), progress_bar(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
+            bar.update(sum(planned.nbytes for planned in plan.tensors if planned.name in finished))
+            for step, planned in enumerate(order):
                 if verbatim[step] is not None:
                     background.copy(planned.name, *verbatim[step])
                     bar.update(planned.nbytes)
                     continue
                 inputs = [cache.get(ref, _device_of(planned, device)) for ref in planned.inputs]
                 if next_computed[step] is not None:  # inputs shared with this step are kept, not read again
-                    following = schedule.order[next_computed[step]]
+                    following = order[next_computed[step]]
                     upcoming = [ref for ref in following.inputs if ref not in planned.inputs]
                     held = cache.resident + _loose_bytes(planned.inputs, inputs, cache) + step_bytes(plan, planned) + background.queued_bytes
                     if held + cache.missing_bytes(upcoming) <= tensor_budget:
@@ -314,6 +409,8 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                     raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
                 if result.dtype != planned.dtype:
                     result = result.to(planned.dtype)
+                if not all_finite(result):
+                    nonfinite.append((planned.name, [ref for ref, x in zip(planned.inputs, inputs) if not all_finite(x)]))
                 background.write(planned.name, result)
                 for ref, tensor in zip(planned.inputs, inputs):
                     uses = pending_uses[ref]
@@ -327,23 +424,33 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                         cache.drop(ref)
                 del inputs, work, result
                 bar.update(planned.nbytes)
-                bar.set_postfix_str(f"{step + 1}/{len(schedule.order)} tensors", refresh=False)
+                bar.set_postfix_str(f"{len(finished) + step + 1}/{len(plan.tensors)} tensors", refresh=False)
             background.flush()
         writer.finish()
+        journal.remove()
         folder.commit()
-    except BaseException:
+    except BaseException as error:
         if cache is not None:
             cache.cancel()
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)  # no thread may still write into the folder being removed
         if writer is not None:
             writer.close()
-        folder.discard()
+        kept = options.keep_partial and not folder.committed and journal is not None
+        if journal is not None:
+            journal.close()
+        if not folder.committed:
+            folder.discard(keep=kept)
+        if isinstance(error, KeyboardInterrupt):
+            raise _interrupted(error, folder, kept) from None
         raise
     finally:
         threads.restore()
         for pool in pools:
             pool.shutdown(wait=True)
         plan.close()
+    if nonfinite:
+        _warn_nonfinite(nonfinite)
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return ExecutionReport(out, len(plan.tensors), cache.bytes_read + background.copied_bytes, plan.output_bytes(), time.perf_counter() - started, cache.reads, device_peak)
+    return ExecutionReport(out, len(plan.tensors), cache.bytes_read + background.copied_bytes, plan.output_bytes(),
+                           time.perf_counter() - started, cache.reads, device_peak, len(finished), [name for name, _ in nonfinite])

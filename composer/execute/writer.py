@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import torch
 
+from composer.errors import ComposerError
+from composer.execute.journal import Journal, crc_of_range
 from composer.plan.model import PlannedTensor
 from composer.sources.safetensors_format import build_header
 
@@ -22,10 +25,13 @@ _COPY_PIECE = 64 << 20  # bytes per read where a copy cannot go file to file
 class ShardedWriter:
     """`durable`: flush every shard to the disk before `finish` returns (safe against power loss, but the
     merge then waits for the disk); otherwise the page cache holds what the disk has not taken yet, as
-    with any ordinary file write."""
+    with any ordinary file write. `journal`: each finished tensor is recorded there. `reuse`: the shards
+    of a dead run are kept (when their headers are the ones this layout writes) instead of truncated."""
 
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int, durable: bool = False):
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int, durable: bool = False,
+                 journal: Journal | None = None, reuse: bool = False):
         self.durable = durable
+        self.journal = journal
         shards: list[list[PlannedTensor]] = [[]]
         filled = 0
         for tensor in tensors:
@@ -35,6 +41,7 @@ class ShardedWriter:
             shards[-1].append(tensor)
             filled += tensor.nbytes
         count = len(shards)
+        self.reused = reuse  # every shard kept as the dead run left it
         self.files: list[Path] = []
         self._location: dict[str, tuple[int, int, PlannedTensor]] = {}
         self._descriptors: list[int] = []
@@ -42,8 +49,11 @@ class ShardedWriter:
             name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
             path = folder / name
             header, offsets = build_header([(t.name, t.shape, t.dtype) for t in members])
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(descriptor, header, 0)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not (reuse and os.pread(descriptor, len(header), 0) == header):
+                self.reused = False
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, header, 0)
             os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in members))
             self.files.append(path)
             self._descriptors.append(descriptor)
@@ -61,6 +71,8 @@ class ShardedWriter:
         view = memoryview(data).cast("B")
         _write_all(self._descriptors[shard], view, offset)
         self._wrote(name, shard, offset, len(view))
+        if self.journal is not None:
+            self.journal.computed(name, zlib.crc32(view))
 
     def _wrote(self, name: str, shard: int, offset: int, length: int) -> None:
         if self.durable and hasattr(os, "posix_fadvise"):
@@ -68,6 +80,28 @@ class ShardedWriter:
             # the whole output still dirty and flush it after the last tensor, with nothing left to overlap.
             os.posix_fadvise(self._descriptors[shard], offset, length, os.POSIX_FADV_DONTNEED)
         self._written.add(name)
+
+    def finished_earlier(self, entries: dict[str, dict]) -> set[str]:
+        """The tensors a dead run's journal lists whose bytes are really in the kept shards (checked against the
+        recorded CRC-32, or against the input they were copied from); each is counted as written."""
+        if not self.reused:
+            return set()
+        finished = set()
+        for name, entry in entries.items():
+            if name not in self._location:
+                continue
+            shard, offset, planned = self._location[name]
+            here = crc_of_range(self.files[shard], offset, planned.nbytes)
+            if "crc32" in entry:
+                expected = entry["crc32"]
+            elif isinstance(entry.get("source"), str) and isinstance(entry.get("offset"), int):
+                expected = crc_of_range(Path(entry["source"]), entry["offset"], planned.nbytes)
+            else:
+                continue
+            if here is not None and here == expected:
+                finished.add(name)
+        self._written |= finished
+        return finished
 
     def copy_range(self, name: str, source: Path, source_offset: int, length: int) -> None:
         """Write tensor `name` from `length` bytes of the file `source` at `source_offset`, file to file
@@ -85,17 +119,19 @@ class ShardedWriter:
                 while done < length:
                     copied = os.copy_file_range(descriptor, self._descriptors[shard], length - done, source_offset + done, offset + done)
                     if copied == 0:
-                        raise EOFError(f"{source} ends before tensor {name} does")
+                        raise _ended_early(source, name)
                     done += copied
             except OSError:  # not between these files (another filesystem on an old kernel, a special file)
                 pass
         while done < length:
             data = os.pread(descriptor, min(length - done, _COPY_PIECE), source_offset + done)
             if not data:
-                raise EOFError(f"{source} ends before tensor {name} does")
+                raise _ended_early(source, name)
             _write_all(self._descriptors[shard], memoryview(data), offset + done)
             done += len(data)
         self._wrote(name, shard, offset, length)
+        if self.journal is not None:
+            self.journal.copied(name, source, source_offset)
 
     def finish(self) -> None:
         missing = set(self._location) - self._written
@@ -119,6 +155,13 @@ class ShardedWriter:
                 pass
         self._descriptors = []
         self._sources = {}
+
+
+def _ended_early(source: Path, name: str) -> ComposerError:
+    return ComposerError(
+        f"{source} ended before tensor '{name}' could be copied from it: the file was truncated or replaced while "
+        "composer was reading it. Make sure nothing else writes to the input models during a run, then run again."
+    )
 
 
 def _write_all(descriptor: int, data: memoryview, offset: int) -> None:

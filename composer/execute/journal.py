@@ -1,0 +1,110 @@
+"""The journal of a partial output folder: which tensors are finished, so a run that died can be resumed.
+
+One JSON object a line, appended as each tensor's bytes are handed to the kernel: first the run's
+identity (a digest of everything that decides the output's bytes), then one line per finished tensor
+with the CRC-32 of its bytes, or, for a tensor copied file to file, where it was copied from. A process
+that is killed leaves at worst a torn last line, which is ignored. Resuming checks every entry against
+the bytes really in the shard (a power loss can lose what the journal says was written) and redoes
+the tensors that do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import zlib
+from pathlib import Path
+
+JOURNAL_FILE = ".composer-journal.jsonl"
+_CHECK_PIECE = 16 << 20  # bytes read at a time when checking a finished tensor
+
+
+def identity_digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_identity(folder: Path) -> str | None:
+    """The identity a partial folder's journal was started with (None without a readable journal)."""
+    try:
+        with open(folder / JOURNAL_FILE, encoding="utf-8") as journal:
+            first = json.loads(journal.readline())
+    except (OSError, ValueError):
+        return None
+    return first.get("identity") if isinstance(first, dict) else None
+
+
+def read_entries(folder: Path) -> dict[str, dict]:
+    """Finished tensors by name, as the journal records them (lines that do not parse are skipped)."""
+    entries: dict[str, dict] = {}
+    try:
+        with open(folder / JOURNAL_FILE, encoding="utf-8", errors="replace") as journal:
+            journal.readline()
+            for line in journal:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get("tensor"), str):
+                    entries[entry["tensor"]] = entry
+    except OSError:
+        pass
+    return entries
+
+
+def crc_of_range(path: Path, offset: int, length: int) -> int | None:
+    """The CRC-32 of `length` bytes of a file at `offset`; None when the file is shorter or unreadable."""
+    crc = 0
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            left = length
+            while left:
+                data = handle.read(min(left, _CHECK_PIECE))
+                if not data:
+                    return None
+                crc = zlib.crc32(data, crc)
+                left -= len(data)
+    except OSError:
+        return None
+    return crc
+
+
+class Journal:
+    """Appends finished tensors to a partial folder's journal (from any thread)."""
+
+    def __init__(self, folder: Path, identity: str, fresh: bool):
+        self.path = folder / JOURNAL_FILE
+        self._lock = threading.Lock()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0)
+        self._descriptor: int | None = os.open(self.path, flags, 0o644)
+        if fresh:
+            self._append({"identity": identity})
+        else:
+            self._append({})  # ends a torn last line of the dead run, if it left one
+
+    def _append(self, entry: dict) -> None:
+        line = ("\n" if not entry else json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            if self._descriptor is not None:
+                os.write(self._descriptor, line)
+
+    def computed(self, name: str, crc: int) -> None:
+        self._append({"tensor": name, "crc32": crc})
+
+    def copied(self, name: str, source: Path, offset: int) -> None:
+        self._append({"tensor": name, "source": str(source), "offset": offset})
+
+    def remove(self) -> None:
+        self.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._descriptor is not None:
+                os.close(self._descriptor)
+                self._descriptor = None

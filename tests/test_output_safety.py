@@ -1,0 +1,298 @@
+"""Nothing the user owns is overwritten or lost: --force replaces only composer's own outputs, a recipe cannot
+aim a run elsewhere, signals and failures leave no debris, and an interrupted swap is repaired.
+
+CLI runs are real subprocesses started together (they spend most of their time importing torch).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_state, save_tiny_model
+
+from composer.compose import compose_text
+from composer.errors import ComposerError, ComposerWarning
+from composer.execute import ExecutionOptions
+
+
+def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def passthrough(model: Path) -> str:
+    return f"merge_method: passthrough\nmodels:\n  - model: {model}\n"
+
+
+def linear(first: Path, second: Path) -> str:
+    return f"merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 0.5}}\n  - model: {second}\n    parameters: {{weight: 0.5}}\n"
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def one_paragraph_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    text = result.stderr.strip()
+    assert "Traceback" not in text and text.startswith("error: ") and all(line.strip() for line in text.splitlines()), text
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("safety-models")
+    return {name: save_tiny_model(root / name, layers=2, seed=number) for number, name in enumerate(("first", "second"))}
+
+
+def code_project(folder: Path) -> Path:
+    """A project of the user's that happens to hold a config.json: a git repository with sources."""
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "src").mkdir()
+    (folder / "src" / "main.py").write_text("print('years of work')\n")
+    (folder / "config.json").write_text('{"debug": true}\n')
+    return folder
+
+
+@pytest.fixture(scope="module")
+def refusals(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety-cases")
+    setups = {
+        "force_onto_code_project": lambda f: (code_project(f / "project"), ["recipe.yml", "project", "--force"]),
+        "demo_onto_a_model": lambda f: (save_tiny_model(f / "mine", layers=2), ["demo", "--out", "mine"]),
+        "demo_forced_onto_a_model": lambda f: (save_tiny_model(f / "mine", layers=2), ["demo", "--out", "mine", "--force"]),
+        "output_key_absolute": lambda f: (f.joinpath("recipe.yml").write_text(passthrough(models["first"]) + f"output: {f / 'elsewhere'}\n"), ["recipe.yml"]),
+        "output_key_climbs_out": lambda f: (f.joinpath("recipe.yml").write_text(passthrough(models["first"]) + "output: ../../victim\n"), ["recipe.yml", "--force"]),
+        "out_inside_an_input": lambda f: (None, ["recipe.yml", models["first"] / "merged"]),
+    }
+    futures = {}
+    with ThreadPoolExecutor(max_workers=len(setups)) as pool:
+        for name, setup in setups.items():
+            folder = root / name
+            folder.mkdir()
+            (folder / "recipe.yml").write_text(linear(models["first"], models["second"]))
+            arguments = setup(folder)[1]
+            futures[name] = (folder, tree(folder), pool.submit(run_cli, *arguments, cwd=folder))
+        yield {name: (folder, before, future.result()) for name, (folder, before, future) in futures.items()}
+
+
+def test_force_never_deletes_a_code_project_that_holds_a_config_json(refusals):
+    folder, before, result = refusals["force_onto_code_project"]
+    message = one_paragraph_error(result)
+    assert "project" in message and "folders" in message and ".git" in message
+    assert tree(folder) == before
+
+
+@pytest.mark.parametrize("case", ["demo_onto_a_model", "demo_forced_onto_a_model"])
+def test_the_demo_never_replaces_a_model_it_did_not_write(refusals, case):
+    folder, before, result = refusals[case]
+    message = one_paragraph_error(result)
+    assert "mine" in message
+    assert tree(folder) == before
+
+
+@pytest.mark.parametrize("case", ["output_key_absolute", "output_key_climbs_out"])
+def test_a_recipe_output_key_cannot_point_outside_the_recipe_folder(refusals, case):
+    folder, before, result = refusals[case]
+    message = one_paragraph_error(result)
+    assert "outside the recipe's folder" in message and "recipe.yml" in message
+    assert tree(folder) == before and not (folder / "elsewhere").exists()
+
+
+def test_out_inside_an_input_model_is_refused(refusals, models):
+    folder, before, result = refusals["out_inside_an_input"]
+    message = one_paragraph_error(result)
+    assert "inside" in message and str(models["first"]) in message
+    assert not (models["first"] / "merged").exists() and not list(models["first"].glob(".merged*"))
+
+
+def test_only_composer_outputs_or_empty_folders_are_replaced(tmp_path, models):
+    from composer.execute.output_folder import foreign_contents
+
+    out = tmp_path / "out"
+    compose_text(passthrough(models["first"]), out, ExecutionOptions(progress=False))
+    assert foreign_contents(out) is None
+    (tmp_path / "empty").mkdir()
+    assert foreign_contents(tmp_path / "empty") is None
+    assert "no composer card" in foreign_contents(models["first"])  # a model composer did not write
+    (out / "notes.txt").write_text("mine")
+    assert "notes.txt" in foreign_contents(out)
+    with pytest.raises(ComposerError, match="notes.txt"):
+        compose_text(passthrough(models["second"]), out, ExecutionOptions(progress=False, force=True))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_earlier_demo_output_is_recognised(tmp_path):
+    from composer.demo import DEMO_NAME, DEMO_RECIPE, is_demo_output
+
+    (tmp_path / "composer-recipe.yml").write_text(DEMO_RECIPE.format(model="x", name=DEMO_NAME))
+    assert is_demo_output(tmp_path)
+    (tmp_path / "composer-recipe.yml").write_text("name: another merge\n")
+    assert not is_demo_output(tmp_path)
+
+
+# --- interrupted swaps, signals, inputs that change, numbers that are not finite ------------------------
+
+
+def test_an_old_output_left_aside_by_a_killed_swap_is_put_back_or_removed(tmp_path, models):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    compose_text(passthrough(models["first"]), out, ExecutionOptions(progress=False))
+    aside = tmp_path / f".out.replaced-{dead.pid}"
+    out.rename(aside)  # killed between its two renames: the old OUT is aside and OUT is missing
+    expected = load_state(aside)
+    compose_text(passthrough(models["second"]), tmp_path / "other", ExecutionOptions(progress=False))
+    from composer.execute.output_folder import OutputFolder
+
+    OutputFolder(out, force=True).discard()  # any run towards OUT repairs it first
+    assert not aside.exists() and all(torch.equal(load_state(out)[k], v) for k, v in expected.items())
+    (tmp_path / "other").rename(aside)  # and with OUT in place, the copy aside is only debris
+    OutputFolder(out, force=True).discard()
+    assert not aside.exists() and out.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_signal_during_the_final_swap_waits_and_then_says_the_output_is_complete(tmp_path, models, monkeypatch):
+    from composer.execute import output_folder
+    from composer.signals import Interrupted, stop_on_signals
+
+    out = tmp_path / "out"
+    compose_text(passthrough(models["first"]), out, ExecutionOptions(progress=False))
+    real_remove = output_folder._remove
+
+    def remove_after_a_signal(path):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the swap
+        real_remove(path)
+
+    monkeypatch.setattr(output_folder, "_remove", remove_after_a_signal)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    stop_on_signals()
+    try:
+        with pytest.raises(Interrupted, match="just after the output was complete"):
+            compose_text(passthrough(models["second"]), out, ExecutionOptions(progress=False, force=True))
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    second = load_state(models["second"])
+    assert all(torch.equal(load_state(out)[name], tensor) for name, tensor in second.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_mid_run_leaves_nothing_behind(tmp_path, models, signal_name):
+    """The run is held inside its first read (a slow disk) so the signal lands while the partial folder exists."""
+    script = (
+        "import sys, time\n"
+        "from composer.sources.folder import SafetensorsFolder\n"
+        "real = SafetensorsFolder.read\n"
+        "def slow(self, name):\n"
+        "    print('reading', flush=True); time.sleep(5); return real(self, name)\n"
+        "SafetensorsFolder.read = slow\n"
+        "from composer.cli import main\n"
+        "sys.argv = ['compose', 'recipe.yml', 'out', '--no-progress']\n"
+        "main()\n"
+    )
+    (tmp_path / "recipe.yml").write_text(linear(models["first"], models["second"]))
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "reading"
+    assert list(tmp_path.glob(".out.partial-*"))
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "no output was left behind" in " ".join(stderr.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
+
+
+def test_an_input_truncated_while_it_is_copied_is_an_error_naming_the_file(tmp_path, models, monkeypatch, capsys):
+    """Seen as "Aborted." and nothing else: the end of the file came as an EOFError, which the CLI library
+    takes for a closed terminal."""
+    import shutil
+
+    from composer import cli
+    from composer.execute.writer import ShardedWriter
+
+    source = Path(shutil.copytree(models["first"], tmp_path / "source"))
+    (tmp_path / "recipe.yml").write_text(passthrough(source))
+    real_copy = ShardedWriter.copy_range
+    copies = []
+
+    def truncate_then_copy(writer, name, path, offset, length):
+        copies.append(name)
+        if len(copies) == 3:
+            os.truncate(path, offset)  # another program cuts the file short
+        return real_copy(writer, name, path, offset, length)
+
+    monkeypatch.setattr(ShardedWriter, "copy_range", truncate_then_copy)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["compose", "recipe.yml", "out", "--no-progress"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    message = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2 and "Traceback" not in message and "Aborted" not in message
+    assert message.startswith("error: ") and "model.safetensors" in message and f"'{copies[2]}'" in message and "truncated" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml", "source"]
+
+
+def test_an_internal_error_is_one_paragraph_that_asks_for_a_report(tmp_path, models, monkeypatch, capsys):
+    from composer import cli
+    from composer.methods import interpolation
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(interpolation, "linear", broken)
+    (tmp_path / "recipe.yml").write_text(linear(models["first"], models["second"]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["compose", "recipe.yml", "out", "--no-progress"])
+    monkeypatch.delenv("COMPOSER_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    message = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 3 and "Traceback" not in message
+    assert message.startswith("error: internal error: TypeError: unsupported operand") and "COMPOSER_DEBUG=1" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
+
+
+def test_non_finite_values_are_warned_about_once_naming_the_tensors(tmp_path, models):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = Path(shutil.copytree(models["first"], tmp_path / "broken"))
+    state = load_file(str(broken / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    state["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("inf")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(ComposerWarning) as caught:
+        report = compose_text(linear(broken, models["second"]), tmp_path / "out", ExecutionOptions(progress=False))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "2 output tensors hold NaN or infinite values" in message
+    assert "'model.layers.1.mlp.up_proj.weight' (from 'model.layers.1.mlp.up_proj.weight' of" in message and str(broken) in message
+    assert sorted(report.nonfinite) == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+
+
+def test_finite_outputs_give_no_warning(tmp_path, models, recwarn):
+    compose_text(linear(models["first"], models["second"]), tmp_path / "out", ExecutionOptions(progress=False))
+    assert not [w for w in recwarn if issubclass(w.category, ComposerWarning)]
+
+
+def test_all_finite_sees_nan_and_both_infinities_in_every_float_dtype():
+    from composer.execute.executor import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        clean = torch.randn(1000).to(dtype)
+        assert all_finite(clean)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            spoiled = clean.clone()
+            spoiled[777] = bad
+            assert not all_finite(spoiled), (dtype, bad)
+    assert all_finite(torch.arange(5)) and all_finite(torch.empty(0))
