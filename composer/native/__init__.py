@@ -7,21 +7,29 @@ over memory that rounds to bf16; one fused pass that rounds at the same steps is
 faster. The compiled library is cached in composer's cache folder, keyed by the source, the
 compiler's flags and the CPU (it is built for the CPU it runs on); ctypes releases the GIL while a
 kernel runs, so the reader and writer threads go on beside it.
+
+Loading a library runs its code, so a cached one is trusted only in a folder no other user can write
+to, and only when its bytes have the SHA-256 written beside it (`kernels-<key>.so.sha256`) when it was
+built: a library planted in a shared COMPOSER_CACHE, or changed since, is never loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
-from composer.cache import cache_dir
+from composer.cache import cache_dir, make_private_dirs, replacing, unsafe_reason
+from composer.errors import ComposerWarning
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
@@ -50,7 +58,7 @@ def enabled() -> bool:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (disabled, no compiler, or the build failed)."""
-    return _load() if enabled() else None
+    return load_library() if enabled() else None
 
 
 def _cpu_signature() -> str:
@@ -67,43 +75,107 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | None:
+def load_library() -> ctypes.CDLL | None:
+    """The kernels, built once per source, flags and CPU into composer's cache folder, or None where they cannot
+    be built. A cached library is loaded only from a folder no other user can write to, and only when its bytes
+    have the SHA-256 recorded beside it when it was built; where the cache folder is not safe, the kernels are
+    built into a private temporary folder for this process instead (and a warning says why)."""
     compiler = _compiler()
     if compiler is None or platform.system() == "Windows":
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + TUNING).encode(), compiler.encode(), _cpu_signature().encode()])).hexdigest()[:20]
-    built = cache_dir() / "native" / f"kernels-{key}.so"
-    if not built.exists() and not _build(compiler, built):
-        return None
-    try:
-        kernels = ctypes.CDLL(str(built))
-    except OSError:
-        return None
+    name = f"kernels-{key}.so"
+    folder = Path(os.path.realpath(cache_dir() / "native"))  # resolved once: what is checked is what is read
+    with contextlib.suppress(OSError):  # a folder that cannot be made is reported by unsafe_reason
+        make_private_dirs(folder)
+    why = unsafe_reason(folder)
+    if why is None:
+        kernels = _load_verified(folder / name, _recorded_digest(folder / name))
+        if kernels is None:
+            digest = _build(compiler, folder / name)
+            kernels = _load_verified(folder / name, digest) if digest else None
+        return _declared(kernels) if kernels is not None else None
+    warnings.warn(
+        f"composer's kernel cache {folder} is {why}, so a compiled library in it could have been put there by someone "
+        "else; the kernels are built for this process in a private temporary folder instead (each run compiles them "
+        "again). Make the folder yours and private (chmod 700), or point COMPOSER_CACHE at one that is.",
+        ComposerWarning,
+        stacklevel=2,
+    )
+    with tempfile.TemporaryDirectory(prefix="composer-native-") as private:  # mkdtemp makes it 0o700
+        built = Path(private) / name
+        digest = _build(compiler, built)
+        kernels = _load_verified(built, digest) if digest else None  # loaded: the mapping outlives the file
+    return _declared(kernels) if kernels is not None else None
+
+
+def _declared(kernels: ctypes.CDLL) -> ctypes.CDLL:
     for name, arguments in _SIGNATURES.items():
         function = getattr(kernels, name)
         function.argtypes, function.restype = arguments, None
     return kernels
 
 
-def _build(compiler: str, built: Path) -> bool:
-    """Compile into a temporary file beside `built` and move it into place (another process may be
-    building the same library at the same time); False when the compiler fails."""
+def _sidecar(built: Path) -> Path:
+    return built.with_name(built.name + ".sha256")
+
+
+def _recorded_digest(built: Path) -> str | None:
     try:
-        built.parent.mkdir(parents=True, exist_ok=True)
+        return _sidecar(built).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _load_verified(built: Path, digest: str | None) -> ctypes.CDLL | None:
+    """The library at `built` when it is a regular file of this user's, writable by nobody else, whose bytes have
+    SHA-256 `digest`; the bytes hashed are those of the file loaded (through its open descriptor where the system
+    shows one as a path)."""
+    if digest is None:
+        return None
+    try:
+        descriptor = os.open(built, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None
+        with os.fdopen(os.dup(descriptor), "rb") as handle:
+            if hashlib.sha256(handle.read()).hexdigest() != digest:
+                return None
+        by_descriptor = f"/proc/self/fd/{descriptor}"
+        return ctypes.CDLL(by_descriptor if os.path.exists(by_descriptor) else str(built))
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def _build(compiler: str, built: Path) -> str | None:
+    """Compile into a temporary file beside `built`, record its SHA-256 in `built`'s sidecar and move both into
+    place, each atomically (another process may be building the same library at the same time); the digest, or
+    None when the compiler fails."""
+    try:
         descriptor, partial = tempfile.mkstemp(suffix=".so.partial", dir=built.parent)
         os.close(descriptor)
     except OSError:
-        return False
+        return None
     try:
         for tuning in (TUNING, ()):
-            finished = subprocess.run([compiler, *FLAGS, *tuning, "-o", partial, str(SOURCE)], capture_output=True, timeout=120)
+            finished = subprocess.run([compiler, *FLAGS, *tuning, "-o", partial, str(SOURCE)], check=False, capture_output=True, timeout=120)
             if finished.returncode == 0:
+                os.chmod(partial, 0o700)  # the linker made it as the umask allows; only its owner may change it
+                digest = hashlib.sha256(Path(partial).read_bytes()).hexdigest()
                 os.replace(partial, built)
-                return True
-        return False
+                with replacing(_sidecar(built)) as sidecar:
+                    sidecar.write(digest.encode() + b"\n")
+                return digest
+        return None
     except (OSError, subprocess.SubprocessError):
-        return False
+        return None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.sources.model_files import model_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -88,10 +90,16 @@ class FolderFilesMixin:
 
     folder: Path
     reference: str
+    weight_paths: tuple[Path, ...] = ()  # the folder's weights files: its other files may link to where these are
+
+    def folder_file(self, name: str) -> Path | None:
+        """The folder's file `name`, whose bytes reach the output: inside the folder or where its weights are (model_files)."""
+        weight_folders = [Path(os.path.realpath(path)).parent for path in self.weight_paths]
+        return model_file(self.folder, name, also_inside=weight_folders)
 
     def config(self) -> dict:
-        path = self.folder / "config.json"
-        if not path.is_file():
+        path = self.folder_file("config.json")
+        if path is None:
             raise ComposerError(f"Model '{self.reference}' has no config.json in {self.folder}; a model folder needs one.")
         try:
             return json.loads(path.read_text())
@@ -99,19 +107,20 @@ class FolderFilesMixin:
             raise ComposerError(f"{path} is not valid JSON ({error}).") from None
 
     def has_tokenizer(self) -> bool:
-        return any((self.folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
+        return any(self.folder_file(name) is not None for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
 
     def save_tokenizer(self, destination: Path) -> list[str]:
         written = []
         for name in TOKENIZER_FILES:
-            path = self.folder / name
-            if path.is_file():
+            path = self.folder_file(name)
+            if path is not None:
                 (destination / name).write_bytes(path.read_bytes())
                 written.append(name)
         return written
 
     def license(self) -> str | None:
-        return read_card_license(self.folder / "README.md")
+        card = self.folder_file("README.md")
+        return read_card_license(card) if card is not None else None
 
 
 def read_card_license(card_path: Path) -> str | None:

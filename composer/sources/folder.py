@@ -15,6 +15,7 @@ import torch
 
 from composer.errors import ComposerError
 from composer.sources.base import FolderFilesMixin, ModelSource, TensorInfo
+from composer.sources.model_files import model_file
 from composer.sources.safetensors_format import DTYPE_BY_CODE, read_into, read_layout
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -38,22 +39,35 @@ def read_index(folder: Path, index_name: str) -> dict[str, str] | None:
     return weight_map
 
 
+def read_shards(folder: Path, index_name: str) -> tuple[dict[str, str], dict[str, Path | None]] | None:
+    """An index's weight map and, for each shard it names, the shard's path (None where it is missing), every name
+    checked by `model_file` so that an index cannot point outside the folder; None where there is no index."""
+    model_file(folder, index_name, weights=True)  # an index linking out of a hub snapshot is refused before it is read
+    weight_map = read_index(folder, index_name)
+    if weight_map is None:
+        return None
+    named_in = folder / index_name
+    return weight_map, {name: model_file(folder, name, named_in=named_in, weights=True) for name in sorted(set(weight_map.values()))}
+
+
 def weight_files(folder: Path, index_name: str, single_name: str, pattern: str) -> tuple[list[Path], dict[str, str] | None]:
     """The files holding the weights, and the index's weight map if there is one."""
-    weight_map = read_index(folder, index_name)
-    if weight_map is not None:
-        files = sorted(set(weight_map.values()))
-        missing = [name for name in files if not (folder / name).is_file()]
+    indexed = read_shards(folder, index_name)
+    if indexed is not None:
+        weight_map, shards = indexed
+        missing = [name for name, path in shards.items() if path is None]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ComposerError(
                 f"{folder / index_name} names shard '{missing[0]}'{more}, which is not in {folder}. "
                 "The download is incomplete: fetch the missing shard or the whole model again."
             )
-        return [folder / name for name in files], weight_map
-    if (folder / single_name).is_file():
-        return [folder / single_name], None
-    return sorted(path for path in folder.glob(pattern) if path.name not in NOT_WEIGHTS), None
+        return list(shards.values()), weight_map
+    single = model_file(folder, single_name, weights=True)
+    if single is not None:
+        return [single], None
+    found = (model_file(folder, path.name, weights=True) for path in sorted(folder.glob(pattern)) if path.name not in NOT_WEIGHTS)
+    return [path for path in found if path is not None], None
 
 
 def _assign(folder: Path, index_name: str, weight_map: dict[str, str] | None, found: list[tuple[str, Path]]) -> dict[str, Path]:
@@ -92,6 +106,7 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
         self._location: dict[str, tuple[Path, int]] = {}  # name -> (file, byte offset of its data)
         self._descriptors: dict[Path, int] = {}
         paths, weight_map = weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
+        self.weight_paths = tuple(paths)
         layouts = {path: read_layout(path) for path in paths}
         found = [(name, path) for path, (header, _) in layouts.items() for name in header if name != "__metadata__"]
         for name, path in _assign(folder, SAFETENSORS_INDEX, weight_map, found).items():
@@ -136,6 +151,7 @@ class TorchBinFolder(FolderFilesMixin, ModelSource):
         super().__init__(reference)
         self.folder = folder
         paths, weight_map = weight_files(folder, BIN_INDEX, BIN_SINGLE, "*.bin")
+        self.weight_paths = tuple(paths)
         states = {path: _load_mapped(path) for path in paths}
         found = [(name, path) for path, state in states.items() for name, value in state.items() if isinstance(value, torch.Tensor)]
         file_of = _assign(folder, BIN_INDEX, weight_map, found)
@@ -179,7 +195,7 @@ def open_folder(reference: str, folder: Path) -> ModelSource:
     if (folder / BIN_INDEX).is_file() or [p for p in folder.glob("*.bin") if p.name not in NOT_WEIGHTS]:
         return TorchBinFolder(reference, folder)
     ggufs = sorted(folder.glob("*.gguf"))
-    if len(ggufs) == 1:
+    if len(ggufs) == 1 and model_file(folder, ggufs[0].name, weights=True) is not None:
         from composer.sources.gguf_file import GGUFFile
 
         return GGUFFile(reference, ggufs[0])

@@ -8,6 +8,7 @@ read here equals what `from_pretrained(..., gguf_file=...)` loads.
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -171,12 +172,20 @@ class GGUFFile(ModelSource):
 
         if not self.has_tokenizer():
             return []
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except (OSError, ValueError, KeyError, NotImplementedError) as error:
-            raise ComposerError(f"{self.path}: transformers cannot build a tokenizer from this GGUF file ({error}).") from None
-        before = {p.name for p in destination.iterdir()}
-        tokenizer.save_pretrained(str(destination))
+        # transformers also reads tokenizer files lying beside the GGUF (tokenizer_config.json, ...), which may be
+        # links out of the folder: it gets a folder holding nothing but a link to the GGUF, so the GGUF alone decides
+        with tempfile.TemporaryDirectory(prefix="composer-gguf-") as alone:
+            folder = Path(alone)
+            try:
+                (folder / self.path.name).symlink_to(self.path.resolve())
+            except OSError:  # no links here (Windows without the privilege): the GGUF's own folder, as transformers would
+                folder = self.path.parent
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=self.path.name)
+            except (OSError, ValueError, KeyError, NotImplementedError) as error:
+                raise ComposerError(f"{self.path}: transformers cannot build a tokenizer from this GGUF file ({error}).") from None
+            before = {p.name for p in destination.iterdir()}
+            tokenizer.save_pretrained(str(destination))
         return sorted({p.name for p in destination.iterdir()} - before)
 
     def license(self) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from composer.errors import ComposerError
-from composer.sources.folder import BIN_INDEX, NOT_WEIGHTS, SAFETENSORS_INDEX, read_index
+from composer.sources.folder import BIN_INDEX, NOT_WEIGHTS, SAFETENSORS_INDEX, read_shards
 
 METADATA_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "README.md"]
 WEIGHT_CHOICES = (["model.safetensors"], ["*.safetensors"], ["pytorch_model.bin"], ["*.bin"])
@@ -84,12 +84,12 @@ def fetch_hub_model(reference: str) -> Path:
     folder = _download(reference, repo_id, revision, METADATA_FILES)
     commit = folder.name  # snapshots/<commit>: later calls need not resolve the revision again
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        weight_map = read_index(folder, index_name)
-        if weight_map is not None:
-            shards = sorted(set(weight_map.values()))
-            if all((folder / shard).is_file() for shard in shards):
+        indexed = read_shards(folder, index_name)
+        if indexed is not None:
+            _, shards = indexed
+            if None not in shards.values():
                 return folder
-            return _download(reference, repo_id, commit, shards)
+            return _download(reference, repo_id, commit, sorted(shards))
     for patterns in WEIGHT_CHOICES:
         if _holds(folder, patterns):
             return folder

@@ -26,6 +26,7 @@ import torch
 
 from composer.errors import ComposerError
 from composer.sources.base import TOKENIZER_FILES, FolderFilesMixin, ModelSource, TensorInfo
+from composer.sources.model_files import model_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -104,8 +105,8 @@ class AdapterWeights:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
+    path = model_file(folder, ADAPTER_CONFIG, weights=True)
+    if path is None:
         raise ComposerError(f"Adapter folder {folder} has no {ADAPTER_CONFIG}; a PEFT adapter folder needs one.")
     try:
         config = json.loads(path.read_text())
@@ -145,8 +146,9 @@ def pattern_value(patterns: dict, module: str, default: float, where: str) -> fl
 
 def adapter_weights_file(folder: Path) -> Path:
     for name in ADAPTER_WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name
+        path = model_file(folder, name, weights=True)
+        if path is not None:
+            return path
     raise ComposerError(f"Adapter folder {folder} has neither {' nor '.join(ADAPTER_WEIGHTS)}.")
 
 
@@ -257,9 +259,10 @@ class AdapterMerge:
 class _AdapterFolderFiles(FolderFilesMixin):
     """Tokenizer and licence files an adapter folder may carry."""
 
-    def __init__(self, reference: str, folder: Path):
+    def __init__(self, reference: str, folder: Path, weights_path: Path):
         self.reference = reference
         self.folder = folder
+        self.weight_paths = (weights_path,)
 
 
 class LoraSource(ModelSource):
@@ -273,7 +276,7 @@ class LoraSource(ModelSource):
         config = read_adapter_config(adapter_folder)
         self._weights = AdapterWeights(adapter_weights_file(adapter_folder))
         self.merge = AdapterMerge(config, self._weights, base.tensor_infos(), base.reference)
-        self._adapter_files = _AdapterFolderFiles(adapter_reference, adapter_folder)
+        self._adapter_files = _AdapterFolderFiles(adapter_reference, adapter_folder, self._weights.path)
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self.base.tensor_infos()
