@@ -277,7 +277,7 @@ def test_non_finite_values_are_warned_about_once_naming_the_tensors(tmp_path, mo
     message = str(caught[0].message)
     assert "2 output tensors hold NaN or infinite values" in message
     assert "'model.layers.1.mlp.up_proj.weight' (from 'model.layers.1.mlp.up_proj.weight' of" in message and str(broken) in message
-    assert sorted(report.nonfinite) == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    assert report.nonfinite == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 
 
 def test_finite_outputs_give_no_warning(tmp_path, models, recwarn):
@@ -285,14 +285,33 @@ def test_finite_outputs_give_no_warning(tmp_path, models, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, ComposerWarning)]
 
 
-def test_all_finite_sees_nan_and_both_infinities_in_every_float_dtype():
-    from composer.execute.executor import all_finite
+def test_the_scan_sees_nan_and_both_infinities_in_every_float_dtype_and_sums_the_same_bytes_on_both_paths():
+    from composer.native.scan import EXPONENTS, holds_nonfinite, numpy_scan, scan
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        clean = torch.randn(1000).to(dtype)
-        assert all_finite(clean)
+        clean = torch.randn(10_001).to(dtype)
+        assert not holds_nonfinite(clean)
         for bad in (float("nan"), float("inf"), float("-inf")):
             spoiled = clean.clone()
-            spoiled[777] = bad
-            assert not all_finite(spoiled), (dtype, bad)
-    assert all_finite(torch.arange(5)) and all_finite(torch.empty(0))
+            spoiled[7777] = bad
+            assert holds_nonfinite(spoiled), (dtype, bad)
+    assert not holds_nonfinite(torch.arange(5)) and not holds_nonfinite(torch.empty(0))
+    for size in (0, 1, 7, 4095, 4096, 4097, 100_003):  # partial words and blocks
+        data = torch.randint(0, 256, (size,), dtype=torch.uint8)
+        data[: size // 3] = 0x7F  # some exponent patterns of every width
+        view = memoryview(data.numpy()).cast("B")
+        for dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.float64):
+            assert scan(view, dtype) == numpy_scan(view, *EXPONENTS.get(dtype, (0, 0))), (size, dtype)
+
+
+def test_the_checksum_of_pieces_is_the_checksum_of_the_whole():
+    from composer.native.scan import SCAN_BLOCK, checksum_of_pieces, checksum_text, scan
+
+    data = torch.randint(0, 256, (5 * SCAN_BLOCK + 123,), dtype=torch.uint8).numpy()
+    whole = memoryview(data).cast("B")
+    first, second, _ = scan(whole, torch.uint8)
+    cuts = [0, SCAN_BLOCK, 3 * SCAN_BLOCK, len(data)]
+    assert checksum_of_pieces(whole[a:b] for a, b in zip(cuts, cuts[1:])) == checksum_text(first, second)
+    changed = data.copy()
+    changed[[2 * SCAN_BLOCK, 4 * SCAN_BLOCK]] = changed[[4 * SCAN_BLOCK, 2 * SCAN_BLOCK]]  # two blocks' bytes swapped
+    assert scan(memoryview(changed).cast("B"), torch.uint8)[:2] != (first, second) or data[2 * SCAN_BLOCK] == data[4 * SCAN_BLOCK]

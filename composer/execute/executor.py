@@ -20,11 +20,17 @@ from typing import Callable
 import torch
 
 from composer.errors import ComposerError, ComposerWarning
-from composer.execute.journal import Journal, identity_digest, read_entries, read_identity
+from composer.execute.journal import (
+    Journal,
+    identity_digest,
+    read_entries,
+    read_identity,
+)
 from composer.execute.output_folder import OutputFolder
 from composer.execute.schedule import make_schedule, step_bytes
 from composer.execute.writer import ShardedWriter
 from composer.memory import recycling
+from composer.native.scan import holds_nonfinite
 from composer.plan.model import Plan, TensorRef
 from composer.signals import Interrupted
 
@@ -307,25 +313,21 @@ def _open_partial(folder: OutputFolder, identity: str, resume: str) -> bool:
     return folder.open(None if resume == "never" else same_run)
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no infinity in a floating-point tensor (one reduction pass: NaN propagates through min and max)."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor.reshape(-1))
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def _warn_nonfinite(found: list[tuple[str, list[TensorRef]]]) -> None:
-    """One warning for the whole run, naming the output tensors with NaN or infinity and the inputs that hold them."""
+def _warn_nonfinite(names: list[str], plan: Plan) -> None:
+    """One warning for the whole run, naming the output tensors with NaN or infinity and the inputs that hold
+    them already (read again for this: only when something is wrong)."""
     import warnings
 
-    def described(name: str, refs: list[TensorRef]) -> str:
+    planned = {tensor.name: tensor for tensor in plan.tensors}
+
+    def described(name: str) -> str:
+        refs = [ref for ref in planned[name].inputs if holds_nonfinite(plan.sources[ref.model].read(ref.name))]
         inputs = ", ".join(f"'{ref.name}' of '{ref.model}'" for ref in refs)
         return f"'{name}'" + (f" (from {inputs}, which hold{'s' if len(refs) == 1 else ''} them already)" if refs else "")
 
-    shown = "; ".join(described(name, refs) for name, refs in found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+    shown = "; ".join(described(name) for name in names[:5]) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
     warnings.warn(ComposerWarning(
-        f"{len(found)} output tensor{'s hold' if len(found) > 1 else ' holds'} NaN or infinite values: {shown}. "
+        f"{len(names)} output tensor{'s hold' if len(names) > 1 else ' holds'} NaN or infinite values: {shown}. "
         "A model with them gives NaN outputs; check the inputs named and the recipe's numbers."
     ), stacklevel=3)
 
@@ -354,7 +356,6 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
     cache: InputCache | None = None
     pools: list[ThreadPoolExecutor] = []
     threads = ComputeThreads(options.overlap, device)
-    nonfinite: list[tuple[str, list[TensorRef]]] = []
     try:
         identity = run_identity(plan, options)
         resumed = _open_partial(folder, identity, options.resume)
@@ -409,8 +410,6 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                     raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
                 if result.dtype != planned.dtype:
                     result = result.to(planned.dtype)
-                if not all_finite(result):
-                    nonfinite.append((planned.name, [ref for ref, x in zip(planned.inputs, inputs) if not all_finite(x)]))
                 background.write(planned.name, result)
                 for ref, tensor in zip(planned.inputs, inputs):
                     uses = pending_uses[ref]
@@ -429,6 +428,8 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         writer.finish()
         journal.remove()
         folder.commit()
+        if writer.nonfinite:
+            _warn_nonfinite(sorted(writer.nonfinite), plan)
     except BaseException as error:
         if cache is not None:
             cache.cancel()
@@ -449,8 +450,6 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         for pool in pools:
             pool.shutdown(wait=True)
         plan.close()
-    if nonfinite:
-        _warn_nonfinite(nonfinite)
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return ExecutionReport(out, len(plan.tensors), cache.bytes_read + background.copied_bytes, plan.output_bytes(),
-                           time.perf_counter() - started, cache.reads, device_peak, len(finished), [name for name, _ in nonfinite])
+                           time.perf_counter() - started, cache.reads, device_peak, len(finished), sorted(writer.nonfinite))

@@ -2,7 +2,8 @@
 
 One JSON object a line, appended as each tensor's bytes are handed to the kernel: first the run's
 identity (a digest of everything that decides the output's bytes), then one line per finished tensor
-with the CRC-32 of its bytes, or, for a tensor copied file to file, where it was copied from. A process
+with the checksum of its bytes (composer.native.scan), or, for a tensor copied file to file, where it
+was copied from. A process
 that is killed leaves at worst a torn last line, which is ignored. Resuming checks every entry against
 the bytes really in the shard (a power loss can lose what the journal says was written) and redoes
 the tensors that do not match.
@@ -14,11 +15,12 @@ import hashlib
 import json
 import os
 import threading
-import zlib
 from pathlib import Path
 
+from composer.native.scan import checksum_of_pieces
+
 JOURNAL_FILE = ".composer-journal.jsonl"
-_CHECK_PIECE = 16 << 20  # bytes read at a time when checking a finished tensor
+_CHECK_PIECE = 16 << 20  # bytes read at a time when checking a finished tensor (a multiple of the scan's block)
 
 
 def identity_digest(parts: dict) -> str:
@@ -53,22 +55,31 @@ def read_entries(folder: Path) -> dict[str, dict]:
     return entries
 
 
-def crc_of_range(path: Path, offset: int, length: int) -> int | None:
-    """The CRC-32 of `length` bytes of a file at `offset`; None when the file is shorter or unreadable."""
-    crc = 0
+def checksum_of_range(path: Path, offset: int, length: int) -> str | None:
+    """The checksum of `length` bytes of a file at `offset`; None when the file is shorter or unreadable."""
+    buffer = bytearray(min(length, _CHECK_PIECE))
+
+    def pieces(descriptor: int):
+        for start in range(0, length, _CHECK_PIECE):
+            view = memoryview(buffer)[: min(length - start, _CHECK_PIECE)]
+            got = 0
+            while got < len(view):
+                count = os.preadv(descriptor, [view[got:]], offset + start + got)
+                if count == 0:
+                    raise EOFError
+                got += count
+            yield view
+
     try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            left = length
-            while left:
-                data = handle.read(min(left, _CHECK_PIECE))
-                if not data:
-                    return None
-                crc = zlib.crc32(data, crc)
-                left -= len(data)
+        descriptor = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    return crc
+    try:
+        return checksum_of_pieces(pieces(descriptor))
+    except (OSError, EOFError):
+        return None
+    finally:
+        os.close(descriptor)
 
 
 class Journal:
@@ -90,8 +101,8 @@ class Journal:
             if self._descriptor is not None:
                 os.write(self._descriptor, line)
 
-    def computed(self, name: str, crc: int) -> None:
-        self._append({"tensor": name, "crc32": crc})
+    def computed(self, name: str, checksum: str, nonfinite: bool = False) -> None:
+        self._append({"tensor": name, "checksum": checksum} | ({"nonfinite": True} if nonfinite else {}))
 
     def copied(self, name: str, source: Path, offset: int) -> None:
         self._append({"tensor": name, "source": str(source), "offset": offset})

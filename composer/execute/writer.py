@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
+import threading
 from pathlib import Path
 
 import torch
 
 from composer.errors import ComposerError
-from composer.execute.journal import Journal, crc_of_range
+from composer.execute.journal import Journal, checksum_of_range
+from composer.native.scan import checksum_text, scan
 from composer.plan.model import PlannedTensor
 from composer.sources.safetensors_format import build_header
 
@@ -60,6 +61,8 @@ class ShardedWriter:
             for tensor in members:
                 self._location[tensor.name] = (len(self._descriptors) - 1, offsets[tensor.name], tensor)
         self.folder = folder
+        self.nonfinite: list[str] = []  # tensors written with NaN or infinite entries
+        self._nonfinite_lock = threading.Lock()
         self._written: set[str] = set()
         self._sources: dict[Path, int] = {}  # input files copied from, opened once
 
@@ -69,10 +72,14 @@ class ShardedWriter:
             raise RuntimeError(f"tensor {name} came out as {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         view = memoryview(data).cast("B")
+        first, second, nonfinite = scan(view, tensor.dtype)
+        if nonfinite:
+            with self._nonfinite_lock:
+                self.nonfinite.append(name)
         _write_all(self._descriptors[shard], view, offset)
         self._wrote(name, shard, offset, len(view))
         if self.journal is not None:
-            self.journal.computed(name, zlib.crc32(view))
+            self.journal.computed(name, checksum_text(first, second), nonfinite > 0)
 
     def _wrote(self, name: str, shard: int, offset: int, length: int) -> None:
         if self.durable and hasattr(os, "posix_fadvise"):
@@ -83,7 +90,7 @@ class ShardedWriter:
 
     def finished_earlier(self, entries: dict[str, dict]) -> set[str]:
         """The tensors a dead run's journal lists whose bytes are really in the kept shards (checked against the
-        recorded CRC-32, or against the input they were copied from); each is counted as written."""
+        recorded checksum, or against the input they were copied from); each is counted as written."""
         if not self.reused:
             return set()
         finished = set()
@@ -91,15 +98,17 @@ class ShardedWriter:
             if name not in self._location:
                 continue
             shard, offset, planned = self._location[name]
-            here = crc_of_range(self.files[shard], offset, planned.nbytes)
-            if "crc32" in entry:
-                expected = entry["crc32"]
+            here = checksum_of_range(self.files[shard], offset, planned.nbytes)
+            if isinstance(entry.get("checksum"), str):
+                expected = entry["checksum"]
             elif isinstance(entry.get("source"), str) and isinstance(entry.get("offset"), int):
-                expected = crc_of_range(Path(entry["source"]), entry["offset"], planned.nbytes)
+                expected = checksum_of_range(Path(entry["source"]), entry["offset"], planned.nbytes)
             else:
                 continue
             if here is not None and here == expected:
                 finished.add(name)
+                if entry.get("nonfinite"):
+                    self.nonfinite.append(name)
         self._written |= finished
         return finished
 

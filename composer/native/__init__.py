@@ -48,6 +48,7 @@ _SIGNATURES = {
     "sce_square_sums_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER],
     "sce_merge_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
     "delta_pattern_counts_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER],
+    "scan_bytes": [_INT64, _POINTER, ctypes.c_int, ctypes.c_uint64, _POINTER, _POINTER],
     "della_select_bf16": [_INT64, _INT64, _INT64, ctypes.c_uint64, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
 }
 

@@ -510,3 +510,68 @@ void delta_pattern_counts_bf16(int64_t start, int64_t stop, const uint16_t *mode
         counts[pattern] += copies[pattern] + copies[0x8000 | pattern];
     free(copies);
 }
+
+/* One pass over a tensor's bytes as they are written, for the resume journal and the check for NaN and
+ * infinity. The checksum: the bytes as little-endian 64-bit words (the last one zero-padded), cut into
+ * blocks of SCAN_BLOCK bytes; sums[0] = the sum of all words, sums[1] = the sum over blocks of the running
+ * sums[0] at each block's end (both mod 2^64), so a block's words count with its place. `nonfinite` counts
+ * the entries whose exponent bits (`exponent`, an entry being `width` bytes: 2, 4 or 8) are all set, which
+ * are NaN or infinite; width 0: not floating point, nothing counted. Each block is read from cache by the
+ * second loop. */
+#define SCAN_BLOCK 4096
+
+static inline uint64_t block_word_sum(const uint8_t *block, int64_t length) {
+    uint64_t total = 0;
+    int64_t offset = 0;
+    for (; offset + 8 <= length; offset += 8) {
+        uint64_t word;
+        memcpy(&word, block + offset, 8);
+        total += word;
+    }
+    if (offset < length) {
+        uint64_t word = 0;
+        memcpy(&word, block + offset, (size_t)(length - offset));
+        total += word;
+    }
+    return total;
+}
+
+static inline int64_t block_nonfinite(const uint8_t *block, int64_t length, int width, uint64_t exponent) {
+    int64_t found = 0;
+    if (width == 2) {
+        const uint16_t mask = (uint16_t)exponent;
+        for (int64_t at = 0; at < length / 2; at++) {
+            uint16_t value;
+            memcpy(&value, block + 2 * at, 2);
+            found += (value & mask) == mask;
+        }
+    } else if (width == 4) {
+        const uint32_t mask = (uint32_t)exponent;
+        for (int64_t at = 0; at < length / 4; at++) {
+            uint32_t value;
+            memcpy(&value, block + 4 * at, 4);
+            found += (value & mask) == mask;
+        }
+    } else if (width == 8) {
+        for (int64_t at = 0; at < length / 8; at++) {
+            uint64_t value;
+            memcpy(&value, block + 8 * at, 8);
+            found += (value & exponent) == exponent;
+        }
+    }
+    return found;
+}
+
+void scan_bytes(int64_t nbytes, const uint8_t *data, int width, uint64_t exponent, uint64_t *sums, int64_t *nonfinite) {
+    uint64_t first = 0, second = 0;
+    int64_t found = 0;
+    for (int64_t start = 0; start < nbytes; start += SCAN_BLOCK) {
+        const int64_t length = nbytes - start < SCAN_BLOCK ? nbytes - start : SCAN_BLOCK;
+        first += block_word_sum(data + start, length);
+        second += first;
+        found += block_nonfinite(data + start, length, width, exponent);
+    }
+    sums[0] = first;
+    sums[1] = second;
+    *nonfinite = found;
+}
