@@ -182,9 +182,9 @@ def evaluate(
             if not texts[-1].strip():
                 raise ComposerError(f"Text file {path} is empty; there is nothing to score.")
         loaded, tokenizer = load_model(model)
+        scores = [score_text(loaded, tokenizer, content, text_name=str(path), model_name=model) for path, content in zip(text, texts)]
         typer.echo(f"{'text':<40} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")
-        for path, content in zip(text, texts):
-            score = score_text(loaded, tokenizer, content)
+        for path, score in zip(text, scores):
             typer.echo(f"{str(path):<40} {score.tokens:>8} {score.bytes:>8} {score.perplexity:>11.3f} {score.bits_per_byte:>10.4f}")
 
     _guarded(action)

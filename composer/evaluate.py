@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from composer.errors import ComposerError
+from composer.model_checks import TOKENIZER_FILES, check_loaded, check_model, model_label, one_line, quiet_transformers
 
 
 @dataclass
@@ -36,15 +37,27 @@ def load_model(reference: str):
     path = Path(reference).expanduser()
     if not path.exists():
         raise ComposerError(f"Model path '{reference}' does not exist.")
+    check_model(reference, path)
     if path.is_file() and path.suffix == ".gguf":
         from composer.bundled import converted
 
         path = converted(path, gguf_cache_name(path))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ComposerError(f"Model '{reference}' could not be loaded with transformers: {error}") from None
+    folder = path if path.is_dir() else path.parent
+    # transformers raises many exception types for a damaged file (SafetensorError, UnpicklingError,
+    # RuntimeError from torch's zip reader, KeyError, EOFError, ...); check_model names the file for most
+    # of them first, and this turns whatever is left into one paragraph naming the folder
+    with quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as error:  # noqa: BLE001  (any type: see above)
+            files = ", ".join(str(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file())
+            raise ComposerError(f"The tokenizer of model '{reference}' ({files}) could not be loaded with transformers: {one_line(error)}") from None
+        try:
+            # mismatched sizes are reported by check_loaded, by name, rather than raised with a pointer to a logged table
+            model, loading = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
+        except Exception as error:  # noqa: BLE001
+            raise ComposerError(f"{model_label(reference, folder)} could not be built from {folder / 'config.json'} and loaded with transformers: {one_line(error)}") from None
+    check_loaded(reference, folder, loading)
     model.eval()
     return model, tokenizer
 
@@ -61,8 +74,11 @@ def gguf_cache_name(path: Path) -> str:
     return f"gguf-{stem}-{digest}"
 
 
-def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | None = None) -> TextScore:
-    """Negative log-likelihood of every token of `text` after the first, in windows with overlapping context."""
+def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | None = None, text_name: str = "the text", model_name: str | None = None) -> TextScore:
+    """Negative log-likelihood of every token of `text` after the first, in windows with overlapping context.
+
+    Logits that are NaN or infinite are an error naming the model, the text and the first token position
+    where they appear: a NaN perplexity would read as a score."""
     import torch
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
@@ -77,6 +93,16 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
             end = min(start + window, len(ids))
             chunk = ids[start:end].unsqueeze(0)
             logits = model(chunk).logits[0, :-1].float()
+            finite = torch.isfinite(logits).all(dim=-1)
+            if not bool(finite.all()):
+                position = start + int((~finite).nonzero()[0, 0])
+                bad = logits[position - start]
+                kind = "NaN" if bool(torch.isnan(bad).any()) else "infinite"
+                raise ComposerError(
+                    f"Model '{model_name or model.config.name_or_path}' gives {kind} logits on {text_name}, first at token position "
+                    f"{position} of {len(ids)} (after {tokenizer.decode(ids[max(position - 4, 0):position + 1])!r}), so it has no score. "
+                    "Its weights hold NaN or infinite values, or its activations overflow in float32; check the model (or the merge that made it)."
+                )
             targets = chunk[0, 1:]
             losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             first_new = 0 if start == 0 else (window - stride) - 1

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 
+DATA = Path(__file__).resolve().parent / "data"
+# Plain everyday English prose written for these tests (17 paragraphs, 9.3 KB): the real-model scores are measured on it
+ENGLISH_TEXT = DATA / "english.txt"
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
 FAMILY_MODEL_TYPES = {
     "llama": "llama",
@@ -49,6 +53,28 @@ def save_tiny_model(folder: Path, model_type: str = "llama", layers: int = 4, se
             parameter.add_(torch.randn_like(parameter) * 0.02)
     model.to(dtype).save_pretrained(folder)
     return folder
+
+
+def compose_in_process(monkeypatch, *arguments) -> int:
+    """`compose ARGUMENTS` through composer.cli.main in this process (no seconds spent importing torch
+    again); its exit code. main() replaces the SIGTERM handler and warnings.showwarning: both are put back."""
+    import signal
+    import sys
+    import warnings
+
+    import pytest
+
+    from composer import cli
+
+    monkeypatch.setattr(sys, "argv", ["compose", *map(str, arguments)])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return exited.value.code
 
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:

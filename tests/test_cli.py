@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_state, save_tiny_model
+from helpers import compose_in_process, load_state, save_tiny_model
 
 COMPOSE = Path(sys.executable).with_name("compose")
 
@@ -147,6 +147,14 @@ def scenario_help(folder: Path, models) -> dict:
 def scenario_eval(folder: Path, models) -> dict:
     (folder / "text.txt").write_text("the lazy dog sleeps while the quick brown fox runs around the old barn.\n" * 3)
     return {"run": run_cli("eval", models["speaker"], "--text", "text.txt", cwd=folder)}
+
+
+def scenario_eval_truncated(folder: Path, models) -> dict:
+    model = Path(shutil.copytree(models["speaker"], folder / "model"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (folder / "text.txt").write_text("the quick brown fox.\n")
+    return {"run": run_cli("eval", "model", "--text", "text.txt", cwd=folder)}
 
 
 def scenario_eval_missing_text(folder: Path, models) -> dict:
@@ -278,6 +286,15 @@ def test_eval_prints_perplexity_tokens_and_bits_per_byte(scenarios):
     assert 1 < float(perplexity) < 10_000 and 0 < float(bits) < 20
 
 
+def test_eval_of_a_truncated_model_is_one_error_naming_the_file(scenarios):
+    """test_eval_errors.py has every other kind of damage, run in process."""
+    _, result = outcome(scenarios, "eval_truncated")
+    run = result["run"]
+    assert run.returncode == 2 and "Traceback" not in run.stdout + run.stderr and run.stdout == ""
+    message = " ".join(run.stderr.split())
+    assert message.startswith("error: model/model.safetensors is truncated") and len(run.stderr.strip().split("\n\n")) == 1
+
+
 def test_eval_names_a_missing_text_file(scenarios):
     _, result = outcome(scenarios, "eval_missing_text")
     assert result["run"].returncode != 0 and "Traceback" not in result["run"].stderr
@@ -355,21 +372,10 @@ def test_a_forced_run_that_fails_midway_keeps_the_old_out(models, tmp_path, monk
 
 
 def test_the_cli_reports_an_os_error_without_a_traceback(models, tmp_path, monkeypatch, capsys):
-    from composer import cli
-
     (tmp_path / "recipe.yml").write_text(blend(models["first"], models["second"]))  # a merge reads its inputs
     FailingReads(monkeypatch, after=3, error=OSError(28, "No space left on device", str(tmp_path / "out")))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["compose", "recipe.yml", "out", "--no-progress"])
-    import signal
-
-    previous = signal.getsignal(signal.SIGTERM)  # main() routes SIGTERM into the cleanup path; undo that here
-    try:
-        with pytest.raises(SystemExit) as exited:
-            cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert exited.value.code != 0
+    assert compose_in_process(monkeypatch, "recipe.yml", "out", "--no-progress") != 0
     message = capsys.readouterr().err
     assert "No space left on device" in message and "out" in message and "Traceback" not in message
     assert leftovers(tmp_path) == []

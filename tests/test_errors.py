@@ -72,6 +72,7 @@ def cases(models: dict[str, Path]) -> dict[str, tuple[str | bytes | None, list[s
         "bad_device": (passthrough(llama), [*default, "--device", "tpu"]),
         "force_onto_input_model": (passthrough(llama), ["recipe.yml", str(llama), "--force"]),
         "force_onto_other_folder": (passthrough(llama), ["recipe.yml", "papers", "--force"]),
+        "nan_weight": (linear(llama, llama).replace("{weight: 0.5}", "{weight: .nan}", 1), default),
     }
 
 
@@ -216,6 +217,11 @@ def test_force_never_replaces_a_folder_that_is_not_a_model(refusals):
     assert (folder / "papers" / "thesis.txt").read_text() == "years of work"
 
 
+def test_a_nan_weight_is_refused_naming_the_key_and_line(refusals):
+    message = refused(refusals, "nan_weight")
+    assert "recipe.yml, line 4: 'models[0].parameters.weight'" in message and "finite number, not .nan" in message
+
+
 # --- in process: the same checks happen before any tensor data is read --------------------------------
 
 
@@ -268,3 +274,130 @@ def test_schema_problems_read_as_one_line_naming_the_key(text, expected):
     message = str(caught.value)
     assert expected in message
     assert "\n" not in message and "Value error" not in message
+
+
+MERGE_WITH_EVERY_NUMBER = """\
+merge_method: ties
+base_model: a
+models:
+  - model: b
+    parameters:
+      weight: {weight}
+      density: {density}
+parameters:
+  lambda: {top}
+  normalize: true
+tokenizer:
+  pad_to_multiple_of: {pad}
+random_seed: {seed}
+"""
+FINE = {"weight": "0.5", "density": "[0.2, 0.8]", "top": "[{filter: mlp, value: 0.5}, {value: 1}]", "pad": "8", "seed": "3"}
+
+
+@pytest.mark.parametrize(
+    "key, written, shown, line, location",
+    [
+        ("weight", ".nan", ".nan", 6, "models[0].parameters.weight"),
+        ("weight", ".NaN", ".nan", 6, "models[0].parameters.weight"),
+        ("weight", "-.inf", "-.inf", 6, "models[0].parameters.weight"),
+        ("weight", "nan", "'nan'", 6, "models[0].parameters.weight"),  # a YAML string, which methods read as a number
+        ("weight", "1e999", "'1e999'", 6, "models[0].parameters.weight"),
+        ("density", "[0.2, .inf, 0.8]", ".inf", 7, "models[0].parameters.density"),  # a gradient
+        ("density", "[0.2, inf]", "'inf'", 7, "models[0].parameters.density"),
+        ("top", "[{filter: mlp, value: .nan}, {value: 1}]", ".nan", 9, "parameters.lambda"),  # a filtered value
+        ("top", "{filter: mlp, value: [0, +.inf]}", ".inf", 9, "parameters.lambda"),
+        ("pad", ".inf", "", 12, "tokenizer.pad_to_multiple_of"),
+        ("seed", ".nan", "", 13, "random_seed"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key_and_line(key, written, shown, line, location):
+    from composer.recipe import parse_recipe
+
+    text = MERGE_WITH_EVERY_NUMBER.format(**(FINE | {key: written}))
+    with pytest.raises(ComposerError) as caught:
+        parse_recipe(text, "recipe.yml")
+    message = str(caught.value)
+    assert message.startswith(f"recipe.yml, line {line}: '{location}': Input should be a finite number"), message
+    assert message.endswith(f"not {shown}.") if shown else "finite number" in message
+    assert "\n" not in message and message.count("recipe.yml") == 1  # one problem, not one per member of a union
+
+
+def test_a_filter_that_reads_as_a_number_is_still_a_filter():
+    from composer.recipe import parse_recipe
+
+    recipe = parse_recipe("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [{filter: Infinity, value: 1}]\n")
+    assert recipe.models[0].parameters["weight"][0].filter == "Infinity"
+
+
+@pytest.mark.parametrize(
+    "where, line, location",
+    [
+        ("slice source", 6, "slices[0].sources[0].parameters.weight"),
+        ("slice", 7, "slices[0].parameters.weight"),
+        ("stage", 5, "stages[0].parameters.weight"),
+        ("layer range", 5, "slices[0].sources[0].layer_range[1]"),
+    ],
+)
+def test_non_finite_numbers_in_slices_and_stages_are_refused(where, line, location):
+    from composer.recipe import parse_recipe
+
+    texts = {
+        "slice source": "merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: .nan}\n",
+        "slice": "merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n    parameters:\n      weight: [1, .inf]\n",
+        "stage": "stages:\n  - name: first\n    merge_method: linear\n    parameters:\n      weight: -.inf\n    models: [{model: a}]\n",
+        "layer range": "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, .inf]\n",
+    }
+    with pytest.raises(ComposerError) as caught:
+        parse_recipe(texts[where], "recipe.yml")
+    assert str(caught.value).startswith(f"recipe.yml, line {line}: '{location}': Input should be a finite number")
+
+
+MOE_WITH_EVERY_NUMBER = """\
+base_model: a
+experts_per_token: {per_token}
+prompts_per_expert: {prompts}
+shared_expert_weight: {shared}
+experts:
+  - source_model: b
+    noise_scale: {noise}
+    residual_scale: {residual}
+stages:
+  - name: s
+    merge_method: linear
+    models: [{{model: a, parameters: {{weight: {stage}}}}}]
+"""
+MOE_FINE = {"per_token": "1", "prompts": "4", "shared": "0.5", "noise": "0.1", "residual": "1.0", "stage": "1"}
+
+
+@pytest.mark.parametrize(
+    "key, line, location",
+    [
+        ("per_token", 2, "experts_per_token"),
+        ("prompts", 3, "prompts_per_expert"),
+        ("shared", 4, "shared_expert_weight"),
+        ("noise", 7, "experts[0].noise_scale"),
+        ("residual", 8, "experts[0].residual_scale"),
+        ("stage", 12, "stages[0].models[0].parameters.weight"),
+    ],
+)
+@pytest.mark.parametrize("written", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_in_an_moe_recipe_are_refused(key, line, location, written):
+    from composer.moe.schema import parse_moe_config
+
+    with pytest.raises(ComposerError) as caught:
+        parse_moe_config(MOE_WITH_EVERY_NUMBER.format(**(MOE_FINE | {key: written})), "moe.yml")
+    message = str(caught.value)
+    assert message.startswith(f"moe.yml, line {line}: '{location}': Input should be a finite number"), message
+    assert "\n" not in message and message.count("moe.yml") == 1
+    parse_moe_config(MOE_WITH_EVERY_NUMBER.format(**MOE_FINE), "moe.yml")  # the same recipe with finite numbers is fine
+
+
+def test_a_method_parameter_given_a_non_finite_number_in_code_is_refused():
+    """The schema refuses these in a recipe file; a Parameter refuses them however they arrive."""
+    from composer.methods import METHODS
+
+    weight = METHODS["linear"].parameter("weight")
+    for value in (float("nan"), float("inf"), "nan", "-inf", "1e999"):
+        with pytest.raises(ValueError, match="finite number"):
+            weight.coerce(value)
+    assert weight.coerce("1e-5") == 1e-5 and weight.coerce(2) == 2

@@ -497,6 +497,7 @@ def test_truncated_gguf_file_names_the_file_and_a_tensor(smollm2, tmp_path: Path
 
 def test_evaluate_converts_a_gguf_through_composer(tmp_path: Path, monkeypatch):
     import composer.bundled
+    import composer.evaluate
     from composer.evaluate import gguf_cache_name, load_model
 
     folder = tmp_path / "converted"
@@ -516,8 +517,10 @@ def test_evaluate_converts_a_gguf_through_composer(tmp_path: Path, monkeypatch):
         return folder
 
     monkeypatch.setattr(composer.bundled, "converted", fake_converted)
+    checked = []  # the stand-in file is no GGUF: composer's check of it (test_eval_errors.py) is recorded, not run
+    monkeypatch.setattr(composer.evaluate, "check_model", lambda reference, path: checked.append(path))
     model, tokenizer = load_model(str(gguf))
-    assert calls == [(gguf, gguf_cache_name(gguf))]
+    assert checked == [gguf] and calls == [(gguf, gguf_cache_name(gguf))]
     assert model.config.num_hidden_layers == 2 and tokenizer("hello world")["input_ids"] == [1, 2]
 
     name = gguf_cache_name(gguf)

@@ -5,6 +5,7 @@ Adding a method is one function in a module here and one `register(...)` line be
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,11 +36,17 @@ class Parameter:
             raise ValueError(f"'{self.name}' must be true or false, not {value!r}")
         if isinstance(value, str):
             try:  # YAML 1.1 reads `1e-5` (no decimal point) as a string; mergekit takes it as the number
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
+            else:  # but not 'nan', 'inf' or '1e999'
+                if not math.isfinite(number):
+                    raise ValueError(f"'{self.name}' must be a finite number, not {value!r}")
+                return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"'{self.name}' must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"'{self.name}' must be a finite number, not {value!r}")
         return value
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+import math
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, StrictBool, StrictFloat, StrictInt,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, str]
 # a list of numbers: a gradient, interpolated linearly over the layers of a slice
@@ -14,7 +17,8 @@ Steps = Annotated[list[str], Field(min_length=1)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: YAML's .nan, .inf and -.inf are floats, and no recipe number may be one
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ConditionalParameter(Strict):
@@ -24,7 +28,32 @@ class ConditionalParameter(Strict):
     value: Union[Scalar, Gradient, Steps]
 
 
-ParameterSetting = Union[Scalar, Gradient, Steps, ConditionalParameter, Annotated[list[ConditionalParameter], Field(min_length=1)]]
+def _non_finite(value: Any) -> float | str | None:
+    """The first NaN or infinity in a parameter setting (a number, a list, a {filter, value} entry), as written, or None.
+    Strings count too: YAML reads `nan`, `inf` and `1e999` as strings, and methods take numbers written as strings."""
+    if isinstance(value, (float, str)):
+        try:
+            number = float(value.strip()) if isinstance(value, str) else value
+        except ValueError:
+            return None
+        return None if math.isfinite(number) else value
+    items = [value.get("value")] if isinstance(value, dict) else value if isinstance(value, list) else ()  # a filter is a name, not a number
+    return next((found for found in map(_non_finite, items) if found is not None), None)
+
+
+def _refuse_non_finite(value: Any) -> Any:
+    # before the union is tried: otherwise every member of it reports its own failure
+    found = _non_finite(value)
+    if found is not None:
+        written = repr(found) if isinstance(found, str) else ".nan" if math.isnan(found) else ".inf" if found > 0 else "-.inf"
+        raise PydanticCustomError("finite_number", "Input should be a finite number, not {written}", {"written": written})
+    return value
+
+
+ParameterSetting = Annotated[
+    Union[Scalar, Gradient, Steps, ConditionalParameter, Annotated[list[ConditionalParameter], Field(min_length=1)]],
+    BeforeValidator(_refuse_non_finite),
+]
 Parameters = dict[str, ParameterSetting]
 
 
