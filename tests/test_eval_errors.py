@@ -62,8 +62,8 @@ DAMAGES = {
     "safetensors_header_not_json": (
         lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:8] + b"{not json" + (f / "model.safetensors").read_bytes()[17:]),
         "model.safetensors", ["header"]),
-    "pickled_class_instance": (lambda f: as_bin(f, {"thing": Pickled()}), "pytorch_model.bin", ["could not be read"]),
-    "truncated_bin": (lambda f: (as_bin(f, load_state(f)), cut_in_half(f / "pytorch_model.bin")), "pytorch_model.bin", []),
+    "pickled_class_instance": (lambda f: as_bin(f, {"thing": Pickled()}), "pytorch_model.bin", ["pickled object of type", "Pickled", "never runs code"]),
+    "truncated_bin": (lambda f: (as_bin(f, load_state(f)), cut_in_half(f / "pytorch_model.bin")), "pytorch_model.bin", ["truncated or damaged"]),
     "no_config": (lambda f: (f / "config.json").unlink(), "", ["no config.json"]),
     "config_not_json": (lambda f: (f / "config.json").write_text("{not json"), "config.json", ["not valid JSON"]),
     "unknown_architecture": (lambda f: edit_config(f, model_type="flibbertigibbet", architectures=["FlibForCausalLM"]), "config.json", ["'flibbertigibbet'"]),

@@ -174,19 +174,34 @@ class TorchBinFolder(FolderFilesMixin, ModelSource):
 def _load_mapped(path: Path) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "zip" in str(error).lower() or "mmap" in str(error).lower():
-            raise ComposerError(
-                f"{path} is a PyTorch checkpoint in the legacy (pre-1.6, non-zip) format, which cannot be memory-mapped "
-                "and so cannot be read one tensor at a time. Re-save it with torch.save or convert it to safetensors."
-            ) from None
-        raise ComposerError(f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error}).") from None
-    except Exception as error:  # torch raises many types for a damaged or unsafe pickle
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ComposerError(f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {message}).") from None
+    except Exception as error:  # torch raises many types for a damaged, foreign or unsafe file
+        raise ComposerError(_load_failure(path, error)) from None
     if not isinstance(state, dict):
         raise ComposerError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors.")
     return state
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """What went wrong opening a PyTorch checkpoint, told from the file itself, not only torch's words."""
+    import re
+    import zipfile
+
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"{path} holds a pickled object of type {refused.group(1)}, which is not plain tensor data; composer never runs "
+                "code from a checkpoint (weights_only), so it cannot read this file. Convert it to safetensors where you trust it.")
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    if not zipfile.is_zipfile(path):
+        if start[:1] == b"\x80":  # a pickle protocol header: torch.save's legacy format
+            return (f"{path} is a PyTorch checkpoint in the legacy (pre-1.6, non-zip) format, which cannot be memory-mapped "
+                    "and so cannot be read one tensor at a time. Re-save it with torch.save or convert it to safetensors.")
+        if start[:2] == b"PK":
+            return f"{path} is a PyTorch checkpoint that is truncated or damaged (its zip directory is missing). Download or copy it again."
+        return f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)."
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{path} could not be read as a PyTorch checkpoint ({type(error).__name__}: {first}). It may be damaged: download or copy it again."
 
 
 def open_folder(reference: str, folder: Path) -> ModelSource:
