@@ -13,7 +13,7 @@ from enum import IntEnum
 import numpy as np
 
 from tokensurgery.pieces import is_whitespace_run, pieces_before_word
-from tokensurgery.vocabulary import BYTE_TOKEN, Vocabulary
+from tokensurgery.vocabulary import BYTE_TOKEN, Vocabulary, surface_index
 
 # turn markers of chat templates, by role; a target's marker takes the row of the model's marker of the same role
 CHAT_ROLES = {
@@ -60,20 +60,6 @@ class Alignment:
 
     def is_identity(self) -> bool:
         return len(self.model) == len(self.target) and bool((self.source_ids == np.arange(len(self.target))).all())
-
-
-def surface_index(vocabulary: Vocabulary) -> dict[bytes, int]:
-    """Text -> id, preferring an ordinary token to a byte-fallback token for the same byte, then the lower id."""
-    index: dict[bytes, int] = {}
-    byte_tokens: dict[bytes, int] = {}
-    for token_id, (token, surface) in enumerate(zip(vocabulary.tokens, vocabulary.surfaces)):
-        if not surface:
-            continue
-        place = byte_tokens if BYTE_TOKEN.match(token) else index
-        place.setdefault(surface, token_id)
-    for surface, token_id in byte_tokens.items():
-        index.setdefault(surface, token_id)
-    return index
 
 
 def _is_control(vocabulary: Vocabulary, token_id: int) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokensurgery.vocabulary import Vocabulary
+from tokensurgery.vocabulary import Vocabulary, surface_index
 
 WORD_AFTER = "x"  # a letter put after a run of whitespace, to see how a tokenizer splits the run in front of a word
 
@@ -70,8 +70,6 @@ def split_into_model_pieces(texts: list[bytes | None], model: Vocabulary) -> Pie
     """The model's tokens for each text (None or empty: no pieces), split as the model's tokenizer splits it
     in running text. Bytes that are not whole UTF-8 characters (a byte-level token can hold half a
     character) take the model's single-byte tokens where it has them."""
-    from tokensurgery.alignment import surface_index
-
     single_bytes = {surface[0]: token_id for surface, token_id in surface_index(model).items() if len(surface) == 1}
     decoded: list[str] = []
     positions: list[int] = []

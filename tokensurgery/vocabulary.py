@@ -234,3 +234,17 @@ def verbatim_tokenizer(spec: dict):
 
     changed = dict(spec, normalizer=_verbatim(spec.get("normalizer")), pre_tokenizer=_verbatim(spec.get("pre_tokenizer")), post_processor=None)
     return Tokenizer.from_str(json.dumps(changed))
+
+
+def surface_index(vocabulary: Vocabulary) -> dict[bytes, int]:
+    """Text -> id, preferring an ordinary token to a byte-fallback token for the same byte, then the lower id."""
+    index: dict[bytes, int] = {}
+    byte_tokens: dict[bytes, int] = {}
+    for token_id, (token, surface) in enumerate(zip(vocabulary.tokens, vocabulary.surfaces)):
+        if not surface:
+            continue
+        place = byte_tokens if BYTE_TOKEN.match(token) else index
+        place.setdefault(surface, token_id)
+    for surface, token_id in byte_tokens.items():
+        index.setdefault(surface, token_id)
+    return index
