@@ -149,7 +149,7 @@ def plan(
         budget = _size(memory_budget)
         check_recipe_file(recipe)  # fast feedback on the recipe itself (merge or MoE), before the heavy imports
         from composer.compose import plan_from_file
-        from composer.execute import make_schedule
+        from composer.plan.schedule import make_schedule
         from composer.plan.show import format_plan
 
         _, built = plan_from_file(recipe)

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_state, logits_of, save_tiny_model
 
 from composer.compose import compose_text
-from composer.execute import ExecutionOptions, make_schedule
+from composer.execute import ExecutionOptions
 from composer.plan import build_plan
+from composer.plan.schedule import make_schedule
 from composer.recipe import parse_recipe
-from helpers import load_state, logits_of, save_tiny_model
 
 UPSCALE = """merge_method: passthrough
 slices:
@@ -206,7 +207,7 @@ def test_the_partial_folder_of_a_killed_run_is_cleared_by_the_next_run(tmp_path:
 def test_whole_tensor_methods_declare_their_temporaries_to_the_schedule(tmp_path: Path):
     """A method that holds several tensor-sized buffers says so, and the step estimate that sizes the
     input cache grows with it: karcher over three models holds six, linear (chunked) the default two."""
-    from composer.execute.schedule import step_bytes
+    from composer.plan.schedule import step_bytes
 
     models = [save_tiny_model(tmp_path / f"m{i}", layers=2, seed=i) for i in range(3)]
     listed = "".join(f"  - model: {model}\n" for model in models)

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_state, logits_of, save_tiny_model
 
 from composer.compose import compose_text, plan_from_file
 from composer.errors import ComposerError
-from composer.execute import ExecutionOptions, make_schedule
+from composer.execute import ExecutionOptions
+from composer.plan.schedule import make_schedule
 from composer.plan.show import format_plan
-from helpers import load_state, logits_of, save_tiny_model
 
 
 @pytest.fixture(scope="module")

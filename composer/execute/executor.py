@@ -27,11 +27,11 @@ from composer.execute.journal import (
     read_identity,
 )
 from composer.execute.output_folder import OutputFolder
-from composer.execute.schedule import make_schedule, step_bytes
 from composer.execute.writer import ShardedWriter
 from composer.memory import recycling
 from composer.native.scan import holds_nonfinite
 from composer.plan.model import Plan, TensorRef
+from composer.plan.schedule import make_schedule, step_bytes
 from composer.signals import Interrupted
 
 GIB = 1024**3

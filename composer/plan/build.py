@@ -15,7 +15,13 @@ from composer.methods import MergeMethod, get_method, parameter_names
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
 from composer.plan.transformers_facts import checked_loadable, config_defaults
-from composer.plan.vocabulary import OutputVocabulary, VocabularyKeyError, VocabularyMerge, VocabularyRequest, plan_vocabulary
+from composer.plan.vocabulary import (
+    OutputVocabulary,
+    VocabularyKeyError,
+    VocabularyMerge,
+    VocabularyRequest,
+    plan_vocabulary,
+)
 from composer.recipe.load import RecipeKeyError, path_text
 from composer.recipe.parameters import evaluate, layer_t
 from composer.recipe.schema import Merge, OutputSlice, SliceSource

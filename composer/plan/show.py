@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from composer.execute.schedule import Schedule, describe_dtype
 from composer.plan.model import Plan
+from composer.plan.schedule import Schedule, describe_dtype
 
 
 def _bytes(count: int) -> str:

@@ -1,4 +1,5 @@
-"""Order the work so that tensors sharing an input run back to back, and predict resident memory."""
+"""Order the work so that tensors sharing an input run back to back, and predict resident memory: a function of
+the plan alone, which `compose plan` shows and the executor follows."""
 
 from __future__ import annotations
 
