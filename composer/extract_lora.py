@@ -170,7 +170,7 @@ def _layout(targets: list[Target], rank: int, finetune: ModelSource, whole: dict
     from composer.plan.model import Operation, PlannedTensor, first_input
 
     infos = finetune.tensor_infos()
-    written = Operation("extract-lora", first_input)
+    written = Operation(label="extract-lora", fn=first_input)
 
     def planned(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> PlannedTensor:
         return PlannedTensor(SAVED_PREFIX + name, shape, dtype, (), written)

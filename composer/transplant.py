@@ -118,7 +118,7 @@ def _rebuild_operation(transplant, weight: WeightDefinition, with_donor: bool, c
         return rebuilt.rows.movedim(0, axis).contiguous()
 
     arguments = {"estimator": transplant.settings.name, "rows": transplant.size}
-    return Operation("tokenizer transplant", rebuild, arguments)
+    return Operation(label="tokenizer transplant", fn=rebuild, arguments=arguments)
 
 
 def _config_or_none(source: ModelSource) -> dict | None:

@@ -258,7 +258,7 @@ class _MoEPlanner:
             parts = [_expert_operation(s, n, seed + i).fn([x]) for i, (x, s, n) in enumerate(zip(inputs, scales, noises))]
             return torch.stack([torch.cat(parts[i : i + _per]) for i in range(0, len(parts), _per)])
 
-        return PlannedTensor(name, shape, self.out_dtype or infos[0].dtype, tuple(refs), Operation("stack experts", stack, {"experts": len(self.config.experts)}, torch.float32, light=True))
+        return PlannedTensor(name, shape, self.out_dtype or infos[0].dtype, tuple(refs), Operation(label="stack experts", fn=stack, arguments={"experts": len(self.config.experts)}, compute_dtype=torch.float32, light=True))
 
     def _gate_tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         # the layer's post-attention norm weight is listed as the input so the tensor has a place in the read order
@@ -267,7 +267,7 @@ class _MoEPlanner:
         hidden = info.shape[0]
         dtype = self.out_dtype or self._info(self.base, "model.embed_tokens.weight").dtype
         if what.kind == "shared_gate":
-            return PlannedTensor(name, (1, hidden), dtype, (TensorRef(self.base, anchor),), Operation("zeros (shared expert weight fixed)", _zeros_like_row))
+            return PlannedTensor(name, (1, hidden), dtype, (TensorRef(self.base, anchor),), Operation(label="zeros (shared expert weight fixed)", fn=_zeros_like_row))
         computer, layer, seed = self.computer, what.layer, tensor_seed(self.config.random_seed or 0, name)
 
         def router(inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -276,7 +276,7 @@ class _MoEPlanner:
         arguments = {"mode": self.config.gate_mode}
         if self.config.uses_prompts:
             arguments.update(pooling=self.config.pooling, rows=self.config.gate_rows)
-        return PlannedTensor(name, (len(self.config.experts), hidden), dtype, (TensorRef(self.base, anchor),), Operation("router gate", router, arguments))
+        return PlannedTensor(name, (len(self.config.experts), hidden), dtype, (TensorRef(self.base, anchor),), Operation(label="router gate", fn=router, arguments=arguments))
 
     def _check_shapes(self, tensors: list[PlannedTensor], expected: dict[str, tuple], intermediate: int, hidden: int) -> None:
         """Tensors saved under the names transformers uses in memory must have its shapes; per-expert tensors
@@ -313,7 +313,7 @@ def _expert_operation(scale: float, noise: float, seed: int) -> Operation:
         return tensor * scale if scale != 1.0 else tensor
 
     arguments = ({"scale": scale} if scale != 1.0 else {}) | ({"noise_scale": noise} if noise else {})
-    return Operation("expert", apply, arguments, torch.float32, light=True)
+    return Operation(label="expert", fn=apply, arguments=arguments, compute_dtype=torch.float32, light=True)
 
 
 def build_moe_plan(config: MoEConfig, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None, prompt_model=None) -> Plan:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +262,8 @@ class _Planner:
         compute_dtype = self.compute_dtype if (method.blends or scaled) else None
         temporaries = method.temporaries(len(others), params) if method.temporaries else 2.0
         verbatim = method.copies and not scaled and len(sources) == 1
-        return Operation(method.name, run, params, compute_dtype, temporaries, method.light, method.copies, verbatim), ordered
+        return Operation(label=method.name, fn=run, arguments=params, compute_dtype=compute_dtype, temporaries=temporaries,
+                         light=method.light, copies=method.copies, verbatim=verbatim), ordered
 
     # --- tensors ------------------------------------------------------------------------------
     def plan_tensor(
@@ -430,7 +431,7 @@ def _in_output_vocabulary(operation: Operation, vocabulary: VocabularyMerge, mod
         rebuilt = vocabulary.rebuild(by_model)
         return operation.fn([rebuilt[model].movedim(0, axis).contiguous() if axis else rebuilt[model] for model in models])
 
-    return Operation(operation.label, run, dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), operation.compute_dtype, operation.temporaries, operation.light, operation.copies)  # not verbatim: rows change
+    return replace(operation, fn=run, arguments=dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), verbatim=False)  # rows change
 
 
 def _vocabulary_key(recipe: Merge, location: tuple) -> tuple:

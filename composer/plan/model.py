@@ -16,7 +16,7 @@ class TensorRef:
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Operation:
     """`fn(inputs) -> tensor`; `label` and `arguments` are only for showing the plan."""
 
@@ -28,13 +28,23 @@ class Operation:
     light: bool = False  # bound by reading and writing, not computing: run on one core fewer than the machine has
     copies: bool = False  # only copies (or scales) what it reads: a merge on a GPU runs it on the CPU, with no round trip
     verbatim: bool = False  # its result is its one input unchanged: the bytes may go file to file, never through memory
+    working_dtype: torch.dtype | None = None  # the dtype of its temporaries when it is not compute_dtype (a fused stage's steps)
+
+    def buffers(self, input_dtypes) -> float:
+        """Tensor-sized buffers the step holds beyond its inputs and result: its temporaries and its inputs converted
+        to `compute_dtype` (none without one), or, with a `working_dtype`, its temporaries as declared."""
+        if self.working_dtype is not None:
+            return self.temporaries
+        if self.compute_dtype is None:
+            return 0.0
+        return self.temporaries + sum(1 for dtype in input_dtypes if dtype != self.compute_dtype)
 
 
 def first_input(inputs: list[torch.Tensor]) -> torch.Tensor:
     return inputs[0]
 
 
-COPY = Operation("copy", first_input, light=True, copies=True, verbatim=True)  # an output tensor that is one input as read
+COPY = Operation(label="copy", fn=first_input, light=True, copies=True, verbatim=True)  # an output tensor that is one input as read
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,13 @@ def _input_rank(plan: Plan) -> dict[TensorRef, tuple[int, int]]:
 
 
 def step_bytes(plan: Plan, tensor: PlannedTensor) -> int:
-    """Memory one step needs beyond cached inputs: compute-dtype copies and the output."""
+    """Memory one step needs beyond cached inputs: the output, and the buffers its operation holds (inputs converted
+    to its compute dtype and its temporaries; for a fused stage, every nested step's as well)."""
     infos = [plan.sources[ref.model].tensor_infos()[ref.name] for ref in tensor.inputs]
     count = tensor.nbytes // tensor.dtype.itemsize
-    working = tensor.nbytes
-    compute = tensor.operation.compute_dtype
-    if compute is not None:
-        working += sum(count * compute.itemsize for info in infos if info.dtype != compute)
-        working += int(tensor.operation.temporaries * count * compute.itemsize)  # the method's own estimate (two by default)
-    return working
+    operation = tensor.operation
+    size = (operation.working_dtype or operation.compute_dtype or tensor.dtype).itemsize
+    return tensor.nbytes + int(operation.buffers([info.dtype for info in infos]) * count * size)
 
 
 def make_schedule(plan: Plan, memory_budget: int | None = None) -> Schedule:

@@ -9,7 +9,7 @@ between stages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Union
 
@@ -73,6 +73,13 @@ class _Step:
         values = [leaves[a] if isinstance(a, int) else a.run(leaves).to(a.dtype) for a in self.arguments]
         return _apply(self.operation, values)
 
+    def buffers(self, leaf_dtypes: list[torch.dtype]) -> float:
+        """Tensor-sized buffers held at most while the tree runs, counted as if all were held at once: each step's own
+        (Operation.buffers) and each nested step's result."""
+        dtypes = [leaf_dtypes[a] if isinstance(a, int) else a.dtype for a in self.arguments]
+        nested = [a for a in self.arguments if not isinstance(a, int)]
+        return self.operation.buffers(dtypes) + sum(1 + step.buffers(leaf_dtypes) for step in nested)
+
 
 def _describe(step: _Step, refs: list[TensorRef], stage_of: dict[int, str]) -> str:
     from composer.plan.show import format_arguments
@@ -87,7 +94,7 @@ def _describe(step: _Step, refs: list[TensorRef], stage_of: dict[int, str]) -> s
     return ", ".join(parts)
 
 
-def _fuse_tensor(planned: PlannedTensor, stages: dict[str, StageSource]) -> PlannedTensor:
+def _fuse_tensor(planned: PlannedTensor, stages: dict[str, StageSource], sources: dict[str, ModelSource]) -> PlannedTensor:
     leaves: list[TensorRef] = []
     stage_of: dict[int, str] = {}
 
@@ -108,9 +115,12 @@ def _fuse_tensor(planned: PlannedTensor, stages: dict[str, StageSource]) -> Plan
     root = expand(planned)
     if all(isinstance(argument, int) for argument in root.arguments):
         return planned
-    arguments = dict(planned.operation.arguments)
     label = f"{planned.operation.label}({_describe(root, leaves, stage_of)})"
-    operation = Operation(label, root.run, arguments, None)
+    leaf_dtypes = [sources[ref.model].tensor_infos()[ref.name].dtype for ref in leaves]
+    # the fused step converts nothing itself (each nested step converts its own inputs), so its buffers are declared
+    # as temporaries of the widest dtype they can take
+    operation = replace(planned.operation, label=label, fn=root.run, compute_dtype=None, temporaries=root.buffers(leaf_dtypes),
+                        working_dtype=torch.float32, verbatim=False)
     return PlannedTensor(planned.name, planned.shape, planned.dtype, tuple(leaves), operation)
 
 
@@ -166,7 +176,7 @@ def plan_with_stages(
     methods.append((output_name, output.method))
     leaves = {reference: source for reference, source in sources.items() if reference not in planned}
     return Plan(
-        tensors=[_fuse_tensor(tensor, planned) for tensor in output.tensors], sources=leaves, config=output.config,
+        tensors=[_fuse_tensor(tensor, planned, leaves) for tensor in output.tensors], sources=leaves, config=output.config,
         tokenizer_source=_tokenizer_root(output.tokenizer_source, planned), recipe_text=recipe_text,
         method=" -> ".join(f"{name}: {method}" for name, method in methods), parents=parents,
         chat_template=output.chat_template, notes=output.notes, stages=methods,
