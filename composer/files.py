@@ -69,7 +69,9 @@ def read_bytes(path: Path, what: str = "", limit: int = SMALL_FILE_LIMIT) -> byt
     descriptor = open_regular(path, what)
     with os.fdopen(descriptor, "rb") as handle:
         size = os.fstat(descriptor).st_size
-        data = b"" if size > limit else handle.read(limit + 1)  # + 1: a file that grows past the limit is caught too
+        data = b"" if size > limit else handle.read(size + 1)
+        if size < len(data) <= limit:  # it grew, or does not know its size (/proc): read on, one byte past the limit
+            data += handle.read(limit + 1 - len(data))
     if size > limit or len(data) > limit:
         raise ComposerError(
             f"{_named(path, what)} is larger than the {_size_text(limit)} composer reads from such a file; "

@@ -18,6 +18,7 @@ from composer.files import printable
 
 MAX_VALUES = 100_000
 MAX_DEPTH = 100
+MAX_NUMBER_LENGTH = 4300  # Python's own limit on the digits of an int read from text
 
 
 def path_text(location: tuple) -> str:
@@ -63,12 +64,24 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_number(self, node):
+        # PyYAML builds a sexagesimal number (1:2:3, YAML 1.1) with one big-integer product a part: a long one takes hours
+        if len(node.value) > MAX_NUMBER_LENGTH:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number written with {len(node.value)} characters (composer reads at most {MAX_NUMBER_LENGTH})", node.start_mark
+            )
+        return (self.construct_yaml_int if node.tag.endswith(":int") else self.construct_yaml_float)(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_number)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_number)
+
 
 def _too_big(source_name: str, line: int, deep: bool, aliases: bool) -> str:
     where = f"{source_name}, line {line}"
     if deep:
         through = " (counting what its aliases stand for)" if aliases else ""
-        return f"{where}: the YAML nests more than {MAX_DEPTH} levels deep{through}; a recipe needs only a few levels."
+        return f"{where}: the YAML nests more than {MAX_DEPTH} levels deep{through}; real files need only a few levels."
     if aliases:
         return (
             f"{where}: its aliases expand too far: written out, the YAML would hold more than {MAX_VALUES} values "

@@ -85,6 +85,15 @@ def _file(name: str, data: bytes) -> Path:
     return path
 
 
+# values of every JSON type (and YAML's), put in the place of header fields and recipe values
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    | st.sampled_from(["F32", "BF16", "F16", "I64", "Q9", "9" * 5000]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
 # ---- recipes --------------------------------------------------------------------------------------------
 
 SEED_RECIPES = [
@@ -170,8 +179,25 @@ def mutated_recipes(draw) -> str:
     return text
 
 
+@st.composite
+def retyped_recipes(draw) -> str:
+    """A seed recipe with values somewhere in it replaced by values of other types, written back as YAML."""
+    import yaml
+
+    data = yaml.safe_load(draw(st.sampled_from(SEED_RECIPES)))
+    for _ in range(draw(st.integers(1, 3))):
+        parent, key = None, None
+        node = data
+        while isinstance(node, (dict, list)) and node and draw(st.booleans()):
+            parent, key = node, draw(st.sampled_from(sorted(node, key=str) if isinstance(node, dict) else range(len(node))))
+            node = node[key]
+        if parent is not None:
+            parent[key] = draw(json_values)
+    return yaml.safe_dump(data)
+
+
 def recipe_texts():
-    return st.one_of(mutated_recipes(), alias_bombs(), nested_recipes(), st.text(max_size=200))
+    return st.one_of(mutated_recipes(), retyped_recipes(), alias_bombs(), nested_recipes(), st.text(max_size=200))
 
 
 def check_recipe(text: str) -> str:
@@ -248,13 +274,6 @@ def mutated_bytes(draw, seed: bytes, keep: int = 0) -> bytes:
             del data[position : position + draw(st.integers(1, 16))]
     return bytes(data)
 
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
-    | st.sampled_from(["F32", "BF16", "F16", "I64", "Q9", "9" * 5000]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12,
-)
 
 
 @st.composite

@@ -375,6 +375,8 @@ def test_recipe_key_errors_name_the_key_and_line_without_a_file(models, tmp_path
         ("[a, b]\n", "must be a YAML mapping"),
         ("", "it is empty"),
         ("merge_method: linear\nmodels:\n  - model: a\n    parametres: {weight: 1}\n", "line 4: unknown key 'models[0].parametres'. Did you mean 'parameters'?"),
+        ("merge_method: linear\nmodels: 5\n", "recipe, line 2: 'models': Input should be a valid list"),
+        ("merge_method: passthrough\nslices: [{sources: true}]\n", "recipe, line 2: 'slices[0].sources': Input should be a valid list"),
     ],
 )
 def test_schema_problems_read_as_one_line_naming_the_key(text, expected):
@@ -399,6 +401,8 @@ def test_anchors_aliases_and_merge_keys_work_as_before_with_lines_where_the_text
         parse_recipe("merge_method: linear\nmodels: &a [*a]\n")
     with pytest.raises(ComposerError, match=r"recipe: a value cannot be read \(month must be in 1..12\)"):
         parse_recipe("merge_method: linear\nname: 2024-13-45\n")
+    with pytest.raises(ComposerError, match="recipe, line 2, column 7: not valid YAML: a number written with 200001 characters"):
+        parse_recipe("merge_method: linear\nname: 1" + ":1" * 100_000 + "\n")  # sexagesimal: PyYAML's product would take minutes
 
 
 def test_moe_configs_get_the_same_bounds():

@@ -31,6 +31,11 @@ def model_reference(value: Any) -> Any:
     return f"{reference}+{lora}" if lora else reference
 
 
+def _listed(value: Any) -> list:
+    """The items of a recipe value meant to be a list; none for anything else (validation reports it)."""
+    return value if isinstance(value, list) else []
+
+
 def normalise_mergekit(data: dict) -> dict:
     data = dict(data)
     if isinstance(data.get("stages"), list):
@@ -38,15 +43,15 @@ def normalise_mergekit(data: dict) -> dict:
     for key in ("base_model", "tokenizer_source"):
         if key in data:
             data[key] = model_reference(data[key])
-    for entry in data.get("models") or []:
+    for entry in _listed(data.get("models")):
         if isinstance(entry, dict) and "model" in entry:
             entry["model"] = model_reference(entry["model"])
-    for output_slice in data.get("slices") or []:
+    for output_slice in _listed(data.get("slices")):
         if not isinstance(output_slice, dict):
             continue
         if "base_model" in output_slice:
             output_slice["base_model"] = model_reference(output_slice["base_model"])
-        for source in output_slice.get("sources") or []:
+        for source in _listed(output_slice.get("sources")):
             if isinstance(source, dict) and "model" in source:
                 source["model"] = model_reference(source["model"])
     tokenizer = data.get("tokenizer")
