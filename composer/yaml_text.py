@@ -65,16 +65,31 @@ class _BoundedLoader(yaml.SafeLoader):
             self.depth -= 1
 
     def construct_number(self, node):
-        # PyYAML builds a sexagesimal number (1:2:3, YAML 1.1) with one big-integer product a part: a long one takes hours
+        # PyYAML builds a sexagesimal number (1:2:3, YAML 1.1) with one big-integer product a part: a long one takes
+        # hours; and it reads a tagged value (`!!int`, `!!float`) without checking it first
         if len(node.value) > MAX_NUMBER_LENGTH:
             raise yaml.constructor.ConstructorError(
                 None, None, f"a number written with {len(node.value)} characters (composer reads at most {MAX_NUMBER_LENGTH})", node.start_mark
             )
-        return (self.construct_yaml_int if node.tag.endswith(":int") else self.construct_yaml_float)(node)
+        try:
+            return (self.construct_yaml_int if node.tag.endswith(":int") else self.construct_yaml_float)(node)
+        except (ValueError, IndexError):
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value[:40]!r} is not a number", node.start_mark) from None
+
+    def construct_bool(self, node):
+        if self.construct_scalar(node).lower() not in self.bool_values:
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value[:40]!r} is not true or false", node.start_mark)
+        return self.construct_yaml_bool(node)
+
+    def construct_timestamp(self, node):
+        if self.timestamp_regexp.match(self.construct_scalar(node)) is None:
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value[:40]!r} is not a date or time", node.start_mark)
+        return self.construct_yaml_timestamp(node)
 
 
-_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_number)
-_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_number)
+for _tag, _constructor in (("int", _BoundedLoader.construct_number), ("float", _BoundedLoader.construct_number),
+                           ("bool", _BoundedLoader.construct_bool), ("timestamp", _BoundedLoader.construct_timestamp)):
+    _BoundedLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _constructor)
 
 
 def _too_big(source_name: str, line: int, deep: bool, aliases: bool) -> str:

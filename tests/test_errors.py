@@ -403,6 +403,11 @@ def test_anchors_aliases_and_merge_keys_work_as_before_with_lines_where_the_text
         parse_recipe("merge_method: linear\nname: 2024-13-45\n")
     with pytest.raises(ComposerError, match="recipe, line 2, column 7: not valid YAML: a number written with 200001 characters"):
         parse_recipe("merge_method: linear\nname: 1" + ":1" * 100_000 + "\n")  # sexagesimal: PyYAML's product would take minutes
+    tagged_values = [("!!timestamp soon", "'soon' is not a date or time"), ("!!bool maybe", "'maybe' is not true or false"),
+                     ("!!float ''", "'' is not a number"), ("!!int 0x", "'0x' is not a number")]
+    for tagged, expected in tagged_values:
+        with pytest.raises(ComposerError, match=f"recipe, line 2, column 7: not valid YAML: {expected}"):
+            parse_recipe(f"merge_method: linear\nname: {tagged}\n")
 
 
 def test_moe_configs_get_the_same_bounds():

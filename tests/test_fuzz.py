@@ -26,7 +26,7 @@ def budget(examples: int) -> settings:
     return settings(FUZZ, max_examples=examples)
 
 
-@budget(300)
+@budget(200)
 @given(recipe_texts())
 def test_recipe_parsers_refuse_or_accept_every_text(text):
     check_recipe(text)
