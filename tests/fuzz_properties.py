@@ -12,9 +12,11 @@ nesting for recipes; random JSON values put in the place of header fields.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import re
+import shutil
 import signal
 import struct
 import tempfile
@@ -30,6 +32,7 @@ from composer.errors import ComposerError
 
 TIME_LIMIT = 10.0  # seconds for one input; each takes milliseconds, so only a hang comes near it
 _scratch = Path(tempfile.mkdtemp(prefix="composer-fuzz-"))
+atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
 
 
 class TooSlow(Exception):
