@@ -168,19 +168,10 @@ def evaluate(
     """Perplexity, token count and bits per byte of MODEL on text files."""
 
     def action():
-        from composer.errors import ComposerError
         from composer.evaluate import load_model, score_text
+        from composer.files import read_text_to_score
 
-        texts = []
-        for path in text:  # every text is checked before the (slow) model load
-            if not path.is_file():
-                raise ComposerError(f"Text file {path} does not exist.")
-            try:
-                texts.append(path.read_text(encoding="utf-8"))
-            except UnicodeDecodeError as error:
-                raise ComposerError(f"Text file {path} is not UTF-8 text (byte {error.start} cannot be decoded).") from None
-            if not texts[-1].strip():
-                raise ComposerError(f"Text file {path} is empty; there is nothing to score.")
+        texts = [read_text_to_score(path) for path in text]  # every text is checked before the (slow) model load
         loaded, tokenizer = load_model(model)
         scores = [score_text(loaded, tokenizer, content, text_name=str(path), model_name=model) for path, content in zip(text, texts)]
         typer.echo(f"{'text':<40} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")

@@ -75,10 +75,12 @@ def _input_paths(plan: Plan) -> dict[str, Path]:
 def _write_chat_template(folder: Path, template: str) -> None:
     import json
 
+    from composer.files import read_json_object
+
     text = template_text(template)
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
-        settings = json.loads(config_path.read_text())
+        settings = read_json_object(config_path)
         settings["chat_template"] = text
         config_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
     (folder / "chat_template.jinja").write_text(text)

@@ -16,6 +16,7 @@ import torch
 from composer.architecture import WeightDefinition, architecture_for
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport
+from composer.files import read_text_to_score
 from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
 from composer.sources import ModelSource, local_path, open_source
 from composer.sources.base import FolderFilesMixin
@@ -266,21 +267,6 @@ def format_summary(summary: TransplantSummary) -> str:
     return "\n".join(lines)
 
 
-def read_texts(paths: list[Path]) -> list[str]:
-    """The --text files, each checked before any slow work."""
-    texts = []
-    for path in paths:
-        problem = None if path.is_file() else "does not exist"
-        try:
-            content = "" if problem else path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            content, problem = "", f"is not UTF-8 text (byte {error.start} cannot be decoded)"
-        if problem or not content.strip():
-            raise ComposerError(f"Text file {path} {problem or 'is empty; there is nothing to score'}.")
-        texts.append(content)
-    return texts
-
-
 def scores(model_path: str, texts: list[str]) -> list:
     """composer.evaluate's TextScore (bits per byte, perplexity per token) of each text under the model and its own tokenizer."""
     from composer.evaluate import load_model, score_text
@@ -292,7 +278,7 @@ def scores(model_path: str, texts: list[str]) -> list:
 def transplant_command(model_ref: str, donor_ref: str, out: Path, options: TransplantOptions, execution: ExecutionOptions,
                        report: bool, text_paths: list[Path], echo) -> TransplantSummary:
     """What `compose transplant` does: write OUT, then (with `report`) print the counts and bits per byte before and after."""
-    texts = read_texts(text_paths)
+    texts = [read_text_to_score(path) for path in text_paths]  # each checked before any slow work
     written, summary = run_transplant(model_ref, donor_ref, out, options, execution)
     echo(f"wrote {written.tensors} tensors ({written.bytes_written / 1e6:.1f} MB) to {written.out} in {written.seconds:.1f} s")
     if report:

@@ -33,6 +33,21 @@ def linear(first, second) -> str:
     return f"merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 0.5}}\n  - model: {second}\n    parameters: {{weight: 0.5}}\n"
 
 
+def laughs(levels: int = 9) -> list[str]:
+    """A "billion laughs": anchored lists of nine aliases to the list before, `levels` deep (9**levels values)."""
+    lists = ["&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lists += [f"&l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]" for level in range(1, levels)]
+    return lists
+
+
+def alias_bomb_at_top() -> str:
+    return "merge_method: linear\n" + "".join(f"l{level}: {text}\n" for level, text in enumerate(laughs()))
+
+
+def alias_bomb_in_weight(model) -> str:
+    return f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters:\n      weight: [{', '.join(laughs())}]\n"
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -73,6 +88,12 @@ def cases(models: dict[str, Path]) -> dict[str, tuple[str | bytes | None, list[s
         "force_onto_input_model": (passthrough(llama), ["recipe.yml", str(llama), "--force"]),
         "force_onto_other_folder": (passthrough(llama), ["recipe.yml", "papers", "--force"]),
         "nan_weight": (linear(llama, llama).replace("{weight: 0.5}", "{weight: .nan}", 1), default),
+
+        "alias_bomb_at_top": (alias_bomb_at_top(), default),
+        "alias_bomb_in_weight": (alias_bomb_in_weight(llama), default),
+        "deeply_nested": ("merge_method: linear\nmodels: " + "[" * 20000 + "]" * 20000 + "\n", default),
+        "recipe_is_a_pipe": (None, ["pipe.yml", "out"]),
+        "recipe_is_dev_zero": (None, ["/dev/zero", "out"]),
     }
 
 
@@ -89,6 +110,8 @@ def refusals(models, tmp_path_factory):
             (folder / "recipe.yml").write_bytes(recipe)
         elif recipe is not None:
             (folder / "recipe.yml").write_text(recipe)
+        if name == "recipe_is_a_pipe":
+            os.mkfifo(folder / "pipe.yml")  # nothing ever writes to it: reading it would wait forever
         if name == "force_onto_other_folder":
             (folder / "papers").mkdir()
             (folder / "papers" / "thesis.txt").write_text("years of work")
@@ -222,6 +245,101 @@ def test_a_nan_weight_is_refused_naming_the_key_and_line(refusals):
     assert "recipe.yml, line 4: 'models[0].parameters.weight'" in message and "finite number, not .nan" in message
 
 
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("alias_bomb_at_top", ("recipe.yml, line 7:", "aliases expand too far")),  # l5: 9**6 values
+        ("alias_bomb_in_weight", ("recipe.yml, line 5:", "aliases expand too far")),
+        ("deeply_nested", ("recipe.yml, line 2:", "nests more than 100 levels")),
+        ("recipe_is_a_pipe", ("pipe.yml", "is a named pipe")),
+        ("recipe_is_dev_zero", ("/dev/zero", "is a device")),
+    ],
+)
+def test_recipes_built_to_hang_the_parser_are_refused_at_once(refusals, name, words):
+    message = refused(refusals, name)
+    assert all(word in message for word in words), message
+
+
+# --- model files from strangers, through the CLI in process (typer's runner) ----------------------------
+
+
+def _edit_safetensors_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with `edit(header)`, keeping its data section as it is."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+
+
+def _overlap_two_tensors(header: dict) -> None:
+    """Point one layer's post-attention norm at the bytes of its input norm (same shape, same size)."""
+    header["model.layers.0.post_attention_layernorm.weight"]["data_offsets"] = header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+
+
+def nested_gguf(depth: int) -> bytes:
+    """A GGUF header whose one metadata value is an array of an array of ... `depth` levels deep."""
+    import struct
+
+    key = b"general.nested"
+    value = struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 4, 0)  # arrays of one array, then an empty uint32 array
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + value
+
+
+@pytest.fixture(scope="module")
+def damaged(models, tmp_path_factory) -> dict[str, tuple[Path, str, tuple[str, ...]]]:
+    """name -> (model to merge, the file at fault, words the message must hold)."""
+    root = tmp_path_factory.mktemp("damaged")
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(models["llama"], root / name))
+
+    cases = {}
+    folder = copy("offsets-as-strings")
+    _edit_safetensors_header(folder / "model.safetensors", lambda h: h["model.norm.weight"].update(data_offsets=["0", "256"]))
+    cases["offsets_as_strings"] = (folder, folder / "model.safetensors", ("model.norm.weight", "data_offsets"))
+    folder = copy("dtype-as-list")
+    _edit_safetensors_header(folder / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype=["F32"]))
+    cases["dtype_as_list"] = (folder, folder / "model.safetensors", ("model.norm.weight", "dtype"))
+    folder = copy("overlapping")
+    _edit_safetensors_header(folder / "model.safetensors", _overlap_two_tensors)
+    words = ("model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight", "overlap")
+    cases["overlapping_tensors"] = (folder, folder / "model.safetensors", words)
+    folder = copy("config-not-utf8")
+    (folder / "config.json").write_bytes((folder / "config.json").read_bytes().replace(b'"llama"', b'"ll\xffama"'))
+    cases["config_not_utf8"] = (folder, folder / "config.json", ("UTF-8", "byte"))
+    folder = copy("config-a-list")
+    (folder / "config.json").write_text("[1, 2, 3]")
+    cases["config_is_a_list"] = (folder, folder / "config.json", ("JSON object", "a list"))
+    gguf = root / "nested.gguf"
+    gguf.write_bytes(nested_gguf(5000))
+    cases["gguf_nested_arrays"] = (gguf, gguf, ("general.nested", "nested more than 8"))
+    return cases
+
+
+@pytest.mark.parametrize("case", ["offsets_as_strings", "dtype_as_list", "overlapping_tensors", "config_not_utf8", "config_is_a_list", "gguf_nested_arrays"])
+def test_damaged_model_files_are_refused_naming_the_file(damaged, case, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from composer.cli import app
+
+    model, at_fault, words = damaged[case]
+    (tmp_path / "recipe.yml").write_text(passthrough(model))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "recipe.yml", "out", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
+    text = result.stderr.strip()
+    assert text.startswith("error: ") and all(line.strip() for line in text.splitlines()), text
+    message = " ".join(text.split())
+    assert str(at_fault) in message and all(word in message for word in words), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
+
+
 # --- in process: the same checks happen before any tensor data is read --------------------------------
 
 
@@ -264,6 +382,8 @@ def test_recipe_key_errors_name_the_key_and_line_without_a_file(models, tmp_path
         ("[a, b]\n", "must be a YAML mapping"),
         ("", "it is empty"),
         ("merge_method: linear\nmodels:\n  - model: a\n    parametres: {weight: 1}\n", "line 4: unknown key 'models[0].parametres'. Did you mean 'parameters'?"),
+        ("merge_method: linear\nmodels: 5\n", "recipe, line 2: 'models': Input should be a valid list"),
+        ("merge_method: passthrough\nslices: [{sources: true}]\n", "recipe, line 2: 'slices[0].sources': Input should be a valid list"),
     ],
 )
 def test_schema_problems_read_as_one_line_naming_the_key(text, expected):
@@ -401,3 +521,56 @@ def test_a_method_parameter_given_a_non_finite_number_in_code_is_refused():
         with pytest.raises(ValueError, match="finite number"):
             weight.coerce(value)
     assert weight.coerce("1e-5") == 1e-5 and weight.coerce(2) == 2
+
+
+def test_anchors_aliases_and_merge_keys_work_as_before_with_lines_where_the_text_puts_them():
+    from composer.recipe import parse_recipe
+
+    shared = "merge_method: linear\nmodels:\n  - &m\n    model: a\n    parameters: &p {weight: 0.5}\n"
+    recipe = parse_recipe(shared + "  - <<: *m\n    model: b\n    parameters:\n      <<: *p\n      weight: 0.25\n")
+    assert [(entry.model, entry.parameters) for entry in recipe.models] == [("a", {"weight": 0.5}), ("b", {"weight": 0.25})]
+    with pytest.raises(ComposerError, match=r"recipe, line 8: 'models\[1\].parameters'"):  # the overriding key's line
+        parse_recipe(shared + "  - <<: *m\n    model: b\n    parameters: 5\n")
+    with pytest.raises(ComposerError, match="an alias stands for a node that holds it"):
+        parse_recipe("merge_method: linear\nmodels: &a [*a]\n")
+    with pytest.raises(ComposerError, match=r"recipe: a value cannot be read \(month must be in 1..12\)"):
+        parse_recipe("merge_method: linear\nname: 2024-13-45\n")
+    with pytest.raises(ComposerError, match="recipe, line 2, column 7: not valid YAML: a number written with 200001 characters"):
+        parse_recipe("merge_method: linear\nname: 1" + ":1" * 100_000 + "\n")  # sexagesimal: PyYAML's product would take minutes
+    tagged_values = [("!!timestamp soon", "'soon' is not a date or time"), ("!!bool maybe", "'maybe' is not true or false"),
+                     ("!!float ''", "'' is not a number"), ("!!int 0x", "'0x' is not a number")]
+    for tagged, expected in tagged_values:
+        with pytest.raises(ComposerError, match=f"recipe, line 2, column 7: not valid YAML: {expected}"):
+            parse_recipe(f"merge_method: linear\nname: {tagged}\n")
+
+
+def test_moe_configs_get_the_same_bounds():
+    from composer.moe.schema import parse_moe_config
+
+    with pytest.raises(ComposerError, match="moe.yml, line .*aliases expand too far"):
+        parse_moe_config("base_model: b\nexperts:\n  - source_model: a\n    positive_prompts: [" + ", ".join(laughs()) + "]\n", "moe.yml")
+    with pytest.raises(ComposerError, match="moe.yml, line 3: the YAML nests more than 100 levels"):
+        parse_moe_config("base_model: b\nexperts:\n  - source_model: " + "[" * 5000 + "]" * 5000 + "\n", "moe.yml")
+
+
+def test_small_file_readers_take_only_small_regular_utf8_files(tmp_path):
+    from composer.files import read_json_object, read_text
+
+    path = tmp_path / "config.json"
+    os.mkfifo(tmp_path / "pipe.json")
+    cases = [
+        (b'{"a": "' + b"x" * 100 + b'"}', {"limit": 64}, "is larger than the 64 bytes composer reads"),
+        (b'{"a": "\xc3("}', {}, "is not UTF-8 text (byte 7 cannot be decoded)"),
+        (b"[1, 2]", {}, "must hold a JSON object ({...}) at the top; it holds a list"),
+        (b'{"a": ' + b"[" * 150 + b"]" * 150 + b"}", {}, "nests more than 100 levels deep"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, "nests more than 100 levels deep"),
+        (b'{"a": 1,}', {}, "is not valid JSON (line 1, column 9"),
+    ]
+    for data, options, expected in cases:
+        path.write_bytes(data)
+        with pytest.raises(ComposerError) as caught:
+            read_json_object(path, **options)
+        assert str(caught.value).startswith(str(path)) and expected in str(caught.value)
+    for where, expected in [(tmp_path / "pipe.json", "is a named pipe"), (tmp_path, "is a folder"), (tmp_path / "no.json", "does not exist")]:
+        with pytest.raises(ComposerError, match=f"^Prompt file {where} {expected}"):
+            read_text(where, "Prompt file")

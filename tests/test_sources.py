@@ -174,10 +174,51 @@ def test_corrupt_safetensors_headers_are_composer_errors(tmp_path: Path):
         {"w": {"dtype": "F32", "shape": [4]}},  # no data_offsets
         {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}},  # 4 floats need 16 bytes
         {"w": {"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}},
+        {"w": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}},
+        {"w": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}},
+        {"w": {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]}},
+        {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}},
+        {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16, 32]}},
+        {"w": {"dtype": "F32", "shape": [2**62] * 1000, "data_offsets": [0, 16]}},
+        {"w": "F32"},
+        {"__metadata__": {"format": 1}, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+        {"__metadata__": ["pt"]},
     ]
     for header in cases:
-        with pytest.raises(ComposerError, match="bad.safetensors"):
+        with pytest.raises(ComposerError, match="bad.safetensors") as caught:
             read_header(write(header))
+        assert "\n" not in str(caught.value)
+    assert read_header(write({"__metadata__": None, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}))["w"]["shape"] == [4]
+
+
+def test_safetensors_tensors_that_share_bytes_are_refused_naming_both(tmp_path: Path):
+    import struct
+
+    from composer.sources.safetensors_format import read_header
+
+    header = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+        "c": {"dtype": "F16", "shape": [8], "data_offsets": [8, 24]},  # the second half of a and all of b
+        "empty": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},  # holds no bytes, so shares none
+    }
+    encoded = json.dumps(header).encode()
+    path = tmp_path / "overlap.safetensors"
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\0" * 24)
+    with pytest.raises(ComposerError, match=r"overlap.safetensors .*tensor 'a' \(bytes 0..16\) and tensor 'c' \(bytes 8..24\) overlap"):
+        read_header(path)
+    del header["c"]
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\0" * 24)
+    assert set(read_header(path)) == {"a", "b", "empty"}
+
+
+def test_a_weights_file_that_is_a_named_pipe_is_refused_without_waiting(tmp_path: Path):
+    from composer.sources.folder import SafetensorsFolder
+
+    os.mkfifo(tmp_path / "model-00001-of-00001.safetensors")
+    with pytest.raises(ComposerError, match="model-00001-of-00001.safetensors is a named pipe"):
+        SafetensorsFolder("piped", tmp_path)
 
 
 # ---- PyTorch .bin folders ----------------------------------------------------------------------------
@@ -360,6 +401,66 @@ def test_not_a_gguf_file_is_a_composer_error(tmp_path: Path):
     (tmp_path / "fake.gguf").write_bytes(b"GGML" + b"\0" * 100)
     with pytest.raises(ComposerError, match="fake.gguf"):
         open_source(str(tmp_path / "fake.gguf"))
+
+
+def _gguf_string(text: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(text)) + text
+
+
+def _gguf(metadata: bytes, metadata_count: int = 1, tensor_count: int = 0) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, tensor_count, metadata_count) + metadata + b"\0" * 64
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("metadata count", "the metadata table claims 9223372036854775807 entries"),
+        ("tensor count", "the tensor table claims 4611686018427387904 entries"),
+        ("array count", "metadata key 'a' claims 1099511627776 entries"),
+        ("array of strings", "metadata key 'a' claims 2305843009213693952 entries"),
+        ("arrays too deep", "metadata key 'a' holds arrays nested more than 8 deep"),
+        ("key too long", "a metadata key at byte 32 is 70000 bytes long; GGUF allows 65535"),
+        ("string past the end", "the value of metadata key 'a\\nb' in its header claims 4294967296 bytes"),
+    ],
+)
+def test_hostile_gguf_headers_are_refused_quickly(tmp_path: Path, case: str, expected: str):
+    import struct
+
+    from composer.sources.gguf_format import read_gguf_header
+
+    key = _gguf_string(b"a")
+    files = {
+        "metadata count": _gguf(key + struct.pack("<II", 4, 1), metadata_count=2**63 - 1),
+        "tensor count": _gguf(key + struct.pack("<II", 4, 1), tensor_count=2**62),
+        "array count": _gguf(key + struct.pack("<IIQ", 9, 4, 2**40)),
+        "array of strings": _gguf(key + struct.pack("<IIQ", 9, 8, 2**61)),
+        "arrays too deep": _gguf(key + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 8 + struct.pack("<IQ", 4, 0)),
+        "key too long": _gguf(_gguf_string(b"k" * 70000) + struct.pack("<II", 4, 1)),
+        "string past the end": _gguf(_gguf_string(b"a\nb") + struct.pack("<IQ", 8, 2**32)),
+    }
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(files[case])
+    with pytest.raises(ComposerError) as caught:
+        read_gguf_header(path)
+    assert str(caught.value).startswith(str(path)) and expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_long_gguf_arrays_are_walked_and_recorded_as_their_length(tmp_path: Path):
+    import struct
+
+    from composer.sources.gguf_format import MAX_KEPT_ARRAY, read_gguf_header
+
+    def array(key: bytes, count: int) -> bytes:
+        return _gguf_string(key) + struct.pack("<IIQ", 9, 6, count) + struct.pack(f"<{count}f", *range(count))
+
+    path = tmp_path / "arrays.gguf"
+    path.write_bytes(_gguf(array(b"short", 3) + array(b"long", MAX_KEPT_ARRAY + 1) + _gguf_string(b"nested")
+                           + struct.pack("<IIQ", 9, 9, 2) + struct.pack("<IQB", 0, 1, 7) + struct.pack("<IQ", 0, 0), metadata_count=3))
+    assert read_gguf_header(path).metadata == {"short": [0.0, 1.0, 2.0], "long": MAX_KEPT_ARRAY + 1, "nested": [[7], []]}
 
 
 # ---- GGUF: the real SmolLM2-135M-Instruct file shipped in a wheel ------------------------------------

@@ -5,16 +5,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from composer.errors import ComposerError
+from composer.files import YAML_FILE_LIMIT, read_text
 from composer.moe.schema import MoEConfig, is_moe_recipe, load_moe_config
+from composer.yaml_text import parse_yaml
 
 
 def is_moe_file(path: Path) -> bool:
     """Whether a recipe file is an MoE recipe (False for anything unreadable: the normal loader reports it)."""
-    import yaml
-
     try:
-        return is_moe_recipe(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return is_moe_recipe(parse_yaml(read_text(Path(path), "Recipe file", YAML_FILE_LIMIT), str(path))[1])
+    except ComposerError:
         return False
 
 

@@ -6,23 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from composer.errors import ComposerError
+from composer.files import SMALL_FILE_LIMIT, YAML_FILE_LIMIT, read_text
+from composer.yaml_text import parse_yaml
 
 
 def read_prompt_file(path: Path) -> dict[str, list[str]]:
     """Prompts grouped by name. A `.txt` file holds one prompt a line (one group, named after the file);
     a YAML or JSON file holds a list of prompts, or a mapping of group name -> list of prompts."""
-    import yaml
-
-    if not path.is_file():
-        raise ComposerError(f"Prompt file {path} does not exist.")
     structured = path.suffix.lower() in (".yml", ".yaml", ".json")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text) if structured else [line.strip() for line in text.splitlines() if line.strip()]
-    except UnicodeDecodeError as error:
-        raise ComposerError(f"Prompt file {path} is not UTF-8 text (byte {error.start} cannot be decoded).") from None
-    except yaml.YAMLError as error:
-        raise ComposerError(f"Prompt file {path} is not valid YAML or JSON ({' '.join(str(error).split())}).") from None
+    text = read_text(path, "Prompt file", YAML_FILE_LIMIT if structured else SMALL_FILE_LIMIT)
+    if structured:
+        data = parse_yaml(text, f"Prompt file {path}")[1]
+    else:
+        data = [line.strip() for line in text.splitlines() if line.strip()]
     groups = {path.stem: data} if isinstance(data, list) else data
     if not isinstance(groups, dict):
         raise ComposerError(f"Prompt file {path} must hold a list of prompts or a mapping of group name to a list of prompts.")

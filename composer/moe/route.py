@@ -51,10 +51,11 @@ def expert_labels(model_dir: Path, experts: int) -> list[str]:
     labels = [f"expert {i}" for i in range(experts)]
     recipe = model_dir / "composer-recipe.yml"
     if recipe.is_file():
+        from composer.files import YAML_FILE_LIMIT, read_text
         from composer.moe.schema import parse_moe_config
 
         try:
-            config = parse_moe_config(recipe.read_text(encoding="utf-8"), str(recipe))
+            config = parse_moe_config(read_text(recipe, "", YAML_FILE_LIMIT), str(recipe))
         except ComposerError:
             return labels
         if len(config.experts) == experts:

@@ -3,13 +3,15 @@ pooling, gate rows, output and name). Also accepted nested under a `moe:` key of
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from composer.errors import ComposerError
+from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.schema import Stage, Strict
+from composer.yaml_text import check_duplicate_keys, line_of, parse_yaml, path_text
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 # mergekit's spellings of the hidden mode with the pooling built in
@@ -30,9 +32,9 @@ class Expert(Strict):
     @field_validator("source_model", mode="before")
     @classmethod
     def _reference(cls, value):
-        from composer.recipe.load import _model_reference
+        from composer.recipe.load import model_reference
 
-        return _model_reference(value)
+        return model_reference(value)
 
 
 class MoEConfig(Strict):
@@ -60,9 +62,9 @@ class MoEConfig(Strict):
     @field_validator("base_model", "tokenizer_source", mode="before")
     @classmethod
     def _reference(cls, value):
-        from composer.recipe.load import _model_reference
+        from composer.recipe.load import model_reference
 
-        return _model_reference(value)
+        return model_reference(value)
 
     @model_validator(mode="after")
     def _check(self):
@@ -129,15 +131,10 @@ def _suggestion(key: object) -> str:
 
 
 def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
-    from composer.recipe.load import _check_duplicate_keys, _line_of, _yaml_problem, path_text
-
-    try:
-        root, data = yaml.compose(text), yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ComposerError(_yaml_problem(error, source_name)) from None
+    root, data = parse_yaml(text, source_name)
     if not is_moe_recipe(data):
         raise ComposerError(f"{source_name} is not an MoE recipe: it needs 'base_model' and 'experts' (or an 'moe:' section).")
-    _check_duplicate_keys(root, source_name)
+    check_duplicate_keys(root, source_name)
     try:
         flat, prefix = _flatten(data)
     except ValueError as error:
@@ -154,7 +151,7 @@ def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
         for problem in problems:
             location = tuple(p for p in problem["loc"] if isinstance(p, int) or (isinstance(p, str) and "[" not in p and p != "function-after"))
             location = location if location[:1] == ("stages",) else prefix + location  # stages sit beside 'moe:' 
-            line = _line_of(root, location)
+            line = line_of(root, location)
             where = f"{source_name}, line {line}" if line else source_name
             if problem["type"] == "extra_forbidden":
                 message = f"{where}: unknown key '{path_text(location)}'.{_suggestion(location[-1] if location else None)}"
@@ -169,13 +166,5 @@ def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
 
 
 def load_moe_config(path) -> tuple[MoEConfig, str]:
-    from pathlib import Path
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        from composer.recipe import load_recipe
-
-        load_recipe(Path(path))  # raises the error any unreadable recipe gets
-        raise
+    text = read_text(Path(path), "Recipe file", YAML_FILE_LIMIT)
     return parse_moe_config(text, str(path)), text

@@ -14,6 +14,8 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
 from composer.cache import cache_dir
+from composer.errors import ComposerError
+from composer.files import read_json_object
 
 FILE_NAME = "transformers-facts.json"
 MOST_KEPT = 2000
@@ -37,10 +39,12 @@ def _path():
 
 
 def _load() -> dict:
+    path = _path()
+    if not path.is_file():
+        return {}
     try:
-        facts = json.loads(_path().read_text())
-        return facts if isinstance(facts, dict) else {}
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except ComposerError:  # a damaged cache only costs time
         return {}
 
 

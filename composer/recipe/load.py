@@ -9,10 +9,12 @@ import yaml
 from pydantic import ValidationError
 
 from composer.errors import ComposerError
+from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.schema import Recipe
+from composer.yaml_text import check_duplicate_keys, has_location, line_of, parse_yaml, path_text
 
 
-def _model_reference(value: Any) -> Any:
+def model_reference(value: Any) -> Any:
     """mergekit's dict spellings of a model reference, flattened to `path[@revision][+lora]`."""
     if not isinstance(value, dict):
         return value
@@ -29,73 +31,40 @@ def _model_reference(value: Any) -> Any:
     return f"{reference}+{lora}" if lora else reference
 
 
+def _listed(value: Any) -> list:
+    """The items of a recipe value meant to be a list; none for anything else (validation reports it)."""
+    return value if isinstance(value, list) else []
+
+
 def normalise_mergekit(data: dict) -> dict:
     data = dict(data)
     if isinstance(data.get("stages"), list):
         data["stages"] = [normalise_mergekit(stage) if isinstance(stage, dict) else stage for stage in data["stages"]]
     for key in ("base_model", "tokenizer_source"):
         if key in data:
-            data[key] = _model_reference(data[key])
-    for entry in data.get("models") or []:
+            data[key] = model_reference(data[key])
+    for entry in _listed(data.get("models")):
         if isinstance(entry, dict) and "model" in entry:
-            entry["model"] = _model_reference(entry["model"])
-    for output_slice in data.get("slices") or []:
+            entry["model"] = model_reference(entry["model"])
+    for output_slice in _listed(data.get("slices")):
         if not isinstance(output_slice, dict):
             continue
         if "base_model" in output_slice:
-            output_slice["base_model"] = _model_reference(output_slice["base_model"])
-        for source in output_slice.get("sources") or []:
+            output_slice["base_model"] = model_reference(output_slice["base_model"])
+        for source in _listed(output_slice.get("sources")):
             if isinstance(source, dict) and "model" in source:
-                source["model"] = _model_reference(source["model"])
+                source["model"] = model_reference(source["model"])
     tokenizer = data.get("tokenizer")
     if isinstance(tokenizer, dict):
         if "source" in tokenizer:
-            tokenizer["source"] = _model_reference(tokenizer["source"])
+            tokenizer["source"] = model_reference(tokenizer["source"])
         for setting in (tokenizer.get("tokens") or {}).values() if isinstance(tokenizer.get("tokens"), dict) else []:
             source = setting.get("source") if isinstance(setting, dict) else None
             if isinstance(source, dict) and "kind" not in source:
-                setting["source"] = _model_reference(source)
+                setting["source"] = model_reference(source)
             elif isinstance(source, dict) and "model" in source:
-                source["model"] = _model_reference(source["model"])
+                source["model"] = model_reference(source["model"])
     return data
-
-
-def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
-    """The line (1-based) of the key or list item at `location`; for a key that is absent, its closest present parent's."""
-    line = None
-    for part in location:
-        if isinstance(node, yaml.MappingNode):
-            pair = next(((key, value) for key, value in node.value if getattr(key, "value", None) == str(part)), None)
-            if pair is None:
-                break
-            line, node = pair[0].start_mark.line + 1, pair[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _has_location(node: yaml.Node | None, location: tuple) -> bool:
-    for part in location:
-        if isinstance(node, yaml.MappingNode):
-            node = next((value for key, value in node.value if getattr(key, "value", None) == str(part)), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            node = node.value[part]
-        else:
-            return False
-        if node is None:
-            return False
-    return True
-
-
-def path_text(location: tuple) -> str:
-    """`('slices', 0, 'sources', 1, 'layer_range')` -> `slices[0].sources[1].layer_range`."""
-    text = ""
-    for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
 
 
 def _schema_keys() -> set[str]:
@@ -135,7 +104,7 @@ def _suggestion(key: object) -> str:
 def _describe(error: dict, source_name: str, root: yaml.Node | None) -> str:
     # pydantic appends union-member names (e.g. 'list[...]') to locations; keep only real keys and indexes
     location = tuple(part for part in error["loc"] if isinstance(part, int) or (isinstance(part, str) and "[" not in part and part not in ("str", "float", "int", "bool", "function-after")))
-    line = _line_of(root, location)
+    line = line_of(root, location)
     where = f"{source_name}, line {line}" if line else source_name
     if error["type"] == "extra_forbidden":
         hint = _suggestion(location[-1] if location else None) or " Check its spelling; docs/recipes.md lists every key."
@@ -146,38 +115,6 @@ def _describe(error: dict, source_name: str, root: yaml.Node | None) -> str:
     if not location:
         return f"{where}: {message}."
     return f"{where}: '{path_text(location)}': {message}."
-
-
-def _yaml_problem(error: yaml.YAMLError, source_name: str) -> str:
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None)
-    if mark is None or problem is None:
-        return f"{source_name} is not valid YAML: {' '.join(str(error).split())}"
-    context = getattr(error, "context", None)
-    context_mark = getattr(error, "context_mark", None)
-    detail = problem
-    if context:
-        detail += f" ({context}" + (f" that starts at line {context_mark.line + 1}" if context_mark is not None else "") + ")"
-    return f"{source_name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {detail}."
-
-
-def _check_duplicate_keys(node: yaml.Node | None, source_name: str, location: tuple = ()) -> None:
-    """YAML lets a later key silently replace an earlier one; in a recipe that is always a mistake."""
-    if isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key, value in node.value:
-            name = getattr(key, "value", None)
-            if isinstance(name, str):
-                if name in first_line:
-                    raise ComposerError(
-                        f"{source_name}, line {key.start_mark.line + 1}: key '{path_text(location + (name,))}' appears twice "
-                        f"(first at line {first_line[name]}); YAML would silently keep only the last one. Remove one of them."
-                    )
-                first_line[name] = key.start_mark.line + 1
-            _check_duplicate_keys(value, source_name, location + (name,))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _check_duplicate_keys(item, source_name, location + (index,))
 
 
 class RecipeKeyError(ComposerError):
@@ -194,26 +131,22 @@ class RecipeKeyError(ComposerError):
 
     def located(self, recipe_text: str, source_name: str) -> ComposerError:
         try:
-            root = yaml.compose(recipe_text)
-        except yaml.YAMLError:
+            root, _ = parse_yaml(recipe_text, source_name)
+        except ComposerError:
             root = None
-        present = _has_location(root, self.location)
-        line = _line_of(root, self.location) if present else None
+        present = has_location(root, self.location)
+        line = line_of(root, self.location) if present else None
         where = f"{source_name}, line {line}" if line else source_name
         state = "" if present or not self.location else " (not set)"
         return ComposerError(f"{where}: recipe key '{path_text(self.location)}'{state}: {self.detail}")
 
 
 def parse_recipe(text: str, source_name: str = "recipe") -> Recipe:
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ComposerError(_yaml_problem(error, source_name)) from None
+    root, data = parse_yaml(text, source_name)
     if not isinstance(data, dict):
         found = "it is empty" if data is None else f"it holds a {type(data).__name__}"
         raise ComposerError(f"{source_name} must be a YAML mapping of recipe keys (merge_method, models or slices, ...); {found}.")
-    _check_duplicate_keys(root, source_name)
+    check_duplicate_keys(root, source_name)
     if "modules" in data:
         raise ComposerError(f"{source_name}: 'modules' (multi-module mergekit configs) is not supported; use 'slices' or 'models'.")
     try:
@@ -230,14 +163,5 @@ def parse_recipe(text: str, source_name: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: Path) -> tuple[Recipe, str]:
-    if path.is_dir():
-        raise ComposerError(f"Recipe file {path} is a folder; give the recipe's YAML file.")
-    if not path.is_file():
-        raise ComposerError(f"Recipe file {path} does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ComposerError(f"Recipe file {path} is not UTF-8 text (byte {error.start} cannot be decoded); a recipe is a YAML text file.") from None
-    except OSError as error:
-        raise ComposerError(f"Recipe file {path} cannot be read: {error.strerror}.") from None
+    text = read_text(path, "Recipe file", YAML_FILE_LIMIT)
     return parse_recipe(text, str(path)), text

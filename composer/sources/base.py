@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.files import read_bytes, read_json_object
 from composer.sources.model_files import model_file
+from composer.yaml_text import parse_yaml
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -101,10 +103,7 @@ class FolderFilesMixin:
         path = self.folder_file("config.json")
         if path is None:
             raise ComposerError(f"Model '{self.reference}' has no config.json in {self.folder}; a model folder needs one.")
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ComposerError(f"{path} is not valid JSON ({error}).") from None
+        return read_json_object(path)
 
     def has_tokenizer(self) -> bool:
         return any(self.folder_file(name) is not None for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
@@ -114,7 +113,7 @@ class FolderFilesMixin:
         for name in TOKENIZER_FILES:
             path = self.folder_file(name)
             if path is not None:
-                (destination / name).write_bytes(path.read_bytes())
+                shutil.copyfile(path, destination / name)
                 written.append(name)
         return written
 
@@ -127,15 +126,13 @@ def read_card_license(card_path: Path) -> str | None:
     """The `license:` field of a Hugging Face model card's front matter, if there is one."""
     if not card_path.is_file():
         return None
-    text = card_path.read_text(errors="replace")
-    if not text.startswith("---"):
-        return None
-    front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
-    import yaml
-
-    try:
-        meta = yaml.safe_load(front) or {}
-    except yaml.YAMLError:
+    try:  # a card that cannot be read only leaves the licence unknown
+        text = read_bytes(card_path).decode("utf-8", errors="replace")
+        if not text.startswith("---"):
+            return None
+        front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+        meta = parse_yaml(front, str(card_path))[1]
+    except ComposerError:
         return None
     value = meta.get("license") if isinstance(meta, dict) else None
     return str(value) if value else None

@@ -7,13 +7,13 @@ are read when it is asked for, and each read hands back a tensor of its own (nev
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from composer.errors import ComposerError
+from composer.files import read_json_object
 from composer.sources.base import FolderFilesMixin, ModelSource, TensorInfo
 from composer.sources.model_files import model_file
 from composer.sources.safetensors_format import DTYPE_BY_CODE, read_into, read_layout
@@ -30,10 +30,7 @@ def read_index(folder: Path, index_name: str) -> dict[str, str] | None:
     index_path = folder / index_name
     if not index_path.is_file():
         return None
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise ComposerError(f"{index_path} is not a valid index file (it needs a JSON object with a 'weight_map').") from None
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ComposerError(f"{index_path} is not a valid index file: 'weight_map' must map tensor names to shard file names.")
     return weight_map

@@ -16,7 +16,6 @@ reads the base tensor and the few adapter tensors that change it, and nothing is
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.files import read_json_object
 from composer.sources.base import TOKENIZER_FILES, FolderFilesMixin, ModelSource, TensorInfo
 from composer.sources.model_files import model_file
 
@@ -108,12 +108,7 @@ def read_adapter_config(folder: Path) -> dict:
     path = model_file(folder, ADAPTER_CONFIG, weights=True)
     if path is None:
         raise ComposerError(f"Adapter folder {folder} has no {ADAPTER_CONFIG}; a PEFT adapter folder needs one.")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ComposerError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(config, dict):
-        raise ComposerError(f"{path} is not a JSON object.")
+    config = read_json_object(path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ComposerError(f"{path}: peft_type is {peft_type}; composer merges LoRA adapters only (peft_type LORA).")

@@ -27,10 +27,12 @@ where it points.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path, PurePath
 
 from composer.errors import ComposerError
+from composer.files import kind_of
 
 HUB_REPOSITORY_PREFIXES = ("models--", "datasets--", "spaces--")
 
@@ -75,4 +77,10 @@ def model_file(
             "folder, so that a downloaded model cannot make it read, or copy into its output, other files on this machine. "
             "If you made this link yourself, copy the file into the folder instead."
         )
-    return path if target.is_file() else None
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode):
+        raise ComposerError(f"{path} is {kind_of(mode)}, not a regular file; a model folder's files must hold their data.")
+    return path
