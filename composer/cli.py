@@ -115,7 +115,7 @@ def run(
     """Run a recipe and write the model into OUT."""
 
     def action():
-        from composer.moe.compose import check_recipe_file
+        from composer.recipe_files import check_recipe_file
 
         # mistakes in the options and the recipe are reported before torch and transformers load (seconds)
         budget, shard, target = _size(memory_budget), _size(shard_size, "--shard-size"), _device(device)
@@ -144,7 +144,7 @@ def plan(
     """Dry run: every output tensor with its inputs and operation, bytes to read and write, predicted peak memory."""
 
     def action():
-        from composer.moe.compose import check_recipe_file
+        from composer.recipe_files import check_recipe_file
 
         budget = _size(memory_budget)
         check_recipe_file(recipe)  # fast feedback on the recipe itself (merge or MoE), before the heavy imports

@@ -1,4 +1,5 @@
-"""The main job: recipe file -> plan -> output folder with weights, config, tokenizer, card and recipe."""
+"""The main job: recipe file -> plan -> output folder with weights, config, tokenizer, card and recipe. The one place
+that tells a merge recipe from an MoE recipe: composer.moe only builds plans."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from composer.chat_templates import template_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
 from composer.execute.output_folder import check_output_free, check_output_not_input
-from composer.moe.compose import compose_moe_file, is_moe_file, moe_plan_from_file
+from composer.moe.recipe_plan import local_models as moe_local_models
+from composer.moe.recipe_plan import moe_plan_from_file, plan_moe_recipe
+from composer.moe.schema import load_moe_config, parse_moe_config
 from composer.plan import Plan, build_plan
 from composer.recipe import Recipe, load_recipe, parse_recipe
 from composer.recipe.load import RecipeKeyError
+from composer.recipe_files import is_moe_file
 from composer.sources import local_path
 
 
@@ -105,21 +109,27 @@ def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | Non
     return execute(plan, out, options, extra_files)
 
 
-def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
-    """The recipe with --seed in force for the output and every stage, and the recipe text (embedded in the card) saying so."""
-    stages = [stage.model_copy(update={"random_seed": seed}) for stage in recipe.stages or []] or None
-    seeded = recipe.model_copy(update={"random_seed": seed, "stages": stages})
+def _with_seed_line(text: str, seed: int) -> str:
+    """The recipe text (embedded in the card) saying that --seed is in force."""
     line = f"random_seed: {seed}  # set on the command line with --seed"
     text, replaced = re.subn(r"^random_seed:.*$", line, text, flags=re.MULTILINE)
-    text = text if replaced else text.rstrip("\n") + "\n" + line + "\n"
+    return text if replaced else text.rstrip("\n") + "\n" + line + "\n"
+
+
+def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
+    """The recipe with --seed in force for the output and every stage, and the recipe text saying so."""
+    stages = [stage.model_copy(update={"random_seed": seed}) for stage in recipe.stages or []] or None
+    seeded = recipe.model_copy(update={"random_seed": seed, "stages": stages})
+    text = _with_seed_line(text, seed)
     if any(stage.random_seed is not None for stage in recipe.stages or []):
         text += f"# --seed {seed} also replaced every stage's own random_seed\n"
     return seeded, text
 
 
 def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None) -> ExecutionReport:
+    """Run a recipe file of either kind into `out` (default: its `output:` key)."""
     if is_moe_file(recipe_path):
-        return compose_moe_file(recipe_path, out, options, seed)
+        return _compose_moe_file(recipe_path, out, options, seed)
     recipe, text = load_recipe(recipe_path)
     if seed is not None:
         recipe, text = with_seed(recipe, text, seed)
@@ -131,9 +141,31 @@ def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions,
     return write_plan(plan, target, options, recipe.name, protected)
 
 
+def _compose_moe_file(path: Path, out: Path | None, options: ExecutionOptions, seed: int | None) -> ExecutionReport:
+    config, text = load_moe_config(path)
+    if seed is not None:
+        config, text = config.model_copy(update={"random_seed": seed}), _with_seed_line(text, seed)
+    target = resolve_output(config, out, path)
+    check_output_free(target, options.force)
+    protected = {"the recipe file": Path(path)} | moe_local_models(config, Path(path).parent)
+    check_output_not_input(target, protected)
+    plan = plan_moe_recipe(config, text, Path(path).parent)
+    return write_plan(plan, target, options, config.name, protected)
+
+
 def compose_text(recipe_text: str, out: Path, options: ExecutionOptions, base_dir: Path | None = None) -> ExecutionReport:
+    """Run a merge recipe given as text (tests, examples, the demo) into `out`."""
     recipe = parse_recipe(recipe_text, "recipe")
     check_output_free(out, options.force)
     check_output_not_input(out, _local_models(recipe, base_dir))
     plan = _build(recipe, recipe_text, base_dir, "recipe")
     return write_plan(plan, out, options, recipe.name)
+
+
+def compose_moe_text(text: str, out: Path, options: ExecutionOptions, base_dir: Path | None = None, sources=None, prompt_model=None) -> ExecutionReport:
+    """Run an MoE recipe given as text (tests, examples) into `out`."""
+    config = parse_moe_config(text, "recipe")
+    check_output_free(out, options.force)
+    check_output_not_input(out, moe_local_models(config, base_dir))
+    plan = plan_moe_recipe(config, text, base_dir, sources, prompt_model)
+    return write_plan(plan, out, options, config.name)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composer.compose import compose_text
+from composer.compose import compose_moe_text, compose_text
 from composer.execute import ExecutionOptions
 from composer.methods import METHODS
-from composer.moe.compose import compose_moe_text
 from helpers import load_state, save_fine_tune, save_tiny_model
 from test_cli import tiny_tokenizer
 from test_methods_end_to_end import CASES, case_of, recipe

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from composer.compose import compose_moe_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.moe import gates as G
-from composer.moe.compose import compose_moe_text
 from composer.moe.compute import DegenerateGatesWarning
 from composer.moe.plan import build_moe_plan
 from composer.moe.schema import is_moe_recipe, parse_moe_config
@@ -352,14 +352,14 @@ def test_an_expert_may_be_a_stage(models, tmp_path):
 
 
 def test_random_gates_follow_the_seed(models, tmp_path):
-    from composer.moe.compose import compose_moe_file
+    from composer.compose import compose_file
 
     dense = models["llama"]
     recipe = tmp_path / "moe.yml"
     recipe.write_text(moe_text(dense, [dense] * 2, "random", per_token=1, prompts=PROMPTS[:2]))
     routers = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        compose_moe_file(recipe, tmp_path / name, OPTIONS, seed=seed)
+        compose_file(recipe, tmp_path / name, OPTIONS, seed=seed)
         routers[name] = load_state(tmp_path / name)["model.layers.0.block_sparse_moe.gate.weight"]
     assert torch.equal(routers["a"], routers["b"]) and not torch.equal(routers["a"], routers["c"])
     assert "random_seed: 6  # set on the command line with --seed" in (tmp_path / "c" / "composer-recipe.yml").read_text()

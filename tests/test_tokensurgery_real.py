@@ -24,7 +24,8 @@ PORTUGUESE = (
 
 @pytest.fixture(scope="module")
 def vocabularies(smollm2_dir):
-    from composer.bundled import gemma3_dir, minilm_dir
+    from composer.bundled import gemma3_dir
+    from composer.packages import minilm_dir
 
     return {
         "smollm2": Vocabulary.from_folder(smollm2_dir),

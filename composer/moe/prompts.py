@@ -36,7 +36,7 @@ def load_sentence_model(reference: str | None):
     from sentence_transformers import SentenceTransformer
 
     if reference is None:
-        from composer.bundled import minilm_dir
+        from composer.packages import minilm_dir
 
         reference = str(minilm_dir())
     try:
