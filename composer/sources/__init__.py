@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from composer.errors import ComposerError
 from composer.sources.base import ModelSource, TensorInfo
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+from composer.sources.references import is_hub_id, local_path
 
 __all__ = ["ModelSource", "TensorInfo", "local_path", "open_source"]
-
-
-def local_path(reference: str, relative_to: Path | None = None) -> Path:
-    """Where a reference points on disk: relative to `relative_to` (a recipe's folder) when it exists there."""
-    path = Path(reference).expanduser()
-    if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
-        path = relative_to / path
-    return path
 
 
 def open_source(reference: str, relative_to: Path | None = None) -> ModelSource:
@@ -38,8 +28,8 @@ def open_source(reference: str, relative_to: Path | None = None) -> ModelSource:
     if "+" in reference:  # BASE+ADAPTER: a PEFT LoRA adapter merged into its base as tensors are read
         from composer.sources.lora import open_with_adapter
 
-        return open_with_adapter(reference, relative_to)
-    if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
+        return open_with_adapter(reference, relative_to, open_base=open_source)
+    if is_hub_id(reference):
         from composer.sources.hub import fetch_hub_model
 
         return open_folder(reference, fetch_hub_model(reference))

@@ -149,7 +149,7 @@ class TorchBinFolder(FolderFilesMixin, ModelSource):
         self.folder = folder
         paths, weight_map = weight_files(folder, BIN_INDEX, BIN_SINGLE, "*.bin")
         self.weight_paths = tuple(paths)
-        states = {path: _load_mapped(path) for path in paths}
+        states = {path: load_mapped(path) for path in paths}
         found = [(name, path) for path, state in states.items() for name, value in state.items() if isinstance(value, torch.Tensor)]
         file_of = _assign(folder, BIN_INDEX, weight_map, found)
         self._tensors: dict[str, torch.Tensor] = {name: states[path][name] for name, path in file_of.items()}
@@ -168,7 +168,8 @@ class TorchBinFolder(FolderFilesMixin, ModelSource):
         self._tensors.clear()
 
 
-def _load_mapped(path: Path) -> dict:
+def load_mapped(path: Path) -> dict:
+    """A PyTorch checkpoint's state dict, memory-mapped (tensors paged in when read), unpickled with weights_only."""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for a damaged, foreign or unsafe file

@@ -36,7 +36,8 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _download(reference: str, repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+def download(reference: str, repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """A snapshot folder holding the repository's files that match `patterns` (from the cache when they are there)."""
     from huggingface_hub import errors, snapshot_download
 
     incomplete = getattr(errors, "IncompleteSnapshotError", ())
@@ -81,7 +82,7 @@ def fetch_hub_model(reference: str) -> Path:
     hub again would only cost time (minutes of retries when it cannot be reached).
     """
     repo_id, revision = split_revision(reference)
-    folder = _download(reference, repo_id, revision, METADATA_FILES)
+    folder = download(reference, repo_id, revision, METADATA_FILES)
     commit = folder.name  # snapshots/<commit>: later calls need not resolve the revision again
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         indexed = read_shards(folder, index_name)
@@ -89,12 +90,12 @@ def fetch_hub_model(reference: str) -> Path:
             _, shards = indexed
             if None not in shards.values():
                 return folder
-            return _download(reference, repo_id, commit, sorted(shards))
+            return download(reference, repo_id, commit, sorted(shards))
     for patterns in WEIGHT_CHOICES:
         if _holds(folder, patterns):
             return folder
     for patterns in WEIGHT_CHOICES:
-        folder = _download(reference, repo_id, commit, patterns)
+        folder = download(reference, repo_id, commit, patterns)
         if _holds(folder, patterns):
             return folder
     where = "the hub cache (HF_HUB_OFFLINE is set)" if _offline() else "the hub repository"

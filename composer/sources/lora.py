@@ -27,6 +27,7 @@ from composer.errors import ComposerError
 from composer.files import read_json_object
 from composer.sources.base import TOKENIZER_FILES, FolderFilesMixin, ModelSource, TensorInfo
 from composer.sources.model_files import model_file
+from composer.sources.references import is_hub_id, local_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -80,9 +81,9 @@ class AdapterWeights:
             self.shapes = {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
             self._state = None
         else:
-            from composer.sources.folder import _load_mapped
+            from composer.sources.folder import load_mapped
 
-            self._state = {name: value for name, value in _load_mapped(path).items() if isinstance(value, torch.Tensor)}
+            self._state = {name: value for name, value in load_mapped(path).items() if isinstance(value, torch.Tensor)}
             self.shapes = {name: tuple(value.shape) for name, value in self._state.items()}
         self._handle = None
 
@@ -307,16 +308,8 @@ class LoraSource(ModelSource):
         self.base.close()
 
 
-def _is_hub_id(text: str) -> bool:
-    from composer.sources import HUB_ID
-
-    return bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
-
-
 def _names_location(text: str, relative_to: Path | None) -> bool:
-    from composer.sources import local_path
-
-    return local_path(text, relative_to).exists() or _is_hub_id(text)
+    return local_path(text, relative_to).exists() or is_hub_id(text)
 
 
 def _names_model(text: str, relative_to: Path | None) -> bool:
@@ -346,37 +339,35 @@ def split_reference(reference: str, relative_to: Path | None = None) -> tuple[st
 
 def fetch_hub_adapter(reference: str) -> Path:
     """The hub snapshot folder holding an adapter's config, weights and any tokenizer files."""
-    from composer.sources.hub import _download, split_revision
+    from composer.sources.hub import download, split_revision
 
     repo_id, revision = split_revision(reference)
-    folder = _download(reference, repo_id, revision, [ADAPTER_CONFIG, "README.md", *TOKENIZER_FILES])
+    folder = download(reference, repo_id, revision, [ADAPTER_CONFIG, "README.md", *TOKENIZER_FILES])
     for name in ADAPTER_WEIGHTS:
         if not (folder / name).is_file():
-            folder = _download(reference, repo_id, folder.name, [name])  # folder.name: the snapshot's commit
+            folder = download(reference, repo_id, folder.name, [name])  # folder.name: the snapshot's commit
         if (folder / name).is_file():
             return folder
     return folder  # opening it says which files are missing
 
 
 def adapter_folder(adapter: str, reference: str, relative_to: Path | None) -> Path:
-    from composer.sources import local_path
-
     path = local_path(adapter, relative_to)
     if path.is_dir():
         return path
     if path.is_file():
         return path.parent
-    if _is_hub_id(adapter):
+    if is_hub_id(adapter):
         return fetch_hub_adapter(adapter)
     raise ComposerError(f"Adapter '{adapter}' (in '{reference}') does not exist and is not a hub id of the form org/name.")
 
 
-def open_with_adapter(reference: str, relative_to: Path | None = None) -> LoraSource:
-    from composer.sources import open_source
-
+def open_with_adapter(reference: str, relative_to: Path | None, open_base) -> LoraSource:
+    """`BASE+ADAPTER` as one source; `open_base(reference, relative_to)` opens the base (composer.sources.open_source,
+    handed in so that this module never imports the dispatcher that imports it)."""
     base_reference, adapter = split_reference(reference, relative_to)
     folder = adapter_folder(adapter, reference, relative_to)
-    base = open_source(base_reference, relative_to)
+    base = open_base(base_reference, relative_to)
     try:
         return LoraSource(reference, base, folder, adapter)
     except BaseException:
