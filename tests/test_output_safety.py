@@ -186,29 +186,45 @@ def test_a_signal_during_the_final_swap_waits_and_then_says_the_output_is_comple
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+SLOW_FIRST_READ = (
+    "import sys, time\n"
+    "from composer.sources.folder import SafetensorsFolder\n"
+    "real = SafetensorsFolder.read\n"
+    "def slow(self, name):\n"
+    "    print('reading', flush=True); time.sleep(5); return real(self, name)\n"
+    "SafetensorsFolder.read = slow\n"
+    "from composer.cli import main\n"
+    "sys.argv = ['compose', 'recipe.yml', 'out', '--no-progress']\n"
+    "main()\n"
+)
+
+
+@pytest.fixture(scope="module")
+def signalled(models, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
+    """A run per signal, each held inside its first read (a slow disk) so that the signal lands while the partial
+    folder exists; the runs go at once."""
+    runs = {}
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):
+        folder = tmp_path_factory.mktemp(name.lower())
+        (folder / "recipe.yml").write_text(linear(models["first"], models["second"]))
+        runs[name] = (folder, subprocess.Popen([sys.executable, "-c", SLOW_FIRST_READ], cwd=folder, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True))
+    results = {}
+    for name, (folder, process) in runs.items():
+        assert process.stdout.readline().strip() == "reading"
+        assert list(folder.glob(".out.partial-*"))
+        process.send_signal(getattr(signal, name))
+    for name, (folder, process) in runs.items():
+        results[name] = (folder, process.wait(timeout=120), process.stderr.read())
+    return results
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP", "SIGINT"])
-def test_a_signal_mid_run_leaves_nothing_behind(tmp_path, models, signal_name):
-    """The run is held inside its first read (a slow disk) so the signal lands while the partial folder exists."""
-    script = (
-        "import sys, time\n"
-        "from composer.sources.folder import SafetensorsFolder\n"
-        "real = SafetensorsFolder.read\n"
-        "def slow(self, name):\n"
-        "    print('reading', flush=True); time.sleep(5); return real(self, name)\n"
-        "SafetensorsFolder.read = slow\n"
-        "from composer.cli import main\n"
-        "sys.argv = ['compose', 'recipe.yml', 'out', '--no-progress']\n"
-        "main()\n"
-    )
-    (tmp_path / "recipe.yml").write_text(linear(models["first"], models["second"]))
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "reading"
-    assert list(tmp_path.glob(".out.partial-*"))
-    process.send_signal(getattr(signal, signal_name))
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+def test_a_signal_mid_run_leaves_nothing_behind(signalled, signal_name):
+    folder, returncode, stderr = signalled[signal_name]
+    assert returncode == 130 and "Traceback" not in stderr, stderr
     assert "no output was left behind" in " ".join(stderr.split())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
+    assert sorted(p.name for p in folder.iterdir()) == ["recipe.yml"]
 
 
 def test_an_input_truncated_while_it_is_copied_is_an_error_naming_the_file(tmp_path, models, monkeypatch, capsys):
