@@ -21,7 +21,7 @@ import torch
 
 from composer.memory import empty
 from composer.native import bf16 as native_bf16
-from composer.methods.interpolation import chunk_bounds
+from composer.methods.chunks import chunk_bounds
 from composer.methods.bitmask import BitMask
 from composer.methods.draws import level_of, make_generator, random_levels, stream_key
 from composer.methods.sparsify import ChunkedWindow, della_keep, della_thresholds, l1_norm, l1_sum, pattern_counts, rescale_factor, sparsify_, window_mask_

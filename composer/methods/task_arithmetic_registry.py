@@ -11,7 +11,7 @@ same from run to run and on every device, and does not depend on the order tenso
 
 from __future__ import annotations
 
-from composer.methods import MergeMethod, Parameter
+from composer.methods.registry import MergeMethod, Parameter
 
 # name: (sparsification, sign election, normalize default, rescale default)
 _GENERALIZED = {
