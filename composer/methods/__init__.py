@@ -5,11 +5,7 @@ Adding a method is one module here with its function and a `@registered(...)` li
 """
 
 # imported so that their methods register
-from composer.methods import linear, model_stock, passthrough, selection, slerp, spherical  # noqa: F401
+from composer.methods import linear, model_stock, passthrough, selection, slerp, spherical, task_arithmetic  # noqa: F401
 from composer.methods.registry import METHODS, MergeMethod, Parameter, get_method, parameter_names, register, registered
-from composer.methods.task_arithmetic_registry import TASK_ARITHMETIC_METHODS
-
-for _method in TASK_ARITHMETIC_METHODS:
-    register(_method)
 
 __all__ = ["METHODS", "MergeMethod", "Parameter", "get_method", "parameter_names", "register", "registered"]

@@ -11,8 +11,8 @@ import torch
 
 from composer.methods import chunks
 from composer.methods.chunks import flat_chunks, in_chunks
+from composer.methods.order_statistics import counted_value, pattern_counts
 from composer.methods.registry import Parameter, registered
-from composer.methods.sparsify import counted_value, pattern_counts
 
 NEARSWAP_FLOOR = 1e-6  # |base - other| is clamped to this before dividing
 FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence
