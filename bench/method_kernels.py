@@ -20,18 +20,19 @@ import time
 
 import torch
 
-from composer.methods.task_arithmetic import _FUSED_CHUNK, generalized_task_arithmetic, reference_generalized_task_arithmetic
+from composer.methods.task_arithmetic import generalized_task_arithmetic, reference_generalized_task_arithmetic
+from composer.methods.task_arithmetic.chunked import CHUNK
 
 DENSITY = 0.5
 METHODS = {
-    "task_arithmetic": dict(),
-    "ties": dict(sparsification="magnitude", consensus=True, normalize=True),
-    "dare_linear": dict(sparsification="random", rescale=True),
-    "dare_ties": dict(sparsification="random", consensus=True, rescale=True),
-    "breadcrumbs": dict(sparsification="magnitude_outliers"),
-    "breadcrumbs_ties": dict(sparsification="magnitude_outliers", consensus=True),
-    "della": dict(sparsification="della_magprune", consensus=True, normalize=True, rescale=True),
-    "della_linear": dict(sparsification="della_magprune", rescale=True),
+    "task_arithmetic": {},
+    "ties": {"sparsification": "magnitude", "consensus": True, "normalize": True},
+    "dare_linear": {"sparsification": "random", "rescale": True},
+    "dare_ties": {"sparsification": "random", "consensus": True, "rescale": True},
+    "breadcrumbs": {"sparsification": "magnitude_outliers"},
+    "breadcrumbs_ties": {"sparsification": "magnitude_outliers", "consensus": True},
+    "della": {"sparsification": "della_magprune", "consensus": True, "normalize": True, "rescale": True},
+    "della_linear": {"sparsification": "della_magprune", "rescale": True},
 }
 
 
@@ -39,7 +40,7 @@ def temporaries_mb(method: str, n: int, k: int, itemsize: int, fused: bool) -> f
     arguments = METHODS[method]
     sparse = "sparsification" in arguments
     if fused:
-        chunk = min(n, _FUSED_CHUNK)
+        chunk = min(n, CHUNK)
         # deltas, magnitudes, two masks, the sum, the sign-election workspace (2), the kept weights (float32)
         size = chunk * (k * itemsize + 6 * itemsize + 4)
         if arguments.get("sparsification") in ("random", "della_magprune"):

@@ -1,9 +1,9 @@
-"""Bit-packed masks (composer.methods.bitmask): what is stored comes back, piece by piece."""
+"""Bit-packed masks (composer.methods.task_arithmetic.bitmask): what is stored comes back, piece by piece."""
 
 import pytest
 import torch
 
-from composer.methods.bitmask import BitMask
+from composer.methods.task_arithmetic.bitmask import BitMask
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 64, 1000, 4099])

@@ -160,7 +160,7 @@ random_seed: 3
 
 
 def test_a_failing_operation_stops_the_threads_and_leaves_nothing(tmp_path: Path, monkeypatch):
-    from composer.methods import interpolation
+    from composer.methods import linear as linear_module
 
     source = save_tiny_model(tmp_path / "src", layers=2)
     calls = []
@@ -171,8 +171,8 @@ def test_a_failing_operation_stops_the_threads_and_leaves_nothing(tmp_path: Path
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    real = interpolation.linear
-    monkeypatch.setattr(interpolation, "linear", failing_linear)
+    real = linear_module.linear
+    monkeypatch.setattr(linear_module, "linear", failing_linear)
     recipe = f"merge_method: linear\nmodels:\n  - model: {source}\n    parameters: {{weight: 1.0}}\n"
     with pytest.raises(RuntimeError, match="boom"):
         compose_text(recipe, tmp_path / "out", ExecutionOptions())

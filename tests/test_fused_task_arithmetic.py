@@ -11,10 +11,12 @@ from unittest import mock
 import pytest
 import torch
 
-from composer.methods import sparsify as sparsify_module
-from composer.methods import draws as draws_module
-from composer.methods import task_arithmetic as task_arithmetic_module
+from composer.methods import order_statistics
+from composer.methods.task_arithmetic import chunked as chunked_module
+from composer.methods.task_arithmetic import draws as draws_module
 from composer.methods.task_arithmetic import generalized_task_arithmetic, reference_generalized_task_arithmetic
+from composer.methods.task_arithmetic import select_calculate_erase as sce_module
+from composer.methods.task_arithmetic import sparsify as sparsify_module
 
 DENSITIES = [0.5, 0.7, 0.3]
 METHODS = {
@@ -60,9 +62,9 @@ def both(models, base, method: str, option: str, weights=(0.6, -0.3, 0.5)):
 def small_chunks():
     """Chunks of 4096 elements, L1 pieces of 1024, order statistics bracketed above 2048 elements."""
     return (
-        mock.patch.object(task_arithmetic_module, "_FUSED_CHUNK", 4096),
-        mock.patch.object(sparsify_module, "_L1_PIECE", 1024),
-        mock.patch.object(sparsify_module, "_EXACT_LIMIT", 2048),
+        mock.patch.object(chunked_module, "CHUNK", 4096),
+        mock.patch.object(sparsify_module, "L1_PIECE", 1024),
+        mock.patch.object(order_statistics, "EXACT_LIMIT", 2048),
     )
 
 
@@ -181,7 +183,7 @@ def test_random_masks_are_statistically_sound():
 def test_radix_row_order_is_torchs_stable_sort():
     """DELLA's row ranks on a CPU come from numpy's radix argsort; it must be the permutation of
     torch's stable sort, ties (many, in bf16) ranked by position."""
-    from composer.methods.sparsify import stable_row_order
+    from composer.methods.task_arithmetic.sparsify import stable_row_order
 
     generator = torch.Generator().manual_seed(3)
     delta = (torch.randn(64, 300, generator=generator) * 0.01).to(torch.bfloat16)
@@ -194,7 +196,7 @@ def test_radix_row_order_is_torchs_stable_sort():
 def test_row_ranks_in_threads_scatter_as_one_sort(threads):
     """Blocks of rows sorted and scattered in threads (any count, rows not a multiple of it) give the
     scatter of the whole tensor's stable row order."""
-    from composer.methods.sparsify import scatter_by_row_rank_, stable_row_order
+    from composer.methods.task_arithmetic.sparsify import scatter_by_row_rank_, stable_row_order
 
     generator = torch.Generator().manual_seed(4)
     keys = (torch.randn(101, 77, generator=generator) * 0.01).to(torch.bfloat16).abs().view(torch.int16)
@@ -217,7 +219,7 @@ def test_sce_in_chunks_equals_its_reference_bit_for_bit(dtype, select_topk, shap
     models, base = inputs(shape, dtype, tied)
     models[2].view(-1)[: base.numel() // 3] = models[0].view(-1)[: base.numel() // 3]  # ties and zero variances
     chunk, piece, limit = small_chunks()
-    with chunk, piece, limit, mock.patch.object(task_arithmetic_module, "_VARIANCE_CHUNK", 1000):
+    with chunk, piece, limit, mock.patch.object(sce_module, "VARIANCE_CHUNK", 1000):
         reference, fused = reference_sce(models, base, select_topk), sce(models, base, select_topk)
     assert fused.dtype == reference.dtype == dtype
     assert torch.equal(fused, reference) and torch.equal(torch.signbit(fused), torch.signbit(reference))

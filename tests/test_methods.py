@@ -15,8 +15,9 @@ from composer.compose import compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.methods import METHODS, MergeMethod, Parameter, get_method, register
-from composer.methods.interpolation import linear, slerp
+from composer.methods.linear import linear
 from composer.methods.passthrough import passthrough
+from composer.methods.slerp import slerp
 from helpers import load_state, save_tiny_model
 
 
@@ -100,9 +101,9 @@ def test_slerp_of_half_precision_tensors_in_chunks_is_the_whole_tensor_formula()
     generator = torch.Generator().manual_seed(13)
     a = torch.randn(700, 1000, generator=generator).bfloat16()
     b = (a.float() + 0.3 * torch.randn(700, 1000, generator=generator)).bfloat16()
-    from composer.methods.interpolation import _DOT_CHUNK
+    from composer.methods.slerp import DOT_CHUNK
 
-    a64, b64 = a.double().reshape(-1).split(_DOT_CHUNK), b.double().reshape(-1).split(_DOT_CHUNK)
+    a64, b64 = a.double().reshape(-1).split(DOT_CHUNK), b.double().reshape(-1).split(DOT_CHUNK)
     dot = lambda xs, ys: sum(float(x @ y) for x, y in zip(xs, ys))  # noqa: E731
     theta = math.acos(dot(a64, b64) / (math.sqrt(dot(a64, a64)) * math.sqrt(dot(b64, b64))))
     expected = a * (math.sin(0.6 * theta) / math.sin(theta)) + b * (math.sin(0.4 * theta) / math.sin(theta))
@@ -194,7 +195,7 @@ def test_registry_describes_each_method():
 
 
 def test_a_new_method_is_one_function_and_one_register_line(tmp_path, monkeypatch):
-    monkeypatch.setattr("composer.methods.METHODS", dict(METHODS))
+    monkeypatch.setattr("composer.methods.registry.METHODS", dict(METHODS))
 
     def difference(tensors, base, params):  # base + alpha * (model - base)
         return base + params["alpha"] * (tensors[0] - base)

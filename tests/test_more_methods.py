@@ -529,14 +529,14 @@ def test_plan_time_errors(family, tmp_path, text, message):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_elementwise_selection_methods_run_in_chunks_with_the_same_bits(dtype):
     """nearswap, ram and ramplus_tl go a chunk at a time over large tensors (ramplus_tl counts in a first pass)."""
-    import composer.methods.interpolation as interpolation
+    from composer.methods import chunks
 
     generator = torch.Generator().manual_seed(5)
     base = (torch.randn(300, 77, generator=generator) * 0.02).to(dtype)
     tuned = [base + (torch.randn(300, 77, generator=generator) * 0.001 * (torch.rand(300, 77, generator=generator) < 0.6)).to(dtype) for _ in range(3)]
     runs = []
     for chunk in (1 << 20, 1000):  # one whole chunk, then 24 chunks (the last one short)
-        with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", chunk):
+        with mock.patch.object(chunks, "ELEMENTWISE_CHUNK", chunk):
             runs.append([nearswap(base, tuned[0], 0.0005), ram(tuned, base), ramplus_tl(tuned, base, r=0.5, alpha=1.0)])
     for whole, chunked in zip(*runs):
         assert whole.shape == chunked.shape == base.shape and whole.dtype == chunked.dtype
@@ -547,7 +547,7 @@ def test_elementwise_selection_methods_run_in_chunks_with_the_same_bits(dtype):
 @pytest.mark.parametrize("shape", [(300, 77), (9, 400), (6, 5, 40)])
 def test_filter_wise_model_stock_in_row_blocks_has_the_same_bits(dtype, shape):
     """Each row is merged on its own, so a large matrix goes a block of rows at a time (one row when a row is larger)."""
-    from composer.methods import interpolation as module
+    from composer.methods import chunks as module
 
     generator = torch.Generator().manual_seed(2)
     base = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
@@ -565,12 +565,12 @@ def test_filter_wise_model_stock_in_row_blocks_has_the_same_bits(dtype, shape):
 def test_arcee_fusion_in_row_blocks_has_the_same_bits(dtype, shape):
     """A large matrix's importances are taken a block of rows at a time (softmax and KL stay within rows)
     and the fusion a chunk at a time: the whole tensor's result, bit for bit."""
-    from composer.methods import interpolation
+    from composer.methods import chunks
 
     (other,), base = fine_tunes(1, shape=shape, seed=61, scale=0.1)
     base, other = base.to(dtype), other.to(dtype)
     whole = arcee_fusion(base, other)
-    with mock.patch.object(interpolation, "ROW_BLOCK", 300), mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
+    with mock.patch.object(chunks, "ROW_BLOCK", 300), mock.patch.object(chunks, "ELEMENTWISE_CHUNK", 1000):
         blocks = arcee_fusion(base, other)
     assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
     assert torch.equal(blocks, whole) and torch.equal(torch.signbit(blocks), torch.signbit(whole))
@@ -582,8 +582,8 @@ def test_arcee_fusion_in_row_blocks_has_the_same_bits(dtype, shape):
 def test_half_precision_quartiles_from_pattern_counts_are_the_sorted_values(dtype, negative):
     """Arcee Fusion's quartiles of 16-bit importances come from counting bit patterns (no widened copy);
     a negative value (a KL rounded below zero) falls back to sorting. Either way: the sorted values."""
-    from composer.methods import interpolation
-    from composer.methods.selection import _quartiles
+    from composer.methods import chunks
+    from composer.methods.selection import quartiles
 
     generator = torch.Generator().manual_seed(9)
     values = (torch.randn(5001, generator=generator).abs() * 0.01).to(dtype)
@@ -591,8 +591,8 @@ def test_half_precision_quartiles_from_pattern_counts_are_the_sorted_values(dtyp
     if negative:
         values[77] = -0.5
     expected = values.float().sort().values[[k * (values.numel() - 1) // 4 for k in (1, 2, 3)]].to(dtype)
-    with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
-        found = _quartiles(values)
+    with mock.patch.object(chunks, "ELEMENTWISE_CHUNK", 1000):
+        found = quartiles(values)
     assert all(value.dim() == 0 and value.dtype == dtype for value in found)
     assert torch.equal(torch.stack(found), expected)
 
@@ -601,14 +601,14 @@ def test_half_precision_quartiles_from_pattern_counts_are_the_sorted_values(dtyp
 @pytest.mark.parametrize("with_base", [False, True])
 def test_flat_nuslerp_in_chunks_has_the_whole_tensor_bits(dtype, with_base):
     """nuslerp of whole tensors builds the directions' product a chunk at a time and blends a chunk at a
-    time: bit for bit the whole-tensor computation (`_slerp_vectors`)."""
-    from composer.methods import interpolation
-    from composer.methods.spherical import _slerp_vectors
+    time: bit for bit the whole-tensor computation (`slerp_vectors`)."""
+    from composer.methods import chunks
+    from composer.methods.spherical import slerp_vectors
 
     x0, x1, base = (tensor.to(dtype) for tensor in random_tensors(3, shape=(300, 77), seed=12))
     t = nuslerp_t([0.7, 1.3])
-    expected = base + _slerp_vectors(x0 - base, x1 - base, t, False, True) if with_base else _slerp_vectors(x0, x1, t, False, True)
-    with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
+    expected = base + slerp_vectors(x0 - base, x1 - base, t, False, True) if with_base else slerp_vectors(x0, x1, t, False, True)
+    with mock.patch.object(chunks, "ELEMENTWISE_CHUNK", 1000):
         chunked = nuslerp([x0, x1], [0.7, 1.3], base if with_base else None)
     assert chunked.dtype == expected.dtype and chunked.shape == expected.shape
     assert torch.equal(chunked, expected) and torch.equal(torch.signbit(chunked), torch.signbit(expected))
@@ -619,11 +619,11 @@ def test_flat_nuslerp_in_chunks_has_the_whole_tensor_bits(dtype, with_base):
 def test_karcher_in_chunks_has_the_whole_tensor_bits(dtype, count):
     """Karcher's elementwise updates go a chunk at a time (its dot products and norms stay whole): the same
     bits as updating whole tensors."""
-    from composer.methods import interpolation
+    from composer.methods import chunks
 
     tensors = [tensor.to(dtype) for tensor in random_tensors(count, shape=(300, 77), seed=20 + count)]
     whole = karcher(tensors, max_iter=20, tol=1e-7)
-    with mock.patch.object(interpolation, "_ELEMENTWISE_CHUNK", 1000):
+    with mock.patch.object(chunks, "ELEMENTWISE_CHUNK", 1000):
         chunked = karcher(tensors, max_iter=20, tol=1e-7)
     assert chunked.dtype == whole.dtype and chunked.shape == whole.shape
     assert torch.equal(chunked, whole) and torch.equal(torch.signbit(chunked), torch.signbit(whole))

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from composer import native
-from composer.native import bf16 as native_bf16
-from composer.methods import task_arithmetic as task_arithmetic_module
-from composer.methods.magnitude_sum import MagnitudeSum
+from composer.methods.task_arithmetic import chunked as chunked_module
 from composer.methods.task_arithmetic import generalized_task_arithmetic, reference_generalized_task_arithmetic
+from composer.methods.task_arithmetic.magnitude_sum import MagnitudeSum
+from composer.native import bf16 as native_bf16
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
 
@@ -79,8 +79,8 @@ def test_kernels_give_the_torch_paths_bits(method, variant, tied, threads, monke
         arguments["densities"] = [0.5, 0.7, 0.3, 0.9]
     weights = [0.6, -0.3, 0.5, 0.25]
     # with threads > 1, ranges above 1000 entries are split between threads (at multiples of 256)
-    with mock.patch.object(task_arithmetic_module, "_FUSED_CHUNK", 4096), mock.patch.object(native_bf16, "_MIN_PART", 1000), \
-            mock.patch.object(native_bf16, "_thread_count", lambda: threads):
+    with mock.patch.object(chunked_module, "CHUNK", 4096), mock.patch.object(native_bf16, "MIN_PART", 1000), \
+            mock.patch.object(native_bf16, "thread_count", lambda: threads):
         fused = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
         monkeypatch.setenv("COMPOSER_NATIVE", "0")
         chunked = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
@@ -144,7 +144,7 @@ def test_model_stock_blend_gives_the_torch_paths_bits(count, threads, monkeypatc
 
     models, base = awkward_inputs(False)
     models = finite(models * 2)[:count]  # a finite ratio
-    with mock.patch.object(native_bf16, "_MIN_PART", 1000), mock.patch.object(native_bf16, "_thread_count", lambda: threads):
+    with mock.patch.object(native_bf16, "MIN_PART", 1000), mock.patch.object(native_bf16, "thread_count", lambda: threads):
         fused = model_stock(models, base)
     monkeypatch.setenv("COMPOSER_NATIVE", "0")
     assert not torch.isnan(fused).any()
@@ -160,8 +160,8 @@ def test_sce_gives_the_torch_paths_bits(select_topk, tied, threads, monkeypatch)
 
     models, base = awkward_inputs(tied)
     models = finite(models)  # finite model weights
-    with mock.patch.object(task_arithmetic_module, "_FUSED_CHUNK", 4096), mock.patch.object(native_bf16, "_MIN_PART", 1000), \
-            mock.patch.object(native_bf16, "_thread_count", lambda: threads):
+    with mock.patch.object(chunked_module, "CHUNK", 4096), mock.patch.object(native_bf16, "MIN_PART", 1000), \
+            mock.patch.object(native_bf16, "thread_count", lambda: threads):
         fused = sce(models, base, select_topk)
         monkeypatch.setenv("COMPOSER_NATIVE", "0")
         chunked = sce(models, base, select_topk)

@@ -259,12 +259,12 @@ def test_an_input_truncated_while_it_is_copied_is_an_error_naming_the_file(tmp_p
 
 def test_an_internal_error_is_one_paragraph_that_asks_for_a_report(tmp_path, models, monkeypatch, capsys):
     from composer import cli
-    from composer.methods import interpolation
+    from composer.methods import linear as linear_module
 
     def broken(*args, **kwargs):
         raise TypeError("unsupported operand")
 
-    monkeypatch.setattr(interpolation, "linear", broken)
+    monkeypatch.setattr(linear_module, "linear", broken)
     (tmp_path / "recipe.yml").write_text(linear(models["first"], models["second"]))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["compose", "recipe.yml", "out", "--no-progress"])

@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 from composer.compose import compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
-from composer.methods import get_method
-from composer.methods import sparsify as sparsify_module
-from composer.methods.sparsify import della_mask, magnitude_mask, outlier_mask, random_mask, rank_window_mask
+from composer.methods import get_method, order_statistics
+from composer.methods.order_statistics import rank_window_mask
 from composer.methods.task_arithmetic import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -29,6 +28,7 @@ from composer.methods.task_arithmetic import (
     task_arithmetic,
     ties,
 )
+from composer.methods.task_arithmetic.sparsify import della_mask, magnitude_mask, outlier_mask, random_mask
 from helpers import load_state, save_tiny_model
 
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
@@ -256,8 +256,8 @@ def test_della_keeps_larger_entries_more_often_ranking_within_rows():
 def test_della_ranks_equal_half_precision_magnitudes_by_position():
     """bf16 task vectors often hold equal magnitudes: they are ranked lowest position first (a stable sort), so the
     mask is the one drawn for those ranks, the same on every machine."""
-    from composer.methods.draws import random_levels, stream_key
-    from composer.methods.sparsify import della_mask_
+    from composer.methods.task_arithmetic.draws import random_levels, stream_key
+    from composer.methods.task_arithmetic.sparsify import della_mask_
 
     delta = torch.tensor([[0.5, -0.25, 0.5, 0.25, -0.5, 0.125, 0.25, 0.5]] * 3, dtype=torch.bfloat16)
     key = stream_key(torch.Generator().manual_seed(4))
@@ -309,8 +309,8 @@ def test_rank_windows_select_exactly_by_stable_rank_even_with_ties(values, windo
     order = torch.argsort(tensor, descending=descending, stable=True)
     expected = torch.zeros(len(values), dtype=torch.bool)
     expected[order[max(start, 0):max(stop, 0)]] = True
-    limit = 4 if bracketed else sparsify_module._EXACT_LIMIT
-    with mock.patch.object(sparsify_module, "_EXACT_LIMIT", limit):
+    limit = 4 if bracketed else order_statistics.EXACT_LIMIT
+    with mock.patch.object(order_statistics, "EXACT_LIMIT", limit):
         assert torch.equal(rank_window_mask(tensor, start, stop, descending), expected)
 
 
@@ -355,7 +355,7 @@ def test_population_variance_is_torch_var_bit_for_bit(count, size, seed, dtype, 
     scales = torch.pow(2.0, -torch.randint(0, 1 + (min(spread, 10) if dtype == torch.float16 else spread), (size,), generator=generator).float())
     stacked = (stacked * scales).to(dtype)
     stacked[:, : size // 10] = stacked[0, : size // 10].clone()
-    with mock.patch("composer.methods.task_arithmetic._VARIANCE_CHUNK", 257):
+    with mock.patch("composer.methods.task_arithmetic.select_calculate_erase.VARIANCE_CHUNK", 257):
         found, expected = population_variance(stacked), torch.var(stacked, dim=0, unbiased=False)
     assert found.dtype == expected.dtype and torch.equal(found, expected)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from composer.memory import empty
-from composer.methods import interpolation
+from composer.methods import chunks
+from composer.methods.registry import Parameter, registered
 from composer.native import bf16 as native_bf16
 
 COSINE_NORM_FLOOR = 1e-6  # |a| |b| is clamped to this before dividing: a zero update has cosine 0 with anything
@@ -27,9 +28,21 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bo
         raise ValueError(f"model_stock needs at least two tensors besides the base, got {len(tensors)}")
     if not filter_wise and base.dtype in (torch.float16, torch.bfloat16):
         return _half_precision_whole(tensors, base)
-    if filter_wise and base.dim() >= 2 and base.device.type == "cpu" and base.numel() > interpolation.ROW_BLOCK:
+    if filter_wise and base.dim() >= 2 and base.device.type == "cpu" and base.numel() > chunks.ROW_BLOCK:
         return _in_row_blocks(tensors, base)
     return _whole(tensors, base, filter_wise)
+
+
+@registered(
+    "model_stock",
+    (Parameter("filter_wise", default=False, kind="bool"),),
+    needs_base=True,
+    min_models=2,
+    description="Model Stock: from the base towards the fine-tunes' average by a ratio set by the angle between their updates",
+    light=True,
+)
+def apply_model_stock(tensors, base, params):
+    return model_stock(tensors, base, params["filter_wise"])
 
 
 def _whole(tensors: list[torch.Tensor], base: torch.Tensor, filter_wise: bool) -> torch.Tensor:
@@ -54,7 +67,7 @@ def _in_row_blocks(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Ten
     """The filter-wise `model_stock` of a matrix a block of rows at a time: every row is merged on its own,
     so each block gives the rows the whole matrix would (the same reductions along each row), with
     temporaries the size of a block."""
-    return interpolation.by_row_blocks(lambda blocks: _whole(blocks[1:], blocks[0], True), [base, *tensors])
+    return chunks.by_row_blocks(lambda blocks: _whole(blocks[1:], blocks[0], True), [base, *tensors])
 
 
 def _ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:

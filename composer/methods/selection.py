@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from composer.methods import interpolation
-from composer.methods.interpolation import flat_chunks, in_chunks
-from composer.methods.sparsify import counted_value, pattern_counts
+from composer.methods import chunks
+from composer.methods.chunks import flat_chunks, in_chunks
+from composer.methods.order_statistics import counted_value, pattern_counts
+from composer.methods.registry import Parameter, registered
 
 NEARSWAP_FLOOR = 1e-6  # |base - other| is clamped to this before dividing
 FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence
@@ -36,6 +37,18 @@ def _nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor
     return (weight * other).add_((1 - weight).mul_(base))
 
 
+@registered(
+    "nearswap",
+    (Parameter("t", required=True),),
+    needs_base=True,
+    max_models=1,
+    description="take the other model's value where it is within t of the base, less of it the further it is",
+    light=True,
+)
+def apply_nearswap(tensors, base, params):
+    return nearswap(base, tensors[0], params["t"])
+
+
 # --- Arcee Fusion ---------------------------------------------------------------------------------
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -52,14 +65,26 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     A large matrix on the CPU is taken a block of rows at a time (the softmaxes and KL stay within rows,
     the rest is elementwise), bit for bit the whole tensor's result, holding only the importances whole.
     """
-    if base.dim() >= 2 and base.device.type == "cpu" and base.numel() > interpolation.ROW_BLOCK:
-        importance = interpolation.by_row_blocks(lambda blocks: _importance(*blocks), [base, other])
+    if base.dim() >= 2 and base.device.type == "cpu" and base.numel() > chunks.ROW_BLOCK:
+        importance = chunks.by_row_blocks(lambda blocks: _importance(*blocks), [base, other])
         threshold = _outlier_threshold(importance)
         return in_chunks(lambda flats: _fused(flats[0], flats[1], flats[2] >= threshold), [base, other, importance])
     importance = _importance(base, other)
     keep = importance >= _outlier_threshold(importance)
     del importance
     return _fused(base, other, keep)
+
+
+@registered(
+    "arcee_fusion",
+    (),
+    needs_base=True,
+    max_models=1,
+    description="take the other model's value only where its change is an outlier of importance (|change| x KL)",
+    temporaries=lambda count, params: 1,  # a large tensor on a CPU: its importances (the rest goes a block at a time)
+)
+def apply_arcee_fusion(tensors, base, params):
+    return arcee_fusion(base, tensors[0])
 
 
 def _importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -72,7 +97,7 @@ def _importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def _outlier_threshold(importance: torch.Tensor) -> torch.Tensor:
-    q1, median, q3 = _quartiles(importance.reshape(-1))
+    q1, median, q3 = quartiles(importance.reshape(-1))
     return median + 1.5 * (q3 - q1)
 
 
@@ -81,15 +106,13 @@ def _fused(base: torch.Tensor, other: torch.Tensor, keep: torch.Tensor) -> torch
     return base + delta.mul_(keep.to(delta.dtype))
 
 
-def _quartiles(values: torch.Tensor) -> list[torch.Tensor]:
+def quartiles(values: torch.Tensor) -> list[torch.Tensor]:
     """The sorted values at positions floor(k (n - 1) / 4), k = 1, 2, 3, as 0-dim tensors of `values`' dtype."""
     positions = [k * (values.numel() - 1) // 4 for k in (1, 2, 3)]
     counted = _counted_order_statistics(values, positions) if values.dtype in (torch.float16, torch.bfloat16) else None
     if counted is not None:
         return counted
     if values.device.type == "cpu":
-        import numpy as np
-
         exact = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
         array = values.detach().to(exact, copy=True).numpy()
         array.partition(positions)  # in place: the copy above is the only one, and no index array
@@ -127,6 +150,17 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5) 
     return in_chunks(lambda flats: _merged_chunk(flats, epsilon, None), [base, *tensors])
 
 
+@registered(
+    "ram",
+    (Parameter("epsilon", default=1e-5),),
+    needs_base=True,
+    description="Reinforced Agent Merging: keep unique task-vector entries whole, average shared ones over their contributors",
+    light=True,
+)
+def apply_ram(tensors, base, params):
+    return ram(tensors, base, params["epsilon"])
+
+
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
     """RAM+ with tensor-local rescaling: like `ram`, but each model's unique changes (entries only it
     changed) are multiplied by lambda_i = 1 + r * clamp(rho_i, 0, alpha), where rho_i is the number of
@@ -144,6 +178,16 @@ def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, 
     rho = shared_counts / unique_counts.clamp(min=epsilon)
     lambdas = 1 + r * rho.clamp(min=0, max=alpha)
     return in_chunks(lambda flats: _merged_chunk(flats, epsilon, lambdas), [base, *tensors])
+
+
+@registered(
+    "ramplus_tl",
+    (Parameter("r", default=0.1), Parameter("alpha", default=0.2), Parameter("epsilon", default=1e-5)),
+    needs_base=True,
+    description="RAM+ (tensor-local): RAM with each model's unique entries scaled up by its overlap ratio",
+)
+def apply_ramplus_tl(tensors, base, params):
+    return ramplus_tl(tensors, base, params["r"], params["alpha"], params["epsilon"])
 
 
 def _merged_chunk(flats: list[torch.Tensor], epsilon: float, lambdas) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Interpolation on the hypersphere: NuSLERP (two models), Multi-SLERP and the Karcher mean (any number).
+(SLERP from a base model to one other model is `composer.methods.slerp`.)
 
 Each function takes whole tensors and returns a new tensor; inputs are never modified. The
 arithmetic follows mergekit's order of operations step by step, so in float32 the results agree
@@ -10,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from composer.errors import ComposerError
-from composer.methods.interpolation import each_chunk, in_chunks
+from composer.methods.chunks import each_chunk, in_chunks
+from composer.methods.linear import weights_cancel
+from composer.methods.registry import Parameter, registered
 
 NUSLERP_EPS = 1e-8  # |sin(theta)| below this (cos(theta)^2 within eps^2 of 1): the pair is colinear, lerp
 _NORM_FLOOR = 1e-7  # norms are clamped to this before dividing, so an all-zero vector has direction 0
@@ -44,12 +47,30 @@ def nuslerp(
     if flatten:
         return _slerp_flat(first, second, t, base)
     if base is None:
-        return _slerp_vectors(first, second, t, row_wise, flatten)
-    return base + _slerp_vectors(first - base, second - base, t, row_wise, flatten)
+        return slerp_vectors(first, second, t, row_wise, flatten)
+    return base + slerp_vectors(first - base, second - base, t, row_wise, flatten)
+
+
+@registered(
+    "nuslerp",
+    (
+        Parameter("weight", required=True, per_model=True),
+        Parameter("nuslerp_row_wise", default=False, kind="bool"),
+        Parameter("nuslerp_flatten", default=True, kind="bool"),
+    ),
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+    description="spherical interpolation of two models (or of their task vectors from an optional base), t = w_1 / (w_0 + w_1)",
+    # whole vectors (the default): the two task vectors and the directions' product; per row: six
+    temporaries=lambda count, params: 3 if params.get("nuslerp_flatten", True) else 6,
+)
+def apply_nuslerp(tensors, base, params):
+    return nuslerp(tensors, params["weight"], base, params["nuslerp_row_wise"], params["nuslerp_flatten"])
 
 
 def _slerp_flat(first: torch.Tensor, second: torch.Tensor, t: float, base: torch.Tensor | None) -> torch.Tensor:
-    """`_slerp_vectors` of the whole tensors as single vectors (+ base), holding the two vectors, one
+    """`slerp_vectors` of the whole tensors as single vectors (+ base), holding the two vectors, one
     product buffer and the result: the directions' product is built a chunk at a time into the buffer and
     summed whole (the same sum, so the same bits), and the blend is elementwise (`in_chunks`)."""
     v0, v1 = (first, second) if base is None else (first - base, second - base)
@@ -74,7 +95,7 @@ def _slerp_flat(first: torch.Tensor, second: torch.Tensor, t: float, base: torch
     return in_chunks(blend, [v0, v1] if base is None else [v0, v1, base])
 
 
-def _slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float, row_wise: bool, flatten: bool) -> torch.Tensor:
+def slerp_vectors(v0: torch.Tensor, v1: torch.Tensor, t: float, row_wise: bool, flatten: bool) -> torch.Tensor:
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -151,6 +172,28 @@ def multislerp(
     return result if base is None else result + base
 
 
+def _check_multislerp(params):
+    if params["normalize_weights"] and len(params["weight"]) > 1 and weights_cancel(params["weight"]):
+        return f"the weights {params['weight']} sum to zero, so they cannot be normalised (set normalize_weights: false or change a weight)"
+    return None
+
+
+@registered(
+    "multislerp",
+    (
+        Parameter("weight", required=True, per_model=True),
+        Parameter("normalize_weights", default=True, kind="bool"),
+        Parameter("eps", default=1e-8),
+    ),
+    optional_base=True,
+    description="weighted spherical mean of any number of models (or of their task vectors from an optional base)",
+    check=_check_multislerp,
+    temporaries=lambda count, params: 2 * count + 2,
+)
+def apply_multislerp(tensors, base, params):
+    return multislerp(tensors, params["weight"], base, params["normalize_weights"], params["eps"])
+
+
 def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     """The Karcher (Riemannian / Frechet) mean of the tensors' directions on the unit sphere, with equal
     weights, scaled by the mean of their norms.
@@ -181,7 +224,7 @@ def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
 
     mean = torch.zeros_like(directions[0])
     for weight, unit in zip(weights, directions):
-        each_chunk(lambda m, u: m.add_(weight * u), mean, unit)
+        each_chunk(lambda m, u, weight=weight: m.add_(weight * u), mean, unit)
     mean_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
     if mean_norm.item() < tol:
         mean = directions[0].clone()
@@ -196,16 +239,35 @@ def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
             if theta.item() < tol:
                 continue
             factor = weight * (theta / torch.sin(theta))
-            each_chunk(lambda t, u, m: t.add_(factor * (u - cosine * m)), tangent, unit, mean)
+            each_chunk(lambda t, u, m, factor=factor, cosine=cosine: t.add_(factor * (u - cosine * m)), tangent, unit, mean)
         tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
         if tangent_norm.item() < tol:
             break
         along, across = torch.cos(tangent_norm), torch.sin(tangent_norm)
-        each_chunk(lambda m, t: m.copy_((along * m + across * (t / tangent_norm)).to(m.dtype)), mean, tangent)
+        each_chunk(
+            lambda m, t, along=along, across=across, norm=tangent_norm: m.copy_((along * m + across * (t / norm)).to(m.dtype)), mean, tangent
+        )
         del tangent
         unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
         if unit_norm.item() > tol:
-            each_chunk(lambda m: m.copy_((m / unit_norm).to(m.dtype)), mean)
+            each_chunk(lambda m, unit_norm=unit_norm: m.copy_((m / unit_norm).to(m.dtype)), mean)
 
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))
     return scale * mean
+
+
+def _check_karcher(params):
+    if params["max_iter"] != int(params["max_iter"]) or params["max_iter"] < 0:
+        return f"'max_iter' must be a whole number of iterations (0 or more), not {params['max_iter']}"
+    return None
+
+
+@registered(
+    "karcher",
+    (Parameter("max_iter", default=10), Parameter("tol", default=1e-5)),
+    description="Karcher (Riemannian) mean of the models' directions on the sphere, scaled by their mean norm",
+    check=_check_karcher,
+    temporaries=lambda count, params: count + 3,  # the unit vectors, the mean, the step, a widened copy for a norm
+)
+def apply_karcher(tensors, base, params):
+    return karcher(tensors, params["max_iter"], params["tol"])

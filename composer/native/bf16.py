@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -16,7 +18,7 @@ MAX_MODELS = 16  # kernels.c's MAX_MODELS
 KEEP_ALL, KEEP_BITS, KEEP_BYTES, KEEP_PATTERNS = range(4)
 EXPONENT_SUMS = 320  # kernels.c SUMS: value slots, then infinities and NaNs
 _BLOCK = 256  # kernels.c's BLOCK: ranges split between threads start at multiples of it
-_MIN_PART = 1 << 17  # entries below which a range is not split between threads
+MIN_PART = 1 << 17  # entries below which a range is not split between threads
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -35,17 +37,17 @@ def _pointers(values, kind=ctypes.c_void_p):
     return (kind * max(1, len(values)))(*values)
 
 
-def _thread_count() -> int:
+def thread_count() -> int:
     return torch.get_num_threads()
 
 
 def _parts(start: int, stop: int) -> list[tuple[int, int]]:
     """[start, stop) in torch's number of threads of parts (ctypes lets go of the GIL while a kernel
     runs, so they run at once), each but the first starting at a multiple of BLOCK."""
-    count = max(1, min(_thread_count(), (stop - start) // _MIN_PART))
+    count = max(1, min(thread_count(), (stop - start) // MIN_PART))
     step = -(-(stop - start) // count)
     cuts = [start] + [(start + k * step) // _BLOCK * _BLOCK for k in range(1, count)] + [stop]
-    return [(low, high) for low, high in zip(cuts, cuts[1:]) if high > low]
+    return [(low, high) for low, high in pairwise(cuts) if high > low]
 
 
 def _part_sums(parts: list, targets: Sequence[torch.Tensor | None]) -> list[tuple]:
@@ -67,18 +69,28 @@ def _in_parts(kernel, start: int, stop: int) -> None:
     each(lambda index: kernel(*parts[index]), len(parts))
 
 
+@dataclass(frozen=True)
+class TaskArithmeticSettings:
+    """What kernels.c's task_arithmetic_bf16 does with one tensor besides its inputs: each model's weight
+    (`weights`) and rescale factor (`scales`, None for none), whether a sign is elected per entry
+    (`consensus`), whether the sum is divided (`normalize`) by the kept weights (with `consensus`) or by
+    `divisor`, and the factor `lambda_` applied last."""
+
+    weights: Sequence[float]
+    scales: Sequence[float | None]
+    consensus: bool
+    normalize: bool
+    divisor: float
+    lambda_: float
+
+
 def task_arithmetic_(
     start: int,
     stop: int,
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
     keeps: Sequence[tuple],
-    scales: Sequence[float | None],
-    weights: Sequence[float],
-    consensus: bool,
-    normalize: bool,
-    divisor: float,
-    lambda_: float,
+    settings: TaskArithmeticSettings,
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Entries [start, stop) of the flat `out` from the flat `base` and `models` (kernels.c's
@@ -93,8 +105,9 @@ def task_arithmetic_(
         highs.append(keep[2] if mode == KEEP_PATTERNS else 0)
     common = (
         _pointers(modes, ctypes.c_int), _pointers(lows, ctypes.c_uint16), _pointers(highs, ctypes.c_uint16),
-        _pointers([scale is not None for scale in scales], ctypes.c_int), _pointers([scale or 0.0 for scale in scales], ctypes.c_float),
-        _pointers(list(weights), ctypes.c_float),
+        _pointers([scale is not None for scale in settings.scales], ctypes.c_int),
+        _pointers([scale or 0.0 for scale in settings.scales], ctypes.c_float),
+        _pointers(list(settings.weights), ctypes.c_float),
     )
     model_pointers = _pointers([model.data_ptr() for model in models])
 
@@ -103,7 +116,8 @@ def task_arithmetic_(
         here = _pointers([pointer + (low - start) if mode == KEEP_BYTES else pointer for mode, pointer in zip(modes, data)])
         native.library().task_arithmetic_bf16(
             low, high, len(models), base.data_ptr(), model_pointers, common[0], here, *common[1:],
-            int(consensus), int(normalize), divisor, int(lambda_ != 1), lambda_, out.data_ptr(),
+            int(settings.consensus), int(settings.normalize), settings.divisor, int(settings.lambda_ != 1), settings.lambda_,
+            out.data_ptr(),
         )
 
     _in_parts(kernel, start, stop)
@@ -153,10 +167,10 @@ def della_select(
 
 
 def _row_parts(rows: int, width: int) -> list[tuple[int, int]]:
-    """Rows [0, rows) in torch's number of threads of parts of at least _MIN_PART entries."""
-    count = max(1, min(_thread_count(), rows * width // _MIN_PART, rows))
+    """Rows [0, rows) in torch's number of threads of parts of at least MIN_PART entries."""
+    count = max(1, min(thread_count(), rows * width // MIN_PART, rows))
     cuts = [rows * k // count for k in range(count + 1)]
-    return [(low, high) for low, high in zip(cuts, cuts[1:]) if high > low]
+    return [(low, high) for low, high in pairwise(cuts) if high > low]
 
 
 def model_stock_blend_(base: torch.Tensor, models: Sequence[torch.Tensor], ratio: float, keep: float, out: torch.Tensor) -> torch.Tensor:
@@ -221,8 +235,8 @@ def delta_pattern_counts(chunks: Sequence[tuple[int, int]], model: torch.Tensor,
     def kernel(index: int) -> None:
         native.library().delta_pattern_counts_bf16(*chunks[index], model.data_ptr(), base.data_ptr(), counts[index].data_ptr())
 
-    for first in range(0, len(chunks), _thread_count()):
-        each(lambda index, first=first: kernel(first + index), min(_thread_count(), len(chunks) - first))
+    for first in range(0, len(chunks), thread_count()):
+        each(lambda index, first=first: kernel(first + index), min(thread_count(), len(chunks) - first))
     return counts
 
 

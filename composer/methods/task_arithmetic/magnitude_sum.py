@@ -32,7 +32,7 @@ class MagnitudeSum:
         self.dtype = dtype
         self.slots = torch.zeros(SLOTS, dtype=torch.int64, device=device)
 
-    def add(self, values: torch.Tensor) -> "MagnitudeSum":
+    def add(self, values: torch.Tensor) -> MagnitudeSum:
         flat = values.reshape(-1)
         if flat.dtype != self.dtype:
             raise ValueError(f"a sum of {self.dtype} magnitudes was given {flat.dtype} values")

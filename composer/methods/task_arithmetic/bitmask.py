@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from composer.methods.draws import signed_int64
+from composer.methods.task_arithmetic.draws import signed_int64
 
 # x holds 8 bytes b_k (each 0 or 1), byte k at bits 8k..8k+7 (little-endian). x * GATHER has b_k at
 # bit 8k + 7j + 7 for every j; with j = 7 - k that is bit 56 + k, and no two (k, j) share a bit, so
