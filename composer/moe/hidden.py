@@ -3,8 +3,9 @@ receives: the output of the layer's post-attention norm.
 
 Only one layer's weights are in memory at a time (handed in, run over every prompt, freed); the hidden states of
 the prompts are kept between layers (`LayerRunner`, whose memory `state_bytes` and `run_bytes` put in numbers for
-the executor's budget). `router_inputs` reads the layers from a ModelSource itself, for a preview outside a plan. Prompts are right-padded into one batch; `mask` says which positions are
-real tokens, and the attention masks keep padding out of every real token's context."""
+the executor's budget). `router_inputs` reads the layers from a ModelSource itself, for a preview outside a plan.
+Prompts are right-padded into one batch; `mask` says which positions are real tokens, and the attention masks
+keep padding out of every real token's context."""
 
 from __future__ import annotations
 
