@@ -2,8 +2,10 @@
 
 Each linear weight inside the layers gets the best rank-r approximation of its task vector (Eckart-Young:
 the truncated SVD), split evenly as A = sqrt(S) Vh and B = U sqrt(S), with lora_alpha = r so PEFT's scaling
-is 1 and B @ A is the approximation itself. Tensors are streamed: one pair is read, factored and written
-before the next, and the adapter's layout is fixed up front so nothing waits in memory.
+is 1 and B @ A is the approximation itself. The adapter is a plan like any merge's (`adapter_plan`), which the
+executor runs: inputs streamed within its memory budget, each pair read, factored and written before the next,
+an output that appears whole or not at all, and a run that died resumed. Its card, which reports the errors, is
+written once every factor is.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from composer.architecture import architecture_for, build_meta_model
 from composer.errors import ComposerError
-from composer.execute.output_folder import OutputFolder, check_output_free, check_output_not_input
+from composer.execute.executor import ExecutionOptions, execute
+from composer.execute.output_folder import check_output_free, check_output_not_input
+from composer.plan.model import COPY, Chain, Operation, Plan, PlannedTensor, TensorRef
 from composer.sources import ModelSource, open_source
 from composer.sources.lora import ADAPTER_CONFIG, SAVED_PREFIX
 
@@ -165,24 +170,74 @@ def whole_tensors(finetune: ModelSource, base: ModelSource) -> dict[str, str]:
     return saved
 
 
-def _layout(targets: list[Target], rank: int, finetune: ModelSource, whole: dict[str, str]) -> list:
-    """The adapter file's tensors, in PEFT's names, as the sharded writer wants them planned."""
-    from composer.plan.model import Operation, PlannedTensor, first_input
+def factoring_bytes(out_features: int, in_features: int, rank: int) -> int:
+    """The most that factoring one [out, in] task vector holds beyond the two weights read: the difference in float32
+    and two more of its size (the weights widened, the SVD's copy of it, or B @ A and what is left), and the SVD's factors."""
+    sketch = rank + OVERSAMPLING
+    kept = min(out_features, in_features) if 2 * sketch >= min(out_features, in_features) else 3 * sketch
+    return 3 * out_features * in_features * 4 + (out_features + in_features + 1) * kept * 4
 
+
+class Factors:
+    """The A and B of each target, from one truncated SVD of its task vector: A's step factors it and leaves B for B's
+    step, which the schedule runs next (a B asked for on its own factors again). `errors` holds each target's."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.errors: dict[str, float] = {}
+        self._waiting: dict[str, torch.Tensor] = {}  # target -> its B, from A's step to B's
+
+    def _factor(self, target: Target, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        finetune, base = inputs
+        delta = finetune.to(torch.float32) - base.to(torch.float32)
+        a, b, self.errors[target.name] = low_rank_factors(delta.T if target.transposed else delta, self.rank)
+        return a, b
+
+    def a(self, target: Target, inputs: list[torch.Tensor]) -> torch.Tensor:
+        a, self._waiting[target.name] = self._factor(target, inputs)
+        return a
+
+    def b(self, target: Target, inputs: list[torch.Tensor]) -> torch.Tensor:
+        waiting = self._waiting.pop(target.name, None)
+        return waiting if waiting is not None else self._factor(target, inputs)[1]
+
+
+def adapter_plan(finetune: ModelSource, base: ModelSource, targets: list[Target], whole: dict[str, str], factors: Factors, config: dict) -> Plan:
+    """The adapter as a plan: each target's lora_A and lora_B (a chain of two steps sharing one SVD), then the whole
+    tensors, in PEFT's names; written as one adapter_model.safetensors with `config` as adapter_config.json."""
     infos = finetune.tensor_infos()
-    written = Operation(label="extract-lora", fn=first_input)
-
-    def planned(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> PlannedTensor:
-        return PlannedTensor(SAVED_PREFIX + name, shape, dtype, (), written)
-
-    layout = []
+    rank = factors.rank
+    tensors = []
     for target in targets:
         out_features, in_features = target.out_in
         dtype = infos[target.name].dtype if infos[target.name].dtype.is_floating_point else torch.float32
-        layout.append(planned(target.module + ".lora_A.weight", (rank, in_features), dtype))
-        layout.append(planned(target.module + ".lora_B.weight", (out_features, rank), dtype))
-    layout += [planned(saved, infos[name].shape, infos[name].dtype) for saved, name in whole.items()]
-    return layout
+        inputs = (TensorRef(finetune.reference, target.name), TensorRef(base.reference, target.name))
+        chain = Chain(label=f"the factors of {target.name}", state_bytes=out_features * rank * 4)
+        working = factoring_bytes(out_features, in_features, rank)
+        for link, (factor, shape) in enumerate((("A", (rank, in_features)), ("B", (out_features, rank)))):
+            operation = Operation(label=f"lora_{factor} (truncated SVD)", fn=partial(getattr(factors, factor.lower()), target), arguments={"rank": rank},
+                                  working_bytes=working, chain=chain, link=link)
+            tensors.append(PlannedTensor(f"{SAVED_PREFIX}{target.module}.lora_{factor}.weight", shape, dtype, inputs, operation))
+    for saved, name in whole.items():
+        tensors.append(PlannedTensor(SAVED_PREFIX + saved, infos[name].shape, infos[name].dtype, (TensorRef(finetune.reference, name),), COPY))
+    sources = {base.reference: base, finetune.reference: finetune}
+    return Plan(tensors=tensors, sources=sources, config=config, tokenizer_source=None, recipe_text="", method="extract-lora",
+                parents=[finetune.reference, base.reference], weights_file=ADAPTER_FILE, config_file=None)
+
+
+def measured_errors(adapter: Path, finetune: ModelSource, base: ModelSource, targets: list[Target]) -> dict[str, float]:
+    """Each target's relative error as its factors were written (for those a run that died had finished)."""
+    from safetensors import safe_open
+
+    errors = {}
+    with safe_open(str(adapter), "pt") as factors:
+        for target in targets:
+            delta = finetune.read(target.name).to(torch.float32) - base.read(target.name).to(torch.float32)
+            delta = delta.T if target.transposed else delta
+            a, b = (factors.get_tensor(f"{SAVED_PREFIX}{target.module}.lora_{factor}.weight").to(torch.float32) for factor in "AB")
+            norm = torch.linalg.matrix_norm(delta).item()
+            errors[target.name] = torch.linalg.matrix_norm(delta - b @ a).item() / norm if norm else 0.0
+    return errors
 
 
 def adapter_config(base_reference: str, rank: int, targets: list[Target], modules: list[str] | None, whole: dict[str, str]) -> dict:
@@ -257,51 +312,21 @@ def extract_lora(
         whole = whole_tensors(finetune, base) if embeddings else {}
         config = adapter_config(base_reference, rank, targets, modules, whole)
         report = ExtractionReport(Path(out), rank, modules_to_save=config["modules_to_save"] or [])
+        factors = Factors(rank)
 
         def extra_files(folder: Path) -> None:
             (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+        def closing_files(folder: Path) -> None:
+            kept = [target for target in targets if target.name not in factors.errors]  # finished by a run that died
+            factors.errors.update(measured_errors(folder / ADAPTER_FILE, finetune, base, kept) if kept else {})
+            report.errors = {target.name: factors.errors[target.name] for target in targets}
             (folder / "README.md").write_text(adapter_card(finetune_reference, base_reference, rank, report))
 
-        write_adapter(finetune, base, targets, whole, report, force, progress, extra_files)
+        plan = adapter_plan(finetune, base, targets, whole, factors, config)
+        execute(plan, report.out, ExecutionOptions(force=force, progress=progress), extra_files, closing_files)
     finally:
         finetune.close()
         base.close()
     report.seconds = time.perf_counter() - started
     return report
-
-
-def write_adapter(finetune, base, targets, whole, report: ExtractionReport, force: bool, progress: bool | None, extra_files) -> None:
-    """Factor each target's task vector and write the adapter into a partial folder, moved into place when complete."""
-    from composer.execute.executor import progress_bar
-    from composer.execute.writer import ShardedWriter
-
-    folder = OutputFolder(report.out, force)
-    writer = None
-    try:
-        folder.open()
-        layout = _layout(targets, report.rank, finetune, whole)
-        dtypes = {planned.name: planned.dtype for planned in layout}
-        writer = ShardedWriter(folder.partial, layout, shard_size=1 << 62)
-        infos = finetune.tensor_infos()
-        total = sum(infos[target.name].nbytes for target in targets) + sum(infos[name].nbytes for name in whole.values())
-        with progress_bar(total, len(targets), progress) as bar:
-            bar.set_description(f"factoring {len(targets)} tensors")
-            for target in targets:
-                delta = finetune.read(target.name).to(torch.float32) - base.read(target.name).to(torch.float32)
-                a, b, report.errors[target.name] = low_rank_factors(delta.T if target.transposed else delta, report.rank)
-                del delta
-                for name, factor in ((target.module + ".lora_A.weight", a), (target.module + ".lora_B.weight", b)):
-                    writer.write(SAVED_PREFIX + name, factor.to(dtypes[SAVED_PREFIX + name]))
-                bar.update(infos[target.name].nbytes)
-            for saved, name in whole.items():
-                writer.write(SAVED_PREFIX + saved, finetune.read(name))
-                bar.update(infos[name].nbytes)
-        writer.finish()
-        (folder.partial / "model.safetensors").rename(folder.partial / ADAPTER_FILE)
-        extra_files(folder.partial)
-        folder.commit()
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        folder.discard()
-        raise

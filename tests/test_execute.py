@@ -219,3 +219,47 @@ def test_whole_tensor_methods_declare_their_temporaries_to_the_schedule(tmp_path
         steps[method] = (tensor.operation.temporaries, step_bytes(plan, tensor), tensor.nbytes)
     assert steps["karcher"][0] == 6 and steps["linear"][0] == 2
     assert steps["karcher"][1] - steps["linear"][1] == 4 * steps["karcher"][2]
+
+
+def chained_plan(source: Path, ran: list[int], fail_at: int | None = None):
+    """Each layer's up projection plus one for every chain step run so far (state the steps hand on), beside plain copies
+    of the down projections. Twelve layers: the file's order (layers.10 before layers.2) is not the chain's."""
+    from composer.plan.model import COPY, Chain, Operation, Plan, PlannedTensor, TensorRef
+    from composer.sources import open_source
+
+    model = open_source(str(source))
+    chain = Chain(label="counting", state_bytes=1000)
+
+    def step(link: int, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if link == fail_at:
+            raise OSError("the disk went away")
+        ran.append(link)
+        return inputs[0] + len(ran)
+
+    tensors = []
+    for layer in range(12):
+        for role, operation in (("up", Operation(label="count", fn=lambda inputs, link=layer: step(link, inputs), chain=chain, link=layer)), ("down", COPY)):
+            info = model.tensor_infos()[f"model.layers.{layer}.mlp.{role}_proj.weight"]
+            tensors.append(PlannedTensor(info.name, info.shape, info.dtype, (TensorRef("m", info.name),), operation))
+    return Plan(tensors=tensors, sources={"m": model}, config={}, tokenizer_source=None, recipe_text="chain", method="test", parents=[])
+
+
+def test_a_chain_runs_in_its_order_holds_its_state_and_is_redone_whole_on_resume(tmp_path: Path):
+    from composer.execute.executor import execute
+
+    source = save_tiny_model(tmp_path / "src", layers=12)
+    plan = chained_plan(source, [])
+    schedule = make_schedule(plan)
+    links = [t.operation.link for t in schedule.order if t.operation.chain is not None]
+    assert links == list(range(12)) and schedule.carried_bytes == 1000
+    assert schedule.peak_bytes >= 1000 + max(t.nbytes for t in plan.tensors)
+
+    ran: list[int] = []
+    execute(chained_plan(source, ran), tmp_path / "whole", ExecutionOptions(progress=False))
+    assert ran == list(range(12))
+    with pytest.raises(OSError):
+        execute(chained_plan(source, [], fail_at=7), tmp_path / "out", ExecutionOptions(progress=False, keep_partial=True))
+    ran.clear()
+    report = execute(chained_plan(source, ran), tmp_path / "out", ExecutionOptions(progress=False))
+    assert ran == list(range(12)) and report.resumed > 0  # the copies were kept, the chain's seven finished steps done again
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()

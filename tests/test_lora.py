@@ -226,6 +226,42 @@ def test_extracted_adapter_reproduces_planted_fine_tune(tmp_path, model_type, ti
     composed = passthrough(f"{base}+{tmp_path / 'adapter'}", tmp_path / "composed")  # and back through compose
     torch.testing.assert_close(logits_of(composed, IDS), expected, rtol=0, atol=2e-5)
 
+def test_an_extraction_that_died_resumes_to_the_same_adapter_and_report(tmp_path, monkeypatch):
+    """extract-lora runs through the executor: a run that dies leaves its finished factors (kept here as a killed
+    run's would be), and the next run factors only the rest, writes the same bytes and reports the same errors."""
+    import functools
+
+    import composer.extract_lora as extraction
+
+    base = save_tiny_model(tmp_path / "base", "llama", layers=2)
+    finetune = fine_tune_of(base, tmp_path / "finetune", layer_matrices)
+    whole = extract_lora(str(finetune), str(base), tmp_path / "whole", 2, progress=False)
+    factored = []
+
+    def counted(delta, rank):
+        if len(factored) == 6 and dying:
+            raise OSError("killed")
+        factored.append(delta.shape)
+        return low_rank_factors(delta, rank)
+
+    monkeypatch.setattr(extraction, "low_rank_factors", counted)
+    with monkeypatch.context() as patch:
+        dying = True
+        patch.setattr(extraction, "ExecutionOptions", functools.partial(ExecutionOptions, keep_partial=True))
+        with pytest.raises(OSError, match="killed"):
+            extract_lora(str(finetune), str(base), tmp_path / "adapter", 2, progress=False)
+    assert not (tmp_path / "adapter").exists() and list(tmp_path.glob(".adapter.partial-*"))
+    factored.clear()
+    dying = False
+    resumed = extract_lora(str(finetune), str(base), tmp_path / "adapter", 2, progress=False)
+    assert 0 < len(factored) < len(whole.errors)
+    assert resumed.errors == whole.errors and list(resumed.errors) == list(whole.errors)
+    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    for path in (tmp_path / "whole").iterdir():
+        assert path.read_bytes() == (tmp_path / "adapter" / path.name).read_bytes()
+    assert not list(tmp_path.glob(".adapter.partial-*"))
+
+
 
 def test_lower_rank_reports_larger_error(tmp_path):
     base = save_tiny_model(tmp_path / "base", "llama", layers=1)

@@ -374,3 +374,43 @@ def test_covariance_solve_in_token_space_equals_the_direct_solve():
         right = torch.randn(200, 5, dtype=torch.float64, generator=generator)
         direct = torch.linalg.solve(G.regularised_covariance(stats), right)
         torch.testing.assert_close(G.solve_covariance(stats, right), direct, rtol=1e-10, atol=1e-10)
+
+
+def test_gates_list_what_they_read_and_the_schedule_counts_what_they_hold(models, tmp_path, monkeypatch):
+    """A router's plan entry names the base tensors its gate reads: hidden gates the embeddings (the first) and their
+    layer, cheap_embed gates the embeddings (the first) and their layer's post-attention norm, random gates nothing.
+    Prompt gates form a chain that runs in layer order, whose state the predicted peak counts; planning runs no model.
+    The executor reads the gates' inputs within its budget: with almost none, the same bytes."""
+    from composer.moe.hidden import LayerRunner
+    from composer.plan.schedule import make_schedule
+
+    dense = models["llama"]
+    layer_one = sorted(name for name in load_state(dense) if name.startswith("model.layers.1."))
+    with monkeypatch.context() as patch:
+        patch.setattr(LayerRunner, "run", lambda *arguments: pytest.fail("planning ran the model"))
+        for mode in ("hidden", "cheap_embed", "random"):
+            text = moe_text(dense, [dense, dense], mode, prompts=PROMPTS[:2])
+            plan = build_moe_plan(parse_moe_config(text), text)
+            gates = {int(t.name.split(".")[2]): t for t in plan.tensors if t.operation.label == "router gate"}
+            read = {layer: [ref.name for ref in gate.inputs] for layer, gate in gates.items()}
+            schedule = make_schedule(plan)
+            plan.close()
+            chain = gates[0].operation.chain
+            if mode == "random":
+                assert all(not names for names in read.values()) and chain is None and schedule.carried_bytes == 0
+                continue
+            assert all(gate.operation.chain is chain for gate in gates.values()) and schedule.carried_bytes == chain.state_bytes > 0
+            assert [t.operation.link for t in schedule.order if t.operation.chain is chain] == [0, 1, 2]
+            assert schedule.peak_bytes >= chain.state_bytes + max(gate.operation.working_bytes for gate in gates.values())
+            if mode == "hidden":
+                assert read[0][0] == "model.embed_tokens.weight" and sorted(read[1]) == layer_one
+                assert chain.state_bytes >= 4 * 64 * 4  # at least four prompts' hidden states in float32 (a token each)
+            else:
+                norm = "model.layers.{}.post_attention_layernorm.weight"
+                assert read == {0: ["model.embed_tokens.weight", norm.format(0)], 1: [norm.format(1)], 2: [norm.format(2)]}
+    text = moe_text(dense, [dense, models["llama-b"]], per_token=1, prompts=PROMPTS[:2])
+    roomy = compose_moe_text(text, tmp_path / "roomy", OPTIONS)
+    assert roomy.reads[next(ref for ref in roomy.reads if ref.name == "model.layers.1.self_attn.q_proj.weight")] == 1
+    compose_moe_text(text, tmp_path / "tight", ExecutionOptions(progress=False, memory_budget=1))
+    assert load_state(tmp_path / "roomy").keys() == load_state(tmp_path / "tight").keys()
+    assert (tmp_path / "roomy" / "model.safetensors").read_bytes() == (tmp_path / "tight" / "model.safetensors").read_bytes()

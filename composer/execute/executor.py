@@ -31,7 +31,7 @@ from composer.execute.writer import ShardedWriter
 from composer.memory import recycling
 from composer.native.scan import holds_nonfinite
 from composer.plan.model import Plan, TensorRef
-from composer.plan.schedule import make_schedule, step_bytes
+from composer.plan.schedule import chains_to_redo, make_schedule, step_bytes
 from composer.signals import Interrupted
 
 GIB = 1024**3
@@ -342,8 +342,10 @@ def _interrupted(error: KeyboardInterrupt, folder: OutputFolder, kept: bool) -> 
     return Interrupted(f"{reason}; no output was left behind.")
 
 
-def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Callable[[Path], None] | None = None) -> ExecutionReport:
-    """Write the plan's output into `out`. `extra_files(folder)` adds the non-tensor files (tokenizer, card)."""
+def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Callable[[Path], None] | None = None,
+            closing_files: Callable[[Path], None] | None = None) -> ExecutionReport:
+    """Write the plan's output into `out`. `extra_files(folder)` adds the non-tensor files (tokenizer, card) before
+    any tensor is computed; `closing_files(folder)` adds those that depend on the tensors, once all are written."""
     device = torch.device(options.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -360,16 +362,19 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         identity = run_identity(plan, options)
         resumed = _open_partial(folder, identity, options.resume)
         journal = Journal(folder.partial, identity, fresh=not resumed)
-        (folder.partial / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        if plan.config_file is not None:
+            (folder.partial / plan.config_file).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(folder.partial)
-        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable, journal, reuse=resumed)
+        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable, journal, reuse=resumed, single=plan.weights_file)
         finished = writer.finished_earlier(read_entries(folder.partial)) if resumed else set()
+        finished -= chains_to_redo(plan.tensors, finished)
         if resumed:
             log.info("resuming the run that stopped in %s: %d of %d tensors were finished and are kept", folder.resumed_from, len(finished), len(plan.tensors))
         order = [planned for planned in schedule.order if planned.name not in finished]
-        # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors
-        tensor_budget = max(0, options.memory_budget - (resident_bytes() if options.whole_process else 0))
+        # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors;
+        # nor is what chains of steps hold between their steps
+        tensor_budget = max(0, options.memory_budget - (resident_bytes() if options.whole_process else 0) - schedule.carried_bytes)
         reader = ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
         writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
         pools = [pool for pool in (reader, writes) if pool is not None]
@@ -426,10 +431,12 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                 bar.set_postfix_str(f"{len(finished) + step + 1}/{len(plan.tensors)} tensors", refresh=False)
             background.flush()
         writer.finish()
+        if closing_files is not None:
+            closing_files(folder.partial)
         journal.remove()
         folder.commit()
-        if writer.nonfinite:
-            _warn_nonfinite(sorted(writer.nonfinite), plan)
+        if writer.nonfinite:  # (as a set: a redone chain step may be listed twice)
+            _warn_nonfinite(sorted(set(writer.nonfinite)), plan)
     except BaseException as error:
         if cache is not None:
             cache.cancel()
@@ -452,4 +459,4 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         plan.close()
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return ExecutionReport(out, len(plan.tensors), cache.bytes_read + background.copied_bytes, plan.output_bytes(),
-                           time.perf_counter() - started, cache.reads, device_peak, len(finished), sorted(writer.nonfinite))
+                           time.perf_counter() - started, cache.reads, device_peak, len(finished), sorted(set(writer.nonfinite)))

@@ -27,16 +27,17 @@ class ShardedWriter:
     """`durable`: flush every shard to the disk before `finish` returns (safe against power loss, but the
     merge then waits for the disk); otherwise the page cache holds what the disk has not taken yet, as
     with any ordinary file write. `journal`: each finished tensor is recorded there. `reuse`: the shards
-    of a dead run are kept (when their headers are the ones this layout writes) instead of truncated."""
+    of a dead run are kept (when their headers are the ones this layout writes) instead of truncated. `single`: one
+    file of this name holds every tensor, whatever `shard_size`."""
 
     def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int, durable: bool = False,
-                 journal: Journal | None = None, reuse: bool = False):
+                 journal: Journal | None = None, reuse: bool = False, single: str | None = None):
         self.durable = durable
         self.journal = journal
         shards: list[list[PlannedTensor]] = [[]]
         filled = 0
         for tensor in tensors:
-            if shards[-1] and filled + tensor.nbytes > shard_size:
+            if shards[-1] and filled + tensor.nbytes > shard_size and single is None:
                 shards.append([])
                 filled = 0
             shards[-1].append(tensor)
@@ -47,7 +48,7 @@ class ShardedWriter:
         self._location: dict[str, tuple[int, int, PlannedTensor]] = {}
         self._descriptors: list[int] = []
         for number, members in enumerate(shards, start=1):
-            name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+            name = single or ("model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors")
             path = folder / name
             header, offsets = build_header([(t.name, t.shape, t.dtype) for t in members])
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

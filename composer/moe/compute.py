@@ -1,5 +1,18 @@
-"""Router gates computed when the model is written: the first gate tensor the executor asks for runs the
-prompts through the base model (one layer at a time, from disk) and keeps every layer's rows, which are small."""
+"""Router gates as steps of the plan: each layer's gate tensor is computed by the executor, from inputs it reads
+within its memory budget, like any other tensor.
+
+What a gate step reads is what its plan entry lists. A `hidden` gate reads the embeddings (the first gate) and
+its whole layer (with any layer between it and the previous gate), runs that layer over the prompts and hands the
+prompts' hidden states on to the next gate; a `cheap_embed` gate reads the embeddings (the first gate) and its
+layer's post-attention norm, and hands on the experts' embedding averages; random gates read nothing. The gates
+of one MoE form a `Chain`: the schedule runs them in layer order, the state they hand on (hidden states of every
+prompt, with their position tables and masks; or the averages) is the chain's declared bytes, and what one step
+holds while it runs (its layer widened to float32, activations, the statistics) its working bytes. The prompts
+are tokenized when the plan is made, which gives those numbers; no model runs then. The executor knows none of
+this: it sees tensors with inputs, byte counts and an order to keep.
+
+Called without its inputs or out of order (a test, a preview), a gate reads what it needs from the base itself.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +24,13 @@ import torch
 
 from composer.errors import ComposerWarning
 from composer.moe import gates as G
-from composer.sources import ModelSource
+from composer.moe.hidden import EMBEDDINGS, FLOAT32, LayerRunner, PromptBatch, run_bytes, state_bytes
+from composer.plan.model import Chain
+from composer.sources import ModelSource, TensorInfo
+
+PROMPT_MODES = ("hidden", "cheap_embed")
+NORM = "post_attention_layernorm.weight"
+FLOAT64 = 8  # bytes
 
 
 class DegenerateGatesWarning(ComposerWarning):
@@ -29,82 +48,173 @@ class GateSettings:
     seed: int = 0
 
 
+def _dense_layer_names(config: dict, reference: str) -> list[list[str]]:
+    from composer.architecture import build_meta_model
+
+    return [list(layer.state_dict()) for layer in build_meta_model(config, f"'{reference}'").model.layers]
+
+
 @dataclass
 class GateComputer:
+    """The router rows of every layer of one MoE, and the state its gate steps hand on. Made when the plan is."""
+
     settings: GateSettings
     base: ModelSource
     tokenizer_source: ModelSource
     config: dict
     layer_prefix: str
+    router_layers: list[int] | None = None  # the layers with a router, ascending (default: every layer)
     progress: bool | None = None
-    _rows: dict[int, torch.Tensor] | None = field(default=None, init=False)
+    chain: Chain | None = field(default=None, init=False)  # the gate steps' chain (None for random gates)
+    _rows: dict[int, torch.Tensor] = field(default_factory=dict, init=False)
     _problems: dict[tuple[int, int], list[tuple[int, str]]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if self.router_layers is None:
+            self.router_layers = list(range(self.config["num_hidden_layers"]))
+        self._runner: LayerRunner | None = None
+        self._bar = None
+        self._averages: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.settings.mode in PROMPT_MODES:
+            self._prepare()
 
     @property
     def experts(self) -> int:
         return len(self.settings.positives)
 
-    def rows(self, layer: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The [experts, hidden] router weight of `layer` (float64, on the CPU); prompt-based rows are computed for
-        every layer at once, the base model's layers running on `device`."""
-        mode = self.settings.mode
-        if mode in ("random", "uniform_random"):
-            hidden = self.config["hidden_size"]
-            return G.random_rows(self.experts, hidden, seed, uniform=mode == "uniform_random")
-        if self._rows is None:
-            self._rows = self._compute_hidden(device) if mode == "hidden" else self._compute_cheap()
-            self.warn()
-        return self._rows[layer]
-
-    # --- cheap_embed ------------------------------------------------------------------------------
-    def _compute_cheap(self) -> dict[int, torch.Tensor]:
+    # --- the plan's view: what each gate reads and holds -----------------------------------------------------
+    def _prepare(self) -> None:
+        """Tokenize the prompts (and, for hidden gates, learn the names of each layer's weights): nothing runs."""
         from composer.moe.hidden import load_tokenizer, tokenize
-
-        tokenizer = load_tokenizer(self.tokenizer_source)
-        embeddings = self.base.read("model.embed_tokens.weight").double()
-
-        def average(prompts: list[str]) -> torch.Tensor:
-            if not prompts:
-                return torch.zeros(embeddings.shape[1], dtype=torch.float64)
-            batch = tokenize(tokenizer, prompts)
-            return G.pooled(embeddings[batch.ids], batch.mask, self.settings.pooling).mean(0)
-
-        means = torch.stack([average(p) for p in self.settings.positives])
-        negatives = torch.stack([average(p) for p in self.settings.negatives])
-        del embeddings
-        rows = {}
-        for layer in range(self.config["num_hidden_layers"]):
-            norm_weight = self.base.read(self.layer_prefix.format(i=layer) + "post_attention_layernorm.weight")
-            rows[layer] = G.embedding_rows(means, negatives, norm_weight, self.settings.rows)
-            self._note_collisions(layer, rows[layer])
-        return rows
-
-    # --- hidden -----------------------------------------------------------------------------------
-    def _compute_hidden(self, device: torch.device | str) -> dict[int, torch.Tensor]:
-        from tqdm import tqdm
-
-        from composer.moe.hidden import load_tokenizer, router_inputs, tokenize
+        from composer.plan.transformers_facts import remembered
 
         settings = self.settings
+        tokenizer = load_tokenizer(self.tokenizer_source)
+        if settings.mode == "cheap_embed":
+            self._groups = [[tokenize(tokenizer, prompts) if prompts else None for prompts in group] for group in (settings.positives, settings.negatives)]
+            self.chain = Chain(label="router gates from embedding averages", state_bytes=2 * self.experts * self.config["hidden_size"] * FLOAT64)
+            return
         texts: list[str] = []
-        positives, negatives = [], []
-        for group, target in ((settings.positives, positives), (settings.negatives, negatives)):
+        self._members: tuple[list[list[int]], list[list[int]]] = ([], [])  # rows of the batch holding each expert's positives, negatives
+        for group, target in zip((settings.positives, settings.negatives), self._members):
             for prompts in group:
                 target.append(list(range(len(texts), len(texts) + len(prompts))))
                 texts += prompts
-        batch = tokenize(load_tokenizer(self.tokenizer_source), texts)
-        layer_count = self.config["num_hidden_layers"]
-        enabled = sys.stderr.isatty() if self.progress is None else self.progress
-        rows_by_layer = {}
-        with tqdm(total=layer_count, desc=f"router gates from {len(texts)} prompts", unit="layer", disable=not enabled, file=sys.stderr) as bar:
-            for layer, states in router_inputs(self.base, self.config, batch, self.layer_prefix, device):
-                stats = G.statistics(states, batch.mask, positives, negatives, settings.pooling)
-                rows = G.discriminant_rows(stats) if settings.rows == "discriminant" else G.average_rows(stats)
-                rows_by_layer[layer] = rows
-                for e, f, share in G.close_pairs(G.separations(stats)):
-                    self._problems.setdefault((e, f), []).append((layer, f"even the best linear router would confuse about {share:.0%} of their prompt tokens"))
-                bar.update(1)
-        return rows_by_layer
+        self._batch: PromptBatch = tokenize(tokenizer, texts)
+        self._layer_names: list[list[str]] = remembered("dense-layer-names", self.config, lambda: _dense_layer_names(self.config, self.base.reference))
+        self.chain = Chain(label=f"router gates from {len(texts)} prompts", state_bytes=state_bytes(self.config, self._batch))
+
+    def _previous(self, layer: int) -> int:
+        return max((earlier for earlier in self.router_layers if earlier < layer), default=-1)
+
+    def input_names(self, layer: int) -> list[str]:
+        """The base's tensors that the gate of `layer` reads."""
+        mode = self.settings.mode
+        if mode not in PROMPT_MODES:
+            return []
+        names = [EMBEDDINGS] if layer == self.router_layers[0] else []
+        if mode == "cheap_embed":
+            return names + [self.layer_prefix.format(i=layer) + NORM]
+        for index in range(self._previous(layer) + 1, layer + 1):
+            names += [self.layer_prefix.format(i=index) + name for name in self._layer_names[index]]
+        return names
+
+    def working_bytes(self, layer: int, inputs: list[TensorInfo]) -> int:
+        """What the gate step of `layer` holds while it runs, beyond its inputs, its result and the chain's state."""
+        hidden = self.config["hidden_size"]
+        mode = self.settings.mode
+        if mode not in PROMPT_MODES:
+            return 3 * self.experts * hidden * FLOAT64
+        if mode == "cheap_embed":
+            if layer != self.router_layers[0]:
+                return 4 * self.experts * hidden * FLOAT64
+            stored = next(info.dtype.itemsize for info in inputs if info.name == EMBEDDINGS)
+            # a group's rows as gathered, widened, and weighted for pooling
+            return max(batch.ids.numel() * hidden * (stored + 2 * FLOAT64) for group in self._groups for batch in group if batch is not None)
+        widened = sum(info.nbytes // info.dtype.itemsize * FLOAT32 for info in inputs if info.name != EMBEDDINGS and info.dtype != torch.float32)
+        prompts, width = self._batch.ids.shape
+        statistics = G.statistics_bytes(prompts, width, int(self._batch.mask.sum()), hidden)
+        return run_bytes(self.config, self._batch, widened) + statistics
+
+    # --- the executor's view: the rows ----------------------------------------------------------------------
+    def rows(self, layer: int, seed: int, inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The [experts, hidden] router weight of `layer` (float64, on the CPU). `inputs` are the tensors
+        `input_names(layer)` names, on the device the layers are to run on (read here from the base when not given).
+        Prompt-based gates take the layers in order; one asked for out of order first does the gates before it."""
+        mode = self.settings.mode
+        if mode not in PROMPT_MODES:
+            return G.random_rows(self.experts, self.config["hidden_size"], seed, uniform=mode == "uniform_random")
+        if layer not in self._rows:
+            for earlier in self.router_layers:
+                if earlier >= layer:
+                    break
+                if earlier not in self._rows:
+                    self._take(earlier, self._read(earlier))
+            self._take(layer, list(inputs) if inputs else self._read(layer))
+        return self._rows[layer]
+
+    def _read(self, layer: int) -> list[torch.Tensor]:
+        return [self.base.read(name) for name in self.input_names(layer)]
+
+    def _take(self, layer: int, inputs: list[torch.Tensor]) -> None:
+        named = dict(zip(self.input_names(layer), inputs))
+        del inputs
+        self._rows[layer] = self._hidden_rows(layer, named) if self.settings.mode == "hidden" else self._cheap_rows(layer, named)
+        if layer == self.router_layers[-1]:
+            self._finish()
+
+    # --- cheap_embed ------------------------------------------------------------------------------
+    def _cheap_rows(self, layer: int, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._averages is None:
+            table = named.pop(EMBEDDINGS)
+
+            def average(batch: PromptBatch | None) -> torch.Tensor:
+                if batch is None:
+                    return torch.zeros(table.shape[1], dtype=torch.float64)
+                # rows gathered in the stored dtype, then widened on the CPU: the values a float64 table's rows have
+                states = table[batch.ids.to(table.device)].cpu().double()
+                return G.pooled(states, batch.mask, self.settings.pooling).mean(0)
+
+            positives, negatives = self._groups
+            self._averages = (torch.stack([average(b) for b in positives]), torch.stack([average(b) for b in negatives]))
+            del table
+        norm_weight = named[self.layer_prefix.format(i=layer) + NORM].cpu()
+        rows = G.embedding_rows(*self._averages, norm_weight, self.settings.rows)
+        self._note_collisions(layer, rows)
+        return rows
+
+    # --- hidden -----------------------------------------------------------------------------------
+    def _hidden_rows(self, layer: int, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        from tqdm import tqdm
+
+        if self._runner is None:
+            self._runner = LayerRunner(self.config, self._batch, self.base.reference)
+            self._runner.start(named.pop(EMBEDDINGS))
+            enabled = sys.stderr.isatty() if self.progress is None else self.progress
+            self._bar = tqdm(total=len(self.router_layers), desc=f"router gates from {self._batch.ids.shape[0]} prompts", unit="layer",
+                             disable=not enabled, file=sys.stderr)
+        for index in range(self._previous(layer) + 1, layer + 1):
+            prefix = self.layer_prefix.format(i=index)
+            states = self._runner.run(index, {name: named.pop(prefix + name) for name in self._layer_names[index]})
+        positives, negatives = self._members
+        stats = G.statistics(states, self._batch.mask, positives, negatives, self.settings.pooling)
+        del states
+        rows = G.discriminant_rows(stats) if self.settings.rows == "discriminant" else G.average_rows(stats)
+        for e, f, share in G.close_pairs(G.separations(stats)):
+            self._problems.setdefault((e, f), []).append((layer, f"even the best linear router would confuse about {share:.0%} of their prompt tokens"))
+        self._bar.update(1)
+        return rows
+
+    def _finish(self) -> None:
+        """The last gate is done: let go of the state and say which experts the rows cannot tell apart."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        self._averages = None
+        self.warn()
 
     def _note_collisions(self, layer: int, rows: torch.Tensor) -> None:
         for e, f, cosine in G.collinear_pairs(rows):

@@ -64,6 +64,14 @@ def statistics(states: torch.Tensor, mask: torch.Tensor, positives: list[list[in
     return ExpertStatistics(positive_means, negative_means, has_negatives, torch.cat(centred))
 
 
+def statistics_bytes(prompts: int, width: int, tokens: int, hidden: int) -> int:
+    """The most that `statistics` and the rows and separations made from them hold at once, for `tokens` real tokens
+    in a [prompts, width] batch: the float32 product that mean pooling sums, every real token twice in float64
+    (gathered, then centred), and four float64 squares of the smaller of tokens and hidden (the covariance, or its
+    token-space form, with what solving it copies)."""
+    return prompts * width * hidden * 4 + 2 * tokens * hidden * 8 + 4 * min(tokens, hidden) ** 2 * 8
+
+
 def expert_targets(stats: ExpertStatistics) -> torch.Tensor:
     """Each expert's mean, pushed away from its negative prompts' own part (their mean minus the common mean)."""
     common = stats.positive_means.mean(0)

@@ -1,10 +1,15 @@
 """MoE recipe -> Plan. Attention, norms and embeddings come from the base model, each routed expert's MLP from
 its own model, and each layer's router from the gate settings. Everything a user can get wrong is checked here,
-from configs and headers, before any weights are read."""
+from configs and headers, before any weights are read.
+
+A router's plan entry lists the base tensors its gate reads (composer.moe.compute says which and why), so the
+executor reads them within its budget and `compose plan` counts them; the prompts are tokenized here, and no
+model runs until the executor computes the gates."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,6 +17,7 @@ import torch
 from composer.architecture import Architecture, architecture_for, build_meta_model
 from composer.errors import ComposerError
 from composer.moe.compute import GateComputer, GateSettings
+from composer.moe.hidden import EMBEDDINGS
 from composer.moe.layout import MoETensor, OutputArchitecture, checkpoint_names, choose_output, classify, output_config
 from composer.moe.schema import Expert, MoEConfig
 from composer.plan.build import parse_dtype, tensor_seed
@@ -194,13 +200,15 @@ class _MoEPlanner:
         expected = {name: tuple(shape) for name, shape in remembered("meta-shapes", out_config, lambda: _meta_shapes(out_config, self.output)).items()}
         architecture = self.architectures[self.base]
         suffixes = set(architecture.layer_tensors) | set(architecture.layer_optional)
+        names = remembered("checkpoint-names", out_config, lambda: checkpoint_names(out_config))
+        kinds = [(name, classify(name, architecture.layer_prefix, suffixes)) for name in names]
         self.computer = GateComputer(
             GateSettings(config.gate_mode, config.pooling, config.gate_rows, self.prompts.positives, self.prompts.negatives,
                          [config.expert_label(i) for i in range(len(config.experts))], config.random_seed or 0),
             self.sources[self.base], self.sources[self.tokenizer_ref], base_config, architecture.layer_prefix,
+            sorted({what.layer for _, what in kinds if what.kind == "router"}),
         )
-        names = remembered("checkpoint-names", out_config, lambda: checkpoint_names(out_config))
-        tensors = [self._tensor(name, classify(name, architecture.layer_prefix, suffixes)) for name in names]
+        tensors = [self._tensor(name, what) for name, what in kinds]
         self._check_shapes(tensors, expected, intermediate, base_config["hidden_size"])
         notes = [
             f"output: {self.output.class_name}, {len(config.experts)} experts, top-{config.experts_per_token} routing"
@@ -261,22 +269,22 @@ class _MoEPlanner:
         return PlannedTensor(name, shape, self.out_dtype or infos[0].dtype, tuple(refs), Operation(label="stack experts", fn=stack, arguments={"experts": len(self.config.experts)}, compute_dtype=torch.float32, light=True))
 
     def _gate_tensor(self, name: str, what: MoETensor) -> PlannedTensor:
-        # the layer's post-attention norm weight is listed as the input so the tensor has a place in the read order
-        anchor = self._dense_name(what.layer, "post_attention_layernorm.weight")
-        info = self._info(self.base, anchor)
-        hidden = info.shape[0]
-        dtype = self.out_dtype or self._info(self.base, "model.embed_tokens.weight").dtype
+        hidden = self._info(self.base, self._dense_name(what.layer, "post_attention_layernorm.weight")).shape[0]
+        dtype = self.out_dtype or self._info(self.base, EMBEDDINGS).dtype
         if what.kind == "shared_gate":
-            return PlannedTensor(name, (1, hidden), dtype, (TensorRef(self.base, anchor),), Operation(label="zeros (shared expert weight fixed)", fn=_zeros_like_row))
+            return PlannedTensor(name, (1, hidden), dtype, (), Operation(label="zeros (shared expert weight fixed)", fn=partial(_zero_row, hidden)))
         computer, layer, seed = self.computer, what.layer, tensor_seed(self.config.random_seed or 0, name)
+        inputs = computer.input_names(layer)
 
-        def router(inputs: list[torch.Tensor]) -> torch.Tensor:
-            return computer.rows(layer, seed, inputs[0].device if inputs else "cpu").float()  # the anchor came on the merge's device
+        def router(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return computer.rows(layer, seed, tensors).float()
 
         arguments = {"mode": self.config.gate_mode}
         if self.config.uses_prompts:
             arguments.update(pooling=self.config.pooling, rows=self.config.gate_rows)
-        return PlannedTensor(name, (len(self.config.experts), hidden), dtype, (TensorRef(self.base, anchor),), Operation(label="router gate", fn=router, arguments=arguments))
+        working = computer.working_bytes(layer, [self._info(self.base, input_name) for input_name in inputs])
+        operation = Operation(label="router gate", fn=router, arguments=arguments, working_bytes=working, chain=computer.chain, link=layer)
+        return PlannedTensor(name, (len(self.config.experts), hidden), dtype, tuple(TensorRef(self.base, input_name) for input_name in inputs), operation)
 
     def _check_shapes(self, tensors: list[PlannedTensor], expected: dict[str, tuple], intermediate: int, hidden: int) -> None:
         """Tensors saved under the names transformers uses in memory must have its shapes; per-expert tensors
@@ -297,8 +305,8 @@ def _meta_shapes(out_config: dict, output: OutputArchitecture) -> dict[str, list
     return {name: list(tensor.shape) for name, tensor in meta.state_dict().items()}
 
 
-def _zeros_like_row(inputs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.zeros(1, inputs[0].shape[0], dtype=inputs[0].dtype)
+def _zero_row(hidden: int, inputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.zeros(1, hidden)
 
 
 def _expert_operation(scale: float, noise: float, seed: int) -> Operation:

@@ -16,6 +16,16 @@ class TensorRef:
     name: str
 
 
+@dataclass(frozen=True, eq=False)
+class Chain:
+    """Steps that hand state on from one to the next (a model run over prompts one layer at a time, say): they run in
+    the order of their operations' `link`, `state_bytes` are held from the first of them to the last, and a resumed
+    run that finds only some of them finished does them all again."""
+
+    label: str
+    state_bytes: int
+
+
 @dataclass(frozen=True, kw_only=True)
 class Operation:
     """`fn(inputs) -> tensor`; `label` and `arguments` are only for showing the plan."""
@@ -29,6 +39,9 @@ class Operation:
     copies: bool = False  # only copies (or scales) what it reads: a merge on a GPU runs it on the CPU, with no round trip
     verbatim: bool = False  # its result is its one input unchanged: the bytes may go file to file, never through memory
     working_dtype: torch.dtype | None = None  # the dtype of its temporaries when it is not compute_dtype (a fused stage's steps)
+    working_bytes: int = 0  # bytes it holds while it runs that are not tensor-sized buffers (a model's activations, say)
+    chain: Chain | None = None  # the chain of steps it belongs to, if any, at place `link`
+    link: int = 0
 
     def buffers(self, input_dtypes) -> float:
         """Tensor-sized buffers the step holds beyond its inputs and result: its temporaries and its inputs converted
@@ -75,6 +88,8 @@ class Plan:
     chat_template: str | None = None
     notes: list[str] = field(default_factory=list)
     stages: list[tuple[str, str]] = field(default_factory=list)  # (stage name, its method), output last; empty for one merge
+    weights_file: str | None = None  # all tensors in one file of this name (a PEFT adapter's) instead of model.safetensors shards
+    config_file: str | None = "config.json"  # where `config` is written; None: the plan's extra files hold whatever config it has
 
     def input_bytes(self) -> int:
         seen = {}
