@@ -10,7 +10,7 @@ from composer.card import render_card
 from composer.chat_templates import template_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
-from composer.execute.output_folder import check_output_free, check_output_not_input
+from composer.execute.output_folder import check_output_free, check_output_not_input, write_failure
 from composer.moe.compose import compose_moe_file, is_moe_file, moe_plan_from_file
 from composer.plan import Plan, build_plan
 from composer.recipe import Recipe, load_recipe, parse_recipe
@@ -27,7 +27,9 @@ def resolve_output(recipe: Recipe, out: Path | None, recipe_path: Path | None) -
     if recipe.output:
         base = recipe_path.parent if recipe_path is not None else Path.cwd()
         target = Path(os.path.abspath(base / recipe.output))
-        if Path(recipe.output).is_absolute() or Path(os.path.abspath(base)) not in target.parents:
+        # links followed: `output: escape/out` with `escape` a link to elsewhere leaves the folder as surely as '..' does
+        inside = Path(os.path.realpath(base)) in Path(os.path.realpath(target)).parents
+        if Path(recipe.output).is_absolute() or Path(os.path.abspath(base)) not in target.parents or not inside:
             raise ComposerError(
                 f"{where}'output: {recipe.output}' points outside the recipe's folder; a recipe may only name an output folder "
                 "beside or below itself. Give OUT on the command line to write elsewhere."
@@ -102,7 +104,10 @@ def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | Non
         (folder / "README.md").write_text(render_card(plan, name))
         (folder / "composer-recipe.yml").write_text(plan.recipe_text)
 
-    return execute(plan, out, options, extra_files)
+    try:
+        return execute(plan, out, options, extra_files)
+    except OSError as error:
+        raise write_failure(out, error) from None
 
 
 def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
