@@ -50,7 +50,7 @@ def main() -> None:
     from composer.moe.hidden import load_tokenizer
     from composer.moe.plan import build_moe_plan
     from composer.moe.prompts import read_prompt_file
-    from composer.moe.route import preview_routing
+    from composer.route import preview_routing
     from composer.moe.schema import parse_moe_config
 
     torch.set_num_threads(2)
@@ -77,7 +77,7 @@ def main() -> None:
     if "--write" in sys.argv:
         from composer.compose import compose_moe_text
         from composer.execute import ExecutionOptions
-        from composer.moe.route import measure_routing
+        from composer.route import measure_routing
 
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()

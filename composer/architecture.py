@@ -73,12 +73,15 @@ class Architecture:
     def vocab_weights(self) -> list[WeightDefinition]:
         return [weight for weight in self.pre + self.post if weight.vocab_axis is not None]
 
-    def layer_count(self, config: dict) -> int:
+    def layer_count(self, config: dict, reference: str = "the model") -> int:
         for key in self.layer_count_keys:
-            if isinstance(config.get(key), int):
-                return config[key]
+            if key in config:
+                value = config[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ComposerError(f"The config.json of {reference} gives '{key}' as {value!r}; a layer count is a whole number of at least 1.")
+                return value
         raise ComposerError(
-            f"The model config has none of the layer-count keys {list(self.layer_count_keys)} that the '{self.name}' architecture uses."
+            f"The config.json of {reference} has none of the layer-count keys {list(self.layer_count_keys)} that the '{self.name}' architecture uses."
         )
 
 
@@ -119,20 +122,36 @@ def architecture_for(config: dict, reference: str = "the model") -> Architecture
     return infer_architecture(config, reference)
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+def transformers_config(config: dict, reference: str = "the model"):
+    """transformers' config object for a config.json's contents. A config from a stranger can make transformers raise
+    almost anything (a string where a bool goes, a dtype torch lacks, heads that do not divide the width): every
+    failure is one error naming the model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**config)
+    except Exception as error:  # noqa: BLE001  (see above)
+        raise ComposerError(f"The config of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)}).") from None
+
+
 def build_meta_model(config: dict, reference: str = "the model"):
     """The transformers causal-LM class for `config`, instantiated on the meta device (no memory, no weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    try:
-        model_config = AutoConfig.for_model(**config)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ComposerError(f"The config of {reference} is not one transformers can build ({error}).") from None
+    model_config = transformers_config(config, reference)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(model_config)
     except ValueError as error:
         raise ComposerError(f"transformers has no causal-LM class for {reference} (model_type '{config.get('model_type')}'): {error}") from None
+    except Exception as error:  # noqa: BLE001  (a config whose sizes cannot build the model: vocab_size 0, ...)
+        raise ComposerError(f"The config of {reference} does not build a model in transformers ({type(error).__name__}: {_one_line(error)}).") from None
 
 
 def tied_parameter_names(model) -> dict[str, str]:

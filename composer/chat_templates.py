@@ -38,3 +38,21 @@ CHAT_TEMPLATES = {
 def template_text(choice: str) -> str:
     """The Jinja text for a recipe's `chat_template` value: a known name, or the value itself."""
     return CHAT_TEMPLATES.get(choice, choice)
+
+
+def check_template(choice: str | None) -> str | None:
+    """A recipe's `chat_template` value, refused (ValueError) when it is neither a known name nor Jinja that parses:
+    a template with a syntax error would be written into the output and fail on every chat there."""
+    if choice is None or choice == "auto" or choice in CHAT_TEMPLATES:
+        return choice
+    try:
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # torch and transformers bring jinja2; without it the template is written unchecked
+        return choice
+    try:
+        ImmutableSandboxedEnvironment().parse(choice)
+    except TemplateSyntaxError as error:
+        known = ", ".join(["auto", *CHAT_TEMPLATES])
+        raise ValueError(f"not a known template name ({known}) and not valid Jinja (line {error.lineno}: {error.message})") from None
+    return choice

@@ -16,7 +16,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     add_completion=False,
-    no_args_is_help=True,
     help="Build new language models out of existing ones, with no training.\n\n"
     "compose RECIPE.yml [OUT] runs a recipe; the commands below inspect, evaluate and demonstrate.",
     pretty_exceptions_enable=False,
@@ -51,16 +50,34 @@ def _device(name: str) -> str:
 
     if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", name.strip()):
         raise ComposerError(f"--device '{name}' is not a device composer can use; use cpu, cuda or cuda:N.")
+    kind, _, index = name.strip().partition(":")
+    if kind != "cpu":  # torch loads only for another device: a run on the CPU reports its recipe's mistakes sooner
+        import torch
+
+        backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+        count = 0
+        if backend is not None and backend.is_available():
+            count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if count == 0:
+            raise ComposerError(f"--device {name.strip()} was asked for, but torch {torch.__version__} sees no {kind} device on this machine; use --device cpu.")
+        if index and int(index) >= count:
+            raise ComposerError(f"--device {name.strip()}: this machine has {count} {kind} device(s), numbered from 0.")
     return name.strip()
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _paragraph(message: str) -> str:
     import textwrap
 
     # one paragraph; never split a path or a name in the middle
-    lines = textwrap.wrap(f"error: {message}", width=100, break_long_words=False, break_on_hyphens=False)
-    typer.echo("\n".join(lines), err=True)
+    return "\n".join(textwrap.wrap(f"error: {message}", width=100, break_long_words=False, break_on_hyphens=False))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(_paragraph(message), err=True)
     raise typer.Exit(code=code)
+
+
+OUT_OF_MEMORY = "composer ran out of memory; lower --memory-budget or free memory, and check that the inputs are what they claim to be."
 
 
 def _guarded(action):
@@ -81,10 +98,12 @@ def _guarded(action):
     except RecursionError:
         _fail("the input is nested too deeply to be read (a recipe, config or header built to exhaust the parser).")
     except MemoryError:
-        _fail("composer ran out of memory; lower --memory-budget or free memory, and check that the inputs are what they claim to be.")
+        _fail(OUT_OF_MEMORY)
     except Exception as error:  # a bug: one paragraph, the traceback only when asked for
         if os.environ.get("COMPOSER_DEBUG"):
             raise
+        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):  # torch's allocator refusing a size
+            _fail(OUT_OF_MEMORY)
         where = _innermost_frame(error)
         _fail(f"internal error: {type(error).__name__}: {error} (at {where}). This is a bug in composer; please report it with the "
               "command that caused it. Set COMPOSER_DEBUG=1 to see the full traceback.", code=3)
@@ -210,10 +229,16 @@ def extract_lora(
     """Write a PEFT LoRA adapter (rank R) for BASE that approximates FINETUNE - BASE, by truncated SVD."""
 
     def action():
+        from composer.execute.output_folder import is_write_failure, write_failure
         from composer.extract_lora import extract_lora as extract
 
         names = [name.strip() for entry in modules or [] for name in entry.split(",") if name.strip()]
-        report = extract(finetune, base, out, rank, force, names or None, embeddings, None if progress else False)
+        try:
+            report = extract(finetune, base, out, rank, force, names or None, embeddings, None if progress else False)
+        except OSError as error:
+            if is_write_failure(error):
+                raise write_failure(out, error) from None
+            raise
         worst_name, worst_error = report.worst
         saved = f"; whole tensors: {', '.join(report.modules_to_save)}" if report.modules_to_save else ""
         typer.echo(f"wrote a rank-{rank} LoRA of {len(report.errors)} tensors to {report.out} in {report.seconds:.1f} s{saved}")
@@ -237,7 +262,9 @@ def route(
 
         groups = read_prompt_file(prompts)
         target = _device(device)
-        from composer.moe.route import draw_heat_map, format_routing, measure_routing
+        from composer.route import check_heat_map_path, draw_heat_map, format_routing, measure_routing
+
+        check_heat_map_path(png)
 
         routing = measure_routing(model, groups, target)
         typer.echo(format_routing(routing, per_prompt))
@@ -321,7 +348,23 @@ def main() -> None:
     first = _first_positional(arguments)
     if first is not None and first not in COMMANDS and not (set(arguments) & {"-h", "--help"} and arguments[0].startswith("-")):
         arguments = ["run", *arguments]  # `compose RECIPE [OUT]` is `compose run RECIPE [OUT]`
-    app(args=arguments, prog_name="compose")
+    sys.exit(_run_app(arguments or ["--help"]))
+
+
+def _run_app(arguments: list[str]) -> int:
+    """The app's exit code; a mistake on the command line (an unknown option, a missing value) is one `error:`
+    paragraph like every other error, not the command-line library's framed box."""
+    from typer import TyperException
+
+    try:
+        code = app(args=arguments, prog_name="compose", standalone_mode=False)
+    except TyperException as error:
+        context = getattr(error, "ctx", None)
+        where = f" (see '{context.command_path} -h')" if context is not None else ""
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        typer.echo(_paragraph(f"{message.rstrip('.')}{where}."), err=True)
+        return getattr(error, "exit_code", 2)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from composer.card import render_card
 from composer.chat_templates import template_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
-from composer.execute.output_folder import check_output_free, check_output_not_input
+from composer.execute.output_folder import check_output_free, check_output_not_input, is_write_failure, write_failure
 from composer.moe.recipe_plan import local_models as moe_local_models
 from composer.moe.recipe_plan import moe_plan_from_file, plan_moe_recipe
 from composer.moe.schema import load_moe_config, parse_moe_config
@@ -31,7 +31,9 @@ def resolve_output(recipe: Recipe, out: Path | None, recipe_path: Path | None) -
     if recipe.output:
         base = recipe_path.parent if recipe_path is not None else Path.cwd()
         target = Path(os.path.abspath(base / recipe.output))
-        if Path(recipe.output).is_absolute() or Path(os.path.abspath(base)) not in target.parents:
+        # links followed: `output: escape/out` with `escape` a link to elsewhere leaves the folder as surely as '..' does
+        inside = Path(os.path.realpath(base)) in Path(os.path.realpath(target)).parents
+        if Path(recipe.output).is_absolute() or Path(os.path.abspath(base)) not in target.parents or not inside:
             raise ComposerError(
                 f"{where}'output: {recipe.output}' points outside the recipe's folder; a recipe may only name an output folder "
                 "beside or below itself. Give OUT on the command line to write elsewhere."
@@ -106,7 +108,12 @@ def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | Non
         (folder / "README.md").write_text(render_card(plan, name))
         (folder / "composer-recipe.yml").write_text(plan.recipe_text)
 
-    return execute(plan, out, options, extra_files)
+    try:
+        return execute(plan, out, options, extra_files)
+    except OSError as error:
+        if is_write_failure(error):
+            raise write_failure(out, error) from None
+        raise
 
 
 def _with_seed_line(text: str, seed: int) -> str:

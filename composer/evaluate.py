@@ -82,7 +82,12 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
     import torch
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    name = model_name or model.config.name_or_path
+    if len(ids) < 2:
+        raise ComposerError(f"{text_name} is {len(ids)} token(s) long for model '{name}'; a score needs at least two tokens (each token after the first is scored).")
     limit = getattr(model.config, "max_position_embeddings", window) or window
+    if not isinstance(limit, int) or limit < 2:  # a window of one token scores nothing and never moves on
+        raise ComposerError(f"Model '{name}': its config.json gives max_position_embeddings {limit!r}; scoring text needs a context of at least 2 tokens.")
     window = min(window, limit)
     stride = stride or window // 2
     total = 0.0
@@ -99,7 +104,7 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
                 bad = logits[position - start]
                 kind = "NaN" if bool(torch.isnan(bad).any()) else "infinite"
                 raise ComposerError(
-                    f"Model '{model_name or model.config.name_or_path}' gives {kind} logits on {text_name}, first at token position "
+                    f"Model '{name}' gives {kind} logits on {text_name}, first at token position "
                     f"{position} of {len(ids)} (after {tokenizer.decode(ids[max(position - 4, 0):position + 1])!r}), so it has no score. "
                     "Its weights hold NaN or infinite values, or its activations overflow in float32; check the model (or the merge that made it)."
                 )

@@ -145,6 +145,9 @@ def check_pair(finetune: ModelSource, base: ModelSource, rank: int, modules: lis
     for target in targets:
         if target.name not in finetune_infos:
             raise ComposerError(f"Model '{finetune.reference}' has no tensor '{target.name}', which base '{base.reference}' has.")
+        for model, info in ((finetune, finetune_infos[target.name]), (base, base.tensor_infos()[target.name])):
+            if not info.dtype.is_floating_point:  # quantised weights: their difference is no task vector
+                raise ComposerError(f"Tensor '{target.name}' of '{model.reference}' is {info.dtype}, not floating point; use a float copy of the model.")
         if rank > min(target.shape):
             raise ComposerError(
                 f"--rank {rank} is larger than tensor '{target.name}' allows (shape {list(target.shape)}: at most rank "
@@ -190,6 +193,8 @@ class Factors:
     def _factor(self, target: Target, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         finetune, base = inputs
         delta = finetune.to(torch.float32) - base.to(torch.float32)
+        if not bool(torch.isfinite(delta).all()):  # an SVD of NaN or infinity fails (or returns NaN factors)
+            raise ComposerError(f"Tensor '{target.name}' holds NaN or infinite values in the fine-tune or the base, so it has no low-rank approximation.")
         a, b, self.errors[target.name] = low_rank_factors(delta.T if target.transposed else delta, self.rank)
         return a, b
 

@@ -18,6 +18,7 @@ from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport
 from composer.files import read_text_to_score
 from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
+from composer.recipe.schema import LARGEST_PAD
 from composer.sources import ModelSource, local_path, open_source
 from composer.sources.base import FolderFilesMixin
 from composer.sources.built_tokenizer import WeightlessSource
@@ -166,8 +167,8 @@ def plan_transplant(model_ref: str, donor_ref: str, options: TransplantOptions =
 def _plan(model_ref: str, donor_ref: str, options: TransplantOptions) -> tuple[Plan, TransplantSummary]:
     from tokensurgery import EstimatorSettings, TokenSurgeryError
 
-    if options.pad_to_multiple_of is not None and options.pad_to_multiple_of < 1:
-        raise ComposerError(f"--pad-to-multiple-of must be a positive number of rows (got {options.pad_to_multiple_of}).")
+    if options.pad_to_multiple_of is not None and not 1 <= options.pad_to_multiple_of <= LARGEST_PAD:
+        raise ComposerError(f"--pad-to-multiple-of must be a positive number of rows, at most {LARGEST_PAD} (got {options.pad_to_multiple_of}).")
     try:
         settings = EstimatorSettings(options.estimator, options.k)
     except TokenSurgeryError as error:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from composer.errors import ComposerError
 from helpers import compose_in_process, load_state, save_tiny_model
 
 COMPOSE = Path(sys.executable).with_name("compose")
@@ -352,7 +353,7 @@ def test_a_file_to_file_copy_that_fails_midway_leaves_no_out(models, tmp_path, m
         return real(writer, *arguments)
 
     monkeypatch.setattr(ShardedWriter, "copy_range", copy_range)
-    with pytest.raises(OSError):
+    with pytest.raises(ComposerError, match="Writing the output .* failed: No space left on device"):
         compose_text(upscale(models["first"]), tmp_path / "out", ExecutionOptions(progress=False, overlap=overlap))
     assert len(copies) > 10
     assert list(tmp_path.iterdir()) == []
@@ -366,7 +367,7 @@ def test_a_forced_run_that_fails_midway_keeps_the_old_out(models, tmp_path, monk
     compose_text(upscale(models["first"]), out, ExecutionOptions(progress=False))
     before = snapshot(tmp_path)
     FailingReads(monkeypatch, after=10, error=OSError(28, "No space left on device"))
-    with pytest.raises(OSError):
+    with pytest.raises(ComposerError, match="Writing the output .* failed: No space left on device"):
         compose_text(blend(models["first"], models["second"]), out, ExecutionOptions(force=True, progress=False))
     assert snapshot(tmp_path) == before
 

@@ -14,7 +14,7 @@ from composer.moe.compute import DegenerateGatesWarning
 from composer.moe.hidden import load_tokenizer
 from composer.moe.plan import build_moe_plan
 from composer.moe.prompts import read_prompt_file
-from composer.moe.route import preview_routing
+from composer.route import preview_routing
 from composer.moe.schema import parse_moe_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -205,8 +205,9 @@ def load_tokenizer(folder: Path | str):
         )
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as error:
-        raise TokenSurgeryError(f"The tokenizer in {folder} could not be loaded with transformers: {error}") from None
+    except Exception as error:  # noqa: BLE001  (damaged files make transformers and tokenizers raise many types: KeyError, ...)
+        text = " ".join(str(error).split()) or "no message"
+        raise TokenSurgeryError(f"The tokenizer in {folder} could not be loaded with transformers ({type(error).__name__}: {text[:400]})") from None
 
 
 def _verbatim(settings):

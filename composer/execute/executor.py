@@ -32,7 +32,7 @@ from composer.memory import recycling
 from composer.native.scan import holds_nonfinite
 from composer.plan.model import Plan, TensorRef
 from composer.plan.schedule import chains_to_redo, make_schedule, step_bytes
-from composer.signals import Interrupted
+from composer.signals import Interrupted, signals_held
 
 GIB = 1024**3
 RESUME_CHOICES = ("auto", "require", "never")
@@ -438,17 +438,18 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
         if writer.nonfinite:  # (as a set: a redone chain step may be listed twice)
             _warn_nonfinite(sorted(set(writer.nonfinite)), plan)
     except BaseException as error:
-        if cache is not None:
-            cache.cancel()
-        for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=True)  # no thread may still write into the folder being removed
-        if writer is not None:
-            writer.close()
-        kept = options.keep_partial and not folder.committed and journal is not None
-        if journal is not None:
-            journal.close()
-        if not folder.committed:
-            folder.discard(keep=kept)
+        with signals_held():  # a second Ctrl-C must not cut the clean-up short and leave the partial folder behind
+            if cache is not None:
+                cache.cancel()
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)  # no thread may still write into the folder being removed
+            if writer is not None:
+                writer.close()
+            kept = options.keep_partial and not folder.committed and journal is not None
+            if journal is not None:
+                journal.close()
+            if not folder.committed:
+                folder.discard(keep=kept)
         if isinstance(error, KeyboardInterrupt):
             raise _interrupted(error, folder, kept) from None
         raise

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
+import glob
 import logging
 import os
 import secrets
@@ -79,8 +80,14 @@ def foreign_contents(folder: Path) -> str | None:
     return None
 
 
+def check_name_length(out: Path) -> None:
+    if len(os.fsencode(out.name)) > 255:
+        raise ComposerError(f"Output {out}: its name is {len(os.fsencode(out.name))} bytes long, and a file name may have at most 255.")
+
+
 def check_output_free(out: Path, force: bool) -> None:
     """Refuse to touch anything the user owns: without --force any existing OUT, with it anything composer did not write."""
+    check_name_length(out)
     if not _exists(out):
         return
     if not force:
@@ -108,6 +115,34 @@ def check_output_not_input(out: Path, inputs: dict[str, Path]) -> None:
             )
         if resolved.is_dir() and resolved in target.parents:
             raise ComposerError(f"Output {out} is inside {what} ({path}), which this run reads; choose an output folder outside it.")
+
+
+def hidden_stem(name: str) -> str:
+    """The part of OUT's name the hidden folders beside it start with: the name itself, or, when the hidden names
+    would pass the 255 bytes a file name may have, its start and a digest of the whole (a legal OUT must work)."""
+    room = 255 - len(f".{PARTIAL}{2**22}-{'0' * 8}")  # the longest hidden name's other parts (process ids reach 2**22)
+    if len(name.encode()) <= room:
+        return name
+    import hashlib
+
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    start = name.encode()[: room - len(digest) - 1].decode(errors="ignore")
+    return f"{start}~{digest}"
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def is_write_failure(error: OSError) -> bool:
+    """An error only writing can meet (a full disk, a quota, a read-only file system); a read's error names its input."""
+    return error.errno in WRITE_ERRORS
+
+
+def write_failure(out: Path, error: OSError) -> ComposerError:
+    """An OSError met while writing the output, as one error naming OUT."""
+    where = f" (at {Path(error.filename).name})" if error.filename else ""
+    advice = " Free space there or choose another output folder." if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return ComposerError(f"Writing the output {out} failed: {error.strerror or error}{where}.{advice}")
 
 
 def _lock(folder: Path) -> int | None:
@@ -156,7 +191,9 @@ class OutputFolder:
         out = Path(os.path.abspath(out))  # '.' and 'a/..' have no usable name to put a partial folder beside
         if not out.name:
             raise ComposerError(f"Output {out} is a filesystem root; choose a folder to write the model into.")
+        check_name_length(out)
         self.out = out
+        self.stem = hidden_stem(out.name)
         self.force = force
         self.committed = False
         self.resumed_from: str | None = None  # the dead run's partial folder this run took over
@@ -171,7 +208,7 @@ class OutputFolder:
             raise ComposerError(f"Output {out}: its folder {out.parent} is not writable, so the model cannot be written there.")
         self._restore_interrupted_swaps()
         # the process id says whose it is; the random part keeps two runs of one process (a library's user) apart
-        self.partial = out.parent / f".{out.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+        self.partial = out.parent / f".{self.stem}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
         self.opened = False
         self._lock_descriptor: int | None = None
         self.abandoned: list[tuple[Path, int]] = self._abandoned()
@@ -179,7 +216,7 @@ class OutputFolder:
     def _abandoned(self) -> list[tuple[Path, int]]:
         """Partial folders of this OUT whose runs are gone, each locked by this run now."""
         found = []
-        for leftover in sorted(self.out.parent.glob(f".{self.out.name}{PARTIAL}*")):
+        for leftover in sorted(self.out.parent.glob(f".{glob.escape(self.stem)}{PARTIAL}*")):
             if leftover.is_symlink() or not leftover.is_dir():
                 continue
             descriptor = _lock(leftover)
@@ -190,7 +227,7 @@ class OutputFolder:
     def _restore_interrupted_swaps(self) -> None:
         """A run killed between its two renames (where no exchange exists) left the old OUT aside: put it back
         if OUT is missing, else remove it."""
-        for aside in self.out.parent.glob(f".{self.out.name}{REPLACED}*"):
+        for aside in self.out.parent.glob(f".{glob.escape(self.stem)}{REPLACED}*"):
             pid = aside.name.rsplit("-", 1)[-1]
             if pid.isdigit() and _process_alive(int(pid)):
                 continue
@@ -231,7 +268,7 @@ class OutputFolder:
                 if _exchange(self.partial, self.out):
                     old = self.partial  # now the old output, under the partial's name (and lock) until removed
                 else:
-                    old = self.out.parent / f".{self.out.name}{REPLACED}{os.getpid()}"
+                    old = self.out.parent / f".{self.stem}{REPLACED}{os.getpid()}"
                     self.out.rename(old)
                     self.partial.rename(self.out)
                 _remove(old)
@@ -239,13 +276,15 @@ class OutputFolder:
             self._unlock()
 
     def discard(self, keep: bool = False) -> None:
-        """Remove the partial folder (`keep`: leave it, unlocked, for a later run to resume)."""
-        if self.opened and not keep:
-            shutil.rmtree(self.partial, ignore_errors=True)
-        for leftover, descriptor in self.abandoned:
-            os.close(descriptor)
-        self.abandoned = []
-        self._unlock()
+        """Remove the partial folder (`keep`: leave it, unlocked, for a later run to resume). A second Ctrl-C
+        waits until it is gone: cut short, it would leave half a partial folder behind."""
+        with signals_held():
+            if self.opened and not keep:
+                shutil.rmtree(self.partial, ignore_errors=True)
+            for leftover, descriptor in self.abandoned:
+                os.close(descriptor)
+            self.abandoned = []
+            self._unlock()
 
     def _unlock(self) -> None:
         if self._lock_descriptor is not None:

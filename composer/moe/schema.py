@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from composer.errors import ComposerError
 from composer.files import YAML_FILE_LIMIT, read_text
-from composer.recipe.schema import Stage, Strict
+from composer.recipe.schema import ChatTemplate, Stage, Strict
 from composer.yaml_text import check_duplicate_keys, line_of, parse_yaml, path_text
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
@@ -19,10 +19,20 @@ GATE_MODE_ALIASES = {"hidden_avg": ("hidden", "mean"), "hidden_last": ("hidden",
 PROMPT_MODES = ("hidden", "cheap_embed")
 
 
+def _has_text(prompts: list[str] | None) -> list[str] | None:
+    for prompt in prompts or []:
+        if not prompt.strip():
+            raise ValueError(f"prompt {prompt!r} has no text; a router row from it would be a row for blank space")
+    return prompts
+
+
+Prompts = Annotated[list[str], AfterValidator(_has_text)]
+
+
 class Expert(Strict):
     source_model: str
-    positive_prompts: Optional[list[str]] = None
-    negative_prompts: Optional[list[str]] = None
+    positive_prompts: Optional[Prompts] = None
+    negative_prompts: Optional[Prompts] = None
     noise_scale: Optional[float] = None
     residual_scale: Optional[float] = None
     # composer's own keys
@@ -46,7 +56,7 @@ class MoEConfig(Strict):
     dtype: Optional[str] = None
     architecture: Optional[str] = None
     tokenizer_source: Optional[str] = None
-    chat_template: Optional[str] = None
+    chat_template: Optional[ChatTemplate] = None
     random_seed: Optional[int] = None
     # composer's own keys
     pooling: Optional[Literal["mean", "last"]] = None

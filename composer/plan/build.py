@@ -25,7 +25,7 @@ from composer.plan.vocabulary import (
 from composer.recipe.load import RecipeKeyError, path_text
 from composer.recipe.parameters import evaluate, layer_t
 from composer.recipe.schema import Merge, OutputSlice, SliceSource
-from composer.sources import ModelSource, open_source
+from composer.sources import ModelSource, TensorInfo, open_source
 from composer.sources.built_tokenizer import BuiltTokenizer
 
 DTYPES = {
@@ -134,7 +134,19 @@ class _Planner:
 
     # --- layers -------------------------------------------------------------------------------
     def _layer_count(self, ref: str) -> int:
-        return self.architectures[ref].layer_count(self.configs[ref])
+        """The model's layer count from its config, which its weights must bear out: a config claiming a trillion
+        layers must not make the plan loop a trillion times."""
+        architecture = self.architectures[ref]
+        count = architecture.layer_count(self.configs[ref], f"'{ref}'")
+        infos = self.sources[ref].tensor_infos()
+        last = [weight.name for weight in architecture.layer_weights(count - 1) if not weight.optional]
+        if infos and last and not any(name in infos for name in last):
+            key = next(key for key in architecture.layer_count_keys if key in self.configs[ref])
+            raise ComposerError(
+                f"The config.json of '{ref}' gives '{key}' as {count}, but its weights have no tensors of layer {count - 1} "
+                f"(no '{last[0]}'); the config does not describe these weights."
+            )
+        return count
 
     def _output_slices(self) -> list[OutputSlice]:
         if self.recipe.slices:
@@ -292,6 +304,8 @@ class _Planner:
                     f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
                 )
         operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        if not operation.verbatim:
+            _refuse_non_float(infos, out_name, self.method.name)
         refs = tuple(TensorRef(*inputs[i]) for i in order)
         shape = first.shape
         if vocabulary is not None:
@@ -321,7 +335,7 @@ class _Planner:
         self.compute_dtype = parse_dtype(self.recipe.dtype, "Recipe key dtype") or torch.float32
         layers = self.output_layers()
         source_layers = [layer.sources[0][1] for layer in layers]
-        config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype)
+        config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype, f"'{base_ref}'")
         self.vocabulary = self._output_vocabulary(base_ref, architecture)
         if self.vocabulary is not None:
             config.update(vocab_size=self.vocabulary.size, **self._special_token_ids())
@@ -432,6 +446,18 @@ def _in_output_vocabulary(operation: Operation, vocabulary: VocabularyMerge, mod
         return operation.fn([rebuilt[model].movedim(0, axis).contiguous() if axis else rebuilt[model] for model in models])
 
     return replace(operation, fn=run, arguments=dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), verbatim=False)  # rows change
+
+
+def _refuse_non_float(infos: list[tuple[str, TensorInfo]], out_name: str, method: str) -> None:
+    """Arithmetic on integer or boolean tensors means nothing: in a checkpoint they are quantised weights (whose scales
+    live elsewhere) or masks, and blending them would silently write garbage."""
+    for model, info in infos:
+        if not info.dtype.is_floating_point:
+            raise ComposerError(
+                f"Tensor '{info.name}' of model '{model}' is {str(info.dtype).removeprefix('torch.')}, not floating point, so merge method "
+                f"'{method}' cannot compute the output tensor '{out_name}' from it (integer tensors in a checkpoint are quantised "
+                "weights or masks). Use a floating-point (float32, float16 or bfloat16) copy of the model."
+            )
 
 
 def _vocabulary_key(recipe: Merge, location: tuple) -> tuple:

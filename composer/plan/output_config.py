@@ -11,11 +11,11 @@ from composer.errors import ComposerError
 from composer.plan.transformers_facts import config_defaults
 
 
-def rewrite_config(architecture: Architecture, config: dict, source_layers: list[int], out_dtype: torch.dtype | None) -> dict:
-    """`config` for a model whose layer i is source layer `source_layers[i]`."""
+def rewrite_config(architecture: Architecture, config: dict, source_layers: list[int], out_dtype: torch.dtype | None, reference: str = "the model") -> dict:
+    """`config` (of model `reference`) for a model whose layer i is source layer `source_layers[i]`."""
     output = copy.deepcopy(config)
-    source_count = architecture.layer_count(config)
-    defaults = config_defaults(config, architecture.per_layer_keys + architecture.threshold_keys)
+    source_count = architecture.layer_count(config, reference)
+    defaults = config_defaults(config, architecture.per_layer_keys + architecture.threshold_keys, reference)
     new_count = len(source_layers)
     for key in architecture.layer_count_keys:
         if key in output or key == architecture.layer_count_keys[0]:
@@ -64,5 +64,6 @@ def validate_against_transformers(config: dict, planned_shapes: dict[str, tuple[
     for name, shape in planned_shapes.items():
         if expected[name] != shape:
             raise ComposerError(
-                f"Output tensor '{name}' would have shape {list(shape)}, but the output config makes transformers expect {list(expected[name])}. Nothing was written."
+                f"Output tensor '{name}' would have shape {list(shape)}, but the output config (from '{reference}') makes transformers "
+                f"expect {list(expected[name])}, so that config.json does not describe its weights. Nothing was written."
             )

@@ -75,13 +75,13 @@ def remembered(kind: str, question, answer):
     return value
 
 
-def config_defaults(config: dict, keys: tuple[str, ...]) -> dict:
+def config_defaults(config: dict, keys: tuple[str, ...], reference: str = "the model") -> dict:
     """The values transformers gives `keys` for `config` (filling defaults the file leaves out); None where it has none."""
 
     def answer() -> dict:
-        from transformers import AutoConfig
+        from composer.architecture import transformers_config
 
-        effective = AutoConfig.for_model(**config)
+        effective = transformers_config(config, reference)
         values = {}
         for name in keys:
             value = getattr(effective, name, None)

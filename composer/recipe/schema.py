@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, StrictBool, StrictFloat, StrictInt,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, StrictBool, StrictFloat,
+                      StrictInt, model_validator)
 from pydantic_core import PydanticCustomError
+
+from composer.chat_templates import check_template
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, str]
 # a list of numbers: a gradient, interpolated linearly over the layers of a slice
@@ -57,15 +59,29 @@ ParameterSetting = Annotated[
 Parameters = dict[str, ParameterSetting]
 
 
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's true/false would otherwise pass as 1 and 0
+        raise PydanticCustomError("whole_number", "Input should be a whole number, not {value}", {"value": str(value).lower()})
+    return value
+
+
+LayerIndex = Annotated[int, BeforeValidator(_no_bool)]
+# a model reference: a path, a hub id or a stage name; '' would be the current folder
+ModelReference = Annotated[str, Field(min_length=1)]
+ChatTemplate = Annotated[str, AfterValidator(check_template)]
+# vocabularies pad to multiples of 64 to 512; a pad of millions of rows only exhausts memory
+LARGEST_PAD = 65536
+
+
 class SliceSource(Strict):
-    model: str
-    layer_range: tuple[int, int]
+    model: ModelReference
+    layer_range: tuple[LayerIndex, LayerIndex]
     parameters: Optional[Parameters] = None
 
 
 class OutputSlice(Strict):
     sources: list[SliceSource]
-    base_model: Optional[str] = None
+    base_model: Optional[ModelReference] = None
     parameters: Optional[Parameters] = None
 
     @model_validator(mode="after")
@@ -76,7 +92,7 @@ class OutputSlice(Strict):
 
 
 class ModelEntry(Strict):
-    model: str
+    model: ModelReference
     parameters: Optional[Parameters] = None
 
 
@@ -109,22 +125,22 @@ class TokenRowSettings(Strict):
 class TokenizerSettings(Strict):
     source: str = "union"  # mergekit's default when a `tokenizer:` section is given
     tokens: Optional[dict[str, TokenRowSettings]] = None
-    pad_to_multiple_of: Optional[PositiveInt] = None
+    pad_to_multiple_of: Optional[Annotated[int, Field(gt=0, le=LARGEST_PAD)]] = None
 
 
 class Merge(Strict):
     """One merge: the keys of a mergekit merge config."""
 
     merge_method: str
-    base_model: Optional[str] = None
+    base_model: Optional[ModelReference] = None
     models: Optional[list[ModelEntry]] = None
     slices: Optional[list[OutputSlice]] = None
     parameters: Optional[Parameters] = None
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[ModelReference] = None
     tokenizer: Optional[TokenizerSettings] = None
-    chat_template: Optional[str] = None
+    chat_template: Optional[ChatTemplate] = None
     random_seed: Optional[int] = None
 
     @model_validator(mode="after")

@@ -123,9 +123,22 @@ def read_adapter_config(folder: Path) -> dict:
             "rewritten base. Convert it to a plain LoRA (PEFT's path_initial_model_for_weight_conversion) first."
         )
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
-            raise ComposerError(f"{path}: '{key}' must be a positive number (got {config.get(key)!r}).")
+        _check_positive(path, key, config.get(key))
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise ComposerError(f"{path}: '{key}' must map module name patterns to numbers (got {type(patterns).__name__}).")
+        for pattern, value in patterns.items():
+            _check_positive(path, f"{key}.{pattern}", value)
     return config
+
+
+def _check_positive(path: Path, key: str, value: object) -> None:
+    # JSON's NaN and Infinity parse as floats: a NaN scaling would write NaN into every merged tensor
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ComposerError(f"{path}: '{key}' must be a positive number (got {value!r}).")
 
 
 def pattern_value(patterns: dict, module: str, default: float, where: str) -> float:

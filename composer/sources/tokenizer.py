@@ -17,11 +17,15 @@ def load_source_tokenizer(source: ModelSource, needed_for: str):
     if not source.has_tokenizer():
         raise ComposerError(f"Model '{source.reference}' has no tokenizer files; {needed_for}.")
     with tempfile.TemporaryDirectory(prefix="composer-tokenizer-") as folder:
-        source.save_tokenizer(Path(folder))
+        written = source.save_tokenizer(Path(folder))
         try:
             return load_tokenizer(folder)
         except TokenSurgeryError as error:
-            raise ComposerError(f"The tokenizer of '{source.reference}' cannot be read: {error}") from None
+            # the message names the source's own files, not the temporary folder they were copied into
+            home = getattr(source, "folder", None)
+            files = ", ".join(str(home / name) if isinstance(home, Path) else name for name in written)
+            text = str(error).replace(f"The tokenizer in {folder} could not", "It could not").replace(folder, "its folder")
+            raise ComposerError(f"The tokenizer of '{source.reference}' ({files}) cannot be read: {text}") from None
 
 
 def check_vocabulary_rows(model: str, tensor: str, rows: int, tokens: int, padding_hint: str = "") -> None:

@@ -70,7 +70,10 @@ def expert_labels(model_dir: Path, experts: int) -> list[str]:
 def _routers(model) -> list[torch.nn.Module]:
     """The router of each MoE layer: the `gate` of each layer's MLP block."""
     routers = []
-    for layer in model.model.layers:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ComposerError(f"{type(model).__name__} has no decoder layers with routers; `compose route` reads MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE).")
+    for layer in layers:
         block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
         gate = getattr(block, "gate", None)
         if gate is None or not hasattr(gate, "weight") or gate.weight.ndim != 2:
@@ -79,19 +82,30 @@ def _routers(model) -> list[torch.nn.Module]:
     return routers
 
 
+def check_heat_map_path(path: Path) -> None:
+    """Refuse a --png path the heat map cannot be saved to, before the (slow) routing is measured."""
+    from PIL import Image
+
+    Image.init()
+    if path.is_dir():
+        raise ComposerError(f"--png {path} is a folder; give the path of the image file to write.")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ComposerError(f"--png {path}: '{path.suffix or 'no extension'}' is not an image format Pillow writes; give a path ending in .png.")
+    if not path.absolute().parent.is_dir():
+        raise ComposerError(f"--png {path}: the folder {path.absolute().parent} does not exist.")
+
+
 def measure_routing(model_dir: Path, groups: dict[str, list[str]], device: str = "cpu") -> Routing:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import logging
 
-    if not (model_dir / "config.json").is_file():
-        raise ComposerError(f"{model_dir} is not a model folder (it has no config.json).")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as error:
-        raise ComposerError(f"The tokenizer in {model_dir} cannot be loaded ({str(error).splitlines()[0]}).") from None
-    from composer.moe.layout import quiet_progress
+    from composer.evaluate import load_model
+    from composer.moe.hidden import MAX_PROMPT_TOKENS
 
-    with quiet_progress():
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    if not model_dir.is_dir():
+        raise ComposerError(f"{model_dir} is not a model folder." if model_dir.exists() else f"Model folder {model_dir} does not exist.")
+    # composer's own readers check the weights, config and tokenizer first; a damaged model is one error naming the file
+    model, tokenizer = load_model(str(model_dir))
+    model = model.to(device)
     routers = _routers(model)
     experts = routers[0].weight.shape[0]
     top_k = int(getattr(model.config, "num_experts_per_tok", 1))
@@ -107,7 +121,11 @@ def measure_routing(model_dir: Path, groups: dict[str, list[str]], device: str =
     try:
         for group, prompts in groups.items():
             for text in prompts:
-                ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+                ids = tokenizer(text, return_tensors="pt")["input_ids"]
+                if ids.shape[1] > MAX_PROMPT_TOKENS:  # as the gates read prompts: attention over a whole book would not end
+                    logging.getLogger("composer").info("prompt %r of group '%s' has %d tokens; its first %d are routed", text[:40], group, ids.shape[1], MAX_PROMPT_TOKENS)
+                    ids = ids[:, :MAX_PROMPT_TOKENS]
+                ids = ids.to(device)
                 captured.clear()
                 with torch.no_grad():
                     model(ids)
