@@ -25,7 +25,7 @@ LAYERS = [
     ("composer.moe", "composer.recipe_files"),
     ("composer.execute",),
     ("composer.card", "composer.model_checks"),
-    ("composer.compose", "composer.transplant", "composer.extract_lora", "composer.evaluate", "composer.bundled"),
+    ("composer.compose", "composer.transplant", "composer.extract_lora", "composer.evaluate", "composer.bundled", "composer.trace"),
     ("composer.demo",),
     ("composer.cli",),
 ]
