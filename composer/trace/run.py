@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from composer.errors import ComposerError
+from composer.trace.experts import is_mixture, moe_layer, moe_recipe_text
 from composer.trace.fingerprints import fingerprint_model
 from composer.trace.layers import CandidateMatch, Fingerprinted, match_candidate
 from composer.trace.layout import TracedModel, open_traced
@@ -157,27 +158,35 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
     for name in suspect_model.outer:
         partners = [(c, p) for c in candidates if (p := partner(c, suspect, name, None, None)) is not None]
         outer_fits.append(recovery.fit_tensor(name, partners))
+    mixture = is_mixture(suspect.prints)
+    if mixture:
+        layer_fits = [moe_layer(layer) for layer in layer_fits]
     references = [candidate.reference for candidate in candidates]
     contributions = _contributions(layer_fits, references)
-    method = agreed_method(layer_fits)
+    method = "moe" if mixture else agreed_method(layer_fits)
     recipe_base = options.base
     if method in ("ties", "dare_ties", "dare_linear", "task_arithmetic") and recipe_base is None:
         recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.base), None)
     if method == "slerp" and recipe_base is None:
         recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.method == "slerp"), None)
-    verdicts = []
-    for candidate in candidates:
-        test = independence_test(suspect, candidate.fingerprinted)
-        is_base = candidate.reference == recipe_base and method not in ("linear", "passthrough")
-        note = "" if candidate.match.shared_shapes else "no tensor of SUSPECT's shapes"
-        verdicts.append(CandidateVerdict(candidate.reference, verdict(test, contributions[candidate.reference], is_base), test.p_value,
-                                         contributions[candidate.reference], test, note))
     dtype = next(iter(suspect.prints.values())).dtype
     unmatched = [layer.layer for layer in layer_fits if layer.method == "unmatched"]
     if unmatched:
         notes.append(f"SUSPECT's layers {unmatched} match no candidate layer; the recipe cannot rebuild them.")
-    text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base),
-                       "" if method != "mixed" else "layers use different methods; this recipe approximates them")
+    if mixture:
+        text = moe_recipe_text(layer_fits, suspect_model.config, dtype)
+        recipe_base = yaml_value(text, "base_model")
+    else:
+        text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base),
+                           "" if method != "mixed" else "layers use different methods; this recipe approximates them")
+    verdicts = []
+    for candidate in candidates:
+        test = independence_test(suspect, candidate.fingerprinted)
+        is_base = candidate.reference == recipe_base and method not in ("linear", "passthrough")
+        is_base = is_base or (mixture and candidate.reference in text and contributions[candidate.reference] > 0)
+        note = "" if candidate.match.shared_shapes else "no tensor of SUSPECT's shapes"
+        verdicts.append(CandidateVerdict(candidate.reference, verdict(test, contributions[candidate.reference], is_base), test.p_value,
+                                         contributions[candidate.reference], test, note))
     tokenizers = _tokenizers(suspect_model, candidate_models) if options.tokenizers else []
     report = TraceReport(suspect_model.reference, list(suspect_model.layers), tokenizers, verdicts, layer_fits, outer_fits,
                          {c.reference: c.match for c in candidates}, {c.reference: list(c.fingerprinted.model.layers) for c in candidates},
@@ -185,8 +194,14 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
     if options.verify:
         from composer.trace.verify import verify_recipe
 
-        report.verification = verify_recipe(text, suspect_model, options.memory_budget)
+        report.verification = verify_recipe(text, suspect_model, options.memory_budget, mixture)
     return report
+
+
+def yaml_value(text: str, key: str):
+    import yaml
+
+    return (yaml.safe_load(text) or {}).get(key)
 
 
 def _tokenizers(suspect: TracedModel, candidates: list[TracedModel]) -> list[TokenizerComparison]:

@@ -6,19 +6,19 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from composer.compose import compose_text
+from composer.compose import compose_moe_text, compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.sources import open_source
 from composer.trace.layout import TracedModel
 
 
-def verify_recipe(text: str, suspect: TracedModel, memory_budget: int) -> dict[str, float]:
+def verify_recipe(text: str, suspect: TracedModel, memory_budget: int, mixture: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="composer-trace-") as scratch:
         out = Path(scratch) / "recovered"
         options = ExecutionOptions(memory_budget=memory_budget, progress=False)
         try:
-            compose_text(text, out, options, base_dir=Path.cwd())
+            (compose_moe_text if mixture else compose_text)(text, out, options, base_dir=Path.cwd())
         except ComposerError as error:
             raise ComposerError(f"--verify: the recovered recipe does not compose: {error}") from None
         rebuilt = open_source(str(out))
