@@ -9,15 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    BYTE_LEVEL_SPECIAL,
+    SENTENCEPIECE_SPECIAL,
+    byte_level_tokenizer,
+    compose_in_process,
+    load_state,
+    save_fine_tune,
+    save_tiny_model,
+    sentencepiece_tokenizer,
+    tiny_model_with_tokenizer,
+)
 
 from composer.compose import compose_moe_text, compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
+from composer.sources import open_source
 from composer.trace import TraceOptions, trace_models
 from composer.trace.tokenizers import compare_tokenizers, tokenizer_facts
-from composer.sources import open_source
-from helpers import (BYTE_LEVEL_SPECIAL, SENTENCEPIECE_SPECIAL, byte_level_tokenizer, compose_in_process, load_state, save_fine_tune,
-                     save_tiny_model, sentencepiece_tokenizer, tiny_model_with_tokenizer)
 
 OPTIONS = ExecutionOptions(progress=False)
 

@@ -51,14 +51,14 @@ class TokenizerComparison:
 
 def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
     """None when the model has no tokenizer files."""
-    from tokensurgery import Vocabulary
+    from tokensurgery import TokenSurgeryError, Vocabulary
 
     if not source.has_tokenizer():
         return None
     tokenizer = load_source_tokenizer(source, "tokenizer commonality needs one")
     try:
         vocabulary = Vocabulary.from_tokenizer(tokenizer, source.reference)
-    except Exception as error:  # tokensurgery's own error, or a tokenizer without a fast version
+    except (TokenSurgeryError, ValueError, KeyError) as error:
         raise ComposerError(f"The tokenizer of '{source.reference}' cannot be read: {error}") from None
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     keys: list[object] = [surface if surface is not None else ("control", token)
