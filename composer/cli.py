@@ -22,10 +22,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant"}
+COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant", "trace"}
 
 
-VALUE_OPTIONS = {"--memory-budget", "--device", "--readers", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules"}
+VALUE_OPTIONS = {"--memory-budget", "--device", "--readers", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules", "--candidates", "--json"}
 
 
 def _size(text: str, option: str = "--memory-budget") -> int:
@@ -302,6 +302,61 @@ def transplant(
     _guarded(action)
 
 
+@app.command()
+def trace(
+    suspect: str = typer.Argument(..., help="The model to examine (folder, .gguf, hub id or BASE+ADAPTER)."),
+    candidates: list[str] = typer.Option(..., "--candidates", help="Models SUSPECT may be built from; give the option once per model, or list them after it."),
+    base: Optional[str] = typer.Option(None, "--base", help="The model the candidates were fine-tuned from (task vectors are taken against it)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (schema in docs/trace.md)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Write a heat map of SUSPECT's layers against each candidate's."),
+    verify: bool = typer.Option(False, "--verify", help="Compose the recovered recipe into a temporary folder and report each tensor's relative error."),
+    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory --verify's composition holds, e.g. 1GB."),
+) -> None:
+    """Whether SUSPECT was built from the candidates, from which, and how: tokenizer, layer provenance, verdicts, recipe."""
+
+    def action():
+        budget = _size(memory_budget)
+        from composer.trace import TraceOptions, trace_models
+        from composer.trace.heatmap import draw_heat_map
+        from composer.trace.report import format_report, write_json
+
+        report = trace_models(suspect, _listed(candidates), TraceOptions(base=base, verify=verify, memory_budget=budget))
+        typer.echo(format_report(report))
+        if json_path is not None:
+            write_json(report, json_path)
+            typer.echo(f"json: {json_path}")
+        if png is not None:
+            draw_heat_map(report, png)
+            typer.echo(f"heat map: {png}")
+
+    _guarded(action)
+
+
+def _listed(values: list[str]) -> list[str]:
+    """--candidates A B C arrives as A and the rest as stray arguments: main() gathers them (see _gather_candidates)."""
+    return [value for entry in values for value in entry.split("\0") if value]
+
+
+def _gather_candidates(arguments: list[str]) -> list[str]:
+    """`--candidates A B C` as typer needs it (one value per option): the words after --candidates up to the next
+    option are joined into its one value."""
+    gathered: list[str] = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if argument == "--candidates":
+            values = []
+            index += 1
+            while index < len(arguments) and not arguments[index].startswith("-"):
+                values.append(arguments[index])
+                index += 1
+            gathered += ["--candidates", "\0".join(values)] if values else ["--candidates"]
+            continue
+        gathered.append(argument)
+        index += 1
+    return gathered
+
+
 def _first_positional(arguments: list[str]) -> str | None:
     skip = False
     for argument in arguments:
@@ -348,6 +403,8 @@ def main() -> None:
     first = _first_positional(arguments)
     if first is not None and first not in COMMANDS and not (set(arguments) & {"-h", "--help"} and arguments[0].startswith("-")):
         arguments = ["run", *arguments]  # `compose RECIPE [OUT]` is `compose run RECIPE [OUT]`
+    if first == "trace":
+        arguments = _gather_candidates(arguments)
     sys.exit(_run_app(arguments or ["--help"]))
 
 

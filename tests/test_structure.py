@@ -26,7 +26,7 @@ LAYERS = [
     ("composer.execute",),
     ("composer.card", "composer.model_checks"),
     ("composer.compose", "composer.transplant", "composer.extract_lora", "composer.evaluate", "composer.route",
-     "composer.bundled"),
+     "composer.bundled", "composer.trace"),
     ("composer.demo",),
     ("composer.cli",),
 ]

@@ -1,0 +1,10 @@
+"""Merge forensics (`compose trace`): tell whether a model was built from others, from which, and how.
+
+It reads, it does not write: models are opened through composer.sources, fingerprinted in one streaming
+pass (a digest and a random projection of every tensor), matched layer by layer, and each SUSPECT tensor
+is fitted in reverse against the methods' formulas. The result is a report and a recipe composer runs.
+"""
+
+from composer.trace.run import TraceOptions, TraceReport, trace_models
+
+__all__ = ["TraceOptions", "TraceReport", "trace_models"]

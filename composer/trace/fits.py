@@ -1,0 +1,166 @@
+"""The methods' formulas fitted in reverse, one SUSPECT tensor against its source tensors (float64 sums over
+the whole tensor, a chunk at a time).
+
+- linear / task arithmetic: least squares y ~ sum_i w_i x_i (the Gram matrix of the sources, exact);
+- SLERP: with two sources, y = a x_0 + b x_1 with a = sin((1-t) theta)/sin theta, b = sin(t theta)/sin theta,
+  theta the sources' angle; t solves b/a = sin(t theta)/sin((1-t) theta);
+- sparsified task vectors (TIES, DARE): the support of y - base against what a dense merge would leave,
+  whether the entries kept are the large ones (TIES trims by magnitude, DARE drops at random), whether
+  opposite-signed task vectors were elected, and DARE's rescaling factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+CHUNK = 1 << 20
+SLERP_PARALLEL = 0.9995  # composer's slerp interpolates linearly above this cosine (composer.methods.slerp)
+
+
+@dataclass
+class LeastSquares:
+    weights: list[float]
+    relative_error: float
+    gram: torch.Tensor  # float64 [n, n]
+
+
+def least_squares(y: torch.Tensor, sources: list[torch.Tensor]) -> LeastSquares:
+    count = len(sources)
+    gram = torch.zeros(count, count, dtype=torch.float64)
+    cross = torch.zeros(count, dtype=torch.float64)
+    squared = 0.0
+    flat_y = y.reshape(-1)
+    flats = [x.reshape(-1) for x in sources]
+    for start in range(0, flat_y.numel(), CHUNK):
+        target = flat_y[start:start + CHUNK].double()
+        stacked = torch.stack([x[start:start + CHUNK].double() for x in flats])
+        gram += stacked @ stacked.T
+        cross += stacked @ target
+        squared += float(target @ target)
+    ridge = 1e-13 * float(gram.diagonal().sum()) / max(count, 1)
+    weights = torch.linalg.solve(gram + ridge * torch.eye(count, dtype=torch.float64), cross)
+    left = squared - 2 * float(weights @ cross) + float(weights @ gram @ weights)
+    error = math.sqrt(max(left, 0.0) / squared) if squared > 0 else 0.0
+    return LeastSquares([float(w) for w in weights], error, gram)
+
+
+def slerp_coefficients(t: float, theta: float) -> tuple[float, float]:
+    if theta < 1e-9:
+        return 1 - t, t
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+@dataclass
+class SlerpFit:
+    t: float
+    theta: float
+    distinct: bool  # whether the angle is wide enough that slerp and linear interpolation differ measurably
+    better_than_linear: bool
+
+
+def fit_slerp(fit: LeastSquares) -> SlerpFit | None:
+    """t for y = slerp(x_0, x_1, t), from the least-squares coefficients and the sources' exact angle."""
+    a, b = fit.weights
+    if a <= 0 or b <= 0:
+        return None
+    gram = fit.gram
+    cosine = float(gram[0, 1] / math.sqrt(float(gram[0, 0] * gram[1, 1]))) if gram[0, 0] > 0 and gram[1, 1] > 0 else 1.0
+    cosine = max(-1.0, min(1.0, cosine))
+    if abs(cosine) > SLERP_PARALLEL:
+        return SlerpFit(b / (a + b), 0.0, False, False)
+    theta = math.acos(cosine)
+    low, high = 0.0, 1.0
+    for _ in range(60):  # b/a rises with t
+        middle = (low + high) / 2
+        ca, cb = slerp_coefficients(middle, theta)
+        if cb / ca < b / a:
+            low = middle
+        else:
+            high = middle
+    t = (low + high) / 2
+    slerp_a, slerp_b = slerp_coefficients(t, theta)
+    lerp_t = b / (a + b)
+    slerp_miss = abs(slerp_a - a) + abs(slerp_b - b)
+    lerp_miss = abs(1 - lerp_t - a) + abs(lerp_t - b)
+    gap = abs(slerp_a + slerp_b - 1)  # how far slerp's coefficients are from summing to one
+    return SlerpFit(t, theta, gap > 1e-3, slerp_miss < lerp_miss)
+
+
+@dataclass
+class Sparsity:
+    """The signature of a merge of sparsified task vectors, from y - base and the task vectors."""
+
+    support: float  # share of entries where SUSPECT differs from the base
+    dense_support: float  # the same share for the dense (linear) merge of the task vectors
+    kept_magnitude: float  # mean |tau| where nothing was kept / where something was: << 1 for TIES, ~1 for DARE
+    sign_election: float  # of entries with opposite-signed task vectors, the share explained by one model alone
+    coefficients: list[float] = field(default_factory=list)  # y - base = c_i tau_i where model i alone is kept
+    density: float = 1.0  # estimated share of each task vector kept
+    trim_densities: list[float] = field(default_factory=list)  # TIES: each task vector's kept share, by magnitude
+    relative_error: float = 0.0
+
+    @property
+    def sparse(self) -> bool:
+        # entries equal to the base: where every task vector was dropped, far more than a dense merge's rounding leaves
+        return 1 - self.support >= 1.5 * (1 - self.dense_support) + 0.05
+
+
+def _mode(values: torch.Tensor) -> float:
+    """The most common value (up to rounding) of ratios: where one model alone is kept, y_d / tau is constant."""
+    values = values[torch.isfinite(values) & (values.abs() < 20)]
+    if values.numel() == 0:
+        return 0.0
+    rounded = torch.round(values * 1000) / 1000
+    unique, counts = torch.unique(rounded, return_counts=True)
+    peak = float(unique[int(torch.argmax(counts))])
+    near = values[(values - peak).abs() < 0.002]
+    return float(near.median()) if near.numel() else peak
+
+
+def sparsity_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.Tensor], weights: list[float]) -> Sparsity:
+    """Equalities are taken in SUSPECT's dtype (`y.dtype`): where a merge kept nothing, SUSPECT holds the base's
+    value rounded to its dtype, bit for bit."""
+    dtype = y.dtype
+    as_stored = base.to(dtype).float().reshape(-1)
+    stored = y.float().reshape(-1)
+    y_delta = stored - base.float().reshape(-1)
+    taus = [x.float().reshape(-1) - base.float().reshape(-1) for x in sources]
+    kept = stored != as_stored
+    support = float(kept.float().mean())
+    dense = base.float().reshape(-1) + sum(w * tau for w, tau in zip(weights, taus))
+    dense_support = float((dense.to(dtype).float() != as_stored).float().mean())
+    ratios = []
+    for tau in taus:
+        inside, outside = tau[kept].abs(), tau[~kept].abs()
+        if inside.numel() and outside.numel() and float(inside.mean()) > 0:
+            ratios.append(float(outside.mean()) / float(inside.mean()))
+    kept_magnitude = sum(ratios) / len(ratios) if ratios else 1.0
+    coefficients = []
+    for tau in taus:
+        usable = kept & (tau.abs() > 0)
+        coefficients.append(_mode(y_delta[usable] / tau[usable]) if usable.any() else 0.0)
+    count = len(taus)
+    density = 1 - (1 - support) ** (1 / count) if count else 1.0
+    resolution = (stored.abs() * torch.finfo(dtype).eps).clamp_min(1e-12)
+    election = 1.0
+    if count >= 2:
+        signs = torch.stack([torch.sign(tau) for tau in taus])
+        opposed = kept & (signs.max(dim=0).values > 0) & (signs.min(dim=0).values < 0)
+        if opposed.any():
+            target = y_delta[opposed]
+            alone = torch.zeros_like(target, dtype=torch.bool)
+            for coefficient, tau in zip(coefficients, taus):
+                alone |= (target - coefficient * tau[opposed]).abs() <= 1e-2 * target.abs() + 2 * resolution[opposed]
+            election = float(alone.float().mean())
+    trims = []
+    for x, tau in zip(sources, taus):  # TIES keeps tau's largest entries: where y is this model alone, |tau| is above the cut
+        alone = kept & (stored == x.to(dtype).float().reshape(-1)) & (tau != 0)
+        if alone.sum() >= 10:
+            cut = float(torch.quantile(tau[alone].abs()[:1_000_000], 0.002))
+            trims.append(float((tau.abs() >= cut).float().mean()))
+        else:
+            trims.append(density)
+    return Sparsity(support, dense_support, kept_magnitude, election, coefficients, density, trims)

@@ -1,0 +1,198 @@
+"""Recipe recovery, tensor by tensor: which sources each SUSPECT tensor is made of, by which method family and
+with which parameters (composer.trace.fits), read in a second streaming pass that holds one SUSPECT tensor
+and its sources at a time. Layers whose tensors are byte-identical copies cost no second read."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from statistics import median
+
+import torch
+
+from composer.trace.fits import Sparsity, fit_slerp, least_squares, sparsity_signature
+from composer.trace.layers import CandidateMatch, Fingerprinted
+
+MIN_SIMILARITY = 0.3  # a layer below this cosine is no source (independent layers score about 1/sqrt(entries))
+MIN_WEIGHT = 0.02  # sources weighing less than this in a least-squares fit are dropped and the fit redone
+BLENDS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+
+
+@dataclass
+class TensorFit:
+    name: str
+    method: str  # copy | scale | linear | slerp | task_arithmetic | ties | dare_ties | dare_linear | unmatched
+    sources: list[str] = field(default_factory=list)  # model references, aligned with weights
+    weights: list[float] = field(default_factory=list)
+    relative_error: float = 1.0
+    t: float | None = None
+    base: str | None = None  # the model whose task vectors are taken (task arithmetic, TIES, DARE), or slerp's t=0 end
+    density: float | None = None
+    sparsity: Sparsity | None = None
+    slerp_distinct: bool = False
+
+
+@dataclass
+class LayerFit:
+    layer: int
+    method: str
+    sources: list[tuple[str, int, float]]  # (model, its layer, weight)
+    relative_error: float
+    tensors: list[TensorFit] = field(default_factory=list)
+
+
+@dataclass
+class Candidate:
+    fingerprinted: Fingerprinted
+    match: CandidateMatch
+
+    @property
+    def reference(self) -> str:
+        return self.fingerprinted.model.reference
+
+
+def partner(candidate: Candidate, suspect: Fingerprinted, name: str, suffix: str | None, layer: int | None) -> str | None:
+    """The candidate tensor that SUSPECT's tensor `name` is compared with: the same name within the layer where
+    the shapes agree (the same name outside the layers), else the best-matching matrix of that shape."""
+    model = candidate.fingerprinted.model
+    shape = suspect.prints[name].shape
+    if layer is None:
+        same = name if name in model.infos else None
+    else:
+        same = model.layers.get(layer, {}).get(suffix) if suffix is not None else None
+    if same is not None and tuple(model.infos[same].shape) == shape:
+        return same
+    found = candidate.match.partners.get(name, {}).get(layer) if layer is not None else None
+    return found[0] if found else None
+
+
+class Recovery:
+    """Reads SUSPECT's tensors and their sources and fits them; `base` names the candidate whose task vectors count."""
+
+    def __init__(self, suspect: Fingerprinted, candidates: list[Candidate], base: str | None):
+        self.suspect = suspect
+        self.candidates = candidates
+        self.base = base
+
+    def _read(self, candidate: Candidate, name: str) -> torch.Tensor:
+        return candidate.fingerprinted.model.source.read(name)
+
+    def fit_tensor(self, name: str, chosen: list[tuple[Candidate, str]]) -> TensorFit:
+        if not chosen:
+            return TensorFit(name, "unmatched")
+        digest = self.suspect.prints[name].digest
+        for candidate, other in chosen:
+            if candidate.fingerprinted.prints[other].digest == digest:
+                return TensorFit(name, "copy", [candidate.reference], [1.0], 0.0)
+        y = self.suspect.model.source.read(name).float()
+        tensors = [self._read(candidate, other).float() for candidate, other in chosen]
+        references = [candidate.reference for candidate, _ in chosen]
+        fit = least_squares(y, tensors)
+        keep = [i for i, w in enumerate(fit.weights) if abs(w) >= MIN_WEIGHT or references[i] == self.base]
+        if keep and len(keep) < len(tensors):
+            references, tensors = [references[i] for i in keep], [tensors[i] for i in keep]
+            fit = least_squares(y, tensors)
+        if len(tensors) == 1:
+            scale = fit.weights[0]
+            method = "copy" if abs(scale - 1) < 2e-3 else "scale"
+            return TensorFit(name, method, references, [1.0 if method == "copy" else scale], fit.relative_error)
+        sparse = self._sparse_fit(name, y, tensors, references, fit.weights)
+        if sparse is not None:
+            return sparse
+        if self.base in references and len(references) >= 2:
+            at = references.index(self.base)
+            others = [r for r in references if r != self.base]
+            lambdas = [w for i, w in enumerate(fit.weights) if i != at]
+            if abs(sum(fit.weights) - 1) < 0.01 and abs(fit.weights[at]) >= MIN_WEIGHT:
+                return TensorFit(name, "task_arithmetic", others, lambdas, fit.relative_error, base=self.base)
+        if len(tensors) == 2:
+            slerp = fit_slerp(fit)
+            if slerp is not None and slerp.better_than_linear and abs(sum(fit.weights) - 1) > 1e-4:
+                return TensorFit(name, "slerp", references, fit.weights, fit.relative_error, t=slerp.t, base=references[0],
+                                 slerp_distinct=slerp.distinct)
+            if slerp is not None and not slerp.distinct and abs(sum(fit.weights) - 1) < 0.01:
+                return TensorFit(name, "linear", references, fit.weights, fit.relative_error, t=slerp.t, base=references[0])
+        return TensorFit(name, "linear", references, fit.weights, fit.relative_error)
+
+    def _sparse_fit(self, name, y, tensors, references, weights) -> TensorFit | None:
+        """TIES or DARE, when y - base has far fewer nonzero entries than a dense merge would leave. The base is
+        --base, else any source for which that holds."""
+        bases = [references.index(self.base)] if self.base in references else range(len(references))
+        for at in bases:
+            others = [i for i in range(len(references)) if i != at]
+            if not others:
+                continue
+            base = tensors[at]
+            lambdas = [weights[i] for i in others]
+            signature = sparsity_signature(y.to(self.suspect.prints[name].dtype), base, [tensors[i] for i in others], lambdas)
+            if not signature.sparse:
+                continue
+            models = [references[i] for i in others]
+            if signature.kept_magnitude < 0.5:
+                density = median(signature.trim_densities) if signature.trim_densities else signature.density
+                shares = _ties_shares(y, base, [tensors[i] for i in others], signature)
+                method, values = "ties", shares
+            else:
+                density = signature.density
+                method = "dare_ties" if signature.sign_election > 0.9 else "dare_linear"
+                values = [c * density for c in signature.coefficients]
+            signature.relative_error = _sparse_error(y, base, [tensors[i] for i in others], signature)
+            return TensorFit(name, method, models, values, signature.relative_error, base=references[at], density=density, sparsity=signature)
+        return None
+
+
+def _ties_shares(y, base, sources, signature: Sparsity) -> list[float]:
+    """TIES's weights, normalised to sum to one (a normalised TIES merge depends only on their ratios): least
+    squares over the entries where every task vector survives its trim and all agree in sign."""
+    y_delta = (y.float() - base.float()).reshape(-1)
+    taus = [(x.float() - base.float()).reshape(-1) for x in sources]
+    if len(taus) == 1:
+        return [1.0]
+    mask = torch.ones_like(y_delta, dtype=torch.bool)
+    for tau, density in zip(taus, signature.trim_densities):
+        cut = torch.quantile(tau.abs()[:1_000_000], max(0.0, min(1.0, 1 - density)))
+        mask &= tau.abs() > cut
+    signs = torch.stack([torch.sign(tau[mask]) for tau in taus])
+    agree = (signs == signs[0]).all(dim=0)
+    if int(agree.sum()) < len(taus) * 4:
+        return [1 / len(taus)] * len(taus)
+    matrix = torch.stack([tau[mask][agree] for tau in taus], dim=1).double()
+    # y_d (sum w) = sum w_i tau_i with sum w = 1: least squares on (tau_i - tau_last) against y_d - tau_last
+    target = y_delta[mask][agree].double() - matrix[:, -1]
+    design = matrix[:, :-1] - matrix[:, -1:]
+    solved = torch.linalg.lstsq(design, target.unsqueeze(1)).solution.reshape(-1)
+    shares = [float(v) for v in solved] + [1 - float(solved.sum())]
+    return shares
+
+
+def _sparse_error(y, base, sources, signature: Sparsity) -> float:
+    """Relative error of y - base against its best explanation entry by entry: zero, or a sum of some models'
+    task vectors times their coefficients (the masks of a sparsified merge are not recoverable, their effect is)."""
+    y_delta = (y.float() - base.float()).reshape(-1)
+    taus = [(x.float() - base.float()).reshape(-1) for x in sources]
+    coefficients = signature.coefficients if len(signature.coefficients) == len(taus) else [1.0] * len(taus)
+    best = y_delta.abs().clone()
+    count = len(taus)
+    if count <= 4:
+        for subset in range(1, 1 << count):
+            guess = sum(coefficients[i] * taus[i] for i in range(count) if subset >> i & 1)
+            best = torch.minimum(best, (y_delta - guess).abs())
+    norm = float(y.float().norm())
+    return float(best.norm()) / norm if norm else 0.0
+
+
+def layer_summary(layer: int, fits: list[TensorFit], source_layers: dict[str, int], matrices: set[str]) -> LayerFit:
+    """One line for the layer: the method most of its matrices show, and each source's median weight."""
+    voted = [fit for fit in fits if fit.name in matrices] or fits
+    methods = Counter(fit.method for fit in voted)
+    if methods.get("slerp") and methods.get("linear"):  # nearly parallel tensors interpolate alike: their slerp is linear
+        methods["slerp"] += methods.pop("linear")
+    method = methods.most_common(1)[0][0] if methods else "unmatched"
+    chosen = [fit for fit in voted if fit.method == method or (method == "slerp" and fit.method == "linear")]
+    weights: dict[str, list[float]] = {}
+    for fit in chosen:
+        for reference, weight in zip(fit.sources, fit.weights):
+            weights.setdefault(reference, []).append(weight)
+    sources = [(reference, source_layers.get(reference, layer), median(values)) for reference, values in weights.items()]
+    error = max((fit.relative_error for fit in fits), default=1.0)
+    return LayerFit(layer, method, sources, error, fits)

@@ -1,0 +1,209 @@
+"""`compose trace`: open SUSPECT and the candidates, fingerprint them in one pass, match layers, fit each SUSPECT
+tensor, test each candidate's independence, and assemble the report and the recovered recipe."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from composer.errors import ComposerError
+from composer.trace.experts import is_mixture, moe_layer, moe_recipe_text
+from composer.trace.fingerprints import fingerprint_model
+from composer.trace.layers import CandidateMatch, Fingerprinted, match_candidate
+from composer.trace.layout import TracedModel, open_traced
+from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
+from composer.trace.recover import MIN_SIMILARITY, Candidate, LayerFit, Recovery, TensorFit, layer_summary, partner
+from composer.trace.tokenizers import TokenizerComparison, compare_tokenizers, tokenizer_facts
+from composer.trace.verdict import ALPHA, IndependenceTest, independence_test, verdict
+
+
+@dataclass
+class TraceOptions:
+    base: str | None = None
+    verify: bool = False
+    memory_budget: int = 1 << 30
+    tokenizers: bool = True
+
+
+@dataclass
+class CandidateVerdict:
+    model: str
+    verdict: str
+    p_value: float
+    contribution: float
+    test: IndependenceTest
+    note: str = ""
+
+
+@dataclass
+class TraceReport:
+    suspect: str
+    suspect_layers: list[int]
+    tokenizers: list[TokenizerComparison]
+    candidates: list[CandidateVerdict]
+    layers: list[LayerFit]
+    outer: list[TensorFit]
+    matches: dict[str, CandidateMatch]
+    candidate_layers: dict[str, list[int]]
+    recipe: str
+    method: str
+    notes: list[str] = field(default_factory=list)
+    verification: dict[str, float] | None = None
+    alpha: float = ALPHA
+
+
+def _same_model(first: str, second: str) -> bool:
+    return first == second or (os.path.exists(first) and os.path.exists(second) and Path(first).resolve() == Path(second).resolve())
+
+
+def check_references(suspect: str, candidates: list[str], base: str | None) -> list[str]:
+    if not candidates:
+        raise ComposerError("compose trace needs at least one candidate: name the models SUSPECT may be built from with --candidates A B ...")
+    for reference in candidates:
+        if _same_model(reference, suspect):
+            raise ComposerError(
+                f"The candidate '{reference}' is SUSPECT itself; a model trivially matches itself. Remove it from --candidates "
+                "and name the models SUSPECT may have been built from."
+            )
+    if base is not None and _same_model(base, suspect):
+        raise ComposerError(f"--base '{base}' is SUSPECT itself; name the model the candidates were fine-tuned from.")
+    unique: list[str] = []
+    for reference in candidates + ([base] if base else []):
+        if reference not in unique:
+            unique.append(reference)
+    return unique
+
+
+def _source_layers(suspect: Fingerprinted, position: int, candidates: list[Candidate], base: str | None) -> list[tuple[Candidate, int]]:
+    """The candidate layers SUSPECT's layer at `position` is made of: one layer all of whose tensors it copies byte
+    for byte, else each candidate's most similar layer where that is similar enough (and the base's)."""
+    layer = list(suspect.model.layers)[position]
+    names = list(suspect.model.layers[layer].values())
+    for candidate in candidates:
+        copied = {candidate.fingerprinted.model.layer_of(candidate.match.identical[n]) for n in names if n in candidate.match.identical}
+        if len(copied) == 1 and all(n in candidate.match.identical for n in names) and None not in copied:
+            return [(candidate, copied.pop())]
+    chosen = []
+    for candidate in candidates:
+        best, similarity = candidate.match.best_layer(position)
+        if best >= 0 and (similarity >= MIN_SIMILARITY or candidate.reference == base):
+            chosen.append((candidate, list(candidate.fingerprinted.model.layers)[best]))
+    return chosen
+
+
+def _contributions(layers: list[LayerFit], references: list[str]) -> dict[str, float]:
+    """Each candidate's mean share of SUSPECT's layers, by the layers' weights (slerp: 1 - t and t)."""
+    totals = dict.fromkeys(references, 0.0)
+    for layer in layers:
+        shares = {reference: abs(weight) for reference, _, weight in layer.sources}
+        if layer.method == "slerp" and len(layer.sources) == 2:
+            ts = [fit.t for fit in layer.tensors if fit.t is not None]
+            t = sorted(ts)[len(ts) // 2] if ts else 0.5
+            shares = {layer.sources[0][0]: 1 - t, layer.sources[1][0]: t}
+        total = sum(shares.values())
+        for reference, share in shares.items():
+            if reference in totals and total:
+                totals[reference] += share / total / len(layers)
+    return totals
+
+
+def trace_models(suspect_reference: str, candidate_references: list[str], options: TraceOptions, progress=None) -> TraceReport:
+    references = check_references(suspect_reference, candidate_references, options.base)
+    opened: list[TracedModel] = []
+    try:
+        suspect_model = open_traced(suspect_reference, "SUSPECT")
+        opened.append(suspect_model)
+        for reference in references:
+            opened.append(open_traced(reference, "candidate"))
+        return _trace(opened[0], opened[1:], options, progress)
+    finally:
+        for model in opened:
+            model.close()
+
+
+def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress) -> TraceReport:
+    notes = []
+    suspect = Fingerprinted(suspect_model, fingerprint_model(suspect_model, progress))
+    candidates = []
+    for model in candidate_models:
+        fingerprinted = Fingerprinted(model, fingerprint_model(model, progress))
+        match = match_candidate(suspect, fingerprinted)
+        if model.architecture != suspect_model.architecture:
+            notes.append(f"'{model.reference}' is a {model.architecture} model and SUSPECT a {suspect_model.architecture} model; "
+                         "only tensors of the same shape are compared.")
+        candidates.append(Candidate(fingerprinted, match))
+    if not any(candidate.match.shared_shapes for candidate in candidates):
+        raise ComposerError(
+            f"No candidate has a tensor of the same shape as any of SUSPECT's ('{suspect_model.reference}', a {suspect_model.architecture} "
+            f"model): {', '.join(c.reference + ' (' + c.fingerprinted.model.architecture + ')' for c in candidates)}. Models of other "
+            "sizes or architectures cannot be its parents; name candidates of SUSPECT's shape."
+        )
+    recovery = Recovery(suspect, candidates, options.base)
+    layer_fits = []
+    for position, layer in enumerate(suspect_model.layers):
+        chosen = _source_layers(suspect, position, candidates, options.base)
+        source_layers = {candidate.reference: c_layer for candidate, c_layer in chosen}
+        fits = []
+        matrices = {name for name in suspect_model.layers[layer].values() if suspect.prints[name].sketch is not None}
+        for suffix, name in suspect_model.layers[layer].items():
+            partners = []
+            for candidate, c_layer in chosen:
+                found = partner(candidate, suspect, name, suffix, c_layer)
+                if found is not None:
+                    partners.append((candidate, found))
+            fits.append(recovery.fit_tensor(name, partners))
+        layer_fits.append(layer_summary(layer, fits, source_layers, matrices))
+    outer_fits = []
+    for name in suspect_model.outer:
+        partners = [(c, p) for c in candidates if (p := partner(c, suspect, name, None, None)) is not None]
+        outer_fits.append(recovery.fit_tensor(name, partners))
+    mixture = is_mixture(suspect.prints)
+    if mixture:
+        layer_fits = [moe_layer(layer) for layer in layer_fits]
+    references = [candidate.reference for candidate in candidates]
+    contributions = _contributions(layer_fits, references)
+    method = "moe" if mixture else agreed_method(layer_fits)
+    recipe_base = options.base
+    if method in ("ties", "dare_ties", "dare_linear", "task_arithmetic") and recipe_base is None:
+        recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.base), None)
+    if method == "slerp" and recipe_base is None:
+        recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.method == "slerp"), None)
+    dtype = next(iter(suspect.prints.values())).dtype
+    unmatched = [layer.layer for layer in layer_fits if layer.method == "unmatched"]
+    if unmatched:
+        notes.append(f"SUSPECT's layers {unmatched} match no candidate layer; the recipe cannot rebuild them.")
+    if mixture:
+        text = moe_recipe_text(layer_fits, suspect_model.config, dtype)
+        recipe_base = yaml_value(text, "base_model")
+    else:
+        text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base),
+                           "" if method != "mixed" else "layers use different methods; this recipe approximates them")
+    verdicts = []
+    for candidate in candidates:
+        test = independence_test(suspect, candidate.fingerprinted)
+        is_base = candidate.reference == recipe_base and method not in ("linear", "passthrough")
+        is_base = is_base or (mixture and candidate.reference in text and contributions[candidate.reference] > 0)
+        note = "" if candidate.match.shared_shapes else "no tensor of SUSPECT's shapes"
+        verdicts.append(CandidateVerdict(candidate.reference, verdict(test, contributions[candidate.reference], is_base), test.p_value,
+                                         contributions[candidate.reference], test, note))
+    tokenizers = _tokenizers(suspect_model, candidate_models) if options.tokenizers else []
+    report = TraceReport(suspect_model.reference, list(suspect_model.layers), tokenizers, verdicts, layer_fits, outer_fits,
+                         {c.reference: c.match for c in candidates}, {c.reference: list(c.fingerprinted.model.layers) for c in candidates},
+                         text, method, notes)
+    if options.verify:
+        from composer.trace.verify import verify_recipe
+
+        report.verification = verify_recipe(text, suspect_model, options.memory_budget, mixture)
+    return report
+
+
+def yaml_value(text: str, key: str):
+    import yaml
+
+    return (yaml.safe_load(text) or {}).get(key)
+
+
+def _tokenizers(suspect: TracedModel, candidates: list[TracedModel]) -> list[TokenizerComparison]:
+    mine = tokenizer_facts(suspect.source)
+    return [compare_tokenizers(model.reference, mine, tokenizer_facts(model.source)) for model in candidates]

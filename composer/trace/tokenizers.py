@@ -1,0 +1,94 @@
+"""Tokenizer commonality: how much of SUSPECT's vocabulary (as text, not ids) a candidate has, whether the ids
+are in the same order, and whether merges, special tokens, chat template, normalizer and pre-tokenizer are the
+same. Tokens are compared by the text they stand for (tokensurgery's Vocabulary), so a byte-level `Ġhello`
+and a SentencePiece `▁hello` are one token."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from composer.errors import ComposerError
+from composer.sources import ModelSource
+from composer.sources.tokenizer import load_source_tokenizer
+
+UNRELATED_BELOW = 0.3  # shares of vocabulary under this are what any two tokenizers of one script have in common
+
+
+@dataclass
+class TokenizerFacts:
+    tokens: list[str]
+    keys: list[object]  # per id: the text it stands for, or ("control", token) for control tokens
+    merges: object
+    special: list[tuple[str, bool]]
+    chat_template: str | None
+    normalizer: object
+    pre_tokenizer: object
+
+
+@dataclass
+class TokenizerComparison:
+    model: str
+    verdict: str  # is | extends | shares | unrelated | unknown
+    shared_vocab: float | None
+    same_ids: bool | None
+    same_merges: bool | None = None
+    same_special_tokens: bool | None = None
+    same_chat_template: bool | None = None
+    same_normalizer: bool | None = None
+    same_pre_tokenizer: bool | None = None
+    note: str = ""
+
+    def line(self) -> str:
+        if self.verdict == "unknown":
+            return f"{self.model}: unknown ({self.note})"
+        shown = f"shares {self.shared_vocab:.0%}" if self.verdict == "shares" else self.verdict
+        same = [label for label, value in (("ids", self.same_ids), ("merges", self.same_merges), ("special tokens", self.same_special_tokens),
+                                           ("chat template", self.same_chat_template), ("normalizer", self.same_normalizer),
+                                           ("pre-tokenizer", self.same_pre_tokenizer)) if value]
+        return f"{self.model}: {shown} ({self.shared_vocab:.1%} of SUSPECT's vocabulary; same {', '.join(same) or 'nothing else'})"
+
+
+def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
+    """None when the model has no tokenizer files."""
+    from tokensurgery import TokenSurgeryError, Vocabulary
+
+    if not source.has_tokenizer():
+        return None
+    tokenizer = load_source_tokenizer(source, "tokenizer commonality needs one")
+    try:
+        vocabulary = Vocabulary.from_tokenizer(tokenizer, source.reference)
+    except (TokenSurgeryError, ValueError, KeyError) as error:
+        raise ComposerError(f"The tokenizer of '{source.reference}' cannot be read: {error}") from None
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    keys: list[object] = [surface if surface is not None else ("control", token)
+                          for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)]
+    special = sorted((entry["content"], bool(entry.get("special"))) for entry in spec.get("added_tokens") or [])
+    return TokenizerFacts(vocabulary.tokens, keys, (spec.get("model") or {}).get("merges"), special,
+                          getattr(tokenizer, "chat_template", None), spec.get("normalizer"), spec.get("pre_tokenizer"))
+
+
+def compare_tokenizers(model: str, suspect: TokenizerFacts | None, candidate: TokenizerFacts | None) -> TokenizerComparison:
+    if suspect is None or candidate is None:
+        which = "SUSPECT has" if suspect is None else "the candidate has"
+        return TokenizerComparison(model, "unknown", None, None, note=f"{which} no tokenizer files")
+    theirs = {}
+    for index, key in enumerate(candidate.keys):
+        theirs.setdefault(key, index)
+    present = [key for key in suspect.keys if key in theirs]
+    shared = len(present) / max(len(suspect.keys), 1)
+    same_ids = all(theirs.get(key) == index for index, key in enumerate(suspect.keys) if key in theirs)
+    comparison = TokenizerComparison(
+        model, "", shared, same_ids, suspect.merges == candidate.merges, suspect.special == candidate.special,
+        suspect.chat_template == candidate.chat_template, suspect.normalizer == candidate.normalizer,
+        suspect.pre_tokenizer == candidate.pre_tokenizer,
+    )
+    if suspect.keys == candidate.keys and comparison.same_merges:
+        comparison.verdict = "is"
+    elif same_ids and len(candidate.keys) < len(suspect.keys) and set(candidate.keys) <= set(suspect.keys):
+        comparison.verdict = "extends"  # SUSPECT is the candidate's vocabulary with tokens added after it
+    elif shared >= UNRELATED_BELOW:
+        comparison.verdict = "shares"
+    else:
+        comparison.verdict = "unrelated"
+    return comparison

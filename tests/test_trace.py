@@ -1,0 +1,185 @@
+"""`compose trace` on tiny models whose truth is known: depth upscale, linear, SLERP, TIES and MoE merges of
+fine-tunes of one base, a sibling fine-tune (related), an unrelated random initialisation (independent),
+perturbations after the merge, tokenizers, the recovered recipe composing back to SUSPECT, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    BYTE_LEVEL_SPECIAL,
+    SENTENCEPIECE_SPECIAL,
+    byte_level_tokenizer,
+    compose_in_process,
+    load_state,
+    save_fine_tune,
+    save_tiny_model,
+    sentencepiece_tokenizer,
+    tiny_model_with_tokenizer,
+)
+
+from composer.compose import compose_moe_text, compose_text
+from composer.errors import ComposerError
+from composer.execute import ExecutionOptions
+from composer.sources import open_source
+from composer.trace import TraceOptions, trace_models
+from composer.trace.tokenizers import compare_tokenizers, tokenizer_facts
+
+OPTIONS = ExecutionOptions(progress=False)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trace")
+    models = {"base": save_tiny_model(root / "base", layers=4, seed=0)}
+    for name, seed in (("a", 1), ("b", 2), ("sib", 3)):
+        models[name] = save_fine_tune(models["base"], root / name, seed=seed)
+    models["other"] = save_tiny_model(root / "other", layers=4, seed=7)  # same shape, another random initialisation
+    a, b, base = models["a"], models["b"], models["base"]
+    recipes = {
+        "upscale": f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 3]}}\n"
+                   f"  - sources:\n      - {{model: {a}, layer_range: [1, 4]}}\ndtype: bfloat16\n",
+        "linear": f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n  - {{model: {b}, parameters: {{weight: 0.7}}}}\n"
+                  "dtype: bfloat16\n",
+        "slerp": f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.4}}\ndtype: bfloat16\n",
+        "ties": f"merge_method: ties\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+                f"  - {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}\ndtype: bfloat16\n",
+    }
+    for name, text in recipes.items():
+        compose_text(text, root / name, OPTIONS)
+        models[name] = root / name
+    moe = f"base_model: {base}\ngate_mode: random\nexperts_per_token: 1\nexperts:\n  - source_model: {a}\n  - source_model: {b}\n"
+    compose_moe_text(moe, root / "moe", OPTIONS)
+    models["moe"] = root / "moe"
+    return models
+
+
+def trace(family, suspect: str, candidates: list[str], base: str | None = None, verify: bool = False):
+    return trace_models(str(family[suspect]), [str(family[name]) for name in candidates],
+                        TraceOptions(base=str(family[base]) if base else None, verify=verify))
+
+
+def verdicts(report, family) -> dict[str, str]:
+    names = {str(path): name for name, path in family.items()}
+    return {names[candidate.model]: candidate.verdict for candidate in report.candidates}
+
+
+def test_depth_upscale_slices_are_exact_and_recompose_bit_for_bit(family):
+    report = trace(family, "upscale", ["a", "sib", "other"], verify=True)
+    assert [(layer.method, layer.sources[0][1]) for layer in report.layers] == [("copy", j) for j in (0, 1, 2, 1, 2, 3)]
+    slices = [[source["layer_range"] for source in piece["sources"]] for piece in __import__("yaml").safe_load(report.recipe)["slices"]]
+    assert slices == [[[0, 3]], [[1, 4]]]
+    assert verdicts(report, family) == {"a": "parent", "sib": "related", "other": "independent"}
+    assert max(report.verification.values()) == 0.0
+
+
+def test_linear_weights_are_recovered_and_the_recipe_recomposes_to_suspect(family):
+    report = trace(family, "linear", ["a", "b", "sib", "other"], verify=True)
+    assert report.method == "linear"
+    for layer in report.layers:
+        weights = {Path(model).name: weight for model, _, weight in layer.sources}
+        assert set(weights) == {"a", "b"} and abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
+    assert max(report.verification.values()) == 0.0  # a traced merge recomposes to itself
+
+
+def test_slerp_t_is_recovered(family):
+    report = trace(family, "slerp", ["a", "b", "other"], verify=True)
+    assert report.method == "slerp"
+    ts = [fit.t for layer in report.layers for fit in layer.tensors if fit.method == "slerp"]
+    assert ts and all(abs(t - 0.4) <= 0.03 for t in ts)
+    assert "t: 0.4" in report.recipe
+    assert max(report.verification.values()) <= 1e-2
+
+
+def test_ties_family_and_parents_are_named(family):
+    report = trace(family, "ties", ["a", "b", "sib", "other"], base="base", verify=True)
+    assert report.method == "ties"
+    named = verdicts(report, family)
+    assert named["a"] == named["b"] == named["base"] == "parent" and named["sib"] == "related" and named["other"] == "independent"
+    densities = [fit.density for layer in report.layers for fit in layer.tensors if fit.method == "ties" and fit.name.endswith("proj.weight")]
+    assert all(abs(density - 0.5) <= 0.03 for density in densities)
+    assert max(report.verification.values()) <= 1e-2
+
+
+def test_moe_experts_trace_to_the_dense_mlps(family):
+    report = trace(family, "moe", ["a", "b", "base", "other"])
+    assert report.method == "moe"
+    recipe = __import__("yaml").safe_load(report.recipe.split("\n", 2)[2])
+    assert recipe["base_model"] == str(family["base"])
+    assert [expert["source_model"] for expert in recipe["experts"]] == [str(family["a"]), str(family["b"])]
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "base": "parent", "other": "independent"}
+
+
+def test_verdicts_survive_a_bf16_round_trip_and_continued_fine_tuning(family, tmp_path):
+    state = {name: tensor.to(torch.bfloat16).float() for name, tensor in load_state(family["linear"]).items()}
+    tuned = tmp_path / "tuned"
+    save_fine_tune(family["linear"], tuned, seed=11, scale=0.004, change=None)
+    rounded = tmp_path / "rounded"
+    save_fine_tune(family["linear"], rounded, change={name: state[name] - tensor.float() for name, tensor in load_state(family["linear"]).items()})
+    for suspect in (tuned, rounded):
+        report = trace_models(str(suspect), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions())
+        assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
+
+
+def test_two_random_initialisations_are_independent(family, tmp_path):
+    third = save_tiny_model(tmp_path / "third", layers=4, seed=21)
+    report = trace_models(str(family["other"]), [str(family["base"]), str(third)], TraceOptions())
+    assert [candidate.verdict for candidate in report.candidates] == ["independent", "independent"]
+    assert all(candidate.p_value > 1e-3 for candidate in report.candidates)
+
+
+def test_tokenizer_commonality(tmp_path):
+    tokenizer = byte_level_tokenizer(300)
+    first = tiny_model_with_tokenizer(tmp_path / "first", tokenizer, BYTE_LEVEL_SPECIAL, seed=1)
+    second = tiny_model_with_tokenizer(tmp_path / "second", tokenizer, BYTE_LEVEL_SPECIAL, seed=2)
+    foreign = tiny_model_with_tokenizer(tmp_path / "foreign", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=3)
+    facts = {name: tokenizer_facts(open_source(str(path))) for name, path in (("first", first), ("second", second), ("foreign", foreign))}
+    same = compare_tokenizers("second", facts["first"], facts["second"])
+    assert (same.verdict, same.shared_vocab, same.same_ids, same.same_merges, same.same_special_tokens) == ("is", 1.0, True, True, True)
+    other = compare_tokenizers("foreign", facts["first"], facts["foreign"])
+    # trained on the same text, the two vocabularies hold nearly the same pieces, in another order and convention
+    assert other.verdict == "shares" and not other.same_ids and not other.same_merges and not other.same_pre_tokenizer
+
+
+def test_cli_report_json_and_heat_map(family, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(family["a"].parent)
+    code = compose_in_process(monkeypatch, "trace", "linear", "--candidates", "a", "b", "other", "--json", tmp_path / "t.json", "--png", tmp_path / "t.png")
+    out = capsys.readouterr().out
+    assert code in (0, None), out
+    assert "parent" in out and "independent" in out
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert list(data)[:6] == ["suspect", "tokenizer", "candidates", "layers", "recipe", "provenance"]
+    assert data["suspect"] == "linear" and [c["model"] for c in data["candidates"]] == ["a", "b", "other"]
+    assert data["provenance"] == {"recorded": False, "agrees": None}
+    assert set(data["layers"][0]) >= {"layer", "sources", "method", "relative_error"}
+    assert "model: a" in data["recipe"]  # models named exactly as given
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_is_one_paragraph_error(family, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ComposerError, match="at least one candidate"):
+        trace_models(str(family["linear"]), [], TraceOptions())
+    with pytest.raises(ComposerError, match="is SUSPECT itself"):
+        trace_models(str(family["linear"]), [str(family["a"]), str(family["linear"])], TraceOptions())
+    gpt2 = save_tiny_model(tmp_path / "gpt2", "gpt2", layers=2, n_embd=48)  # another architecture, no shape in common
+    with pytest.raises(ComposerError, match="same shape"):
+        trace_models(str(family["linear"]), [str(gpt2)], TraceOptions(tokenizers=False))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((family["a"] / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    capsys.readouterr()
+    code = compose_in_process(monkeypatch, "trace", family["linear"], "--candidates", broken)
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error: The candidate") and "Traceback" not in error
+
+
+def test_a_candidate_of_another_architecture_is_reported_beside_one_that_fits(family, tmp_path):
+    gpt2 = save_tiny_model(tmp_path / "gpt2", "gpt2", layers=2)
+    report = trace_models(str(family["linear"]), [str(family["a"]), str(gpt2)], TraceOptions(tokenizers=False))
+    assert any("gpt2" in note for note in report.notes)
+    assert report.candidates[1].verdict == "independent"
