@@ -43,8 +43,11 @@ def gemma3_gguf() -> Path:
 
 def converted(gguf_path: Path, name: str) -> Path:
     """A float32 safetensors copy of a GGUF model, made once."""
+    from composer.sources.identity import recorded_provenance
+
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
+    # a copy made before outputs recorded their parents is made again, so that what is built from it credits its hub id
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file() and recorded_provenance(target / "model.safetensors"):
         return target
     make_private_dirs(target.parent)
     import json

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from composer import __version__
 from composer.plan.model import Plan
 
 
-def render_card(plan: Plan, name: str | None = None) -> str:
+def credit(identity: dict) -> str:
+    """A parent as the card names it: its hub id (and revision) where known, else the reference it was given as."""
+    if identity.get("hub_id"):
+        revision = f" (revision {identity['revision'][:12]})" if identity.get("revision") else ""
+        return f"[{identity['hub_id']}](https://huggingface.co/{identity['hub_id']}){revision}"
+    return f"`{identity['model']}`"
+
+
+def render_card(plan: Plan, name: str | None = None, provenance: dict | None = None) -> str:
+    """`provenance`: the build's record (composer.provenance), whose parents' hub ids the card credits."""
     licences = {ref: plan.sources[ref].license() for ref in plan.parents if ref in plan.sources}
+    identities = {parent["model"]: parent for parent in (provenance or {}).get("parents", [])}
+    hub_ids = list(dict.fromkeys(identity["hub_id"] for identity in identities.values() if identity.get("hub_id")))
     front = {
-        "base_model": plan.parents,
+        **({"base_model": hub_ids} if hub_ids else {}),
         "library_name": "transformers",
         "tags": ["composer", "merge"] + list(dict.fromkeys(method for _, method in plan.stages or [("", plan.method)])),
     }
@@ -34,7 +47,8 @@ def render_card(plan: Plan, name: str | None = None) -> str:
     ]
     for ref in plan.parents:
         licence = licences.get(ref)
-        lines.append(f"- `{ref}` (licence: {licence or 'not stated in its files; check the original model'})")
+        named = credit(identities.get(ref, {"model": ref}))
+        lines.append(f"- {named} (licence: {licence or 'not stated in its files; check the original model'})")
     if plan.stages:
         lines += ["", "## Stages", "", "Computed in one pass; no intermediate model was written.", ""]
         lines += [f"{number}. `{name}`: {method}" for number, (name, method) in enumerate(plan.stages, 1)]
@@ -49,4 +63,15 @@ def render_card(plan: Plan, name: str | None = None) -> str:
         "```",
         "",
     ]
+    if provenance is not None:
+        lines += [
+            "## Provenance",
+            "",
+            "Also in every weights file's header (`composer.provenance`); `compose trace` checks the weights against it.",
+            "",
+            "```json",
+            json.dumps(provenance, indent=2, sort_keys=True),
+            "```",
+            "",
+        ]
     return "\n".join(lines)

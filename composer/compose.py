@@ -16,6 +16,7 @@ from composer.moe.recipe_plan import local_models as moe_local_models
 from composer.moe.recipe_plan import moe_plan_from_file, plan_moe_recipe
 from composer.moe.schema import load_moe_config, parse_moe_config
 from composer.plan import Plan, build_plan
+from composer.provenance import provenance_record, shard_metadata
 from composer.recipe import Recipe, load_recipe, parse_recipe
 from composer.recipe.load import RecipeKeyError
 from composer.recipe_files import is_moe_file
@@ -100,12 +101,15 @@ def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | Non
         plan.close()
         raise
 
+    record = provenance_record(plan)
+    plan.shard_metadata.update(shard_metadata(record))
+
     def extra_files(folder: Path) -> None:
         if plan.tokenizer_source is not None:
             plan.sources[plan.tokenizer_source].save_tokenizer(folder)
         if plan.chat_template and plan.chat_template != "auto":
             _write_chat_template(folder, plan.chat_template)
-        (folder / "README.md").write_text(render_card(plan, name))
+        (folder / "README.md").write_text(render_card(plan, name, record))
         (folder / "composer-recipe.yml").write_text(plan.recipe_text)
 
     try:

@@ -66,3 +66,12 @@ def test_source_bits_per_byte_matches_the_published_figure(smollm2_dir):
     model, tokenizer = load_model(str(smollm2_dir))
     score = score_text(model, tokenizer, english_text())
     assert score.bits_per_byte == pytest.approx(1.0185, abs=0.01)
+
+
+def test_an_upscale_of_the_bundled_model_credits_its_hub_id(upscaled):
+    """The bundled copy is composer's conversion of a GGUF file it knows by digest: what is built from it credits
+    HuggingFaceTB/SmolLM2-135M-Instruct, not a cache path."""
+    card = (upscaled / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "- HuggingFaceTB/SmolLM2-135M-Instruct" in front
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card

@@ -24,7 +24,7 @@ LAYERS = [
     ("composer.plan",),
     ("composer.moe", "composer.recipe_files"),
     ("composer.execute",),
-    ("composer.card", "composer.model_checks"),
+    ("composer.card", "composer.model_checks", "composer.provenance"),
     ("composer.compose", "composer.transplant", "composer.extract_lora", "composer.evaluate", "composer.route",
      "composer.bundled", "composer.trace"),
     ("composer.demo",),

@@ -291,6 +291,7 @@ def run_identity(plan: Plan, options: ExecutionOptions) -> str:
     return identity_digest({
         "composer": __version__, "recipe": plan.recipe_text, "config": plan.config, "tensors": tensors,
         "shard_size": options.shard_size, "device": torch.device(options.device).type, "inputs": inputs,
+        "metadata": plan.shard_metadata,
     })
 
 
@@ -366,7 +367,8 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
             (folder.partial / plan.config_file).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(folder.partial)
-        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable, journal, reuse=resumed, single=plan.weights_file)
+        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable, journal, reuse=resumed, single=plan.weights_file,
+                               metadata=plan.shard_metadata)
         finished = writer.finished_earlier(read_entries(folder.partial)) if resumed else set()
         finished -= chains_to_redo(plan.tensors, finished)
         if resumed:

@@ -28,10 +28,12 @@ class ShardedWriter:
     merge then waits for the disk); otherwise the page cache holds what the disk has not taken yet, as
     with any ordinary file write. `journal`: each finished tensor is recorded there. `reuse`: the shards
     of a dead run are kept (when their headers are the ones this layout writes) instead of truncated. `single`: one
-    file of this name holds every tensor, whatever `shard_size`."""
+    file of this name holds every tensor, whatever `shard_size`. `metadata`: text every file's header carries
+    beside safetensors' "format" (composer's provenance record)."""
 
     def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int, durable: bool = False,
-                 journal: Journal | None = None, reuse: bool = False, single: str | None = None):
+                 journal: Journal | None = None, reuse: bool = False, single: str | None = None,
+                 metadata: dict[str, str] | None = None):
         self.durable = durable
         self.journal = journal
         shards: list[list[PlannedTensor]] = [[]]
@@ -50,7 +52,7 @@ class ShardedWriter:
         for number, members in enumerate(shards, start=1):
             name = single or ("model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors")
             path = folder / name
-            header, offsets = build_header([(t.name, t.shape, t.dtype) for t in members])
+            header, offsets = build_header([(t.name, t.shape, t.dtype) for t in members], {"format": "pt", **(metadata or {})})
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             if not (reuse and os.pread(descriptor, len(header), 0) == header):
                 self.reused = False

@@ -90,6 +90,7 @@ class Plan:
     stages: list[tuple[str, str]] = field(default_factory=list)  # (stage name, its method), output last; empty for one merge
     weights_file: str | None = None  # all tensors in one file of this name (a PEFT adapter's) instead of model.safetensors shards
     config_file: str | None = "config.json"  # where `config` is written; None: the plan's extra files hold whatever config it has
+    shard_metadata: dict[str, str] = field(default_factory=dict)  # each weights file's header metadata (provenance)
 
     def input_bytes(self) -> int:
         seen = {}
