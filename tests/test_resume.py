@@ -112,7 +112,7 @@ def run_that_fails_after(count: int, monkeypatch) -> None:
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == count:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(task_arithmetic, "generalized_task_arithmetic", failing)
