@@ -63,7 +63,7 @@ def _last_node(node: yaml.Node) -> yaml.Node:
     return node
 
 
-def _span(text: str, node: yaml.Node) -> tuple[int, int]:
+def value_span(text: str, node: yaml.Node) -> tuple[int, int]:
     """The characters of a node's value: an anchor or tag before it stays, and a block node ends at its last value
     (its end mark would take the line break and the next line's indent with it)."""
     start = node.start_mark.index
@@ -111,10 +111,10 @@ def _read_mark(node: yaml.MappingNode, data: dict, location: tuple, text: str, s
     if not _is_number(start) or not low <= start <= high:
         raise ComposerError(f"{where}: 'start' must be a number inside the range [{number_text(low)}, {number_text(high)}], not {start!r}.")
     integer = domain.integer
-    return TuneRange(location, line, low, high, int(round(start)) if integer else start, integer, _span(text, node))
+    return TuneRange(location, line, low, high, int(round(start)) if integer else start, integer, value_span(text, node))
 
 
-def _walk(node: yaml.Node, data, location: tuple, seen: set[int]):
+def walk_nodes(node: yaml.Node, data, location: tuple, seen: set[int]):
     """(node, data, location) for every node, each node once (an alias repeats its anchor's node)."""
     if id(node) in seen:
         return
@@ -126,10 +126,10 @@ def _walk(node: yaml.Node, data, location: tuple, seen: set[int]):
         for key, value in node.value:
             name = getattr(key, "value", None)
             if name != "<<" and name in data:
-                yield from _walk(value, data[name], location + (name,), seen)
+                yield from walk_nodes(value, data[name], location + (name,), seen)
     elif isinstance(node, yaml.SequenceNode) and isinstance(data, list):
         for index, (item, value) in enumerate(zip(node.value, data)):
-            yield from _walk(item, value, location + (index,), seen)
+            yield from walk_nodes(item, value, location + (index,), seen)
 
 
 def _is_mark(node: yaml.Node, data) -> bool:
@@ -142,7 +142,7 @@ def find_ranges(text: str, source_name: str) -> list[TuneRange]:
     if root is None:
         return []
     found = []
-    for node, value, location in _walk(root, data, (), set()):
+    for node, value, location in walk_nodes(root, data, (), set()):
         if _is_mark(node, value):
             found.append(_read_mark(node, value, location, text, source_name))
     return sorted(found, key=lambda mark: mark.span)
@@ -163,7 +163,7 @@ def mark_everything(text: str, source_name: str) -> str:
     if root is None:
         return text
     edits = []
-    for node, value, location in _walk(root, data, (), set()):
+    for node, value, location in walk_nodes(root, data, (), set()):
         if not isinstance(node, yaml.ScalarNode) or not _is_number(value) or "parameters" not in location:
             continue
         at = len(location) - 1 - location[::-1].index("parameters")
@@ -172,7 +172,7 @@ def mark_everything(text: str, source_name: str) -> str:
             continue
         low, high = range_around(float(value), parameter_domain(name))
         if low < high:
-            edits.append((_span(text, node), f"{{tune: [{number_text(low)}, {number_text(high)}], start: {number_text(value)}}}"))
+            edits.append((value_span(text, node), f"{{tune: [{number_text(low)}, {number_text(high)}], start: {number_text(value)}}}"))
     for (start, end), replacement in sorted(edits, reverse=True):
         text = text[:start] + replacement + text[end:]
     return text
