@@ -13,7 +13,7 @@ import yaml
 
 from composer.errors import ComposerError
 from composer.tune.domains import LAYER_BOUND, TUNE_ALL, Domain, parameter_domain, range_around
-from composer.yaml_text import parse_yaml, path_text
+from composer.yaml_text import line_of, parse_yaml, path_text
 
 MARK = "tune"
 MARK_KEYS = {MARK, "start"}
@@ -40,7 +40,7 @@ class TuneRange:
     def value_at(self, share: float) -> float:
         """The value at `share` of the way from low to high (whole numbers rounded)."""
         value = self.low + min(max(share, 0.0), 1.0) * (self.high - self.low)
-        return int(round(value)) if self.integer else value
+        return round(value) if self.integer else value
 
     def share_of(self, value: float) -> float:
         return (value - self.low) / (self.high - self.low)
@@ -91,8 +91,7 @@ def _domain_at(location: tuple, source_name: str, line: int) -> tuple[str, Domai
     )
 
 
-def _read_mark(node: yaml.MappingNode, data: dict, location: tuple, text: str, source_name: str) -> TuneRange:
-    line = node.start_mark.line + 1
+def _read_mark(node: yaml.MappingNode, data: dict, location: tuple, text: str, source_name: str, line: int) -> TuneRange:
     where = f"{source_name}, line {line}: recipe key '{path_text(location)}'"
     stray = sorted(str(key) for key in data if key not in MARK_KEYS)
     if stray:
@@ -111,7 +110,7 @@ def _read_mark(node: yaml.MappingNode, data: dict, location: tuple, text: str, s
     if not _is_number(start) or not low <= start <= high:
         raise ComposerError(f"{where}: 'start' must be a number inside the range [{number_text(low)}, {number_text(high)}], not {start!r}.")
     integer = domain.integer
-    return TuneRange(location, line, low, high, int(round(start)) if integer else start, integer, value_span(text, node))
+    return TuneRange(location, line, low, high, round(start) if integer else start, integer, value_span(text, node))
 
 
 def walk_nodes(node: yaml.Node, data, location: tuple, seen: set[int]):
@@ -144,7 +143,7 @@ def find_ranges(text: str, source_name: str) -> list[TuneRange]:
     found = []
     for node, value, location in walk_nodes(root, data, (), set()):
         if _is_mark(node, value):
-            found.append(_read_mark(node, value, location, text, source_name))
+            found.append(_read_mark(node, value, location, text, source_name, line_of(root, location) or node.start_mark.line + 1))
     return sorted(found, key=lambda mark: mark.span)
 
 

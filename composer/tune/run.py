@@ -98,6 +98,7 @@ class Trials:
         self.result = result
         # half the budget keeps parents' tensors; the rest is for hidden states and the layer being merged and run
         self.scorer = StreamedScorer(TensorCache(settings.memory_budget // 2))
+        self.seen: dict[tuple, Trial] = {}  # whole-number searches (slice bounds) propose the same point again
 
     def score_text(self, text: str, texts: list[NamedText]) -> list[TextScore]:
         plan = plan_text(text, self.result.recipe_dir, self.result.recipe_name)
@@ -107,6 +108,13 @@ class Trials:
             plan.close()
 
     def run(self, values: list[float], texts: list[NamedText]) -> Trial:
+        known = self.seen.get(tuple(values))
+        if known is not None:
+            return known
+        self.seen[tuple(values)] = trial = self.score(values, texts)
+        return trial
+
+    def score(self, values: list[float], texts: list[NamedText]) -> Trial:
         try:
             scores = self.score_text(with_values(self.result.marked_text, self.result.ranges, values), texts)
         except ComposerError as error:

@@ -32,8 +32,12 @@ class CmaSearch:
     in one dimension, so a single number is searched with a second, unused coordinate beside it."""
 
     def __init__(self, start: list[float], seed: int):
+        import warnings
+
         try:
-            import cma
+            with warnings.catch_warnings():  # it warns, on import, that it cannot plot without matplotlib
+                warnings.simplefilter("ignore")
+                import cma
         except ImportError:
             raise ComposerError(f"--optimizer cma needs the 'cma' package, which is not installed; install it ({CMA_INSTALL}) "
                                 "or use --optimizer random.") from None
