@@ -173,6 +173,14 @@ def test_bad_input_is_one_paragraph(tuned_parents, monkeypatch, capsys, recipe_b
     assert not (root / "bad-out").exists()
 
 
+def test_compose_refuses_a_recipe_with_ranges_and_points_to_tune(tuned_parents, monkeypatch, capsys):
+    root = tuned_parents["root"]
+    recipe = root / "untuned.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tuned_parents['base']}\n    parameters:\n      weight: {{tune: [0, 1]}}\n")
+    assert compose_in_process(monkeypatch, recipe, root / "untuned-out") == 2
+    assert "line 5: 'models[0].parameters.weight' is a tune range, not a number; run the recipe with `compose tune`" in " ".join(capsys.readouterr().err.split())
+
+
 def test_cma_missing_names_the_package(tuned_parents, monkeypatch, capsys):
     import sys
 
