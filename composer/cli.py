@@ -22,10 +22,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant", "trace"}
+COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant", "trace", "tune"}
 
 
-VALUE_OPTIONS = {"--memory-budget", "--device", "--readers", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules", "--candidates", "--json"}
+VALUE_OPTIONS = {"--memory-budget", "--device", "--readers", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules", "--candidates", "--json", "--heldout", "--trials", "--minutes", "--optimizer", "--seed"}
 
 
 def _size(text: str, option: str = "--memory-budget") -> int:
@@ -196,6 +196,56 @@ def evaluate(
         typer.echo(f"{'text':<40} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")
         for path, score in zip(text, scores):
             typer.echo(f"{str(path):<40} {score.tokens:>8} {score.bytes:>8} {score.perplexity:>11.3f} {score.bits_per_byte:>10.4f}")
+
+    _guarded(action)
+
+
+@app.command()
+def tune(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with numbers to tune written as {tune: [lo, hi]} (or --tune-all)."),
+    out: Path = typer.Argument(..., help="Output folder: the best recipe's model, tuned-recipe.yml, tune-report.json, tune.png."),
+    text: list[Path] = typer.Option(..., "--text", help="Text file(s) to tune on: the objective is their mean bits per byte."),
+    heldout: Optional[list[Path]] = typer.Option(None, "--heldout", help="Text file(s) only reported, never tuned on (over-fitting shows there)."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials to run (default 50 unless --minutes is given)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop starting trials after this many minutes."),
+    optimizer: str = typer.Option("cma", "--optimizer", help="cma (CMA-ES, needs the cma package) or random."),
+    tune_all: bool = typer.Option(False, "--tune-all", help="Tune every weight, density, t and scale of the recipe around its value."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Most memory the process holds; half of it caches parents' tensors between trials."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the optimiser."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Fit a recipe's numbers to text: each trial's model is scored layer by layer (bits per byte), none is written
+    until the best is known."""
+
+    def action():
+        from composer.errors import ComposerError
+
+        if trials is not None and trials < 1:
+            raise ComposerError(f"--trials {trials}: give at least 1 trial.")
+        if minutes is not None and not minutes > 0:
+            raise ComposerError(f"--minutes {minutes:g}: give a positive number of minutes (e.g. --minutes 5), or use --trials N.")
+        if optimizer not in ("cma", "random"):
+            raise ComposerError(f"--optimizer '{optimizer}' is not one composer has; use cma or random.")
+        budget = _size(memory_budget)
+        from composer.execute.output_folder import check_output_free
+        from composer.tune.texts import read_texts
+
+        check_output_free(out, force)
+        texts, held_out = read_texts(text, "--text"), read_texts(heldout, "--heldout") if heldout else []
+        from composer.tune.output import write_output
+        from composer.tune.run import TuneSettings, tune_recipe
+
+        settings = TuneSettings(texts=texts, heldout=held_out, trials=trials, minutes=minutes, optimizer=optimizer,
+                                tune_all=tune_all, memory_budget=budget, seed=seed, progress=None if progress else False)
+        result, runner = tune_recipe(recipe, settings)
+        report = write_output(result, runner, settings, out, force)
+        stopped = {"interrupted": " (stopped by Ctrl-C)", "minutes": f" (stopped after {minutes} minutes)"}.get(result.stopped, "")
+        start, tuned = report["history"][0]["objective"], result.best.objective
+        typer.echo(f"{len(result.trials)} trials in {result.seconds:.1f} s{stopped}: mean bits per byte {start:.4f} -> {tuned:.4f}")
+        for item in report["parameters"]:
+            typer.echo(f"  {item['key']}: {item['start']:.4g} -> {item['tuned']:.4g}")
+        typer.echo(f"wrote the tuned model, tuned-recipe.yml and tune-report.json to {out}")
 
     _guarded(action)
 

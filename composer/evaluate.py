@@ -88,14 +88,10 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
     limit = getattr(model.config, "max_position_embeddings", window) or window
     if not isinstance(limit, int) or limit < 2:  # a window of one token scores nothing and never moves on
         raise ComposerError(f"Model '{name}': its config.json gives max_position_embeddings {limit!r}; scoring text needs a context of at least 2 tokens.")
-    window = min(window, limit)
-    stride = stride or window // 2
     total = 0.0
     scored = 0
-    start = 0
     with torch.no_grad():
-        while True:
-            end = min(start + window, len(ids))
+        for start, end, first_new in scoring_windows(len(ids), limit, window, stride):
             chunk = ids[start:end].unsqueeze(0)
             logits = model(chunk).logits[0, :-1].float()
             finite = torch.isfinite(logits).all(dim=-1)
@@ -110,14 +106,26 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
                 )
             targets = chunk[0, 1:]
             losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-            first_new = 0 if start == 0 else (window - stride) - 1
             new_losses = losses[first_new:]
             total += float(new_losses.sum())
             scored += new_losses.numel()
-            if end == len(ids):
-                break
-            start += stride
     return TextScore(tokens=scored, bytes=len(text.encode("utf-8")), nats=total)
+
+
+def scoring_windows(tokens: int, limit: int, window: int = 1024, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position) of each window `score_text` runs over `tokens` tokens, for a model whose
+    context is `limit` tokens: windows of min(window, limit) tokens every `stride` (default half a window) tokens,
+    each scoring only the positions the window before it did not (the first scores them all)."""
+    window = min(window, limit)
+    stride = stride or window // 2
+    windows = []
+    start = 0
+    while True:
+        end = min(start + window, tokens)
+        windows.append((start, end, 0 if start == 0 else (window - stride) - 1))
+        if end == tokens:
+            return windows
+        start += stride
 
 
 def greedy_generate(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:

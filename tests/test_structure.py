@@ -26,7 +26,7 @@ LAYERS = [
     ("composer.execute",),
     ("composer.card", "composer.model_checks", "composer.provenance"),
     ("composer.compose", "composer.transplant", "composer.extract_lora", "composer.evaluate", "composer.route",
-     "composer.bundled", "composer.trace"),
+     "composer.bundled", "composer.trace", "composer.tune"),
     ("composer.demo",),
     ("composer.cli",),
 ]

@@ -31,10 +31,12 @@ log = logging.getLogger("composer")
 
 RECIPE_FILE = "composer-recipe.yml"
 CARD_FILE = "README.md"
-# every name composer writes into an output folder (model weights, adapters, config, tokenizer, card, recipe)
+# every name composer writes into an output folder (model weights, adapters, config, tokenizer, card, recipe, and
+# what `compose tune` adds beside the model)
 OWN_FILES = (
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
     "adapter_model.safetensors", "adapter_config.json", CARD_FILE, RECIPE_FILE, *TOKENIZER_FILES,
+    "tuned-recipe.yml", "tune-report.json", "tune.png",
 )
 PARTIAL = ".partial-"
 REPLACED = ".replaced-"

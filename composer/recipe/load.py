@@ -141,6 +141,19 @@ class RecipeKeyError(ComposerError):
         return ComposerError(f"{where}: recipe key '{path_text(self.location)}'{state}: {self.detail}")
 
 
+def _tune_range_at(value: Any, location: tuple = ()) -> tuple | None:
+    """Where the first `{tune: [lo, hi]}` mark is (a range for `compose tune`, not a number), or None."""
+    if isinstance(value, dict):
+        if isinstance(value.get("tune"), list):  # (a token named "tune" under tokenizer.tokens holds a mapping)
+            return location
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    return next((found for key, item in items if (found := _tune_range_at(item, location + (key,))) is not None), None)
+
+
 def parse_recipe(text: str, source_name: str = "recipe") -> Recipe:
     root, data = parse_yaml(text, source_name)
     if not isinstance(data, dict):
@@ -149,6 +162,11 @@ def parse_recipe(text: str, source_name: str = "recipe") -> Recipe:
     check_duplicate_keys(root, source_name)
     if "modules" in data:
         raise ComposerError(f"{source_name}: 'modules' (multi-module mergekit configs) is not supported; use 'slices' or 'models'.")
+    marked = _tune_range_at(data)
+    if marked is not None:
+        line = line_of(root, marked)
+        raise ComposerError(f"{source_name}{f', line {line}' if line else ''}: '{path_text(marked)}' is a tune range, not a number; "
+                            "run the recipe with `compose tune` (docs/tune.md), which fits it on text and writes a recipe with numbers.")
     try:
         return Recipe.model_validate(normalise_mergekit(data))
     except ValidationError as error:

@@ -1,0 +1,200 @@
+"""Bits per byte of a plan's model on text, computed one decoder layer at a time, with no model written.
+
+The model is built on the meta device. For each layer in turn, that layer's tensors are merged as the plan says
+(its operations, on its parents' tensors), loaded into the layer, run over the hidden states of every scoring window,
+and freed. What the model does around its layers (embeddings and their scaling, rotary tables, the attention masks of
+each layer type) is not re-implemented: the model's own forward runs with stand-ins for the layers that record what
+each layer is handed, and runs again at the end with the last stand-in handing back the final hidden states, so that
+the model's own final norm, head and logit soft-capping make the logits. Windows and losses are those of
+`compose eval`, so the score is the one the written model gets."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from composer.architecture import architecture_for, build_meta_model, tied_parameter_names
+from composer.errors import ComposerError
+from composer.evaluate import TextScore
+from composer.plan import Plan, PlannedTensor
+from composer.tune.tensor_cache import TensorCache
+from composer.tune.texts import NamedText, Window, windows_of
+
+ROWS = 8  # windows per forward call of a layer
+
+
+@dataclass
+class Batch:
+    windows: list[Window]
+    ids: torch.Tensor  # [rows, tokens]: windows of one length, so no padding
+    calls: list[tuple[tuple, dict]] | None = None  # what the model hands each layer: (arguments, keywords)
+    hidden: torch.Tensor | None = None
+
+
+class StandIn(torch.nn.Module):
+    """Takes a decoder layer's place in the model's own forward: records what the layer is handed, returns the hidden
+    states unchanged (or, for the replay, the final hidden states)."""
+
+    def __init__(self, calls: list, attributes: dict, final: torch.Tensor | None = None):
+        super().__init__()
+        self.calls = calls
+        self.final = final
+        self.__dict__.update(attributes)
+
+    def forward(self, hidden, *arguments, **keywords):
+        self.calls.append((hidden, arguments, keywords))
+        return self.final if self.final is not None else hidden
+
+
+def _layer_attributes(layer: torch.nn.Module) -> dict:
+    """Plain attributes of a real layer a model's forward may read from it (attention_type, ...)."""
+    return {key: value for key, value in vars(layer).items() if not key.startswith("_") and isinstance(value, (str, int, float, bool))}
+
+
+def _group(windows: list[Window]) -> list[Batch]:
+    by_length: dict[int, list[Window]] = {}
+    for window in windows:
+        by_length.setdefault(len(window.ids), []).append(window)
+    return [Batch(group[i:i + ROWS], torch.stack([w.ids for w in group[i:i + ROWS]]))
+            for group in by_length.values() for i in range(0, len(group), ROWS)]
+
+
+def _init_buffers(model, modules) -> None:
+    """Non-persistent buffers (rotary tables, embedding scales) are not in any weights file: transformers makes them."""
+    for module in modules:
+        if getattr(module, "_non_persistent_buffers_set", None):
+            model._init_weights(module)
+
+
+class StreamedScorer:
+    """Scores plans' models on texts, one layer in memory at a time; parents' tensors are read through `cache`."""
+
+    def __init__(self, cache: TensorCache):
+        self.cache = cache
+        self.models: dict[str, torch.nn.Module] = {}
+        self.windows: dict[tuple, list[Window]] = {}
+        self.tokenizers: dict[str, object] = {}
+
+    def _model(self, config: dict):
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in self.models:
+            model = build_meta_model(config, "the merged model")
+            model.eval()
+            self.models = {key: model}  # one at a time: a slice search changes the layer count
+        return self.models[key]
+
+    def _tokenizer(self, plan: Plan):
+        from composer.sources.tokenizer import load_source_tokenizer
+
+        if plan.tokenizer_source is None:
+            raise ComposerError("The merged model has no tokenizer, so its bits per byte cannot be measured; give the recipe a tokenizer_source.")
+        if plan.tokenizer_source not in self.tokenizers:
+            self.tokenizers[plan.tokenizer_source] = load_source_tokenizer(plan.sources[plan.tokenizer_source], "scoring text needs one")
+        return self.tokenizers[plan.tokenizer_source]
+
+    def _windows(self, plan: Plan, texts: list[NamedText], context: int) -> list[Window]:
+        key = (plan.tokenizer_source, tuple(text.name for text in texts), context)
+        if key not in self.windows:
+            self.windows[key] = windows_of(texts, self._tokenizer(plan), context, plan.tokenizer_source)
+        return self.windows[key]
+
+    def merged(self, plan: Plan, planned: PlannedTensor) -> torch.Tensor:
+        """One output tensor as the executor makes it, widened to float32 as `compose eval` loads it."""
+        inputs = [self.cache.get(plan, ref) for ref in planned.inputs]
+        compute = planned.operation.compute_dtype
+        work = [x.to(compute) if compute is not None and x.dtype != compute else x for x in inputs]
+        try:
+            result = planned.operation.fn(work)
+        except ComposerError as error:
+            raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
+        return result.to(planned.dtype).to(torch.float32)
+
+    def score(self, plan: Plan, texts: list[NamedText]) -> list[TextScore]:
+        model = self._model(plan.config)
+        context = getattr(model.config, "max_position_embeddings", 1024) or 1024
+        if not isinstance(context, int) or context < 2:
+            raise ComposerError(f"The merged model's config gives max_position_embeddings {context!r}; scoring text needs a context of at least 2 tokens.")
+        batches = _group(self._windows(plan, texts, context))
+        prefix = architecture_for(plan.config).layer_prefix
+        by_name = {planned.name: planned for planned in plan.tensors}
+        path = prefix.split("{i}")[0].rstrip(".")
+        layers = model.get_submodule(path)
+        with torch.no_grad(), self._layers_replaced(model, path, torch.nn.ModuleList()):
+            self._load_outside_layers(model, plan, by_name)
+        with torch.no_grad():
+            for batch in batches:
+                calls: list = []
+                with self._layers_replaced(model, path, torch.nn.ModuleList(StandIn(calls, _layer_attributes(layer)) for layer in layers)):
+                    model.base_model(input_ids=batch.ids, use_cache=False)
+                batch.hidden = calls[0][0]
+                batch.calls = [(arguments, keywords) for _, arguments, keywords in calls]
+            for index, layer in enumerate(layers):
+                self._run_layer(model, plan, by_name, layer, prefix.format(i=index), index, batches)
+            return self._losses(model, path, layers, batches, texts)
+
+    @staticmethod
+    @contextmanager
+    def _layers_replaced(model, path: str, replacement: torch.nn.Module):
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        original = getattr(parent, name)
+        setattr(parent, name, replacement)
+        try:
+            yield
+        finally:
+            setattr(parent, name, original)
+
+    def _load_outside_layers(self, model, plan: Plan, by_name: dict[str, PlannedTensor]) -> None:
+        """The embeddings, final norm and head (whatever is not in a layer), merged for this plan."""
+        fresh = any(tensor.is_meta for tensor in model.state_dict().values())
+        if fresh:
+            model.to_empty(device="cpu")
+            _init_buffers(model, model.modules())
+        tied = tied_parameter_names(model)
+        state = {}
+        for name in model.state_dict():
+            planned = by_name.get(name) or by_name.get(tied.get(name, ""))
+            if planned is None:
+                raise ComposerError(f"The merged model needs tensor '{name}', which its plan does not make; it cannot be scored.")
+            state[name] = self.merged(plan, planned) if planned.name not in state else state[planned.name]
+        model.load_state_dict(state, assign=True)
+
+    def _run_layer(self, model, plan: Plan, by_name: dict[str, PlannedTensor], layer, prefix: str, index: int, batches: list[Batch]) -> None:
+        names = list(layer.state_dict())
+        missing = [prefix + name for name in names if prefix + name not in by_name]
+        if missing:
+            raise ComposerError(f"Layer {index} of the merged model needs tensor '{missing[0]}', which its plan does not make; it cannot be scored.")
+        state = {name: self.merged(plan, by_name[prefix + name]) for name in names}
+        layer.to_empty(device="cpu")
+        _init_buffers(model, layer.modules())
+        layer.load_state_dict(state, assign=True)
+        del state
+        try:
+            for batch in batches:
+                arguments, keywords = batch.calls[index]
+                output = layer(batch.hidden, *arguments, **keywords)
+                batch.hidden = output[0] if isinstance(output, tuple) else output
+        finally:
+            layer.to_empty(device="meta")  # the next layer's tensors take this one's place
+
+    def _losses(self, model, path: str, layers, batches: list[Batch], texts: list[NamedText]) -> list[TextScore]:
+        """Replay each window through the model's own forward with the final hidden states handed back by the last
+        layer's stand-in: the model's final norm and head make the logits, one window at a time."""
+        nats = [0.0] * len(texts)
+        tokens = [0] * len(texts)
+        for batch in batches:
+            for row, window in enumerate(batch.windows):
+                stand_ins = [StandIn([], _layer_attributes(layer)) for layer in layers]
+                stand_ins[-1].final = batch.hidden[row:row + 1]
+                with self._layers_replaced(model, path, torch.nn.ModuleList(stand_ins)):
+                    logits = model(input_ids=window.ids.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+                losses = torch.nn.functional.cross_entropy(logits, window.ids[1:], reduction="none")[window.first_scored:]
+                nats[window.text] += float(losses.sum())
+                tokens[window.text] += losses.numel()
+            batch.hidden = batch.calls = None
+        return [TextScore(tokens=count, bytes=text.bytes, nats=total if math.isfinite(total) else math.inf)
+                for text, count, total in zip(texts, tokens, nats)]

@@ -1,0 +1,193 @@
+"""compose tune: tune ranges in recipes, the layer-streamed score (equal to the written model's), a tune that moves
+a weight toward the parent the text favours, the tuned recipe and report in OUT, and the bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it: spinning OpenMP threads slow tiny models on busy cores
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    BYTE_LEVEL_SPECIAL,
+    ENGLISH_TEXT,
+    byte_level_tokenizer,
+    compose_in_process,
+    save_fine_tune,
+    save_tiny_model,
+    save_tokenizer,
+)
+
+TEXT = ENGLISH_TEXT.read_text()
+
+
+def tiny_family(root: Path, model_type: str) -> tuple[Path, Path, Path]:
+    """A base with a tokenizer (a context of 64 tokens, so texts span several scoring windows) and two fine-tunes."""
+    base = save_tiny_model(root / f"{model_type}-base", model_type, layers=3, max_position_embeddings=64)
+    save_tokenizer(byte_level_tokenizer(300), base, **BYTE_LEVEL_SPECIAL)
+    return base, save_fine_tune(base, root / f"{model_type}-a", seed=1, scale=0.05), save_fine_tune(base, root / f"{model_type}-b", seed=2, scale=0.05)
+
+
+def trained_on(base: Path, folder: Path, text: str, steps: int = 15) -> Path:
+    """A real (if tiny) fine-tune: `base` trained for a few steps on `text`, so that text favours it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(str(base))(text, return_tensors="pt")["input_ids"][0]
+    rows = torch.stack([ids[start:start + 64] for start in range(0, len(ids) - 64, 32)])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(rows, labels=rows).loss
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    model.save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tuned_parents(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tune")
+    base, other, _ = tiny_family(root, "llama")
+    (root / "tune.txt").write_text(TEXT[:1500])
+    (root / "heldout.txt").write_text(TEXT[1500:3000])
+    return {"root": root, "base": base, "other": other, "trained": trained_on(base, root / "trained", TEXT[:3000])}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_layer_streamed_bits_per_byte_equal_the_written_models(tmp_path: Path, model_type: str):
+    from composer.compose import compose_text
+    from composer.evaluate import load_model, score_text
+    from composer.execute import ExecutionOptions
+    from composer.tune.run import Trials, TuneResult, TuneSettings
+    from composer.tune.texts import NamedText
+
+    base, a, b = tiny_family(tmp_path, model_type)
+    recipe = (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
+              f"  - model: {b}\n    parameters: {{weight: 0.4, density: 0.6}}\ndtype: bfloat16\n")
+    compose_text(recipe, tmp_path / "out", ExecutionOptions(progress=False))
+    model, tokenizer = load_model(str(tmp_path / "out"))
+    texts = [NamedText("one", TEXT[:700]), NamedText("two", TEXT[700:1000])]
+    written = [score_text(model, tokenizer, text.text) for text in texts]
+    trials = Trials(TuneResult("recipe", None, recipe, []), TuneSettings(texts=texts, heldout=[]))
+    streamed = trials.score_text(recipe, texts)
+    assert [score.tokens for score in streamed] == [score.tokens for score in written]
+    assert written[0].tokens > 64  # several windows
+    for ours, theirs in zip(streamed, written):
+        assert abs(ours.bits_per_byte - theirs.bits_per_byte) < 1e-4
+    again = trials.score_text(recipe, texts)  # the second trial reads its parents' tensors from the cache
+    assert trials.scorer.cache.hits > 0 and again[0].bits_per_byte == streamed[0].bits_per_byte
+
+
+def test_a_tune_moves_the_weight_toward_the_parent_the_text_favours(tuned_parents, monkeypatch, capsys):
+    from composer.evaluate import load_model, score_text
+
+    root = tuned_parents["root"]
+    recipe = root / "linear.yml"
+    recipe.write_text(f"merge_method: linear  # the comment stays\nmodels:\n  - model: {tuned_parents['other']}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {tuned_parents['trained']}\n    parameters:\n      weight: {{tune: [0, 1], start: 0.1}}\ndtype: float32\n")
+    out = root / "tuned"
+    code = compose_in_process(monkeypatch, "tune", recipe, "--text", root / "tune.txt", "--heldout", root / "heldout.txt",
+                              "--trials", 6, "--optimizer", "random", "--no-progress", out)
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "tune-report.json").read_text())
+    (parameter,) = report["parameters"]
+    assert parameter["key"] == "models[1].parameters.weight" and parameter["start"] == 0.1 and parameter["tuned"] > 0.3
+    scores = report["scores"]
+    tune_file, heldout_file = str(root / "tune.txt"), str(root / "heldout.txt")
+    assert scores["tuned"]["text"][tune_file] < scores["start"]["text"][tune_file]
+    assert scores["tuned"]["heldout"][heldout_file] < scores["start"]["heldout"][heldout_file]
+    assert set(scores) == {"start", "tuned", f"parent {tuned_parents['other']}", f"parent {tuned_parents['trained']}"}
+    assert len(report["history"]) == 6 and report["stopped"] == "trials"
+    assert "## Tuning" in (out / "README.md").read_text() and (out / "tune.png").read_bytes()[:4] == b"\x89PNG"
+    tuned = (out / "tuned-recipe.yml").read_text()
+    assert "tune:" not in tuned and "# the comment stays" in tuned
+    # the tuned recipe runs with compose, and its model scores what the report says
+    assert compose_in_process(monkeypatch, tuned and out / "tuned-recipe.yml", root / "again") == 0
+    model, tokenizer = load_model(str(root / "again"))
+    for path, reported in [(tune_file, scores["tuned"]["text"][tune_file]), (heldout_file, scores["tuned"]["heldout"][heldout_file])]:
+        assert abs(score_text(model, tokenizer, Path(path).read_text()).bits_per_byte - reported) < 1e-4
+
+
+def test_cma_es_tunes_a_gradient_of_ranges(tuned_parents, monkeypatch, capsys):
+    pytest.importorskip("cma")
+    root = tuned_parents["root"]
+    recipe = root / "gradient.yml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {tuned_parents['other']}\nmodels:\n  - model: {tuned_parents['other']}\n"
+                      f"  - model: {tuned_parents['trained']}\nparameters:\n  t: [{{tune: [0, 1]}}, {{tune: [0, 1]}}]\n")
+    code = compose_in_process(monkeypatch, "tune", recipe, "--text", root / "tune.txt", "--trials", 6, "--no-progress", root / "cma")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((root / "cma" / "tune-report.json").read_text())
+    assert report["optimizer"] == "cma" and len(report["parameters"]) == 2
+    assert report["history"][0]["objective"] > min(item["objective"] for item in report["history"])
+
+
+def test_ranges_become_numbers_in_the_recipe_text_as_written():
+    from composer.tune.ranges import find_ranges, mark_everything, with_values
+
+    text = ("merge_method: linear  # kept\nmodels:\n  - model: a\n    parameters:\n      weight: &w {tune: [-1, 1]}\n"
+            "  - model: b\n    parameters:\n      weight:\n        tune: [0, 2]\n  - model: c\n    parameters: {weight: *w}\n")
+    ranges = find_ranges(text, "r.yml")
+    assert [(mark.key, mark.line, mark.start) for mark in ranges] == [("models[0].parameters.weight", 5, 0.0), ("models[1].parameters.weight", 8, 1.0)]
+    concrete = with_values(text, ranges, [0.25, 1.5])
+    assert "# kept" in concrete and "&w 0.25" in concrete and "tune" not in concrete
+    from composer.recipe import parse_recipe
+
+    recipe = parse_recipe(concrete)
+    assert [entry.parameters["weight"] for entry in recipe.models] == [0.25, 1.5, 0.25]
+    marked = mark_everything("merge_method: ties\nparameters: {density: 0.9, normalize: true}\nmodels:\n  - model: a\n    parameters: {weight: [0.2, 1]}\n", "r")
+    assert [(mark.key, mark.low, mark.high, mark.start) for mark in find_ranges(marked, "r")] == [
+        ("parameters.density", 0.45, 1, 0.9), ("models[0].parameters.weight[0]", -0.05, 0.45, 0.2), ("models[0].parameters.weight[1]", 0.5, 1.5, 1)]
+
+
+@pytest.mark.parametrize("recipe_body, options, message", [
+    ("parameters:\n  t: {tune: [-0.5, 1]}\n", [], "line 7: recipe key 'parameters.t': the range [-0.5, 1] leaves the domain of 't', which takes numbers from 0 to 1"),
+    ("parameters:\n  t: 0.5\n", [], "has nothing to tune: write a range in place of a number to tune it, e.g. `weight: {tune: [0, 1]}`"),
+    ("parameters:\n  t: {tune: [0, 1]}\n", ["--minutes", "0"], "--minutes 0: give a positive number of minutes"),
+    ("parameters:\n  t: {tune: [0, 1]}\ndtype: {tune: [0, 1]}\n", [], "a tune range at 'dtype' stands where composer has no number to tune"),
+    ("parameters:\n  t: {tune: [0, 1]}\n", ["--text", "EMPTY"], "is empty; there is nothing to score"),
+    ("parameters:\n  t: {tune: [0, 1]}\n", ["--text", "SHORT"], "is 1 token(s) long for the tokenizer"),
+])
+def test_bad_input_is_one_paragraph(tuned_parents, monkeypatch, capsys, recipe_body, options, message):
+    root = tuned_parents["root"]
+    recipe = root / "bad.yml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {tuned_parents['base']}\nmodels:\n  - model: {tuned_parents['base']}\n"
+                      f"  - model: {tuned_parents['other']}\n{recipe_body}")
+    (root / "empty.txt").write_text(" \n")
+    (root / "short.txt").write_text("a")
+    options = [{"EMPTY": root / "empty.txt", "SHORT": root / "short.txt"}.get(option, option) for option in options]
+    texts = [] if "--text" in options else ["--text", root / "tune.txt"]
+    code = compose_in_process(monkeypatch, "tune", recipe, *texts, *options, "--optimizer", "random", "--trials", 2, "--no-progress", root / "bad-out")
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error: ") and "Traceback" not in error
+    assert message in " ".join(error.split())
+    assert not (root / "bad-out").exists()
+
+
+def test_compose_refuses_a_recipe_with_ranges_and_points_to_tune(tuned_parents, monkeypatch, capsys):
+    root = tuned_parents["root"]
+    recipe = root / "untuned.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tuned_parents['base']}\n    parameters:\n      weight: {{tune: [0, 1]}}\n")
+    assert compose_in_process(monkeypatch, recipe, root / "untuned-out") == 2
+    assert "line 5: 'models[0].parameters.weight' is a tune range, not a number; run the recipe with `compose tune`" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cma_missing_names_the_package(tuned_parents, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cma", None)  # as if it were not installed
+    root = tuned_parents["root"]
+    recipe = root / "cma-missing.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tuned_parents['base']}\n    parameters: {{weight: {{tune: [0, 1]}}}}\n"
+                      f"  - model: {tuned_parents['other']}\n    parameters: {{weight: 1}}\n")
+    code = compose_in_process(monkeypatch, "tune", recipe, "--text", root / "tune.txt", "--no-progress", root / "no-cma")
+    assert code == 2 and "pip install 'cma>=3.3'" in " ".join(capsys.readouterr().err.split())
