@@ -36,7 +36,11 @@ def _models_block(models: list[str], weights: list[float], density: float | None
     lines = "models:\n"
     for model, weight in zip(models, weights):
         lines += f"  - model: {model}\n"
-        lines += TASK.format(weight=weight, density=density) if density is not None else f"    parameters: {{weight: {weight}}}\n"
+        lines += (
+            TASK.format(weight=weight, density=density)
+            if density is not None
+            else f"    parameters: {{weight: {weight}}}\n"
+        )
     return lines
 
 
@@ -47,19 +51,32 @@ def recipes(root: Path) -> dict[str, tuple[str, list[str]]]:
     task = "merge_method: {method}\nbase_model: " + base + "\n" + "{models}dtype: bfloat16\n"
     found = {
         "linear, 3 models": (f"merge_method: linear\n{_models_block(tuned, weights, None)}dtype: bfloat16\n", tuned),
-        "task_arithmetic, base + 3": (task.format(method="task_arithmetic", models=_models_block(tuned, weights, None)), [base] + tuned),
+        "task_arithmetic, base + 3": (
+            task.format(method="task_arithmetic", models=_models_block(tuned, weights, None)),
+            [base] + tuned,
+        ),
     }
     for method in ("ties", "dare_ties", "breadcrumbs", "della"):
-        found[f"{method}, density 0.5"] = (task.format(method=method, models=_models_block(tuned, weights, 0.5)) + "random_seed: 1\n", [base] + tuned)
+        found[f"{method}, density 0.5"] = (
+            task.format(method=method, models=_models_block(tuned, weights, 0.5)) + "random_seed: 1\n",
+            [base] + tuned,
+        )
     found["sce, select_topk 0.5"] = (
-        f"merge_method: sce\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {m}\n" for m in tuned) + "parameters: {select_topk: 0.5}\ndtype: bfloat16\n",
+        f"merge_method: sce\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {m}\n" for m in tuned)
+        + "parameters: {select_topk: 0.5}\ndtype: bfloat16\n",
         [base] + tuned,
     )
     found["slerp, 2 models"] = (
         f"merge_method: slerp\nbase_model: {tuned[0]}\nmodels:\n  - model: {tuned[0]}\n  - model: {tuned[1]}\nparameters: {{t: 0.4}}\ndtype: bfloat16\n",
         tuned[:2],
     )
-    found["model_stock"] = (f"merge_method: model_stock\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {m}\n" for m in tuned) + "dtype: bfloat16\n", [base] + tuned)
+    found["model_stock"] = (
+        f"merge_method: model_stock\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {m}\n" for m in tuned)
+        + "dtype: bfloat16\n",
+        [base] + tuned,
+    )
     layers = _layer_count(root / "base")
     half = layers // 2
     found[f"passthrough upscale {layers} -> {layers + half}"] = (
@@ -69,16 +86,38 @@ def recipes(root: Path) -> dict[str, tuple[str, list[str]]]:
     )
     found["MoE, 3 experts, hidden gates"] = (moe_recipe(base, tuned), [base] + tuned)
     tiny = [str(root / "tiny" / "base"), str(root / "tiny" / "model-1")]
-    found["tiny model merge (startup)"] = (f"merge_method: linear\n{_models_block(tiny, [0.5, 0.5], None)}dtype: bfloat16\n", tiny)
+    found["tiny model merge (startup)"] = (
+        f"merge_method: linear\n{_models_block(tiny, [0.5, 0.5], None)}dtype: bfloat16\n",
+        tiny,
+    )
     return found
 
 
-TINY_ARGS = ["--count", "1", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--vocab", "320", "--heads", "4", "--kv-heads", "2"]
+TINY_ARGS = [
+    "--count",
+    "1",
+    "--hidden",
+    "64",
+    "--intermediate",
+    "128",
+    "--layers",
+    "2",
+    "--vocab",
+    "320",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+]
 
 
 MOE_PROMPTS = (
     ["Write a Python function that sorts a list.", "def parse(line):", "Fix the bug in this loop."],
-    ["Once upon a time, in a small village,", "Tell me a bedtime story about a dragon.", "The princess walked into the forest."],
+    [
+        "Once upon a time, in a small village,",
+        "Tell me a bedtime story about a dragon.",
+        "The princess walked into the forest.",
+    ],
     ["What is the derivative of x squared?", "Solve 3x + 5 = 20.", "Prove that the square root of two is irrational."],
 )
 
@@ -87,14 +126,23 @@ def moe_recipe(base: str, experts: list[str]) -> str:
     """A mergekit-moe config (composer reads these as they are): hidden-state gates from prompts."""
     text = f"base_model: {base}\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n"
     for expert, prompts in zip(experts, MOE_PROMPTS):
-        text += f"  - source_model: {expert}\n    positive_prompts:\n" + "".join(f"      - {prompt!r}\n" for prompt in prompts)
+        text += f"  - source_model: {expert}\n    positive_prompts:\n" + "".join(
+            f"      - {prompt!r}\n" for prompt in prompts
+        )
     return text
 
 
 def mergekit_command(name: str, recipe: Path, out: Path) -> list[str]:
     if name.startswith("MoE"):
         return [sys.executable, "-c", "from mergekit.scripts.moe import main; main()", str(recipe), str(out)]
-    return [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()", str(recipe), str(out), "--lazy-unpickle"]
+    return [
+        sys.executable,
+        "-c",
+        "from mergekit.scripts.run_yaml import main; main()",
+        str(recipe),
+        str(out),
+        "--lazy-unpickle",
+    ]
 
 
 def _layer_count(folder: Path) -> int:
@@ -135,16 +183,27 @@ def machine_description(mergekit: dict | None) -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     version = "not found (set MERGEKIT_PYTHONPATH)"
     if mergekit is not None:
-        probe = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"], env=mergekit, capture_output=True, text=True)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+            env=mergekit,
+            capture_output=True,
+            text=True,
+        )
         version = probe.stdout.strip() or "found (version unknown)"
-    return (f"machine: {cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, load average {os.getloadavg()[0]:.2f}; "
-            f"python {platform.python_version()}, torch {torch.__version__}; mergekit: {version}")
+    return (
+        f"machine: {cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, load average {os.getloadavg()[0]:.2f}; "
+        f"python {platform.python_version()}, torch {torch.__version__}; mergekit: {version}"
+    )
 
 
 def weights_files(folders: list[str]) -> list[Path]:
@@ -159,12 +218,19 @@ def main() -> None:
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--memory-budget", default=None, help="passed to compose as --memory-budget")
     parser.add_argument("--synthetic-args", default="", help="extra flags for bench/synthetic.py, e.g. '--layers 8'")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each tool per recipe, in turn; the fastest is shown")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each tool per recipe, in turn; the fastest is shown"
+    )
     arguments = parser.parse_args()
     if not (arguments.models / "model-3" / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, str(BENCH / "synthetic.py"), str(arguments.models), *arguments.synthetic_args.split()], check=True)
+        subprocess.run(
+            [sys.executable, str(BENCH / "synthetic.py"), str(arguments.models), *arguments.synthetic_args.split()],
+            check=True,
+        )
     if not (arguments.models / "tiny" / "model-1" / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, str(BENCH / "synthetic.py"), str(arguments.models / "tiny"), *TINY_ARGS], check=True)
+        subprocess.run(
+            [sys.executable, str(BENCH / "synthetic.py"), str(arguments.models / "tiny"), *TINY_ARGS], check=True
+        )
     work = arguments.work or arguments.models / "outputs"
     work.mkdir(parents=True, exist_ok=True)
     compose = [sys.executable, "-m", "composer.cli"]
@@ -178,9 +244,13 @@ def main() -> None:
         recipe = work / "recipe.yml"
         recipe.write_text(text)
         out = work / "composer-out"
-        options = ["--force", "--no-progress"] + (["--memory-budget", arguments.memory_budget] if arguments.memory_budget else [])
+        options = ["--force", "--no-progress"] + (
+            ["--memory-budget", arguments.memory_budget] if arguments.memory_budget else []
+        )
         if name.startswith("tiny"):
-            run_child(compose + [str(recipe), str(out)] + options)  # a first run fills composer's cache of transformers' answers
+            run_child(
+                compose + [str(recipe), str(out)] + options
+            )  # a first run fills composer's cache of transformers' answers
         ours_runs, theirs_runs, floor = [], [], None
         for _ in range(max(1, arguments.repeat)):
             ours_runs.append(run_child(compose + [str(recipe), str(out)] + options))
@@ -200,7 +270,9 @@ def main() -> None:
         rows.append((name, _best(ours_runs), _best(theirs_runs) if theirs_runs else None, floor))
         _print_row(rows[-1])
     print()
-    print("| recipe | composer wall | composer peak RSS | mergekit wall | mergekit peak RSS | speed-up | I/O floor | composer writing | writing / floor |")
+    print(
+        "| recipe | composer wall | composer peak RSS | mergekit wall | mergekit peak RSS | speed-up | I/O floor | composer writing | writing / floor |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(_table_row(row))
@@ -235,8 +307,10 @@ def _table_row(row) -> str:
     speedup = f"{theirs[0] / ours[0]:.1f}x" if theirs else "-"
     writing = _writing_seconds(ours[3])
     ratio = f"{writing / floor:.2f}" if writing and floor > 0.05 else "-"
-    return (f"| {name} | {ours[0]:.1f} s | {ours[1]:.2f} GB | {mk_wall} | {mk_rss} | {speedup} | {floor:.1f} s | "
-            f"{f'{writing:.1f} s' if writing else '-'} | {ratio} |")
+    return (
+        f"| {name} | {ours[0]:.1f} s | {ours[1]:.2f} GB | {mk_wall} | {mk_rss} | {speedup} | {floor:.1f} s | "
+        f"{f'{writing:.1f} s' if writing else '-'} | {ratio} |"
+    )
 
 
 def _print_row(row) -> None:

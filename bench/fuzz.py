@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fuzz_properties import PROPERTIES
 from hypothesis import HealthCheck, given, seed, settings
+
+from fuzz_properties import PROPERTIES
 
 
 def run(target: str, examples: int, random_seed: int | None) -> tuple[Counter, float]:
@@ -43,7 +44,9 @@ def run(target: str, examples: int, random_seed: int | None) -> tuple[Counter, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=20000, help="inputs to try for each target")
-    parser.add_argument("--target", choices=sorted(PROPERTIES), action="append", help="only these targets (default: all)")
+    parser.add_argument(
+        "--target", choices=sorted(PROPERTIES), action="append", help="only these targets (default: all)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for a reproducible run")
     parser.add_argument("--kinds", type=int, default=12, help="refusal kinds to list for each target")
     arguments = parser.parse_args()
@@ -51,13 +54,17 @@ def main() -> None:
         seen, seconds = run(target, arguments.examples, arguments.seed)
         tried = sum(seen.values())
         refused = tried - seen["ok"]
-        print(f"{target}: {tried} inputs in {seconds:.1f} s ({seconds / max(tried, 1) * 1000:.1f} ms each): "
-              f"{seen['ok']} accepted, {refused} refused with a ComposerError, 0 other exceptions")
+        print(
+            f"{target}: {tried} inputs in {seconds:.1f} s ({seconds / max(tried, 1) * 1000:.1f} ms each): "
+            f"{seen['ok']} accepted, {refused} refused with a ComposerError, 0 other exceptions"
+        )
         kinds = [(kind, count) for kind, count in seen.most_common() if kind != "ok"]
         for kind, count in kinds[: arguments.kinds]:
             print(f"  {count:>7}  {kind}")
         if len(kinds) > arguments.kinds:
-            print(f"  {sum(count for _, count in kinds[arguments.kinds:]):>7}  ({len(kinds) - arguments.kinds} other kinds)")
+            print(
+                f"  {sum(count for _, count in kinds[arguments.kinds :]):>7}  ({len(kinds) - arguments.kinds} other kinds)"
+            )
 
 
 if __name__ == "__main__":

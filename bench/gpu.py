@@ -87,11 +87,17 @@ def compare_outputs(expected: Path, actual: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("/tmp/composer-bench-models"))
-    parser.add_argument("--recipes", default="", help="comma-separated name prefixes to run, in that order (default: all but the tiny one)")
+    parser.add_argument(
+        "--recipes",
+        default="",
+        help="comma-separated name prefixes to run, in that order (default: all but the tiny one)",
+    )
     parser.add_argument("--no-cpu", action="store_true")
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--memory-budget", default=None, help="passed to compose as --memory-budget")
-    parser.add_argument("--readers", default=None, help="passed to compose as --readers (its default follows the cores)")
+    parser.add_argument(
+        "--readers", default=None, help="passed to compose as --readers (its default follows the cores)"
+    )
     parser.add_argument("--deadline", type=float, default=1e9, help="start no run after this many seconds")
     parser.add_argument("--in-child", nargs="+", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
@@ -136,13 +142,26 @@ def main() -> None:
             tensors, mb, seconds, device_gb = parsed
             seconds = max(seconds, 0.05)  # compose prints tenths of a second
             outs[device] = out
-            rows.append((name, f"composer {device}", wall, seconds, tensors / seconds, (read_gb + mb / 1e3) / seconds, rss, device_gb))
+            rows.append(
+                (
+                    name,
+                    f"composer {device}",
+                    wall,
+                    seconds,
+                    tensors / seconds,
+                    (read_gb + mb / 1e3) / seconds,
+                    rss,
+                    device_gb,
+                )
+            )
             print(_row(rows[-1]), flush=True)
         if outs:
             written = sum(path.stat().st_size for path in next(iter(outs.values())).glob("*.safetensors"))
             print(f"  {name}: I/O floor {io_floor(weights_files(inputs), written, work)['floor_s']:.1f} s", flush=True)
         if len(outs) == 2:
-            subprocess.run([sys.executable, __file__, "--in-child", "compare", name, str(outs["cpu"]), str(outs["cuda"])])
+            subprocess.run(
+                [sys.executable, __file__, "--in-child", "compare", name, str(outs["cpu"]), str(outs["cuda"])]
+            )
         if mergekit is not None and time.perf_counter() - started < arguments.deadline:
             mk_out = work / "mergekit-out"
             shutil.rmtree(mk_out, ignore_errors=True)
@@ -177,8 +196,16 @@ def _child(task: list[str]) -> None:
 
 def _row(row) -> str:
     name, run, wall, seconds, per_second, rate, rss, device_gb = row
-    cells = [name, run, f"{wall:.1f} s", f"{seconds:.1f} s" if seconds else "-", f"{per_second:.0f}" if per_second else "-",
-             f"{rate:.2f}" if rate else "-", f"{rss:.2f} GB", f"{device_gb:.2f} GB" if device_gb else "-"]
+    cells = [
+        name,
+        run,
+        f"{wall:.1f} s",
+        f"{seconds:.1f} s" if seconds else "-",
+        f"{per_second:.0f}" if per_second else "-",
+        f"{rate:.2f}" if rate else "-",
+        f"{rss:.2f} GB",
+        f"{device_gb:.2f} GB" if device_gb else "-",
+    ]
     return "| " + " | ".join(cells) + " |"
 
 

@@ -81,16 +81,20 @@ def io_floor(inputs: list[Path], output_bytes: int, folder: Path, cold: bool = F
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--read", type=Path, nargs="+", required=True, help="input files (every weights file of every input model)")
+    parser.add_argument(
+        "--read", type=Path, nargs="+", required=True, help="input files (every weights file of every input model)"
+    )
     parser.add_argument("--write-bytes", type=int, required=True, help="bytes the merge writes")
     parser.add_argument("--dir", type=Path, default=Path("."), help="folder on the output's disk")
     parser.add_argument("--cold", action="store_true", help="drop the page cache first (root only)")
     parser.add_argument("--fsync", action="store_true", help="wait until the written bytes are on the disk")
     arguments = parser.parse_args()
     figures = io_floor(arguments.read, arguments.write_bytes, arguments.dir, arguments.cold, arguments.fsync)
-    print(f"read {figures['read_bytes'] / 1e9:.2f} GB in {figures['read_s']:.2f} s ({figures['read_bytes'] / figures['read_s'] / 1e9:.2f} GB/s, "
-          f"{'cold' if figures['cold'] else 'warm'}), write {arguments.write_bytes / 1e9:.2f} GB in {figures['write_s']:.2f} s: "
-          f"floor {figures['floor_s']:.2f} s")
+    print(
+        f"read {figures['read_bytes'] / 1e9:.2f} GB in {figures['read_s']:.2f} s ({figures['read_bytes'] / figures['read_s'] / 1e9:.2f} GB/s, "
+        f"{'cold' if figures['cold'] else 'warm'}), write {arguments.write_bytes / 1e9:.2f} GB in {figures['write_s']:.2f} s: "
+        f"floor {figures['floor_s']:.2f} s"
+    )
 
 
 if __name__ == "__main__":

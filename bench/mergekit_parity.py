@@ -24,17 +24,31 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="llama", choices=("llama", "qwen3"), help="tiny random model family (default llama)")
+    parser.add_argument(
+        "--family", default="llama", choices=("llama", "qwen3"), help="tiny random model family (default llama)"
+    )
     arguments = parser.parse_args()
     try:
         import mergekit.merge  # noqa: F401
     except ImportError as error:
-        print(f"mergekit is not importable ({error}); set MERGEKIT_PYTHONPATH to its unpacked source and requirements", file=sys.stderr)
+        print(
+            f"mergekit is not importable ({error}); set MERGEKIT_PYTHONPATH to its unpacked source and requirements",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
-    from test_mergekit_parity import DETERMINISTIC, KNOWN_GAPS, MERGEKIT_FAILS, RANDOM, make_models, max_difference, run_composer, run_mergekit
+    from test_mergekit_parity import (
+        DETERMINISTIC,
+        KNOWN_GAPS,
+        MERGEKIT_FAILS,
+        RANDOM,
+        make_models,
+        max_difference,
+        run_composer,
+        run_mergekit,
+    )
 
     print(f"| config ({arguments.family}) | kind | max abs difference | identical | known gap |")
     print("|---|---|---|---|---|")
@@ -47,12 +61,18 @@ def main() -> int:
                     print(f"| {case} | {kind} | mergekit fails | - | |")
                     continue
                 config = cases[case].format(**models)
-                ours, theirs = run_composer(config, root / case / "composer"), run_mergekit(config, root / case / "mergekit")
+                ours, theirs = (
+                    run_composer(config, root / case / "composer"),
+                    run_mergekit(config, root / case / "mergekit"),
+                )
                 if ours.keys() != theirs.keys():
                     print(f"| {case} | {kind} | different tensor names | no | |")
                     continue
                 identical = all(torch.equal(ours[name], tensor) for name, tensor in theirs.items())
-                print(f"| {case} | {kind} | {max_difference(ours, theirs):.3g} | {'yes' if identical else 'no'} | {KNOWN_GAPS.get(case, '')} |", flush=True)
+                print(
+                    f"| {case} | {kind} | {max_difference(ours, theirs):.3g} | {'yes' if identical else 'no'} | {KNOWN_GAPS.get(case, '')} |",
+                    flush=True,
+                )
     return 0
 
 

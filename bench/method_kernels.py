@@ -66,10 +66,18 @@ def main() -> None:
     models = [(base.float() + torch.randn(shape, generator=generator) * 0.002).bfloat16() for _ in range(3)]
     weights = [0.4, 0.3, 0.3]
     n = base.numel()
-    print(f"{shape} bf16, base + {len(models)} models, density {DENSITY}, {torch.get_num_threads()} threads, best of {args.repeat}")
-    print("| method | reference ms | fused ms | C ms | speed-up (C) | same bits | reference temporaries MB | fused temporaries MB |")
+    print(
+        f"{shape} bf16, base + {len(models)} models, density {DENSITY}, {torch.get_num_threads()} threads, best of {args.repeat}"
+    )
+    print(
+        "| method | reference ms | fused ms | C ms | speed-up (C) | same bits | reference temporaries MB | fused temporaries MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
-    paths = {"reference": (reference_generalized_task_arithmetic, "0"), "fused": (generalized_task_arithmetic, "0"), "C": (generalized_task_arithmetic, "1")}
+    paths = {
+        "reference": (reference_generalized_task_arithmetic, "0"),
+        "fused": (generalized_task_arithmetic, "0"),
+        "C": (generalized_task_arithmetic, "1"),
+    }
     for method in args.methods.split(","):
         arguments = dict(METHODS[method])
         if "sparsification" in arguments:

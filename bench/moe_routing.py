@@ -50,12 +50,14 @@ def main() -> None:
     from composer.moe.hidden import load_tokenizer
     from composer.moe.plan import build_moe_plan
     from composer.moe.prompts import read_prompt_file
-    from composer.route import preview_routing
     from composer.moe.schema import parse_moe_config
+    from composer.route import preview_routing
 
     torch.set_num_threads(2)
     groups = read_prompt_file(HELD_OUT)
-    print(f"held-out: {', '.join(f'{len(v)} {k}' for k, v in groups.items())} prompts; shares of tokens x layers routed to their own expert")
+    print(
+        f"held-out: {', '.join(f'{len(v)} {k}' for k, v in groups.items())} prompts; shares of tokens x layers routed to their own expert"
+    )
     print(f"{'gate_mode':<15} {'pooling':<8} {'rows':<13} {'code':>7} {'story':>7} {'seconds':>8}")
     chosen = [argument for argument in sys.argv[1:] if not argument.startswith("--")]
     for mode, pooling, rows in VARIANTS:
@@ -71,9 +73,21 @@ def main() -> None:
                 layer = int(re.search(r"layers\.(\d+)\.", tensor.name).group(1))
                 gates[layer] = tensor.operation.fn([base.read(ref.name) for ref in tensor.inputs])
         config = base.config()
-        routing = preview_routing(base, config, architecture_for(config).layer_prefix, load_tokenizer(base), gates, groups, 1, ["code", "story"])
+        routing = preview_routing(
+            base,
+            config,
+            architecture_for(config).layer_prefix,
+            load_tokenizer(base),
+            gates,
+            groups,
+            1,
+            ["code", "story"],
+        )
         code, story = own_expert_shares(routing)
-        print(f"{mode:<15} {pooling:<8} {rows:<13} {code:>7.1%} {story:>7.1%} {time.perf_counter() - started:>8.1f}", flush=True)
+        print(
+            f"{mode:<15} {pooling:<8} {rows:<13} {code:>7.1%} {story:>7.1%} {time.perf_counter() - started:>8.1f}",
+            flush=True,
+        )
     if "--write" in sys.argv:
         from composer.compose import compose_moe_text
         from composer.execute import ExecutionOptions
@@ -85,7 +99,9 @@ def main() -> None:
             compose_moe_text(recipe_text("hidden", "mean", "discriminant"), out, ExecutionOptions())
             written = time.perf_counter() - started
             code, story = own_expert_shares(measure_routing(out, groups))
-            print(f"written model (hidden, mean, discriminant): code {code:.1%}, story {story:.1%}; write {written:.1f} s, route {time.perf_counter() - started - written:.1f} s")
+            print(
+                f"written model (hidden, mean, discriminant): code {code:.1%}, story {story:.1%}; write {written:.1f} s, route {time.perf_counter() - started - written:.1f} s"
+            )
 
 
 if __name__ == "__main__":

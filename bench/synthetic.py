@@ -21,10 +21,20 @@ from composer.sources.safetensors_format import build_header
 
 def llama_config(hidden: int, intermediate: int, layers: int, vocab: int, heads: int, kv_heads: int) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "hidden_act": "silu", "rope_theta": 10000.0,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
     }
 
 
@@ -89,17 +99,26 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     texts_dir = Path(__file__).resolve().parents[2] / "shared" / "eval"
-    lines = [line for name in TOKENIZER_TEXTS if (texts_dir / name).is_file() for line in (texts_dir / name).read_text().splitlines()]
+    lines = [
+        line
+        for name in TOKENIZER_TEXTS
+        if (texts_dir / name).is_file()
+        for line in (texts_dir / name).read_text().splitlines()
+    ]
     lines = lines or ["the quick brown fox jumps over the lazy dog"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab, 8000), special_tokens=["<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=min(vocab, 8000),
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(lines, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(str(folder))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(str(folder))
 
 
 def main() -> None:
@@ -114,7 +133,9 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
-    config = llama_config(arguments.hidden, arguments.intermediate, arguments.layers, arguments.vocab, arguments.heads, arguments.kv_heads)
+    config = llama_config(
+        arguments.hidden, arguments.intermediate, arguments.layers, arguments.vocab, arguments.heads, arguments.kv_heads
+    )
     names = ["base"] + [f"model-{i}" for i in range(1, arguments.count + 1)]
     for number, name in enumerate(names):
         folder = arguments.out / name

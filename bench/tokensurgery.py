@@ -48,7 +48,13 @@ def transplant(model: Path, donor: Path, estimator: str, out: Path) -> tuple[flo
     from composer.transplant import TransplantOptions, run_transplant
 
     start = time.perf_counter()
-    _, summary = run_transplant(str(model), str(donor), out, TransplantOptions(estimator=estimator), ExecutionOptions(force=True, progress=False))
+    _, summary = run_transplant(
+        str(model),
+        str(donor),
+        out,
+        TransplantOptions(estimator=estimator),
+        ExecutionOptions(force=True, progress=False),
+    )
     return time.perf_counter() - start, summary.alignment
 
 
@@ -59,7 +65,16 @@ def reference_subword(model: Path, donor: Path, out: Path) -> float | None:
     except Exception:
         return None
     start = time.perf_counter()
-    command = [sys.executable, "-m", "mergekit.scripts.tokensurgeon", str(model), str(donor), str(out), "--approximation-method", "subword"]
+    command = [
+        sys.executable,
+        "-m",
+        "mergekit.scripts.tokensurgeon",
+        str(model),
+        str(donor),
+        str(out),
+        "--approximation-method",
+        "subword",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         print(f"reference tool failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -81,13 +96,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--estimators", default="mapped,subword,omp,knn")
     parser.add_argument("--donors", default="gemma3,minilm")
-    parser.add_argument("--reference", action="store_true", help="also run mergekit-tokensurgeon (subword) on the Gemma 3 pair")
+    parser.add_argument(
+        "--reference", action="store_true", help="also run mergekit-tokensurgeon (subword) on the Gemma 3 pair"
+    )
     arguments = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("COMPOSER_THREADS", "2")))
     texts = {name: (EVAL / f"{name}.txt").read_text() for name in ("en", "pt")}
     model = smollm2_dir()
     donors = {"gemma3": gemma3_dir, "minilm": minilm_dir}
-    print(f"SmolLM2-135M-Instruct with another tokenizer; bits per byte on {EVAL}/en.txt and pt.txt; {torch.get_num_threads()} threads")
+    print(
+        f"SmolLM2-135M-Instruct with another tokenizer; bits per byte on {EVAL}/en.txt and pt.txt; {torch.get_num_threads()} threads"
+    )
     print(f"{'':<44} {'en':>8} {'pt':>8} {'time':>12}")
     own = bits_per_byte(model, texts)
     print(row("SmolLM2 with its own tokenizer", own["en"], own["pt"], "-"))
@@ -99,7 +118,16 @@ def main() -> None:
                 seconds, counts = transplant(model, donor, estimator, out)
                 scores = bits_per_byte(out, texts)
                 copied = counts["exact"] + counts["normalised"] + counts["special"]
-                print(row(f"{donor_name} tokenizer, {estimator}", scores["en"], scores["pt"], f"{seconds:.0f} s", f"{copied} copied, {counts['new']} new"), flush=True)
+                print(
+                    row(
+                        f"{donor_name} tokenizer, {estimator}",
+                        scores["en"],
+                        scores["pt"],
+                        f"{seconds:.0f} s",
+                        f"{copied} copied, {counts['new']} new",
+                    ),
+                    flush=True,
+                )
                 shutil.rmtree(out)
         seconds = reference_subword(model, gemma3_dir(), out) if arguments.reference else None
         if seconds is not None:

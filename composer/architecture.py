@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -78,14 +78,16 @@ class Architecture:
             if key in config:
                 value = config[key]
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ComposerError(f"The config.json of {reference} gives '{key}' as {value!r}; a layer count is a whole number of at least 1.")
+                    raise ComposerError(
+                        f"The config.json of {reference} gives '{key}' as {value!r}; a layer count is a whole number of at least 1."
+                    )
                 return value
         raise ComposerError(
             f"The config.json of {reference} has none of the layer-count keys {list(self.layer_count_keys)} that the '{self.name}' architecture uses."
         )
 
 
-@lru_cache(maxsize=None)
+@cache
 def declared_architectures() -> dict[str, Architecture]:
     from architectures import definition_files
 
@@ -136,7 +138,9 @@ def transformers_config(config: dict, reference: str = "the model"):
     try:
         return AutoConfig.for_model(**config)
     except Exception as error:  # noqa: BLE001  (see above)
-        raise ComposerError(f"The config of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)}).") from None
+        raise ComposerError(
+            f"The config of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)})."
+        ) from None
 
 
 def build_meta_model(config: dict, reference: str = "the model"):
@@ -149,9 +153,13 @@ def build_meta_model(config: dict, reference: str = "the model"):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(model_config)
     except ValueError as error:
-        raise ComposerError(f"transformers has no causal-LM class for {reference} (model_type '{config.get('model_type')}'): {error}") from None
+        raise ComposerError(
+            f"transformers has no causal-LM class for {reference} (model_type '{config.get('model_type')}'): {error}"
+        ) from None
     except Exception as error:  # noqa: BLE001  (a config whose sizes cannot build the model: vocab_size 0, ...)
-        raise ComposerError(f"The config of {reference} does not build a model in transformers ({type(error).__name__}: {_one_line(error)}).") from None
+        raise ComposerError(
+            f"The config of {reference} does not build a model in transformers ({type(error).__name__}: {_one_line(error)})."
+        ) from None
 
 
 def tied_parameter_names(model) -> dict[str, str]:
@@ -196,9 +204,17 @@ def infer_architecture(config: dict, reference: str = "the model") -> Architectu
 
     count_key = model.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
     count_keys = [count_key] + [
-        key for key, value in config.items() if key != count_key and "layer" in key and isinstance(value, int) and value == layer_count and not isinstance(value, bool)
+        key
+        for key, value in config.items()
+        if key != count_key
+        and "layer" in key
+        and isinstance(value, int)
+        and value == layer_count
+        and not isinstance(value, bool)
     ]
-    per_layer = [key for key, value in model.config.to_dict().items() if isinstance(value, list) and len(value) == layer_count]
+    per_layer = [
+        key for key, value in model.config.to_dict().items() if isinstance(value, list) and len(value) == layer_count
+    ]
     return Architecture(
         name=f"inferred:{config.get('model_type')}",
         model_types=(config.get("model_type"),),

@@ -47,7 +47,11 @@ def converted(gguf_path: Path, name: str) -> Path:
 
     target = cache_dir() / "models" / name
     # a copy made before outputs recorded their parents is made again, so that what is built from it credits its hub id
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file() and recorded_provenance(target / "model.safetensors"):
+    if (
+        (target / "config.json").is_file()
+        and (target / "model.safetensors").is_file()
+        and recorded_provenance(target / "model.safetensors")
+    ):
         return target
     make_private_dirs(target.parent)
     import json

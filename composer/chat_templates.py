@@ -54,5 +54,7 @@ def check_template(choice: str | None) -> str | None:
         ImmutableSandboxedEnvironment().parse(choice)
     except TemplateSyntaxError as error:
         known = ", ".join(["auto", *CHAT_TEMPLATES])
-        raise ValueError(f"not a known template name ({known}) and not valid Jinja (line {error.lineno}: {error.message})") from None
+        raise ValueError(
+            f"not a known template name ({known}) and not valid Jinja (line {error.lineno}: {error.message})"
+        ) from None
     return choice

@@ -93,7 +93,9 @@ def _write_chat_template(folder: Path, template: str) -> None:
     (folder / "chat_template.jinja").write_text(text)
 
 
-def write_plan(plan: Plan, out: Path, options: ExecutionOptions, name: str | None = None, protected: dict[str, Path] | None = None) -> ExecutionReport:
+def write_plan(
+    plan: Plan, out: Path, options: ExecutionOptions, name: str | None = None, protected: dict[str, Path] | None = None
+) -> ExecutionReport:
     """Execute the plan into `out`. `protected` adds paths (e.g. the recipe file) that `out` must not hold."""
     try:
         check_output_not_input(out, _input_paths(plan) | (protected or {}))
@@ -137,7 +139,9 @@ def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
     return seeded, text
 
 
-def compose_file(recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None) -> ExecutionReport:
+def compose_file(
+    recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None
+) -> ExecutionReport:
     """Run a recipe file of either kind into `out` (default: its `output:` key)."""
     if is_moe_file(recipe_path):
         return _compose_moe_file(recipe_path, out, options, seed)
@@ -164,7 +168,9 @@ def _compose_moe_file(path: Path, out: Path | None, options: ExecutionOptions, s
     return write_plan(plan, target, options, config.name, protected)
 
 
-def compose_text(recipe_text: str, out: Path, options: ExecutionOptions, base_dir: Path | None = None) -> ExecutionReport:
+def compose_text(
+    recipe_text: str, out: Path, options: ExecutionOptions, base_dir: Path | None = None
+) -> ExecutionReport:
     """Run a merge recipe given as text (tests, examples, the demo) into `out`."""
     recipe = parse_recipe(recipe_text, "recipe")
     check_output_free(out, options.force)
@@ -173,7 +179,9 @@ def compose_text(recipe_text: str, out: Path, options: ExecutionOptions, base_di
     return write_plan(plan, out, options, recipe.name)
 
 
-def compose_moe_text(text: str, out: Path, options: ExecutionOptions, base_dir: Path | None = None, sources=None, prompt_model=None) -> ExecutionReport:
+def compose_moe_text(
+    text: str, out: Path, options: ExecutionOptions, base_dir: Path | None = None, sources=None, prompt_model=None
+) -> ExecutionReport:
     """Run an MoE recipe given as text (tests, examples) into `out`."""
     config = parse_moe_config(text, "recipe")
     check_output_free(out, options.force)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 DEMO_RECIPE = """\
 # SOLAR-style depth upscaling: two overlapping copies of the layer stack, 30 -> 44 layers.
@@ -69,5 +69,7 @@ def run_demo(out: Path, force: bool, echo: Callable[[str], None] = print) -> Non
     for label, _, _, answer in rows:
         echo(f"  {label}: {answer!r}")
     echo("")
-    echo("An upscaled model is a starting point for continued pre-training (as in SOLAR 10.7B); before it, perplexity rises.")
+    echo(
+        "An upscaled model is a starting point for continued pre-training (as in SOLAR 10.7B); before it, perplexity rises."
+    )
     echo(f"done in {time.perf_counter() - started:.0f} s; the upscaled model, its card and recipe are in {out}")

@@ -89,7 +89,9 @@ def _module_kinds(config: dict, reference: str) -> dict[str, str]:
 
     kinds = {}
     for name, module in build_meta_model(config, reference).named_modules():
-        kinds[name] = "linear" if isinstance(module, torch.nn.Linear) else "conv1d" if isinstance(module, Conv1D) else "other"
+        kinds[name] = (
+            "linear" if isinstance(module, torch.nn.Linear) else "conv1d" if isinstance(module, Conv1D) else "other"
+        )
     return kinds
 
 
@@ -113,12 +115,16 @@ def find_targets(base: ModelSource, config: dict, modules: list[str] | None) -> 
             if info is not None and weight.name.endswith(".weight") and len(info.shape) == 2 and kind != "other":
                 targets.append(Target(weight.name, module, info.shape, kind == "conv1d"))
     if not targets:
-        raise ComposerError(f"Model '{base.reference}' has no 2-D linear weights inside its layers to extract a LoRA from.")
+        raise ComposerError(
+            f"Model '{base.reference}' has no 2-D linear weights inside its layers to extract a LoRA from."
+        )
     if modules:
         for wanted in modules:
             if not any(_matches(target.module, wanted) for target in targets):
                 names = sorted({target.module.rsplit(".", 1)[-1] for target in targets})
-                raise ComposerError(f"--modules '{wanted}' matches no linear layer weight; the layers have {', '.join(names)}.")
+                raise ComposerError(
+                    f"--modules '{wanted}' matches no linear layer weight; the layers have {', '.join(names)}."
+                )
         targets = [target for target in targets if any(_matches(target.module, wanted) for wanted in modules)]
     return targets
 
@@ -144,10 +150,14 @@ def check_pair(finetune: ModelSource, base: ModelSource, rank: int, modules: lis
     targets = find_targets(base, base_config, modules)
     for target in targets:
         if target.name not in finetune_infos:
-            raise ComposerError(f"Model '{finetune.reference}' has no tensor '{target.name}', which base '{base.reference}' has.")
+            raise ComposerError(
+                f"Model '{finetune.reference}' has no tensor '{target.name}', which base '{base.reference}' has."
+            )
         for model, info in ((finetune, finetune_infos[target.name]), (base, base.tensor_infos()[target.name])):
             if not info.dtype.is_floating_point:  # quantised weights: their difference is no task vector
-                raise ComposerError(f"Tensor '{target.name}' of '{model.reference}' is {info.dtype}, not floating point; use a float copy of the model.")
+                raise ComposerError(
+                    f"Tensor '{target.name}' of '{model.reference}' is {info.dtype}, not floating point; use a float copy of the model."
+                )
         if rank > min(target.shape):
             raise ComposerError(
                 f"--rank {rank} is larger than tensor '{target.name}' allows (shape {list(target.shape)}: at most rank "
@@ -164,7 +174,9 @@ def whole_tensors(finetune: ModelSource, base: ModelSource) -> dict[str, str]:
     """
     architecture = architecture_for(base.config(), base.reference)
     infos, finetune_infos = base.tensor_infos(), finetune.tensor_infos()
-    present = [weight.name for weight in architecture.vocab_weights() if weight.name in infos and weight.name in finetune_infos]
+    present = [
+        weight.name for weight in architecture.vocab_weights() if weight.name in infos and weight.name in finetune_infos
+    ]
     changed = [name for name in present if not torch.equal(finetune.read(name), base.read(name))]  # one pair at a time
     saved = {name: name for name in changed}
     for weight in architecture.vocab_weights():
@@ -194,7 +206,9 @@ class Factors:
         finetune, base = inputs
         delta = finetune.to(torch.float32) - base.to(torch.float32)
         if not bool(torch.isfinite(delta).all()):  # an SVD of NaN or infinity fails (or returns NaN factors)
-            raise ComposerError(f"Tensor '{target.name}' holds NaN or infinite values in the fine-tune or the base, so it has no low-rank approximation.")
+            raise ComposerError(
+                f"Tensor '{target.name}' holds NaN or infinite values in the fine-tune or the base, so it has no low-rank approximation."
+            )
         a, b, self.errors[target.name] = low_rank_factors(delta.T if target.transposed else delta, self.rank)
         return a, b
 
@@ -207,7 +221,14 @@ class Factors:
         return waiting if waiting is not None else self._factor(target, inputs)[1]
 
 
-def adapter_plan(finetune: ModelSource, base: ModelSource, targets: list[Target], whole: dict[str, str], factors: Factors, config: dict) -> Plan:
+def adapter_plan(
+    finetune: ModelSource,
+    base: ModelSource,
+    targets: list[Target],
+    whole: dict[str, str],
+    factors: Factors,
+    config: dict,
+) -> Plan:
     """The adapter as a plan: each target's lora_A and lora_B (a chain of two steps sharing one SVD), then the whole
     tensors, in PEFT's names; written as one adapter_model.safetensors with `config` as adapter_config.json."""
     infos = finetune.tensor_infos()
@@ -220,14 +241,35 @@ def adapter_plan(finetune: ModelSource, base: ModelSource, targets: list[Target]
         chain = Chain(label=f"the factors of {target.name}", state_bytes=out_features * rank * 4)
         working = factoring_bytes(out_features, in_features, rank)
         for link, (factor, shape) in enumerate((("A", (rank, in_features)), ("B", (out_features, rank)))):
-            operation = Operation(label=f"lora_{factor} (truncated SVD)", fn=partial(getattr(factors, factor.lower()), target), arguments={"rank": rank},
-                                  working_bytes=working, chain=chain, link=link)
-            tensors.append(PlannedTensor(f"{SAVED_PREFIX}{target.module}.lora_{factor}.weight", shape, dtype, inputs, operation))
+            operation = Operation(
+                label=f"lora_{factor} (truncated SVD)",
+                fn=partial(getattr(factors, factor.lower()), target),
+                arguments={"rank": rank},
+                working_bytes=working,
+                chain=chain,
+                link=link,
+            )
+            tensors.append(
+                PlannedTensor(f"{SAVED_PREFIX}{target.module}.lora_{factor}.weight", shape, dtype, inputs, operation)
+            )
     for saved, name in whole.items():
-        tensors.append(PlannedTensor(SAVED_PREFIX + saved, infos[name].shape, infos[name].dtype, (TensorRef(finetune.reference, name),), COPY))
+        tensors.append(
+            PlannedTensor(
+                SAVED_PREFIX + saved, infos[name].shape, infos[name].dtype, (TensorRef(finetune.reference, name),), COPY
+            )
+        )
     sources = {base.reference: base, finetune.reference: finetune}
-    return Plan(tensors=tensors, sources=sources, config=config, tokenizer_source=None, recipe_text="", method="extract-lora",
-                parents=[finetune.reference, base.reference], weights_file=ADAPTER_FILE, config_file=None)
+    return Plan(
+        tensors=tensors,
+        sources=sources,
+        config=config,
+        tokenizer_source=None,
+        recipe_text="",
+        method="extract-lora",
+        parents=[finetune.reference, base.reference],
+        weights_file=ADAPTER_FILE,
+        config_file=None,
+    )
 
 
 def measured_errors(adapter: Path, finetune: ModelSource, base: ModelSource, targets: list[Target]) -> dict[str, float]:
@@ -239,13 +281,18 @@ def measured_errors(adapter: Path, finetune: ModelSource, base: ModelSource, tar
         for target in targets:
             delta = finetune.read(target.name).to(torch.float32) - base.read(target.name).to(torch.float32)
             delta = delta.T if target.transposed else delta
-            a, b = (factors.get_tensor(f"{SAVED_PREFIX}{target.module}.lora_{factor}.weight").to(torch.float32) for factor in "AB")
+            a, b = (
+                factors.get_tensor(f"{SAVED_PREFIX}{target.module}.lora_{factor}.weight").to(torch.float32)
+                for factor in "AB"
+            )
             norm = torch.linalg.matrix_norm(delta).item()
             errors[target.name] = torch.linalg.matrix_norm(delta - b @ a).item() / norm if norm else 0.0
     return errors
 
 
-def adapter_config(base_reference: str, rank: int, targets: list[Target], modules: list[str] | None, whole: dict[str, str]) -> dict:
+def adapter_config(
+    base_reference: str, rank: int, targets: list[Target], modules: list[str] | None, whole: dict[str, str]
+) -> dict:
     target_modules = list(modules) if modules else sorted({target.module.rsplit(".", 1)[-1] for target in targets})
     return {
         "peft_type": "LORA",
@@ -280,11 +327,17 @@ def adapter_card(finetune_reference: str, base_reference: str, rank: int, report
         f"extracted with no training by composer's `extract-lora` (truncated SVD of each task vector).\n\n"
         f"Relative Frobenius error of the approximation over {len(report.errors)} tensors: mean {report.mean_error:.4f}, "
         f"worst {worst_error:.4f} (`{worst_name}`).\n"
-        + (f"\nWhole tensors saved (modules_to_save): {', '.join(f'`{m}`' for m in report.modules_to_save)}.\n" if report.modules_to_save else "")
+        + (
+            f"\nWhole tensors saved (modules_to_save): {', '.join(f'`{m}`' for m in report.modules_to_save)}.\n"
+            if report.modules_to_save
+            else ""
+        )
     )
 
 
-def source_pair(finetune_reference: str, base_reference: str, relative_to: Path | None) -> tuple[ModelSource, ModelSource]:
+def source_pair(
+    finetune_reference: str, base_reference: str, relative_to: Path | None
+) -> tuple[ModelSource, ModelSource]:
     finetune = open_source(finetune_reference, relative_to)
     try:
         return finetune, open_source(base_reference, relative_to)

@@ -61,7 +61,9 @@ def open_regular(path: Path, what: str = "") -> int:
     mode = os.fstat(descriptor).st_mode
     if not stat.S_ISREG(mode):
         os.close(descriptor)
-        raise ComposerError(f"{_named(path, what)} is {kind_of(mode)}, not a regular file; give a file that holds the data.")
+        raise ComposerError(
+            f"{_named(path, what)} is {kind_of(mode)}, not a regular file; give a file that holds the data."
+        )
     return descriptor
 
 
@@ -118,7 +120,9 @@ def parse_json_object(text: str, name: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ComposerError(f"{name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}).") from None
+        raise ComposerError(
+            f"{name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})."
+        ) from None
     except RecursionError:
         raise ComposerError(too_deep) from None
     except ValueError as error:  # e.g. an integer longer than Python converts

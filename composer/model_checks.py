@@ -10,8 +10,21 @@ from pathlib import Path
 
 from composer.errors import ComposerError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json")
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer_config.json",
+)
+TOKENIZER_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+)
 
 
 def model_label(reference: str, folder: Path) -> str:
@@ -36,23 +49,31 @@ def check_model(reference: str, path: Path) -> None:
     where = str(path / "config.json") if path.is_dir() else str(path)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not model_type:
-        raise ComposerError(f"{where} has no 'model_type', so transformers cannot tell which architecture model '{reference}' is.")
+        raise ComposerError(
+            f"{where} has no 'model_type', so transformers cannot tell which architecture model '{reference}' is."
+        )
     if model_type not in CONFIG_MAPPING:
         raise ComposerError(
             f"{where}: model_type '{model_type}' is not an architecture transformers {__version__} knows. "
             "Check the name, or upgrade transformers if the architecture is newer than it."
         )
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ComposerError(f"{where}: model_type '{model_type}' has no causal language model class in transformers {__version__}, so it cannot score text.")
+        raise ComposerError(
+            f"{where}: model_type '{model_type}' has no causal language model class in transformers {__version__}, so it cannot score text."
+        )
     if not has_tokenizer:
-        raise ComposerError(f"Model folder {path} has no tokenizer ({', '.join(TOKENIZER_FILES[:5])}); scoring text needs the model's own tokenizer.")
+        raise ComposerError(
+            f"Model folder {path} has no tokenizer ({', '.join(TOKENIZER_FILES[:5])}); scoring text needs the model's own tokenizer."
+        )
     for name in TOKENIZER_JSON_FILES if path.is_dir() else ():
         if not (path / name).is_file():
             continue
         try:
             json.loads((path / name).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
-            raise ComposerError(f"{path / name} is not valid JSON ({error}); the tokenizer cannot be read. Download or copy the file again.") from None
+            raise ComposerError(
+                f"{path / name} is not valid JSON ({error}); the tokenizer cannot be read. Download or copy the file again."
+            ) from None
 
 
 def check_loaded(reference: str, folder: Path, loading: dict) -> None:

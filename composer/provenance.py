@@ -14,8 +14,10 @@ from composer.sources.identity import PROVENANCE_KEY, model_identity
 
 def is_conversion(plan: Plan) -> bool:
     """One model with every tensor as it was (a format or dtype conversion): such an output is its parent's copy."""
-    return plan.method == "passthrough" and len(plan.parents) == 1 and all(
-        len(tensor.inputs) == 1 and tensor.inputs[0].name == tensor.name for tensor in plan.tensors
+    return (
+        plan.method == "passthrough"
+        and len(plan.parents) == 1
+        and all(len(tensor.inputs) == 1 and tensor.inputs[0].name == tensor.name for tensor in plan.tensors)
     )
 
 
@@ -25,7 +27,11 @@ def provenance_record(plan: Plan) -> dict:
         "recipe_sha256": hashlib.sha256(plan.recipe_text.encode()).hexdigest(),
         "method": plan.method,
         "conversion": is_conversion(plan),
-        "parents": [model_identity(reference, plan.sources[reference]) for reference in plan.parents if reference in plan.sources],
+        "parents": [
+            model_identity(reference, plan.sources[reference])
+            for reference in plan.parents
+            if reference in plan.sources
+        ],
     }
 
 

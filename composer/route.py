@@ -72,12 +72,16 @@ def _routers(model) -> list[torch.nn.Module]:
     routers = []
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        raise ComposerError(f"{type(model).__name__} has no decoder layers with routers; `compose route` reads MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE).")
+        raise ComposerError(
+            f"{type(model).__name__} has no decoder layers with routers; `compose route` reads MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE)."
+        )
     for layer in layers:
         block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
         gate = getattr(block, "gate", None)
         if gate is None or not hasattr(gate, "weight") or gate.weight.ndim != 2:
-            raise ComposerError(f"{type(model).__name__} has a layer without a router; `compose route` reads MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE).")
+            raise ComposerError(
+                f"{type(model).__name__} has a layer without a router; `compose route` reads MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE)."
+            )
         routers.append(gate)
     return routers
 
@@ -90,7 +94,9 @@ def check_heat_map_path(path: Path) -> None:
     if path.is_dir():
         raise ComposerError(f"--png {path} is a folder; give the path of the image file to write.")
     if path.suffix.lower() not in Image.registered_extensions():
-        raise ComposerError(f"--png {path}: '{path.suffix or 'no extension'}' is not an image format Pillow writes; give a path ending in .png.")
+        raise ComposerError(
+            f"--png {path}: '{path.suffix or 'no extension'}' is not an image format Pillow writes; give a path ending in .png."
+        )
     if not path.absolute().parent.is_dir():
         raise ComposerError(f"--png {path}: the folder {path.absolute().parent} does not exist.")
 
@@ -102,7 +108,9 @@ def measure_routing(model_dir: Path, groups: dict[str, list[str]], device: str =
     from composer.moe.hidden import MAX_PROMPT_TOKENS
 
     if not model_dir.is_dir():
-        raise ComposerError(f"{model_dir} is not a model folder." if model_dir.exists() else f"Model folder {model_dir} does not exist.")
+        raise ComposerError(
+            f"{model_dir} is not a model folder." if model_dir.exists() else f"Model folder {model_dir} does not exist."
+        )
     # composer's own readers check the weights, config and tokenizer first; a damaged model is one error naming the file
     model, tokenizer = load_model(str(model_dir))
     model = model.to(device)
@@ -122,8 +130,16 @@ def measure_routing(model_dir: Path, groups: dict[str, list[str]], device: str =
         for group, prompts in groups.items():
             for text in prompts:
                 ids = tokenizer(text, return_tensors="pt")["input_ids"]
-                if ids.shape[1] > MAX_PROMPT_TOKENS:  # as the gates read prompts: attention over a whole book would not end
-                    logging.getLogger("composer").info("prompt %r of group '%s' has %d tokens; its first %d are routed", text[:40], group, ids.shape[1], MAX_PROMPT_TOKENS)
+                if (
+                    ids.shape[1] > MAX_PROMPT_TOKENS
+                ):  # as the gates read prompts: attention over a whole book would not end
+                    logging.getLogger("composer").info(
+                        "prompt %r of group '%s' has %d tokens; its first %d are routed",
+                        text[:40],
+                        group,
+                        ids.shape[1],
+                        MAX_PROMPT_TOKENS,
+                    )
                     ids = ids[:, :MAX_PROMPT_TOKENS]
                 ids = ids.to(device)
                 captured.clear()
@@ -148,8 +164,10 @@ def format_routing(routing: Routing, per_prompt: bool = True) -> str:
     labels = routing.labels
     width = max(10, *(len(label) for label in labels))
     layers = routing.prompts[0].counts.shape[0]
-    lines = [f"routing of {len(routing.prompts)} prompt(s) through {layers} layers, top-{routing.top_k} of {routing.experts} experts; "
-             "shares of token choices, over all layers"]
+    lines = [
+        f"routing of {len(routing.prompts)} prompt(s) through {layers} layers, top-{routing.top_k} of {routing.experts} experts; "
+        "shares of token choices, over all layers"
+    ]
     header = f"{'group':<16} {'prompts':>7} {'tokens':>7}  " + "  ".join(f"{label:>{width}}" for label in labels)
     lines += ["", header]
     groups = routing.groups()
@@ -158,8 +176,14 @@ def format_routing(routing: Routing, per_prompt: bool = True) -> str:
         overall = routing.counts(group).sum(0)
         overall = overall / overall.sum().clamp(min=1)
         name = "all" if group is None else group
-        lines.append(f"{name:<16} {len(members):>7} {sum(p.tokens for p in members):>7}  " + "  ".join(f"{_percent(v):>{width}}" for v in overall.tolist()))
-    lines += ["", "per layer: share of each group's token choices per expert" if len(groups) > 1 else f"per layer ({groups[0]})"]
+        lines.append(
+            f"{name:<16} {len(members):>7} {sum(p.tokens for p in members):>7}  "
+            + "  ".join(f"{_percent(v):>{width}}" for v in overall.tolist())
+        )
+    lines += [
+        "",
+        "per layer: share of each group's token choices per expert" if len(groups) > 1 else f"per layer ({groups[0]})",
+    ]
     columns = [f"{group}>{label}" if len(groups) > 1 else label for group in groups for label in labels]
     column_width = max(8, *(len(column) for column in columns))
     lines.append(f"{'layer':>5}  " + "  ".join(f"{column:>{column_width}}" for column in columns))
@@ -168,12 +192,20 @@ def format_routing(routing: Routing, per_prompt: bool = True) -> str:
         cells = [_percent(shares[group][layer, e].item()) for group in groups for e in range(routing.experts)]
         lines.append(f"{layer:>5}  " + "  ".join(f"{cell:>{column_width}}" for cell in cells))
     if per_prompt:
-        lines += ["", "per prompt", f"{'group':<16} {'prompt':<{PROMPT_LABEL}} {'tokens':>6}  " + "  ".join(f"{label:>{width}}" for label in labels)]
+        lines += [
+            "",
+            "per prompt",
+            f"{'group':<16} {'prompt':<{PROMPT_LABEL}} {'tokens':>6}  "
+            + "  ".join(f"{label:>{width}}" for label in labels),
+        ]
         for prompt in routing.prompts:
             overall = prompt.counts.sum(0) / prompt.counts.sum().clamp(min=1)
             text = " ".join(prompt.text.split())
             text = text if len(text) <= PROMPT_LABEL else text[: PROMPT_LABEL - 3] + "..."
-            lines.append(f"{prompt.group:<16} {text:<{PROMPT_LABEL}} {prompt.tokens:>6}  " + "  ".join(f"{_percent(v):>{width}}" for v in overall.tolist()))
+            lines.append(
+                f"{prompt.group:<16} {text:<{PROMPT_LABEL}} {prompt.tokens:>6}  "
+                + "  ".join(f"{_percent(v):>{width}}" for v in overall.tolist())
+            )
     return "\n".join(lines)
 
 
@@ -197,7 +229,9 @@ def draw_heat_map(routing: Routing, path: Path) -> None:
     for g, group in enumerate(groups):
         shares = routing.shares(group)
         left = margin + g * (panel_w + gap)
-        draw.text((left, 2), f"{group} ({sum(p.group == group for p in routing.prompts)} prompts)", fill="black", font=font)
+        draw.text(
+            (left, 2), f"{group} ({sum(p.group == group for p in routing.prompts)} prompts)", fill="black", font=font
+        )
         for e, label in enumerate(routing.labels):
             draw.text((left + e * cell_w + 2, title_h), label[:chars], fill="black", font=font)
         for layer in range(layers):
@@ -206,19 +240,39 @@ def draw_heat_map(routing: Routing, path: Path) -> None:
                 draw.text((4, top), str(layer), fill="black", font=font)
             for e in range(routing.experts):
                 shade = int(255 * (1 - float(shares[layer, e])))
-                draw.rectangle([left + e * cell_w, top, left + (e + 1) * cell_w - 1, top + cell_h - 1], fill=(shade, shade, 255), outline=(225, 225, 225))
+                draw.rectangle(
+                    [left + e * cell_w, top, left + (e + 1) * cell_w - 1, top + cell_h - 1],
+                    fill=(shade, shade, 255),
+                    outline=(225, 225, 225),
+                )
     legend_left = width - legend_w + 10
     for step in range(11):
         shade = int(255 * (1 - step / 10))
         top = grid_top + step * 12
-        draw.rectangle([legend_left, top, legend_left + 12, top + 11], fill=(shade, shade, 255), outline=(225, 225, 225))
+        draw.rectangle(
+            [legend_left, top, legend_left + 12, top + 11], fill=(shade, shade, 255), outline=(225, 225, 225)
+        )
         if step in (0, 5, 10):
             draw.text((legend_left + 16, top), f"{step * 10}%", fill="black", font=font)
-    draw.text((4, height - 16), "rows: layers, columns: experts, colour: share of the group's token choices", fill="black", font=font)
+    draw.text(
+        (4, height - 16),
+        "rows: layers, columns: experts, colour: share of the group's token choices",
+        fill="black",
+        font=font,
+    )
     image.save(path)
 
 
-def preview_routing(source, config: dict, layer_prefix: str, tokenizer, rows: dict[int, torch.Tensor], groups: dict[str, list[str]], top_k: int, labels: list[str]) -> Routing:
+def preview_routing(
+    source,
+    config: dict,
+    layer_prefix: str,
+    tokenizer,
+    rows: dict[int, torch.Tensor],
+    groups: dict[str, list[str]],
+    top_k: int,
+    labels: list[str],
+) -> Routing:
     """The routing an MoE whose experts all equal `source` would show, without writing it: the dense model's
     router inputs (run one layer at a time) against each layer's gate `rows`."""
     from composer.moe.hidden import router_inputs, tokenize

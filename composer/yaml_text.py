@@ -39,7 +39,9 @@ def yaml_problem(error: yaml.YAMLError, source_name: str) -> str:
     context_mark = getattr(error, "context_mark", None)
     detail = problem
     if context:
-        detail += f" ({context}" + (f" that starts at line {context_mark.line + 1}" if context_mark is not None else "") + ")"
+        detail += (
+            f" ({context}" + (f" that starts at line {context_mark.line + 1}" if context_mark is not None else "") + ")"
+        )
     return f"{source_name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {detail}."
 
 
@@ -69,26 +71,39 @@ class _BoundedLoader(yaml.SafeLoader):
         # hours; and it reads a tagged value (`!!int`, `!!float`) without checking it first
         if len(node.value) > MAX_NUMBER_LENGTH:
             raise yaml.constructor.ConstructorError(
-                None, None, f"a number written with {len(node.value)} characters (composer reads at most {MAX_NUMBER_LENGTH})", node.start_mark
+                None,
+                None,
+                f"a number written with {len(node.value)} characters (composer reads at most {MAX_NUMBER_LENGTH})",
+                node.start_mark,
             )
         try:
             return (self.construct_yaml_int if node.tag.endswith(":int") else self.construct_yaml_float)(node)
         except (ValueError, IndexError):
-            raise yaml.constructor.ConstructorError(None, None, f"{node.value[:40]!r} is not a number", node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value[:40]!r} is not a number", node.start_mark
+            ) from None
 
     def construct_bool(self, node):
         if self.construct_scalar(node).lower() not in self.bool_values:
-            raise yaml.constructor.ConstructorError(None, None, f"{node.value[:40]!r} is not true or false", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value[:40]!r} is not true or false", node.start_mark
+            )
         return self.construct_yaml_bool(node)
 
     def construct_timestamp(self, node):
         if self.timestamp_regexp.match(self.construct_scalar(node)) is None:
-            raise yaml.constructor.ConstructorError(None, None, f"{node.value[:40]!r} is not a date or time", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value[:40]!r} is not a date or time", node.start_mark
+            )
         return self.construct_yaml_timestamp(node)
 
 
-for _tag, _constructor in (("int", _BoundedLoader.construct_number), ("float", _BoundedLoader.construct_number),
-                           ("bool", _BoundedLoader.construct_bool), ("timestamp", _BoundedLoader.construct_timestamp)):
+for _tag, _constructor in (
+    ("int", _BoundedLoader.construct_number),
+    ("float", _BoundedLoader.construct_number),
+    ("bool", _BoundedLoader.construct_bool),
+    ("timestamp", _BoundedLoader.construct_timestamp),
+):
     _BoundedLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _constructor)
 
 

@@ -42,6 +42,7 @@ class TooSlow(Exception):
 @contextmanager
 def time_limit(seconds: float = TIME_LIMIT):
     """Fail an input that runs past `seconds` (on the main thread, where SIGALRM can interrupt it)."""
+
     def expired(signum, frame):
         raise TooSlow(f"one input ran for more than {seconds} s")
 
@@ -90,7 +91,11 @@ def _file(name: str, data: bytes) -> Path:
 
 # values of every JSON type (and YAML's), put in the place of header fields and recipe values
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=8)
     | st.sampled_from(["F32", "BF16", "F16", "I64", "Q9", "9" * 5000]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
@@ -131,11 +136,70 @@ SEED_RECIPES = [
 ]
 
 YAML_PIECES = [
-    "&a ", "*a", "&b [", "*b", "<<: *a\n", "<<: [*a, *b]\n", "[", "]", "{", "}", ": ", "- ", "\n", "  ", "\t", "#", "'", '"',
-    "? ", "|\n", ">-\n", "---\n", "...\n", "%YAML 1.1\n", "%TAG ! tag:x,2000:\n", "!!binary ", "!!python/object:os.system ",
-    "!!set ", "!!omap ", "!!pairs ", "!!timestamp ", "!!bool ", "!!null ", "!!str ", "!!seq ", "!!map ", "!!float ", "!!int ", "2024-13-45", "2001-12-14t21:59:43.10-05:00", "9" * 4400,
-    "0x1F", "0o17", "1e999", ".nan", "-.inf", "~", "null", "true", "yes", "1_000", "\x00", "\ufeff", "\x85", "\u2028", "ü",
-    "merge_method: ", "models:", "slices:", "parameters:", "weight: ", "layer_range: ", "experts:", "moe:",
+    "&a ",
+    "*a",
+    "&b [",
+    "*b",
+    "<<: *a\n",
+    "<<: [*a, *b]\n",
+    "[",
+    "]",
+    "{",
+    "}",
+    ": ",
+    "- ",
+    "\n",
+    "  ",
+    "\t",
+    "#",
+    "'",
+    '"',
+    "? ",
+    "|\n",
+    ">-\n",
+    "---\n",
+    "...\n",
+    "%YAML 1.1\n",
+    "%TAG ! tag:x,2000:\n",
+    "!!binary ",
+    "!!python/object:os.system ",
+    "!!set ",
+    "!!omap ",
+    "!!pairs ",
+    "!!timestamp ",
+    "!!bool ",
+    "!!null ",
+    "!!str ",
+    "!!seq ",
+    "!!map ",
+    "!!float ",
+    "!!int ",
+    "2024-13-45",
+    "2001-12-14t21:59:43.10-05:00",
+    "9" * 4400,
+    "0x1F",
+    "0o17",
+    "1e999",
+    ".nan",
+    "-.inf",
+    "~",
+    "null",
+    "true",
+    "yes",
+    "1_000",
+    "\x00",
+    "\ufeff",
+    "\x85",
+    "\u2028",
+    "ü",
+    "merge_method: ",
+    "models:",
+    "slices:",
+    "parameters:",
+    "weight: ",
+    "layer_range: ",
+    "experts:",
+    "moe:",
 ]
 
 
@@ -192,7 +256,10 @@ def retyped_recipes(draw) -> str:
         parent, key = None, None
         node = data
         while isinstance(node, (dict, list)) and node and draw(st.booleans()):
-            parent, key = node, draw(st.sampled_from(sorted(node, key=str) if isinstance(node, dict) else range(len(node))))
+            parent, key = (
+                node,
+                draw(st.sampled_from(sorted(node, key=str) if isinstance(node, dict) else range(len(node)))),
+            )
             node = node[key]
         if parent is not None:
             parent[key] = draw(json_values)
@@ -210,6 +277,7 @@ def check_recipe(text: str) -> str:
 
     outcomes = []
     for parse, expected in ((parse_recipe, Recipe), (parse_moe_config, MoEConfig)):
+
         def run(parse=parse, expected=expected):
             assert isinstance(parse(text, "recipe.yml"), expected)
 
@@ -250,7 +318,23 @@ def _join(header: object, body: bytes, deep: int = 0) -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded + body
 
 
-INTERESTING_INTEGERS = [0, 1, 7, 8, 255, 256, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**48, 2**63 - 1, 2**63, 2**64 - 1]
+INTERESTING_INTEGERS = [
+    0,
+    1,
+    7,
+    8,
+    255,
+    256,
+    2**16 - 1,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**48,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+]
 
 
 # a cut ends most files' story at once, so it is drawn less often than the changes that reach deeper
@@ -271,7 +355,9 @@ def mutated_bytes(draw, seed: bytes, keep: int = 0) -> bytes:
             data[position] ^= 1 << draw(st.integers(0, 7))
         elif action in ("int64", "int32"):
             width = 8 if action == "int64" else 4
-            value = draw(st.one_of(st.sampled_from(INTERESTING_INTEGERS), st.integers(0, 2**64 - 1))) % (1 << (8 * width))
+            value = draw(st.one_of(st.sampled_from(INTERESTING_INTEGERS), st.integers(0, 2**64 - 1))) % (
+                1 << (8 * width)
+            )
             data[position : position + width] = value.to_bytes(width, "little")
         elif action == "byte" and position < len(data):
             data[position] = draw(st.sampled_from(b'\x00\xff"[]{},:0-9e\\'))
@@ -284,7 +370,6 @@ def mutated_bytes(draw, seed: bytes, keep: int = 0) -> bytes:
     return bytes(data)
 
 
-
 @st.composite
 def mutated_headers(draw) -> bytes:
     """The real file's header with fields replaced, shifted, removed or copied; its data section kept."""
@@ -294,7 +379,9 @@ def mutated_headers(draw) -> bytes:
     deep = 0
     for _ in range(draw(st.integers(1, 4))):
         name = draw(st.sampled_from(names))
-        action = draw(st.sampled_from(["field", "shift", "remove", "copy offsets", "entry", "metadata", "new tensor", "deep"]))
+        action = draw(
+            st.sampled_from(["field", "shift", "remove", "copy offsets", "entry", "metadata", "new tensor", "deep"])
+        )
         entry = header.get(name)
         if not isinstance(entry, dict):
             header[name] = draw(json_values)
@@ -310,7 +397,9 @@ def mutated_headers(draw) -> bytes:
         elif action == "copy offsets":
             other = header.get(draw(st.sampled_from(names)))
             if isinstance(other, dict):
-                entry.update({key: copy.deepcopy(other[key]) for key in ("dtype", "shape", "data_offsets") if key in other})
+                entry.update(
+                    {key: copy.deepcopy(other[key]) for key in ("dtype", "shape", "data_offsets") if key in other}
+                )
         elif action == "entry":
             header[name] = draw(json_values)
         elif action == "metadata":
@@ -349,7 +438,10 @@ def check_safetensors(data: bytes) -> str:
             for size in entry["shape"]:
                 assert isinstance(size, int) and not isinstance(size, bool) and size >= 0
                 count *= size
-            assert 0 <= begin <= end <= len(data) - data_start and end - begin == count * DTYPE_BY_CODE[entry["dtype"]].itemsize
+            assert (
+                0 <= begin <= end <= len(data) - data_start
+                and end - begin == count * DTYPE_BY_CODE[entry["dtype"]].itemsize
+            )
             spans.append((begin, end))
         spans = sorted(span for span in spans if span[1] > span[0])
         assert all(first[1] <= second[0] for first, second in pairwise(spans)), "overlapping tensors accepted"
@@ -386,8 +478,11 @@ def seed_gguf() -> bytes:
     writer.add_array("general.nested", [[1, 2], [3]])
     writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
     writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float16))
-    writer.add_tensor("blk.0.ffn_up.weight", gguf.quantize(np.ones((2, 32), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0),
-                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor(
+        "blk.0.ffn_up.weight",
+        gguf.quantize(np.ones((2, 32), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0),
+        raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+    )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -417,8 +512,13 @@ def check_gguf(data: bytes) -> str:
 # ---- config.json --------------------------------------------------------------------------------------
 
 SEED_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "layer_types": ["full_attention"] * 4, "torch_dtype": "float32",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+    "layer_types": ["full_attention"] * 4,
+    "torch_dtype": "float32",
 }
 
 
@@ -431,7 +531,12 @@ def deep_json(draw) -> bytes:
 
 def config_files():
     seed = json.dumps(SEED_CONFIG, indent=2).encode()
-    return st.one_of(mutated_bytes(seed), deep_json(), json_values.map(lambda value: json.dumps(value).encode()), st.binary(max_size=64))
+    return st.one_of(
+        mutated_bytes(seed),
+        deep_json(),
+        json_values.map(lambda value: json.dumps(value).encode()),
+        st.binary(max_size=64),
+    )
 
 
 def check_config(data: bytes) -> str:

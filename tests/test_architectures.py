@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from composer.architecture import Architecture, architecture_for, build_meta_model, declared_architectures, tied_parameter_names
+from composer.architecture import (
+    Architecture,
+    architecture_for,
+    build_meta_model,
+    declared_architectures,
+    tied_parameter_names,
+)
 from composer.compose import compose_text
 from composer.execute import ExecutionOptions
 from helpers import FAMILY_MODEL_TYPES, load_state, logits_of, save_tiny_model, tiny_config
@@ -32,7 +38,9 @@ IDS = torch.arange(1, 17).unsqueeze(0)
 
 
 def passthrough_recipe(source: Path, ranges: list[tuple[int, int]]) -> str:
-    slices = "".join(f"  - sources:\n      - model: {source}\n        layer_range: [{start}, {end}]\n" for start, end in ranges)
+    slices = "".join(
+        f"  - sources:\n      - model: {source}\n        layer_range: [{start}, {end}]\n" for start, end in ranges
+    )
     return f"merge_method: passthrough\nslices:\n{slices}"
 
 
@@ -54,7 +62,9 @@ def layer_pattern(architecture: Architecture) -> re.Pattern:
     return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + r"(.+)")
 
 
-def expected_output_state(source_state: dict[str, torch.Tensor], architecture: Architecture, source_layers: list[int]) -> dict[str, torch.Tensor]:
+def expected_output_state(
+    source_state: dict[str, torch.Tensor], architecture: Architecture, source_layers: list[int]
+) -> dict[str, torch.Tensor]:
     """Output name -> the source tensor it must equal, for a passthrough whose layer i is source layer source_layers[i]."""
     pattern = layer_pattern(architecture)
     expected = {}
@@ -149,7 +159,14 @@ def test_upscale_with_optional_bias_tensors(model_type, tiny_source, tmp_path):
 # --- 2. per-layer config keys follow their source layer ---------------------------------------------
 
 SLIDING_QWEN = dict(use_sliding_window=True, sliding_window=8, max_window_layers=3)
-IRREGULAR_TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+IRREGULAR_TYPES = [
+    "full_attention",
+    "sliding_attention",
+    "sliding_attention",
+    "full_attention",
+    "full_attention",
+    "sliding_attention",
+]
 
 
 @pytest.mark.parametrize(
@@ -231,7 +248,9 @@ FAMILY_VARIANTS += [(model_type, dict(tie_word_embeddings=False)) for model_type
 FAMILY_VARIANTS += [(model_type, overrides) for model_type, overrides in BIAS_VARIANTS.items()]
 
 
-@pytest.mark.parametrize("model_type, overrides", FAMILY_VARIANTS, ids=[f"{m}-{'-'.join(o) or 'default'}" for m, o in FAMILY_VARIANTS])
+@pytest.mark.parametrize(
+    "model_type, overrides", FAMILY_VARIANTS, ids=[f"{m}-{'-'.join(o) or 'default'}" for m, o in FAMILY_VARIANTS]
+)
 def test_declared_tensor_names_match_transformers(model_type, overrides):
     layers = 3
     config = tiny_config(model_type, layers, **overrides).to_dict()
@@ -241,7 +260,9 @@ def test_declared_tensor_names_match_transformers(model_type, overrides):
     tied = bool(model.config.get_text_config().tie_word_embeddings)
     required, optional = declared_names(architecture, layers, tied)
     assert required <= names, f"declared but absent: {sorted(required - names)}"
-    assert names <= required | optional, f"built by transformers but not declared: {sorted(names - required - optional)}"
+    assert names <= required | optional, (
+        f"built by transformers but not declared: {sorted(names - required - optional)}"
+    )
     if overrides in BIAS_VARIANTS.values():
         assert optional <= names, f"optional tensors no config switch produces: {sorted(optional - names)}"
 
@@ -262,7 +283,9 @@ def test_declared_vocab_ties_and_layer_keys_match_transformers(model_type):
     config = model.config.to_dict()
     assert config[architecture.layer_count_keys[0]] == layers
     per_layer = {key for key, value in config.items() if isinstance(value, list) and len(value) == layers}
-    assert per_layer <= set(architecture.per_layer_keys), f"undeclared per-layer keys: {sorted(per_layer - set(architecture.per_layer_keys))}"
+    assert per_layer <= set(architecture.per_layer_keys), (
+        f"undeclared per-layer keys: {sorted(per_layer - set(architecture.per_layer_keys))}"
+    )
 
 
 def test_every_family_in_the_test_table_is_declared():

@@ -88,7 +88,9 @@ def plant(tmp_path: Path, mark: Path) -> bytes:
         '  FILE *f = fopen(MARK, "w"); if (f) { fputs("ran", f); fclose(f); }\n}\n'
     )
     compiler = next(found for name in (os.environ.get("CC") or "cc", "gcc", "clang") if (found := shutil.which(name)))
-    subprocess.run([compiler, "-shared", "-fPIC", f'-DMARK="{mark}"', "-o", str(tmp_path / "planted.so"), str(source)], check=True)
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", f'-DMARK="{mark}"', "-o", str(tmp_path / "planted.so"), str(source)], check=True
+    )
     return (tmp_path / "planted.so").read_bytes()
 
 

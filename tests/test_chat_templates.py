@@ -5,11 +5,15 @@ import pytest
 
 from composer.chat_templates import CHAT_TEMPLATES, template_text
 
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi?"},
+    {"role": "assistant", "content": "Hello."},
+]
 EXPECTED = {
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>assistant\n",
     "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     "mistral": "<s>[INST] Be brief. [/INST][INST] Hi? [/INST]Hello.</s>",
     "zephyr": "<|system|>\nBe brief.</s>\n<|user|>\nHi?</s>\n<|assistant|>\nHello.</s>\n<|assistant|>\n",
     "alpaca": "Be brief.\n\n### Instruction:\nHi?\n\n### Response:\nHello.</s>\n\n### Response:\n",
@@ -19,7 +23,9 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
 def test_named_template_renders_its_format(name):
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    text = environment.from_string(template_text(name)).render(messages=CONVERSATION, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    text = environment.from_string(template_text(name)).render(
+        messages=CONVERSATION, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+    )
     assert text == EXPECTED[name]
 
 

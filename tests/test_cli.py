@@ -45,7 +45,10 @@ def blend(first: Path, second: Path) -> str:
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` (hidden ones too) with a hash of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def leftovers(folder: Path, name: str = "out") -> list[str]:
@@ -60,12 +63,19 @@ def tiny_tokenizer(folder: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20], trainer=trainer)
     assert tokenizer.get_vocab_size() <= 320
     tokenizer.save(str(folder / "tokenizer.json"))
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
 
 
@@ -162,7 +172,11 @@ def scenario_eval_missing_text(folder: Path, models) -> dict:
     return {"run": run_cli("eval", models["speaker"], "--text", "no-such-text.txt", cwd=folder)}
 
 
-SCENARIOS = {name.removeprefix("scenario_"): function for name, function in list(globals().items()) if name.startswith("scenario_")}
+SCENARIOS = {
+    name.removeprefix("scenario_"): function
+    for name, function in list(globals().items())
+    if name.startswith("scenario_")
+}
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +297,11 @@ def test_eval_prints_perplexity_tokens_and_bits_per_byte(scenarios):
     header, row = result["run"].stdout.strip().splitlines()[-2:]
     assert header.split() == ["text", "tokens", "bytes", "perplexity", "bits/byte"]
     name, tokens, size, perplexity, bits = row.split()
-    assert name == "text.txt" and int(tokens) > 10 and int(size) == len(("the lazy dog sleeps while the quick brown fox runs around the old barn.\n" * 3).encode())
+    assert (
+        name == "text.txt"
+        and int(tokens) > 10
+        and int(size) == len(("the lazy dog sleeps while the quick brown fox runs around the old barn.\n" * 3).encode())
+    )
     assert 1 < float(perplexity) < 10_000 and 0 < float(bits) < 20
 
 
@@ -293,7 +311,9 @@ def test_eval_of_a_truncated_model_is_one_error_naming_the_file(scenarios):
     run = result["run"]
     assert run.returncode == 2 and "Traceback" not in run.stdout + run.stderr and run.stdout == ""
     message = " ".join(run.stderr.split())
-    assert message.startswith("error: model/model.safetensors is truncated") and len(run.stderr.strip().split("\n\n")) == 1
+    assert (
+        message.startswith("error: model/model.safetensors is truncated") and len(run.stderr.strip().split("\n\n")) == 1
+    )
 
 
 def test_eval_names_a_missing_text_file(scenarios):
@@ -326,7 +346,9 @@ class FailingReads:
         monkeypatch.setattr(SafetensorsFolder, "read", read)
 
 
-@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), KeyboardInterrupt()], ids=["read-error", "interrupt"])
+@pytest.mark.parametrize(
+    "error", [OSError(5, "Input/output error"), KeyboardInterrupt()], ids=["read-error", "interrupt"]
+)
 def test_a_run_that_fails_midway_leaves_no_out_and_no_partial_folder(models, tmp_path, monkeypatch, error):
     from composer.compose import compose_text
     from composer.execute import ExecutionOptions

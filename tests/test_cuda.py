@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cli import tiny_tokenizer
+from test_methods_end_to_end import CASES, case_of, recipe
+from test_moe import PROMPTS, moe_text
 
 from composer.compose import compose_moe_text, compose_text
 from composer.execute import ExecutionOptions
 from composer.methods import METHODS
 from helpers import load_state, save_fine_tune, save_tiny_model
-from test_cli import tiny_tokenizer
-from test_methods_end_to_end import CASES, case_of, recipe
-from test_moe import PROMPTS, moe_text
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -31,7 +31,11 @@ def models(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cuda-models")
     base = save_tiny_model(root / "base", "llama", 3, seed=5)
     tiny_tokenizer(base)
-    return {"base": base, "ft1": save_fine_tune(base, root / "ft1", seed=1), "ft2": save_fine_tune(base, root / "ft2", seed=2, density=0.6)}
+    return {
+        "base": base,
+        "ft1": save_fine_tune(base, root / "ft1", seed=1),
+        "ft2": save_fine_tune(base, root / "ft2", seed=2, density=0.6),
+    }
 
 
 def assert_same_merge(cpu: dict, cuda: dict, exact: bool = False) -> None:
@@ -47,7 +51,9 @@ def assert_same_merge(cpu: dict, cuda: dict, exact: bool = False) -> None:
         differing += int((~close).sum())
         total += close.numel()
         assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), name
-    assert differing <= ENTRIES_ALLOWED_TO_DIFFER * max(total, 1), f"{differing} of {total} entries differ beyond float32 rounding"
+    assert differing <= ENTRIES_ALLOWED_TO_DIFFER * max(total, 1), (
+        f"{differing} of {total} entries differ beyond float32 rounding"
+    )
 
 
 @pytest.mark.parametrize("name", sorted({method.name for method in METHODS.values()}))

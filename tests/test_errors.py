@@ -22,7 +22,9 @@ from helpers import save_tiny_model
 
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "composer.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def passthrough(model, layer_range="[0, 4]") -> str:
@@ -45,7 +47,9 @@ def alias_bomb_at_top() -> str:
 
 
 def alias_bomb_in_weight(model) -> str:
-    return f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters:\n      weight: [{', '.join(laughs())}]\n"
+    return (
+        f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters:\n      weight: [{', '.join(laughs())}]\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +71,13 @@ def cases(models: dict[str, Path]) -> dict[str, tuple[str | bytes | None, list[s
     default = ["recipe.yml", "out"]
     return {
         "key_typo": (
-            "merge_method: passthrough\nslices:\n  - sources:\n      - model: {}\n        layer_rnge: [0, 4]\n".format(llama), default),
+            f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {llama}\n        layer_rnge: [0, 4]\n",
+            default,
+        ),
         "top_level_typo": (
-            "merge_method: passthrough\nslcies:\n  - sources:\n      - model: {}\n        layer_range: [0, 4]\n".format(llama), default),
+            f"merge_method: passthrough\nslcies:\n  - sources:\n      - model: {llama}\n        layer_range: [0, 4]\n",
+            default,
+        ),
         "missing_model": (passthrough(llama.parent / "no-such-model"), default),
         "layer_range_out_of_bounds": (passthrough(llama, "[2, 9]"), default),
         "shapes_differ": (linear(llama, wide), default),
@@ -79,8 +87,13 @@ def cases(models: dict[str, Path]) -> dict[str, tuple[str | bytes | None, list[s
         "bad_yaml": ("merge_method: linear\nmodels:\n  - model: a\n   parameters: {weight: [0.5}\n", default),
         "unknown_method": (linear(llama, llama).replace("merge_method: linear", "merge_method: lineer"), default),
         "slerp_without_base": (
-            f"merge_method: slerp\nmodels:\n  - model: {llama}\n  - model: {wide}\nparameters:\n  t: 0.5\n", default),
-        "parameter_not_taken": (linear(llama, llama).replace("{weight: 0.5}", "{weight: 0.5, densty: 0.3}", 1), default),
+            f"merge_method: slerp\nmodels:\n  - model: {llama}\n  - model: {wide}\nparameters:\n  t: 0.5\n",
+            default,
+        ),
+        "parameter_not_taken": (
+            linear(llama, llama).replace("{weight: 0.5}", "{weight: 0.5, densty: 0.3}", 1),
+            default,
+        ),
         "duplicate_key": (passthrough(llama) + "merge_method: linear\n", default),
         "recipe_not_text": (b"\xff\xfe\x00merge_method", default),
         "bad_memory_budget": (passthrough(llama), [*default, "--memory-budget", "lots"]),
@@ -88,7 +101,6 @@ def cases(models: dict[str, Path]) -> dict[str, tuple[str | bytes | None, list[s
         "force_onto_input_model": (passthrough(llama), ["recipe.yml", str(llama), "--force"]),
         "force_onto_other_folder": (passthrough(llama), ["recipe.yml", "papers", "--force"]),
         "nan_weight": (linear(llama, llama).replace("{weight: 0.5}", "{weight: .nan}", 1), default),
-
         "alias_bomb_at_top": (alias_bomb_at_top(), default),
         "alias_bomb_in_weight": (alias_bomb_in_weight(llama), default),
         "deeply_nested": ("merge_method: linear\nmodels: " + "[" * 20000 + "]" * 20000 + "\n", default),
@@ -129,7 +141,9 @@ def refused(refusals, name: str) -> str:
     text = result.stderr.strip()
     assert text.startswith("error: "), f"stderr is not just the error message:\n{result.stderr}"
     assert all(line.strip() for line in text.splitlines()), f"message is more than one paragraph:\n{text}"
-    leftovers = sorted(p.name for p in folder.iterdir() if p.name == "out" or p.name.startswith(".out") or ".partial-" in p.name)
+    leftovers = sorted(
+        p.name for p in folder.iterdir() if p.name == "out" or p.name.startswith(".out") or ".partial-" in p.name
+    )
     assert leftovers == [], f"{name} left {leftovers} behind"
     return " ".join(text.split())
 
@@ -278,7 +292,9 @@ def _edit_safetensors_header(path: Path, edit) -> None:
 
 def _overlap_two_tensors(header: dict) -> None:
     """Point one layer's post-attention norm at the bytes of its input norm (same shape, same size)."""
-    header["model.layers.0.post_attention_layernorm.weight"]["data_offsets"] = header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+    header["model.layers.0.post_attention_layernorm.weight"]["data_offsets"] = header[
+        "model.layers.0.input_layernorm.weight"
+    ]["data_offsets"]
 
 
 def nested_gguf(depth: int) -> bytes:
@@ -286,7 +302,9 @@ def nested_gguf(depth: int) -> bytes:
     import struct
 
     key = b"general.nested"
-    value = struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 4, 0)  # arrays of one array, then an empty uint32 array
+    value = struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack(
+        "<IQ", 4, 0
+    )  # arrays of one array, then an empty uint32 array
     return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + value
 
 
@@ -300,7 +318,9 @@ def damaged(models, tmp_path_factory) -> dict[str, tuple[Path, str, tuple[str, .
 
     cases = {}
     folder = copy("offsets-as-strings")
-    _edit_safetensors_header(folder / "model.safetensors", lambda h: h["model.norm.weight"].update(data_offsets=["0", "256"]))
+    _edit_safetensors_header(
+        folder / "model.safetensors", lambda h: h["model.norm.weight"].update(data_offsets=["0", "256"])
+    )
     cases["offsets_as_strings"] = (folder, folder / "model.safetensors", ("model.norm.weight", "data_offsets"))
     folder = copy("dtype-as-list")
     _edit_safetensors_header(folder / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype=["F32"]))
@@ -321,7 +341,17 @@ def damaged(models, tmp_path_factory) -> dict[str, tuple[Path, str, tuple[str, .
     return cases
 
 
-@pytest.mark.parametrize("case", ["offsets_as_strings", "dtype_as_list", "overlapping_tensors", "config_not_utf8", "config_is_a_list", "gguf_nested_arrays"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "offsets_as_strings",
+        "dtype_as_list",
+        "overlapping_tensors",
+        "config_not_utf8",
+        "config_is_a_list",
+        "gguf_nested_arrays",
+    ],
+)
 def test_damaged_model_files_are_refused_naming_the_file(damaged, case, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -376,14 +406,29 @@ def test_recipe_key_errors_name_the_key_and_line_without_a_file(models, tmp_path
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nslices: []\ndtype: 3\n", "recipe, line 4: 'dtype'"),
-        ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, x]\n", "line 5: 'slices[0].sources[0].layer_range[1]'"),
-        ("merge_method: linear\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n", "give exactly one of 'models'"),
+        (
+            "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nslices: []\ndtype: 3\n",
+            "recipe, line 4: 'dtype'",
+        ),
+        (
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, x]\n",
+            "line 5: 'slices[0].sources[0].layer_range[1]'",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n",
+            "give exactly one of 'models'",
+        ),
         ("[a, b]\n", "must be a YAML mapping"),
         ("", "it is empty"),
-        ("merge_method: linear\nmodels:\n  - model: a\n    parametres: {weight: 1}\n", "line 4: unknown key 'models[0].parametres'. Did you mean 'parameters'?"),
+        (
+            "merge_method: linear\nmodels:\n  - model: a\n    parametres: {weight: 1}\n",
+            "line 4: unknown key 'models[0].parametres'. Did you mean 'parameters'?",
+        ),
         ("merge_method: linear\nmodels: 5\n", "recipe, line 2: 'models': Input should be a valid list"),
-        ("merge_method: passthrough\nslices: [{sources: true}]\n", "recipe, line 2: 'slices[0].sources': Input should be a valid list"),
+        (
+            "merge_method: passthrough\nslices: [{sources: true}]\n",
+            "recipe, line 2: 'slices[0].sources': Input should be a valid list",
+        ),
     ],
 )
 def test_schema_problems_read_as_one_line_naming_the_key(text, expected):
@@ -411,7 +456,13 @@ tokenizer:
   pad_to_multiple_of: {pad}
 random_seed: {seed}
 """
-FINE = {"weight": "0.5", "density": "[0.2, 0.8]", "top": "[{filter: mlp, value: 0.5}, {value: 1}]", "pad": "8", "seed": "3"}
+FINE = {
+    "weight": "0.5",
+    "density": "[0.2, 0.8]",
+    "top": "[{filter: mlp, value: 0.5}, {value: 1}]",
+    "pad": "8",
+    "seed": "3",
+}
 
 
 @pytest.mark.parametrize(
@@ -445,7 +496,9 @@ def test_non_finite_numbers_are_refused_naming_the_key_and_line(key, written, sh
 def test_a_filter_that_reads_as_a_number_is_still_a_filter():
     from composer.recipe import parse_recipe
 
-    recipe = parse_recipe("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [{filter: Infinity, value: 1}]\n")
+    recipe = parse_recipe(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [{filter: Infinity, value: 1}]\n"
+    )
     assert recipe.models[0].parameters["weight"][0].filter == "Infinity"
 
 
@@ -528,17 +581,28 @@ def test_anchors_aliases_and_merge_keys_work_as_before_with_lines_where_the_text
 
     shared = "merge_method: linear\nmodels:\n  - &m\n    model: a\n    parameters: &p {weight: 0.5}\n"
     recipe = parse_recipe(shared + "  - <<: *m\n    model: b\n    parameters:\n      <<: *p\n      weight: 0.25\n")
-    assert [(entry.model, entry.parameters) for entry in recipe.models] == [("a", {"weight": 0.5}), ("b", {"weight": 0.25})]
+    assert [(entry.model, entry.parameters) for entry in recipe.models] == [
+        ("a", {"weight": 0.5}),
+        ("b", {"weight": 0.25}),
+    ]
     with pytest.raises(ComposerError, match=r"recipe, line 8: 'models\[1\].parameters'"):  # the overriding key's line
         parse_recipe(shared + "  - <<: *m\n    model: b\n    parameters: 5\n")
     with pytest.raises(ComposerError, match="an alias stands for a node that holds it"):
         parse_recipe("merge_method: linear\nmodels: &a [*a]\n")
     with pytest.raises(ComposerError, match=r"recipe: a value cannot be read \(month must be in 1..12\)"):
         parse_recipe("merge_method: linear\nname: 2024-13-45\n")
-    with pytest.raises(ComposerError, match="recipe, line 2, column 7: not valid YAML: a number written with 200001 characters"):
-        parse_recipe("merge_method: linear\nname: 1" + ":1" * 100_000 + "\n")  # sexagesimal: PyYAML's product would take minutes
-    tagged_values = [("!!timestamp soon", "'soon' is not a date or time"), ("!!bool maybe", "'maybe' is not true or false"),
-                     ("!!float ''", "'' is not a number"), ("!!int 0x", "'0x' is not a number")]
+    with pytest.raises(
+        ComposerError, match="recipe, line 2, column 7: not valid YAML: a number written with 200001 characters"
+    ):
+        parse_recipe(
+            "merge_method: linear\nname: 1" + ":1" * 100_000 + "\n"
+        )  # sexagesimal: PyYAML's product would take minutes
+    tagged_values = [
+        ("!!timestamp soon", "'soon' is not a date or time"),
+        ("!!bool maybe", "'maybe' is not true or false"),
+        ("!!float ''", "'' is not a number"),
+        ("!!int 0x", "'0x' is not a number"),
+    ]
     for tagged, expected in tagged_values:
         with pytest.raises(ComposerError, match=f"recipe, line 2, column 7: not valid YAML: {expected}"):
             parse_recipe(f"merge_method: linear\nname: {tagged}\n")
@@ -548,7 +612,10 @@ def test_moe_configs_get_the_same_bounds():
     from composer.moe.schema import parse_moe_config
 
     with pytest.raises(ComposerError, match="moe.yml, line .*aliases expand too far"):
-        parse_moe_config("base_model: b\nexperts:\n  - source_model: a\n    positive_prompts: [" + ", ".join(laughs()) + "]\n", "moe.yml")
+        parse_moe_config(
+            "base_model: b\nexperts:\n  - source_model: a\n    positive_prompts: [" + ", ".join(laughs()) + "]\n",
+            "moe.yml",
+        )
     with pytest.raises(ComposerError, match="moe.yml, line 3: the YAML nests more than 100 levels"):
         parse_moe_config("base_model: b\nexperts:\n  - source_model: " + "[" * 5000 + "]" * 5000 + "\n", "moe.yml")
 
@@ -571,6 +638,10 @@ def test_small_file_readers_take_only_small_regular_utf8_files(tmp_path):
         with pytest.raises(ComposerError) as caught:
             read_json_object(path, **options)
         assert str(caught.value).startswith(str(path)) and expected in str(caught.value)
-    for where, expected in [(tmp_path / "pipe.json", "is a named pipe"), (tmp_path, "is a folder"), (tmp_path / "no.json", "does not exist")]:
+    for where, expected in [
+        (tmp_path / "pipe.json", "is a named pipe"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "no.json", "does not exist"),
+    ]:
         with pytest.raises(ComposerError, match=f"^Prompt file {where} {expected}"):
             read_text(where, "Prompt file")

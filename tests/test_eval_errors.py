@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BYTE_LEVEL_SPECIAL, byte_level_tokenizer, compose_in_process, load_state, save_tiny_model, save_tokenizer
+from helpers import (
+    BYTE_LEVEL_SPECIAL,
+    byte_level_tokenizer,
+    compose_in_process,
+    load_state,
+    save_tiny_model,
+    save_tokenizer,
+)
 
 TEXT = "The kettle boiled while we talked about the garden and the rain.\n" * 4
 
@@ -57,25 +64,73 @@ def with_state(folder: Path, change) -> None:
 # name -> (damage done to a copy of the good model folder, the file the message must name (relative), words it must hold)
 DAMAGES = {
     "truncated_safetensors": (lambda f: cut_in_half(f / "model.safetensors"), "model.safetensors", ["truncated"]),
-    "safetensors_header_cut": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:20]), "model.safetensors", ["truncated"]),
-    "empty_safetensors": (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors", ["not a safetensors file"]),
+    "safetensors_header_cut": (
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:20]),
+        "model.safetensors",
+        ["truncated"],
+    ),
+    "empty_safetensors": (
+        lambda f: (f / "model.safetensors").write_bytes(b""),
+        "model.safetensors",
+        ["not a safetensors file"],
+    ),
     "safetensors_header_not_json": (
-        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:8] + b"{not json" + (f / "model.safetensors").read_bytes()[17:]),
-        "model.safetensors", ["header"]),
-    "pickled_class_instance": (lambda f: as_bin(f, {"thing": Pickled()}), "pytorch_model.bin", ["pickled object of type", "Pickled", "never runs code"]),
-    "truncated_bin": (lambda f: (as_bin(f, load_state(f)), cut_in_half(f / "pytorch_model.bin")), "pytorch_model.bin", ["truncated or damaged"]),
+        lambda f: (f / "model.safetensors").write_bytes(
+            (f / "model.safetensors").read_bytes()[:8] + b"{not json" + (f / "model.safetensors").read_bytes()[17:]
+        ),
+        "model.safetensors",
+        ["header"],
+    ),
+    "pickled_class_instance": (
+        lambda f: as_bin(f, {"thing": Pickled()}),
+        "pytorch_model.bin",
+        ["pickled object of type", "Pickled", "never runs code"],
+    ),
+    "truncated_bin": (
+        lambda f: (as_bin(f, load_state(f)), cut_in_half(f / "pytorch_model.bin")),
+        "pytorch_model.bin",
+        ["truncated or damaged"],
+    ),
     "no_config": (lambda f: (f / "config.json").unlink(), "", ["no config.json"]),
     "config_not_json": (lambda f: (f / "config.json").write_text("{not json"), "config.json", ["not valid JSON"]),
-    "unknown_architecture": (lambda f: edit_config(f, model_type="flibbertigibbet", architectures=["FlibForCausalLM"]), "config.json", ["'flibbertigibbet'"]),
+    "unknown_architecture": (
+        lambda f: edit_config(f, model_type="flibbertigibbet", architectures=["FlibForCausalLM"]),
+        "config.json",
+        ["'flibbertigibbet'"],
+    ),
     "config_without_model_type": (lambda f: edit_config(f, model_type=None), "config.json", ["model_type"]),
     "no_tokenizer": (lambda f: [p.unlink() for p in f.iterdir() if "token" in p.name], "", ["no tokenizer"]),
-    "tokenizer_not_json": (lambda f: (f / "tokenizer.json").write_text("{not json"), "tokenizer.json", ["not valid JSON"]),
-    "tokenizer_json_not_a_tokenizer": (lambda f: (f / "tokenizer.json").write_text("{}"), "tokenizer.json", ["tokenizer"]),
+    "tokenizer_not_json": (
+        lambda f: (f / "tokenizer.json").write_text("{not json"),
+        "tokenizer.json",
+        ["not valid JSON"],
+    ),
+    "tokenizer_json_not_a_tokenizer": (
+        lambda f: (f / "tokenizer.json").write_text("{}"),
+        "tokenizer.json",
+        ["tokenizer"],
+    ),
     "config_with_an_unknown_activation": (lambda f: edit_config(f, hidden_act="wiggle"), "config.json", ["wiggle"]),
-    "config_wants_more_layers": (lambda f: edit_config(f, num_hidden_layers=3), "", ["model.layers.2.", "random values"]),
-    "config_wants_other_shapes": (lambda f: edit_config(f, intermediate_size=96), "", ["'model.layers.0.mlp.down_proj.weight' is [64, 128]", "needs [64, 96]"]),
-    "nan_weights": (lambda f: with_state(f, lambda s: s["model.norm.weight"].fill_(float("nan"))), "", ["NaN logits", "text.txt", "token position 0 "]),
-    "infinite_weight": (lambda f: with_state(f, lambda s: s["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), float("inf"))), "", ["logits", "text.txt"]),
+    "config_wants_more_layers": (
+        lambda f: edit_config(f, num_hidden_layers=3),
+        "",
+        ["model.layers.2.", "random values"],
+    ),
+    "config_wants_other_shapes": (
+        lambda f: edit_config(f, intermediate_size=96),
+        "",
+        ["'model.layers.0.mlp.down_proj.weight' is [64, 128]", "needs [64, 96]"],
+    ),
+    "nan_weights": (
+        lambda f: with_state(f, lambda s: s["model.norm.weight"].fill_(float("nan"))),
+        "",
+        ["NaN logits", "text.txt", "token position 0 "],
+    ),
+    "infinite_weight": (
+        lambda f: with_state(f, lambda s: s["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), float("inf"))),
+        "",
+        ["logits", "text.txt"],
+    ),
 }
 
 

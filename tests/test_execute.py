@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_state, logits_of, save_tiny_model
 
 from composer.compose import compose_text
 from composer.execute import ExecutionOptions
 from composer.plan import build_plan
 from composer.plan.schedule import make_schedule
 from composer.recipe import parse_recipe
+from helpers import load_state, logits_of, save_tiny_model
 
 UPSCALE = """merge_method: passthrough
 slices:
@@ -27,7 +27,7 @@ SOURCE_LAYER = [0, 1, 2, 3, 2, 3, 4, 5]
 
 def _layer(state: dict, index: int) -> dict:
     prefix = f"model.layers.{index}."
-    return {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    return {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
 
 
 def test_upscale_reads_each_input_tensor_once(tmp_path: Path):
@@ -43,18 +43,31 @@ def test_unchanged_tensors_go_file_to_file_with_the_same_bytes(tmp_path: Path, o
     same output as read and written; and the same where the system cannot copy between the files (that
     run also flushed to the disk, as --fsync does)."""
     source = save_tiny_model(tmp_path / "src", layers=6)
-    read = compose_text(UPSCALE.format(model=source), tmp_path / "read", ExecutionOptions(progress=False, copy_files=False))
-    copied = compose_text(UPSCALE.format(model=source), tmp_path / "copied", ExecutionOptions(progress=False, overlap=overlap))
+    read = compose_text(
+        UPSCALE.format(model=source), tmp_path / "read", ExecutionOptions(progress=False, copy_files=False)
+    )
+    copied = compose_text(
+        UPSCALE.format(model=source), tmp_path / "copied", ExecutionOptions(progress=False, overlap=overlap)
+    )
     assert read.reads and not copied.reads
     assert copied.bytes_read == copied.bytes_written  # each output's bytes, copied from its input (shared layers twice)
     if hasattr(os, "copy_file_range"):
+
         def refuse(*arguments):
             raise OSError(18, "Invalid cross-device link")
 
         monkeypatch.setattr(os, "copy_file_range", refuse)
-    compose_text(UPSCALE.format(model=source), tmp_path / "buffered", ExecutionOptions(progress=False, overlap=overlap, durable=True))
+    compose_text(
+        UPSCALE.format(model=source),
+        tmp_path / "buffered",
+        ExecutionOptions(progress=False, overlap=overlap, durable=True),
+    )
     for shard in (tmp_path / "read").glob("*.safetensors"):
-        assert shard.read_bytes() == (tmp_path / "copied" / shard.name).read_bytes() == (tmp_path / "buffered" / shard.name).read_bytes()
+        assert (
+            shard.read_bytes()
+            == (tmp_path / "copied" / shard.name).read_bytes()
+            == (tmp_path / "buffered" / shard.name).read_bytes()
+        )
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -63,14 +76,20 @@ def test_copies_never_go_to_the_device(tmp_path: Path, overlap: bool):
     and back would fail to write): copies run on the CPU where they were read, the same bytes as on the CPU."""
     source = save_tiny_model(tmp_path / "src", layers=6)
     compose_text(UPSCALE.format(model=source), tmp_path / "cpu", ExecutionOptions(progress=False))
-    compose_text(UPSCALE.format(model=source), tmp_path / "meta", ExecutionOptions(progress=False, device="meta", overlap=overlap))
+    compose_text(
+        UPSCALE.format(model=source),
+        tmp_path / "meta",
+        ExecutionOptions(progress=False, device="meta", overlap=overlap),
+    )
     for shard in (tmp_path / "cpu").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "meta" / shard.name).read_bytes()
 
 
 def test_tiny_memory_budget_still_gives_exact_layers(tmp_path: Path):
     source = save_tiny_model(tmp_path / "src", layers=6)
-    report = compose_text(UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions(memory_budget=1, copy_files=False))
+    report = compose_text(
+        UPSCALE.format(model=source), tmp_path / "out", ExecutionOptions(memory_budget=1, copy_files=False)
+    )
     assert max(report.reads.values()) == 2  # nothing can be kept, so shared layers are read again
     source_state, out_state = load_state(source), load_state(tmp_path / "out")
     for index, source_index in enumerate(SOURCE_LAYER):
@@ -135,7 +154,9 @@ def test_an_error_inside_a_method_names_the_output_tensor_and_leaves_nothing(tmp
 @pytest.mark.parametrize("readers", [1, 3])
 def test_overlapped_path_writes_the_same_bytes_as_one_thing_at_a_time(tmp_path: Path, readers: int):
     """Read-ahead (by one thread or several) and background writes change when things happen, never what is written."""
-    models = {name: save_tiny_model(tmp_path / name, layers=6, seed=number) for number, name in enumerate(("base", "a", "b"))}
+    models = {
+        name: save_tiny_model(tmp_path / name, layers=6, seed=number) for number, name in enumerate(("base", "a", "b"))
+    }
     recipe = f"""merge_method: dare_ties
 base_model: {models['base']}
 slices:
@@ -150,11 +171,16 @@ slices:
 dtype: bfloat16
 random_seed: 3
 """
-    simple = compose_text(recipe, tmp_path / "simple", ExecutionOptions(overlap=False, shard_size=100_000, durable=True))  # fsynced
+    simple = compose_text(
+        recipe, tmp_path / "simple", ExecutionOptions(overlap=False, shard_size=100_000, durable=True)
+    )  # fsynced
     fast = compose_text(recipe, tmp_path / "fast", ExecutionOptions(overlap=True, shard_size=100_000, readers=readers))
     assert fast.reads == simple.reads and max(fast.reads.values()) == 1
     files = sorted(p.name for p in (tmp_path / "simple").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "fast").iterdir()) and len([f for f in files if f.endswith(".safetensors")]) > 1
+    assert (
+        files == sorted(p.name for p in (tmp_path / "fast").iterdir())
+        and len([f for f in files if f.endswith(".safetensors")]) > 1
+    )
     for name in files:
         assert (tmp_path / "simple" / name).read_bytes() == (tmp_path / "fast" / name).read_bytes(), name
 
@@ -193,8 +219,15 @@ def test_the_partial_folder_of_a_killed_run_is_cleared_by_the_next_run(tmp_path:
     alive = tmp_path / ".out.partial-1"
     alive.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys; d = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(d, fcntl.LOCK_EX); print(1, flush=True); sys.stdin.read()", str(alive)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; d = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(d, fcntl.LOCK_EX); print(1, flush=True); sys.stdin.read()",
+            str(alive),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "1"  # the lock is held
@@ -213,7 +246,11 @@ def test_whole_tensor_methods_declare_their_temporaries_to_the_schedule(tmp_path
     listed = "".join(f"  - model: {model}\n" for model in models)
     steps = {}
     for method in ("karcher", "linear"):
-        text = f"merge_method: {method}\nmodels:\n{listed}" + ("parameters: {weight: 1.0}\n" if method == "linear" else "") + "dtype: float32\n"
+        text = (
+            f"merge_method: {method}\nmodels:\n{listed}"
+            + ("parameters: {weight: 1.0}\n" if method == "linear" else "")
+            + "dtype: float32\n"
+        )
         plan = build_plan(parse_recipe(text), text)
         tensor = next(t for t in plan.tensors if t.name.endswith("mlp.up_proj.weight"))
         steps[method] = (tensor.operation.temporaries, step_bytes(plan, tensor), tensor.nbytes)
@@ -238,10 +275,21 @@ def chained_plan(source: Path, ran: list[int], fail_at: int | None = None):
 
     tensors = []
     for layer in range(12):
-        for role, operation in (("up", Operation(label="count", fn=lambda inputs, link=layer: step(link, inputs), chain=chain, link=layer)), ("down", COPY)):
+        for role, operation in (
+            ("up", Operation(label="count", fn=lambda inputs, link=layer: step(link, inputs), chain=chain, link=layer)),
+            ("down", COPY),
+        ):
             info = model.tensor_infos()[f"model.layers.{layer}.mlp.{role}_proj.weight"]
             tensors.append(PlannedTensor(info.name, info.shape, info.dtype, (TensorRef("m", info.name),), operation))
-    return Plan(tensors=tensors, sources={"m": model}, config={}, tokenizer_source=None, recipe_text="chain", method="test", parents=[])
+    return Plan(
+        tensors=tensors,
+        sources={"m": model},
+        config={},
+        tokenizer_source=None,
+        recipe_text="chain",
+        method="test",
+        parents=[],
+    )
 
 
 def test_a_chain_runs_in_its_order_holds_its_state_and_is_redone_whole_on_resume(tmp_path: Path):
@@ -258,8 +306,14 @@ def test_a_chain_runs_in_its_order_holds_its_state_and_is_redone_whole_on_resume
     execute(chained_plan(source, ran), tmp_path / "whole", ExecutionOptions(progress=False))
     assert ran == list(range(12))
     with pytest.raises(OSError):
-        execute(chained_plan(source, [], fail_at=7), tmp_path / "out", ExecutionOptions(progress=False, keep_partial=True))
+        execute(
+            chained_plan(source, [], fail_at=7), tmp_path / "out", ExecutionOptions(progress=False, keep_partial=True)
+        )
     ran.clear()
     report = execute(chained_plan(source, ran), tmp_path / "out", ExecutionOptions(progress=False))
-    assert ran == list(range(12)) and report.resumed > 0  # the copies were kept, the chain's seven finished steps done again
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (
+        ran == list(range(12)) and report.resumed > 0
+    )  # the copies were kept, the chain's seven finished steps done again
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()

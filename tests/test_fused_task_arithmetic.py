@@ -26,7 +26,9 @@ METHODS = {
     "dare_ties": dict(sparsification="random", consensus=True, rescale=True),
     "breadcrumbs": dict(sparsification="magnitude_outliers", gammas=[0.02, 0.05, 0.3]),
     "breadcrumbs_ties": dict(sparsification="magnitude_outliers", consensus=True, gammas=[0.02, 0.05, 0.3]),
-    "della": dict(sparsification="della_magprune", consensus=True, normalize=True, rescale=True, epsilons=[0.1, 0.2, 0.05]),
+    "della": dict(
+        sparsification="della_magprune", consensus=True, normalize=True, rescale=True, epsilons=[0.1, 0.2, 0.05]
+    ),
     "della_linear": dict(sparsification="della_magprune", rescale=True, epsilons=[0.1, 0.2, 0.05]),
 }
 OPTIONS = {
@@ -120,10 +122,14 @@ def test_density_one_and_empty_tensors():
             reference_generalized_task_arithmetic(models, base, [1, 1, 1], generator=1, **arguments),
         )
     empty = torch.empty(0, 4)
-    assert generalized_task_arithmetic([empty], empty, [1.0], sparsification="magnitude", densities=[0.5]).shape == (0, 4)
+    assert generalized_task_arithmetic([empty], empty, [1.0], sparsification="magnitude", densities=[0.5]).shape == (
+        0,
+        4,
+    )
 
 
 # --- the random stream of DARE and DELLA ------------------------------------------------------------
+
 
 def _splitmix64(key: int, index: int) -> int:
     """Word `index` of the splitmix64 stream of `key` (Steele, Lea & Flood 2014), in Python integers."""
@@ -151,7 +157,10 @@ def test_random_levels_drawn_in_pieces_equal_drawn_whole():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_random_levels_are_the_same_on_cuda():
-    assert torch.equal(draws_module.random_levels(100_003, -5, "cuda", offset=3).cpu(), draws_module.random_levels(100_003, -5, offset=3))
+    assert torch.equal(
+        draws_module.random_levels(100_003, -5, "cuda", offset=3).cpu(),
+        draws_module.random_levels(100_003, -5, offset=3),
+    )
 
 
 def test_random_masks_are_statistically_sound():
@@ -165,7 +174,7 @@ def test_random_masks_are_statistically_sound():
     masks = [draws_module.random_levels(n, key) < threshold for key in keys]
     p = (threshold + 32768) / 65536
     sigma = (p * (1 - p) / n) ** 0.5
-    limit = 4 / n ** 0.5  # 4 sigma of the correlation of independent draws
+    limit = 4 / n**0.5  # 4 sigma of the correlation of independent draws
 
     def correlation(a, b):  # of two boolean masks (the phi coefficient)
         both, count_a, count_b, total = int(torch.count_nonzero(a & b)), int(a.sum()), int(b.sum()), a.numel()

@@ -5,6 +5,8 @@ runs each on a small fixed, derandomised budget so CI is quick and reproducible.
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+
 from fuzz_properties import (
     check_config,
     check_gguf,
@@ -15,11 +17,15 @@ from fuzz_properties import (
     recipe_texts,
     safetensors_files,
 )
-from hypothesis import HealthCheck, given, settings
 
 # deadline=None: the properties bound each input's time themselves (fuzz_properties.TIME_LIMIT), with a limit
 # that a loaded CI machine does not trip but a hang does; hypothesis' own deadline is flaky under load
-FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def budget(examples: int) -> settings:

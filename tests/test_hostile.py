@@ -20,11 +20,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BYTE_LEVEL_SPECIAL, byte_level_tokenizer, compose_in_process, load_state, save_fine_tune, save_tiny_model, tiny_model_with_tokenizer
 
 from composer.compose import compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
+from helpers import (
+    BYTE_LEVEL_SPECIAL,
+    byte_level_tokenizer,
+    compose_in_process,
+    load_state,
+    save_fine_tune,
+    save_tiny_model,
+    tiny_model_with_tokenizer,
+)
 
 QUIET = ExecutionOptions(progress=False)
 
@@ -34,7 +42,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hostile-models")
     base = tiny_model_with_tokenizer(root / "base", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=0)
     found = {"base": base, "ft": save_fine_tune(base, root / "ft", seed=1)}
-    gpt2 = save_tiny_model(root / "gpt2", "gpt2", layers=2, seed=2, vocab_size=json.loads((base / "config.json").read_text())["vocab_size"])
+    gpt2 = save_tiny_model(
+        root / "gpt2", "gpt2", layers=2, seed=2, vocab_size=json.loads((base / "config.json").read_text())["vocab_size"]
+    )
     for path in base.iterdir():
         if "token" in path.name:
             shutil.copy(path, gpt2 / path.name)
@@ -48,8 +58,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def linear(first, second, extra: str = "") -> str:
-    return (f"merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 0.5}}\n"
-            f"  - model: {second}\n    parameters: {{weight: 0.5}}\n{extra}")
+    return (
+        f"merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {second}\n    parameters: {{weight: 0.5}}\n{extra}"
+    )
 
 
 def cli(monkeypatch, capsys, folder: Path, *arguments) -> tuple[int, str, str]:
@@ -65,7 +77,9 @@ def refused(code: int, out: str, err: str) -> str:
     assert code == 2, f"exit {code}:\n{out}\n{err}"
     assert "Traceback" not in out + err and "internal error" not in err, err
     text = err.strip()
-    assert text.startswith("error:") and all(line.strip() for line in text.splitlines()), f"not one error paragraph:\n{err}"
+    assert text.startswith("error:") and all(line.strip() for line in text.splitlines()), (
+        f"not one error paragraph:\n{err}"
+    )
     assert out.strip() == "", out
     return " ".join(text.split())
 
@@ -89,13 +103,20 @@ def copy_with_config(source: Path, folder: Path, **changes) -> Path:
     "text, words",
     [
         # YAML booleans passed as the layer indices 0 and 1
-        ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [false, true]\n",
-         ("line 5", "layer_range[0]", "whole number, not false")),
+        (
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [false, true]\n",
+            ("line 5", "layer_range[0]", "whole number, not false"),
+        ),
         # '' is the current folder: the error blamed the output for lying inside it
         ("merge_method: linear\nmodels:\n  - model: ''\n", ("line 3", "models[0].model", "at least 1 character")),
-        ("merge_method: linear\nmodels: [{model: a}]\ntokenizer:\n  source: base\n  pad_to_multiple_of: 1000000000\n",
-         ("line 5", "tokenizer.pad_to_multiple_of", "65536")),
-        ("merge_method: linear\nmodels: [{model: a}]\nchat_template: '{% for x in %}'\n", ("line 3", "chat_template", "not valid Jinja")),
+        (
+            "merge_method: linear\nmodels: [{model: a}]\ntokenizer:\n  source: base\n  pad_to_multiple_of: 1000000000\n",
+            ("line 5", "tokenizer.pad_to_multiple_of", "65536"),
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: a}]\nchat_template: '{% for x in %}'\n",
+            ("line 3", "chat_template", "not valid Jinja"),
+        ),
     ],
 )
 def test_recipe_values_that_ran_or_misled_are_refused_by_key_and_line(text, words):
@@ -109,7 +130,9 @@ def test_recipe_values_that_ran_or_misled_are_refused_by_key_and_line(text, word
 def test_moe_recipe_refuses_a_blank_prompt_and_a_broken_template():
     from composer.moe.schema import parse_moe_config
 
-    experts = "experts:\n  - source_model: a\n    positive_prompts: ['   ']\n  - source_model: b\n    positive_prompts: [b]\n"
+    experts = (
+        "experts:\n  - source_model: a\n    positive_prompts: ['   ']\n  - source_model: b\n    positive_prompts: [b]\n"
+    )
     with pytest.raises(ComposerError, match=r"line 4: 'experts\[0\].positive_prompts': prompt '   ' has no text"):
         parse_moe_config("base_model: a\n" + experts, "recipe.yml")
     with pytest.raises(ComposerError, match="'chat_template': not a known template name"):
@@ -120,7 +143,10 @@ def test_a_custom_chat_template_that_parses_is_kept():
     from composer.recipe import parse_recipe
 
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    assert parse_recipe(f"merge_method: linear\nmodels: [{{model: a}}]\nchat_template: '{template}'\n").chat_template == template
+    assert (
+        parse_recipe(f"merge_method: linear\nmodels: [{{model: a}}]\nchat_template: '{template}'\n").chat_template
+        == template
+    )
 
 
 def test_an_output_key_through_a_link_cannot_leave_the_recipe_folder(tmp_path):
@@ -132,8 +158,16 @@ def test_an_output_key_through_a_link_cannot_leave_the_recipe_folder(tmp_path):
     (tmp_path / "recipes" / "escape").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "recipes" / "inside").symlink_to(tmp_path / "recipes")
     with pytest.raises(ComposerError, match="points outside the recipe's folder"):
-        resolve_output(parse_recipe("merge_method: linear\nmodels: [{model: a}]\noutput: escape/out\n"), None, tmp_path / "recipes" / "r.yml")
-    inside = resolve_output(parse_recipe("merge_method: linear\nmodels: [{model: a}]\noutput: inside/out\n"), None, tmp_path / "recipes" / "r.yml")
+        resolve_output(
+            parse_recipe("merge_method: linear\nmodels: [{model: a}]\noutput: escape/out\n"),
+            None,
+            tmp_path / "recipes" / "r.yml",
+        )
+    inside = resolve_output(
+        parse_recipe("merge_method: linear\nmodels: [{model: a}]\noutput: inside/out\n"),
+        None,
+        tmp_path / "recipes" / "r.yml",
+    )
     assert inside == tmp_path / "recipes" / "inside" / "out"
 
 
@@ -146,7 +180,10 @@ def test_an_output_key_through_a_link_cannot_leave_the_recipe_folder(tmp_path):
         (dict(num_hidden_layers="abc"), ("'m'", "'num_hidden_layers' as 'abc'")),
         (dict(num_hidden_layers=-1), ("'m'", "'num_hidden_layers' as -1")),
         (dict(num_hidden_layers=True), ("'m'", "'num_hidden_layers' as True")),
-        (dict(num_hidden_layers=10**12), ("'m'", "1000000000000", "no tensors of layer 999999999999")),  # planned a trillion layers
+        (
+            dict(num_hidden_layers=10**12),
+            ("'m'", "1000000000000", "no tensors of layer 999999999999"),
+        ),  # planned a trillion layers
         (dict(tie_word_embeddings="yes"), ("'m'", "tie_word_embeddings")),  # StrictDataclassFieldValidationError
         (dict(torch_dtype="float99", dtype="float99"), ("'m'", "float99")),  # AttributeError from torch
         (dict(num_attention_heads=5), ("'m'", "attention heads")),  # StrictDataclassClassValidationError
@@ -154,7 +191,9 @@ def test_an_output_key_through_a_link_cannot_leave_the_recipe_folder(tmp_path):
         (dict(hidden_size=96), ("'m'", "model.embed_tokens.weight", "config.json does not describe its weights")),
     ],
 )
-def test_a_config_json_transformers_or_its_weights_reject_is_one_error_naming_the_model(models, tmp_path, changes, words):
+def test_a_config_json_transformers_or_its_weights_reject_is_one_error_naming_the_model(
+    models, tmp_path, changes, words
+):
     copy_with_config(models["base"], tmp_path / "m", **changes)
     recipe = "merge_method: linear\nmodels:\n  - model: m\n    parameters: {weight: 1}\n"
     with pytest.raises(ComposerError) as caught:
@@ -176,7 +215,9 @@ def test_integer_tensors_are_never_blended(models, tmp_path, dtype):
         compose_text(linear(models["base"], model), tmp_path / "out", QUIET)
     message = str(caught.value)
     assert "model.layers.0.mlp.up_proj.weight" in message and str(model) in message and "not floating point" in message
-    passthrough = f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {model}\n        layer_range: [0, 2]\n"
+    passthrough = (
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {model}\n        layer_range: [0, 2]\n"
+    )
     compose_text(passthrough, tmp_path / "copied", QUIET)  # copying such a tensor unchanged stays possible
     assert load_state(tmp_path / "copied")["model.layers.0.mlp.up_proj.weight"].dtype == dtype
 
@@ -194,7 +235,9 @@ def test_a_glob_character_in_out_never_touches_other_outputs_hidden_folders(mode
     (kept / "model.safetensors").write_bytes(b"resumable work")
     (aside / "config.json").write_text("{}")
     compose_text(linear(models["base"], models["ft"]), tmp_path / "o*", QUIET)
-    assert (kept / "model.safetensors").read_bytes() == b"resumable work" and (aside / "config.json").read_text() == "{}"
+    assert (kept / "model.safetensors").read_bytes() == b"resumable work" and (
+        aside / "config.json"
+    ).read_text() == "{}"
     assert (tmp_path / "o*" / "model.safetensors").is_file()
 
 
@@ -282,7 +325,10 @@ def test_eval_refuses_a_text_of_one_token(models, tmp_path, monkeypatch, capsys)
 @pytest.mark.parametrize(
     "damage, words",
     [
-        (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000]), ("model.safetensors", "truncated")),
+        (
+            lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000]),
+            ("model.safetensors", "truncated"),
+        ),
         (lambda m: (m / "tokenizer.json").write_text('{"model": 5}'), ("tokenizer",)),
     ],
 )
@@ -302,8 +348,15 @@ def test_route_refuses_a_model_without_routers_of_any_layout(models, tmp_path, m
     assert "GPT2LMHeadModel has no decoder layers with routers" in message
 
 
-@pytest.mark.parametrize("png, words", [("map.txt", ("--png map.txt", "'.txt'")), ("map", ("--png map", "no extension")),
-                                        ("folder", ("--png folder is a folder",)), ("no/map.png", ("does not exist",))])
+@pytest.mark.parametrize(
+    "png, words",
+    [
+        ("map.txt", ("--png map.txt", "'.txt'")),
+        ("map", ("--png map", "no extension")),
+        ("folder", ("--png folder is a folder",)),
+        ("no/map.png", ("does not exist",)),
+    ],
+)
 def test_route_checks_the_png_path_before_it_measures(models, tmp_path, monkeypatch, capsys, png, words):
     """Pillow's 'unknown file extension' came as an internal error after the whole measurement (or a table, then an error)."""
     (tmp_path / "folder").mkdir()
@@ -313,21 +366,40 @@ def test_route_checks_the_png_path_before_it_measures(models, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("content, words", [("{not json", ("JSONDecodeError",)), ("{}", ("KeyError", "added_tokens"))])
-def test_a_donor_with_a_broken_tokenizer_is_named_by_its_own_files(models, tmp_path, monkeypatch, capsys, content, words):
+def test_a_donor_with_a_broken_tokenizer_is_named_by_its_own_files(
+    models, tmp_path, monkeypatch, capsys, content, words
+):
     """The message named the temporary folder the files were copied into, or was an internal KeyError."""
     donor = tmp_path / "donor"
     donor.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(models["base"] / name, donor / name)
     (donor / "tokenizer.json").write_text(content)
-    message = refused(*cli(monkeypatch, capsys, tmp_path, "transplant", models["base"], "out", "--tokenizer", "donor", "--no-progress"))
+    message = refused(
+        *cli(
+            monkeypatch, capsys, tmp_path, "transplant", models["base"], "out", "--tokenizer", "donor", "--no-progress"
+        )
+    )
     assert "donor/tokenizer.json" in message and "composer-tokenizer-" not in message
     assert all(word in message for word in words), message
 
 
 def test_transplant_refuses_a_padding_that_would_exhaust_memory(models, tmp_path, monkeypatch, capsys):
-    message = refused(*cli(monkeypatch, capsys, tmp_path, "transplant", models["base"], "out", "--tokenizer", models["base"],
-                           "--pad-to-multiple-of", "1000000000", "--no-progress"))
+    message = refused(
+        *cli(
+            monkeypatch,
+            capsys,
+            tmp_path,
+            "transplant",
+            models["base"],
+            "out",
+            "--tokenizer",
+            models["base"],
+            "--pad-to-multiple-of",
+            "1000000000",
+            "--no-progress",
+        )
+    )
     assert "--pad-to-multiple-of" in message and "65536" in message
 
 
@@ -346,9 +418,18 @@ def adapter(models, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "edit, words",
     [
-        (lambda text: text.replace('"lora_alpha": 2', '"lora_alpha": NaN'), ("'lora_alpha' must be a positive number (got nan)",)),
-        (lambda text: text.replace('"rank_pattern": {}', '"rank_pattern": {"q_proj": "x"}'), ("'rank_pattern.q_proj' must be a positive number",)),
-        (lambda text: text.replace('"alpha_pattern": {}', '"alpha_pattern": [1, 2]'), ("'alpha_pattern' must map module name patterns",)),
+        (
+            lambda text: text.replace('"lora_alpha": 2', '"lora_alpha": NaN'),
+            ("'lora_alpha' must be a positive number (got nan)",),
+        ),
+        (
+            lambda text: text.replace('"rank_pattern": {}', '"rank_pattern": {"q_proj": "x"}'),
+            ("'rank_pattern.q_proj' must be a positive number",),
+        ),
+        (
+            lambda text: text.replace('"alpha_pattern": {}', '"alpha_pattern": [1, 2]'),
+            ("'alpha_pattern' must map module name patterns",),
+        ),
     ],
 )
 def test_adapter_configs_with_odd_numbers_are_refused(models, adapter, tmp_path, edit, words):
@@ -356,10 +437,14 @@ def test_adapter_configs_with_odd_numbers_are_refused(models, adapter, tmp_path,
     (copy / "adapter_config.json").write_text(edit((copy / "adapter_config.json").read_text()))
     with pytest.raises(ComposerError) as caught:
         compose_text(linear(f"{models['base']}+{copy}", models["ft"]), tmp_path / "out", QUIET)
-    assert str(copy / "adapter_config.json") in str(caught.value) and all(word in str(caught.value) for word in words), str(caught.value)
+    assert str(copy / "adapter_config.json") in str(caught.value) and all(
+        word in str(caught.value) for word in words
+    ), str(caught.value)
 
 
-@pytest.mark.parametrize("change, words", [("nan", ("holds NaN or infinite values",)), ("int8", ("torch.int8, not floating point",))])
+@pytest.mark.parametrize(
+    "change, words", [("nan", ("holds NaN or infinite values",)), ("int8", ("torch.int8, not floating point",))]
+)
 def test_extract_lora_refuses_what_has_no_low_rank_approximation(models, tmp_path, change, words):
     from safetensors.torch import save_file
 
@@ -380,7 +465,13 @@ def test_extract_lora_refuses_what_has_no_low_rank_approximation(models, tmp_pat
 
 
 def run_cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "composer.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_what_used_to_hang_ends(models, tmp_path):
@@ -391,7 +482,9 @@ def test_what_used_to_hang_ends(models, tmp_path):
     (tmp_path / "p.txt").write_text("word " * 200_000 + "\n")
     with ThreadPoolExecutor(2) as pool:
         scored = pool.submit(run_cli, "eval", model, "--text", "t.txt", cwd=tmp_path)
-        routed = pool.submit(run_cli, "route", models["moe"], "--prompts", "p.txt", "--png", "map.png", "--totals", cwd=tmp_path)
+        routed = pool.submit(
+            run_cli, "route", models["moe"], "--prompts", "p.txt", "--png", "map.png", "--totals", cwd=tmp_path
+        )
         scored, routed = scored.result(), routed.result()
     assert scored.returncode == 2 and "max_position_embeddings 1" in " ".join(scored.stderr.split()), scored.stderr
     assert routed.returncode == 0, routed.stderr

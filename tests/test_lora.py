@@ -12,8 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from helpers import load_state, logits_of, save_tiny_model
 from test_sources import hub_cache  # noqa: F401  (a fixture: a fake, offline Hugging Face cache)
 
 from composer.compose import compose_text
@@ -21,6 +19,7 @@ from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.extract_lora import extract_lora, low_rank_factors
 from composer.sources import open_source
+from helpers import load_state, logits_of, save_tiny_model
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -37,7 +36,9 @@ def peft_model(base: Path, adapter: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter)).eval()
+    return PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter)
+    ).eval()
 
 
 def train_free_adapter(base: Path, out: Path, safe: bool = True, **settings) -> Path:
@@ -46,7 +47,10 @@ def train_free_adapter(base: Path, out: Path, safe: bool = True, **settings) -> 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(7)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), LoraConfig(init_lora_weights=False, **settings))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+        LoraConfig(init_lora_weights=False, **settings),
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".modules_to_save." in name or "lora_B" in name and name.endswith("bias"):
@@ -136,7 +140,9 @@ def edit_config(adapter: Path, **changes) -> None:
 
 def rename_module(adapter: Path, old: str, new: str) -> None:
     state = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file({name.replace(old, new): tensor for name, tensor in state.items()}, str(adapter / "adapter_model.safetensors"))
+    save_file(
+        {name.replace(old, new): tensor for name, tensor in state.items()}, str(adapter / "adapter_model.safetensors")
+    )
 
 
 def test_unmergeable_adapters_are_refused_when_opened(tmp_path):
@@ -158,15 +164,30 @@ def test_unmergeable_adapters_are_refused_when_opened(tmp_path):
     cases.append((ia3, r"peft_type is IA3"))
     absent = broken("absent")
     rename_module(absent, "q_proj", "x_proj")
-    cases.append((absent, r"adapter_model.safetensors: adapter tensor '.*x_proj.lora_A.weight' changes 'model.layers.0.self_attn.x_proj.weight', which base"))
+    cases.append(
+        (
+            absent,
+            r"adapter_model.safetensors: adapter tensor '.*x_proj.lora_A.weight' changes 'model.layers.0.self_attn.x_proj.weight', which base",
+        )
+    )
     rank = broken("rank")
     edit_config(rank, rank_pattern={"k_proj": 3})
-    cases.append((rank, r"adapter tensor '.*k_proj.lora_A.weight' and '.*k_proj.lora_B.weight' have shapes \[2, 64\] and \[32, 2\], but adapter_config.json gives module '.*k_proj' rank 3"))
+    cases.append(
+        (
+            rank,
+            r"adapter tensor '.*k_proj.lora_A.weight' and '.*k_proj.lora_B.weight' have shapes \[2, 64\] and \[32, 2\], but adapter_config.json gives module '.*k_proj' rank 3",
+        )
+    )
     shape = broken("shape")
     state = load_file(str(shape / "adapter_model.safetensors"))
     state[q_a] = torch.zeros(2, 48)
     save_file(state, str(shape / "adapter_model.safetensors"))
-    cases.append((shape, r"make a \[64, 48\] update, but 'model.layers.0.self_attn.q_proj.weight' in the base has shape \[64, 64\]"))
+    cases.append(
+        (
+            shape,
+            r"make a \[64, 48\] update, but 'model.layers.0.self_attn.q_proj.weight' in the base has shape \[64, 64\]",
+        )
+    )
     lonely = broken("lonely")
     state = load_file(str(lonely / "adapter_model.safetensors"))
     del state[q_a.replace("lora_A", "lora_B")]
@@ -184,11 +205,15 @@ def test_unmergeable_adapters_are_refused_when_opened(tmp_path):
 # --- extract-lora -------------------------------------------------------------------------------------
 
 
-def plant_low_rank(state: dict[str, torch.Tensor], names: list[str], rank: int, seed: int = 1, transposed: bool = False) -> None:
+def plant_low_rank(
+    state: dict[str, torch.Tensor], names: list[str], rank: int, seed: int = 1, transposed: bool = False
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     for name in names:
         rows, columns = state[name].shape
-        state[name] = state[name] + 0.05 * torch.randn(rows, rank, generator=generator) @ torch.randn(rank, columns, generator=generator)
+        state[name] = state[name] + 0.05 * torch.randn(rows, rank, generator=generator) @ torch.randn(
+            rank, columns, generator=generator
+        )
 
 
 def fine_tune_of(base: Path, out: Path, names_of=lambda state: [], embeddings: bool = False, rank: int = 4) -> Path:
@@ -226,6 +251,7 @@ def test_extracted_adapter_reproduces_planted_fine_tune(tmp_path, model_type, ti
     composed = passthrough(f"{base}+{tmp_path / 'adapter'}", tmp_path / "composed")  # and back through compose
     torch.testing.assert_close(logits_of(composed, IDS), expected, rtol=0, atol=2e-5)
 
+
 def test_an_extraction_that_died_resumes_to_the_same_adapter_and_report(tmp_path, monkeypatch):
     """extract-lora runs through the executor: a run that dies leaves its finished factors (kept here as a killed
     run's would be), and the next run factors only the rest, writes the same bytes and reports the same errors."""
@@ -256,11 +282,14 @@ def test_an_extraction_that_died_resumes_to_the_same_adapter_and_report(tmp_path
     resumed = extract_lora(str(finetune), str(base), tmp_path / "adapter", 2, progress=False)
     assert 0 < len(factored) < len(whole.errors)
     assert resumed.errors == whole.errors and list(resumed.errors) == list(whole.errors)
-    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     for path in (tmp_path / "whole").iterdir():
         assert path.read_bytes() == (tmp_path / "adapter" / path.name).read_bytes()
     assert not list(tmp_path.glob(".adapter.partial-*"))
-
 
 
 def test_lower_rank_reports_larger_error(tmp_path):
@@ -281,7 +310,9 @@ def test_low_rank_factors_are_the_truncated_svd():
         assert a.shape == (rank, 200) and b.shape == (300, rank)
         best = (singular[rank:].square().sum() / singular.square().sum()).sqrt().item()  # Eckart-Young
         assert best * (1 - 1e-5) <= error <= best * 1.01
-        assert error == pytest.approx((torch.linalg.matrix_norm(delta - b @ a) / torch.linalg.matrix_norm(delta)).item(), rel=1e-4)
+        assert error == pytest.approx(
+            (torch.linalg.matrix_norm(delta - b @ a) / torch.linalg.matrix_norm(delta)).item(), rel=1e-4
+        )
         torch.testing.assert_close(a.norm(dim=1), b.norm(dim=0))  # sqrt(S) on each side
 
 
@@ -312,10 +343,17 @@ def test_extract_lora_cli(tmp_path):
     assert run("--rank", 2, "--force")[0] == 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
 
-    assert run("--rank", 40, "--force") == (2, f"error: --rank 40 is larger than tensor 'model.layers.0.self_attn.k_proj.weight' allows (shape [32, 64]: at most rank 32); choose a rank of at most 32.")
+    assert run("--rank", 40, "--force") == (
+        2,
+        "error: --rank 40 is larger than tensor 'model.layers.0.self_attn.k_proj.weight' allows (shape [32, 64]: at most rank 32); choose a rank of at most 32.",
+    )
     assert run("--rank", 0, "--force")[0] == 2
     code, said = run("--rank", 2, "--force", "--modules", "qkv")
-    assert code == 2 and "'qkv' matches no linear layer weight; the layers have down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in said
+    assert (
+        code == 2
+        and "'qkv' matches no linear layer weight; the layers have down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+        in said
+    )
 
     wider = save_tiny_model(tmp_path / "wider", "llama", layers=2, intermediate_size=96)
     code, said = run("--rank", 2, finetune=wider, out=tmp_path / "x")
@@ -329,7 +367,11 @@ def test_extract_lora_cli(tmp_path):
 
 @pytest.mark.real_model
 def test_smollm2_extract_and_compose_round_trip(tmp_path, smollm2_dir):
-    planted = ["model.layers.0.self_attn.q_proj.weight", "model.layers.7.mlp.down_proj.weight", "model.layers.29.self_attn.v_proj.weight"]
+    planted = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.7.mlp.down_proj.weight",
+        "model.layers.29.self_attn.v_proj.weight",
+    ]
     finetune = tmp_path / "finetune"
     finetune.mkdir()
     for path in smollm2_dir.iterdir():
@@ -340,7 +382,14 @@ def test_smollm2_extract_and_compose_round_trip(tmp_path, smollm2_dir):
     save_file(state, str(finetune / "model.safetensors"), metadata={"format": "pt"})
     del state
 
-    report = extract_lora(str(finetune), str(smollm2_dir), tmp_path / "adapter", 2, modules=["q_proj", "v_proj", "down_proj"], progress=False)
+    report = extract_lora(
+        str(finetune),
+        str(smollm2_dir),
+        tmp_path / "adapter",
+        2,
+        modules=["q_proj", "v_proj", "down_proj"],
+        progress=False,
+    )
     assert len(report.errors) == 90 and report.worst[1] < 1e-4
     ids = torch.tensor([[1, 504, 3458, 314, 260, 2503, 30, 378, 3797, 7658, 28, 11387]])
     model = peft_model(smollm2_dir, tmp_path / "adapter")
@@ -355,13 +404,16 @@ def test_smollm2_extract_and_compose_round_trip(tmp_path, smollm2_dir):
     torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-3)
 
     composed = passthrough(f"{smollm2_dir}+{tmp_path / 'adapter'}", tmp_path / "composed")
-    with safe_open(str(composed / "model.safetensors"), "pt") as merged, safe_open(str(finetune / "model.safetensors"), "pt") as wanted:
+    with (
+        safe_open(str(composed / "model.safetensors"), "pt") as merged,
+        safe_open(str(finetune / "model.safetensors"), "pt") as wanted,
+    ):
         for name in planted + ["model.layers.3.self_attn.q_proj.weight"]:
             torch.testing.assert_close(merged.get_tensor(name), wanted.get_tensor(name), rtol=0, atol=1e-5)
     assert (composed / "tokenizer.json").is_file()
 
 
-def test_hub_base_and_hub_adapter(tmp_path, hub_cache):
+def test_hub_base_and_hub_adapter(tmp_path, hub_cache):  # noqa: F811  (the fixture imported above)
     from test_sources import COMMIT_DEV, COMMIT_MAIN, _cache_model
 
     base = save_tiny_model(tmp_path / "base", "llama", layers=1)

@@ -25,7 +25,9 @@ from composer.compose import compose_text
 from composer.execute import ExecutionOptions
 from helpers import load_state, save_fine_tune, save_tiny_model
 
-mergekit_merge = pytest.importorskip("mergekit.merge", reason="mergekit is not importable (it is never a dependency of composer)")
+mergekit_merge = pytest.importorskip(
+    "mergekit.merge", reason="mergekit is not importable (it is never a dependency of composer)"
+)
 
 FAMILIES = ("llama", "qwen3")
 LAYERS = 4
@@ -42,7 +44,9 @@ def weighted(*entries: tuple[str, str]) -> str:
 
 
 TWO_WEIGHTED = weighted(("ft1", "weight: 0.7"), ("ft2", "weight: 0.4"))
-THREE_SPARSE = weighted(("ft1", "weight: 0.6, density: 0.5"), ("ft2", "weight: 0.3, density: 0.7"), ("ft3", "weight: 0.5, density: 0.4"))
+THREE_SPARSE = weighted(
+    ("ft1", "weight: 0.6, density: 0.5"), ("ft2", "weight: 0.3, density: 0.7"), ("ft3", "weight: 0.5, density: 0.4")
+)
 BASE = "base_model: {base}\n"
 FLOAT32 = "dtype: float32\n"
 
@@ -50,34 +54,80 @@ FLOAT32 = "dtype: float32\n"
 DETERMINISTIC = {
     "linear": "merge_method: linear\n" + TWO_WEIGHTED + FLOAT32,
     "linear_unnormalized": "merge_method: linear\n" + TWO_WEIGHTED + "parameters:\n  normalize: false\n" + FLOAT32,
-    "slerp": "merge_method: slerp\n" + BASE + weighted(("base", ""), ("ft1", "")) + "parameters:\n  t: 0.35\n" + FLOAT32,
+    "slerp": "merge_method: slerp\n"
+    + BASE
+    + weighted(("base", ""), ("ft1", ""))
+    + "parameters:\n  t: 0.35\n"
+    + FLOAT32,
     "slerp_gradients": (
-        "merge_method: slerp\n" + BASE + weighted(("base", ""), ("ft1", ""))
+        "merge_method: slerp\n"
+        + BASE
+        + weighted(("base", ""), ("ft1", ""))
         + "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
-        + "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n" + FLOAT32
+        + "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n"
+        + FLOAT32
     ),
     "nuslerp": "merge_method: nuslerp\n" + TWO_WEIGHTED + FLOAT32,
-    "nuslerp_rows_with_base": "merge_method: nuslerp\n" + BASE + TWO_WEIGHTED + "parameters:\n  nuslerp_flatten: false\n  nuslerp_row_wise: true\n" + FLOAT32,
-    "multislerp": "merge_method: multislerp\n" + weighted(("ft1", "weight: 1.0"), ("ft2", "weight: 2.0"), ("ft3", "weight: 0.5")) + FLOAT32,
+    "nuslerp_rows_with_base": "merge_method: nuslerp\n"
+    + BASE
+    + TWO_WEIGHTED
+    + "parameters:\n  nuslerp_flatten: false\n  nuslerp_row_wise: true\n"
+    + FLOAT32,
+    "multislerp": "merge_method: multislerp\n"
+    + weighted(("ft1", "weight: 1.0"), ("ft2", "weight: 2.0"), ("ft3", "weight: 0.5"))
+    + FLOAT32,
     "multislerp_with_base": "merge_method: multislerp\n" + BASE + TWO_WEIGHTED + FLOAT32,
-    "karcher": "merge_method: karcher\n" + weighted(("ft1", ""), ("ft2", ""), ("ft3", "")) + "parameters:\n  max_iter: 20\n  tol: 1.0e-7\n" + FLOAT32,
-    "task_arithmetic": "merge_method: task_arithmetic\n" + BASE + TWO_WEIGHTED + "parameters:\n  lambda: 0.8\n" + FLOAT32,
+    "karcher": "merge_method: karcher\n"
+    + weighted(("ft1", ""), ("ft2", ""), ("ft3", ""))
+    + "parameters:\n  max_iter: 20\n  tol: 1.0e-7\n"
+    + FLOAT32,
+    "task_arithmetic": "merge_method: task_arithmetic\n"
+    + BASE
+    + TWO_WEIGHTED
+    + "parameters:\n  lambda: 0.8\n"
+    + FLOAT32,
     "ties": "merge_method: ties\n" + BASE + THREE_SPARSE + FLOAT32,
-    "ties_rescaled_unnormalized": "merge_method: ties\n" + BASE + THREE_SPARSE + "parameters:\n  normalize: false\n  rescale: true\n  lambda: 1.2\n" + FLOAT32,
+    "ties_rescaled_unnormalized": "merge_method: ties\n"
+    + BASE
+    + THREE_SPARSE
+    + "parameters:\n  normalize: false\n  rescale: true\n  lambda: 1.2\n"
+    + FLOAT32,
     "breadcrumbs": "merge_method: breadcrumbs\n" + BASE + THREE_SPARSE + "parameters:\n  gamma: 0.05\n" + FLOAT32,
-    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\n" + BASE + THREE_SPARSE + "parameters:\n  gamma: 0.02\n" + FLOAT32,
-    "sce": "merge_method: sce\n" + BASE + weighted(("ft1", ""), ("ft2", ""), ("ft3", "")) + "parameters:\n  select_topk: 0.5\n" + FLOAT32,
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\n"
+    + BASE
+    + THREE_SPARSE
+    + "parameters:\n  gamma: 0.02\n"
+    + FLOAT32,
+    "sce": "merge_method: sce\n"
+    + BASE
+    + weighted(("ft1", ""), ("ft2", ""), ("ft3", ""))
+    + "parameters:\n  select_topk: 0.5\n"
+    + FLOAT32,
     "model_stock": "merge_method: model_stock\n" + BASE + weighted(("ft1", ""), ("ft2", ""), ("ft3", "")) + FLOAT32,
-    "model_stock_filter_wise": "merge_method: model_stock\n" + BASE + weighted(("ft1", ""), ("ft3", "")) + "parameters:\n  filter_wise: true\n" + FLOAT32,
-    "nearswap": "merge_method: nearswap\n" + BASE + weighted(("base", ""), ("ft1", "")) + "parameters:\n  t: 0.01\n" + FLOAT32,
+    "model_stock_filter_wise": "merge_method: model_stock\n"
+    + BASE
+    + weighted(("ft1", ""), ("ft3", ""))
+    + "parameters:\n  filter_wise: true\n"
+    + FLOAT32,
+    "nearswap": "merge_method: nearswap\n"
+    + BASE
+    + weighted(("base", ""), ("ft1", ""))
+    + "parameters:\n  t: 0.01\n"
+    + FLOAT32,
     "arcee_fusion": "merge_method: arcee_fusion\n" + BASE + weighted(("base", ""), ("ft1", "")) + FLOAT32,
     "ram": "merge_method: ram\n" + BASE + weighted(("ft2", ""), ("ft3", "")) + FLOAT32,
-    "ramplus_tl": "merge_method: ramplus_tl\n" + BASE + weighted(("ft2", ""), ("ft3", "")) + "parameters:\n  r: 0.3\n  alpha: 0.5\n" + FLOAT32,
+    "ramplus_tl": "merge_method: ramplus_tl\n"
+    + BASE
+    + weighted(("ft2", ""), ("ft3", ""))
+    + "parameters:\n  r: 0.3\n  alpha: 0.5\n"
+    + FLOAT32,
     "passthrough_slices": (
         "merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 3]\n"
         "  - sources:\n      - model: {ft2}\n        layer_range: [1, 4]\n" + FLOAT32
     ),
-    "linear_gradient_weights": "merge_method: linear\n" + weighted(("ft1", "weight: [0.9, 0.1]"), ("ft2", "weight: 0.5")) + FLOAT32,
+    "linear_gradient_weights": "merge_method: linear\n"
+    + weighted(("ft1", "weight: [0.9, 0.1]"), ("ft2", "weight: 0.5"))
+    + FLOAT32,
     "linear_slices_per_slice_weights": (
         "merge_method: linear\nslices:\n"
         "  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.2}}\n"
@@ -107,7 +157,10 @@ KNOWN_GAPS = {
     "sce": "rounding",
 }
 MERGEKIT_FAILS = {
-    ("qwen3", "passthrough_slices"): "mergekit 0.1.5 keeps qwen3's 4 layer_types for the 6 output layers, and transformers 5 refuses to save that config",
+    (
+        "qwen3",
+        "passthrough_slices",
+    ): "mergekit 0.1.5 keeps qwen3's 4 layer_types for the 6 output layers, and transformers 5 refuses to save that config",
 }
 STATISTICS_MIN_SIZE = 4096  # tensors this large have stable kept-share and norm statistics
 
@@ -164,7 +217,10 @@ def test_deterministic_methods_are_bit_identical_to_mergekit(models, tmp_path, c
     config = DETERMINISTIC[case].format(**models)
     ours, theirs = run_composer(config, tmp_path / "composer"), run_mergekit(config, tmp_path / "mergekit")
     assert ours.keys() == theirs.keys()
-    assert all(ours[name].dtype == tensor.dtype == torch.float32 and ours[name].shape == tensor.shape for name, tensor in theirs.items())
+    assert all(
+        ours[name].dtype == tensor.dtype == torch.float32 and ours[name].shape == tensor.shape
+        for name, tensor in theirs.items()
+    )
     differing = sorted(name for name, tensor in theirs.items() if not torch.equal(ours[name], tensor))
     gap = KNOWN_GAPS.get(case)
     if gap is None:
@@ -172,8 +228,12 @@ def test_deterministic_methods_are_bit_identical_to_mergekit(models, tmp_path, c
     else:  # "rounding"
         assert differing, f"{case} is now bit-identical to mergekit: remove it from KNOWN_GAPS"
         for name, tensor in theirs.items():
-            torch.testing.assert_close(ours[name], tensor, rtol=4e-7, atol=1e-8, msg=lambda m: f"{name}: {m}")
-        pytest.xfail(f"{case}: {len(differing)} tensors differ from mergekit in the last bits (up to {max_difference(ours, theirs):.3g})")
+            torch.testing.assert_close(
+                ours[name], tensor, rtol=4e-7, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}"
+            )
+        pytest.xfail(
+            f"{case}: {len(differing)} tensors differ from mergekit in the last bits (up to {max_difference(ours, theirs):.3g})"
+        )
 
 
 @pytest.mark.parametrize("case", sorted(RANDOM))
@@ -194,7 +254,9 @@ def test_random_methods_agree_with_mergekit_in_distribution(models, tmp_path, ca
 
 def test_a_number_written_without_a_decimal_point(models, tmp_path):
     """PyYAML reads `1e-5` (no ".") as a string; mergekit's pydantic config takes it as the number."""
-    config = ("merge_method: ram\n" + BASE + weighted(("ft2", ""), ("ft3", "")) + "parameters:\n  epsilon: 1e-5\n" + FLOAT32).format(**models)
+    config = (
+        "merge_method: ram\n" + BASE + weighted(("ft2", ""), ("ft3", "")) + "parameters:\n  epsilon: 1e-5\n" + FLOAT32
+    ).format(**models)
     theirs = run_mergekit(config, tmp_path / "mergekit")
     ours = run_composer(config, tmp_path / "composer")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], tensor) for name, tensor in theirs.items())

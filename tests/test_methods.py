@@ -20,8 +20,8 @@ from composer.methods.passthrough import passthrough
 from composer.methods.slerp import slerp
 from helpers import load_state, save_tiny_model
 
-
 # --- reference formulas (float64, straight from the definitions) -----------------------------------
+
 
 def reference_linear(tensors, weights, normalize):
     total = sum(w * x.double() for w, x in zip(weights, tensors))
@@ -31,7 +31,7 @@ def reference_linear(tensors, weights, normalize):
 def reference_slerp(a, b, t):
     a64, b64 = a.double().flatten(), b.double().flatten()
     theta = math.acos(float(a64 @ b64 / (a64.norm() * b64.norm())))
-    return ((math.sin((1 - t) * theta) * a.double() + math.sin(t * theta) * b.double()) / math.sin(theta))
+    return (math.sin((1 - t) * theta) * a.double() + math.sin(t * theta) * b.double()) / math.sin(theta)
 
 
 def random_tensors(count, shape=(16, 24), seed=0, dtype=torch.float32):
@@ -40,6 +40,7 @@ def random_tensors(count, shape=(16, 24), seed=0, dtype=torch.float32):
 
 
 # --- linear ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_linear_matches_the_weighted_sum(normalize):
@@ -63,7 +64,9 @@ def test_linear_of_half_precision_returns_that_dtype_and_accumulates_finely():
     weights = [0.1, 0.2, 0.3, 0.4]
     result = linear(tensors, weights)
     assert result.dtype == torch.bfloat16
-    torch.testing.assert_close(result.double(), reference_linear(tensors, weights, True).bfloat16().double(), rtol=0, atol=0.02)
+    torch.testing.assert_close(
+        result.double(), reference_linear(tensors, weights, True).bfloat16().double(), rtol=0, atol=0.02
+    )
 
 
 def test_linear_weights_summing_to_zero_cannot_be_normalised():
@@ -86,6 +89,7 @@ def test_linear_of_identical_inputs_returns_the_input(weights, seed):
 
 
 # --- slerp ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("t", [0.1, 0.3, 0.5, 0.8, 0.95])
 def test_slerp_matches_the_formula(t):
@@ -122,7 +126,9 @@ def test_slerp_keeps_unit_vectors_on_the_sphere():
     b = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
     for t in (0.2, 0.5, 0.7):
         result = slerp(a, b, t)
-        torch.testing.assert_close(result, torch.tensor([math.cos(t * math.pi / 2), math.sin(t * math.pi / 2), 0.0], dtype=torch.float64))
+        torch.testing.assert_close(
+            result, torch.tensor([math.cos(t * math.pi / 2), math.sin(t * math.pi / 2), 0.0], dtype=torch.float64)
+        )
 
 
 def unit_pair(cosine):
@@ -176,6 +182,7 @@ def test_slerp_interpolates_the_norm_of_unit_vectors_exactly(t, seed):
 
 # --- passthrough and the registry -----------------------------------------------------------------
 
+
 def test_passthrough_copies_or_scales():
     (x,) = random_tensors(1, seed=16)
     assert passthrough(x) is x
@@ -200,16 +207,23 @@ def test_a_new_method_is_one_function_and_one_register_line(tmp_path, monkeypatc
     def difference(tensors, base, params):  # base + alpha * (model - base)
         return base + params["alpha"] * (tensors[0] - base)
 
-    register(MergeMethod("difference_test", difference, (Parameter("alpha", default=1.0),), needs_base=True, max_models=1))
+    register(
+        MergeMethod("difference_test", difference, (Parameter("alpha", default=1.0),), needs_base=True, max_models=1)
+    )
     a = save_tiny_model(tmp_path / "a", "llama", 2, seed=1)
     b = save_tiny_model(tmp_path / "b", "llama", 2, seed=2)
-    compose_text(f"merge_method: difference_test\nbase_model: {a}\nmodels:\n  - model: {b}\nparameters:\n  alpha: 0.5\n", tmp_path / "out", ExecutionOptions())
+    compose_text(
+        f"merge_method: difference_test\nbase_model: {a}\nmodels:\n  - model: {b}\nparameters:\n  alpha: 0.5\n",
+        tmp_path / "out",
+        ExecutionOptions(),
+    )
     out, state_a, state_b = load_state(tmp_path / "out"), load_state(a), load_state(b)
     for name, tensor in out.items():
         torch.testing.assert_close(tensor, (state_a[name] + state_b[name]) / 2)
 
 
 # --- end to end on tiny llamas -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory) -> tuple[Path, Path]:
@@ -225,7 +239,10 @@ def compose(text: str, out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("t, expected", [(0, "a"), (1, "b")])
 def test_slerp_endpoints_reproduce_the_parents(llamas, tmp_path, t, expected):
     a, b = llamas
-    state = compose(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: {t}\n", tmp_path / "out")
+    state = compose(
+        f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: {t}\n",
+        tmp_path / "out",
+    )
     parent = load_state(a if expected == "a" else b)
     assert state.keys() == parent.keys()
     for name, tensor in parent.items():
@@ -242,19 +259,32 @@ def test_slerp_with_a_gradient_and_filters_matches_the_formula_per_tensor(llamas
     state, state_a, state_b = compose(text, tmp_path / "out"), load_state(a), load_state(b)
     for i, t in enumerate([0.0, 0.5, 1.0]):
         name = f"model.layers.{i}.self_attn.k_proj.weight"
-        torch.testing.assert_close(state[name].double(), reference_slerp(state_a[name], state_b[name], t) if 0 < t < 1 else (state_a, state_b)[int(t)][name].double())
+        torch.testing.assert_close(
+            state[name].double(),
+            reference_slerp(state_a[name], state_b[name], t)
+            if 0 < t < 1
+            else (state_a, state_b)[int(t)][name].double(),
+        )
         name = f"model.layers.{i}.mlp.up_proj.weight"
-        torch.testing.assert_close(state[name].double(), reference_slerp(state_a[name], state_b[name], 0.3), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            state[name].double(), reference_slerp(state_a[name], state_b[name], 0.3), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_linear_of_a_model_with_itself_is_that_model(llamas, tmp_path):
     a, _ = llamas
     state_a = load_state(a)
-    state = compose(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight: 1.0\n  - model: {a}\n    parameters:\n      weight: 1.0\n", tmp_path / "equal")
+    state = compose(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight: 1.0\n  - model: {a}\n    parameters:\n      weight: 1.0\n",
+        tmp_path / "equal",
+    )
     assert state.keys() == state_a.keys()
     for name, tensor in state_a.items():
         assert torch.equal(state[name], tensor), name
-    state = compose(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight: 0.3\n  - model: {a}\n    parameters:\n      weight: 0.7\n", tmp_path / "uneven")
+    state = compose(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight: 0.3\n  - model: {a}\n    parameters:\n      weight: 0.7\n",
+        tmp_path / "uneven",
+    )
     for name, tensor in state_a.items():
         torch.testing.assert_close(state[name], tensor)
 
@@ -327,5 +357,9 @@ dtype: bfloat16
 """
     state = compose(slerp_text, tmp_path / "slerp")
     assert all(tensor.dtype == torch.bfloat16 for tensor in state.values())
-    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], state_a["model.layers.0.self_attn.q_proj.weight"].bfloat16())
-    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], state_b["model.layers.0.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(
+        state["model.layers.0.self_attn.q_proj.weight"], state_a["model.layers.0.self_attn.q_proj.weight"].bfloat16()
+    )
+    assert torch.equal(
+        state["model.layers.0.mlp.up_proj.weight"], state_b["model.layers.0.mlp.up_proj.weight"].bfloat16()
+    )

@@ -140,7 +140,13 @@ def assert_state_close(actual: dict, expected: dict, tolerance: float = 1e-6) ->
     """Same tensor names, and every tensor equal to a few float32 ulps (the spherical methods' rounding)."""
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name].float(), tensor.float(), rtol=tolerance, atol=tolerance, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual[name].float(),
+            tensor.float(),
+            rtol=tolerance,
+            atol=tolerance,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,6 +161,7 @@ def one_thread():
 
 
 # --- tiny random Llama and Qwen3 -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory) -> dict:
@@ -176,7 +183,9 @@ def family(request, tmp_path_factory) -> dict:
 def test_every_registered_method_has_a_case():
     missing = sorted(name for name in METHODS if case_of(name, CASES) is None)
     assert not missing, f"add a Case for {missing} to CASES in {Path(__file__).name}"
-    undecided = sorted(name for name in METHODS if name not in REDUCES_TO_A_PARENT and METHODS[name].name not in REDUCES_TO_A_PARENT)
+    undecided = sorted(
+        name for name in METHODS if name not in REDUCES_TO_A_PARENT and METHODS[name].name not in REDUCES_TO_A_PARENT
+    )
     assert not undecided, f"add {undecided} to REDUCES_TO_A_PARENT (None where no setting reproduces a parent)"
 
 
@@ -187,11 +196,15 @@ def test_method_end_to_end(family, tmp_path, name):
     compose_text(recipe(name, case_of(name, CASES), family), tmp_path / "out", ExecutionOptions())
     out = load_state(tmp_path / "out")
     assert out.keys() == states["base"].keys()
-    assert all(out[key].dtype == torch.float32 and out[key].shape == tensor.shape for key, tensor in states["base"].items())
+    assert all(
+        out[key].dtype == torch.float32 and out[key].shape == tensor.shape for key, tensor in states["base"].items()
+    )
     assert torch.isfinite(logits(load_checked(tmp_path / "out"))).all()
     if METHODS[name].blends:
         for role in ("base", "ft1", "ft2"):
-            assert any(not torch.equal(out[key], tensor) for key, tensor in states[role].items()), f"{name} returned {role} unchanged"
+            assert any(not torch.equal(out[key], tensor) for key, tensor in states[role].items()), (
+                f"{name} returned {role} unchanged"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -222,8 +235,13 @@ def test_degenerate_setting_returns_one_parent(family, tmp_path, name):
 # about as large as the task vector itself, so at lambda 1 the merge lands beyond its parents by design,
 # not by a fault (measured on the text below: DELLA 1.179 bits/byte, DARE at the same density 1.161,
 # parents 1.078 to 1.109); lambda 0.5 halves the merged task vector (1.098).
-REAL_CASES = {name: CASES[name] for name in ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "breadcrumbs", "dare_ties", "model_stock")}
-REAL_CASES["della"] = Case(("ft1",), base=True, per_model={"weight": (1.0,), "density": (0.5,)}, parameters={"epsilon": 0.2, "lambda": 0.5})
+REAL_CASES = {
+    name: CASES[name]
+    for name in ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "breadcrumbs", "dare_ties", "model_stock")
+}
+REAL_CASES["della"] = Case(
+    ("ft1",), base=True, per_model={"weight": (1.0,), "density": (0.5,)}, parameters={"epsilon": 0.2, "lambda": 0.5}
+)
 # Merged with itself: the methods whose identical-input case is numerically delicate at real scale
 # (a zero angle for the spherical ones, a 0/0 cosine for Model Stock). For linear and the task-vector
 # methods it is plain arithmetic on equal tensors or zero task vectors (up to 20 s of CPU each to
@@ -237,7 +255,9 @@ def short_english_text() -> str:
     return ENGLISH_TEXT.read_text().strip().split("\n\n")[0]
 
 
-def low_rank_change(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05, rank: int = 8) -> dict[str, torch.Tensor]:
+def low_rank_change(
+    state: dict[str, torch.Tensor], seed: int, scale: float = 0.05, rank: int = 8
+) -> dict[str, torch.Tensor]:
     """A LoRA-like update: each matrix W gets U V (rank `rank`) with entries of standard deviation
     `scale` * std(W); each vector gets noise of `scale` times its mean magnitude."""
     generator = torch.Generator().manual_seed(seed)
@@ -293,7 +313,9 @@ def scratch(tmp_path):
 def test_real_fine_tunes_are_close_to_smollm2(real_family):
     scores = real_family["scores"]
     assert 0.5 < scores["base"] < 1.5
-    assert scores["base"] < scores["ft1"] < scores["base"] + 0.2 and scores["base"] < scores["ft2"] < scores["base"] + 0.2
+    assert (
+        scores["base"] < scores["ft1"] < scores["base"] + 0.2 and scores["base"] < scores["ft2"] < scores["base"] + 0.2
+    )
 
 
 @pytest.mark.real_model
@@ -314,4 +336,6 @@ def test_real_merge_of_smollm2_with_itself_is_smollm2(real_family, scratch, name
     """Each input SmolLM2 (the non-base ones through folders of links, as a model named twice is the base)."""
     same = {"base": real_family["base"], "ft1": real_family["twin1"], "ft2": real_family["twin2"]}
     compose_text(recipe(name, REAL_CASES[name], same), scratch / "out", ExecutionOptions())
-    torch.testing.assert_close(logits(load_checked(scratch / "out"), PROMPT_REAL), real_family["base_logits"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        logits(load_checked(scratch / "out"), PROMPT_REAL), real_family["base_logits"], rtol=1e-5, atol=1e-4
+    )

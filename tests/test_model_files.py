@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_model
 from safetensors.torch import save_file
 
 from composer.compose import compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.sources import open_source
+from helpers import save_tiny_model
 
 SECRET = "SECRET-KEY-MATERIAL"
 COMMIT = "c" * 40
@@ -102,7 +102,10 @@ def test_a_hub_snapshot_shard_linking_out_of_its_repository_is_refused(tmp_path:
     real = write_model(tmp_path / "real")
     shard = "model-00001-of-00001.safetensors"
     write_index(real, "model.safetensors.index.json", shard)
-    snapshot = hub_repository(tmp_path, {"config.json": real / "config.json", "model.safetensors.index.json": real / "model.safetensors.index.json"})
+    snapshot = hub_repository(
+        tmp_path,
+        {"config.json": real / "config.json", "model.safetensors.index.json": real / "model.safetensors.index.json"},
+    )
     elsewhere = tmp_path / "private" / "model.safetensors"
     elsewhere.parent.mkdir()
     save_file(WEIGHTS, elsewhere)
@@ -185,7 +188,10 @@ def test_a_tokenizer_linking_out_never_reaches_a_composed_output(tmp_path: Path)
 def write_adapter(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
-    factors = {"base_model.model.layer.lora_A.weight": torch.ones(1, 4), "base_model.model.layer.lora_B.weight": torch.ones(4, 1)}
+    factors = {
+        "base_model.model.layer.lora_A.weight": torch.ones(1, 4),
+        "base_model.model.layer.lora_B.weight": torch.ones(4, 1),
+    }
     save_file(factors, folder / "adapter_model.safetensors")
     return folder
 

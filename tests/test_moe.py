@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import tiny_tokenizer
 
 from composer.compose import compose_moe_text
 from composer.errors import ComposerError
@@ -18,7 +19,6 @@ from composer.moe.compute import DegenerateGatesWarning
 from composer.moe.plan import build_moe_plan
 from composer.moe.schema import is_moe_recipe, parse_moe_config
 from helpers import load_state, logits_of, save_tiny_model
-from test_cli import tiny_tokenizer
 
 OPTIONS = ExecutionOptions(progress=False)
 MODES = ["hidden", "cheap_embed", "random", "uniform_random"]
@@ -46,8 +46,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-def moe_text(base: Path, experts: list[Path], mode: str = "hidden", per_token: int = 2, extra: str = "", prompts=PROMPTS) -> str:
-    lines = [f"base_model: {base}", f"gate_mode: {mode}", f"experts_per_token: {per_token}", extra.rstrip("\n"), "experts:"]
+def moe_text(
+    base: Path, experts: list[Path], mode: str = "hidden", per_token: int = 2, extra: str = "", prompts=PROMPTS
+) -> str:
+    lines = [
+        f"base_model: {base}",
+        f"gate_mode: {mode}",
+        f"experts_per_token: {per_token}",
+        extra.rstrip("\n"),
+        "experts:",
+    ]
     for expert, expert_prompts in zip(experts, prompts):
         lines += [f"  - source_model: {expert}", f"    positive_prompts: {json.dumps(expert_prompts)}"]
     return "\n".join(line for line in lines if line) + "\n"
@@ -62,7 +70,15 @@ def loaded(folder: Path):
     return model.eval()
 
 
-CASES = [(family, output, mode) for family, output in [("llama", "MixtralForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")] for mode in MODES]
+CASES = [
+    (family, output, mode)
+    for family, output in [
+        ("llama", "MixtralForCausalLM"),
+        ("qwen2", "Qwen2MoeForCausalLM"),
+        ("qwen3", "Qwen3MoeForCausalLM"),
+    ]
+    for mode in MODES
+]
 CASES += [("mistral", "MixtralForCausalLM", "hidden"), ("llama-qwen", "Qwen2MoeForCausalLM", "hidden")]
 
 
@@ -93,11 +109,17 @@ def test_tensors_land_where_transformers_reads_them(models, tmp_path):
     dense = [load_state(base), load_state(other)]
     for i, layer in enumerate(model.model.layers):
         for j, state in enumerate(dense):
-            gate_up = torch.cat([state[f"model.layers.{i}.mlp.gate_proj.weight"], state[f"model.layers.{i}.mlp.up_proj.weight"]])
+            gate_up = torch.cat(
+                [state[f"model.layers.{i}.mlp.gate_proj.weight"], state[f"model.layers.{i}.mlp.up_proj.weight"]]
+            )
             torch.testing.assert_close(layer.mlp.experts.gate_up_proj[j], gate_up, rtol=0, atol=0)
             scale = 0.5 if j == 1 else 1.0
-            torch.testing.assert_close(layer.mlp.experts.down_proj[j], state[f"model.layers.{i}.mlp.down_proj.weight"] * scale, rtol=0, atol=0)
-        torch.testing.assert_close(layer.self_attn.q_proj.weight, dense[0][f"model.layers.{i}.self_attn.q_proj.weight"], rtol=0, atol=0)
+            torch.testing.assert_close(
+                layer.mlp.experts.down_proj[j], state[f"model.layers.{i}.mlp.down_proj.weight"] * scale, rtol=0, atol=0
+            )
+        torch.testing.assert_close(
+            layer.self_attn.q_proj.weight, dense[0][f"model.layers.{i}.self_attn.q_proj.weight"], rtol=0, atol=0
+        )
         router = next(rows for name, rows in routers.items() if f"layers.{i}." in name)
         torch.testing.assert_close(layer.mlp.gate.weight, router.float(), rtol=0, atol=0)
     noisy = text.replace("    residual_scale: 0.5\n", "    noise_scale: 0.01\n")
@@ -112,7 +134,13 @@ def test_tensors_land_where_transformers_reads_them(models, tmp_path):
 
 def test_qwen2_moe_splits_the_mlp_between_shared_and_routed_experts(models, tmp_path):
     base, shared = models["qwen2"], save_tiny_model(tmp_path / "shared", "qwen2", layers=3, seed=5)
-    text = moe_text(base, [base, base], per_token=1, prompts=PROMPTS[:2], extra=f"shared_expert_weight: 0.25\nshared_experts:\n  - source_model: {shared}\n")
+    text = moe_text(
+        base,
+        [base, base],
+        per_token=1,
+        prompts=PROMPTS[:2],
+        extra=f"shared_expert_weight: 0.25\nshared_experts:\n  - source_model: {shared}\n",
+    )
     compose_moe_text(text, tmp_path / "moe", OPTIONS)
     model, routed, common = loaded(tmp_path / "moe"), load_state(base), load_state(shared)
     for i, layer in enumerate(model.model.layers):
@@ -134,7 +162,9 @@ def test_the_in_memory_fused_layout_loads_too(models, tmp_path, monkeypatch):
         return [name for name in model.state_dict() if name != "lm_head.weight" or not model.config.tie_word_embeddings]
 
     monkeypatch.setattr(moe_plan, "checkpoint_names", fused_names)
-    monkeypatch.setattr(moe_plan, "remembered", lambda kind, question, answer: answer())  # another transformers: asked afresh
+    monkeypatch.setattr(
+        moe_plan, "remembered", lambda kind, question, answer: answer()
+    )  # another transformers: asked afresh
     dense = models["qwen3"]
     compose_moe_text(moe_text(dense, [dense] * 3, "random"), tmp_path / "moe", OPTIONS)
     assert any(name.endswith("mlp.experts.gate_up_proj") for name in load_state(tmp_path / "moe"))
@@ -158,7 +188,12 @@ def test_router_inputs_are_the_post_attention_norm_outputs_with_padding_masked(m
     model = AutoModelForCausalLM.from_pretrained(str(models[family]), dtype=torch.float32).eval()
     for p, length in enumerate(lengths):
         captured = []
-        hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: captured.append(out[0])) for layer in model.model.layers]
+        hooks = [
+            layer.post_attention_layernorm.register_forward_hook(
+                lambda m, a, out, captured=captured: captured.append(out[0])
+            )
+            for layer in model.model.layers
+        ]
         with torch.no_grad():
             model(ids[p : p + 1, :length])  # alone, unpadded
         for hook in hooks:
@@ -232,7 +267,9 @@ def test_degenerate_pairs_are_found():
 def test_degenerate_gates_warn_naming_the_experts(models, tmp_path):
     dense = models["llama"]
     prompts = [["the quick brown fox"], ["the quick brown fox", "the quick brown fox"], ["the lazy dog"]]
-    text = moe_text(dense, [dense] * 3, prompts=prompts).replace("  - source_model", "  - name: kind{}\n    source_model", 3)
+    text = moe_text(dense, [dense] * 3, prompts=prompts).replace(
+        "  - source_model", "  - name: kind{}\n    source_model", 3
+    )
     text = text.replace("kind{}", "fox", 1).replace("kind{}", "fox-again", 1).replace("kind{}", "dog", 1)
     with pytest.warns(DegenerateGatesWarning) as caught:
         compose_moe_text(text, tmp_path / "moe", OPTIONS)
@@ -264,23 +301,67 @@ experts:
     assert is_moe_recipe(__import__("yaml").safe_load(mergekit))
     config = parse_moe_config(mergekit)
     assert (config.gate_mode, config.pooling, config.experts[0].source_model) == ("hidden", "last", str(dense))
-    nested = "name: native\noutput: out\nrandom_seed: 3\nmoe:\n" + "".join(f"  {line}\n" for line in mergekit.replace("hidden_last", "cheap_embed").splitlines())
+    nested = "name: native\noutput: out\nrandom_seed: 3\nmoe:\n" + "".join(
+        f"  {line}\n" for line in mergekit.replace("hidden_last", "cheap_embed").splitlines()
+    )
     config = parse_moe_config(nested)
-    assert (config.name, config.output, config.random_seed, config.gate_mode, config.pooling) == ("native", "out", 3, "cheap_embed", "mean")
+    assert (config.name, config.output, config.random_seed, config.gate_mode, config.pooling) == (
+        "native",
+        "out",
+        3,
+        "cheap_embed",
+        "mean",
+    )
     assert not is_moe_recipe({"merge_method": "linear", "models": []})
 
 
 BAD = {
-    "different architectures": (lambda m: moe_text(m["llama"], [m["llama"], m["qwen2"]]), r"experts\[1\]\.source_model.*qwen2 model but the base"),
-    "different hidden sizes": (lambda m: moe_text(m["llama"], [m["llama"], m["narrow"]]), r"hidden_size 32 but the base .* has 64"),
-    "no prompts": (lambda m: moe_text(m["llama"], [m["llama"], m["llama"]], prompts=[["a"], []]), r"needs prompts for every expert, and expert 1"),
-    "too many per token": (lambda m: moe_text(m["llama"], [m["llama"], m["llama"]], per_token=3), r"experts_per_token.*3 is not between 1 and the number of experts \(2\)"),
-    "identical prompts": (lambda m: moe_text(m["llama"], [m["llama"], m["llama"]], prompts=[["a", "b"], ["b", "a"]]), r"have the same prompts"),
-    "shared expert on mixtral": (lambda m: moe_text(m["llama"], [m["llama"]] * 2, extra=f"architecture: mixtral\nshared_experts:\n  - source_model: {m['llama']}\n"), r"shared_experts.*no shared expert"),
-    "wrong family for output": (lambda m: moe_text(m["llama"], [m["llama"]] * 2, extra="architecture: qwen3\n"), r"built from qwen3 models, but the experts are 'llama'"),
-    "unknown gate mode": (lambda m: moe_text(m["llama"], [m["llama"]] * 2, mode="hiden"), r"gate_mode 'hiden' is not one of hidden"),
-    "misspelt key": (lambda m: moe_text(m["llama"], [m["llama"]] * 2).replace("positive_prompts", "positve_prompts", 1), r"line 6: unknown key 'experts\[0\]\.positve_prompts'\. Did you mean 'positive_prompts'"),
-    "description without corpus": (lambda m: moe_text(m["llama"], [m["llama"]] * 2).replace("    positive_prompts", "    description: code\n    positive_prompts", 1), r"description.*no 'prompt_corpus'"),
+    "different architectures": (
+        lambda m: moe_text(m["llama"], [m["llama"], m["qwen2"]]),
+        r"experts\[1\]\.source_model.*qwen2 model but the base",
+    ),
+    "different hidden sizes": (
+        lambda m: moe_text(m["llama"], [m["llama"], m["narrow"]]),
+        r"hidden_size 32 but the base .* has 64",
+    ),
+    "no prompts": (
+        lambda m: moe_text(m["llama"], [m["llama"], m["llama"]], prompts=[["a"], []]),
+        r"needs prompts for every expert, and expert 1",
+    ),
+    "too many per token": (
+        lambda m: moe_text(m["llama"], [m["llama"], m["llama"]], per_token=3),
+        r"experts_per_token.*3 is not between 1 and the number of experts \(2\)",
+    ),
+    "identical prompts": (
+        lambda m: moe_text(m["llama"], [m["llama"], m["llama"]], prompts=[["a", "b"], ["b", "a"]]),
+        r"have the same prompts",
+    ),
+    "shared expert on mixtral": (
+        lambda m: moe_text(
+            m["llama"],
+            [m["llama"]] * 2,
+            extra=f"architecture: mixtral\nshared_experts:\n  - source_model: {m['llama']}\n",
+        ),
+        r"shared_experts.*no shared expert",
+    ),
+    "wrong family for output": (
+        lambda m: moe_text(m["llama"], [m["llama"]] * 2, extra="architecture: qwen3\n"),
+        r"built from qwen3 models, but the experts are 'llama'",
+    ),
+    "unknown gate mode": (
+        lambda m: moe_text(m["llama"], [m["llama"]] * 2, mode="hiden"),
+        r"gate_mode 'hiden' is not one of hidden",
+    ),
+    "misspelt key": (
+        lambda m: moe_text(m["llama"], [m["llama"]] * 2).replace("positive_prompts", "positve_prompts", 1),
+        r"line 6: unknown key 'experts\[0\]\.positve_prompts'\. Did you mean 'positive_prompts'",
+    ),
+    "description without corpus": (
+        lambda m: moe_text(m["llama"], [m["llama"]] * 2).replace(
+            "    positive_prompts", "    description: code\n    positive_prompts", 1
+        ),
+        r"description.*no 'prompt_corpus'",
+    ),
 }
 
 
@@ -301,21 +382,32 @@ def test_cli_plan_run_and_route(models, tmp_path):
     dense = models["llama"]
     recipe = tmp_path / "moe.yml"
     text = moe_text(dense, [dense, dense], per_token=1, prompts=PROMPTS[:2], extra="name: tiny moe\n")
-    recipe.write_text(text.replace("  - source_model", "  - name: animal{}\n    source_model", 2).replace("animal{}", "fox", 1).replace("animal{}", "dog", 1))
+    recipe.write_text(
+        text.replace("  - source_model", "  - name: animal{}\n    source_model", 2)
+        .replace("animal{}", "fox", 1)
+        .replace("animal{}", "dog", 1)
+    )
     (tmp_path / "held-out.yml").write_text('fox: ["brown foxes jump", "the fox"]\ndog: ["a sleepy dog", "dogs"]\n')
     runner = CliRunner()
     planned = runner.invoke(app, ["plan", str(recipe)])
     assert planned.exit_code == 0, planned.output
     assert "note: output: MixtralForCausalLM, 2 experts, top-1 routing" in planned.output
     assert "note: expert 0 (fox): 2 prompt(s), e.g. 'the quick brown fox'" in planned.output
-    assert "model.layers.2.block_sparse_moe.gate.weight" in planned.output and "router gate mode=hidden" in planned.output
+    assert (
+        "model.layers.2.block_sparse_moe.gate.weight" in planned.output and "router gate mode=hidden" in planned.output
+    )
     written = runner.invoke(app, ["run", str(recipe), str(tmp_path / "out")])
     assert written.exit_code == 0, written.output
     png = tmp_path / "routing.png"
-    routed = runner.invoke(app, ["route", str(tmp_path / "out"), "--prompts", str(tmp_path / "held-out.yml"), "--png", str(png)])
+    routed = runner.invoke(
+        app, ["route", str(tmp_path / "out"), "--prompts", str(tmp_path / "held-out.yml"), "--png", str(png)]
+    )
     assert routed.exit_code == 0, routed.output
     lines = routed.output.splitlines()
-    assert lines[0] == "routing of 4 prompt(s) through 3 layers, top-1 of 2 experts; shares of token choices, over all layers"
+    assert (
+        lines[0]
+        == "routing of 4 prompt(s) through 3 layers, top-1 of 2 experts; shares of token choices, over all layers"
+    )
     header = next(line for line in lines if line.startswith("group"))
     assert header.split()[-2:] == ["fox", "dog"]  # expert names from the recipe kept with the model
     for group in ("fox", "dog", "all"):
@@ -326,7 +418,9 @@ def test_cli_plan_run_and_route(models, tmp_path):
     assert sum(1 for line in lines if line.startswith(("fox ", "dog "))) == 2 + 4  # group totals, then each prompt
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 100 and image.height > 60
-    dense_model = runner.invoke(app, ["route", str(dense), "--prompts", str(tmp_path / "held-out.yml"), "--png", str(tmp_path / "no.png")])
+    dense_model = runner.invoke(
+        app, ["route", str(dense), "--prompts", str(tmp_path / "held-out.yml"), "--png", str(tmp_path / "no.png")]
+    )
     assert dense_model.exit_code == 2 and "has a layer without a router" in dense_model.output
     assert not (tmp_path / "no.png").exists()
 
@@ -362,7 +456,9 @@ def test_random_gates_follow_the_seed(models, tmp_path):
         compose_file(recipe, tmp_path / name, OPTIONS, seed=seed)
         routers[name] = load_state(tmp_path / name)["model.layers.0.block_sparse_moe.gate.weight"]
     assert torch.equal(routers["a"], routers["b"]) and not torch.equal(routers["a"], routers["c"])
-    assert "random_seed: 6  # set on the command line with --seed" in (tmp_path / "c" / "composer-recipe.yml").read_text()
+    assert (
+        "random_seed: 6  # set on the command line with --seed" in (tmp_path / "c" / "composer-recipe.yml").read_text()
+    )
 
 
 def test_covariance_solve_in_token_space_equals_the_direct_solve():
@@ -370,7 +466,12 @@ def test_covariance_solve_in_token_space_equals_the_direct_solve():
     generator = torch.Generator().manual_seed(0)
     for tokens in (40, 260):
         centred = torch.randn(tokens, 200, dtype=torch.float64, generator=generator)
-        stats = G.ExpertStatistics(torch.zeros(3, 200, dtype=torch.float64), torch.zeros(3, 200, dtype=torch.float64), torch.zeros(3, dtype=torch.bool), centred)
+        stats = G.ExpertStatistics(
+            torch.zeros(3, 200, dtype=torch.float64),
+            torch.zeros(3, 200, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.bool),
+            centred,
+        )
         right = torch.randn(200, 5, dtype=torch.float64, generator=generator)
         direct = torch.linalg.solve(G.regularised_covariance(stats), right)
         torch.testing.assert_close(G.solve_covariance(stats, right), direct, rtol=1e-10, atol=1e-10)
@@ -399,18 +500,29 @@ def test_gates_list_what_they_read_and_the_schedule_counts_what_they_hold(models
             if mode == "random":
                 assert all(not names for names in read.values()) and chain is None and schedule.carried_bytes == 0
                 continue
-            assert all(gate.operation.chain is chain for gate in gates.values()) and schedule.carried_bytes == chain.state_bytes > 0
+            assert (
+                all(gate.operation.chain is chain for gate in gates.values())
+                and schedule.carried_bytes == chain.state_bytes > 0
+            )
             assert [t.operation.link for t in schedule.order if t.operation.chain is chain] == [0, 1, 2]
-            assert schedule.peak_bytes >= chain.state_bytes + max(gate.operation.working_bytes for gate in gates.values())
+            assert schedule.peak_bytes >= chain.state_bytes + max(
+                gate.operation.working_bytes for gate in gates.values()
+            )
             if mode == "hidden":
                 assert read[0][0] == "model.embed_tokens.weight" and sorted(read[1]) == layer_one
                 assert chain.state_bytes >= 4 * 64 * 4  # at least four prompts' hidden states in float32 (a token each)
             else:
                 norm = "model.layers.{}.post_attention_layernorm.weight"
-                assert read == {0: ["model.embed_tokens.weight", norm.format(0)], 1: [norm.format(1)], 2: [norm.format(2)]}
+                assert read == {
+                    0: ["model.embed_tokens.weight", norm.format(0)],
+                    1: [norm.format(1)],
+                    2: [norm.format(2)],
+                }
     text = moe_text(dense, [dense, models["llama-b"]], per_token=1, prompts=PROMPTS[:2])
     roomy = compose_moe_text(text, tmp_path / "roomy", OPTIONS)
     assert roomy.reads[next(ref for ref in roomy.reads if ref.name == "model.layers.1.self_attn.q_proj.weight")] == 1
     compose_moe_text(text, tmp_path / "tight", ExecutionOptions(progress=False, memory_budget=1))
     assert load_state(tmp_path / "roomy").keys() == load_state(tmp_path / "tight").keys()
-    assert (tmp_path / "roomy" / "model.safetensors").read_bytes() == (tmp_path / "tight" / "model.safetensors").read_bytes()
+    assert (tmp_path / "roomy" / "model.safetensors").read_bytes() == (
+        tmp_path / "tight" / "model.safetensors"
+    ).read_bytes()

@@ -47,6 +47,7 @@ def close(actual, expected, tolerance=2e-5):
 
 # --- reference formulas (float64) -----------------------------------------------------------------
 
+
 def ref_slerp_vector(a, b, t):
     """Shoemake's slerp of two vectors; linear interpolation when they are colinear."""
     cosine = float(a @ b / (a.norm() * b.norm()))
@@ -175,6 +176,7 @@ def ref_ram(tensors, base, epsilon=1e-5, r=None, alpha=None):
 
 # --- nuslerp --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("row_wise, flatten", [(False, True), (False, False), (True, False)])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_nuslerp_matches_slerp_per_vector(row_wise, flatten, with_base):
@@ -203,6 +205,7 @@ def test_nuslerp_with_all_weight_on_one_model_returns_it(seed, weight, first, wi
 
 # --- multislerp -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("count", [2, 3, 5])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_multislerp_matches_the_normalised_mean_direction(count, with_base):
@@ -215,7 +218,10 @@ def test_multislerp_matches_the_normalised_mean_direction(count, with_base):
 def test_multislerp_of_two_equal_norm_tensors_with_equal_weights_is_the_slerp_midpoint():
     a, b = random_tensors(2, seed=4)
     b = b * (a.norm() / b.norm())
-    close(multislerp([a, b], [1.0, 1.0]), ref_slerp_vector(a.double().flatten(), b.double().flatten(), 0.5).reshape(a.shape))
+    close(
+        multislerp([a, b], [1.0, 1.0]),
+        ref_slerp_vector(a.double().flatten(), b.double().flatten(), 0.5).reshape(a.shape),
+    )
 
 
 def test_multislerp_normalize_weights_and_cancelling_directions():
@@ -228,7 +234,11 @@ def test_multislerp_normalize_weights_and_cancelling_directions():
 
 
 @settings(max_examples=40, deadline=None)
-@given(weights=st.lists(st.floats(0.01, 10), min_size=1, max_size=5), seed=st.integers(0, 2**16), scale=st.floats(1e-2, 1e2))
+@given(
+    weights=st.lists(st.floats(0.01, 10), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(1e-2, 1e2),
+)
 def test_multislerp_of_identical_inputs_returns_the_input(weights, seed, scale):
     (x,) = random_tensors(1, shape=(7, 5), seed=seed)
     x = x * scale
@@ -236,6 +246,7 @@ def test_multislerp_of_identical_inputs_returns_the_input(weights, seed, scale):
 
 
 # --- karcher --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("count", [2, 3, 4])
 def test_karcher_matches_riemannian_gradient_descent(count):
@@ -272,6 +283,7 @@ def test_karcher_of_identical_inputs_returns_the_input(count, seed, scale):
 
 # --- model_stock ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("count", [2, 3, 4])
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_matches_the_paper(count, filter_wise):
@@ -290,7 +302,7 @@ def test_model_stock_of_bf16_tensors_matches_the_paper(count):
     result = model_stock(tensors, base)
     assert result.dtype == torch.bfloat16
     expected = ref_model_stock([t.double() for t in tensors], base.double())
-    torch.testing.assert_close(result.double(), expected, rtol=2 ** -6, atol=2 ** -8)
+    torch.testing.assert_close(result.double(), expected, rtol=2**-6, atol=2**-8)
 
 
 def test_model_stock_of_a_vector_and_its_geometry():
@@ -306,10 +318,13 @@ def test_model_stock_of_a_vector_and_its_geometry():
 @given(count=st.integers(2, 5), seed=st.integers(0, 2**16), filter_wise=st.booleans())
 def test_model_stock_of_identical_fine_tunes_returns_that_fine_tune(count, seed, filter_wise):
     (tuned,), base = fine_tunes(1, shape=(5, 6), seed=seed)
-    torch.testing.assert_close(model_stock([tuned.clone() for _ in range(count)], base, filter_wise), tuned, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model_stock([tuned.clone() for _ in range(count)], base, filter_wise), tuned, rtol=1e-5, atol=1e-6
+    )
 
 
 # --- nearswap -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("t", [0.001, 0.02, 0.1, 1.0])
 def test_nearswap_matches_the_formula(t):
@@ -322,6 +337,7 @@ def test_nearswap_matches_the_formula(t):
 
 # --- arcee_fusion ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(64,), (24, 40), (3, 8, 16)])
 def test_arcee_fusion_keeps_the_outlier_changes(shape):
     (other,), base = fine_tunes(1, shape=shape, seed=60, scale=0.1)
@@ -333,6 +349,7 @@ def test_arcee_fusion_keeps_the_outlier_changes(shape):
 
 
 # --- ram and ramplus_tl ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5])
 @pytest.mark.parametrize("epsilon", [1e-5, 0.02])
@@ -376,7 +393,9 @@ def test_registry_has_mergekit_names_parameters_and_defaults():
         method = get_method(name)
         assert {p.name: p.default for p in method.parameters} == defaults, name
     assert get_method("nuslerp").parameter("weight").required and get_method("nuslerp").parameter("weight").per_model
-    assert get_method("multislerp").parameter("weight").required and get_method("multislerp").parameter("weight").per_model
+    assert (
+        get_method("multislerp").parameter("weight").required and get_method("multislerp").parameter("weight").per_model
+    )
     assert get_method("nearswap").parameter("t").required and not get_method("nearswap").parameter("t").per_model
     for name in ("model_stock", "nearswap", "arcee_fusion", "ram", "ramplus_tl"):
         assert get_method(name).needs_base, name
@@ -426,6 +445,7 @@ def test_bfloat16_inputs_agree_with_float32_to_bfloat16_precision(name):
 
 # --- end to end on tiny llamas --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("more-methods")
@@ -435,7 +455,11 @@ def family(tmp_path_factory):
     return base, dense, sparse
 
 
-CHECKED = ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.post_attention_layernorm.weight", "model.embed_tokens.weight")
+CHECKED = (
+    "model.layers.1.self_attn.q_proj.weight",
+    "model.layers.0.post_attention_layernorm.weight",
+    "model.embed_tokens.weight",
+)
 
 
 def compose(text: str, out: Path) -> dict[str, torch.Tensor]:
@@ -457,7 +481,12 @@ def test_end_to_end_spherical_methods(family, tmp_path):
     states = [load_state(folder) for folder in dense]
     state_base = load_state(base)
     # nuslerp, rows separately (a mergekit-style config)
-    out = compose("merge_method: nuslerp\n" + models_yaml(dense[:2], [0.4, 0.6]) + "parameters:\n  nuslerp_flatten: false\ndtype: float32\n", tmp_path / "nuslerp")
+    out = compose(
+        "merge_method: nuslerp\n"
+        + models_yaml(dense[:2], [0.4, 0.6])
+        + "parameters:\n  nuslerp_flatten: false\ndtype: float32\n",
+        tmp_path / "nuslerp",
+    )
     assert out.keys() == state_base.keys()
     for name in CHECKED[:2]:
         expected = ref_nuslerp(states[0][name], states[1][name], [0.4, 0.6], flatten=len(states[0][name].shape) == 1)
@@ -467,7 +496,12 @@ def test_end_to_end_spherical_methods(family, tmp_path):
     for name in CHECKED:
         close(out[name], ref_multislerp([s[name] for s in states], [1.0, 2.0, 3.0]))
     # karcher with mergekit's parameter names, written out in bfloat16
-    out = compose("merge_method: karcher\n" + models_yaml(dense) + "parameters:\n  max_iter: 20\n  tol: 1.0e-9\nout_dtype: bfloat16\n", tmp_path / "karcher")
+    out = compose(
+        "merge_method: karcher\n"
+        + models_yaml(dense)
+        + "parameters:\n  max_iter: 20\n  tol: 1.0e-9\nout_dtype: bfloat16\n",
+        tmp_path / "karcher",
+    )
     for name in CHECKED:
         assert out[name].dtype == torch.bfloat16
         close(out[name], ref_karcher([s[name] for s in states]).bfloat16(), tolerance=1e-2)
@@ -479,20 +513,34 @@ def test_end_to_end_base_methods(family, tmp_path):
     state_base = load_state(base)
     states = [load_state(folder) for folder in dense]
     sparse_states = [load_state(folder) for folder in sparse]
-    out = compose(f"merge_method: model_stock\nbase_model: {base}\n" + models_yaml(dense) + "parameters:\n  filter_wise: true\n", tmp_path / "stock")
+    out = compose(
+        f"merge_method: model_stock\nbase_model: {base}\n" + models_yaml(dense) + "parameters:\n  filter_wise: true\n",
+        tmp_path / "stock",
+    )
     assert out.keys() == state_base.keys()
     for name in CHECKED:
         close(out[name], ref_model_stock([s[name] for s in states], state_base[name], filter_wise=True))
-    out = compose(f"merge_method: nearswap\nbase_model: {base}\n" + models_yaml(dense[:1]) + "parameters:\n  t: 0.01\n", tmp_path / "nearswap")
+    out = compose(
+        f"merge_method: nearswap\nbase_model: {base}\n" + models_yaml(dense[:1]) + "parameters:\n  t: 0.01\n",
+        tmp_path / "nearswap",
+    )
     for name in CHECKED:
         close(out[name], ref_nearswap(state_base[name], states[0][name], 0.01), tolerance=1e-6)
-    out = compose(f"merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {dense[0]}\n", tmp_path / "fusion")
+    out = compose(
+        f"merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {dense[0]}\n",
+        tmp_path / "fusion",
+    )
     for name in CHECKED:
         check_fusion(out[name], state_base[name], states[0][name])
     out = compose(f"merge_method: ram\nbase_model: {base}\n" + models_yaml(sparse), tmp_path / "ram")
     for name in CHECKED:
         close(out[name], ref_ram([s[name] for s in sparse_states], state_base[name]), tolerance=1e-6)
-    out = compose(f"merge_method: ramplus_tl\nbase_model: {base}\n" + models_yaml(sparse) + "parameters:\n  r: 0.5\n  alpha: 1.0\n", tmp_path / "ramplus")
+    out = compose(
+        f"merge_method: ramplus_tl\nbase_model: {base}\n"
+        + models_yaml(sparse)
+        + "parameters:\n  r: 0.5\n  alpha: 1.0\n",
+        tmp_path / "ramplus",
+    )
     for name in CHECKED:
         close(out[name], ref_ram([s[name] for s in sparse_states], state_base[name], 1e-5, 0.5, 1.0), tolerance=1e-6)
     assert torch.isfinite(logits_of(tmp_path / "ramplus")).all()
@@ -501,24 +549,35 @@ def test_end_to_end_base_methods(family, tmp_path):
 def test_end_to_end_optional_base_is_used(family, tmp_path):
     base, dense, _ = family
     state_base, states = load_state(base), [load_state(folder) for folder in dense]
-    out = compose(f"merge_method: nuslerp\nbase_model: {base}\n" + models_yaml(dense[:2], [1.0, 1.0]), tmp_path / "nuslerp")
+    out = compose(
+        f"merge_method: nuslerp\nbase_model: {base}\n" + models_yaml(dense[:2], [1.0, 1.0]), tmp_path / "nuslerp"
+    )
     name = CHECKED[0]
     close(out[name], ref_nuslerp(states[0][name], states[1][name], [1.0, 1.0], state_base[name]))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("merge_method: multislerp\n{models2w}", "sum to zero"),
-    ("merge_method: karcher\n{models2}parameters:\n  max_iter: 2.5\n", "max_iter"),
-    ("merge_method: nuslerp\n{models3}", "exactly 2"),
-    ("merge_method: model_stock\nbase_model: {base}\n{models1}", "at least 2"),
-    ("merge_method: nearswap\n{models1}parameters:\n  t: 0.1\n", "needs a base_model"),
-    ("merge_method: nearswap\nbase_model: {base}\n{models1}", "needs parameter 't'"),
-    ("merge_method: ram\nbase_model: {base}\n{models1}parameters:\n  epsilonn: 0.1\n", "does not take 'epsilonn'.*Did you mean 'epsilon'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("merge_method: multislerp\n{models2w}", "sum to zero"),
+        ("merge_method: karcher\n{models2}parameters:\n  max_iter: 2.5\n", "max_iter"),
+        ("merge_method: nuslerp\n{models3}", "exactly 2"),
+        ("merge_method: model_stock\nbase_model: {base}\n{models1}", "at least 2"),
+        ("merge_method: nearswap\n{models1}parameters:\n  t: 0.1\n", "needs a base_model"),
+        ("merge_method: nearswap\nbase_model: {base}\n{models1}", "needs parameter 't'"),
+        (
+            "merge_method: ram\nbase_model: {base}\n{models1}parameters:\n  epsilonn: 0.1\n",
+            "does not take 'epsilonn'.*Did you mean 'epsilon'",
+        ),
+    ],
+)
 def test_plan_time_errors(family, tmp_path, text, message):
     base, dense, _ = family
     text = text.format(
-        base=base, models1=models_yaml(dense[:1]), models2=models_yaml(dense[:2]), models3=models_yaml(dense, [1, 1, 1]),
+        base=base,
+        models1=models_yaml(dense[:1]),
+        models2=models_yaml(dense[:2]),
+        models3=models_yaml(dense, [1, 1, 1]),
         models2w=models_yaml(dense[:2], [1.0, -1.0]),
     )
     with pytest.raises(ComposerError, match=message):
@@ -533,7 +592,13 @@ def test_elementwise_selection_methods_run_in_chunks_with_the_same_bits(dtype):
 
     generator = torch.Generator().manual_seed(5)
     base = (torch.randn(300, 77, generator=generator) * 0.02).to(dtype)
-    tuned = [base + (torch.randn(300, 77, generator=generator) * 0.001 * (torch.rand(300, 77, generator=generator) < 0.6)).to(dtype) for _ in range(3)]
+    tuned = [
+        base
+        + (torch.randn(300, 77, generator=generator) * 0.001 * (torch.rand(300, 77, generator=generator) < 0.6)).to(
+            dtype
+        )
+        for _ in range(3)
+    ]
     runs = []
     for chunk in (1 << 20, 1000):  # one whole chunk, then 24 chunks (the last one short)
         with mock.patch.object(chunks, "ELEMENTWISE_CHUNK", chunk):
@@ -607,7 +672,11 @@ def test_flat_nuslerp_in_chunks_has_the_whole_tensor_bits(dtype, with_base):
 
     x0, x1, base = (tensor.to(dtype) for tensor in random_tensors(3, shape=(300, 77), seed=12))
     t = nuslerp_t([0.7, 1.3])
-    expected = base + slerp_vectors(x0 - base, x1 - base, t, False, True) if with_base else slerp_vectors(x0, x1, t, False, True)
+    expected = (
+        base + slerp_vectors(x0 - base, x1 - base, t, False, True)
+        if with_base
+        else slerp_vectors(x0, x1, t, False, True)
+    )
     with mock.patch.object(chunks, "ELEMENTWISE_CHUNK", 1000):
         chunked = nuslerp([x0, x1], [0.7, 1.3], base if with_base else None)
     assert chunked.dtype == expected.dtype and chunked.shape == expected.shape

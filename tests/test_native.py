@@ -50,7 +50,9 @@ def awkward_inputs(tied: bool, seed: int = 0):
     else:
         scales = torch.exp2(torch.randint(-30, 2, (4, *shape), generator=generator).float())
         base = torch.randn(shape, generator=generator).to(torch.bfloat16)
-        models = [(base.float() + torch.randn(shape, generator=generator) * scales[i]).to(torch.bfloat16) for i in range(4)]
+        models = [
+            (base.float() + torch.randn(shape, generator=generator) * scales[i]).to(torch.bfloat16) for i in range(4)
+        ]
     flat_base = base.view(-1)
     flat_base[:40] = 0.0
     flat_base[20:40] = -0.0
@@ -79,8 +81,11 @@ def test_kernels_give_the_torch_paths_bits(method, variant, tied, threads, monke
         arguments["densities"] = [0.5, 0.7, 0.3, 0.9]
     weights = [0.6, -0.3, 0.5, 0.25]
     # with threads > 1, ranges above 1000 entries are split between threads (at multiples of 256)
-    with mock.patch.object(chunked_module, "CHUNK", 4096), mock.patch.object(native_bf16, "MIN_PART", 1000), \
-            mock.patch.object(native_bf16, "thread_count", lambda: threads):
+    with (
+        mock.patch.object(chunked_module, "CHUNK", 4096),
+        mock.patch.object(native_bf16, "MIN_PART", 1000),
+        mock.patch.object(native_bf16, "thread_count", lambda: threads),
+    ):
         fused = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
         monkeypatch.setenv("COMPOSER_NATIVE", "0")
         chunked = generalized_task_arithmetic(models, base, weights, generator=11, **arguments)
@@ -115,7 +120,10 @@ def test_magnitude_sums_are_exact(dtype, case, kernels, monkeypatch):
     monkeypatch.setenv("COMPOSER_NATIVE", kernels)
     generator = torch.Generator().manual_seed(3)
     lowest = -40 if dtype == torch.bfloat16 else -20
-    values = (torch.randn(5000, generator=generator) * torch.exp2(torch.randint(lowest, 12, (5000,), generator=generator).float())).to(dtype)
+    values = (
+        torch.randn(5000, generator=generator)
+        * torch.exp2(torch.randint(lowest, 12, (5000,), generator=generator).float())
+    ).to(dtype)
     values[:10], values[10:20] = 0.0, -0.0
     if case == "subnormal":
         values[::3] = torch.finfo(dtype).smallest_normal / 8
@@ -125,7 +133,7 @@ def test_magnitude_sums_are_exact(dtype, case, kernels, monkeypatch):
         values[7] = float("nan")
     total = MagnitudeSum(dtype)
     for start in range(0, values.numel(), 700):
-        total.add(values[start:start + 700])
+        total.add(values[start : start + 700])
     got, want = float(total.value()), exact_magnitude_sum(values)
     assert got == want or (math.isnan(got) and math.isnan(want))
 
@@ -144,7 +152,10 @@ def test_model_stock_blend_gives_the_torch_paths_bits(count, threads, monkeypatc
 
     models, base = awkward_inputs(False)
     models = finite(models * 2)[:count]  # a finite ratio
-    with mock.patch.object(native_bf16, "MIN_PART", 1000), mock.patch.object(native_bf16, "thread_count", lambda: threads):
+    with (
+        mock.patch.object(native_bf16, "MIN_PART", 1000),
+        mock.patch.object(native_bf16, "thread_count", lambda: threads),
+    ):
         fused = model_stock(models, base)
     monkeypatch.setenv("COMPOSER_NATIVE", "0")
     assert not torch.isnan(fused).any()
@@ -160,8 +171,11 @@ def test_sce_gives_the_torch_paths_bits(select_topk, tied, threads, monkeypatch)
 
     models, base = awkward_inputs(tied)
     models = finite(models)  # finite model weights
-    with mock.patch.object(chunked_module, "CHUNK", 4096), mock.patch.object(native_bf16, "MIN_PART", 1000), \
-            mock.patch.object(native_bf16, "thread_count", lambda: threads):
+    with (
+        mock.patch.object(chunked_module, "CHUNK", 4096),
+        mock.patch.object(native_bf16, "MIN_PART", 1000),
+        mock.patch.object(native_bf16, "thread_count", lambda: threads),
+    ):
         fused = sce(models, base, select_topk)
         monkeypatch.setenv("COMPOSER_NATIVE", "0")
         chunked = sce(models, base, select_topk)

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_state, save_tiny_model
 
 from composer.compose import compose_text
 from composer.errors import ComposerError, ComposerWarning
 from composer.execute import ExecutionOptions
+from helpers import load_state, save_tiny_model
 
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "composer.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def passthrough(model: Path) -> str:
@@ -41,14 +43,18 @@ def tree(folder: Path) -> dict[str, bytes | None]:
 def one_paragraph_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}"
     text = result.stderr.strip()
-    assert "Traceback" not in text and text.startswith("error: ") and all(line.strip() for line in text.splitlines()), text
+    assert "Traceback" not in text and text.startswith("error: ") and all(line.strip() for line in text.splitlines()), (
+        text
+    )
     return " ".join(text.split())
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("safety-models")
-    return {name: save_tiny_model(root / name, layers=2, seed=number) for number, name in enumerate(("first", "second"))}
+    return {
+        name: save_tiny_model(root / name, layers=2, seed=number) for number, name in enumerate(("first", "second"))
+    }
 
 
 def code_project(folder: Path) -> Path:
@@ -67,9 +73,18 @@ def refusals(models, tmp_path_factory):
     setups = {
         "force_onto_code_project": lambda f: (code_project(f / "project"), ["recipe.yml", "project", "--force"]),
         "demo_onto_a_model": lambda f: (save_tiny_model(f / "mine", layers=2), ["demo", "--out", "mine"]),
-        "demo_forced_onto_a_model": lambda f: (save_tiny_model(f / "mine", layers=2), ["demo", "--out", "mine", "--force"]),
-        "output_key_absolute": lambda f: (f.joinpath("recipe.yml").write_text(passthrough(models["first"]) + f"output: {f / 'elsewhere'}\n"), ["recipe.yml"]),
-        "output_key_climbs_out": lambda f: (f.joinpath("recipe.yml").write_text(passthrough(models["first"]) + "output: ../../victim\n"), ["recipe.yml", "--force"]),
+        "demo_forced_onto_a_model": lambda f: (
+            save_tiny_model(f / "mine", layers=2),
+            ["demo", "--out", "mine", "--force"],
+        ),
+        "output_key_absolute": lambda f: (
+            f.joinpath("recipe.yml").write_text(passthrough(models["first"]) + f"output: {f / 'elsewhere'}\n"),
+            ["recipe.yml"],
+        ),
+        "output_key_climbs_out": lambda f: (
+            f.joinpath("recipe.yml").write_text(passthrough(models["first"]) + "output: ../../victim\n"),
+            ["recipe.yml", "--force"],
+        ),
         "out_inside_an_input": lambda f: (None, ["recipe.yml", models["first"] / "merged"]),
     }
     futures = {}
@@ -207,8 +222,16 @@ def signalled(models, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     for name in ("SIGTERM", "SIGHUP", "SIGINT"):
         folder = tmp_path_factory.mktemp(name.lower())
         (folder / "recipe.yml").write_text(linear(models["first"], models["second"]))
-        runs[name] = (folder, subprocess.Popen([sys.executable, "-c", SLOW_FIRST_READ], cwd=folder, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE, text=True))
+        runs[name] = (
+            folder,
+            subprocess.Popen(
+                [sys.executable, "-c", SLOW_FIRST_READ],
+                cwd=folder,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     results = {}
     for name, (folder, process) in runs.items():
         assert process.stdout.readline().strip() == "reading"
@@ -253,7 +276,12 @@ def test_an_input_truncated_while_it_is_copied_is_an_error_naming_the_file(tmp_p
         cli.main()
     message = " ".join(capsys.readouterr().err.split())
     assert exited.value.code == 2 and "Traceback" not in message and "Aborted" not in message
-    assert message.startswith("error: ") and "model.safetensors" in message and f"'{copies[2]}'" in message and "truncated" in message
+    assert (
+        message.startswith("error: ")
+        and "model.safetensors" in message
+        and f"'{copies[2]}'" in message
+        and "truncated" in message
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml", "source"]
 
 
@@ -292,7 +320,10 @@ def test_non_finite_values_are_warned_about_once_naming_the_tensors(tmp_path, mo
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "2 output tensors hold NaN or infinite values" in message
-    assert "'model.layers.1.mlp.up_proj.weight' (from 'model.layers.1.mlp.up_proj.weight' of" in message and str(broken) in message
+    assert (
+        "'model.layers.1.mlp.up_proj.weight' (from 'model.layers.1.mlp.up_proj.weight' of" in message
+        and str(broken) in message
+    )
     assert report.nonfinite == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 
 
@@ -330,4 +361,7 @@ def test_the_checksum_of_pieces_is_the_checksum_of_the_whole():
     assert checksum_of_pieces(whole[a:b] for a, b in zip(cuts, cuts[1:])) == checksum_text(first, second)
     changed = data.copy()
     changed[[2 * SCAN_BLOCK, 4 * SCAN_BLOCK]] = changed[[4 * SCAN_BLOCK, 2 * SCAN_BLOCK]]  # two blocks' bytes swapped
-    assert scan(memoryview(changed).cast("B"), torch.uint8)[:2] != (first, second) or data[2 * SCAN_BLOCK] == data[4 * SCAN_BLOCK]
+    assert (
+        scan(memoryview(changed).cast("B"), torch.uint8)[:2] != (first, second)
+        or data[2 * SCAN_BLOCK] == data[4 * SCAN_BLOCK]
+    )

@@ -43,6 +43,7 @@ def slerp_recipe(a: Path, b: Path, parameters: str) -> str:
 
 # --- evaluating one setting ---------------------------------------------------------------------
 
+
 def cond(value, filter=None):
     return ConditionalParameter(filter=filter, value=value)
 
@@ -52,12 +53,20 @@ def test_scalar_is_the_same_everywhere():
     assert evaluate(True, "anything", 0.7) is True
 
 
-@pytest.mark.parametrize("values, t, expected", [
-    ([0, 1], 0.0, 0.0), ([0, 1], 0.25, 0.25), ([0, 1], 1.0, 1.0),
-    ([1, 2, 3], 0.25, 1.5), ([1, 2, 3], 0.5, 2.0), ([1, 2, 3], 0.75, 2.5),
-    ([0, 0.5, 0.3, 0.7, 1], 0.125, 0.25), ([0, 0.5, 0.3, 0.7, 1], 0.625, 0.5),
-    ([4], 0.6, 4),
-])
+@pytest.mark.parametrize(
+    "values, t, expected",
+    [
+        ([0, 1], 0.0, 0.0),
+        ([0, 1], 0.25, 0.25),
+        ([0, 1], 1.0, 1.0),
+        ([1, 2, 3], 0.25, 1.5),
+        ([1, 2, 3], 0.5, 2.0),
+        ([1, 2, 3], 0.75, 2.5),
+        ([0, 0.5, 0.3, 0.7, 1], 0.125, 0.25),
+        ([0, 0.5, 0.3, 0.7, 1], 0.625, 0.5),
+        ([4], 0.6, 4),
+    ],
+)
 def test_gradient_interpolates_linearly_between_evenly_spaced_points(values, t, expected):
     assert interpolate_gradient(values, t) == pytest.approx(expected)
     assert evaluate(values, "x", t) == pytest.approx(expected)
@@ -97,6 +106,7 @@ def test_schema_accepts_the_three_forms_and_rejects_an_empty_gradient(models):
 
 # --- t over layers and slices, resolved by the planner --------------------------------------------
 
+
 def test_gradient_gives_each_layer_its_value_and_the_tensors_outside_the_layers_t0(models):
     """As mergekit: embeddings, final norm and head all take the gradient's value at t = 0."""
     a, b = models
@@ -111,12 +121,18 @@ def test_gradient_gives_each_layer_its_value_and_the_tensors_outside_the_layers_
 
 def test_filter_list_gives_attention_mlp_and_default_values(models):
     a, b = models
-    args = arguments_of(slerp_recipe(a, b, (
-        "  t:\n"
-        "    - filter: self_attn\n      value: [0, 1]\n"
-        "    - filter: mlp\n      value: [1, 0]\n"
-        "    - value: 0.5\n"
-    )))
+    args = arguments_of(
+        slerp_recipe(
+            a,
+            b,
+            (
+                "  t:\n"
+                "    - filter: self_attn\n      value: [0, 1]\n"
+                "    - filter: mlp\n      value: [1, 0]\n"
+                "    - value: 0.5\n"
+            ),
+        )
+    )
     for i in range(LAYERS):
         depth = i / (LAYERS - 1)
         for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -143,7 +159,10 @@ def test_t_restarts_in_every_slice_and_edges_follow_first_and_last_slice(models)
     args = arguments_of(text)
     expected = [0, 0.5, 1, 0, 1, 1]  # slices of 3, 2 and 1 layers; a one-layer slice has t=1
     assert [args[layer(i, "self_attn.q_proj.weight")]["t"] for i in range(6)] == pytest.approx(expected)
-    assert args["@inputs"][layer(5, "mlp.up_proj.weight")] == [(str(b), layer(4, "mlp.up_proj.weight")), (str(a), layer(4, "mlp.up_proj.weight"))]
+    assert args["@inputs"][layer(5, "mlp.up_proj.weight")] == [
+        (str(b), layer(4, "mlp.up_proj.weight")),
+        (str(a), layer(4, "mlp.up_proj.weight")),
+    ]
     assert args["model.embed_tokens.weight"]["t"] == 0
     assert args["model.norm.weight"]["t"] == 0
 
@@ -169,7 +188,10 @@ def test_edge_tensors_come_from_the_first_and_last_slice_sources(models):
 
 # --- precedence -----------------------------------------------------------------------------------
 
-def two_source_linear(a: Path, b: Path, top: str = "", per_slice: str = "", source_a: str = "", source_b: str = "") -> str:
+
+def two_source_linear(
+    a: Path, b: Path, top: str = "", per_slice: str = "", source_a: str = "", source_b: str = ""
+) -> str:
     def block(indent: str, body: str) -> str:
         return f"{indent}parameters:\n" + "".join(f"{indent}  {line}\n" for line in body.splitlines()) if body else ""
 
@@ -177,15 +199,19 @@ def two_source_linear(a: Path, b: Path, top: str = "", per_slice: str = "", sour
         "merge_method: linear\n"
         + block("", top)
         + "slices:\n  - sources:\n"
-        + f"      - model: {a}\n        layer_range: [0, {LAYERS}]\n" + block("        ", source_a)
-        + f"      - model: {b}\n        layer_range: [0, {LAYERS}]\n" + block("        ", source_b)
+        + f"      - model: {a}\n        layer_range: [0, {LAYERS}]\n"
+        + block("        ", source_a)
+        + f"      - model: {b}\n        layer_range: [0, {LAYERS}]\n"
+        + block("        ", source_b)
         + block("    ", per_slice)
     )
 
 
 def test_per_source_beats_per_slice_beats_top_level(models):
     a, b = models
-    args = arguments_of(two_source_linear(a, b, top="weight: 1\nnormalize: false", per_slice="weight: 2", source_a="weight: 3"))
+    args = arguments_of(
+        two_source_linear(a, b, top="weight: 1\nnormalize: false", per_slice="weight: 2", source_a="weight: 3")
+    )
     name = layer(1, "mlp.up_proj.weight")
     assert args[name]["weight"] == [3, 2]
     assert args[name]["normalize"] is False
@@ -207,7 +233,9 @@ def test_models_entry_parameters_beat_top_level(models):
     a, b = models
     text = f"merge_method: linear\nparameters:\n  weight: 1\nmodels:\n  - model: {a}\n    parameters:\n      weight: [0, 1]\n  - model: {b}\n"
     args = arguments_of(text)
-    assert [args[layer(i, "self_attn.o_proj.weight")]["weight"][0] for i in range(LAYERS)] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert [args[layer(i, "self_attn.o_proj.weight")]["weight"][0] for i in range(LAYERS)] == pytest.approx(
+        [0, 0.25, 0.5, 0.75, 1]
+    )
     assert all(args[layer(i, "self_attn.o_proj.weight")]["weight"][1] == 1 for i in range(LAYERS))
     assert args["model.embed_tokens.weight"]["weight"] == [0, 1]
     assert args["lm_head.weight"]["weight"] == [0, 1]
@@ -221,11 +249,15 @@ def test_the_same_model_twice_in_a_slice_keeps_its_layers_and_parameters_apart(m
         f"      - model: {a}\n        layer_range: [3, 5]\n        parameters:\n          weight: 0.75\n"
     )
     args = arguments_of(text)
-    assert args["@inputs"][layer(1, "mlp.up_proj.weight")] == [(str(a), layer(1, "mlp.up_proj.weight")), (str(a), layer(4, "mlp.up_proj.weight"))]
+    assert args["@inputs"][layer(1, "mlp.up_proj.weight")] == [
+        (str(a), layer(1, "mlp.up_proj.weight")),
+        (str(a), layer(4, "mlp.up_proj.weight")),
+    ]
     assert args[layer(1, "mlp.up_proj.weight")]["weight"] == [0.25, 0.75]
 
 
 # --- mistakes are errors that name the place -------------------------------------------------------
+
 
 def test_a_per_tensor_parameter_set_per_model_is_an_error(models):
     a, b = models
@@ -246,7 +278,9 @@ def test_unknown_and_missing_and_ill_typed_parameters_are_errors(models):
         arguments_of(slerp_recipe(a, b, "  t: half\n"))
     with pytest.raises(ComposerError, match="sum to zero"):
         arguments_of(two_source_linear(a, b, source_a="weight: 1", source_b="weight: -1"))
-    args = arguments_of(two_source_linear(a, b, top="weight: 1\nnormalize: 0.0"))  # mergekit configs write flags as numbers
+    args = arguments_of(
+        two_source_linear(a, b, top="weight: 1\nnormalize: 0.0")
+    )  # mergekit configs write flags as numbers
     assert args[layer(0, "mlp.up_proj.weight")]["normalize"] is False
     args = arguments_of(two_source_linear(a, b, top="normalize: false", source_a="weight: 1", source_b="weight: -1"))
     assert args[layer(0, "mlp.up_proj.weight")]["weight"] == [1, -1]
@@ -269,10 +303,11 @@ def test_mergekit_dict_spellings_of_model_references(models):
     assert recipe.base_model == str(a)
     assert [entry.model for entry in recipe.models] == [str(a), str(b)]
     args = arguments_of(text)
-    assert args["@inputs"][layer(0, "mlp.up_proj.weight")] == [(str(b), layer(0, "mlp.up_proj.weight")), (str(a), layer(0, "mlp.up_proj.weight"))]
-    sliced = (
-        f"merge_method: passthrough\nslices:\n  - sources:\n      - model:\n          model:\n            path: {b}\n        layer_range: [0, 2]\n"
-    )
+    assert args["@inputs"][layer(0, "mlp.up_proj.weight")] == [
+        (str(b), layer(0, "mlp.up_proj.weight")),
+        (str(a), layer(0, "mlp.up_proj.weight")),
+    ]
+    sliced = f"merge_method: passthrough\nslices:\n  - sources:\n      - model:\n          model:\n            path: {b}\n        layer_range: [0, 2]\n"
     assert parse_recipe(sliced).slices[0].sources[0].model == str(b)
     assert arguments_of(sliced)["@inputs"]["model.norm.weight"] == [(str(b), "model.norm.weight")]
 
@@ -282,6 +317,8 @@ def test_a_parameter_of_another_method_is_ignored_with_a_warning_as_mergekit_doe
     from composer.errors import ComposerWarning
 
     a, b = models
-    with pytest.warns(ComposerWarning, match=r"parameters\.density': merge method 'slerp' does not use 'density'.*ignored"):
+    with pytest.warns(
+        ComposerWarning, match=r"parameters\.density': merge method 'slerp' does not use 'density'.*ignored"
+    ):
         with_leftover = arguments_of(slerp_recipe(a, b, "  t: 0.5\n  density: 0.5\n"))
     assert with_leftover == arguments_of(slerp_recipe(a, b, "  t: 0.5\n"))

@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-from helpers import save_fine_tune, save_tiny_model
 
 from composer.compose import compose_text
 from composer.execute import ExecutionOptions
@@ -16,13 +15,16 @@ from composer.sources import open_source
 from composer.sources.digests import header_digest, source_digests
 from composer.sources.identity import PROVENANCE_KEY, hub_snapshot, recorded_provenance
 from composer.sources.safetensors_format import read_header
+from helpers import save_fine_tune, save_tiny_model
 
 QUIET = ExecutionOptions(progress=False)
 
 
 def linear(first, second) -> str:
-    return (f"merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 0.3}}\n"
-            f"  - model: {second}\n    parameters: {{weight: 0.7}}\n")
+    return (
+        f"merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {second}\n    parameters: {{weight: 0.7}}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,11 @@ def test_every_weights_file_records_the_parents_and_the_recipe(models, tmp_path)
     assert record["recipe_sha256"] == hashlib.sha256((out / "composer-recipe.yml").read_bytes()).hexdigest()
     assert record["method"] == "linear" and record["conversion"] is False
     base, hub = record["parents"]
-    assert base["model"] == str(models["base"]) and base["hub_id"] is None and base["path"] == str(models["base"].resolve())
+    assert (
+        base["model"] == str(models["base"])
+        and base["hub_id"] is None
+        and base["path"] == str(models["base"].resolve())
+    )
     assert hub["hub_id"] == "someorg/tiny-ft" and hub["revision"] == "0123456789abcdef0123456789abcdef01234567"
     for parent, folder in ((base, models["base"]), (hub, models["hub"])):
         assert parent["weights"] == source_digests(open_source(str(folder)))
@@ -61,7 +67,9 @@ def test_the_card_credits_hub_ids_and_embeds_the_record(models, tmp_path):
     compose_text(linear(models["base"], models["hub"]), out, QUIET)
     card = (out / "README.md").read_text()
     front = card.split("---")[1]
-    assert "base_model:\n- someorg/tiny-ft\n" in front and str(models["base"]) not in front  # the hub's field takes hub ids only
+    assert (
+        "base_model:\n- someorg/tiny-ft\n" in front and str(models["base"]) not in front
+    )  # the hub's field takes hub ids only
     assert "[someorg/tiny-ft](https://huggingface.co/someorg/tiny-ft) (revision 0123456789ab)" in card
     assert f"- `{models['base']}`" in card
     embedded = json.loads(card.split("## Provenance")[1].split("```json")[1].split("```")[0])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from composer.compose import compose_text
-from composer.execute import ExecutionOptions
 from composer.evaluate import load_model, score_text
+from composer.execute import ExecutionOptions
 from helpers import ENGLISH_TEXT, load_state, logits_of
 
 pytestmark = pytest.mark.real_model
@@ -46,7 +46,9 @@ def test_upscale_layers_come_from_the_right_source_layers(smollm2_dir, upscaled)
     assert len(mapping) == 44
     for index, source_index in enumerate(mapping):
         for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
-            assert torch.equal(output[f"model.layers.{index}.{suffix}"], source[f"model.layers.{source_index}.{suffix}"])
+            assert torch.equal(
+                output[f"model.layers.{index}.{suffix}"], source[f"model.layers.{source_index}.{suffix}"]
+            )
     assert torch.equal(output["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
     assert "lm_head.weight" not in output  # SmolLM2 ties its head to the embeddings, and so does the output
 

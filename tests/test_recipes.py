@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from composer.compose import compose_text
-from composer.execute import ExecutionOptions
 from composer.evaluate import load_model, score_text
+from composer.execute import ExecutionOptions
 
 # MoE recipes are run by tests/test_moe_routing.py, which routes held-out prompts through them
 RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yml") if "moe" not in p.stem)
@@ -28,7 +28,9 @@ def test_example_recipe_runs(recipe_path: Path, local_models, tmp_path: Path):
     out = tmp_path / "out"
     compose_text(text, out, ExecutionOptions())
     model, tokenizer = load_model(str(out))
-    expected_layers = sum(end - start for s in yaml.safe_load(text)["slices"] for start, end in [s["sources"][0]["layer_range"]])
+    expected_layers = sum(
+        end - start for s in yaml.safe_load(text)["slices"] for start, end in [s["sources"][0]["layer_range"]]
+    )
     assert model.config.num_hidden_layers == expected_layers
     score = score_text(model, tokenizer, "The cat sat on the mat and looked out of the window at the rain.")
     assert score.perplexity < 1e4

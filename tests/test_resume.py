@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_model
 
 from composer.compose import compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.execute.journal import JOURNAL_FILE
+from helpers import save_tiny_model
 
 COMPOSE = [sys.executable, "-m", "composer.cli"]
 SIZES = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -54,7 +54,10 @@ def digests(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume-models")
-    return {name: save_tiny_model(root / name, layers=6, seed=number, **SIZES) for number, name in enumerate(("base", "a", "b"))}
+    return {
+        name: save_tiny_model(root / name, layers=6, seed=number, **SIZES)
+        for number, name in enumerate(("base", "a", "b"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,9 @@ def start_working(command: list[str], folder: Path) -> tuple[subprocess.Popen, f
     return process, time.perf_counter()
 
 
-def test_ten_kills_at_random_points_never_leave_a_complete_looking_output_and_resume_to_the_same_bytes(models, reference, tmp_path):
+def test_ten_kills_at_random_points_never_leave_a_complete_looking_output_and_resume_to_the_same_bytes(
+    models, reference, tmp_path
+):
     (tmp_path / "recipe.yml").write_text(recipe(models))
     command = [*COMPOSE, "recipe.yml", "out", "--shard-size", "2000000", "--no-progress"]
     process, working = start_working(command, tmp_path)
@@ -141,7 +146,11 @@ def test_a_finished_tensor_whose_bytes_were_lost_is_written_again(models, refere
     with monkeypatch.context() as patch:
         run_that_fails_after(12, patch)
         with pytest.raises(OSError):
-            compose_text(recipe(models), tmp_path / "out", ExecutionOptions(progress=False, shard_size=2_000_000, keep_partial=True))
+            compose_text(
+                recipe(models),
+                tmp_path / "out",
+                ExecutionOptions(progress=False, shard_size=2_000_000, keep_partial=True),
+            )
     partial = partial_of(tmp_path)
     lines = [json.loads(line) for line in (partial / JOURNAL_FILE).read_text().splitlines()[1:] if line.strip()]
     finished = [entry["tensor"] for entry in lines]
@@ -162,7 +171,11 @@ def test_resume_modes(models, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         run_that_fails_after(5, patch)
         with pytest.raises(OSError):
-            compose_text(recipe(models), tmp_path / "out", ExecutionOptions(progress=False, shard_size=2_000_000, keep_partial=True))
+            compose_text(
+                recipe(models),
+                tmp_path / "out",
+                ExecutionOptions(progress=False, shard_size=2_000_000, keep_partial=True),
+            )
     partial = partial_of(tmp_path)
     other = recipe(models).replace("weight: 0.6", "weight: 0.5")
     with pytest.raises(ComposerError, match="another recipe, other inputs or other options"):
@@ -170,7 +183,9 @@ def test_resume_modes(models, tmp_path, monkeypatch):
     assert partial.is_dir()  # --resume never removes what it cannot resume
     with pytest.raises(ComposerError, match="another recipe"):  # another shard size is another layout
         compose_text(recipe(models), tmp_path / "out", ExecutionOptions(progress=False, resume="require"))
-    report = compose_text(recipe(models), tmp_path / "out", ExecutionOptions(progress=False, shard_size=2_000_000, resume="never"))
+    report = compose_text(
+        recipe(models), tmp_path / "out", ExecutionOptions(progress=False, shard_size=2_000_000, resume="never")
+    )
     assert report.resumed == 0 and not partial.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     del options
@@ -183,7 +198,9 @@ def test_a_partial_folder_of_another_recipe_is_removed_with_a_note(models, tmp_p
             compose_text(recipe(models), tmp_path / "out", ExecutionOptions(progress=False, keep_partial=True))
     partial = partial_of(tmp_path)
     caplog.set_level("INFO", logger="composer")
-    report = compose_text(recipe(models).replace("density: 0.5", "density: 0.6"), tmp_path / "out", ExecutionOptions(progress=False))
+    report = compose_text(
+        recipe(models).replace("density: 0.5", "density: 0.6"), tmp_path / "out", ExecutionOptions(progress=False)
+    )
     assert report.resumed == 0 and not partial.exists()
     assert any("removed" in record.getMessage() and partial.name in record.getMessage() for record in caplog.records)
 

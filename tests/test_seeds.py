@@ -21,14 +21,20 @@ models:
 
 
 def _models(tmp_path: Path) -> dict:
-    return {name: save_tiny_model(tmp_path / name, layers=2, seed=number) for number, name in enumerate(("base", "a", "b"))}
+    return {
+        name: save_tiny_model(tmp_path / name, layers=2, seed=number) for number, name in enumerate(("base", "a", "b"))
+    }
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path):
     models = _models(tmp_path)
     outputs = {}
     for label, seed in (("first", "random_seed: 7"), ("again", "random_seed: 7"), ("other", "random_seed: 8")):
-        compose_text(RECIPE.format(seed=seed, **models), tmp_path / label, ExecutionOptions(memory_budget=1 if label == "again" else 2**30))
+        compose_text(
+            RECIPE.format(seed=seed, **models),
+            tmp_path / label,
+            ExecutionOptions(memory_budget=1 if label == "again" else 2**30),
+        )
         outputs[label] = load_state(tmp_path / label)
     name = "model.layers.1.mlp.up_proj.weight"
     assert all(torch.equal(outputs["first"][key], outputs["again"][key]) for key in outputs["first"])

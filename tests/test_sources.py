@@ -50,7 +50,9 @@ def save_bin(folder: Path, model, shards: int = 1) -> dict[str, torch.Tensor]:
         torch.save(part, folder / file_name)
         weight_map.update({name: file_name for name in part})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return state
 
 
@@ -100,7 +102,9 @@ def test_index_that_disagrees_with_the_shards_is_an_error(sharded: Path):
     path = sharded / "model.safetensors.index.json"
     index = json.loads(path.read_text())
     name = "model.norm.weight"
-    index["weight_map"][name] = next(shard for shard in sorted(set(index["weight_map"].values())) if shard != index["weight_map"][name])
+    index["weight_map"][name] = next(
+        shard for shard in sorted(set(index["weight_map"].values())) if shard != index["weight_map"][name]
+    )
     path.write_text(json.dumps(index))
     with pytest.raises(ComposerError, match="model.norm.weight"):
         open_source(str(sharded))
@@ -145,7 +149,9 @@ def test_truncated_safetensors_file_names_the_file_and_tensor(tmp_path: Path):
 
     folder = tmp_path / "model"
     folder.mkdir()
-    path = _safetensors_file(folder / "model.safetensors", {"a.weight": torch.ones(64, 64), "b.weight": torch.ones(64, 64)})
+    path = _safetensors_file(
+        folder / "model.safetensors", {"a.weight": torch.ones(64, 64), "b.weight": torch.ones(64, 64)}
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(ComposerError) as caught:
@@ -188,7 +194,9 @@ def test_corrupt_safetensors_headers_are_composer_errors(tmp_path: Path):
         with pytest.raises(ComposerError, match="bad.safetensors") as caught:
             read_header(write(header))
         assert "\n" not in str(caught.value)
-    assert read_header(write({"__metadata__": None, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}))["w"]["shape"] == [4]
+    assert read_header(write({"__metadata__": None, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}))[
+        "w"
+    ]["shape"] == [4]
 
 
 def test_safetensors_tensors_that_share_bytes_are_refused_naming_both(tmp_path: Path):
@@ -205,7 +213,9 @@ def test_safetensors_tensors_that_share_bytes_are_refused_naming_both(tmp_path: 
     encoded = json.dumps(header).encode()
     path = tmp_path / "overlap.safetensors"
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\0" * 24)
-    with pytest.raises(ComposerError, match=r"overlap.safetensors .*tensor 'a' \(bytes 0..16\) and tensor 'c' \(bytes 8..24\) overlap"):
+    with pytest.raises(
+        ComposerError, match=r"overlap.safetensors .*tensor 'a' \(bytes 0..16\) and tensor 'c' \(bytes 8..24\) overlap"
+    ):
         read_header(path)
     del header["c"]
     encoded = json.dumps(header).encode()
@@ -458,9 +468,22 @@ def test_long_gguf_arrays_are_walked_and_recorded_as_their_length(tmp_path: Path
         return _gguf_string(key) + struct.pack("<IIQ", 9, 6, count) + struct.pack(f"<{count}f", *range(count))
 
     path = tmp_path / "arrays.gguf"
-    path.write_bytes(_gguf(array(b"short", 3) + array(b"long", MAX_KEPT_ARRAY + 1) + _gguf_string(b"nested")
-                           + struct.pack("<IIQ", 9, 9, 2) + struct.pack("<IQB", 0, 1, 7) + struct.pack("<IQ", 0, 0), metadata_count=3))
-    assert read_gguf_header(path).metadata == {"short": [0.0, 1.0, 2.0], "long": MAX_KEPT_ARRAY + 1, "nested": [[7], []]}
+    path.write_bytes(
+        _gguf(
+            array(b"short", 3)
+            + array(b"long", MAX_KEPT_ARRAY + 1)
+            + _gguf_string(b"nested")
+            + struct.pack("<IIQ", 9, 9, 2)
+            + struct.pack("<IQB", 0, 1, 7)
+            + struct.pack("<IQ", 0, 0),
+            metadata_count=3,
+        )
+    )
+    assert read_gguf_header(path).metadata == {
+        "short": [0.0, 1.0, 2.0],
+        "long": MAX_KEPT_ARRAY + 1,
+        "nested": [[7], []],
+    }
 
 
 # ---- GGUF: the real SmolLM2-135M-Instruct file shipped in a wheel ------------------------------------
@@ -491,7 +514,13 @@ def smollm2():
         reads_while_opening = list(reads)
     finally:
         GGUFFile._tensor_bytes = real
-    return {"path": path, "source": source, "infos": infos, "config": config, "reads_while_opening": reads_while_opening}
+    return {
+        "path": path,
+        "source": source,
+        "infos": infos,
+        "config": config,
+        "reads_while_opening": reads_while_opening,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -603,8 +632,8 @@ def test_evaluate_converts_a_gguf_through_composer(tmp_path: Path, monkeypatch):
 
     folder = tmp_path / "converted"
     tiny_model().save_pretrained(folder)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -686,7 +715,11 @@ def test_hub_fetches_only_the_files_a_merge_needs(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     source = open_source("tiny-org/remote")
     shards = set(json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values())
-    assert set(fetched) == {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md", "tokenizer.json"} | shards
+    assert (
+        set(fetched)
+        == {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md", "tokenizer.json"}
+        | shards
+    )
     state = saved_state(model)
     assert set(source.tensor_infos()) == set(state)
     assert torch.equal(source.read("model.layers.0.mlp.up_proj.weight"), state["model.layers.0.mlp.up_proj.weight"])
@@ -722,9 +755,17 @@ def write_tiny_llama_gguf(path: Path, model, quantised: bool = False) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     gguf_names = {
-        "embed_tokens": "token_embd", "norm": "output_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "embed_tokens": "token_embd",
+        "norm": "output_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
     }
     for name, tensor in saved_state(model).items():
         tensor = tensor.float()
@@ -743,7 +784,11 @@ def write_tiny_llama_gguf(path: Path, model, quantised: bool = False) -> None:
             tensor = _llama_cpp_permute(tensor, config.num_key_value_heads)
         values = tensor.numpy()
         if quantised and values.ndim == 2:
-            writer.add_tensor(gguf_name, gguf.quantize(values, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                gguf_name,
+                gguf.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(values))
     writer.write_header_to_file()
@@ -760,7 +805,9 @@ def test_tiny_gguf_reads_back_the_model_it_was_written_from(tmp_path: Path, quan
     source = open_source(str(path))
     state = saved_state(model)
     config = source.config()
-    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2 and config["tie_word_embeddings"] is False
+    assert (
+        config["model_type"] == "llama" and config["num_hidden_layers"] == 2 and config["tie_word_embeddings"] is False
+    )
     assert source.license() == "mit" and not source.has_tokenizer()
     infos = source.tensor_infos()
     assert set(infos) == set(state)

@@ -4,19 +4,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_state, logits_of, save_tiny_model
 
 from composer.compose import compose_text, plan_from_file
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.plan.schedule import make_schedule
 from composer.plan.show import format_plan
+from helpers import load_state, logits_of, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("staged-models")
-    return {name: save_tiny_model(root / name, layers=4, seed=number) for number, name in enumerate(("base", "a", "b", "c"))}
+    return {
+        name: save_tiny_model(root / name, layers=4, seed=number) for number, name in enumerate(("base", "a", "b", "c"))
+    }
 
 
 PAIR = """merge_method: linear
@@ -68,7 +70,9 @@ def test_two_stages_in_one_pass_equal_two_runs(models, tmp_path: Path):
     _assert_same_tensors(tmp_path / "two-runs", tmp_path / "one-pass")
     assert max(report.reads.values()) == 1  # every input tensor of a, b and c read once, nothing written between stages
     assert {ref.model for ref in report.reads} == {str(models[name]) for name in ("a", "b", "c")}
-    assert sorted(p.name for p in (tmp_path / "one-pass").iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "one-pass").iterdir() if p.suffix == ".safetensors") == [
+        "model.safetensors"
+    ]
     torch.testing.assert_close(logits_of(tmp_path / "one-pass"), logits_of(tmp_path / "two-runs"), rtol=0, atol=0)
 
 
@@ -91,7 +95,9 @@ def test_plan_shows_the_fused_tensors_over_real_models_only(models, tmp_path: Pa
     line = next(line for line in text.splitlines() if line.startswith("model.layers.0.mlp.up_proj.weight"))
     assert "ab=linear" in line and "slerp" in line
     inputs = line.split("<- ")[1]
-    assert "ab:" not in inputs and all(f"{models[name]}:model.layers.0.mlp.up_proj.weight" in inputs for name in ("a", "b", "c"))
+    assert "ab:" not in inputs and all(
+        f"{models[name]}:model.layers.0.mlp.up_proj.weight" in inputs for name in ("a", "b", "c")
+    )
 
 
 def test_a_stage_can_be_sliced_deeper_and_the_top_level_merge_is_the_output(models, tmp_path: Path):
@@ -108,7 +114,11 @@ slices:
   - sources: [{{model: ab, layer_range: [0, 3]}}]
   - sources: [{{model: ab, layer_range: [1, 4]}}]
 """
-    compose_text(f"merge_method: linear\nmodels:\n  - model: {models['a']}\n  - model: {models['b']}\nparameters: {{weight: 0.5}}\n", tmp_path / "ab", ExecutionOptions())
+    compose_text(
+        f"merge_method: linear\nmodels:\n  - model: {models['a']}\n  - model: {models['b']}\nparameters: {{weight: 0.5}}\n",
+        tmp_path / "ab",
+        ExecutionOptions(),
+    )
     upscale = f"merge_method: passthrough\nslices:\n  - sources: [{{model: {tmp_path / 'ab'}, layer_range: [0, 3]}}]\n  - sources: [{{model: {tmp_path / 'ab'}, layer_range: [1, 4]}}]\n"
     compose_text(upscale, tmp_path / "two-runs", ExecutionOptions())
     compose_text(staged, tmp_path / "one-pass", ExecutionOptions())
@@ -147,22 +157,34 @@ stages:
 @pytest.mark.parametrize(
     "recipe, message",
     [
-        ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: y}}, {{model: {a}}}]\n"
-         "  - name: y\n    merge_method: linear\n    models: [{{model: x}}, {{model: {a}}}]\n",
-         "line 4: recipe key 'stages[0].models[0].model': stage 'x' uses stage 'y', which comes later"),
-        ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n"
-         "  - name: y\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n",
-         "line 2: recipe key 'stages[0].name': stage 'x' is not used by any later stage or by the output"),
-        ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}]\n"
-         "  - name: x\n    merge_method: linear\n    models: [{{model: x}}]\n",
-         "two stages are named 'x'"),
-        ("models: [{{model: {a}}}]\nstages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}]\n",
-         "models at the top level belong to a merge"),
-        ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n    parameters: {{weihgt: 0.5}}\n"
-         "merge_method: linear\nmodels: [{{model: x}}, {{model: {a}}}]\n",
-         "line 5: recipe key 'stages[0].parameters.weihgt': merge method 'linear' does not take 'weihgt'"),
-        ("stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}, paramters: {{weight: 1}}}}]\n",
-         "unknown key 'stages[0].models[0].paramters'"),
+        (
+            "stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: y}}, {{model: {a}}}]\n"
+            "  - name: y\n    merge_method: linear\n    models: [{{model: x}}, {{model: {a}}}]\n",
+            "line 4: recipe key 'stages[0].models[0].model': stage 'x' uses stage 'y', which comes later",
+        ),
+        (
+            "stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n"
+            "  - name: y\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n",
+            "line 2: recipe key 'stages[0].name': stage 'x' is not used by any later stage or by the output",
+        ),
+        (
+            "stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}]\n"
+            "  - name: x\n    merge_method: linear\n    models: [{{model: x}}]\n",
+            "two stages are named 'x'",
+        ),
+        (
+            "models: [{{model: {a}}}]\nstages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}]\n",
+            "models at the top level belong to a merge",
+        ),
+        (
+            "stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}}}, {{model: {b}}}]\n    parameters: {{weihgt: 0.5}}\n"
+            "merge_method: linear\nmodels: [{{model: x}}, {{model: {a}}}]\n",
+            "line 5: recipe key 'stages[0].parameters.weihgt': merge method 'linear' does not take 'weihgt'",
+        ),
+        (
+            "stages:\n  - name: x\n    merge_method: linear\n    models: [{{model: {a}, paramters: {{weight: 1}}}}]\n",
+            "unknown key 'stages[0].models[0].paramters'",
+        ),
     ],
     ids=["forward-reference", "unused-stage", "duplicate-name", "stray-top-level-key", "stage-parameter", "stage-typo"],
 )

@@ -37,6 +37,7 @@ ALL_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "sc
 
 # --- reference formulas (float64, straight from the papers; ties broken by position) -------------
 
+
 def models_near(base_seed=0, count=2, shape=(24, 40), scale=0.05):
     generator = torch.Generator().manual_seed(base_seed)
     base = torch.randn(shape, generator=generator)
@@ -64,7 +65,7 @@ def reference_breadcrumbs(tau, density, gamma):
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.argsort(flat, stable=True)[bottom:bottom + keep]] = True
+    mask[torch.argsort(flat, stable=True)[bottom : bottom + keep]] = True
     return mask.reshape(tau.shape)
 
 
@@ -112,6 +113,7 @@ def close(result, expected):
 
 # --- deterministic methods against the formulas ----------------------------------------------------
 
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_task_arithmetic_is_base_plus_lambda_times_weighted_task_vectors(normalize):
     tensors, base = models_near(1, count=3)
@@ -127,7 +129,9 @@ def test_ties_trims_elects_signs_and_takes_the_disjoint_mean(normalize, rescale)
     weights, densities = [1.0, 0.6, -0.4], [0.3, 0.5, 0.8]
     taus = task_vectors_of(tensors, base)
     masks = [reference_top_k(t, d) for t, d in zip(taus, densities)]
-    expected = reference_merge(base, taus, masks, weights, consensus=True, normalize=normalize, rescale=rescale, lambda_=1.5)
+    expected = reference_merge(
+        base, taus, masks, weights, consensus=True, normalize=normalize, rescale=rescale, lambda_=1.5
+    )
     close(ties(tensors, base, weights, densities, normalize=normalize, rescale=rescale, lambda_=1.5), expected)
 
 
@@ -153,9 +157,15 @@ def test_methods_take_large_tensors_through_the_bracketed_selection():
     tensors, base = models_near(5, count=2, shape=(640, 512))  # above the exact-kthvalue limit
     taus = task_vectors_of(tensors, base)
     masks = [reference_top_k(t, 0.3) for t in taus]
-    close(ties(tensors, base, [1.0, 1.0], [0.3, 0.3]), reference_merge(base, taus, masks, [1.0, 1.0], consensus=True, normalize=True))
+    close(
+        ties(tensors, base, [1.0, 1.0], [0.3, 0.3]),
+        reference_merge(base, taus, masks, [1.0, 1.0], consensus=True, normalize=True),
+    )
     masks = [reference_breadcrumbs(t, 0.6, 0.1) for t in taus]
-    close(breadcrumbs(tensors, base, [1.0, 0.5], [0.6, 0.6], [0.1, 0.1]), reference_merge(base, taus, masks, [1.0, 0.5], consensus=False, normalize=False))
+    close(
+        breadcrumbs(tensors, base, [1.0, 0.5], [0.6, 0.6], [0.1, 0.1]),
+        reference_merge(base, taus, masks, [1.0, 0.5], consensus=False, normalize=False),
+    )
 
 
 def test_half_precision_inputs_merge_in_their_dtype():
@@ -179,8 +189,14 @@ def test_inputs_are_not_modified():
 
 # --- properties -------------------------------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None)
-@given(weight=st.floats(-3, 3).filter(lambda w: abs(w) > 1e-3), lambda_=st.floats(-2, 2), normalize=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    weight=st.floats(-3, 3).filter(lambda w: abs(w) > 1e-3),
+    lambda_=st.floats(-2, 2),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_ties_of_one_model_at_density_one_is_task_arithmetic(weight, lambda_, normalize, seed):
     tensors, base = models_near(seed, count=1, shape=(9, 7))
     assert torch.equal(
@@ -215,7 +231,9 @@ def test_dare_equals_the_undropped_merge_in_expectation():
     for rescale, expected in [(True, undropped), (False, None)]:
         total = torch.zeros_like(undropped)
         for seed in range(draws):
-            total += dare_linear(tensors, base, weights, densities, rescale=rescale, generator=seed).double() - base.double()
+            total += (
+                dare_linear(tensors, base, weights, densities, rescale=rescale, generator=seed).double() - base.double()
+            )
         mean = total / draws
         if expected is None:  # without rescaling each task vector shrinks to density times itself
             taus = task_vectors_of(tensors, base)
@@ -232,7 +250,9 @@ def test_dare_is_the_formula_for_the_mask_it_drew():
     assert abs(mask.double().mean().item() - 0.4) < 0.08
     torch.testing.assert_close(dropped, tau * mask, rtol=1e-5, atol=1e-6)
     rescaled = dare_linear([x], base, [1.0], [0.4], rescale=True, generator=5).double() - base.double()
-    torch.testing.assert_close(rescaled, tau * mask * (tau.abs().sum() / (tau * mask).abs().sum()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        rescaled, tau * mask * (tau.abs().sum() / (tau * mask).abs().sum()), rtol=1e-5, atol=1e-6
+    )
     signed = dare_ties([x], base, [2.0], [0.4], rescale=False, normalize=True, generator=5).double() - base.double()
     torch.testing.assert_close(signed, tau * mask, rtol=1e-5, atol=1e-6)
 
@@ -249,7 +269,11 @@ def test_della_keeps_larger_entries_more_often_ranking_within_rows():
     expected = density - epsilon + 2 * epsilon * rank / (m - 1)
     for r in range(2):
         assert (frequency[r].double() - expected).abs().max() < 0.04
-    one_d = torch.stack([della_mask(row, density, epsilon, torch.Generator().manual_seed(s)) for s in range(draws)]).double().mean(0)
+    one_d = (
+        torch.stack([della_mask(row, density, epsilon, torch.Generator().manual_seed(s)) for s in range(draws)])
+        .double()
+        .mean(0)
+    )
     assert (one_d - expected).abs().max() < 0.04
 
 
@@ -279,7 +303,9 @@ def test_della_is_the_formula_for_the_mask_it_drew():
     generator = torch.Generator().manual_seed(3)
     masks = [della_mask(tensors[i] - base, densities[i], epsilons[i], generator) for i in range(2)]
     for consensus, method, normalize in [(True, della, True), (False, della_linear, False)]:
-        expected = reference_merge(base, taus, masks, weights, consensus=consensus, normalize=normalize, rescale=True, lambda_=0.9)
+        expected = reference_merge(
+            base, taus, masks, weights, consensus=consensus, normalize=normalize, rescale=True, lambda_=0.9
+        )
         close(method(tensors, base, weights, densities, epsilons, lambda_=0.9, generator=3), expected)
 
 
@@ -308,14 +334,20 @@ def test_rank_windows_select_exactly_by_stable_rank_even_with_ties(values, windo
     start, stop = window
     order = torch.argsort(tensor, descending=descending, stable=True)
     expected = torch.zeros(len(values), dtype=torch.bool)
-    expected[order[max(start, 0):max(stop, 0)]] = True
+    expected[order[max(start, 0) : max(stop, 0)]] = True
     limit = 4 if bracketed else order_statistics.EXACT_LIMIT
     with mock.patch.object(order_statistics, "EXACT_LIMIT", limit):
         assert torch.equal(rank_window_mask(tensor, start, stop, descending), expected)
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 40), cols=st.integers(1, 40), density=st.floats(0.01, 1), gamma=st.floats(0, 0.5), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    density=st.floats(0.01, 1),
+    gamma=st.floats(0, 0.5),
+    seed=st.integers(0, 2**16),
+)
 def test_sparsification_keeps_the_stated_fraction(rows, cols, density, gamma, seed):
     generator = torch.Generator().manual_seed(seed)
     delta = torch.randn(rows, cols, generator=generator)
@@ -343,8 +375,11 @@ def test_heavily_tied_large_tensors_keep_exactly_the_stated_count():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    count=st.integers(1, 6), size=st.integers(1, 3000), seed=st.integers(0, 2**16),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), spread=st.integers(0, 24),
+    count=st.integers(1, 6),
+    size=st.integers(1, 3000),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    spread=st.integers(0, 24),
 )
 def test_population_variance_is_torch_var_bit_for_bit(count, size, seed, dtype, spread):
     from composer.methods.task_arithmetic import population_variance
@@ -352,7 +387,12 @@ def test_population_variance_is_torch_var_bit_for_bit(count, size, seed, dtype, 
     generator = torch.Generator().manual_seed(seed)
     stacked = torch.randn(count, size, generator=generator) * 0.01 + torch.randn(size, generator=generator)
     # entries of very different sizes (float16 keeps to its range), and some equal across models
-    scales = torch.pow(2.0, -torch.randint(0, 1 + (min(spread, 10) if dtype == torch.float16 else spread), (size,), generator=generator).float())
+    scales = torch.pow(
+        2.0,
+        -torch.randint(
+            0, 1 + (min(spread, 10) if dtype == torch.float16 else spread), (size,), generator=generator
+        ).float(),
+    )
     stacked = (stacked * scales).to(dtype)
     stacked[:, : size // 10] = stacked[0, : size // 10].clone()
     with mock.patch("composer.methods.task_arithmetic.select_calculate_erase.VARIANCE_CHUNK", 257):
@@ -369,6 +409,7 @@ def test_random_sparsification_keeps_the_fraction_on_average():
 
 
 # --- parameters and their checks ------------------------------------------------------------------
+
 
 def defaults(name, density=1.0, seed=None, **overrides):
     """The resolved parameters the planner would pass for two models, with method defaults."""
@@ -389,15 +430,23 @@ def defaults(name, density=1.0, seed=None, **overrides):
 
 def test_registry_has_mergekits_parameters_and_defaults():
     expected = {  # name: (normalize, rescale)
-        "task_arithmetic": (False, False), "ties": (True, False), "dare_linear": (False, True), "dare_ties": (False, True),
-        "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False), "della": (True, True), "della_linear": (False, True),
+        "task_arithmetic": (False, False),
+        "ties": (True, False),
+        "dare_linear": (False, True),
+        "dare_ties": (False, True),
+        "breadcrumbs": (False, False),
+        "breadcrumbs_ties": (False, False),
+        "della": (True, True),
+        "della_linear": (False, True),
     }
     for name, (normalize, rescale) in expected.items():
         method = get_method(name)
         assert method.needs_base
         assert method.parameter("weight").required and method.parameter("weight").per_model
         assert method.parameter("density").default == 1.0 and method.parameter("density").per_model
-        assert (method.parameter("normalize").default, method.parameter("rescale").default) == (normalize, rescale), name
+        assert (method.parameter("normalize").default, method.parameter("rescale").default) == (normalize, rescale), (
+            name
+        )
         assert method.parameter("lambda").default == 1.0 and not method.parameter("lambda").per_model
         assert method.parameter("int8_mask").default is False
         assert (method.parameter("gamma") is not None) == name.startswith("breadcrumbs")
@@ -405,10 +454,16 @@ def test_registry_has_mergekits_parameters_and_defaults():
     assert get_method("breadcrumbs").parameter("gamma").default == 0.01
     assert get_method("della").parameter("epsilon").default == 0.15
     sce_method = get_method("sce")
-    assert sce_method.needs_base and sce_method.parameter("select_topk").default == 1.0 and sce_method.parameter("weight") is None
+    assert (
+        sce_method.needs_base
+        and sce_method.parameter("select_topk").default == 1.0
+        and sce_method.parameter("weight") is None
+    )
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
+@pytest.mark.parametrize(
+    "name", ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+)
 @pytest.mark.parametrize("density", [0.0, -0.5, 1.5])
 def test_a_density_outside_zero_to_one_is_refused(name, density):
     problem = get_method(name).check(defaults(name, density=0.5) | {"density": [0.5, density]})
@@ -418,16 +473,21 @@ def test_a_density_outside_zero_to_one_is_refused(name, density):
 def test_other_bad_parameters_are_refused_and_good_ones_pass():
     for name in ALL_METHODS:
         assert get_method(name).check(defaults(name, density=0.5)) is None, name
-    assert get_method("task_arithmetic").check(defaults("task_arithmetic", density=0.0)) is None  # unused, as in mergekit
+    assert (
+        get_method("task_arithmetic").check(defaults("task_arithmetic", density=0.0)) is None
+    )  # unused, as in mergekit
     assert "gamma" in get_method("breadcrumbs").check(defaults("breadcrumbs", density=0.5, gamma=[0.1, 1.5]))
     problem = get_method("della").check(defaults("della", density=0.9, epsilon=[0.15, 0.15]))
     assert "density - epsilon and density + epsilon" in problem
     assert get_method("della").check(defaults("della", density=1.0, epsilon=[0.5, 0.5])) is None  # nothing is dropped
-    assert "epsilon must be >= 0" in get_method("della_linear").check(defaults("della_linear", density=0.5, epsilon=[-0.1, 0.1]))
+    assert "epsilon must be >= 0" in get_method("della_linear").check(
+        defaults("della_linear", density=0.5, epsilon=[-0.1, 0.1])
+    )
     assert "select_topk" in get_method("sce").check({"select_topk": 0.0, "int8_mask": False})
 
 
 # --- end to end on tiny llamas ------------------------------------------------------------------------
+
 
 def save_fine_tune(base: Path, folder: Path, seed: int, scale: float = 0.02) -> Path:
     """A copy of the base model with every tensor moved a little (a stand-in for a fine-tune)."""
@@ -450,7 +510,12 @@ def family(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 WEIGHTS, DENSITIES = [0.7, 0.5], [0.5, 0.7]
-CHECKED = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "model.embed_tokens.weight")
+CHECKED = (
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.1.mlp.down_proj.weight",
+    "model.norm.weight",
+    "model.embed_tokens.weight",
+)
 
 
 def recipe(name, base, ft1, ft2, parameters=""):
@@ -458,9 +523,12 @@ def recipe(name, base, ft1, ft2, parameters=""):
         models = f"  - model: {ft1}\n  - model: {ft2}\n"
     else:
         models = "".join(
-            f"  - model: {m}\n    parameters: {{weight: {w}, density: {d}}}\n" for m, w, d in zip((ft1, ft2), WEIGHTS, DENSITIES)
+            f"  - model: {m}\n    parameters: {{weight: {w}, density: {d}}}\n"
+            for m, w, d in zip((ft1, ft2), WEIGHTS, DENSITIES)
         )
-    return f"merge_method: {name}\nbase_model: {base}\nmodels:\n  - model: {base}\n{models}" + (f"parameters:\n{parameters}" if parameters else "")
+    return f"merge_method: {name}\nbase_model: {base}\nmodels:\n  - model: {base}\n{models}" + (
+        f"parameters:\n{parameters}" if parameters else ""
+    )
 
 
 def loads_and_runs(folder: Path) -> None:
@@ -472,12 +540,43 @@ def loads_and_runs(folder: Path) -> None:
 
 
 DETERMINISTIC_CASES = {
-    "task_arithmetic": ("  lambda: 0.9\n", lambda base, taus: reference_merge(base, taus, [1, 1], WEIGHTS, consensus=False, normalize=False, lambda_=0.9)),
-    "ties": ("", lambda base, taus: reference_merge(base, taus, [reference_top_k(t, d) for t, d in zip(taus, DENSITIES)], WEIGHTS, consensus=True, normalize=True)),
-    "breadcrumbs": ("  gamma: 0.05\n", lambda base, taus: reference_merge(
-        base, taus, [reference_breadcrumbs(t, d, 0.05) for t, d in zip(taus, DENSITIES)], WEIGHTS, consensus=False, normalize=False)),
-    "breadcrumbs_ties": ("  normalize: true\n", lambda base, taus: reference_merge(
-        base, taus, [reference_breadcrumbs(t, d, 0.01) for t, d in zip(taus, DENSITIES)], WEIGHTS, consensus=True, normalize=True)),
+    "task_arithmetic": (
+        "  lambda: 0.9\n",
+        lambda base, taus: reference_merge(base, taus, [1, 1], WEIGHTS, consensus=False, normalize=False, lambda_=0.9),
+    ),
+    "ties": (
+        "",
+        lambda base, taus: reference_merge(
+            base,
+            taus,
+            [reference_top_k(t, d) for t, d in zip(taus, DENSITIES)],
+            WEIGHTS,
+            consensus=True,
+            normalize=True,
+        ),
+    ),
+    "breadcrumbs": (
+        "  gamma: 0.05\n",
+        lambda base, taus: reference_merge(
+            base,
+            taus,
+            [reference_breadcrumbs(t, d, 0.05) for t, d in zip(taus, DENSITIES)],
+            WEIGHTS,
+            consensus=False,
+            normalize=False,
+        ),
+    ),
+    "breadcrumbs_ties": (
+        "  normalize: true\n",
+        lambda base, taus: reference_merge(
+            base,
+            taus,
+            [reference_breadcrumbs(t, d, 0.01) for t, d in zip(taus, DENSITIES)],
+            WEIGHTS,
+            consensus=True,
+            normalize=True,
+        ),
+    ),
     "sce": ("  select_topk: 0.4\n", lambda base, taus: reference_sce(base, taus, 0.4)),
 }
 
@@ -504,7 +603,11 @@ def test_random_methods_end_to_end(family, tmp_path, name):
     compose_text(text, tmp_path / "out", ExecutionOptions())
     compose_text(text, tmp_path / "again", ExecutionOptions())
     loads_and_runs(tmp_path / "out")
-    out, again, states = load_state(tmp_path / "out"), load_state(tmp_path / "again"), [load_state(m) for m in (base, ft1, ft2)]
+    out, again, states = (
+        load_state(tmp_path / "out"),
+        load_state(tmp_path / "again"),
+        [load_state(m) for m in (base, ft1, ft2)],
+    )
     assert all(torch.equal(out[k], again[k]) for k in out)
     normalize = name == "della"
     for tensor in CHECKED:

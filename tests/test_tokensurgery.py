@@ -16,13 +16,21 @@ import pytest
 import torch
 
 from helpers import (
-    BYTE_LEVEL_SPECIAL, SENTENCEPIECE_SPECIAL, TOKENIZER_CORPUS, byte_level_tokenizer, load_state, logits_of, save_tokenizer, sentencepiece_tokenizer,
+    BYTE_LEVEL_SPECIAL,
+    SENTENCEPIECE_SPECIAL,
+    TOKENIZER_CORPUS,
+    byte_level_tokenizer,
+    load_state,
+    logits_of,
+    save_tokenizer,
+    sentencepiece_tokenizer,
     tiny_model_with_tokenizer,
 )
 from tokensurgery import EstimatorSettings, Match, Transplant, Vocabulary, align, estimate_rows
 from tokensurgery.estimators import combine, compose_subwords, fit_linear_map, nearest_neighbours, sparse_code
 from tokensurgery.pieces import Pieces
 from tokensurgery.vocabulary import byte_level_alphabet
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -43,11 +51,14 @@ def _transplant(model: Path, donor: Path, out: Path, **options):
     from composer.execute import ExecutionOptions
     from composer.transplant import TransplantOptions, run_transplant
 
-    report, summary = run_transplant(str(model), str(donor), out, TransplantOptions(**options), ExecutionOptions(progress=False))
+    report, summary = run_transplant(
+        str(model), str(donor), out, TransplantOptions(**options), ExecutionOptions(progress=False)
+    )
     return summary
 
 
 # --- the byte-level alphabet --------------------------------------------------------------------
+
 
 def test_byte_level_alphabet_is_the_one_tokenizers_uses():
     from tokenizers import pre_tokenizers
@@ -61,6 +72,7 @@ def test_byte_level_alphabet_is_the_one_tokenizers_uses():
 
 # --- estimators against references --------------------------------------------------------------
 
+
 def test_omp_recovers_a_planted_sparse_combination():
     generator = torch.Generator().manual_seed(0)
     anchors = torch.randn(300, 128, generator=generator)
@@ -68,7 +80,9 @@ def test_omp_recovers_a_planted_sparse_combination():
     weights = torch.rand(20, 3, generator=generator) + 0.5
     targets = torch.einsum("nk,nkd->nd", weights, anchors[picked])
     for candidates in (None, 64):
-        found, coefficients = sparse_code(targets, anchors, k=3, candidates=candidates, screen_dims=None if candidates is None else 128)
+        found, coefficients = sparse_code(
+            targets, anchors, k=3, candidates=candidates, screen_dims=None if candidates is None else 128
+        )
         for row in range(20):
             recovered = dict(zip(found[row].tolist(), coefficients[row].tolist()))
             planted = dict(zip(picked[row].tolist(), weights[row].tolist()))
@@ -106,7 +120,9 @@ def test_linear_map_recovers_an_affine_map_and_recolours_to_the_true_spread():
     model = donor @ weight + bias
     exact = fit_linear_map(donor, model, ridge=1e-9, recolour=False)
     assert torch.allclose(exact(donor), model, atol=1e-3)
-    noisy = model + 2.0 * torch.randn(model.shape, generator=generator)  # ridge predictions are then less spread than the truth
+    noisy = model + 2.0 * torch.randn(
+        model.shape, generator=generator
+    )  # ridge predictions are then less spread than the truth
     recoloured = fit_linear_map(donor, noisy, ridge=1e-3)(donor)
     centred = recoloured - recoloured.mean(dim=0)
     truth = noisy - noisy.mean(dim=0)
@@ -114,6 +130,7 @@ def test_linear_map_recovers_an_affine_map_and_recolours_to_the_true_spread():
 
 
 # --- rows: copies, identity, estimators ---------------------------------------------------------
+
 
 def test_shared_rows_are_copied_bit_for_bit_and_a_self_transplant_is_the_identity(tiny):
     model_vocabulary = Vocabulary.from_folder(tiny["model"])
@@ -141,7 +158,9 @@ def test_alignment_of_the_tiny_tokenizers(tiny):
     pairs = {donor.tokens[i]: model.tokens[alignment.source_ids[i]] for i in alignment.copied}
     assert any(d.startswith("▁") and len(d) > 2 and m == "Ġ" + d[1:] for d, m in pairs.items())  # `▁the` is `Ġthe`
     accented = [(d, m) for d, m in pairs.items() if not d.isascii() and not d.startswith("<")]
-    assert accented and all(d.replace("▁", " ").encode() == bytes(byte_level_alphabet()[c] for c in m) for d, m in accented)
+    assert accented and all(
+        d.replace("▁", " ").encode() == bytes(byte_level_alphabet()[c] for c in m) for d, m in accented
+    )
     assert pairs["<0xC3>"] == "Ã"  # a lone byte: the byte-level token for it
     assert pairs["<eos>"] == "<|im_end|>"
     # the donor puts <bos> before every text; the model's tokenizer adds none and saw its documents after <|endoftext|>
@@ -152,6 +171,7 @@ def test_alignment_of_the_tiny_tokenizers(tiny):
 
 
 # --- composer: plans, outputs, errors ------------------------------------------------------------
+
 
 def test_transplant_of_a_model_into_its_own_tokenizer_is_the_identity(tiny, tmp_path):
     _transplant(tiny["model"], tiny["model"], tmp_path / "out")
@@ -169,7 +189,10 @@ def test_transplant_writes_a_loadable_model_in_the_donor_vocabulary(tiny, tmp_pa
     config = json.loads((out / "config.json").read_text())
     donor_tokenizer = AutoTokenizer.from_pretrained(str(tiny["donor"]))
     assert config["vocab_size"] == -(-len(donor_tokenizer) // 64) * 64
-    assert (config["bos_token_id"], config["eos_token_id"]) == (donor_tokenizer.bos_token_id, donor_tokenizer.eos_token_id)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (
+        donor_tokenizer.bos_token_id,
+        donor_tokenizer.eos_token_id,
+    )
     assert config["tie_word_embeddings"] is True
     state = load_state(out)
     assert "lm_head.weight" not in state  # tied stays tied
@@ -206,8 +229,12 @@ def test_a_donor_without_a_tokenizer_is_refused_before_any_work(tiny, tmp_path):
 def test_embeddings_smaller_than_the_tokenizer_are_refused_before_any_work(tiny, tmp_path):
     from composer.errors import ComposerError
 
-    short = tiny_model_with_tokenizer(tmp_path / "short", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=4, rows=250)
-    with pytest.raises(ComposerError, match=r"has 250 rows, but the model's tokenizer has 300 tokens.*--pad-to-multiple-of"):
+    short = tiny_model_with_tokenizer(
+        tmp_path / "short", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=4, rows=250
+    )
+    with pytest.raises(
+        ComposerError, match=r"has 250 rows, but the model's tokenizer has 300 tokens.*--pad-to-multiple-of"
+    ):
         _transplant(short, tiny["donor"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -227,16 +254,32 @@ def test_cli_transplant_report(tiny, tmp_path):
     text = tmp_path / "pt.txt"
     text.write_text(TOKENIZER_CORPUS[1])
     result = subprocess.run(
-        [str(compose), "transplant", str(tiny["model"]), "--tokenizer", str(tiny["donor"]), str(tmp_path / "out"),
-         "--estimator", "subword", "--report", "--text", str(text), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(compose),
+            "transplant",
+            str(tiny["model"]),
+            "--tokenizer",
+            str(tiny["donor"]),
+            str(tmp_path / "out"),
+            "--estimator",
+            "subword",
+            "--report",
+            "--text",
+            str(text),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "matched after normalising" in result.stdout and "subword" in result.stdout
     assert str(text) in result.stdout  # the bits-per-byte line
     again = subprocess.run(
         [str(compose), "transplant", str(tiny["model"]), "--tokenizer", str(tmp_path), str(tmp_path / "again")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 2 and "has no tokenizer" in again.stderr and "Traceback" not in again.stderr
 

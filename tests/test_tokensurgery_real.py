@@ -72,12 +72,17 @@ def test_byte_level_spellings_in_a_sentencepiece_vocabulary_are_not_decoded(gemm
     SmolLM2's newline `Ċ`) are never copied onto each other."""
     model, target = gemma_into_smollm2.model, gemma_into_smollm2.target
     false_friends = [
-        token_id for token_id, token in enumerate(target.tokens)
-        if token and (same := model.id_of(token)) is not None and model.surfaces[same] != target.surfaces[token_id]
+        token_id
+        for token_id, token in enumerate(target.tokens)
+        if token
+        and (same := model.id_of(token)) is not None
+        and model.surfaces[same] != target.surfaces[token_id]
         and target.surfaces[token_id] is not None
     ]
     assert len(false_friends) > 20
-    assert all(gemma_into_smollm2.source_ids[token_id] != model.id_of(target.tokens[token_id]) for token_id in false_friends)
+    assert all(
+        gemma_into_smollm2.source_ids[token_id] != model.id_of(target.tokens[token_id]) for token_id in false_friends
+    )
     assert _copied_from(gemma_into_smollm2, "Ċ") is None
 
 
@@ -108,14 +113,22 @@ def test_real_transplant_gemma3_tokenizer_into_smollm2(smollm2_dir, tmp_path):
     from composer.transplant import TransplantOptions, run_transplant
 
     out = tmp_path / "smollm2-gemma3"
-    _, summary = run_transplant(str(smollm2_dir), str(gemma3_dir()), out, TransplantOptions(), ExecutionOptions(progress=False))
+    _, summary = run_transplant(
+        str(smollm2_dir), str(gemma3_dir()), out, TransplantOptions(), ExecutionOptions(progress=False)
+    )
     assert summary.alignment["exact"] + summary.alignment["normalised"] > 45000
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 262144 and config["tie_word_embeddings"] is True
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 1, 0)
-    with safe_open(str(out / "model.safetensors"), "pt") as rebuilt, safe_open(str(smollm2_dir / "model.safetensors"), "pt") as source:
+    with (
+        safe_open(str(out / "model.safetensors"), "pt") as rebuilt,
+        safe_open(str(smollm2_dir / "model.safetensors"), "pt") as source,
+    ):
         new, old = rebuilt.get_tensor("model.embed_tokens.weight"), source.get_tensor("model.embed_tokens.weight")
-        assert torch.equal(rebuilt.get_tensor("model.layers.3.mlp.up_proj.weight"), source.get_tensor("model.layers.3.mlp.up_proj.weight"))
+        assert torch.equal(
+            rebuilt.get_tensor("model.layers.3.mlp.up_proj.weight"),
+            source.get_tensor("model.layers.3.mlp.up_proj.weight"),
+        )
     vocabulary = Vocabulary.from_folder(out)
     for gemma_token, smollm2_id in (("▁hello", 33662), ("ção", 32446), ("\n", 198)):
         assert torch.equal(new[vocabulary.id_of(gemma_token)], old[smollm2_id])

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from helpers import (
-    BYTE_LEVEL_SPECIAL, SENTENCEPIECE_SPECIAL, byte_level_tokenizer, load_state, logits_of, save_fine_tune, sentencepiece_tokenizer,
+    BYTE_LEVEL_SPECIAL,
+    SENTENCEPIECE_SPECIAL,
+    byte_level_tokenizer,
+    load_state,
+    logits_of,
+    save_fine_tune,
+    sentencepiece_tokenizer,
     tiny_model_with_tokenizer,
 )
 
@@ -48,9 +54,13 @@ def models(tmp_path_factory):
     return {
         "base": base,
         "tools": _with_added_tokens(base, root / "tools", [("<tool_call>", True), ("</tool_call>", True)], seed=2),
-        "think": _with_added_tokens(base, root / "think", [("<think>", True), ("</tool_call>", True), ("ação", False)], seed=3),
+        "think": _with_added_tokens(
+            base, root / "think", [("<think>", True), ("</tool_call>", True), ("ação", False)], seed=3
+        ),
         "plain": save_fine_tune(base, root / "plain", seed=4),
-        "sentencepiece": tiny_model_with_tokenizer(root / "sentencepiece", sentencepiece_tokenizer(420), SENTENCEPIECE_SPECIAL, seed=5, tied=False),
+        "sentencepiece": tiny_model_with_tokenizer(
+            root / "sentencepiece", sentencepiece_tokenizer(420), SENTENCEPIECE_SPECIAL, seed=5, tied=False
+        ),
     }
 
 
@@ -104,7 +114,9 @@ def test_union_merge_keeps_each_models_rows_for_its_own_tokens(models, tmp_path)
 def test_task_arithmetic_over_a_union_keeps_an_added_tokens_row(models, tmp_path):
     """The base lacks <tool_call>: its stand-in is the row of the one model that has it, so that model's task vector
     there is zero for nobody else and the merged row is its own."""
-    out = _merge(tmp_path, f"""
+    out = _merge(
+        tmp_path,
+        f"""
 merge_method: task_arithmetic
 base_model: {models['base']}
 models:
@@ -114,8 +126,14 @@ models:
     parameters: {{weight: 0.7}}
 tokenizer: {{source: union}}
 dtype: float32
-""")
-    merged, tools, base, plain = load_state(out), load_state(models["tools"]), load_state(models["base"]), load_state(models["plain"])
+""",
+    )
+    merged, tools, base, plain = (
+        load_state(out),
+        load_state(models["tools"]),
+        load_state(models["base"]),
+        load_state(models["plain"]),
+    )
     vocab, tools_vocab = _vocab(out), _vocab(models["tools"])
     assert len(vocab) == 302
     for token in ("<tool_call>", "</tool_call>"):
@@ -143,7 +161,10 @@ dtype: float32
 
 
 def test_tokens_settings_force_zero_and_padding(models, tmp_path):
-    out = _merge(tmp_path, _linear(models["tools"], models["plain"], weight=1.0) + f"""tokenizer:
+    out = _merge(
+        tmp_path,
+        _linear(models["tools"], models["plain"], weight=1.0)
+        + f"""tokenizer:
   source: union
   pad_to_multiple_of: 64
   tokens:
@@ -154,8 +175,9 @@ def test_tokens_settings_force_zero_and_padding(models, tmp_path):
       source: {{kind: model_token, model: {models['tools']}, token: "<|im_end|>"}}
       force: true
     <brand_new>: {{}}
-""")
-    merged, tools, plain = load_state(out), load_state(models["tools"]), load_state(models["plain"])
+""",
+    )
+    merged, tools = load_state(out), load_state(models["tools"])
     vocab, tools_vocab = _vocab(out), _vocab(models["tools"])
     assert len(vocab) == 303 and merged[EMBED].shape[0] == 320
     assert torch.equal(merged[EMBED][vocab["</tool_call>"]], torch.zeros(64))  # forced to zero for both
@@ -173,11 +195,15 @@ def test_a_token_setting_naming_a_model_without_the_token_is_refused(models, tmp
     from composer.errors import ComposerError
 
     with pytest.raises(ComposerError, match=r"tokenizer.tokens.<think>.source.*has no token"):
-        _merge(tmp_path, _linear(models["tools"], models["think"]) + f"""tokenizer:
+        _merge(
+            tmp_path,
+            _linear(models["tools"], models["think"])
+            + f"""tokenizer:
   source: union
   tokens:
     <think>: {{source: {models['tools']}}}
-""")
+""",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -191,7 +217,9 @@ def test_different_vocabularies_without_tokenizer_keys_are_refused_with_a_hint(m
 def test_merge_across_tokenizer_families_speaks_the_chosen_vocabulary(models, tmp_path):
     """A SentencePiece model merged into the byte-level base's vocabulary: tokens of the same text keep its rows,
     the others take the base's (its stand-in), and the output loads and runs."""
-    out = _merge(tmp_path, f"""
+    out = _merge(
+        tmp_path,
+        f"""
 merge_method: linear
 base_model: {models['base']}
 models:
@@ -201,7 +229,8 @@ models:
     parameters: {{weight: 0.5}}
 tokenizer_source: base
 dtype: float32
-""")
+""",
+    )
     from tokensurgery import Vocabulary, align
 
     merged, base, other = load_state(out), load_state(models["base"]), load_state(models["sentencepiece"])
@@ -209,7 +238,9 @@ dtype: float32
     shared = torch.from_numpy(alignment.copied)
     assert len(shared) > 50
     expected = base[EMBED].clone()
-    expected[shared] = 0.5 * base[EMBED][shared] + 0.5 * other[EMBED][torch.from_numpy(alignment.source_ids[alignment.copied])]
+    expected[shared] = (
+        0.5 * base[EMBED][shared] + 0.5 * other[EMBED][torch.from_numpy(alignment.source_ids[alignment.copied])]
+    )
     torch.testing.assert_close(merged[EMBED], expected)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 300
     assert _vocab(out) == _vocab(models["base"])
@@ -220,15 +251,25 @@ def test_compose_plan_shows_the_vocabulary(models, tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "recipe.yml").write_text(_linear(models["tools"], models["plain"], extra=f"base_model: {models['base']}\ntokenizer_source: union\n"))
-    result = subprocess.run([sys.executable, "-m", "composer.cli", "plan", "recipe.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    (tmp_path / "recipe.yml").write_text(
+        _linear(models["tools"], models["plain"], extra=f"base_model: {models['base']}\ntokenizer_source: union\n")
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "composer.cli", "plan", "recipe.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "union of the models' tokenizer, 302 tokens (2 added to the base's 300)" in result.stdout
     assert "lacks 2 of them" in result.stdout
 
 
 def test_a_stage_with_a_union_vocabulary_feeds_the_next_stage(models, tmp_path):
-    out = _merge(tmp_path, f"""
+    out = _merge(
+        tmp_path,
+        f"""
 stages:
   - name: both
     merge_method: linear
@@ -247,8 +288,13 @@ stages:
     parameters: {{t: 0.0}}
     tokenizer_source: base
     dtype: float32
-""")
-    one_stage = _merge(tmp_path, _linear(models["tools"], models["think"], extra="tokenizer_source: union\ndtype: float32\n"), "one-stage")
+""",
+    )
+    one_stage = _merge(
+        tmp_path,
+        _linear(models["tools"], models["think"], extra="tokenizer_source: union\ndtype: float32\n"),
+        "one-stage",
+    )
     assert _vocab(out) == _vocab(one_stage)
     merged, single = load_state(out), load_state(one_stage)
     assert torch.equal(merged[EMBED], single[EMBED]) and torch.equal(merged[HEAD], single[HEAD])
@@ -257,8 +303,13 @@ stages:
 def test_a_model_whose_embedding_is_shorter_than_its_tokenizer_is_refused(models, tmp_path):
     from composer.errors import ComposerError
 
-    short = tiny_model_with_tokenizer(tmp_path / "short", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=6, rows=250, tied=False)
-    with pytest.raises(ComposerError, match=r"tensor 'model.embed_tokens.weight' has 250 rows, but the model's tokenizer has 300 tokens"):
+    short = tiny_model_with_tokenizer(
+        tmp_path / "short", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=6, rows=250, tied=False
+    )
+    with pytest.raises(
+        ComposerError,
+        match=r"tensor 'model.embed_tokens.weight' has 250 rows, but the model's tokenizer has 300 tokens",
+    ):
         _merge(tmp_path, _linear(models["base"], short, extra="tokenizer_source: union\n"))
     assert not (tmp_path / "out").exists()
 
@@ -270,9 +321,15 @@ def test_a_tokenizer_source_when_no_model_has_a_tokenizer_is_refused_by_name(tmp
     from composer.execute import ExecutionOptions
     from helpers import save_tiny_model
 
-    first, second = (save_tiny_model(tmp_path / name, layers=2, seed=number) for number, name in enumerate(("first", "second")))
-    text = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {first}, layer_range: [0, 2]}}]\n"
-            f"  - sources: [{{model: {second}, layer_range: [0, 2]}}]\ntokenizer_source: {second}\n")
-    with pytest.raises(ComposerError, match=r"line 5: recipe key 'tokenizer_source'.*no model of this merge has tokenizer files"):
+    first, second = (
+        save_tiny_model(tmp_path / name, layers=2, seed=number) for number, name in enumerate(("first", "second"))
+    )
+    text = (
+        f"merge_method: passthrough\nslices:\n  - sources: [{{model: {first}, layer_range: [0, 2]}}]\n"
+        f"  - sources: [{{model: {second}, layer_range: [0, 2]}}]\ntokenizer_source: {second}\n"
+    )
+    with pytest.raises(
+        ComposerError, match=r"line 5: recipe key 'tokenizer_source'.*no model of this merge has tokenizer files"
+    ):
         compose_text(text, tmp_path / "out", ExecutionOptions(progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]

@@ -12,10 +12,10 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -51,7 +51,9 @@ def resident_bytes() -> int:
 @dataclass
 class ExecutionOptions:
     memory_budget: int = 2 * GIB  # bytes of tensors held (inputs kept and read ahead, results being written)
-    whole_process: bool = False  # memory_budget bounds the whole process instead: what it holds at the start is subtracted
+    whole_process: bool = (
+        False  # memory_budget bounds the whole process instead: what it holds at the start is subtracted
+    )
     shard_size: int = 5 * GIB
     device: str = "cpu"
     force: bool = False
@@ -266,15 +268,27 @@ def progress_bar(total_bytes: int, count: int, enabled: bool | None):
     """A bar of bytes written on stderr (only on a terminal unless `enabled`), with units done and ETA."""
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {count} tensors",
-                disable=(not sys.stderr.isatty()) if enabled is None else not enabled, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"writing {count} tensors",
+        disable=(not sys.stderr.isatty()) if enabled is None else not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _file_stamps(path: Path) -> object:
     """Size and modification time of a file, or of each file directly in a folder: what says an input changed."""
     try:
         if path.is_dir():
-            return {entry.name: _file_stamps(Path(entry.path)) for entry in sorted(os.scandir(path), key=lambda e: e.name) if entry.is_file()}
+            return {
+                entry.name: _file_stamps(Path(entry.path))
+                for entry in sorted(os.scandir(path), key=lambda e: e.name)
+                if entry.is_file()
+            }
         stat = path.stat()
     except OSError:
         return None
@@ -286,17 +300,30 @@ def run_identity(plan: Plan, options: ExecutionOptions) -> str:
     their operations, the shard layout, the device, and the input files' sizes and times."""
     from composer import __version__
 
-    inputs = {str(path): _file_stamps(path) for source in plan.sources.values() for path in source.input_paths().values()}
-    tensors = [[t.name, list(t.shape), str(t.dtype), t.operation.label, [[r.model, r.name] for r in t.inputs]] for t in plan.tensors]
-    return identity_digest({
-        "composer": __version__, "recipe": plan.recipe_text, "config": plan.config, "tensors": tensors,
-        "shard_size": options.shard_size, "device": torch.device(options.device).type, "inputs": inputs,
-        "metadata": plan.shard_metadata,
-    })
+    inputs = {
+        str(path): _file_stamps(path) for source in plan.sources.values() for path in source.input_paths().values()
+    }
+    tensors = [
+        [t.name, list(t.shape), str(t.dtype), t.operation.label, [[r.model, r.name] for r in t.inputs]]
+        for t in plan.tensors
+    ]
+    return identity_digest(
+        {
+            "composer": __version__,
+            "recipe": plan.recipe_text,
+            "config": plan.config,
+            "tensors": tensors,
+            "shard_size": options.shard_size,
+            "device": torch.device(options.device).type,
+            "inputs": inputs,
+            "metadata": plan.shard_metadata,
+        }
+    )
 
 
 def _open_partial(folder: OutputFolder, identity: str, resume: str) -> bool:
     """Start the partial folder, resuming a dead run's of the same identity unless told not to; True when resumed."""
+
     def same_run(path: Path) -> bool:
         return read_identity(path) == identity
 
@@ -306,7 +333,9 @@ def _open_partial(folder: OutputFolder, identity: str, resume: str) -> bool:
         found = [path.name for path, _ in folder.abandoned]
         folder.discard()
         if not found:
-            raise ComposerError(f"--resume: there is no partial output of an earlier run beside {folder.out} to resume.")
+            raise ComposerError(
+                f"--resume: there is no partial output of an earlier run beside {folder.out} to resume."
+            )
         raise ComposerError(
             f"--resume: the partial output beside {folder.out} ({', '.join(found)}) was made from another recipe, other inputs "
             "or other options, so it cannot be resumed; it was left as it is. Run without --resume to start over (which removes it)."
@@ -324,13 +353,20 @@ def _warn_nonfinite(names: list[str], plan: Plan) -> None:
     def described(name: str) -> str:
         refs = [ref for ref in planned[name].inputs if holds_nonfinite(plan.sources[ref.model].read(ref.name))]
         inputs = ", ".join(f"'{ref.name}' of '{ref.model}'" for ref in refs)
-        return f"'{name}'" + (f" (from {inputs}, which hold{'s' if len(refs) == 1 else ''} them already)" if refs else "")
+        return f"'{name}'" + (
+            f" (from {inputs}, which hold{'s' if len(refs) == 1 else ''} them already)" if refs else ""
+        )
 
-    shown = "; ".join(described(name) for name in names[:5]) + (f"; and {len(names) - 5} more" if len(names) > 5 else "")
-    warnings.warn(ComposerWarning(
-        f"{len(names)} output tensor{'s hold' if len(names) > 1 else ' holds'} NaN or infinite values: {shown}. "
-        "A model with them gives NaN outputs; check the inputs named and the recipe's numbers."
-    ), stacklevel=3)
+    shown = "; ".join(described(name) for name in names[:5]) + (
+        f"; and {len(names) - 5} more" if len(names) > 5 else ""
+    )
+    warnings.warn(
+        ComposerWarning(
+            f"{len(names)} output tensor{'s hold' if len(names) > 1 else ' holds'} NaN or infinite values: {shown}. "
+            "A model with them gives NaN outputs; check the inputs named and the recipe's numbers."
+        ),
+        stacklevel=3,
+    )
 
 
 def _interrupted(error: KeyboardInterrupt, folder: OutputFolder, kept: bool) -> Interrupted:
@@ -338,13 +374,20 @@ def _interrupted(error: KeyboardInterrupt, folder: OutputFolder, kept: bool) -> 
     if folder.committed:
         return Interrupted(f"{reason} just after the output was complete; {folder.out} holds the whole model.")
     if kept:
-        return Interrupted(f"{reason}; nothing was written to {folder.out}. The finished tensors are kept in {folder.partial} "
-                           "for the same command to resume.")
+        return Interrupted(
+            f"{reason}; nothing was written to {folder.out}. The finished tensors are kept in {folder.partial} "
+            "for the same command to resume."
+        )
     return Interrupted(f"{reason}; no output was left behind.")
 
 
-def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Callable[[Path], None] | None = None,
-            closing_files: Callable[[Path], None] | None = None) -> ExecutionReport:
+def execute(
+    plan: Plan,
+    out: Path,
+    options: ExecutionOptions,
+    extra_files: Callable[[Path], None] | None = None,
+    closing_files: Callable[[Path], None] | None = None,
+) -> ExecutionReport:
     """Write the plan's output into `out`. `extra_files(folder)` adds the non-tensor files (tokenizer, card) before
     any tensor is computed; `closing_files(folder)` adds those that depend on the tensors, once all are written."""
     device = torch.device(options.device)
@@ -367,17 +410,34 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
             (folder.partial / plan.config_file).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if extra_files is not None:
             extra_files(folder.partial)
-        writer = ShardedWriter(folder.partial, plan.tensors, options.shard_size, options.durable, journal, reuse=resumed, single=plan.weights_file,
-                               metadata=plan.shard_metadata)
+        writer = ShardedWriter(
+            folder.partial,
+            plan.tensors,
+            options.shard_size,
+            options.durable,
+            journal,
+            reuse=resumed,
+            single=plan.weights_file,
+            metadata=plan.shard_metadata,
+        )
         finished = writer.finished_earlier(read_entries(folder.partial)) if resumed else set()
         finished -= chains_to_redo(plan.tensors, finished)
         if resumed:
-            log.info("resuming the run that stopped in %s: %d of %d tensors were finished and are kept", folder.resumed_from, len(finished), len(plan.tensors))
+            log.info(
+                "resuming the run that stopped in %s: %d of %d tensors were finished and are kept",
+                folder.resumed_from,
+                len(finished),
+                len(plan.tensors),
+            )
         order = [planned for planned in schedule.order if planned.name not in finished]
         # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors;
         # nor is what chains of steps hold between their steps
-        tensor_budget = max(0, options.memory_budget - (resident_bytes() if options.whole_process else 0) - schedule.carried_bytes)
-        reader = ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
+        tensor_budget = max(
+            0, options.memory_budget - (resident_bytes() if options.whole_process else 0) - schedule.carried_bytes
+        )
+        reader = (
+            ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
+        )
         writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
         pools = [pool for pool in (reader, writes) if pool is not None]
         # kept inputs leave room for any step; read-ahead and queued writes only use what the current step leaves
@@ -405,7 +465,12 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                 if next_computed[step] is not None:  # inputs shared with this step are kept, not read again
                     following = order[next_computed[step]]
                     upcoming = [ref for ref in following.inputs if ref not in planned.inputs]
-                    held = cache.resident + _loose_bytes(planned.inputs, inputs, cache) + step_bytes(plan, planned) + background.queued_bytes
+                    held = (
+                        cache.resident
+                        + _loose_bytes(planned.inputs, inputs, cache)
+                        + step_bytes(plan, planned)
+                        + background.queued_bytes
+                    )
                     if held + cache.missing_bytes(upcoming) <= tensor_budget:
                         cache.prefetch(upcoming, _device_of(following, device))
                 compute = planned.operation.compute_dtype
@@ -414,7 +479,9 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
                 try:
                     result = planned.operation.fn(work)
                 except ComposerError as error:
-                    raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
+                    raise ComposerError(
+                        f"Output tensor '{planned.name}' ({planned.operation.label}): {error}"
+                    ) from None
                 if result.dtype != planned.dtype:
                     result = result.to(planned.dtype)
                 background.write(planned.name, result)
@@ -461,5 +528,14 @@ def execute(plan: Plan, out: Path, options: ExecutionOptions, extra_files: Calla
             pool.shutdown(wait=True)
         plan.close()
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return ExecutionReport(out, len(plan.tensors), cache.bytes_read + background.copied_bytes, plan.output_bytes(),
-                           time.perf_counter() - started, cache.reads, device_peak, len(finished), sorted(set(writer.nonfinite)))
+    return ExecutionReport(
+        out,
+        len(plan.tensors),
+        cache.bytes_read + background.copied_bytes,
+        plan.output_bytes(),
+        time.perf_counter() - started,
+        cache.reads,
+        device_peak,
+        len(finished),
+        sorted(set(writer.nonfinite)),
+    )

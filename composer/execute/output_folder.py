@@ -34,9 +34,18 @@ CARD_FILE = "README.md"
 # every name composer writes into an output folder (model weights, adapters, config, tokenizer, card, recipe, and
 # what `compose tune` adds beside the model)
 OWN_FILES = (
-    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "config.json",
-    "adapter_model.safetensors", "adapter_config.json", CARD_FILE, RECIPE_FILE, *TOKENIZER_FILES,
-    "tuned-recipe.yml", "tune-report.json", "tune.png",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    CARD_FILE,
+    RECIPE_FILE,
+    *TOKENIZER_FILES,
+    "tuned-recipe.yml",
+    "tune-report.json",
+    "tune.png",
 )
 PARTIAL = ".partial-"
 REPLACED = ".replaced-"
@@ -84,7 +93,9 @@ def foreign_contents(folder: Path) -> str | None:
 
 def check_name_length(out: Path) -> None:
     if len(os.fsencode(out.name)) > 255:
-        raise ComposerError(f"Output {out}: its name is {len(os.fsencode(out.name))} bytes long, and a file name may have at most 255.")
+        raise ComposerError(
+            f"Output {out}: its name is {len(os.fsencode(out.name))} bytes long, and a file name may have at most 255."
+        )
 
 
 def check_output_free(out: Path, force: bool) -> None:
@@ -93,10 +104,14 @@ def check_output_free(out: Path, force: bool) -> None:
     if not _exists(out):
         return
     if not force:
-        raise ComposerError(f"Output {out} already exists; composer will not overwrite it. Pass --force to replace it, or choose another path.")
+        raise ComposerError(
+            f"Output {out} already exists; composer will not overwrite it. Pass --force to replace it, or choose another path."
+        )
     if out.is_symlink() or not out.is_dir():
         what = "a link" if out.is_symlink() else "not a folder"
-        raise ComposerError(f"Output {out} exists and is {what}; composer only replaces folders it wrote, even with --force.")
+        raise ComposerError(
+            f"Output {out} exists and is {what}; composer only replaces folders it wrote, even with --force."
+        )
     reason = foreign_contents(out)
     if reason is not None:
         raise ComposerError(
@@ -116,7 +131,9 @@ def check_output_not_input(out: Path, inputs: dict[str, Path]) -> None:
                 "even with --force. Choose another output folder."
             )
         if resolved.is_dir() and resolved in target.parents:
-            raise ComposerError(f"Output {out} is inside {what} ({path}), which this run reads; choose an output folder outside it.")
+            raise ComposerError(
+                f"Output {out} is inside {what} ({path}), which this run reads; choose an output folder outside it."
+            )
 
 
 def hidden_stem(name: str) -> str:
@@ -205,9 +222,13 @@ class OutputFolder:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ComposerError(f"Output {out}: cannot create its parent folder {out.parent} ({error.strerror}).") from None
+            raise ComposerError(
+                f"Output {out}: cannot create its parent folder {out.parent} ({error.strerror})."
+            ) from None
         if not os.access(out.parent, os.W_OK | os.X_OK):
-            raise ComposerError(f"Output {out}: its folder {out.parent} is not writable, so the model cannot be written there.")
+            raise ComposerError(
+                f"Output {out}: its folder {out.parent} is not writable, so the model cannot be written there."
+            )
         self._restore_interrupted_swaps()
         # the process id says whose it is; the random part keeps two runs of one process (a library's user) apart
         self.partial = out.parent / f".{self.stem}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
@@ -283,7 +304,7 @@ class OutputFolder:
         with signals_held():
             if self.opened and not keep:
                 shutil.rmtree(self.partial, ignore_errors=True)
-            for leftover, descriptor in self.abandoned:
+            for _, descriptor in self.abandoned:
                 os.close(descriptor)
             self.abandoned = []
             self._unlock()

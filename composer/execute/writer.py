@@ -31,9 +31,17 @@ class ShardedWriter:
     file of this name holds every tensor, whatever `shard_size`. `metadata`: text every file's header carries
     beside safetensors' "format" (composer's provenance record)."""
 
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], shard_size: int, durable: bool = False,
-                 journal: Journal | None = None, reuse: bool = False, single: str | None = None,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[PlannedTensor],
+        shard_size: int,
+        durable: bool = False,
+        journal: Journal | None = None,
+        reuse: bool = False,
+        single: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
         self.durable = durable
         self.journal = journal
         shards: list[list[PlannedTensor]] = [[]]
@@ -52,7 +60,9 @@ class ShardedWriter:
         for number, members in enumerate(shards, start=1):
             name = single or ("model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors")
             path = folder / name
-            header, offsets = build_header([(t.name, t.shape, t.dtype) for t in members], {"format": "pt", **(metadata or {})})
+            header, offsets = build_header(
+                [(t.name, t.shape, t.dtype) for t in members], {"format": "pt", **(metadata or {})}
+            )
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             if not (reuse and os.pread(descriptor, len(header), 0) == header):
                 self.reused = False
@@ -72,7 +82,9 @@ class ShardedWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, offset, planned = self._location[name]
         if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(f"tensor {name} came out as {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
+            raise RuntimeError(
+                f"tensor {name} came out as {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}"
+            )
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         view = memoryview(data).cast("B")
         first, second, nonfinite = scan(view, tensor.dtype)
@@ -129,7 +141,9 @@ class ShardedWriter:
         if hasattr(os, "copy_file_range"):
             try:
                 while done < length:
-                    copied = os.copy_file_range(descriptor, self._descriptors[shard], length - done, source_offset + done, offset + done)
+                    copied = os.copy_file_range(
+                        descriptor, self._descriptors[shard], length - done, source_offset + done, offset + done
+                    )
                     if copied == 0:
                         raise _ended_early(source, name)
                     done += copied

@@ -91,18 +91,31 @@ class GateComputer:
         settings = self.settings
         tokenizer = load_tokenizer(self.tokenizer_source)
         if settings.mode == "cheap_embed":
-            self._groups = [[tokenize(tokenizer, prompts) if prompts else None for prompts in group] for group in (settings.positives, settings.negatives)]
-            self.chain = Chain(label="router gates from embedding averages", state_bytes=2 * self.experts * self.config["hidden_size"] * FLOAT64)
+            self._groups = [
+                [tokenize(tokenizer, prompts) if prompts else None for prompts in group]
+                for group in (settings.positives, settings.negatives)
+            ]
+            self.chain = Chain(
+                label="router gates from embedding averages",
+                state_bytes=2 * self.experts * self.config["hidden_size"] * FLOAT64,
+            )
             return
         texts: list[str] = []
-        self._members: tuple[list[list[int]], list[list[int]]] = ([], [])  # rows of the batch holding each expert's positives, negatives
+        self._members: tuple[list[list[int]], list[list[int]]] = (
+            [],
+            [],
+        )  # rows of the batch holding each expert's positives, negatives
         for group, target in zip((settings.positives, settings.negatives), self._members):
             for prompts in group:
                 target.append(list(range(len(texts), len(texts) + len(prompts))))
                 texts += prompts
         self._batch: PromptBatch = tokenize(tokenizer, texts)
-        self._layer_names: list[list[str]] = remembered("dense-layer-names", self.config, lambda: _dense_layer_names(self.config, self.base.reference))
-        self.chain = Chain(label=f"router gates from {len(texts)} prompts", state_bytes=state_bytes(self.config, self._batch))
+        self._layer_names: list[list[str]] = remembered(
+            "dense-layer-names", self.config, lambda: _dense_layer_names(self.config, self.base.reference)
+        )
+        self.chain = Chain(
+            label=f"router gates from {len(texts)} prompts", state_bytes=state_bytes(self.config, self._batch)
+        )
 
     def _previous(self, layer: int) -> int:
         return max((earlier for earlier in self.router_layers if earlier < layer), default=-1)
@@ -130,8 +143,17 @@ class GateComputer:
                 return 4 * self.experts * hidden * FLOAT64
             stored = next(info.dtype.itemsize for info in inputs if info.name == EMBEDDINGS)
             # a group's rows as gathered, widened, and weighted for pooling
-            return max(batch.ids.numel() * hidden * (stored + 2 * FLOAT64) for group in self._groups for batch in group if batch is not None)
-        widened = sum(info.nbytes // info.dtype.itemsize * FLOAT32 for info in inputs if info.name != EMBEDDINGS and info.dtype != torch.float32)
+            return max(
+                batch.ids.numel() * hidden * (stored + 2 * FLOAT64)
+                for group in self._groups
+                for batch in group
+                if batch is not None
+            )
+        widened = sum(
+            info.nbytes // info.dtype.itemsize * FLOAT32
+            for info in inputs
+            if info.name != EMBEDDINGS and info.dtype != torch.float32
+        )
         prompts, width = self._batch.ids.shape
         statistics = G.statistics_bytes(prompts, width, int(self._batch.mask.sum()), hidden)
         return run_bytes(self.config, self._batch, widened) + statistics
@@ -159,7 +181,9 @@ class GateComputer:
     def _take(self, layer: int, inputs: list[torch.Tensor]) -> None:
         named = dict(zip(self.input_names(layer), inputs))
         del inputs
-        self._rows[layer] = self._hidden_rows(layer, named) if self.settings.mode == "hidden" else self._cheap_rows(layer, named)
+        self._rows[layer] = (
+            self._hidden_rows(layer, named) if self.settings.mode == "hidden" else self._cheap_rows(layer, named)
+        )
         if layer == self.router_layers[-1]:
             self._finish()
 
@@ -176,7 +200,10 @@ class GateComputer:
                 return G.pooled(states, batch.mask, self.settings.pooling).mean(0)
 
             positives, negatives = self._groups
-            self._averages = (torch.stack([average(b) for b in positives]), torch.stack([average(b) for b in negatives]))
+            self._averages = (
+                torch.stack([average(b) for b in positives]),
+                torch.stack([average(b) for b in negatives]),
+            )
             del table
         norm_weight = named[self.layer_prefix.format(i=layer) + NORM].cpu()
         rows = G.embedding_rows(*self._averages, norm_weight, self.settings.rows)
@@ -191,8 +218,13 @@ class GateComputer:
             self._runner = LayerRunner(self.config, self._batch, self.base.reference)
             self._runner.start(named.pop(EMBEDDINGS))
             enabled = sys.stderr.isatty() if self.progress is None else self.progress
-            self._bar = tqdm(total=len(self.router_layers), desc=f"router gates from {self._batch.ids.shape[0]} prompts", unit="layer",
-                             disable=not enabled, file=sys.stderr)
+            self._bar = tqdm(
+                total=len(self.router_layers),
+                desc=f"router gates from {self._batch.ids.shape[0]} prompts",
+                unit="layer",
+                disable=not enabled,
+                file=sys.stderr,
+            )
         for index in range(self._previous(layer) + 1, layer + 1):
             prefix = self.layer_prefix.format(i=index)
             states = self._runner.run(index, {name: named.pop(prefix + name) for name in self._layer_names[index]})
@@ -201,7 +233,9 @@ class GateComputer:
         del states
         rows = G.discriminant_rows(stats) if self.settings.rows == "discriminant" else G.average_rows(stats)
         for e, f, share in G.close_pairs(G.separations(stats)):
-            self._problems.setdefault((e, f), []).append((layer, f"even the best linear router would confuse about {share:.0%} of their prompt tokens"))
+            self._problems.setdefault((e, f), []).append(
+                (layer, f"even the best linear router would confuse about {share:.0%} of their prompt tokens")
+            )
         self._bar.update(1)
         return rows
 
@@ -218,7 +252,9 @@ class GateComputer:
 
     def _note_collisions(self, layer: int, rows: torch.Tensor) -> None:
         for e, f, cosine in G.collinear_pairs(rows):
-            self._problems.setdefault((e, f), []).append((layer, f"their rows have cosine {cosine:.3f} once the common part is removed"))
+            self._problems.setdefault((e, f), []).append(
+                (layer, f"their rows have cosine {cosine:.3f} once the common part is removed")
+            )
 
     def messages(self) -> list[str]:
         messages = []

@@ -50,15 +50,21 @@ def pooled(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tens
     return (states * weights).sum(1) / weights.sum(1)
 
 
-def statistics(states: torch.Tensor, mask: torch.Tensor, positives: list[list[int]], negatives: list[list[int]], pooling: str) -> ExpertStatistics:
+def statistics(
+    states: torch.Tensor, mask: torch.Tensor, positives: list[list[int]], negatives: list[list[int]], pooling: str
+) -> ExpertStatistics:
     """`positives[e]` / `negatives[e]`: rows of `states` holding expert e's positive / negative prompts."""
     vectors = pooled(states, mask, pooling).double()
     hidden = states.shape[-1]
     positive_means = torch.stack([vectors[rows].mean(0) for rows in positives])
-    negative_means = torch.stack([vectors[rows].mean(0) if rows else torch.zeros(hidden, dtype=torch.float64) for rows in negatives])
+    negative_means = torch.stack(
+        [vectors[rows].mean(0) if rows else torch.zeros(hidden, dtype=torch.float64) for rows in negatives]
+    )
     centred = []
     for rows in positives:
-        tokens = states[rows][mask[rows]].double()  # every real token: the router routes each of them, whatever the pooling
+        tokens = states[rows][
+            mask[rows]
+        ].double()  # every real token: the router routes each of them, whatever the pooling
         centred.append(tokens - tokens.mean(0))
     has_negatives = torch.tensor([bool(rows) for rows in negatives])
     return ExpertStatistics(positive_means, negative_means, has_negatives, torch.cat(centred))
@@ -75,7 +81,9 @@ def statistics_bytes(prompts: int, width: int, tokens: int, hidden: int) -> int:
 def expert_targets(stats: ExpertStatistics) -> torch.Tensor:
     """Each expert's mean, pushed away from its negative prompts' own part (their mean minus the common mean)."""
     common = stats.positive_means.mean(0)
-    away = torch.where(stats.has_negatives.unsqueeze(1), stats.negative_means - common, torch.zeros_like(stats.negative_means))
+    away = torch.where(
+        stats.has_negatives.unsqueeze(1), stats.negative_means - common, torch.zeros_like(stats.negative_means)
+    )
     return stats.positive_means - away
 
 
@@ -93,7 +101,9 @@ def _isotropic_level(stats: ExpertStatistics) -> torch.Tensor:
 def regularised_covariance(stats: ExpertStatistics, shrinkage: float = SHRINKAGE) -> torch.Tensor:
     """The pooled within-expert covariance of the prompt tokens, shrunk towards a multiple of the identity."""
     covariance = stats.scatter / stats.count
-    return (1 - shrinkage) * covariance + shrinkage * _isotropic_level(stats) * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    return (1 - shrinkage) * covariance + shrinkage * _isotropic_level(stats) * torch.eye(
+        covariance.shape[0], dtype=covariance.dtype
+    )
 
 
 def solve_covariance(stats: ExpertStatistics, right: torch.Tensor, shrinkage: float = SHRINKAGE) -> torch.Tensor:
@@ -130,7 +140,13 @@ def separations(stats: ExpertStatistics, shrinkage: float = SHRINKAGE) -> torch.
     targets = expert_targets(stats)
     differences = targets.unsqueeze(1) - targets.unsqueeze(0)  # [e, f, hidden]
     solved = solve_covariance(stats, differences.reshape(-1, targets.shape[1]).T, shrinkage).T
-    return (differences.reshape(-1, targets.shape[1]) * solved).sum(-1).clamp(min=0).sqrt().reshape(len(targets), len(targets))
+    return (
+        (differences.reshape(-1, targets.shape[1]) * solved)
+        .sum(-1)
+        .clamp(min=0)
+        .sqrt()
+        .reshape(len(targets), len(targets))
+    )
 
 
 def close_pairs(distances: torch.Tensor, threshold: float = SEPARATED) -> list[tuple[int, int, float]]:

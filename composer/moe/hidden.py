@@ -9,9 +9,9 @@ keep padding out of every real token's context."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -53,15 +53,23 @@ def tokenize(tokenizer, texts: list[str]) -> PromptBatch:
     return PromptBatch(ids, mask)
 
 
-def _attention_masks(model_config, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, object]:
+def _attention_masks(
+    model_config, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> dict[str, object]:
     """The attention mask of each layer type (full and, where the config has it, sliding window)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
     import inspect
+
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     # no cache: named `cache` from transformers 5.2x, `past_key_values` before
     no_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-    arguments = dict(config=model_config, inputs_embeds=hidden, attention_mask=mask.long(), position_ids=positions, **{no_cache: None})
+    arguments = dict(
+        config=model_config,
+        inputs_embeds=hidden,
+        attention_mask=mask.long(),
+        position_ids=positions,
+        **{no_cache: None},
+    )
     masks = {"full_attention": create_causal_mask(**arguments)}
     if getattr(model_config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**arguments)
@@ -88,7 +96,9 @@ class LayerRunner:
         self.inner = model.model
         self.layers = self.inner.layers
         if not all(hasattr(layer, "post_attention_layernorm") for layer in self.layers):
-            raise ComposerError(f"The layers of '{reference}' have no post_attention_layernorm, so the router's input is unknown.")
+            raise ComposerError(
+                f"The layers of '{reference}' have no post_attention_layernorm, so the router's input is unknown."
+            )
         self.batch = batch
         self.hidden: torch.Tensor | None = None
 
@@ -117,7 +127,9 @@ class LayerRunner:
         """Run layer `index` (its weights by `layer_names`, emptied here: each is dropped once widened) over every
         prompt; the router's input at each position [prompts, tokens, hidden], in float32 on the CPU."""
         state = {name: _widened(stored.pop(name), self.device) for name in list(stored)}
-        return _run_layer(self.layers[index], state, self.model_config, index, self.hidden, self.chunks, self.prepared).cpu()
+        return _run_layer(
+            self.layers[index], state, self.model_config, index, self.hidden, self.chunks, self.prepared
+        ).cpu()
 
     def close(self) -> None:
         self.hidden = self.prepared = self.chunks = None
@@ -145,11 +157,15 @@ def run_bytes(config: dict, batch: PromptBatch, layer_widened: int) -> int:
     intermediate = config.get("intermediate_size") or 4 * hidden
     heads = config.get("num_attention_heads", 1)
     widest = max((len(rows) * length, len(rows), length) for rows, length in _chunks(batch.mask))
-    activations = widest[0] * (6 * hidden + 3 * intermediate) * FLOAT32 + 2 * widest[1] * heads * widest[2] ** 2 * FLOAT32
+    activations = (
+        widest[0] * (6 * hidden + 3 * intermediate) * FLOAT32 + 2 * widest[1] * heads * widest[2] ** 2 * FLOAT32
+    )
     return layer_widened + 2 * prompts * width * hidden * FLOAT32 + activations
 
 
-def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_prefix: str, device: torch.device | str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+def router_inputs(
+    source: ModelSource, config: dict, batch: PromptBatch, layer_prefix: str, device: torch.device | str = "cpu"
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(layer index, router input [prompts, tokens, hidden]) for each layer in turn, in float32 on the CPU;
     the layers run on `device`, read from `source` one at a time.
 
@@ -161,7 +177,11 @@ def router_inputs(source: ModelSource, config: dict, batch: PromptBatch, layer_p
     with ThreadPoolExecutor(1, thread_name_prefix="composer-gates-read") as reader:
         # the next layer's weights are read in their stored dtype (half float32's bytes for a bf16 model) while this one runs
         def read(index: int):
-            return reader.submit(_read_layer, source, layer_prefix.format(i=index), runner.layer_names(index)) if index < count else None
+            return (
+                reader.submit(_read_layer, source, layer_prefix.format(i=index), runner.layer_names(index))
+                if index < count
+                else None
+            )
 
         upcoming = read(0)
         for index in range(count):
@@ -185,18 +205,27 @@ def _read_layer(source: ModelSource, prefix: str, names: list[str]) -> dict[str,
     return {name: source.read(prefix + name) for name in names}
 
 
-def _run_layer(layer, state: dict[str, torch.Tensor], model_config, index: int, hidden: torch.Tensor, chunks, prepared) -> torch.Tensor:
+def _run_layer(
+    layer, state: dict[str, torch.Tensor], model_config, index: int, hidden: torch.Tensor, chunks, prepared
+) -> torch.Tensor:
     """Run one layer over every prompt chunk (updating `hidden` in place); the router's input for each position."""
     with torch.no_grad():
         layer.load_state_dict(state, assign=True)
         del state
         captured: list[torch.Tensor] = []
-        hook = layer.post_attention_layernorm.register_forward_hook(lambda module, args, output: captured.append(output))
+        hook = layer.post_attention_layernorm.register_forward_hook(
+            lambda module, args, output: captured.append(output)
+        )
         kind = _layer_type(model_config, index)
         inputs = torch.zeros_like(hidden)
         try:
             for (rows, width), (positions, rotation, masks) in zip(chunks, prepared):
-                hidden[rows, :width] = layer(hidden[rows, :width], attention_mask=masks[kind], position_ids=positions, position_embeddings=rotation)
+                hidden[rows, :width] = layer(
+                    hidden[rows, :width],
+                    attention_mask=masks[kind],
+                    position_ids=positions,
+                    position_embeddings=rotation,
+                )
                 inputs[rows, :width] = captured.pop()
         finally:
             hook.remove()

@@ -11,9 +11,25 @@ from functools import lru_cache
 from composer.errors import ComposerError
 
 # the dense MLP projection each per-expert checkpoint name stands for (Mixtral's w1/w3/w2, Qwen's own names)
-ROLES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+ROLES = {
+    "w1": "gate_proj",
+    "w3": "up_proj",
+    "w2": "down_proj",
+    "gate_proj": "gate_proj",
+    "up_proj": "up_proj",
+    "down_proj": "down_proj",
+}
 # config keys that are never carried from the dense config into the MoE one
-NOT_CARRIED = {"architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "id2label", "label2id"}
+NOT_CARRIED = {
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "id2label",
+    "label2id",
+}
 
 
 @dataclass(frozen=True)
@@ -28,7 +44,14 @@ class OutputArchitecture:
 
 OUTPUTS = (
     OutputArchitecture("mixtral", "MixtralForCausalLM", ("llama", "mistral"), "num_local_experts", False, ("mixtral",)),
-    OutputArchitecture("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2", "llama", "mistral"), "num_experts", True, ("qwen", "qwen2", "qwen_moe", "qwen2_moe")),
+    OutputArchitecture(
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        ("qwen2", "llama", "mistral"),
+        "num_experts",
+        True,
+        ("qwen", "qwen2", "qwen_moe", "qwen2_moe"),
+    ),
     OutputArchitecture("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), "num_experts", False, ("qwen3", "qwen3_moe")),
 )
 
@@ -39,7 +62,9 @@ def choose_output(dense_type: str, requested: str | None, has_shared: bool) -> O
         wanted = requested.lower().replace("-", "_")
         output = next((o for o in OUTPUTS if wanted in o.aliases or wanted == o.class_name.lower()), None)
         if output is None:
-            raise ComposerError(f"Recipe key 'architecture': '{requested}' is not an MoE output composer writes; it writes {supported}.")
+            raise ComposerError(
+                f"Recipe key 'architecture': '{requested}' is not an MoE output composer writes; it writes {supported}."
+            )
         if dense_type not in output.dense_types:
             raise ComposerError(
                 f"Recipe key 'architecture': {output.class_name} is built from {'/'.join(output.dense_types)} models, "
@@ -52,7 +77,9 @@ def choose_output(dense_type: str, requested: str | None, has_shared: bool) -> O
             raise ComposerError(f"composer cannot build an MoE from '{dense_type}' models; it writes {supported}.")
         output = candidates[0]
     if has_shared and not output.shared_expert:
-        raise ComposerError(f"Recipe key 'shared_experts': {output.class_name} has no shared expert; use architecture: qwen (Qwen2-MoE) for one.")
+        raise ComposerError(
+            f"Recipe key 'shared_experts': {output.class_name} has no shared expert; use architecture: qwen (Qwen2-MoE) for one."
+        )
     return output
 
 
@@ -63,7 +90,13 @@ def _target_keys(model_type: str) -> set[str]:
 
 
 def output_config(
-    output: OutputArchitecture, dense: dict, experts: int, per_token: int, intermediate: int, shared_intermediate: int | None, dtype_name: str | None
+    output: OutputArchitecture,
+    dense: dict,
+    experts: int,
+    per_token: int,
+    intermediate: int,
+    shared_intermediate: int | None,
+    dtype_name: str | None,
 ) -> dict:
     """The MoE config: every key of the dense config that the MoE config class also has (rope, norms, token ids,
     sliding windows, ...), then the MoE keys. Checked against the dense config's attention and MLP layout."""
@@ -80,12 +113,18 @@ def output_config(
     config[output.count_key] = experts
     config["intermediate_size"] = intermediate
     if output.name == "mixtral" and dense.get("attention_bias"):
-        raise ComposerError("The experts' attention layers have biases (attention_bias: true); Mixtral's have none. Use architecture: qwen.")
+        raise ComposerError(
+            "The experts' attention layers have biases (attention_bias: true); Mixtral's have none. Use architecture: qwen."
+        )
     if output.name in ("qwen2_moe", "qwen3_moe"):
-        config.update(moe_intermediate_size=intermediate, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+        config.update(
+            moe_intermediate_size=intermediate, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True
+        )
     if output.name == "qwen2_moe":
         if dense_type != "qwen2" and dense.get("attention_bias"):
-            raise ComposerError("The experts' attention layers have biases on all projections; Qwen2-MoE has them on q/k/v only.")
+            raise ComposerError(
+                "The experts' attention layers have biases on all projections; Qwen2-MoE has them on q/k/v only."
+            )
         config["qkv_bias"] = dense_type == "qwen2" or bool(dense.get("attention_bias"))
         config["shared_expert_intermediate_size"] = shared_intermediate
     dtype_key = "torch_dtype" if "torch_dtype" in dense or "dtype" not in dense else "dtype"
@@ -113,7 +152,15 @@ def _checkpoint_names(frozen: str) -> tuple[str, ...]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tiny = dict(json.loads(frozen))
-    tiny.update(hidden_size=16, intermediate_size=8, moe_intermediate_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=32)
+    tiny.update(
+        hidden_size=16,
+        intermediate_size=8,
+        moe_intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=32,
+    )
     if "shared_expert_intermediate_size" in tiny:
         tiny["shared_expert_intermediate_size"] = 8
     tiny.pop("torch_dtype", None)
@@ -188,4 +235,6 @@ def classify(name: str, layer_prefix: str, dense_layer_suffixes: set[str]) -> Mo
                 return MoETensor(kind, layer, None, role)
         else:
             return MoETensor(kind, layer)
-    raise ComposerError(f"The installed transformers saves the MoE output with a tensor '{name}' that composer does not know how to build.")
+    raise ComposerError(
+        f"The installed transformers saves the MoE output with a tensor '{name}' that composer does not know how to build."
+    )

@@ -59,7 +59,9 @@ def _prompts(config: MoEConfig, recipe_dir: Path | None, prompt_model=None) -> E
     notes: list[str] = []
     if not config.uses_prompts:
         if any(positives) or any(e.description for e in experts):
-            notes.append(f"gate_mode {config.gate_mode} does not use prompts; the experts' prompts and descriptions are ignored")
+            notes.append(
+                f"gate_mode {config.gate_mode} does not use prompts; the experts' prompts and descriptions are ignored"
+            )
         return ExpertPrompts([[] for _ in experts], [[] for _ in experts], notes)
     described = [i for i, e in enumerate(experts) if e.description]
     if described and not config.prompt_corpus:
@@ -79,7 +81,9 @@ def _prompts(config: MoEConfig, recipe_dir: Path | None, prompt_model=None) -> E
         for i in described:
             picked = selection.picked[i]
             positives[i] += [text for text, _ in picked]
-            notes.append(f"{config.expert_label(i)} described as {_preview(experts[i].description)}: {len(picked)} prompt(s) picked from {config.prompt_corpus}")
+            notes.append(
+                f"{config.expert_label(i)} described as {_preview(experts[i].description)}: {len(picked)} prompt(s) picked from {config.prompt_corpus}"
+            )
             notes += [f"    {similarity:.3f}  {_preview(text)}" for text, similarity in picked]
     missing = [i for i, p in enumerate(positives) if not p]
     if missing:
@@ -97,7 +101,10 @@ def _prompts(config: MoEConfig, recipe_dir: Path | None, prompt_model=None) -> E
     for i in range(len(experts)):
         if i not in described:
             count = len(positives[i])
-            notes.append(f"{config.expert_label(i)}: {count} prompt(s), e.g. {_preview(positives[i][0])}" + (f"; {len(negatives[i])} negative" if negatives[i] else ""))
+            notes.append(
+                f"{config.expert_label(i)}: {count} prompt(s), e.g. {_preview(positives[i][0])}"
+                + (f"; {len(negatives[i])} negative" if negatives[i] else "")
+            )
     return ExpertPrompts(positives, negatives, notes)
 
 
@@ -122,7 +129,9 @@ def _check_experts(config: MoEConfig, configs: dict[str, dict], architectures: d
     sizes = {e.source_model: configs[e.source_model].get("intermediate_size") for e in config.experts}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"'{ref}': {size}" for ref, size in sizes.items())
-        raise ComposerError(f"The routed experts have different MLP sizes (intermediate_size {listed}); an MoE layer holds experts of one size.")
+        raise ComposerError(
+            f"The routed experts have different MLP sizes (intermediate_size {listed}); an MoE layer holds experts of one size."
+        )
 
 
 def _check_counts(config: MoEConfig) -> None:
@@ -133,7 +142,9 @@ def _check_counts(config: MoEConfig) -> None:
             "each token is routed to that many experts."
         )
     if len(config.shared_experts or []) > 1:
-        raise ComposerError("Recipe key 'shared_experts': the MoE outputs composer writes have one shared expert at most.")
+        raise ComposerError(
+            "Recipe key 'shared_experts': the MoE outputs composer writes have one shared expert at most."
+        )
     for key, experts in (("experts", config.experts), ("shared_experts", config.shared_experts or [])):
         for i, expert in enumerate(experts):
             for setting in ("noise_scale", "residual_scale"):
@@ -143,7 +154,14 @@ def _check_counts(config: MoEConfig) -> None:
 
 
 class _MoEPlanner:
-    def __init__(self, config: MoEConfig, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None, prompt_model=None):
+    def __init__(
+        self,
+        config: MoEConfig,
+        recipe_text: str,
+        recipe_dir: Path | None,
+        sources: dict[str, ModelSource] | None,
+        prompt_model=None,
+    ):
         _check_counts(config)
         self.config = config
         self.recipe_text = recipe_text
@@ -157,7 +175,9 @@ class _MoEPlanner:
         self.architectures = {ref: architecture_for(c, ref) for ref, c in self.configs.items()}
         _check_experts(config, self.configs, self.architectures)
         base_config = self.configs[config.base_model]
-        self.output: OutputArchitecture = choose_output(base_config.get("model_type"), config.architecture, bool(config.shared_experts))
+        self.output: OutputArchitecture = choose_output(
+            base_config.get("model_type"), config.architecture, bool(config.shared_experts)
+        )
         self.shared: Expert | None = None
         self.notes: list[str] = []
         if self.output.shared_expert:
@@ -170,7 +190,9 @@ class _MoEPlanner:
         if self.tokenizer_ref != config.base_model:
             _open(self.tokenizer_ref, "tokenizer_source", recipe_dir, self.sources)
         if not self.sources[self.tokenizer_ref].has_tokenizer() and config.uses_prompts:
-            raise ComposerError(f"Model '{self.tokenizer_ref}' has no tokenizer files, and gate_mode '{config.gate_mode}' tokenizes prompts.")
+            raise ComposerError(
+                f"Model '{self.tokenizer_ref}' has no tokenizer files, and gate_mode '{config.gate_mode}' tokenizes prompts."
+            )
 
     @property
     def base(self) -> str:
@@ -194,30 +216,61 @@ class _MoEPlanner:
         # transformers' answers (seconds of imports and model building) are remembered between runs
         layout = (len(config.experts), config.experts_per_token, intermediate, shared_intermediate, dtype_name)
         out_config = remembered(
-            "moe-config", {"output": self.output.class_name, "dense": base_config, "layout": layout},
+            "moe-config",
+            {"output": self.output.class_name, "dense": base_config, "layout": layout},
             lambda: output_config(self.output, base_config, *layout),
         )
-        expected = {name: tuple(shape) for name, shape in remembered("meta-shapes", out_config, lambda: _meta_shapes(out_config, self.output)).items()}
+        expected = {
+            name: tuple(shape)
+            for name, shape in remembered(
+                "meta-shapes", out_config, lambda: _meta_shapes(out_config, self.output)
+            ).items()
+        }
         architecture = self.architectures[self.base]
         suffixes = set(architecture.layer_tensors) | set(architecture.layer_optional)
         names = remembered("checkpoint-names", out_config, lambda: checkpoint_names(out_config))
         kinds = [(name, classify(name, architecture.layer_prefix, suffixes)) for name in names]
         self.computer = GateComputer(
-            GateSettings(config.gate_mode, config.pooling, config.gate_rows, self.prompts.positives, self.prompts.negatives,
-                         [config.expert_label(i) for i in range(len(config.experts))], config.random_seed or 0),
-            self.sources[self.base], self.sources[self.tokenizer_ref], base_config, architecture.layer_prefix,
+            GateSettings(
+                config.gate_mode,
+                config.pooling,
+                config.gate_rows,
+                self.prompts.positives,
+                self.prompts.negatives,
+                [config.expert_label(i) for i in range(len(config.experts))],
+                config.random_seed or 0,
+            ),
+            self.sources[self.base],
+            self.sources[self.tokenizer_ref],
+            base_config,
+            architecture.layer_prefix,
             sorted({what.layer for _, what in kinds if what.kind == "router"}),
         )
         tensors = [self._tensor(name, what) for name, what in kinds]
         self._check_shapes(tensors, expected, intermediate, base_config["hidden_size"])
         notes = [
             f"output: {self.output.class_name}, {len(config.experts)} experts, top-{config.experts_per_token} routing"
-            + (f", shared expert from '{self.shared.source_model}' weighted {config.shared_expert_weight}" if self.shared else ""),
-            f"router gates: {config.gate_mode}" + (f" ({config.pooling} pooling, {config.gate_rows} rows), computed while writing" if config.uses_prompts else ""),
+            + (
+                f", shared expert from '{self.shared.source_model}' weighted {config.shared_expert_weight}"
+                if self.shared
+                else ""
+            ),
+            f"router gates: {config.gate_mode}"
+            + (
+                f" ({config.pooling} pooling, {config.gate_rows} rows), computed while writing"
+                if config.uses_prompts
+                else ""
+            ),
         ]
         return Plan(
-            tensors=tensors, sources=self.sources, config=out_config, tokenizer_source=self.tokenizer_ref,
-            recipe_text=self.recipe_text, method="moe", parents=config.referenced_models(), chat_template=config.chat_template,
+            tensors=tensors,
+            sources=self.sources,
+            config=out_config,
+            tokenizer_source=self.tokenizer_ref,
+            recipe_text=self.recipe_text,
+            method="moe",
+            parents=config.referenced_models(),
+            chat_template=config.chat_template,
             notes=notes + self.notes + self.prompts.notes,
         )
 
@@ -234,7 +287,13 @@ class _MoEPlanner:
             info = self._info(expert.source_model, source_name)
             scale, noise = self._expert_scale(expert, what.role, what.kind == "shared"), expert.noise_scale or 0.0
             operation = _expert_operation(scale, noise, tensor_seed(self.config.random_seed or 0, name))
-            return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(expert.source_model, source_name),), operation)
+            return PlannedTensor(
+                name,
+                info.shape,
+                self.out_dtype or info.dtype,
+                (TensorRef(expert.source_model, source_name),),
+                operation,
+            )
         return self._fused_tensor(name, what)
 
     def _expert_scale(self, expert: Expert, role: str, shared: bool) -> float:
@@ -263,16 +322,36 @@ class _MoEPlanner:
         seed = tensor_seed(self.config.random_seed or 0, name)
 
         def stack(inputs: list[torch.Tensor], _per=len(roles)) -> torch.Tensor:
-            parts = [_expert_operation(s, n, seed + i).fn([x]) for i, (x, s, n) in enumerate(zip(inputs, scales, noises))]
+            parts = [
+                _expert_operation(s, n, seed + i).fn([x]) for i, (x, s, n) in enumerate(zip(inputs, scales, noises))
+            ]
             return torch.stack([torch.cat(parts[i : i + _per]) for i in range(0, len(parts), _per)])
 
-        return PlannedTensor(name, shape, self.out_dtype or infos[0].dtype, tuple(refs), Operation(label="stack experts", fn=stack, arguments={"experts": len(self.config.experts)}, compute_dtype=torch.float32, light=True))
+        return PlannedTensor(
+            name,
+            shape,
+            self.out_dtype or infos[0].dtype,
+            tuple(refs),
+            Operation(
+                label="stack experts",
+                fn=stack,
+                arguments={"experts": len(self.config.experts)},
+                compute_dtype=torch.float32,
+                light=True,
+            ),
+        )
 
     def _gate_tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         hidden = self._info(self.base, self._dense_name(what.layer, "post_attention_layernorm.weight")).shape[0]
         dtype = self.out_dtype or self._info(self.base, EMBEDDINGS).dtype
         if what.kind == "shared_gate":
-            return PlannedTensor(name, (1, hidden), dtype, (), Operation(label="zeros (shared expert weight fixed)", fn=partial(_zero_row, hidden)))
+            return PlannedTensor(
+                name,
+                (1, hidden),
+                dtype,
+                (),
+                Operation(label="zeros (shared expert weight fixed)", fn=partial(_zero_row, hidden)),
+            )
         computer, layer, seed = self.computer, what.layer, tensor_seed(self.config.random_seed or 0, name)
         inputs = computer.input_names(layer)
 
@@ -283,20 +362,34 @@ class _MoEPlanner:
         if self.config.uses_prompts:
             arguments.update(pooling=self.config.pooling, rows=self.config.gate_rows)
         working = computer.working_bytes(layer, [self._info(self.base, input_name) for input_name in inputs])
-        operation = Operation(label="router gate", fn=router, arguments=arguments, working_bytes=working, chain=computer.chain, link=layer)
-        return PlannedTensor(name, (len(self.config.experts), hidden), dtype, tuple(TensorRef(self.base, input_name) for input_name in inputs), operation)
+        operation = Operation(
+            label="router gate", fn=router, arguments=arguments, working_bytes=working, chain=computer.chain, link=layer
+        )
+        return PlannedTensor(
+            name,
+            (len(self.config.experts), hidden),
+            dtype,
+            tuple(TensorRef(self.base, input_name) for input_name in inputs),
+            operation,
+        )
 
-    def _check_shapes(self, tensors: list[PlannedTensor], expected: dict[str, tuple], intermediate: int, hidden: int) -> None:
+    def _check_shapes(
+        self, tensors: list[PlannedTensor], expected: dict[str, tuple], intermediate: int, hidden: int
+    ) -> None:
         """Tensors saved under the names transformers uses in memory must have its shapes; per-expert tensors
         must add up to its stacked expert tensors."""
         for tensor in tensors:
             want = expected.get(tensor.name)
             if want is not None and want != tuple(tensor.shape):
-                raise ComposerError(f"Output tensor '{tensor.name}' would have shape {list(tensor.shape)}, but {self.output.class_name} expects {list(want)}. Nothing was written.")
+                raise ComposerError(
+                    f"Output tensor '{tensor.name}' would have shape {list(tensor.shape)}, but {self.output.class_name} expects {list(want)}. Nothing was written."
+                )
         experts = len(self.config.experts)
         for name, shape in expected.items():
             if name.endswith("experts.gate_up_proj") and shape != (experts, 2 * intermediate, hidden):
-                raise ComposerError(f"{self.output.class_name} expects '{name}' of shape {list(shape)}, not the experts' {[experts, 2 * intermediate, hidden]}.")
+                raise ComposerError(
+                    f"{self.output.class_name} expects '{name}' of shape {list(shape)}, not the experts' {[experts, 2 * intermediate, hidden]}."
+                )
 
 
 def _meta_shapes(out_config: dict, output: OutputArchitecture) -> dict[str, list[int]]:
@@ -324,7 +417,13 @@ def _expert_operation(scale: float, noise: float, seed: int) -> Operation:
     return Operation(label="expert", fn=apply, arguments=arguments, compute_dtype=torch.float32, light=True)
 
 
-def build_moe_plan(config: MoEConfig, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None, prompt_model=None) -> Plan:
+def build_moe_plan(
+    config: MoEConfig,
+    recipe_text: str = "",
+    recipe_dir: Path | None = None,
+    sources: dict[str, ModelSource] | None = None,
+    prompt_model=None,
+) -> Plan:
     """The plan of an MoE recipe. `sources` may hold already-opened models (e.g. earlier stages) by reference;
     `prompt_model` a loaded sentence-transformers model for picking corpus prompts (default: load `prompt_model`)."""
     return _MoEPlanner(config, recipe_text, recipe_dir, sources, prompt_model).build()

@@ -21,7 +21,9 @@ def read_prompt_file(path: Path) -> dict[str, list[str]]:
         data = [line.strip() for line in text.splitlines() if line.strip()]
     groups = {path.stem: data} if isinstance(data, list) else data
     if not isinstance(groups, dict):
-        raise ComposerError(f"Prompt file {path} must hold a list of prompts or a mapping of group name to a list of prompts.")
+        raise ComposerError(
+            f"Prompt file {path} must hold a list of prompts or a mapping of group name to a list of prompts."
+        )
     for name, prompts in groups.items():
         if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ComposerError(f"Prompt file {path}: group '{name}' must be a list of non-empty strings.")
@@ -42,7 +44,9 @@ def load_sentence_model(reference: str | None):
     try:
         return SentenceTransformer(reference, device="cpu")
     except (OSError, ValueError) as error:
-        raise ComposerError(f"Recipe key 'prompt_model': sentence-transformers cannot load '{reference}' ({str(error).splitlines()[0]}).") from None
+        raise ComposerError(
+            f"Recipe key 'prompt_model': sentence-transformers cannot load '{reference}' ({str(error).splitlines()[0]})."
+        ) from None
 
 
 @dataclass
@@ -61,9 +65,11 @@ def select_prompts(descriptions: list[str | None], corpus: list[str], per_expert
     selection = Selection([[] for _ in descriptions])
     if not described:
         return selection
-    encoded = model.encode([descriptions[i] for i in described] + corpus, convert_to_tensor=True, normalize_embeddings=True)
+    encoded = model.encode(
+        [descriptions[i] for i in described] + corpus, convert_to_tensor=True, normalize_embeddings=True
+    )
     encoded = encoded.float().cpu()
-    similarity = encoded[len(described):] @ encoded[: len(described)].T  # [corpus, described experts]
+    similarity = encoded[len(described) :] @ encoded[: len(described)].T  # [corpus, described experts]
     owner = similarity.argmax(1)
     for column, expert in enumerate(described):
         mine = torch.nonzero(owner == column).flatten()

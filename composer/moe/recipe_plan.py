@@ -23,10 +23,20 @@ def plan_moe_recipe(config: MoEConfig, text: str, recipe_dir: Path | None, sourc
         return build_moe_plan(config, text, recipe_dir, sources, prompt_model)
     from composer.plan.staged import check_stage_references, plan_with_stages
 
-    check_stage_references(config.stages, config.referenced_models() + ([config.tokenizer_source] if config.tokenizer_source else []), False)
+    check_stage_references(
+        config.stages,
+        config.referenced_models() + ([config.tokenizer_source] if config.tokenizer_source else []),
+        False,
+    )
     return plan_with_stages(
-        config.stages, config.random_seed, text, recipe_dir, sources,
-        lambda opened: build_moe_plan(config, text, recipe_dir, opened, prompt_model), "moe", input_models(config),
+        config.stages,
+        config.random_seed,
+        text,
+        recipe_dir,
+        sources,
+        lambda opened: build_moe_plan(config, text, recipe_dir, opened, prompt_model),
+        "moe",
+        input_models(config),
     )
 
 

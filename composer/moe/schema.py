@@ -122,7 +122,9 @@ def _flatten(data: dict) -> tuple[dict, tuple]:
         return data, ()
     extra = sorted(set(data) - NATIVE_KEYS)
     if extra:
-        raise ValueError(f"unknown key '{extra[0]}' beside 'moe'; put the MoE settings inside 'moe:' (only name, output, random_seed and stages go beside it)")
+        raise ValueError(
+            f"unknown key '{extra[0]}' beside 'moe'; put the MoE settings inside 'moe:' (only name, output, random_seed and stages go beside it)"
+        )
     inner = dict(data["moe"])
     for key in ("name", "output", "random_seed", "stages"):
         if key in data:
@@ -143,7 +145,9 @@ def _suggestion(key: object) -> str:
 def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
     root, data = parse_yaml(text, source_name)
     if not is_moe_recipe(data):
-        raise ComposerError(f"{source_name} is not an MoE recipe: it needs 'base_model' and 'experts' (or an 'moe:' section).")
+        raise ComposerError(
+            f"{source_name} is not an MoE recipe: it needs 'base_model' and 'experts' (or an 'moe:' section)."
+        )
     check_duplicate_keys(root, source_name)
     try:
         flat, prefix = _flatten(data)
@@ -152,19 +156,28 @@ def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
     if isinstance(flat.get("stages"), list):
         from composer.recipe.load import normalise_mergekit
 
-        flat = {**flat, "stages": [normalise_mergekit(stage) if isinstance(stage, dict) else stage for stage in flat["stages"]]}
+        flat = {
+            **flat,
+            "stages": [normalise_mergekit(stage) if isinstance(stage, dict) else stage for stage in flat["stages"]],
+        }
     try:
         return MoEConfig.model_validate(flat)
     except ValidationError as error:
         problems = sorted(error.errors(), key=lambda problem: problem["type"] != "extra_forbidden")
         messages = []
         for problem in problems:
-            location = tuple(p for p in problem["loc"] if isinstance(p, int) or (isinstance(p, str) and "[" not in p and p != "function-after"))
-            location = location if location[:1] == ("stages",) else prefix + location  # stages sit beside 'moe:' 
+            location = tuple(
+                p
+                for p in problem["loc"]
+                if isinstance(p, int) or (isinstance(p, str) and "[" not in p and p != "function-after")
+            )
+            location = location if location[:1] == ("stages",) else prefix + location  # stages sit beside 'moe:'
             line = line_of(root, location)
             where = f"{source_name}, line {line}" if line else source_name
             if problem["type"] == "extra_forbidden":
-                message = f"{where}: unknown key '{path_text(location)}'.{_suggestion(location[-1] if location else None)}"
+                message = (
+                    f"{where}: unknown key '{path_text(location)}'.{_suggestion(location[-1] if location else None)}"
+                )
             elif problem["type"] == "missing":
                 message = f"{where}: required key '{path_text(location)}' is missing."
             else:

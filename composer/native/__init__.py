@@ -38,18 +38,64 @@ _POINTER = ctypes.c_void_p
 _INT64 = ctypes.c_int64
 _SIGNATURES = {
     "task_arithmetic_bf16": [
-        _INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER,
-        _POINTER, _POINTER, _POINTER, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, _POINTER,
+        _INT64,
+        _INT64,
+        ctypes.c_int,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_int,
+        ctypes.c_float,
+        _POINTER,
     ],
-    "dare_select_bf16": [_INT64, _INT64, ctypes.c_uint64, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
+    "dare_select_bf16": [
+        _INT64,
+        _INT64,
+        ctypes.c_uint64,
+        ctypes.c_int,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+    ],
     "magnitude_sums_bf16": [_INT64, _POINTER, _POINTER],
-    "model_stock_blend_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, ctypes.c_float, ctypes.c_float, _POINTER],
+    "model_stock_blend_bf16": [
+        _INT64,
+        _INT64,
+        ctypes.c_int,
+        _POINTER,
+        _POINTER,
+        ctypes.c_float,
+        ctypes.c_float,
+        _POINTER,
+    ],
     "sce_variances_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, _POINTER],
     "sce_square_sums_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER],
     "sce_merge_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
     "delta_pattern_counts_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER],
     "scan_bytes": [_INT64, _POINTER, ctypes.c_int, ctypes.c_uint64, _POINTER, _POINTER],
-    "della_select_bf16": [_INT64, _INT64, _INT64, ctypes.c_uint64, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
+    "della_select_bf16": [
+        _INT64,
+        _INT64,
+        _INT64,
+        ctypes.c_uint64,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+    ],
 }
 
 
@@ -72,7 +118,9 @@ def _cpu_signature() -> str:
 
 
 def _compiler() -> str | None:
-    return next((found for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name and (found := shutil.which(name))), None)
+    return next(
+        (found for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name and (found := shutil.which(name))), None
+    )
 
 
 @functools.cache
@@ -85,7 +133,9 @@ def load_library() -> ctypes.CDLL | None:
     if compiler is None or platform.system() == "Windows":
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + TUNING).encode(), compiler.encode(), _cpu_signature().encode()])).hexdigest()[:20]
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS + TUNING).encode(), compiler.encode(), _cpu_signature().encode()])
+    ).hexdigest()[:20]
     name = f"kernels-{key}.so"
     folder = Path(os.path.realpath(cache_dir() / "native"))  # resolved once: what is checked is what is read
     with contextlib.suppress(OSError):  # a folder that cannot be made is reported by unsafe_reason
@@ -141,7 +191,11 @@ def _load_verified(built: Path, digest: str | None) -> ctypes.CDLL | None:
         return None
     try:
         status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if (
+            not stat.S_ISREG(status.st_mode)
+            or status.st_uid != os.geteuid()
+            or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        ):
             return None
         with os.fdopen(os.dup(descriptor), "rb") as handle:
             if hashlib.sha256(handle.read()).hexdigest() != digest:
@@ -165,7 +219,9 @@ def _build(compiler: str, built: Path) -> str | None:
         return None
     try:
         for tuning in (TUNING, ()):
-            finished = subprocess.run([compiler, *FLAGS, *tuning, "-o", partial, str(SOURCE)], check=False, capture_output=True, timeout=120)
+            finished = subprocess.run(
+                [compiler, *FLAGS, *tuning, "-o", partial, str(SOURCE)], check=False, capture_output=True, timeout=120
+            )
             if finished.returncode == 0:
                 os.chmod(partial, 0o700)  # the linker made it as the umask allows; only its owner may change it
                 digest = hashlib.sha256(Path(partial).read_bytes()).hexdigest()
@@ -179,4 +235,3 @@ def _build(compiler: str, built: Path) -> str | None:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-

@@ -23,9 +23,13 @@ MIN_PART = 1 << 17  # entries below which a range is not split between threads
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors (and are built)."""
-    return all(
-        tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" and tensor.is_contiguous() for tensor in tensors
-    ) and native.library() is not None
+    return (
+        all(
+            tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" and tensor.is_contiguous()
+            for tensor in tensors
+        )
+        and native.library() is not None
+    )
 
 
 def usable_for_merge(base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
@@ -53,7 +57,10 @@ def _parts(start: int, stop: int) -> list[tuple[int, int]]:
 def _part_sums(parts: list, targets: Sequence[torch.Tensor | None]) -> list[tuple]:
     """Zeroed sums for each part, one per target (None where the target is None): each thread adds
     to its own, and `_fold` adds them to the targets."""
-    return [tuple(None if target is None else torch.zeros(EXPONENT_SUMS, dtype=torch.int64) for target in targets) for _ in parts]
+    return [
+        tuple(None if target is None else torch.zeros(EXPONENT_SUMS, dtype=torch.int64) for target in targets)
+        for _ in parts
+    ]
 
 
 def _fold(sums: list[tuple], targets: Sequence[torch.Tensor | None]) -> None:
@@ -104,7 +111,9 @@ def task_arithmetic_(
         lows.append(keep[1] if mode == KEEP_PATTERNS else 0)
         highs.append(keep[2] if mode == KEEP_PATTERNS else 0)
     common = (
-        _pointers(modes, ctypes.c_int), _pointers(lows, ctypes.c_uint16), _pointers(highs, ctypes.c_uint16),
+        _pointers(modes, ctypes.c_int),
+        _pointers(lows, ctypes.c_uint16),
+        _pointers(highs, ctypes.c_uint16),
         _pointers([scale is not None for scale in settings.scales], ctypes.c_int),
         _pointers([scale or 0.0 for scale in settings.scales], ctypes.c_float),
         _pointers(list(settings.weights), ctypes.c_float),
@@ -113,10 +122,23 @@ def task_arithmetic_(
 
     def kernel(low: int, high: int) -> None:
         # a range's byte masks start at the range's start
-        here = _pointers([pointer + (low - start) if mode == KEEP_BYTES else pointer for mode, pointer in zip(modes, data)])
+        here = _pointers(
+            [pointer + (low - start) if mode == KEEP_BYTES else pointer for mode, pointer in zip(modes, data)]
+        )
         native.library().task_arithmetic_bf16(
-            low, high, len(models), base.data_ptr(), model_pointers, common[0], here, *common[1:],
-            int(settings.consensus), int(settings.normalize), settings.divisor, int(settings.lambda_ != 1), settings.lambda_,
+            low,
+            high,
+            len(models),
+            base.data_ptr(),
+            model_pointers,
+            common[0],
+            here,
+            *common[1:],
+            int(settings.consensus),
+            int(settings.normalize),
+            settings.divisor,
+            int(settings.lambda_ != 1),
+            settings.lambda_,
             out.data_ptr(),
         )
 
@@ -125,9 +147,15 @@ def task_arithmetic_(
 
 
 def dare_select(
-    start: int, stop: int, key: int, threshold: int, bits: torch.Tensor,
-    model: torch.Tensor | None = None, base: torch.Tensor | None = None,
-    before: torch.Tensor | None = None, after: torch.Tensor | None = None,
+    start: int,
+    stop: int,
+    key: int,
+    threshold: int,
+    bits: torch.Tensor,
+    model: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    before: torch.Tensor | None = None,
+    after: torch.Tensor | None = None,
 ) -> None:
     """DARE's keep bits for [start, stop) into `bits` (the whole tensor's); with `before` and
     `after` (int64, EXPONENT_SUMS each), the exact L1 sums of model - base and of it masked added to them."""
@@ -143,8 +171,16 @@ def dare_select(
 
 
 def della_select(
-    rows: int, width: int, offset: int, key: int, thresholds: torch.Tensor, keep: torch.Tensor,
-    model: torch.Tensor, base: torch.Tensor, before: torch.Tensor | None = None, after: torch.Tensor | None = None,
+    rows: int,
+    width: int,
+    offset: int,
+    key: int,
+    thresholds: torch.Tensor,
+    keep: torch.Tensor,
+    model: torch.Tensor,
+    base: torch.Tensor,
+    before: torch.Tensor | None = None,
+    after: torch.Tensor | None = None,
 ) -> None:
     """DELLA's keep bytes for `rows` rows of `width` entries at flat `offset` of the flat `model` and
     `base` into `keep` (a byte per entry of those rows), the rows split between threads; with `before`
@@ -158,8 +194,15 @@ def della_select(
         at = offset + first * width
         pointers = [None if tensor is None else tensor.data_ptr() for tensor in sums[index]]
         native.library().della_select_bf16(
-            last - first, width, at, key & ((1 << 64) - 1), thresholds.data_ptr(), keep.data_ptr() + first * width,
-            model.data_ptr() + 2 * at, base.data_ptr() + 2 * at, *pointers,
+            last - first,
+            width,
+            at,
+            key & ((1 << 64) - 1),
+            thresholds.data_ptr(),
+            keep.data_ptr() + first * width,
+            model.data_ptr() + 2 * at,
+            base.data_ptr() + 2 * at,
+            *pointers,
         )
 
     each(kernel, len(parts))
@@ -173,30 +216,40 @@ def _row_parts(rows: int, width: int) -> list[tuple[int, int]]:
     return [(low, high) for low, high in pairwise(cuts) if high > low]
 
 
-def model_stock_blend_(base: torch.Tensor, models: Sequence[torch.Tensor], ratio: float, keep: float, out: torch.Tensor) -> torch.Tensor:
+def model_stock_blend_(
+    base: torch.Tensor, models: Sequence[torch.Tensor], ratio: float, keep: float, out: torch.Tensor
+) -> torch.Tensor:
     """Model Stock's blend of the flat `models` and `base` into `out` (kernels.c's model_stock_blend_bf16)."""
     pointers = _pointers([model.data_ptr() for model in models])
 
     def kernel(low: int, high: int) -> None:
-        native.library().model_stock_blend_bf16(low, high, len(models), pointers, base.data_ptr(), ratio, keep, out.data_ptr())
+        native.library().model_stock_blend_bf16(
+            low, high, len(models), pointers, base.data_ptr(), ratio, keep, out.data_ptr()
+        )
 
     _in_parts(kernel, 0, base.numel())
     return out
 
 
-def sce_variances_(start: int, stop: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+def sce_variances_(
+    start: int, stop: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor
+) -> torch.Tensor:
     """The bf16 variances across `models` of their deltas over [start, stop) into `out` (from its start),
     as `population_variance` computes them (kernels.c's sce_variances_bf16)."""
     pointers = _pointers([model.data_ptr() for model in models])
 
     def kernel(low: int, high: int) -> None:
-        native.library().sce_variances_bf16(low, high, len(models), base.data_ptr(), pointers, out.data_ptr() + 2 * (low - start))
+        native.library().sce_variances_bf16(
+            low, high, len(models), base.data_ptr(), pointers, out.data_ptr() + 2 * (low - start)
+        )
 
     _in_parts(kernel, start, stop)
     return out
 
 
-def sce_square_sums(start: int, stop: int, base: torch.Tensor, model: torch.Tensor, keep: torch.Tensor | None, sums: torch.Tensor) -> None:
+def sce_square_sums(
+    start: int, stop: int, base: torch.Tensor, model: torch.Tensor, keep: torch.Tensor | None, sums: torch.Tensor
+) -> None:
     """Add to `sums` the exact sums of the squared deltas of `model` over [start, stop), masked by the
     booleans `keep` (from its start) when given (kernels.c's sce_square_sums_bf16)."""
     parts = _parts(start, stop)
@@ -205,22 +258,33 @@ def sce_square_sums(start: int, stop: int, base: torch.Tensor, model: torch.Tens
     def kernel(index: int) -> None:
         low, high = parts[index]
         mask = None if keep is None else keep.data_ptr() + (low - start)
-        native.library().sce_square_sums_bf16(low, high, model.data_ptr(), base.data_ptr(), mask, totals[index][0].data_ptr())
+        native.library().sce_square_sums_bf16(
+            low, high, model.data_ptr(), base.data_ptr(), mask, totals[index][0].data_ptr()
+        )
 
     each(kernel, len(parts))
     _fold(totals, (sums,))
 
 
 def sce_merge_(
-    base: torch.Tensor, models: Sequence[torch.Tensor], bits: torch.Tensor | None, weights: Sequence[float], out: torch.Tensor
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    bits: torch.Tensor | None,
+    weights: Sequence[float],
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """SCE's merge of the flat `models` and `base` into `out`, with the selection `bits` (the whole
     tensor's; every entry when None) and the model `weights` (kernels.c's sce_merge_bf16)."""
-    pointers, weight_values = _pointers([model.data_ptr() for model in models]), _pointers(list(weights), ctypes.c_float)
+    pointers, weight_values = (
+        _pointers([model.data_ptr() for model in models]),
+        _pointers(list(weights), ctypes.c_float),
+    )
     selection = None if bits is None else bits.data_ptr()
 
     def kernel(low: int, high: int) -> None:
-        native.library().sce_merge_bf16(low, high, len(models), base.data_ptr(), pointers, selection, weight_values, out.data_ptr())
+        native.library().sce_merge_bf16(
+            low, high, len(models), base.data_ptr(), pointers, selection, weight_values, out.data_ptr()
+        )
 
     _in_parts(kernel, 0, base.numel())
     return out
@@ -233,7 +297,9 @@ def delta_pattern_counts(chunks: Sequence[tuple[int, int]], model: torch.Tensor,
     counts = torch.zeros((len(chunks), 1 << 15), dtype=torch.int64)
 
     def kernel(index: int) -> None:
-        native.library().delta_pattern_counts_bf16(*chunks[index], model.data_ptr(), base.data_ptr(), counts[index].data_ptr())
+        native.library().delta_pattern_counts_bf16(
+            *chunks[index], model.data_ptr(), base.data_ptr(), counts[index].data_ptr()
+        )
 
     for first in range(0, len(chunks), thread_count()):
         each(lambda index, first=first: kernel(first + index), min(thread_count(), len(chunks) - first))

@@ -29,9 +29,14 @@ from composer.sources import ModelSource, TensorInfo, open_source
 from composer.sources.built_tokenizer import BuiltTokenizer
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
 
@@ -62,8 +67,13 @@ class OutputLayer:
 
 class _Planner:
     def __init__(
-        self, recipe: Merge, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None,
-        seed_namespace: str | None = None, key_prefix: tuple = (),
+        self,
+        recipe: Merge,
+        recipe_text: str,
+        recipe_dir: Path | None,
+        sources: dict[str, ModelSource] | None,
+        seed_namespace: str | None = None,
+        key_prefix: tuple = (),
     ):
         self.recipe = recipe
         self.seed_namespace = seed_namespace
@@ -78,7 +88,9 @@ class _Planner:
             from composer.methods import METHODS
 
             close = difflib.get_close_matches(str(recipe.merge_method), sorted(METHODS), n=1, cutoff=0.6)
-            raise RecipeKeyError(("merge_method",), str(error) + (f" Did you mean '{close[0]}'?" if close else "")) from None
+            raise RecipeKeyError(
+                ("merge_method",), str(error) + (f" Did you mean '{close[0]}'?" if close else "")
+            ) from None
         self._check_parameter_names()
         self.sources = sources if sources is not None else {}
         for reference in recipe.referenced_models():
@@ -96,22 +108,33 @@ class _Planner:
     # --- checks -----------------------------------------------------------------------------
     def _check_parameter_names(self) -> None:
         known = {parameter.name for parameter in self.method.parameters}
-        places: list[tuple[tuple, dict | None, bool]] = [(("parameters",), self.recipe.parameters, False)]  # (where, settings, per model)
-        places += [(("models", i, "parameters"), entry.parameters, True) for i, entry in enumerate(self.recipe.models or [])]
+        places: list[tuple[tuple, dict | None, bool]] = [
+            (("parameters",), self.recipe.parameters, False)
+        ]  # (where, settings, per model)
+        places += [
+            (("models", i, "parameters"), entry.parameters, True) for i, entry in enumerate(self.recipe.models or [])
+        ]
         for i, output_slice in enumerate(self.recipe.slices or []):
             places.append((("slices", i, "parameters"), output_slice.parameters, False))
-            places += [(("slices", i, "sources", j, "parameters"), s.parameters, True) for j, s in enumerate(output_slice.sources)]
+            places += [
+                (("slices", i, "sources", j, "parameters"), s.parameters, True)
+                for j, s in enumerate(output_slice.sources)
+            ]
         for where, parameters, per_model in places:
             for name in list(parameters or {}):
                 if name not in known:
                     takes = ", ".join(sorted(known)) or "no parameters"
                     if name not in parameter_names():
-                        raise RecipeKeyError(where + (name,), f"merge method '{self.method.name}' does not take '{name}' (it takes {takes}).{_did_you_mean(name)}")
+                        raise RecipeKeyError(
+                            where + (name,),
+                            f"merge method '{self.method.name}' does not take '{name}' (it takes {takes}).{_did_you_mean(name)}",
+                        )
                     # a parameter of another method: mergekit ignores it, so configs in the wild carry such leftovers
                     warnings.warn(
                         f"Recipe key '{path_text(self.key_prefix + where + (name,))}': merge method '{self.method.name}' does not use '{name}' "
                         f"(it takes {takes}); the value is ignored, as mergekit ignores it.",
-                        ComposerWarning, stacklevel=2,
+                        ComposerWarning,
+                        stacklevel=2,
                     )
                     parameters.pop(name)
                     continue
@@ -151,7 +174,10 @@ class _Planner:
     def _output_slices(self) -> list[OutputSlice]:
         if self.recipe.slices:
             return self.recipe.slices
-        sources = [SliceSource(model=e.model, layer_range=(0, self._layer_count(e.model)), parameters=e.parameters) for e in self.recipe.models]
+        sources = [
+            SliceSource(model=e.model, layer_range=(0, self._layer_count(e.model)), parameters=e.parameters)
+            for e in self.recipe.models
+        ]
         base = self.recipe.base_model
         if base and self._uses_base(base) and all(s.model != base for s in sources):
             sources.append(SliceSource(model=base, layer_range=(0, self._layer_count(base))))
@@ -175,15 +201,20 @@ class _Planner:
                     )
                 lengths.append(end - start)
             if len(set(lengths)) > 1:
-                raise RecipeKeyError(("slices", number, "sources"), f"every source of a slice must span the same number of layers (got {lengths}).")
+                raise RecipeKeyError(
+                    ("slices", number, "sources"),
+                    f"every source of a slice must span the same number of layers (got {lengths}).",
+                )
             self._check_model_count(output_slice, number)
             for offset in range(lengths[0]):
-                layers.append(OutputLayer(
-                    sources=tuple((s.model, s.layer_range[0] + offset) for s in output_slice.sources),
-                    base_model=self.base_of(output_slice),
-                    output_slice=output_slice,
-                    t=layer_t(offset, lengths[0]),
-                ))
+                layers.append(
+                    OutputLayer(
+                        sources=tuple((s.model, s.layer_range[0] + offset) for s in output_slice.sources),
+                        base_model=self.base_of(output_slice),
+                        output_slice=output_slice,
+                        t=layer_t(offset, lengths[0]),
+                    )
+                )
         return layers
 
     def _uses_base(self, base: str | None) -> bool:
@@ -202,20 +233,31 @@ class _Planner:
                 )
         if self._uses_base(base) and base not in models:
             where = ("slices", number, "base_model") if output_slice.base_model else ("base_model",)
-            raise RecipeKeyError(where, f"base_model '{base}' must be one of the sources of slice {number} for '{self.method.name}'.")
+            raise RecipeKeyError(
+                where, f"base_model '{base}' must be one of the sources of slice {number} for '{self.method.name}'."
+            )
         others = list(models)
         if self._uses_base(base):
             others.remove(base)  # only the first source of the base model is the base; a second one is blended
-        if len(others) < self.method.min_models or (self.method.max_models is not None and len(others) > self.method.max_models):
-            wanted = f"exactly {self.method.max_models}" if self.method.max_models == self.method.min_models else f"at least {self.method.min_models}"
+        if len(others) < self.method.min_models or (
+            self.method.max_models is not None and len(others) > self.method.max_models
+        ):
+            wanted = (
+                f"exactly {self.method.max_models}"
+                if self.method.max_models == self.method.min_models
+                else f"at least {self.method.min_models}"
+            )
             extra = " besides the base model" if self._uses_base(base) else ""
             where = ("slices", number, "sources") if self.recipe.slices else ("models",)
             raise RecipeKeyError(
-                where, f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)})."
+                where,
+                f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)}).",
             )
 
     # --- parameters ---------------------------------------------------------------------------
-    def _parameter(self, name: str, tensor_name: str, t: float, output_slice: OutputSlice | None, source: SliceSource | None) -> Any:
+    def _parameter(
+        self, name: str, tensor_name: str, t: float, output_slice: OutputSlice | None, source: SliceSource | None
+    ) -> Any:
         """Precedence: the source's own parameters, then the slice's, then the top level; the first
         setting that gives a value for this tensor (a filter list may give none) wins."""
         settings = []
@@ -235,14 +277,18 @@ class _Planner:
         if value is None:
             if parameter.required:
                 for_model = f" for model '{model}'" if model else ""
-                raise ComposerError(f"Merge method '{self.method.name}' needs parameter '{parameter.name}'{for_model} (tensor {tensor_name}); none is set.")
+                raise ComposerError(
+                    f"Merge method '{self.method.name}' needs parameter '{parameter.name}'{for_model} (tensor {tensor_name}); none is set."
+                )
             return parameter.default
         try:
             return parameter.coerce(value)
         except ValueError as error:
             raise ComposerError(f"Recipe parameters, tensor {tensor_name}: {error}.") from None
 
-    def _operation(self, tensor_name: str, sources: list[SliceSource], base: str | None, t: float, output_slice: OutputSlice) -> tuple[Operation, list[int]]:
+    def _operation(
+        self, tensor_name: str, sources: list[SliceSource], base: str | None, t: float, output_slice: OutputSlice
+    ) -> tuple[Operation, list[int]]:
         """The operation for one output tensor, and the positions of its inputs (in `sources`) in the order it wants them."""
         method = self.method
         models = [source.model for source in sources]
@@ -252,7 +298,12 @@ class _Planner:
         for parameter in method.parameters:
             if parameter.per_model:
                 params[parameter.name] = [
-                    self._resolved(parameter, self._parameter(parameter.name, tensor_name, t, output_slice, sources[i]), tensor_name, models[i])
+                    self._resolved(
+                        parameter,
+                        self._parameter(parameter.name, tensor_name, t, output_slice, sources[i]),
+                        tensor_name,
+                        models[i],
+                    )
                     for i in others
                 ]
             else:
@@ -274,12 +325,26 @@ class _Planner:
         compute_dtype = self.compute_dtype if (method.blends or scaled) else None
         temporaries = method.temporaries(len(others), params) if method.temporaries else 2.0
         verbatim = method.copies and not scaled and len(sources) == 1
-        return Operation(label=method.name, fn=run, arguments=params, compute_dtype=compute_dtype, temporaries=temporaries,
-                         light=method.light, copies=method.copies, verbatim=verbatim), ordered
+        return Operation(
+            label=method.name,
+            fn=run,
+            arguments=params,
+            compute_dtype=compute_dtype,
+            temporaries=temporaries,
+            light=method.light,
+            copies=method.copies,
+            verbatim=verbatim,
+        ), ordered
 
     # --- tensors ------------------------------------------------------------------------------
     def plan_tensor(
-        self, out_name: str, inputs: list[tuple[str, str]], base: str | None, t: float, output_slice: OutputSlice, vocab_axis: int | None = None,
+        self,
+        out_name: str,
+        inputs: list[tuple[str, str]],
+        base: str | None,
+        t: float,
+        output_slice: OutputSlice,
+        vocab_axis: int | None = None,
     ) -> PlannedTensor:
         """`inputs`: (model, input tensor name) for each source of `output_slice`, in its order. `vocab_axis`: the
         tensor's vocabulary axis when it is vocabulary-indexed (its rows then move into the output vocabulary)."""
@@ -287,7 +352,9 @@ class _Planner:
         for model, in_name in inputs:
             info = self.sources[model].tensor_infos().get(in_name)
             if info is None:
-                raise ComposerError(f"Model '{model}' has no tensor '{in_name}', which the output tensor '{out_name}' needs.")
+                raise ComposerError(
+                    f"Model '{model}' has no tensor '{in_name}', which the output tensor '{out_name}' needs."
+                )
             infos.append((model, info))
         vocabulary = None
         if vocab_axis is not None and self.vocabulary is not None:
@@ -297,8 +364,10 @@ class _Planner:
             if not _shapes_agree(info.shape, first.shape, vocab_axis if vocabulary else None):
                 hint = ""
                 if vocab_axis is not None and self.vocabulary is None:
-                    hint = (" The models' vocabularies differ: add 'tokenizer_source: union' (or 'base', or a model) so that each "
-                            "model's rows are moved into one output vocabulary before merging.")
+                    hint = (
+                        " The models' vocabularies differ: add 'tokenizer_source: union' (or 'base', or a model) so that each "
+                        "model's rows are moved into one output vocabulary before merging."
+                    )
                 raise ComposerError(
                     f"Tensor '{info.name}' has shape {list(info.shape)} in model '{model}' but {list(first.shape)} in model "
                     f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
@@ -310,13 +379,15 @@ class _Planner:
         shape = first.shape
         if vocabulary is not None:
             operation = _in_output_vocabulary(operation, vocabulary, [ref.model for ref in refs], vocab_axis)
-            shape = shape[:vocab_axis] + (vocabulary.size,) + shape[vocab_axis + 1:]
+            shape = shape[:vocab_axis] + (vocabulary.size,) + shape[vocab_axis + 1 :]
         return PlannedTensor(out_name, shape, self.out_dtype or first.dtype, refs, operation)
 
     def _present_in_any(self, models: list[str], name: str) -> bool:
         return any(name in self.sources[m].tensor_infos() for m in models)
 
-    def _edge_tensor(self, weight: WeightDefinition, output_slice: OutputSlice, t: float, ties: bool) -> PlannedTensor | None:
+    def _edge_tensor(
+        self, weight: WeightDefinition, output_slice: OutputSlice, t: float, ties: bool
+    ) -> PlannedTensor | None:
         models = [s.model for s in output_slice.sources]
         if weight.tied_to and ties:
             return None
@@ -326,7 +397,9 @@ class _Planner:
                 name = weight.tied_to  # untie: the output keeps a separate head, copied from the embeddings
             elif weight.optional:
                 return None
-        return self.plan_tensor(weight.name, [(m, name) for m in models], self.base_of(output_slice), t, output_slice, weight.vocab_axis)
+        return self.plan_tensor(
+            weight.name, [(m, name) for m in models], self.base_of(output_slice), t, output_slice, weight.vocab_axis
+        )
 
     def build(self) -> Plan:
         base_ref = self.recipe.base_model or self.slices[0].sources[0].model
@@ -348,7 +421,10 @@ class _Planner:
         for index, layer in enumerate(layers):
             out_weights = architecture.layer_weights(index)
             for out_weight in out_weights:
-                inputs = [(model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix) for model, src_index in layer.sources]
+                inputs = [
+                    (model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix)
+                    for model, src_index in layer.sources
+                ]
                 if out_weight.optional and not any(name in self.sources[m].tensor_infos() for m, name in inputs):
                     continue
                 tensors.append(self.plan_tensor(out_weight.name, inputs, layer.base_model, layer.t, layer.output_slice))
@@ -356,12 +432,22 @@ class _Planner:
             planned = self._edge_tensor(weight, self.slices[-1], 0.0, ties)
             tensors += [planned] if planned else []
 
-        checked_loadable(config, {t.name: t.shape for t in tensors}, lambda c, shapes: validate_against_transformers(c, shapes, base_ref))
+        checked_loadable(
+            config,
+            {t.name: t.shape for t in tensors},
+            lambda c, shapes: validate_against_transformers(c, shapes, base_ref),
+        )
         tokenizer_source = self._tokenizer_source(base_ref)
         parents = [ref for ref in self.recipe.referenced_models()]
         return Plan(
-            tensors=tensors, sources=self.sources, config=config, tokenizer_source=tokenizer_source,
-            recipe_text=self.recipe_text, method=self.method.name, parents=parents, chat_template=self.recipe.chat_template,
+            tensors=tensors,
+            sources=self.sources,
+            config=config,
+            tokenizer_source=tokenizer_source,
+            recipe_text=self.recipe_text,
+            method=self.method.name,
+            parents=parents,
+            chat_template=self.recipe.chat_template,
             notes=self.vocabulary.summary() if self.vocabulary is not None else [],
         )
 
@@ -386,7 +472,9 @@ class _Planner:
         for weight in architecture.vocab_weights():
             if weight.name in infos:
                 return weight.name, infos[weight.name].shape[weight.vocab_axis]
-        raise ComposerError(f"Model '{model}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())}).")
+        raise ComposerError(
+            f"Model '{model}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())})."
+        )
 
     def _special_token_ids(self) -> dict:
         """bos/eos/pad ids when the output speaks another model's vocabulary: that model's config's, else its tokenizer's."""
@@ -443,9 +531,13 @@ def _in_output_vocabulary(operation: Operation, vocabulary: VocabularyMerge, mod
         for model, tensor in zip(models, inputs):
             by_model.setdefault(model, tensor.movedim(axis, 0))
         rebuilt = vocabulary.rebuild(by_model)
-        return operation.fn([rebuilt[model].movedim(0, axis).contiguous() if axis else rebuilt[model] for model in models])
+        return operation.fn(
+            [rebuilt[model].movedim(0, axis).contiguous() if axis else rebuilt[model] for model in models]
+        )
 
-    return replace(operation, fn=run, arguments=dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), verbatim=False)  # rows change
+    return replace(
+        operation, fn=run, arguments=dict(operation.arguments, vocabulary=f"{vocabulary.size} rows"), verbatim=False
+    )  # rows change
 
 
 def _refuse_non_float(infos: list[tuple[str, TensorInfo]], out_name: str, method: str) -> None:
@@ -498,8 +590,12 @@ def _tokenizer_key(recipe: Merge) -> tuple:
 
 
 def plan_merge(
-    merge: Merge, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None,
-    seed_namespace: str | None = None, key_prefix: tuple = (),
+    merge: Merge,
+    recipe_text: str = "",
+    recipe_dir: Path | None = None,
+    sources: dict[str, ModelSource] | None = None,
+    seed_namespace: str | None = None,
+    key_prefix: tuple = (),
 ) -> Plan:
     """The plan of one merge. `seed_namespace` (a stage's name) keeps its random draws apart from other stages';
     `key_prefix` is where the merge sits in the recipe, for messages."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,12 +35,20 @@ class Operation:
     fn: Callable[[list[torch.Tensor]], torch.Tensor]
     arguments: dict[str, Any] = field(default_factory=dict)
     compute_dtype: torch.dtype | None = None
-    temporaries: float = 2.0  # tensor-sized buffers in compute_dtype it holds at once beyond inputs and result (for the memory budget)
+    temporaries: float = (
+        2.0  # tensor-sized buffers in compute_dtype it holds at once beyond inputs and result (for the memory budget)
+    )
     light: bool = False  # bound by reading and writing, not computing: run on one core fewer than the machine has
-    copies: bool = False  # only copies (or scales) what it reads: a merge on a GPU runs it on the CPU, with no round trip
+    copies: bool = (
+        False  # only copies (or scales) what it reads: a merge on a GPU runs it on the CPU, with no round trip
+    )
     verbatim: bool = False  # its result is its one input unchanged: the bytes may go file to file, never through memory
-    working_dtype: torch.dtype | None = None  # the dtype of its temporaries when it is not compute_dtype (a fused stage's steps)
-    working_bytes: int = 0  # bytes it holds while it runs that are not tensor-sized buffers (a model's activations, say)
+    working_dtype: torch.dtype | None = (
+        None  # the dtype of its temporaries when it is not compute_dtype (a fused stage's steps)
+    )
+    working_bytes: int = (
+        0  # bytes it holds while it runs that are not tensor-sized buffers (a model's activations, say)
+    )
     chain: Chain | None = None  # the chain of steps it belongs to, if any, at place `link`
     link: int = 0
 
@@ -57,7 +66,9 @@ def first_input(inputs: list[torch.Tensor]) -> torch.Tensor:
     return inputs[0]
 
 
-COPY = Operation(label="copy", fn=first_input, light=True, copies=True, verbatim=True)  # an output tensor that is one input as read
+COPY = Operation(
+    label="copy", fn=first_input, light=True, copies=True, verbatim=True
+)  # an output tensor that is one input as read
 
 
 @dataclass(frozen=True)
@@ -87,9 +98,15 @@ class Plan:
     parents: list[str]
     chat_template: str | None = None
     notes: list[str] = field(default_factory=list)
-    stages: list[tuple[str, str]] = field(default_factory=list)  # (stage name, its method), output last; empty for one merge
-    weights_file: str | None = None  # all tensors in one file of this name (a PEFT adapter's) instead of model.safetensors shards
-    config_file: str | None = "config.json"  # where `config` is written; None: the plan's extra files hold whatever config it has
+    stages: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (stage name, its method), output last; empty for one merge
+    weights_file: str | None = (
+        None  # all tensors in one file of this name (a PEFT adapter's) instead of model.safetensors shards
+    )
+    config_file: str | None = (
+        "config.json"  # where `config` is written; None: the plan's extra files hold whatever config it has
+    )
     shard_metadata: dict[str, str] = field(default_factory=dict)  # each weights file's header metadata (provenance)
 
     def input_bytes(self) -> int:

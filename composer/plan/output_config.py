@@ -11,7 +11,13 @@ from composer.errors import ComposerError
 from composer.plan.transformers_facts import config_defaults
 
 
-def rewrite_config(architecture: Architecture, config: dict, source_layers: list[int], out_dtype: torch.dtype | None, reference: str = "the model") -> dict:
+def rewrite_config(
+    architecture: Architecture,
+    config: dict,
+    source_layers: list[int],
+    out_dtype: torch.dtype | None,
+    reference: str = "the model",
+) -> dict:
     """`config` (of model `reference`) for a model whose layer i is source layer `source_layers[i]`."""
     output = copy.deepcopy(config)
     source_count = architecture.layer_count(config, reference)
@@ -60,7 +66,9 @@ def validate_against_transformers(config: dict, planned_shapes: dict[str, tuple[
             parts.append(f"the plan lacks {len(missing)} tensor(s) transformers expects, e.g. '{missing[0]}'")
         if unexpected:
             parts.append(f"it has {len(unexpected)} tensor(s) transformers does not know, e.g. '{unexpected[0]}'")
-        raise ComposerError(f"The output would not load with transformers ({model.__class__.__name__}): {'; '.join(parts)}. Nothing was written.")
+        raise ComposerError(
+            f"The output would not load with transformers ({model.__class__.__name__}): {'; '.join(parts)}. Nothing was written."
+        )
     for name, shape in planned_shapes.items():
         if expected[name] != shape:
             raise ComposerError(

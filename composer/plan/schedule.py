@@ -17,12 +17,16 @@ class Schedule:
     uses: Counter  # TensorRef -> how many scheduled tensors read it
     peak_bytes: int
     largest_step_bytes: int
-    carried_bytes: int = 0  # the most that chains hold at once between their steps (kept out of the input cache's share)
+    carried_bytes: int = (
+        0  # the most that chains hold at once between their steps (kept out of the input cache's share)
+    )
 
 
 def _input_rank(plan: Plan) -> dict[TensorRef, tuple[int, int]]:
     model_rank = {model: i for i, model in enumerate(plan.sources)}
-    name_rank = {model: {name: i for i, name in enumerate(source.tensor_infos())} for model, source in plan.sources.items()}
+    name_rank = {
+        model: {name: i for i, name in enumerate(source.tensor_infos())} for model, source in plan.sources.items()
+    }
     ranks = {}
     for tensor in plan.tensors:
         for ref in tensor.inputs:
@@ -37,7 +41,9 @@ def step_bytes(plan: Plan, tensor: PlannedTensor) -> int:
     count = tensor.nbytes // tensor.dtype.itemsize
     operation = tensor.operation
     size = (operation.working_dtype or operation.compute_dtype or tensor.dtype).itemsize
-    return tensor.nbytes + int(operation.buffers([info.dtype for info in infos]) * count * size) + operation.working_bytes
+    return (
+        tensor.nbytes + int(operation.buffers([info.dtype for info in infos]) * count * size) + operation.working_bytes
+    )
 
 
 def _chains(order: list[PlannedTensor]) -> dict[Chain, list[int]]:

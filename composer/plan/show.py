@@ -30,18 +30,28 @@ def format_arguments(arguments: dict) -> str:
 
 
 def format_plan(plan: Plan, schedule: Schedule, limit: int = 0) -> str:
-    how = "stages: " + " -> ".join(f"{name} ({method})" for name, method in plan.stages) if plan.stages else f"method: {plan.method}"
-    lines = [f"{how}    output layers: {plan.config.get('num_hidden_layers', plan.config.get('n_layer'))}    tokenizer from: {plan.tokenizer_source}"]
+    how = (
+        "stages: " + " -> ".join(f"{name} ({method})" for name, method in plan.stages)
+        if plan.stages
+        else f"method: {plan.method}"
+    )
+    lines = [
+        f"{how}    output layers: {plan.config.get('num_hidden_layers', plan.config.get('n_layer'))}    tokenizer from: {plan.tokenizer_source}"
+    ]
     lines.append(f"{'output tensor':<52} {'shape':<16} {'dtype':<9} operation <- inputs")
     shown = plan.tensors[:limit] if limit else plan.tensors
     for tensor in shown:
         inputs = ", ".join(f"{ref.model}:{ref.name}" for ref in tensor.inputs)
         operation = tensor.operation.label
         arguments = format_arguments(tensor.operation.arguments)
-        lines.append(f"{tensor.name:<52} {str(list(tensor.shape)):<16} {describe_dtype(tensor.dtype):<9} {operation}{' ' + arguments if arguments else ''} <- {inputs}")
+        lines.append(
+            f"{tensor.name:<52} {str(list(tensor.shape)):<16} {describe_dtype(tensor.dtype):<9} {operation}{' ' + arguments if arguments else ''} <- {inputs}"
+        )
     if limit and len(plan.tensors) > limit:
         lines.append(f"... {len(plan.tensors) - limit} more tensors")
     lines.append("")
-    lines.append(f"tensors: {len(plan.tensors)}    read: {_bytes(plan.input_bytes())}    write: {_bytes(plan.output_bytes())}    predicted peak memory for tensors: {_bytes(schedule.peak_bytes)}")
+    lines.append(
+        f"tensors: {len(plan.tensors)}    read: {_bytes(plan.input_bytes())}    write: {_bytes(plan.output_bytes())}    predicted peak memory for tensors: {_bytes(schedule.peak_bytes)}"
+    )
     lines += [f"note: {note}" if not note.startswith(" ") else note for note in plan.notes]
     return "\n".join(lines)

@@ -9,9 +9,10 @@ between stages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import torch
 
@@ -66,7 +67,7 @@ class _Step:
     """One operation in a fused tensor's tree; an argument is a leaf input's position or a nested step."""
 
     operation: Operation
-    arguments: tuple[Union[int, "_Step"], ...]
+    arguments: tuple[Union[int, _Step], ...]
     dtype: torch.dtype  # the stage output's dtype: later stages see exactly what that stage would have written
 
     def run(self, leaves: list[torch.Tensor]) -> torch.Tensor:
@@ -90,11 +91,15 @@ def _describe(step: _Step, refs: list[TensorRef], stage_of: dict[int, str]) -> s
             parts.append(f"{refs[argument].model}")
         else:
             arguments = format_arguments(argument.operation.arguments)
-            parts.append(f"{stage_of[id(argument)]}={argument.operation.label}{'[' + arguments + ']' if arguments else ''}({_describe(argument, refs, stage_of)})")
+            parts.append(
+                f"{stage_of[id(argument)]}={argument.operation.label}{'[' + arguments + ']' if arguments else ''}({_describe(argument, refs, stage_of)})"
+            )
     return ", ".join(parts)
 
 
-def _fuse_tensor(planned: PlannedTensor, stages: dict[str, StageSource], sources: dict[str, ModelSource]) -> PlannedTensor:
+def _fuse_tensor(
+    planned: PlannedTensor, stages: dict[str, StageSource], sources: dict[str, ModelSource]
+) -> PlannedTensor:
     leaves: list[TensorRef] = []
     stage_of: dict[int, str] = {}
 
@@ -119,8 +124,15 @@ def _fuse_tensor(planned: PlannedTensor, stages: dict[str, StageSource], sources
     leaf_dtypes = [sources[ref.model].tensor_infos()[ref.name].dtype for ref in leaves]
     # the fused step converts nothing itself (each nested step converts its own inputs), so its buffers are declared
     # as temporaries of the widest dtype they can take
-    operation = replace(planned.operation, label=label, fn=root.run, compute_dtype=None, temporaries=root.buffers(leaf_dtypes),
-                        working_dtype=torch.float32, verbatim=False)
+    operation = replace(
+        planned.operation,
+        label=label,
+        fn=root.run,
+        compute_dtype=None,
+        temporaries=root.buffers(leaf_dtypes),
+        working_dtype=torch.float32,
+        verbatim=False,
+    )
     return PlannedTensor(planned.name, planned.shape, planned.dtype, tuple(leaves), operation)
 
 
@@ -133,15 +145,24 @@ def check_stage_references(stages: list[Stage], output_references: list[str], la
             if reference in names[position:]:
                 what = "itself" if reference == stage.name else f"stage '{reference}', which comes later"
                 location = ("stages", position) + model_location(stage, reference)
-                raise RecipeKeyError(location, f"stage '{stage.name}' uses {what}; a stage can only use the stages before it.")
+                raise RecipeKeyError(
+                    location, f"stage '{stage.name}' uses {what}; a stage can only use the stages before it."
+                )
             used.add(reference)
     for position, name in enumerate(names):
         if name not in used and not (last_is_output and position == len(names) - 1):
-            raise RecipeKeyError(("stages", position, "name"), f"stage '{name}' is not used by any later stage or by the output; use it or remove it.")
+            raise RecipeKeyError(
+                ("stages", position, "name"),
+                f"stage '{name}' is not used by any later stage or by the output; use it or remove it.",
+            )
 
 
 def plan_stages(
-    stages: list[Stage], random_seed: int | None, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource]
+    stages: list[Stage],
+    random_seed: int | None,
+    recipe_text: str,
+    recipe_dir: Path | None,
+    sources: dict[str, ModelSource],
 ) -> tuple[dict[str, StageSource], list[tuple[str, str]]]:
     """Plan each intermediate stage against the ones before it; each becomes a source named after it."""
     planned: dict[str, StageSource] = {}
@@ -161,8 +182,14 @@ def plan_stages(
 
 
 def plan_with_stages(
-    stages: list[Stage], random_seed: int | None, recipe_text: str, recipe_dir: Path | None, sources: dict[str, ModelSource] | None,
-    build_output: Callable[[dict[str, ModelSource]], Plan], output_name: str, parents: list[str],
+    stages: list[Stage],
+    random_seed: int | None,
+    recipe_text: str,
+    recipe_dir: Path | None,
+    sources: dict[str, ModelSource] | None,
+    build_output: Callable[[dict[str, ModelSource]], Plan],
+    output_name: str,
+    parents: list[str],
 ) -> Plan:
     """Plan `stages`, then the output with `build_output(sources)` (sources holding the stages), fused into one plan."""
     sources = sources if sources is not None else {}
@@ -176,14 +203,22 @@ def plan_with_stages(
     methods.append((output_name, output.method))
     leaves = {reference: source for reference, source in sources.items() if reference not in planned}
     return Plan(
-        tensors=[_fuse_tensor(tensor, planned, leaves) for tensor in output.tensors], sources=leaves, config=output.config,
-        tokenizer_source=_tokenizer_root(output.tokenizer_source, planned), recipe_text=recipe_text,
-        method=" -> ".join(f"{name}: {method}" for name, method in methods), parents=parents,
-        chat_template=output.chat_template, notes=output.notes, stages=methods,
+        tensors=[_fuse_tensor(tensor, planned, leaves) for tensor in output.tensors],
+        sources=leaves,
+        config=output.config,
+        tokenizer_source=_tokenizer_root(output.tokenizer_source, planned),
+        recipe_text=recipe_text,
+        method=" -> ".join(f"{name}: {method}" for name, method in methods),
+        parents=parents,
+        chat_template=output.chat_template,
+        notes=output.notes,
+        stages=methods,
     )
 
 
-def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None) -> Plan:
+def build_plan(
+    recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = None, sources: dict[str, ModelSource] | None = None
+) -> Plan:
     """The plan of a whole recipe: its one merge, or its stages fused into one plan."""
     if not recipe.stages:
         return plan_merge(recipe, recipe_text, recipe_dir, sources)
@@ -194,7 +229,9 @@ def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = 
         prefix, output_name = ("stages", len(recipe.stages) - 1), output.name
         if output.random_seed is None and recipe.random_seed is not None:
             output = output.model_copy(update={"random_seed": recipe.random_seed})
-    check_stage_references(list(recipe.stages), output.referenced_models() if output is recipe else [], recipe.merge_method is None)
+    check_stage_references(
+        list(recipe.stages), output.referenced_models() if output is recipe else [], recipe.merge_method is None
+    )
 
     def build_output(sources: dict[str, ModelSource]) -> Plan:
         try:
@@ -202,7 +239,16 @@ def build_plan(recipe: Recipe, recipe_text: str = "", recipe_dir: Path | None = 
         except RecipeKeyError as error:
             raise RecipeKeyError(prefix + error.location, error.detail) from None
 
-    return plan_with_stages(intermediate, recipe.random_seed, recipe_text, recipe_dir, sources, build_output, output_name, recipe.input_models())
+    return plan_with_stages(
+        intermediate,
+        recipe.random_seed,
+        recipe_text,
+        recipe_dir,
+        sources,
+        build_output,
+        output_name,
+        recipe.input_models(),
+    )
 
 
 def _tokenizer_root(reference: str | None, stages: dict[str, StageSource]) -> str | None:

@@ -30,7 +30,9 @@ def _transformers_version() -> str:
 
 
 def _key(kind: str, payload) -> str:
-    text = json.dumps({"transformers": _transformers_version(), "kind": kind, "payload": payload}, sort_keys=True, default=str)
+    text = json.dumps(
+        {"transformers": _transformers_version(), "kind": kind, "payload": payload}, sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -94,8 +96,13 @@ def config_defaults(config: dict, keys: tuple[str, ...], reference: str = "the m
 
 def checked_loadable(config: dict, planned_shapes: dict[str, tuple[int, ...]], check) -> None:
     """Run `check(config, planned_shapes)` (which raises on a problem) unless it passed before for exactly this question."""
+
     def answer() -> bool:
         check(config, planned_shapes)
         return True
 
-    remembered("loadable", {"config": config, "shapes": sorted((name, list(shape)) for name, shape in planned_shapes.items())}, answer)
+    remembered(
+        "loadable",
+        {"config": config, "shapes": sorted((name, list(shape)) for name, shape in planned_shapes.items())},
+        answer,
+    )

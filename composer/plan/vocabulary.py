@@ -52,7 +52,9 @@ class VocabularyMerge:
     rows: dict[str, ModelRows]  # of the models this merge blends
     forced: np.ndarray  # output tokens whose stand-in row every model takes (`force: true`)
     stand_in_tokens: np.ndarray  # output tokens with a stand-in row (some model lacks them, or forced)
-    stand_in_from: dict[str, tuple[np.ndarray, np.ndarray]]  # model -> (positions in stand_in_tokens, that model's rows)
+    stand_in_from: dict[
+        str, tuple[np.ndarray, np.ndarray]
+    ]  # model -> (positions in stand_in_tokens, that model's rows)
     stand_in_mean: np.ndarray  # positions in stand_in_tokens averaged over the models that have the token
     estimated: np.ndarray  # output tokens no model has: each model estimates its own row
     transplants: dict = field(default_factory=dict)  # model -> tokensurgery.Transplant, for the estimated rows
@@ -75,7 +77,9 @@ class VocabularyMerge:
 
     def _stand_ins(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         first = next(iter(tensors.values()))
-        rows = torch.zeros((len(self.stand_in_tokens),) + tuple(first.shape[1:]), dtype=torch.float32, device=first.device)
+        rows = torch.zeros(
+            (len(self.stand_in_tokens),) + tuple(first.shape[1:]), dtype=torch.float32, device=first.device
+        )
         for model, (positions, model_rows) in self.stand_in_from.items():
             rows[torch.from_numpy(positions)] = tensors[model][torch.from_numpy(model_rows)].float()
         if len(self.stand_in_mean):
@@ -87,7 +91,9 @@ class VocabularyMerge:
                 has = np.flatnonzero(owned >= 0)
                 total[torch.from_numpy(has)] += tensor[torch.from_numpy(owned[has])].float()
                 count[torch.from_numpy(has)] += 1
-            rows[torch.from_numpy(self.stand_in_mean)] = total / count.clamp(min=1).view((-1,) + (1,) * (total.dim() - 1))
+            rows[torch.from_numpy(self.stand_in_mean)] = total / count.clamp(min=1).view(
+                (-1,) + (1,) * (total.dim() - 1)
+            )
         return rows
 
     def _rebuild_one(self, model: str, tensor: torch.Tensor, stand_ins: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,9 @@ class VocabularyMerge:
         out[torch.from_numpy(kept)] = tensor[torch.from_numpy(rows.owned[kept])]
         needs_stand_in = np.flatnonzero(lacking[self.stand_in_tokens])
         if len(needs_stand_in):
-            out[torch.from_numpy(self.stand_in_tokens[needs_stand_in])] = stand_ins[torch.from_numpy(needs_stand_in)].to(tensor.dtype)
+            out[torch.from_numpy(self.stand_in_tokens[needs_stand_in])] = stand_ins[
+                torch.from_numpy(needs_stand_in)
+            ].to(tensor.dtype)
         if len(self.estimated):
             rebuilt = self.transplants[model].rebuild(tensor)
             out[torch.from_numpy(self.estimated)] = rebuilt.rows[torch.from_numpy(self.estimated)].to(tensor.dtype)
@@ -114,6 +122,7 @@ class VocabularyMerge:
 
 
 # --- planning ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class VocabularyRequest:
@@ -190,7 +199,16 @@ class OutputVocabulary:
         With `check`, a `tokens:` setting naming a model outside `models` is an error (else it is passed over)."""
         key = tuple(dict.fromkeys(models))
         if key not in self._merges:
-            merge = _stand_in_rules(self.request, list(key), self.base, self.rows, self.token_count, self.output.get_vocab(), self.tokenizers, check)
+            merge = _stand_in_rules(
+                self.request,
+                list(key),
+                self.base,
+                self.rows,
+                self.token_count,
+                self.output.get_vocab(),
+                self.tokenizers,
+                check,
+            )
             merge.size = self.size
             if len(merge.estimated):
                 from tokensurgery import Transplant
@@ -202,23 +220,39 @@ class OutputVocabulary:
 
     def summary(self) -> list[str]:
         request, base_count = self.request, len(self.tokenizers[self.base])
-        what = {"base": "the base model's", "union": "the union of the models'"}.get(request.source, f"'{request.source}''s")
-        added = f" ({self.token_count - base_count} added to the base's {base_count})" if request.source == "union" else ""
-        lines = [f"vocabulary: {what} tokenizer, {self.token_count} tokens{added}" + (f", {self.size} rows" if self.size != self.token_count else "")]
+        what = {"base": "the base model's", "union": "the union of the models'"}.get(
+            request.source, f"'{request.source}''s"
+        )
+        added = (
+            f" ({self.token_count - base_count} added to the base's {base_count})" if request.source == "union" else ""
+        )
+        lines = [
+            f"vocabulary: {what} tokenizer, {self.token_count} tokens{added}"
+            + (f", {self.size} rows" if self.size != self.token_count else "")
+        ]
         merge = self.for_models(list(self.rows))
         if merge is None:
             return lines
         for model in self.rows:
             lacking = int(merge._lacking(model).sum())
             if lacking:
-                lines.append(f"  {model} lacks {lacking} of them: it takes stand-in rows (from the models that have them" + (", estimated where none has)" if len(merge.estimated) else ")"))
+                lines.append(
+                    f"  {model} lacks {lacking} of them: it takes stand-in rows (from the models that have them"
+                    + (", estimated where none has)" if len(merge.estimated) else ")")
+                )
         if len(merge.estimated):
-            lines.append(f"  {len(merge.estimated)} tokens no model has: estimated in each model's space (subword composition)")
+            lines.append(
+                f"  {len(merge.estimated)} tokens no model has: estimated in each model's space (subword composition)"
+            )
         return lines
 
 
 def plan_vocabulary(
-    request: VocabularyRequest, models: list[str], base: str, sources: dict[str, ModelSource], vocab_rows: dict[str, tuple[str, int]],
+    request: VocabularyRequest,
+    models: list[str],
+    base: str,
+    sources: dict[str, ModelSource],
+    vocab_rows: dict[str, tuple[str, int]],
     outside_source: ModelSource | None = None,
 ) -> OutputVocabulary:
     """Load every model's tokenizer, build the output tokenizer and place each model's tokens in it.
@@ -228,15 +262,31 @@ def plan_vocabulary(
     tokenizers = {}
     for model in models:
         if sources[model].has_tokenizer():
-            tokenizers[model] = load_source_tokenizer(sources[model], "merging vocabularies needs every model's tokenizer")
+            tokenizers[model] = load_source_tokenizer(
+                sources[model], "merging vocabularies needs every model's tokenizer"
+            )
     if base not in tokenizers and request.source in ("base", "union"):
-        raise VocabularyKeyError(("source",), f"the base model '{base}' has no tokenizer files, so '{request.source}' has nothing to start from; name a model that has one.")
-    stand_in = base if base in tokenizers else next((model for model in (request.source, *models) if model in tokenizers), None)
+        raise VocabularyKeyError(
+            ("source",),
+            f"the base model '{base}' has no tokenizer files, so '{request.source}' has nothing to start from; name a model that has one.",
+        )
+    stand_in = (
+        base
+        if base in tokenizers
+        else next((model for model in (request.source, *models) if model in tokenizers), None)
+    )
     for model in models:
         if model not in tokenizers:
             if stand_in is None:
-                raise VocabularyKeyError(("source",), f"no model of this merge has tokenizer files ('{model}' among them), so there is no vocabulary to merge; give the models their tokenizers or leave the tokenizer settings out.")
-            warnings.warn(f"model '{model}' has no tokenizer files; its vocabulary is taken to be that of '{stand_in}'.", ComposerWarning, stacklevel=2)
+                raise VocabularyKeyError(
+                    ("source",),
+                    f"no model of this merge has tokenizer files ('{model}' among them), so there is no vocabulary to merge; give the models their tokenizers or leave the tokenizer settings out.",
+                )
+            warnings.warn(
+                f"model '{model}' has no tokenizer files; its vocabulary is taken to be that of '{stand_in}'.",
+                ComposerWarning,
+                stacklevel=2,
+            )
             tokenizers[model] = tokenizers[stand_in]
 
     if request.source == "base":
@@ -246,7 +296,11 @@ def plan_vocabulary(
         files_of = base if len(output) == len(tokenizers[base]) else None
     else:
         files_of = request.source
-        output = tokenizers[files_of] if files_of in tokenizers else load_source_tokenizer(outside_source, "it cannot be the tokenizer source")
+        output = (
+            tokenizers[files_of]
+            if files_of in tokenizers
+            else load_source_tokenizer(outside_source, "it cannot be the tokenizer source")
+        )
     missing = [token for token in request.tokens if token not in output.get_vocab()]
     if missing:
         import copy
@@ -260,7 +314,13 @@ def plan_vocabulary(
     vocabulary = OutputVocabulary(request, tokenizers, output, files_of, base, token_count, {})
     for model in models:
         tokenizer = tokenizers[model]
-        check_vocabulary_rows(model, vocab_rows[model][0], vocab_rows[model][1], len(tokenizer), " `tokenizer: {pad_to_multiple_of: N}` pads the output's rows.")
+        check_vocabulary_rows(
+            model,
+            vocab_rows[model][0],
+            vocab_rows[model][1],
+            len(tokenizer),
+            " `tokenizer: {pad_to_multiple_of: N}` pads the output's rows.",
+        )
         if _same_ids(tokenizer, output_vocab):
             owned = np.full(token_count, -1, dtype=np.int64)
             owned[: len(tokenizer)] = np.arange(len(tokenizer))
@@ -272,7 +332,9 @@ def plan_vocabulary(
     size = token_count
     keeper = files_of if files_of in models else (base if request.source == "union" else None)
     if keeper is not None:
-        size = max(size, vocab_rows[keeper][1])  # keep the padding rows of the model whose vocabulary the output extends
+        size = max(
+            size, vocab_rows[keeper][1]
+        )  # keep the padding rows of the model whose vocabulary the output extends
     vocabulary.size = padded(size, request.pad_to_multiple_of)
     vocabulary.for_models(models, check=True)  # the `tokens:` settings are checked here, before any work
     return vocabulary
@@ -284,13 +346,19 @@ def _token_row(model: str, setting, tokenizers: dict, token: str) -> int:
     if isinstance(setting, ModelTokenRow):
         if setting.token_id is not None:
             if setting.token_id >= len(tokenizers[model]):
-                raise VocabularyKeyError(where + ("token_id",), f"model '{model}' has no token id {setting.token_id} (its vocabulary has {len(tokenizers[model])} tokens).")
+                raise VocabularyKeyError(
+                    where + ("token_id",),
+                    f"model '{model}' has no token id {setting.token_id} (its vocabulary has {len(tokenizers[model])} tokens).",
+                )
             return setting.token_id
         if setting.token not in vocab:
             raise VocabularyKeyError(where + ("token",), f"model '{model}' has no token {setting.token!r}.")
         return vocab[setting.token]
     if token not in vocab:
-        raise VocabularyKeyError(where, f"model '{model}' has no token {token!r}, so its row cannot stand in; name a model that has it, or use {{kind: model_token, model: ..., token: ...}}.")
+        raise VocabularyKeyError(
+            where,
+            f"model '{model}' has no token {token!r}, so its row cannot stand in; name a model that has it, or use {{kind: model_token, model: ..., token: ...}}.",
+        )
     return vocab[token]
 
 
@@ -312,7 +380,10 @@ def _stand_in_rules(request, models, base, rows, token_count, output_vocab, toke
         if model not in models and not check:
             continue
         if model not in models:
-            raise VocabularyKeyError(("tokens", token, "source"), f"'{model}' is not one of the merged models ({', '.join(models)}); a row can only come from one of them.")
+            raise VocabularyKeyError(
+                ("tokens", token, "source"),
+                f"'{model}' is not one of the merged models ({', '.join(models)}); a row can only come from one of them.",
+            )
         chosen[token_id] = (model, _token_row(model, source, tokenizers, token))
     someone_has = has.any(axis=0)
     needs = (~has).any(axis=0) | forced
@@ -335,8 +406,14 @@ def _stand_in_rules(request, models, base, rows, token_count, output_vocab, toke
             continue
         mean.append(position)
     return VocabularyMerge(
-        size=token_count, token_count=token_count, rows={m: rows[m] for m in models}, forced=np.flatnonzero(forced),
+        size=token_count,
+        token_count=token_count,
+        rows={m: rows[m] for m in models},
+        forced=np.flatnonzero(forced),
         stand_in_tokens=stand_in_tokens,
-        stand_in_from={m: (np.array(p, dtype=np.int64), np.array(r, dtype=np.int64)) for m, (p, r) in from_model.items()},
-        stand_in_mean=np.array(mean, dtype=np.int64), estimated=estimated,
+        stand_in_from={
+            m: (np.array(p, dtype=np.int64), np.array(r, dtype=np.int64)) for m, (p, r) in from_model.items()
+        },
+        stand_in_mean=np.array(mean, dtype=np.int64),
+        estimated=estimated,
     )
