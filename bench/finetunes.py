@@ -11,8 +11,10 @@ on. A fine-tune is a model folder (safetensors in the base's dtype, config, the 
 and renamed into place only when complete, and reused when present. Beside the weights: `heldout.txt` (held-out
 text, capped), `training-files.txt`, `heldout-files.txt` and `finetune.json` (settings, loss, minutes).
 
-`python bench/finetunes.py` builds both (about 10-15 minutes each on 2 cores) and prints bits per byte of the base
-and each fine-tune on both held-out texts and on /work/shared/eval/{en,pt}.txt where present. The test suite runs
+`python bench/finetunes.py` builds both (17 minutes each on 2 cores shared with other work; a few minutes on idle
+ones) and prints bits per byte of the base and each fine-tune on both held-out texts and on
+/work/shared/eval/{en,pt}.txt where present (bench/RESULTS.md, "Domain fine-tunes"). `--only code` and `--only pt`
+build one each, so that the two can be built in parallel. The test suite runs
 the same `finetune` on tiny models (tests/conftest.py, `tiny_finetunes`).
 """
 
@@ -60,9 +62,9 @@ class Settings:
     seed: int = 0
 
 
-# 30 steps of 2 x 256 tokens (15k tokens) at a high learning rate: about 2 minutes on 2 idle cores (3.7 s a step),
-# but they were built on 2 cores shared with several test suites, where a step took 20-45 s. Enough to lower each
-# domain's held-out bits per byte clearly without wrecking English.
+# 30 steps of 2 x 256 tokens (15k tokens) at a high learning rate: a few minutes on 2 idle cores (a step of 1 x 256
+# took 3.4-5.7 s, one of 4 x 256 7.5-10.6 s), but they were built on 2 cores shared with several test suites, where
+# a step took 31-44 s. Enough to lower each domain's held-out bits per byte clearly without wrecking English.
 BENCH_SETTINGS = {
     "code": Settings(name="code", steps=30, learning_rate=1.5e-4, batch_size=2, warmup_steps=5),
     "pt": Settings(name="pt", steps=30, learning_rate=1.5e-4, batch_size=2, warmup_steps=5),
