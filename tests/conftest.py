@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent))  # bench/, whose fine-tune code the tests share
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -15,3 +16,11 @@ def smollm2_dir():
     from composer.bundled import smollm2_dir as convert
 
     return convert()
+
+
+@pytest.fixture(scope="session")
+def tiny_finetunes(tmp_path_factory):
+    """A tiny base and its "code" and "pt" fine-tunes (tests/tiny_finetunes.py), built once a session."""
+    from tiny_finetunes import build_tiny_finetunes
+
+    return build_tiny_finetunes(tmp_path_factory.mktemp("finetunes"))
