@@ -117,7 +117,8 @@ def scoring_windows(tokens: int, limit: int, window: int = 1024, stride: int | N
     context is `limit` tokens: windows of min(window, limit) tokens every `stride` (default half a window) tokens,
     each scoring only the positions the window before it did not (the first scores them all)."""
     window = min(window, limit)
-    stride = stride or window // 2
+    # a window must overlap the one before by a token at least: its first token has no context inside it to be scored from
+    stride = max(1, min(stride or window // 2, window - 1))
     windows = []
     start = 0
     while True:

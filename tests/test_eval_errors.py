@@ -217,3 +217,17 @@ def test_non_finite_logits_name_the_first_position_in_any_window(start):
     message = str(caught.value)
     assert message.startswith("Model 'models/merged' gives NaN logits on notes.txt")
     assert f"first at token position {start} of 200" in message and f"w{start}'" in message
+
+
+@pytest.mark.parametrize("window, stride", [(8, None), (8, 4), (8, 7), (8, 8), (8, 20), (2, 1), (5, 3)])
+def test_the_scoring_windows_score_every_token_after_the_first_once(window, stride):
+    """Each token after the first is scored once, always with context; a stride of a whole window (or more) used to
+    score only the last token of every window after the first."""
+    from composer.evaluate import scoring_windows
+
+    for tokens in (2, 7, 8, 9, 30, 101):
+        scored = []
+        for start, end, first_new in scoring_windows(tokens, limit=1024, window=window, stride=stride):
+            assert end - start <= window and 0 <= first_new < end - start
+            scored += range(start + 1 + first_new, end)  # loss i of a window predicts its token i + 1
+        assert scored == list(range(1, tokens)), (tokens, scored)
