@@ -115,6 +115,7 @@ class Sparsity:
     coefficients: list[float] = field(default_factory=list)  # y - base = c_i tau_i where model i alone is kept
     density: float = 1.0  # estimated share of each task vector kept
     trim_densities: list[float] = field(default_factory=list)  # TIES: each task vector's kept share, by magnitude
+    explained: list[float] = field(default_factory=list)  # per task vector: share of changed entries it explains alone
     relative_error: float = 0.0
 
     @property
@@ -160,6 +161,10 @@ def sparsity_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.
     count = len(taus)
     density = 1 - (1 - support) ** (1 / count) if count else 1.0
     resolution = (stored.abs() * torch.finfo(dtype).eps).clamp_min(1e-12)
+    explained = []
+    for coefficient, tau in zip(coefficients, taus):
+        alone = (y_delta[kept] - coefficient * tau[kept]).abs() <= 1e-2 * y_delta[kept].abs() + 2 * resolution[kept]
+        explained.append(float(alone.float().mean()) if alone.numel() else 0.0)
     election = 1.0
     if count >= 2:
         signs = torch.stack([torch.sign(tau) for tau in taus])
@@ -178,4 +183,4 @@ def sparsity_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.
             trims.append(float((tau.abs() >= cut).float().mean()))
         else:
             trims.append(density)
-    return Sparsity(support, dense_support, kept_magnitude, election, coefficients, density, trims)
+    return Sparsity(support, dense_support, kept_magnitude, election, coefficients, density, trims, explained)

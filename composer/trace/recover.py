@@ -17,6 +17,7 @@ from composer.trace.vocabulary_rows import common_rows
 
 MIN_SIMILARITY = 0.3  # a layer below this cosine is no source (independent layers score about 1/sqrt(entries))
 MIN_WEIGHT = 0.02  # sources weighing less than this in a least-squares fit are dropped and the fit redone
+MIN_EXPLAINED = 0.05  # a source of a sparsified merge explains at least this share of the changed entries on its own
 BLENDS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 
@@ -174,6 +175,10 @@ class Recovery:
             signature = sparsity_signature(y, base, [tensors[i] for i in others], lambdas)
             if not signature.sparse:
                 continue
+            unused = [i for i, share in zip(others, signature.explained) if share < MIN_EXPLAINED]
+            if unused and len(unused) < len(others):  # a sibling's task vector explains no entry alone: it took no part
+                keep = [i for i in range(len(references)) if i not in unused]
+                return self._sparse_fit(name, y, [tensors[i] for i in keep], [references[i] for i in keep], [weights[i] for i in keep])
             models = [references[i] for i in others]
             if signature.kept_magnitude < 0.5:
                 density = median(signature.trim_densities) if signature.trim_densities else signature.density

@@ -12,6 +12,7 @@ from composer.trace.experts import is_mixture, moe_layer, moe_recipe_text
 from composer.trace.fingerprints import fingerprint_model
 from composer.trace.layers import CandidateMatch, Fingerprinted, match_candidate
 from composer.trace.layout import TracedModel, open_traced
+from composer.trace.provenance import Provenance, check_provenance
 from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
 from composer.trace.recover import MIN_SIMILARITY, Candidate, LayerFit, Recovery, TensorFit, layer_summary, partner
 from composer.trace.tokenizers import TokenizerComparison, TokenizerFacts, compare_tokenizers, tokenizer_facts
@@ -52,6 +53,7 @@ class TraceReport:
     notes: list[str] = field(default_factory=list)
     verification: dict[str, float] | None = None
     alpha: float = ALPHA
+    provenance: Provenance = field(default_factory=lambda: Provenance(False))
 
 
 def _same_model(first: str, second: str) -> bool:
@@ -167,7 +169,7 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
     contributions = _contributions(layer_fits, references)
     method = "moe" if mixture else agreed_method(layer_fits)
     recipe_base = options.base
-    if method in ("ties", "dare_ties", "dare_linear", "task_arithmetic") and recipe_base is None:
+    if method in ("ties", "dare_ties", "dare_linear", "task_arithmetic", "mixed") and recipe_base is None:
         recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.base), None)
     if method == "slerp" and recipe_base is None:
         recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.method == "slerp"), None)
@@ -179,8 +181,8 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
         text = moe_recipe_text(layer_fits, suspect_model.config, dtype)
         recipe_base = yaml_value(text, "base_model")
     else:
-        text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base),
-                           "" if method != "mixed" else "layers use different methods; this recipe approximates them")
+        layer_counts = {c.reference: c.fingerprinted.model.layer_count for c in candidates}
+        text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base), "", layer_counts)
     verdicts = []
     for candidate in candidates:
         test = independence_test(suspect, candidate.fingerprinted)
@@ -193,6 +195,7 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
     report = TraceReport(suspect_model.reference, list(suspect_model.layers), tokenizers, verdicts, layer_fits, outer_fits,
                          {c.reference: c.match for c in candidates}, {c.reference: list(c.fingerprinted.model.layers) for c in candidates},
                          text, method, notes)
+    report.provenance = check_provenance(suspect_model, candidate_models, {v.model for v in verdicts if v.verdict == "parent"})
     if options.verify:
         from composer.trace.verify import verify_recipe
 
