@@ -350,3 +350,21 @@ def test_the_provenance_record_is_read_and_checked_against_the_weights(family, t
     report = trace_models(str(stripped), candidates, TraceOptions(tokenizers=False))
     assert not report.provenance.recorded and report.provenance.agrees is None
     assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
+
+
+def test_a_small_memory_budget_reads_in_blocks_and_changes_nothing(family):
+    from composer.trace.fingerprints import fingerprint_model
+    from composer.trace.layout import open_traced
+
+    model = open_traced(str(family["linear"]), "SUSPECT")
+    try:
+        whole, blocked = fingerprint_model(model, 1 << 30), fingerprint_model(model, 16 << 10)  # 16 KB: many blocks a tensor
+    finally:
+        model.close()
+    assert all(whole[n].digest == blocked[n].digest and torch.allclose(whole[n].sketch, blocked[n].sketch)
+               for n in whole if whole[n].sketch is not None)
+    small = trace_models(str(family["linear"]), [str(family[n]) for n in ("a", "b", "other")], TraceOptions(memory_budget=16 << 10))
+    assert verdicts(small, family) == {"a": "parent", "b": "parent", "other": "independent"}
+    for layer in small.layers:
+        weights = {Path(model).name: weight for model, _, weight in layer.sources}
+        assert abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02
