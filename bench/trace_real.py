@@ -100,9 +100,9 @@ def summary(case: str, data: dict, names: dict[str, str], truth: str) -> dict:
     recipe = yaml.safe_load(data["recipe"].split("\n", 1)[1])
     if case == "upscale":
         found = [[s["layer_range"] for s in piece["sources"]] for piece in recipe["slices"]]
-    elif case == "slerp":
+    elif "t" in recipe.get("parameters", {}):
         found = f"t={recipe['parameters']['t']}"
-    else:
+    else:  # nearly parallel fine-tunes: composer's slerp is linear interpolation there, and is recovered as such
         found = {names.get(m["model"], m["model"]): m.get("parameters", {}) for m in recipe.get("models", [])}
     errors = [value for value in data["verification"].values() if value is not None]
     return {"case": case, "method": data["method"], "parents": parents, "verdicts": verdicts, "recovered": found, "truth": truth,
