@@ -163,7 +163,7 @@ def build_fixtures(root: Path) -> dict[str, Path]:
 
     from composer.execute import ExecutionOptions
     from composer.extract_lora import extract_lora
-    from composer.moe.compose import compose_moe_text
+    from composer.compose import compose_moe_text
 
     quiet = ExecutionOptions(progress=False)
     m["adapter"] = models / "adapter"

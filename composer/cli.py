@@ -360,7 +360,7 @@ def trace(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (schema in docs/trace.md)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write a heat map of SUSPECT's layers against each candidate's."),
     verify: bool = typer.Option(False, "--verify", help="Compose the recovered recipe into a temporary folder and report each tensor's relative error."),
-    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory --verify's composition holds, e.g. 1GB."),
+    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory the trace holds besides its fingerprints (reads, fits, --verify), e.g. 1GB."),
 ) -> None:
     """Whether SUSPECT was built from the candidates, from which, and how: tokenizer, layer provenance, verdicts, recipe."""
 

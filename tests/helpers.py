@@ -192,3 +192,62 @@ def tiny_model_with_tokenizer(folder: Path, tokenizer, special: dict, seed: int,
 
 BYTE_LEVEL_SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
 SENTENCEPIECE_SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+# ---- GGUF: a tiny llama written as llama.cpp writes one ------------------------------------------------------
+
+
+def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The row order llama.cpp's converter stores q/k in: each head's two rotary halves interleaved."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def write_tiny_llama_gguf(path: Path, state: dict[str, torch.Tensor], config, quantisation: str | None = None) -> None:
+    """A llama model as llama.cpp's converter writes it: its matrices quantised to `quantisation` (a GGML type name,
+    "Q8_0", "Q4_0") where given, everything else float32."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_license("mit")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    gguf_names = {
+        "embed_tokens": "token_embd", "norm": "output_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }
+    for name, tensor in state.items():
+        tensor = tensor.float()
+        if name == "lm_head.weight":
+            gguf_name = "output.weight"
+        else:
+            parts = name.removeprefix("model.").removesuffix(".weight")
+            if parts.startswith("layers."):
+                _, layer, rest = parts.split(".", 2)
+                gguf_name = f"blk.{layer}.{gguf_names[rest]}.weight"
+            else:
+                gguf_name = f"{gguf_names[parts]}.weight"
+        if ".attn_q." in gguf_name:
+            tensor = llama_cpp_permute(tensor, config.num_attention_heads)
+        elif ".attn_k." in gguf_name:
+            tensor = llama_cpp_permute(tensor, config.num_key_value_heads)
+        values = tensor.numpy()
+        if quantisation and values.ndim == 2:
+            kind = gguf.GGMLQuantizationType[quantisation]
+            writer.add_tensor(gguf_name, gguf.quantize(values, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

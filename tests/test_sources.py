@@ -12,7 +12,7 @@ import torch
 
 from composer.errors import ComposerError
 from composer.sources import open_source
-from helpers import tiny_config
+from helpers import tiny_config, write_tiny_llama_gguf
 
 
 def tiny_model(model_type: str = "llama", layers: int = 2, seed: int = 0, dtype=torch.float32, **overrides):
@@ -731,77 +731,11 @@ def test_hub_fetches_only_the_files_a_merge_needs(tmp_path: Path, monkeypatch):
 # ---- GGUF: a tiny llama written here, so naming and llama.cpp's q/k permutation are checked in a second -----
 
 
-def _llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The row order llama.cpp's converter stores q/k in: each head's two rotary halves interleaved."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def write_tiny_llama_gguf(path: Path, model, quantised: bool = False) -> None:
-    import gguf
-    import numpy as np
-
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny llama")
-    writer.add_license("mit")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    gguf_names = {
-        "embed_tokens": "token_embd",
-        "norm": "output_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    for name, tensor in saved_state(model).items():
-        tensor = tensor.float()
-        if name == "lm_head.weight":
-            gguf_name = "output.weight"
-        else:
-            parts = name.removeprefix("model.").removesuffix(".weight")
-            if parts.startswith("layers."):
-                _, layer, rest = parts.split(".", 2)
-                gguf_name = f"blk.{layer}.{gguf_names[rest]}.weight"
-            else:
-                gguf_name = f"{gguf_names[parts]}.weight"
-        if ".attn_q." in gguf_name:
-            tensor = _llama_cpp_permute(tensor, config.num_attention_heads)
-        elif ".attn_k." in gguf_name:
-            tensor = _llama_cpp_permute(tensor, config.num_key_value_heads)
-        values = tensor.numpy()
-        if quantised and values.ndim == 2:
-            writer.add_tensor(
-                gguf_name,
-                gguf.quantize(values, gguf.GGMLQuantizationType.Q8_0),
-                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
-            )
-        else:
-            writer.add_tensor(gguf_name, np.ascontiguousarray(values))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.mark.parametrize("quantised", [False, True])
 def test_tiny_gguf_reads_back_the_model_it_was_written_from(tmp_path: Path, quantised: bool):
     model = tiny_model(layers=2, seed=5)
     path = tmp_path / "tiny.gguf"
-    write_tiny_llama_gguf(path, model, quantised)
+    write_tiny_llama_gguf(path, saved_state(model), model.config, "Q8_0" if quantised else None)
     source = open_source(str(path))
     state = saved_state(model)
     config = source.config()

@@ -9,6 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from composer.compose import compose_moe_text, compose_text
+from composer.errors import ComposerError
+from composer.execute import ExecutionOptions
+from composer.sources import open_source
+from composer.trace import TraceOptions, trace_models
+from composer.trace.report import format_report
+from composer.trace.tokenizers import compare_tokenizers, tokenizer_facts
 from helpers import (
     BYTE_LEVEL_SPECIAL,
     SENTENCEPIECE_SPECIAL,
@@ -19,14 +28,8 @@ from helpers import (
     save_tiny_model,
     sentencepiece_tokenizer,
     tiny_model_with_tokenizer,
+    write_tiny_llama_gguf,
 )
-
-from composer.compose import compose_moe_text, compose_text
-from composer.errors import ComposerError
-from composer.execute import ExecutionOptions
-from composer.sources import open_source
-from composer.trace import TraceOptions, trace_models
-from composer.trace.tokenizers import compare_tokenizers, tokenizer_facts
 
 OPTIONS = ExecutionOptions(progress=False)
 
@@ -154,7 +157,7 @@ def test_cli_report_json_and_heat_map(family, tmp_path, monkeypatch, capsys):
     data = json.loads((tmp_path / "t.json").read_text())
     assert list(data)[:6] == ["suspect", "tokenizer", "candidates", "layers", "recipe", "provenance"]
     assert data["suspect"] == "linear" and [c["model"] for c in data["candidates"]] == ["a", "b", "other"]
-    assert data["provenance"] == {"recorded": False, "agrees": None}
+    assert data["provenance"]["agrees"] is (True if data["provenance"]["recorded"] else None)  # composer's own record, if written
     assert set(data["layers"][0]) >= {"layer", "sources", "method", "relative_error"}
     assert "model: a" in data["recipe"]  # models named exactly as given
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
@@ -183,3 +186,185 @@ def test_a_candidate_of_another_architecture_is_reported_beside_one_that_fits(fa
     report = trace_models(str(family["linear"]), [str(family["a"]), str(gpt2)], TraceOptions(tokenizers=False))
     assert any("gpt2" in note for note in report.notes)
     assert report.candidates[1].verdict == "independent"
+
+
+# ---- SUSPECT as GGUF, after layer surgery, as a DARE merge, as a mix of copied and blended layers --------------
+
+
+@pytest.fixture(scope="module")
+def cases(family) -> dict[str, Path]:
+    from transformers import AutoConfig
+
+    root = family["a"].parent
+    a, b, base, linear = family["a"], family["b"], family["base"], family["linear"]
+    recipes = {
+        "dare_ties": f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.6, density: 0.4}}}}\n"
+                     f"  - {{model: {b}, parameters: {{weight: 0.5, density: 0.4}}}}\nrandom_seed: 3\ndtype: bfloat16\n",
+        "dare_linear": f"merge_method: dare_linear\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.6, density: 0.6}}}}\n"
+                       f"  - {{model: {b}, parameters: {{weight: 0.4, density: 0.6}}}}\nrandom_seed: 3\ndtype: bfloat16\n",
+        "dropped": f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {linear}, layer_range: [0, 2]}}\n"
+                   f"  - sources:\n      - {{model: {linear}, layer_range: [3, 4]}}\ndtype: bfloat16\n",
+        "repeated": f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 4]}}\n"
+                    f"  - sources:\n      - {{model: {a}, layer_range: [3, 4]}}\ndtype: bfloat16\n",
+        "mixed": f"stages:\n  - name: blend\n    merge_method: linear\n    slices:\n      - sources:\n"
+                 f"          - {{model: {a}, layer_range: [2, 4], parameters: {{weight: 0.25}}}}\n"
+                 f"          - {{model: {b}, layer_range: [2, 4], parameters: {{weight: 0.75}}}}\n    dtype: bfloat16\n"
+                 f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n"
+                 f"  - sources:\n      - {{model: blend, layer_range: [0, 2]}}\ndtype: bfloat16\n",
+    }
+    made = {}
+    for name, text in recipes.items():
+        compose_text(text, root / name, OPTIONS)
+        made[name] = root / name
+    state, config = load_state(linear), AutoConfig.from_pretrained(linear)
+    for kind in ("Q8_0", "Q4_0"):
+        made[kind] = root / f"linear-{kind}.gguf"
+        write_tiny_llama_gguf(made[kind], state, config, kind)
+    return made
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_a_quantised_gguf_suspect_keeps_its_parents_and_weights(family, cases, kind):
+    report = trace_models(str(cases[kind]), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions())
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
+    tolerance = 0.02 if kind == "Q8_0" else 0.1  # 4-bit blocks move each weight by several per cent
+    for layer in report.layers:
+        weights = {Path(model).name: weight for model, _, weight in layer.sources}
+        assert set(weights) == {"a", "b"} and abs(weights["a"] - 0.3) <= tolerance and abs(weights["b"] - 0.7) <= tolerance
+
+
+def test_removed_and_repeated_layers_are_found(family, cases):
+    report = trace_models(str(cases["dropped"]), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions(verify=True))
+    assert [sorted({j for _, j, _ in layer.sources}) for layer in report.layers] == [[0], [1], [3]]
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
+    assert max(report.verification.values()) <= 1e-2
+    report = trace_models(str(cases["repeated"]), [str(family[n]) for n in ("a", "other")], TraceOptions(verify=True))
+    slices = [[source["layer_range"] for source in piece["sources"]] for piece in yaml.safe_load(report.recipe)["slices"]]
+    assert slices == [[[0, 4]], [[3, 4]]] and max(report.verification.values()) == 0.0
+    assert verdicts(report, family) == {"a": "parent", "other": "independent"}
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_merges_are_detected(family, cases, method):
+    report = trace_models(str(cases[method]), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions(base=str(family["base"])))
+    assert report.method == method
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent", "base": "parent"}
+    density = 0.4 if method == "dare_ties" else 0.6
+    densities = [fit.density for layer in report.layers for fit in layer.tensors if fit.name.endswith("proj.weight")]
+    assert all(abs(found - density) <= 0.05 for found in densities)
+
+
+def test_a_mix_of_copied_and_blended_layers_is_recovered_as_stages(family, cases):
+    report = trace_models(str(cases["mixed"]), [str(family[n]) for n in ("a", "b", "other")], TraceOptions(verify=True))
+    assert [layer.method for layer in report.layers] == ["copy", "copy", "linear", "linear"]
+    recipe = yaml.safe_load(report.recipe)
+    assert recipe["merge_method"] == "passthrough" and len(recipe["stages"]) == 1
+    stage = recipe["stages"][0]
+    weights = {Path(source["model"]).name: source["parameters"]["weight"] for source in stage["slices"][0]["sources"]}
+    assert stage["merge_method"] == "linear" and weights == {"a": 0.25, "b": 0.75}
+    assert max(report.verification.values()) <= 1e-2  # within bf16 rounding
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "other": "independent"}
+
+
+# ---- tokenizers: a transplant, a vocabulary with added tokens ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def speaking(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models that speak a byte-level tokenizer, a merge of two of them, and that merge given other tokenizers."""
+    from composer.transplant import TransplantOptions, run_transplant
+
+    root = tmp_path_factory.mktemp("speaking")
+    tokenizer = byte_level_tokenizer(300)
+    models = {"base": tiny_model_with_tokenizer(root / "base", tokenizer, BYTE_LEVEL_SPECIAL, seed=1)}
+    models["a"] = save_fine_tune(models["base"], root / "a", seed=2)
+    models["b"] = save_fine_tune(models["base"], root / "b", seed=3)
+    models["other"] = tiny_model_with_tokenizer(root / "other", tokenizer, BYTE_LEVEL_SPECIAL, seed=4)
+    models["foreign"] = tiny_model_with_tokenizer(root / "foreign", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=5)
+    extended = byte_level_tokenizer(300)
+    extended.add_tokens(["<|tool_call|>", "prefeitura", "freezes"])
+    models["extended"] = tiny_model_with_tokenizer(root / "extended", extended, BYTE_LEVEL_SPECIAL, seed=6)
+    merge = (f"merge_method: linear\nmodels:\n  - {{model: {models['a']}, parameters: {{weight: 0.4}}}}\n"
+             f"  - {{model: {models['b']}, parameters: {{weight: 0.6}}}}\ndtype: float32\n")
+    compose_text(merge, root / "merge", OPTIONS)
+    models["merge"] = root / "merge"
+    for name, donor in (("transplanted", "foreign"), ("widened", "extended")):
+        run_transplant(str(models["merge"]), str(models[donor]), root / name, TransplantOptions(), OPTIONS)
+        models[name] = root / name
+    return models
+
+
+def test_a_transplanted_tokenizer_keeps_the_parents_and_matches_embeddings_through_the_alignment(speaking):
+    report = trace_models(str(speaking["transplanted"]), [str(speaking[n]) for n in ("a", "b", "other")], TraceOptions())
+    assert verdicts(report, speaking) == {"a": "parent", "b": "parent", "other": "independent"}
+    assert [t.verdict for t in report.tokenizers] == ["shares"] * 3 and not report.tokenizers[0].same_ids
+    embedding = next(fit for fit in report.outer if fit.name == "model.embed_tokens.weight")
+    assert embedding.aligned_rows and embedding.aligned_rows > 100  # the tokens both vocabularies have
+    weights = dict(zip((Path(s).name for s in embedding.sources), embedding.weights))
+    assert set(weights) == {"a", "b"} and abs(weights["a"] - 0.4) <= 0.02 and abs(weights["b"] - 0.6) <= 0.02
+    assert embedding.relative_error <= 1e-3
+
+
+def test_a_vocabulary_with_added_tokens_extends_its_parents(speaking):
+    report = trace_models(str(speaking["widened"]), [str(speaking[n]) for n in ("a", "b", "other")], TraceOptions())
+    assert [t.verdict for t in report.tokenizers] == ["extends"] * 3
+    assert verdicts(report, speaking) == {"a": "parent", "b": "parent", "other": "independent"}
+    embedding = next(fit for fit in report.outer if fit.name == "model.embed_tokens.weight")
+    assert embedding.aligned_rows == 300 and embedding.method == "linear" and embedding.relative_error <= 1e-5
+
+
+# ---- the provenance record: agreeing, forged, stripped --------------------------------------------------------
+
+
+def with_record(source: Path, folder: Path, parents: dict[str, Path]) -> Path:
+    """A copy of the model folder `source` whose weights carry a composer.provenance record naming `parents`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from composer.sources.digests import source_digests
+
+    shutil.copytree(source, folder)
+    entries = []
+    for name, path in parents.items():
+        opened = open_source(str(path))
+        entries.append({"model": name, "hub_id": None, "revision": None, "path": str(path), "weights": source_digests(opened)})
+        opened.close()
+    record = {"composer_version": "0.test", "recipe_sha256": "0" * 64, "parents": entries}
+    save_file(load_state(source), str(folder / "model.safetensors"), metadata={"composer.provenance": json.dumps(record)})
+    return folder
+
+
+def test_the_provenance_record_is_read_and_checked_against_the_weights(family, tmp_path):
+    candidates = [str(family[n]) for n in ("a", "b", "sib", "other")]
+    honest = with_record(family["linear"], tmp_path / "honest", {"a": family["a"], "b": family["b"]})
+    report = trace_models(str(honest), candidates, TraceOptions(tokenizers=False))
+    assert report.provenance.recorded and report.provenance.agrees is True
+    assert [parent["matched"] for parent in report.provenance.parents] == [str(family["a"]), str(family["b"])]
+    forged = with_record(family["linear"], tmp_path / "forged", {"a": family["a"], "sib": family["sib"]})
+    report = trace_models(str(forged), candidates, TraceOptions(tokenizers=False))
+    assert report.provenance.recorded and report.provenance.agrees is False
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
+    assert "DO NOT agree" in format_report(report)
+    stripped = save_fine_tune(family["linear"], tmp_path / "stripped", change={})  # the same weights, no record
+    report = trace_models(str(stripped), candidates, TraceOptions(tokenizers=False))
+    assert not report.provenance.recorded and report.provenance.agrees is None
+    assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
+
+
+def test_a_small_memory_budget_reads_in_blocks_and_changes_nothing(family):
+    from composer.trace.fingerprints import fingerprint_model
+    from composer.trace.layout import open_traced
+
+    model = open_traced(str(family["linear"]), "SUSPECT")
+    try:
+        whole, blocked = fingerprint_model(model, 1 << 30), fingerprint_model(model, 16 << 10)  # 16 KB: many blocks a tensor
+    finally:
+        model.close()
+    assert all(whole[n].digest == blocked[n].digest and torch.allclose(whole[n].sketch, blocked[n].sketch)
+               for n in whole if whole[n].sketch is not None)
+    small = trace_models(str(family["linear"]), [str(family[n]) for n in ("a", "b", "other")], TraceOptions(memory_budget=16 << 10))
+    assert verdicts(small, family) == {"a": "parent", "b": "parent", "other": "independent"}
+    for layer in small.layers:
+        weights = {Path(model).name: weight for model, _, weight in layer.sources}
+        assert abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02

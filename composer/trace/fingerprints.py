@@ -17,9 +17,9 @@ import torch
 from composer.errors import ComposerError
 from composer.native.scan import checksum_of_pieces
 from composer.trace.layout import TracedModel
+from composer.trace.reading import digest_aligned, row_count, rows_within
 
 SKETCH_WIDTH = 16
-ROW_CHUNK = 4096  # rows converted to float32 at a time, so a bf16 tensor is never held twice over in float32
 
 
 @dataclass
@@ -38,38 +38,39 @@ def projection(columns: int) -> torch.Tensor:
     return torch.randn(columns, SKETCH_WIDTH, generator=generator) / SKETCH_WIDTH**0.5
 
 
-def as_rows(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() >= 2 else tensor.reshape(1, -1)
-
-
-def fingerprint(name: str, tensor: torch.Tensor) -> TensorPrint:
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    digest = f"{tensor.dtype}:{tuple(tensor.shape)}:{checksum_of_pieces([memoryview(raw).cast('B')])}"
-    rows = as_rows(tensor)
+def fingerprint(name: str, shape: tuple[int, ...], dtype: torch.dtype, blocks) -> TensorPrint:
+    """The print of one tensor given as consecutive [rows, row length] blocks (each but the last a whole number of
+    SCAN_BLOCKs of bytes, so the digest is taken piece by piece)."""
+    rows, length = row_count(shape)
     squared = 0.0
-    sketch = None
-    if tensor.dim() >= 2:
-        matrix = projection(rows.shape[1])
-        sketch = torch.empty(rows.shape[0], SKETCH_WIDTH)
-        for start in range(0, rows.shape[0], ROW_CHUNK):
-            part = rows[start:start + ROW_CHUNK].float()
-            squared += float(part.double().pow(2).sum())
-            torch.matmul(part, matrix, out=sketch[start:start + ROW_CHUNK])
-    else:
-        squared = float(rows.double().pow(2).sum())
-    return TensorPrint(name, tuple(tensor.shape), tensor.dtype, digest, sketch, squared**0.5)
+    sketch = torch.empty(rows, SKETCH_WIDTH) if len(shape) >= 2 else None
+    matrix = projection(length) if sketch is not None else None
+
+    def pieces():
+        nonlocal squared
+        for start, block in blocks:
+            part = block.float()
+            squared += float((part * part).sum(dtype=torch.float64))
+            if sketch is not None:
+                torch.matmul(part, matrix, out=sketch[start:start + block.shape[0]])
+            del part
+            yield memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+    digest = f"{dtype}:{tuple(shape)}:{checksum_of_pieces(pieces())}"
+    return TensorPrint(name, tuple(shape), dtype, digest, sketch, squared**0.5)
 
 
-def fingerprint_model(model: TracedModel, progress=None) -> dict[str, TensorPrint]:
-    """Every tensor of `model`, read once, one at a time."""
+def fingerprint_model(model: TracedModel, memory_budget: int, progress=None) -> dict[str, TensorPrint]:
+    """Every tensor of `model`, read once, one at a time, a block of rows at a time: a block and its float32 copy
+    take at most about half of `memory_budget`."""
     prints = {}
-    for name in model.infos:
+    for name, info in model.infos.items():
+        _, length = row_count(info.shape)
+        block = digest_aligned(rows_within(memory_budget // 2, length, copies=3), length * info.dtype.itemsize)
         try:
-            tensor = model.source.read(name)
+            prints[name] = fingerprint(name, info.shape, info.dtype, model.reader.blocks(name, block))
         except ComposerError as error:
             raise ComposerError(f"The model '{model.reference}' cannot be read: {error}") from None
-        prints[name] = fingerprint(name, tensor)
-        del tensor
         if progress is not None:
             progress(model.reference, name)
     return prints

@@ -27,24 +27,39 @@ class LeastSquares:
     gram: torch.Tensor  # float64 [n, n]
 
 
-def least_squares(y: torch.Tensor, sources: list[torch.Tensor]) -> LeastSquares:
-    count = len(sources)
-    gram = torch.zeros(count, count, dtype=torch.float64)
-    cross = torch.zeros(count, dtype=torch.float64)
-    squared = 0.0
-    flat_y = y.reshape(-1)
-    flats = [x.reshape(-1) for x in sources]
-    for start in range(0, flat_y.numel(), CHUNK):
-        target = flat_y[start:start + CHUNK].double()
-        stacked = torch.stack([x[start:start + CHUNK].double() for x in flats])
-        gram += stacked @ stacked.T
-        cross += stacked @ target
-        squared += float(target @ target)
-    ridge = 1e-13 * float(gram.diagonal().sum()) / max(count, 1)
-    weights = torch.linalg.solve(gram + ridge * torch.eye(count, dtype=torch.float64), cross)
-    left = squared - 2 * float(weights @ cross) + float(weights @ gram @ weights)
-    error = math.sqrt(max(left, 0.0) / squared) if squared > 0 else 0.0
-    return LeastSquares([float(w) for w in weights], error, gram)
+@dataclass
+class NormalEquations:
+    """The sums least squares needs, gathered block by block: the sources' Gram matrix, their products with y, and |y|^2."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    squared: float = 0.0
+
+    @classmethod
+    def gather(cls, blocks, count: int) -> NormalEquations:
+        """`blocks` yields (y block, [source blocks]) of equal shapes; float64 sums, CHUNK entries at a time."""
+        sums = cls(torch.zeros(count, count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64))
+        for y, sources in blocks:
+            flat_y = y.reshape(-1)
+            flats = [x.reshape(-1) for x in sources]
+            for start in range(0, flat_y.numel(), CHUNK):
+                target = flat_y[start:start + CHUNK].double()
+                stacked = torch.stack([x[start:start + CHUNK].double() for x in flats])
+                sums.gram += stacked @ stacked.T
+                sums.cross += stacked @ target
+                sums.squared += float(target @ target)
+        return sums
+
+    def solve(self, keep: list[int] | None = None) -> LeastSquares:
+        """The fit over the sources at `keep` (all when None)."""
+        keep = list(range(len(self.cross))) if keep is None else keep
+        gram, cross = self.gram[keep][:, keep], self.cross[keep]
+        count = len(keep)
+        ridge = 1e-13 * float(gram.diagonal().sum()) / max(count, 1)
+        weights = torch.linalg.solve(gram + ridge * torch.eye(count, dtype=torch.float64), cross)
+        left = self.squared - 2 * float(weights @ cross) + float(weights @ gram @ weights)
+        error = math.sqrt(max(left, 0.0) / self.squared) if self.squared > 0 else 0.0
+        return LeastSquares([float(w) for w in weights], error, gram)
 
 
 def slerp_coefficients(t: float, theta: float) -> tuple[float, float]:
@@ -100,6 +115,7 @@ class Sparsity:
     coefficients: list[float] = field(default_factory=list)  # y - base = c_i tau_i where model i alone is kept
     density: float = 1.0  # estimated share of each task vector kept
     trim_densities: list[float] = field(default_factory=list)  # TIES: each task vector's kept share, by magnitude
+    explained: list[float] = field(default_factory=list)  # per task vector: share of changed entries it explains alone
     relative_error: float = 0.0
 
     @property
@@ -145,6 +161,10 @@ def sparsity_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.
     count = len(taus)
     density = 1 - (1 - support) ** (1 / count) if count else 1.0
     resolution = (stored.abs() * torch.finfo(dtype).eps).clamp_min(1e-12)
+    explained = []
+    for coefficient, tau in zip(coefficients, taus):
+        alone = (y_delta[kept] - coefficient * tau[kept]).abs() <= 1e-2 * y_delta[kept].abs() + 2 * resolution[kept]
+        explained.append(float(alone.float().mean()) if alone.numel() else 0.0)
     election = 1.0
     if count >= 2:
         signs = torch.stack([torch.sign(tau) for tau in taus])
@@ -163,4 +183,4 @@ def sparsity_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.
             trims.append(float((tau.abs() >= cut).float().mean()))
         else:
             trims.append(density)
-    return Sparsity(support, dense_support, kept_magnitude, election, coefficients, density, trims)
+    return Sparsity(support, dense_support, kept_magnitude, election, coefficients, density, trims, explained)

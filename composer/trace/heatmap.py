@@ -29,7 +29,7 @@ def draw_heat_map(report: TraceReport, path: Path) -> None:
     for row in range(0, rows, max(1, rows // 10)):
         draw.text((4, MARGIN + row * CELL), str(report.suspect_layers[row]), fill="black")
     left = MARGIN
-    for number, (reference, similarity) in enumerate(blocks, start=1):
+    for number, (_, similarity) in enumerate(blocks, start=1):
         draw.text((left, MARGIN - 14), f"#{number}", fill="black")
         for row in range(similarity.shape[0]):
             for column in range(similarity.shape[1]):

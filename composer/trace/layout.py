@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from composer.architecture import architecture_for
 from composer.errors import ComposerError
 from composer.sources import ModelSource, TensorInfo, open_source
+from composer.trace.reading import RowReader
 
 NUMBERED = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
 
@@ -21,6 +22,7 @@ class TracedModel:
     layer_prefix: str  # "model.layers.{i}."
     layers: dict[int, dict[str, str]] = field(default_factory=dict)  # layer -> name within the layer -> full name
     outer: list[str] = field(default_factory=list)  # tensors before and after the stack (embeddings, final norm, head)
+    reader: RowReader | None = None
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
@@ -37,6 +39,8 @@ class TracedModel:
         return None
 
     def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
         self.source.close()
 
 
@@ -74,7 +78,7 @@ def open_traced(reference: str, role: str) -> TracedModel:
         source.close()
         raise ComposerError(f"The {role} '{reference}' holds no tensors; give a model with weights.")
     architecture, prefix = _stack_prefix(names, config, reference)
-    model = TracedModel(reference, source, config, architecture, prefix)
+    model = TracedModel(reference, source, config, architecture, prefix, reader=RowReader(source))
     pattern = re.compile("^" + re.escape(prefix).replace(re.escape("{i}"), r"(\d+)") + "(.+)$") if prefix else None
     for name in names:
         match = pattern.match(name) if pattern else None

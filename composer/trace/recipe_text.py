@@ -173,19 +173,74 @@ def blend_recipe(inputs: RecipeInputs, models: list[str]) -> dict:
     return recipe
 
 
-def recipe_text(inputs: RecipeInputs, note: str = "") -> str:
+def _models_of(layers: list[LayerFit], base: str | None, method: str) -> list[str]:
+    models = []
+    for layer in layers:
+        for reference, _, _ in layer.sources:
+            if reference not in models:
+                models.append(reference)
+    if base and base not in models and method not in ("linear", "slerp"):
+        models.insert(0, base)
+    return models
+
+
+def whole_models(layers: list[LayerFit], layer_counts: dict[str, int]) -> bool:
+    """Whether every layer blends the same models' layers at its own depth, over all of each model's layers: the
+    `models:` form says exactly that."""
+    runs = _runs(layers)
+    if len(runs) != 1 or not runs[0][0].sources:
+        return False
+    return all(j == 0 and layer_counts.get(m) == len(layers) for m, j, _ in runs[0][0].sources)
+
+
+def _stage_name(number: int, taken: set[str]) -> str:
+    name = f"blend{number}"
+    while name in taken:
+        name += "_"
+    return name
+
+
+def staged_recipe(inputs: RecipeInputs) -> dict:
+    """Copied runs of layers and blended ones, stacked: each blended run is a stage (its method over the source
+    layers it blends, as slices) and the output is a passthrough of the copied slices and the stages."""
+    stages, slices = [], []
+    for run in _runs(inputs.layers):
+        first = run[0]
+        if not first.sources:
+            continue  # matches no candidate (the report says so): nothing to rebuild it from
+        if first.method in ("copy", "scale"):
+            slices.append(passthrough_recipe(RecipeInputs(inputs.suspect_dtype, run, "passthrough"))["slices"][0])
+            continue
+        models = _models_of(run, inputs.base, first.method)
+        stage = blend_recipe(RecipeInputs(inputs.suspect_dtype, run, first.method, inputs.base), models)
+        start = {reference: layer for reference, layer, _ in first.sources}
+        base = stage.get("base_model")
+        if base is not None and base not in start:
+            start[base] = next(iter(start.values()))  # the base's layers at the depth of the first source's
+        sources = []
+        for entry in stage.pop("models"):
+            source = {"model": entry["model"], "layer_range": [start[entry["model"]], start[entry["model"]] + len(run)]}
+            if "parameters" in entry:
+                source["parameters"] = entry["parameters"]
+            sources.append(source)
+        if base is not None and all(source["model"] != base for source in sources):
+            sources.append({"model": base, "layer_range": [start[base], start[base] + len(run)]})
+        name = _stage_name(len(stages) + 1, set(models))
+        stages.append({"name": name, **{k: v for k, v in stage.items() if k != "dtype"}, "slices": [{"sources": sources}],
+                       "dtype": stage["dtype"]})
+        slices.append({"sources": [{"model": name, "layer_range": [0, len(run)]}]})
+    return {"stages": stages, "merge_method": "passthrough", "slices": slices, "dtype": _dtype(inputs)}
+
+
+def recipe_text(inputs: RecipeInputs, note: str = "", layer_counts: dict[str, int] | None = None) -> str:
+    """`layer_counts`: each candidate's layer count (a `models:` recipe takes all of a model's layers)."""
     layers = inputs.layers
     if inputs.method == "passthrough":
         recipe = passthrough_recipe(inputs)
+    elif inputs.method != "mixed" and (layer_counts is None or whole_models(layers, layer_counts)):
+        recipe = blend_recipe(inputs, _models_of(layers, inputs.base, inputs.method))
     else:
-        models = []
-        for layer in layers:
-            for reference, _, _ in layer.sources:
-                if reference not in models:
-                    models.append(reference)
-        if inputs.base and inputs.base not in models and inputs.method not in ("linear", "slerp"):
-            models.insert(0, inputs.base)
-        recipe = blend_recipe(inputs, models)
+        recipe = staged_recipe(inputs)
     header = "# recovered by compose trace" + (f": {note}" if note else "") + "\n"
     return header + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=120)
 

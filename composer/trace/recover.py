@@ -10,11 +10,14 @@ from statistics import median
 
 import torch
 
-from composer.trace.fits import Sparsity, fit_slerp, least_squares, sparsity_signature
+from composer.trace.fits import NormalEquations, Sparsity, fit_slerp, sparsity_signature
 from composer.trace.layers import CandidateMatch, Fingerprinted
+from composer.trace.reading import row_count, rows_within
+from composer.trace.vocabulary_rows import common_rows
 
 MIN_SIMILARITY = 0.3  # a layer below this cosine is no source (independent layers score about 1/sqrt(entries))
 MIN_WEIGHT = 0.02  # sources weighing less than this in a least-squares fit are dropped and the fit redone
+MIN_EXPLAINED = 0.05  # a source of a sparsified merge explains at least this share of the changed entries on its own
 BLENDS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 
@@ -30,6 +33,7 @@ class TensorFit:
     density: float | None = None
     sparsity: Sparsity | None = None
     slerp_distinct: bool = False
+    aligned_rows: int | None = None  # embeddings and heads fitted through a tokenizer alignment: the shared rows compared
 
 
 @dataclass
@@ -67,56 +71,100 @@ def partner(candidate: Candidate, suspect: Fingerprinted, name: str, suffix: str
 
 
 class Recovery:
-    """Reads SUSPECT's tensors and their sources and fits them; `base` names the candidate whose task vectors count."""
+    """Reads SUSPECT's tensors and their sources and fits them; `base` names the candidate whose task vectors count.
 
-    def __init__(self, suspect: Fingerprinted, candidates: list[Candidate], base: str | None):
+    Within `memory_budget`: the least-squares sums are gathered a block of rows at a time (a block of SUSPECT's
+    tensor and of each source, in float32 and float64); the sparsity signature (TIES, DARE), which needs
+    element-wise masks and quantiles, is read from the first block only, a sample of rows; embeddings and heads
+    compared through a tokenizer alignment are fitted on a sample of the shared tokens' rows of that size."""
+
+    def __init__(self, suspect: Fingerprinted, candidates: list[Candidate], base: str | None, memory_budget: int = 1 << 30):
         self.suspect = suspect
         self.candidates = candidates
         self.base = base
+        self.memory_budget = memory_budget
 
-    def _read(self, candidate: Candidate, name: str) -> torch.Tensor:
-        return candidate.fingerprinted.model.source.read(name)
+    def _block_rows(self, name: str, count: int) -> int:
+        _, length = row_count(tuple(self.suspect.prints[name].shape))
+        return rows_within(self.memory_budget // 2, length, copies=3 * (count + 1))
 
-    def fit_tensor(self, name: str, chosen: list[tuple[Candidate, str]]) -> TensorFit:
+    def _blocks(self, name: str, chosen: list[tuple[Candidate, str]]):
+        rows = self._block_rows(name, len(chosen))
+        readers = [self.suspect.model.reader.blocks(name, rows)]
+        readers += [candidate.fingerprinted.model.reader.blocks(other, rows) for candidate, other in chosen]
+        for parts in zip(*readers):
+            yield parts[0][1].float(), [part[1].float() for part in parts[1:]]
+
+    def _sample(self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor] | None):
+        """SUSPECT's tensor and its sources on the rows the sparsity signature reads (stored dtypes): the first
+        block, or, through a tokenizer alignment, the shared tokens' rows."""
+        if maps is None:
+            first = next(self._blocks(name, chosen))
+            dtype = self.suspect.prints[name].dtype
+            return first[0].to(dtype), first[1]
+        rows, their_rows = common_rows(maps, self._block_rows(name, len(chosen)))
+        y = self.suspect.model.reader.rows(name, rows)
+        sources = []
+        for (candidate, other), wanted in zip(chosen, their_rows):
+            order = torch.argsort(wanted)
+            read = candidate.fingerprinted.model.reader.rows(other, wanted[order])
+            sources.append(read[torch.argsort(order)].float())
+        return y, sources
+
+    def fit_tensor(self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor] | None = None) -> TensorFit:
+        """`maps`, for embeddings and heads matched through tokenizer alignments: per source, the source row of
+        each SUSPECT row (-1 where the token is not shared)."""
         if not chosen:
             return TensorFit(name, "unmatched")
         digest = self.suspect.prints[name].digest
         for candidate, other in chosen:
-            if candidate.fingerprinted.prints[other].digest == digest:
+            if maps is None and candidate.fingerprinted.prints[other].digest == digest:
                 return TensorFit(name, "copy", [candidate.reference], [1.0], 0.0)
-        y = self.suspect.model.source.read(name).float()
-        tensors = [self._read(candidate, other).float() for candidate, other in chosen]
         references = [candidate.reference for candidate, _ in chosen]
-        fit = least_squares(y, tensors)
+        if maps is None:
+            sums = NormalEquations.gather(self._blocks(name, chosen), len(chosen))
+            sample = None
+        else:
+            sample = self._sample(name, chosen, maps)
+            sums = NormalEquations.gather([(sample[0].float(), sample[1])], len(chosen))
+        aligned = None if maps is None else len(sample[0])
+        fit = sums.solve()
         keep = [i for i, w in enumerate(fit.weights) if abs(w) >= MIN_WEIGHT or references[i] == self.base]
-        if keep and len(keep) < len(tensors):
-            references, tensors = [references[i] for i in keep], [tensors[i] for i in keep]
-            fit = least_squares(y, tensors)
-        if len(tensors) == 1:
+        if keep and len(keep) < len(references):
+            fit = sums.solve(keep)
+        else:
+            keep = list(range(len(references)))
+        references = [references[i] for i in keep]
+        if len(references) == 1:
             scale = fit.weights[0]
             method = "copy" if abs(scale - 1) < 2e-3 else "scale"
-            return TensorFit(name, method, references, [1.0 if method == "copy" else scale], fit.relative_error)
+            return TensorFit(name, method, references, [1.0 if method == "copy" else scale], fit.relative_error, aligned_rows=aligned)
+        if sample is None:
+            sample = self._sample(name, chosen, None)
+        y, tensors = sample[0], [sample[1][i] for i in keep]
         sparse = self._sparse_fit(name, y, tensors, references, fit.weights)
         if sparse is not None:
+            sparse.aligned_rows = aligned
             return sparse
         if self.base in references and len(references) >= 2:
             at = references.index(self.base)
             others = [r for r in references if r != self.base]
             lambdas = [w for i, w in enumerate(fit.weights) if i != at]
             if abs(sum(fit.weights) - 1) < 0.01 and abs(fit.weights[at]) >= MIN_WEIGHT:
-                return TensorFit(name, "task_arithmetic", others, lambdas, fit.relative_error, base=self.base)
-        if len(tensors) == 2:
+                return TensorFit(name, "task_arithmetic", others, lambdas, fit.relative_error, base=self.base, aligned_rows=aligned)
+        if len(references) == 2:
             slerp = fit_slerp(fit)
             if slerp is not None and slerp.better_than_linear and abs(sum(fit.weights) - 1) > 1e-4:
                 return TensorFit(name, "slerp", references, fit.weights, fit.relative_error, t=slerp.t, base=references[0],
-                                 slerp_distinct=slerp.distinct)
+                                 slerp_distinct=slerp.distinct, aligned_rows=aligned)
             if slerp is not None and not slerp.distinct and abs(sum(fit.weights) - 1) < 0.01:
-                return TensorFit(name, "linear", references, fit.weights, fit.relative_error, t=slerp.t, base=references[0])
-        return TensorFit(name, "linear", references, fit.weights, fit.relative_error)
+                return TensorFit(name, "linear", references, fit.weights, fit.relative_error, t=slerp.t, base=references[0],
+                                 aligned_rows=aligned)
+        return TensorFit(name, "linear", references, fit.weights, fit.relative_error, aligned_rows=aligned)
 
     def _sparse_fit(self, name, y, tensors, references, weights) -> TensorFit | None:
         """TIES or DARE, when y - base has far fewer nonzero entries than a dense merge would leave. The base is
-        --base, else any source for which that holds."""
+        --base, else any source for which that holds. `y` is in SUSPECT's dtype."""
         bases = [references.index(self.base)] if self.base in references else range(len(references))
         for at in bases:
             others = [i for i in range(len(references)) if i != at]
@@ -124,9 +172,13 @@ class Recovery:
                 continue
             base = tensors[at]
             lambdas = [weights[i] for i in others]
-            signature = sparsity_signature(y.to(self.suspect.prints[name].dtype), base, [tensors[i] for i in others], lambdas)
+            signature = sparsity_signature(y, base, [tensors[i] for i in others], lambdas)
             if not signature.sparse:
                 continue
+            unused = [i for i, share in zip(others, signature.explained) if share < MIN_EXPLAINED]
+            if unused and len(unused) < len(others):  # a sibling's task vector explains no entry alone: it took no part
+                keep = [i for i in range(len(references)) if i not in unused]
+                return self._sparse_fit(name, y, [tensors[i] for i in keep], [references[i] for i in keep], [weights[i] for i in keep])
             models = [references[i] for i in others]
             if signature.kept_magnitude < 0.5:
                 density = median(signature.trim_densities) if signature.trim_densities else signature.density

@@ -38,7 +38,12 @@ def report_json(report: TraceReport) -> dict:
             for layer in report.layers
         ],
         "recipe": report.recipe,
-        "provenance": {"recorded": False, "agrees": None},
+        "provenance": report.provenance.as_json(),
+        "outer": [
+            {"tensor": fit.name, "method": fit.method, "sources": [{"model": m, "weight": _round(w, 4)} for m, w in zip(fit.sources, fit.weights)],
+             "relative_error": _round(fit.relative_error, 4), **({"aligned_rows": fit.aligned_rows} if fit.aligned_rows is not None else {})}
+            for fit in report.outer
+        ],
         "method": report.method,
         "alpha": report.alpha,
         "notes": report.notes,
@@ -82,12 +87,17 @@ def format_report(report: TraceReport) -> str:
         elif layer.method in ("ties", "dare_ties", "dare_linear") and _median_density(layer) is not None:
             extra = f"  density={_median_density(layer):.3f}"
         lines.append(f"{layer.layer:>5}  {layer.method:<16} {layer.relative_error:>10.4f}  {sources}{extra}")
+    for fit in report.outer:
+        sources = ", ".join(f"{_short(m)} {w:.3f}" for m, w in zip(fit.sources, fit.weights)) or "-"
+        aligned = f"  (through the tokenizer alignment: {fit.aligned_rows} shared tokens' rows)" if fit.aligned_rows is not None else ""
+        lines.append(f"{'':>5}  {fit.method:<16} {fit.relative_error:>10.4f}  {fit.name}: {sources}{aligned}")
     lines.append("")
     lines.append(f"verdicts (permutation test over matched rows; independent unless p < {report.alpha:g})")
     for candidate in report.candidates:
         note = f"  ({candidate.note})" if candidate.note else ""
         lines.append(f"  {candidate.verdict:<12} {candidate.model}  p={candidate.p_value:.2e}  contribution={candidate.contribution:.3f}{note}")
     lines += [f"note: {note}" for note in report.notes]
+    lines += ["", *report.provenance.lines()]
     if report.verification is not None:
         finite = [e for e in report.verification.values() if math.isfinite(e)]
         missing = len(report.verification) - len(finite)

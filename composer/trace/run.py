@@ -12,10 +12,12 @@ from composer.trace.experts import is_mixture, moe_layer, moe_recipe_text
 from composer.trace.fingerprints import fingerprint_model
 from composer.trace.layers import CandidateMatch, Fingerprinted, match_candidate
 from composer.trace.layout import TracedModel, open_traced
+from composer.trace.provenance import Provenance, check_provenance
 from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
 from composer.trace.recover import MIN_SIMILARITY, Candidate, LayerFit, Recovery, TensorFit, layer_summary, partner
-from composer.trace.tokenizers import TokenizerComparison, compare_tokenizers, tokenizer_facts
+from composer.trace.tokenizers import TokenizerComparison, TokenizerFacts, compare_tokenizers, tokenizer_facts
 from composer.trace.verdict import ALPHA, IndependenceTest, independence_test, verdict
+from composer.trace.vocabulary_rows import is_vocabulary_matrix, row_map, vocabulary_pairs
 
 
 @dataclass
@@ -51,6 +53,7 @@ class TraceReport:
     notes: list[str] = field(default_factory=list)
     verification: dict[str, float] | None = None
     alpha: float = ALPHA
+    provenance: Provenance = field(default_factory=lambda: Provenance(False))
 
 
 def _same_model(first: str, second: str) -> bool:
@@ -124,10 +127,10 @@ def trace_models(suspect_reference: str, candidate_references: list[str], option
 
 def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress) -> TraceReport:
     notes = []
-    suspect = Fingerprinted(suspect_model, fingerprint_model(suspect_model, progress))
+    suspect = Fingerprinted(suspect_model, fingerprint_model(suspect_model, options.memory_budget, progress))
     candidates = []
     for model in candidate_models:
-        fingerprinted = Fingerprinted(model, fingerprint_model(model, progress))
+        fingerprinted = Fingerprinted(model, fingerprint_model(model, options.memory_budget, progress))
         match = match_candidate(suspect, fingerprinted)
         if model.architecture != suspect_model.architecture:
             notes.append(f"'{model.reference}' is a {model.architecture} model and SUSPECT a {suspect_model.architecture} model; "
@@ -139,7 +142,8 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
             f"model): {', '.join(c.reference + ' (' + c.fingerprinted.model.architecture + ')' for c in candidates)}. Models of other "
             "sizes or architectures cannot be its parents; name candidates of SUSPECT's shape."
         )
-    recovery = Recovery(suspect, candidates, options.base)
+    recovery = Recovery(suspect, candidates, options.base, options.memory_budget)
+    facts = _facts(suspect_model, candidate_models) if options.tokenizers else None
     layer_fits = []
     for position, layer in enumerate(suspect_model.layers):
         chosen = _source_layers(suspect, position, candidates, options.base)
@@ -155,9 +159,9 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
             fits.append(recovery.fit_tensor(name, partners))
         layer_fits.append(layer_summary(layer, fits, source_layers, matrices))
     outer_fits = []
+    alignments = _alignments(facts, candidates)
     for name in suspect_model.outer:
-        partners = [(c, p) for c in candidates if (p := partner(c, suspect, name, None, None)) is not None]
-        outer_fits.append(recovery.fit_tensor(name, partners))
+        outer_fits.append(recovery.fit_tensor(name, *_outer_partners(suspect, name, candidates, alignments)))
     mixture = is_mixture(suspect.prints)
     if mixture:
         layer_fits = [moe_layer(layer) for layer in layer_fits]
@@ -165,7 +169,7 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
     contributions = _contributions(layer_fits, references)
     method = "moe" if mixture else agreed_method(layer_fits)
     recipe_base = options.base
-    if method in ("ties", "dare_ties", "dare_linear", "task_arithmetic") and recipe_base is None:
+    if method in ("ties", "dare_ties", "dare_linear", "task_arithmetic", "mixed") and recipe_base is None:
         recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.base), None)
     if method == "slerp" and recipe_base is None:
         recipe_base = next((fit.base for layer in layer_fits for fit in layer.tensors if fit.method == "slerp"), None)
@@ -177,8 +181,8 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
         text = moe_recipe_text(layer_fits, suspect_model.config, dtype)
         recipe_base = yaml_value(text, "base_model")
     else:
-        text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base),
-                           "" if method != "mixed" else "layers use different methods; this recipe approximates them")
+        layer_counts = {c.reference: c.fingerprinted.model.layer_count for c in candidates}
+        text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base), "", layer_counts)
     verdicts = []
     for candidate in candidates:
         test = independence_test(suspect, candidate.fingerprinted)
@@ -187,10 +191,11 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
         note = "" if candidate.match.shared_shapes else "no tensor of SUSPECT's shapes"
         verdicts.append(CandidateVerdict(candidate.reference, verdict(test, contributions[candidate.reference], is_base), test.p_value,
                                          contributions[candidate.reference], test, note))
-    tokenizers = _tokenizers(suspect_model, candidate_models) if options.tokenizers else []
+    tokenizers = [compare_tokenizers(model.reference, facts[0], theirs) for model, theirs in zip(candidate_models, facts[1:])] if facts else []
     report = TraceReport(suspect_model.reference, list(suspect_model.layers), tokenizers, verdicts, layer_fits, outer_fits,
                          {c.reference: c.match for c in candidates}, {c.reference: list(c.fingerprinted.model.layers) for c in candidates},
                          text, method, notes)
+    report.provenance = check_provenance(suspect_model, candidate_models, {v.model for v in verdicts if v.verdict == "parent"})
     if options.verify:
         from composer.trace.verify import verify_recipe
 
@@ -204,6 +209,43 @@ def yaml_value(text: str, key: str):
     return (yaml.safe_load(text) or {}).get(key)
 
 
-def _tokenizers(suspect: TracedModel, candidates: list[TracedModel]) -> list[TokenizerComparison]:
-    mine = tokenizer_facts(suspect.source)
-    return [compare_tokenizers(model.reference, mine, tokenizer_facts(model.source)) for model in candidates]
+def _facts(suspect: TracedModel, candidates: list[TracedModel]) -> list[TokenizerFacts | None]:
+    """SUSPECT's tokenizer facts, then each candidate's."""
+    return [tokenizer_facts(model.source) for model in [suspect, *candidates]]
+
+
+def _alignments(facts: list[TokenizerFacts | None] | None, candidates: list[Candidate]) -> dict[str, tuple]:
+    """Candidate -> (SUSPECT ids, candidate ids) of the tokens both have, for candidates whose vocabulary differs."""
+    if not facts or facts[0] is None or facts[0].vocabulary is None:
+        return {}
+    found = {}
+    for candidate, theirs in zip(candidates, facts[1:]):
+        if theirs is not None and theirs.vocabulary is not None:
+            pairs = vocabulary_pairs(facts[0].vocabulary, theirs.vocabulary)
+            if pairs is not None:
+                found[candidate.reference] = (pairs, len(facts[0].vocabulary), len(theirs.vocabulary))
+    return found
+
+
+def _outer_partners(suspect: Fingerprinted, name: str, candidates: list[Candidate], alignments: dict[str, tuple]):
+    """The candidate tensors SUSPECT's tensor `name` (outside the layers) is compared with, and, where a vocabulary
+    differs and `name` is an embedding or head, each one's row map (None when every partner pairs rows by place)."""
+    partners, maps, aligned = [], [], False
+    rows = suspect.prints[name].shape[0] if suspect.prints[name].shape else 1
+    for candidate in candidates:
+        model = candidate.fingerprinted.model
+        alignment = alignments.get(candidate.reference)
+        if alignment is not None:
+            pairs, mine, theirs = alignment
+            fits = (name in model.infos and is_vocabulary_matrix(suspect.model, name, mine) and is_vocabulary_matrix(model, name, theirs)
+                    and model.infos[name].shape[1:] == suspect.prints[name].shape[1:])
+            if fits:
+                partners.append((candidate, name))
+                maps.append(row_map(pairs, rows, model.infos[name].shape[0]))
+                aligned = True
+                continue
+        found = partner(candidate, suspect, name, None, None)
+        if found is not None:
+            partners.append((candidate, found))
+            maps.append(row_map(None, rows, rows))
+    return partners, (maps if aligned else None)

@@ -24,6 +24,7 @@ class TokenizerFacts:
     chat_template: str | None
     normalizer: object
     pre_tokenizer: object
+    vocabulary: object = None  # tokensurgery's Vocabulary, for aligning embedding rows
 
 
 @dataclass
@@ -65,7 +66,7 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
                           for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)]
     special = sorted((entry["content"], bool(entry.get("special"))) for entry in spec.get("added_tokens") or [])
     return TokenizerFacts(vocabulary.tokens, keys, (spec.get("model") or {}).get("merges"), special,
-                          getattr(tokenizer, "chat_template", None), spec.get("normalizer"), spec.get("pre_tokenizer"))
+                          getattr(tokenizer, "chat_template", None), spec.get("normalizer"), spec.get("pre_tokenizer"), vocabulary)
 
 
 def compare_tokenizers(model: str, suspect: TokenizerFacts | None, candidate: TokenizerFacts | None) -> TokenizerComparison:

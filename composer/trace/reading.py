@@ -1,0 +1,109 @@
+"""Reading tensors within `--memory-budget`: a tensor stored as plain bytes (safetensors) is read a block of rows
+at a time, straight from its file; any other (a GGUF tensor, which dequantises whole; a PyTorch pickle) is read
+whole, one tensor at a time, and handed out in the same blocks."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from composer.errors import ComposerError
+from composer.native.scan import SCAN_BLOCK
+from composer.sources import ModelSource
+from composer.sources.safetensors_format import read_into
+
+FLOAT_BYTES = 4  # rows are worked on in float32
+MIN_ROWS = 16
+
+
+def row_count(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, row length) of a tensor seen as rows of its last axis (a vector is one row)."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def rows_within(budget: int, row_length: int, copies: int) -> int:
+    """How many rows of `row_length` fit `copies` times over in float32 within `budget` bytes (at least MIN_ROWS)."""
+    return max(MIN_ROWS, budget // max(1, row_length * FLOAT_BYTES * copies))
+
+
+def digest_aligned(rows: int, row_bytes: int) -> int:
+    """`rows` rounded down to a multiple of the rows that make whole SCAN_BLOCKs (the digest is taken piece by
+    piece, and every piece but the last must be a whole number of blocks)."""
+    step = SCAN_BLOCK // math.gcd(SCAN_BLOCK, max(row_bytes, 1))
+    return max(step, rows // step * step)
+
+
+class RowReader:
+    """Blocks of a source's tensors, as [rows, row length] tensors in their stored dtype."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self._descriptors: dict[str, int] = {}
+
+    def _stored(self, name: str):
+        located = self.source.byte_range(name)
+        if located is None:
+            return None
+        path, offset, length = located
+        info = self.source.tensor_infos()[name]
+        if length != math.prod(info.shape) * info.dtype.itemsize:
+            return None
+        descriptor = self._descriptors.get(str(path))
+        if descriptor is None:
+            descriptor = self._descriptors[str(path)] = os.open(path, os.O_RDONLY)
+        return descriptor, offset, info
+
+    def blocks(self, name: str, rows_per_block: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, block) for consecutive blocks of `rows_per_block` rows."""
+        stored = self._stored(name)
+        if stored is None:
+            whole = self.source.read(name)
+            rows, length = row_count(tuple(whole.shape))
+            flat = whole.reshape(rows, length)
+            for start in range(0, rows, rows_per_block):
+                yield start, flat[start:start + rows_per_block]
+            return
+        descriptor, offset, info = stored
+        rows, length = row_count(info.shape)
+        row_bytes = length * info.dtype.itemsize
+        for start in range(0, rows, rows_per_block):
+            count = min(rows_per_block, rows - start)
+            yield start, self._pread(descriptor, offset + start * row_bytes, (count, length), info.dtype, name)
+
+    def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """The rows at `indices` (sorted ascending), read one run of consecutive rows at a time where stored plainly."""
+        stored = self._stored(name)
+        if stored is None:
+            whole = self.source.read(name)
+            return whole.reshape(row_count(tuple(whole.shape)))[indices]
+        descriptor, offset, info = stored
+        _, length = row_count(info.shape)
+        row_bytes = length * info.dtype.itemsize
+        values = indices.tolist()
+        pieces, start = [], 0
+        while start < len(values):
+            end = start + 1
+            while end < len(values) and values[end] == values[end - 1] + 1:
+                end += 1
+            pieces.append(self._pread(descriptor, offset + values[start] * row_bytes, (end - start, length), info.dtype, name))
+            start = end
+        return torch.cat(pieces) if pieces else torch.empty(0, length, dtype=info.dtype)
+
+    def _pread(self, descriptor: int, offset: int, shape: tuple[int, int], dtype: torch.dtype, name: str) -> torch.Tensor:
+        try:
+            return read_into(descriptor, offset, shape, dtype)
+        except (OSError, EOFError) as error:
+            raise ComposerError(f"Model '{self.source.reference}': tensor '{name}' could not be read ({error}). "
+                                "The file may have changed since it was opened.") from None
+
+    def close(self) -> None:
+        descriptors, self._descriptors = self._descriptors, {}
+        for descriptor in descriptors.values():
+            os.close(descriptor)
