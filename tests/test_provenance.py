@@ -109,3 +109,15 @@ def test_a_stripped_or_foreign_header_records_nothing(models, tmp_path):
     folder = tmp_path / "plain"
     shutil.copytree(models["base"], folder)
     assert recorded_provenance(folder / "model.safetensors") is None
+
+
+def test_fine_tunes_saved_alike_share_header_digests_but_not_samples(models, tmp_path):
+    """The header digest names the layout; the sample of tensor bytes tells fine-tunes of one base apart."""
+    from composer.sources.digests import file_digests
+
+    first = save_fine_tune(models["base"], tmp_path / "first", seed=5)
+    second = save_fine_tune(models["base"], tmp_path / "second", seed=6)
+    one, two = file_digests(first / "model.safetensors"), file_digests(second / "model.safetensors")
+    assert one["header_sha256"] == two["header_sha256"]
+    assert one["sample_sha256"] != two["sample_sha256"]
+    assert file_digests(first / "model.safetensors") == one

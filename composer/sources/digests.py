@@ -1,6 +1,6 @@
 """Digests that identify a model's weight files without reading their tensors: the bytes before the tensor data
 (a safetensors file's length and header; a GGUF file's header, metadata and tensor table) name every tensor, its
-dtype, shape and place, so two files with the same header digest almost surely hold the same model. Outputs record
+dtype, shape and place, and a sample of the tensor bytes tells apart models saved alike (fine-tunes of one base). Outputs record
 their parents' digests (composer.provenance), and `compose trace` compares a candidate's with that record."""
 
 from __future__ import annotations
@@ -47,6 +47,22 @@ def header_digest(path: Path) -> str:
     return _hash_prefix(path, header_length(path))
 
 
+def sample_digest(path: Path, pieces: int = 16, piece: int = 1 << 16) -> str:
+    """The sha256 of `pieces` stretches of `piece` bytes spread evenly over the tensor data (1 MiB read in all):
+    fine-tunes of one model saved alike share their headers, never these bytes."""
+    import os
+
+    start = header_length(path) or 0
+    digest = hashlib.sha256()
+    with open(open_regular(path), "rb", closefd=True) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        span = max(0, size - start - piece)
+        for number in range(pieces):
+            handle.seek(start + span * number // max(1, pieces - 1))
+            digest.update(handle.read(piece))
+    return digest.hexdigest()
+
+
 def weight_files_of(source) -> list[Path]:
     """The weight files a model source reads: a folder's shards, or the one GGUF file."""
     paths = list(getattr(source, "weight_paths", ()) or ())
@@ -56,5 +72,9 @@ def weight_files_of(source) -> list[Path]:
 
 
 def source_digests(source) -> list[dict[str, str]]:
-    """[{"file": name, "header_sha256": hex}] for each of the source's weight files, in file-name order."""
-    return [{"file": path.name, "header_sha256": header_digest(path)} for path in sorted(weight_files_of(source), key=lambda p: p.name)]
+    """[{"file", "header_sha256", "sample_sha256"}] for each of the source's weight files, in file-name order."""
+    return [file_digests(path) for path in sorted(weight_files_of(source), key=lambda p: p.name)]
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    return {"file": path.name, "header_sha256": header_digest(path), "sample_sha256": sample_digest(path)}

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from composer.errors import ComposerError
-from composer.sources.digests import header_digest, weight_files_of
+from composer.sources.digests import file_digests, weight_files_of
 
 PROVENANCE_KEY = "composer.provenance"
 
@@ -29,7 +29,7 @@ def hub_snapshot(path: Path) -> tuple[str, str] | None:
     parts = Path(path).resolve().parts
     for index in range(len(parts) - 2):
         if parts[index].startswith("models--") and parts[index + 1] == "snapshots":
-            return parts[index][len("models--"):].replace("--", "/", 1), parts[index + 2]
+            return parts[index][len("models--") :].replace("--", "/", 1), parts[index + 2]
     return None
 
 
@@ -75,17 +75,25 @@ def model_identity(reference: str, source) -> dict:
     """{"model", "hub_id", "revision", "path", "weights"} for a parent of a build."""
     weights = sorted(weight_files_of(source), key=lambda p: p.name)
     try:
-        digests = [{"file": path.name, "header_sha256": header_digest(path)} for path in weights]
+        digests = [file_digests(path) for path in weights]
     except (ComposerError, OSError):
         digests = []
     folder = getattr(source, "folder", None) or (weights[0].parent if weights else None)
     place = weights[0] if len(weights) == 1 and weights[0].suffix == ".gguf" else folder
-    identity = {"model": reference, "hub_id": None, "revision": None, "path": str(Path(place).resolve()) if place else None, "weights": digests}
+    identity = {
+        "model": reference,
+        "hub_id": None,
+        "revision": None,
+        "path": str(Path(place).resolve()) if place else None,
+        "weights": digests,
+    }
     snapshot = hub_snapshot(Path(folder)) if folder else None
     if snapshot:
         identity["hub_id"], identity["revision"] = snapshot
         return identity
-    known = next((KNOWN_WEIGHTS[entry["header_sha256"]] for entry in digests if entry["header_sha256"] in KNOWN_WEIGHTS), None)
+    known = next(
+        (KNOWN_WEIGHTS[entry["header_sha256"]] for entry in digests if entry["header_sha256"] in KNOWN_WEIGHTS), None
+    )
     if known:
         identity["hub_id"] = known
         return identity

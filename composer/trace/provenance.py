@@ -3,7 +3,8 @@
 Every safetensors shard composer writes carries `composer.provenance` in its `__metadata__`: JSON naming the
 composer version, the recipe's digest and each parent with the header digests of its weight files. The trace
 reads it from SUSPECT's first weights file, pairs each recorded parent with the candidate whose weight files have
-the same header digests (fine-tunes saved alike share a header, so the recorded path or hub id breaks a tie),
+the same header digests (and the samples of their tensor bytes; where a record has header digests only, fine-tunes saved alike share
+them, and the recorded path or hub id breaks the tie),
 and says whether those are exactly the candidates the weights call parents. A record
 can be stripped or forged, so nothing else in the trace reads it."""
 
@@ -41,9 +42,17 @@ class Provenance:
 
     def lines(self) -> list[str]:
         if not self.recorded:
-            return [f"provenance record: none{' (' + self.note + ')' if self.note else ''}; the verdicts rest on the weights alone"]
-        shown = {True: "the weights agree with it", False: "the weights DO NOT agree with it", None: "nothing to compare"}[self.agrees]
-        lines = [f"provenance record: written by composer {self.composer_version}, recipe sha256 {str(self.recipe_sha256)[:12]}...; {shown}"]
+            return [
+                f"provenance record: none{' (' + self.note + ')' if self.note else ''}; the verdicts rest on the weights alone"
+            ]
+        shown = {
+            True: "the weights agree with it",
+            False: "the weights DO NOT agree with it",
+            None: "nothing to compare",
+        }[self.agrees]
+        lines = [
+            f"provenance record: written by composer {self.composer_version}, recipe sha256 {str(self.recipe_sha256)[:12]}...; {shown}"
+        ]
         for parent in self.parents:
             where = parent.get("hub_id") or parent.get("path") or parent.get("model")
             matched = f"= candidate {parent['matched']}" if parent.get("matched") else "matches no candidate"
@@ -74,8 +83,14 @@ def read_record(suspect: TracedModel) -> tuple[dict | None, str]:
     return record, ""
 
 
-def _digests(entries) -> Counter:
-    return Counter(entry.get("header_sha256") for entry in entries or [] if isinstance(entry, dict))
+def _digests(entries, sampled: bool = True) -> Counter:
+    """The weight files' digests; `sampled`: with their tensor-byte samples (records of composer 0.1.0 before
+    they were added have headers only)."""
+    return Counter(
+        (entry.get("header_sha256"), entry.get("sample_sha256") if sampled else None)
+        for entry in entries or []
+        if isinstance(entry, dict)
+    )
 
 
 def _names(model: TracedModel, parent: dict) -> bool:
@@ -96,14 +111,17 @@ def check_provenance(suspect: TracedModel, candidates: list[TracedModel], parent
     theirs = {}
     for model in candidates:
         try:
-            theirs[model.reference] = _digests(source_digests(model.source))
+            theirs[model.reference] = source_digests(model.source)
         except (ComposerError, OSError):
             continue
     listed = []
     for parent in record["parents"]:
         parent = dict(parent) if isinstance(parent, dict) else {"model": str(parent)}
-        recorded = _digests(parent.get("weights"))
-        equal = [reference for reference, digests in theirs.items() if recorded and digests == recorded]
+        sampled = any(isinstance(entry, dict) and entry.get("sample_sha256") for entry in parent.get("weights") or [])
+        recorded = _digests(parent.get("weights"), sampled)
+        equal = [
+            reference for reference, digests in theirs.items() if recorded and _digests(digests, sampled) == recorded
+        ]
         named = [model.reference for model in candidates if model.reference in equal and _names(model, parent)]
         if len(equal) > 1 and len(named) == 1:
             equal = named  # fine-tunes saved alike have equal headers: the recorded path or hub id tells them apart
