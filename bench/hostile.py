@@ -161,9 +161,9 @@ def build_fixtures(root: Path) -> dict[str, Path]:
             shutil.copy(path, donor / path.name)
     m["sp_tokenizer"] = donor
 
+    from composer.compose import compose_moe_text
     from composer.execute import ExecutionOptions
     from composer.extract_lora import extract_lora
-    from composer.compose import compose_moe_text
 
     quiet = ExecutionOptions(progress=False)
     m["adapter"] = models / "adapter"

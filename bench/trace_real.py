@@ -48,7 +48,7 @@ def fine_tune(base: Path, out: Path, files: list[str], steps: int, seed: int, lr
     model.train()
     for _ in range(steps):
         start = int(torch.randint(0, len(ids) - 129, ()))
-        window = ids[start:start + 128].unsqueeze(0)
+        window = ids[start : start + 128].unsqueeze(0)
         loss = model(window, labels=window).loss
         loss.backward()
         optimiser.step()
@@ -84,7 +84,9 @@ def trace(suspect: Path, candidates: dict[str, Path], base: Path | None, work: P
     if base is not None:
         arguments += ["--base", str(base)]
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, "trace", *arguments], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, "trace", *arguments], capture_output=True, text=True, check=False
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"compose trace {suspect.name} failed:\n{done.stderr[-3000:]}")
@@ -105,8 +107,15 @@ def summary(case: str, data: dict, names: dict[str, str], truth: str) -> dict:
     else:  # nearly parallel fine-tunes: composer's slerp is linear interpolation there, and is recovered as such
         found = {names.get(m["model"], m["model"]): m.get("parameters", {}) for m in recipe.get("models", [])}
     errors = [value for value in data["verification"].values() if value is not None]
-    return {"case": case, "method": data["method"], "parents": parents, "verdicts": verdicts, "recovered": found, "truth": truth,
-            "worst_relative_error": max(errors) if errors else None}
+    return {
+        "case": case,
+        "method": data["method"],
+        "parents": parents,
+        "verdicts": verdicts,
+        "recovered": found,
+        "truth": truth,
+        "worst_relative_error": max(errors) if errors else None,
+    }
 
 
 def main() -> None:
@@ -122,19 +131,32 @@ def main() -> None:
     torch.set_num_threads(2)
     base = smollm2_dir()
     started = time.perf_counter()
-    models = {name: fine_tune(base, work / name, files, options.steps, seed, options.lr) for seed, (name, files) in enumerate(TEXTS.items())}
+    models = {
+        name: fine_tune(base, work / name, files, options.steps, seed, options.lr)
+        for seed, (name, files) in enumerate(TEXTS.items())
+    }
     models["other"] = random_init(base, work / "other")
     print(f"fine-tunes and the random initialisation: {time.perf_counter() - started:.0f} s", flush=True)
     a, b = models["a"], models["b"]
-    linear = (f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n"
-              f"  - {{model: {b}, parameters: {{weight: 0.7}}}}\ndtype: bfloat16\n")
+    linear = (
+        f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n"
+        f"  - {{model: {b}, parameters: {{weight: 0.7}}}}\ndtype: bfloat16\n"
+    )
     slerp = f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.4}}\ndtype: bfloat16\n"
-    ties = (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
-            f"  - {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}\ndtype: bfloat16\n")
-    upscale = (f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 20]}}\n"
-               f"  - sources:\n      - {{model: {a}, layer_range: [10, 30]}}\ndtype: bfloat16\n")
-    cases = {"linear": (linear, None, "a 0.3, b 0.7"), "slerp": (slerp, None, "t=0.4"),
-             "ties": (ties, base, "density 0.5, weights equal"), "upscale": (upscale, None, "[0, 20] + [10, 30] of a")}
+    ties = (
+        f"merge_method: ties\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+        f"  - {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}\ndtype: bfloat16\n"
+    )
+    upscale = (
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 20]}}\n"
+        f"  - sources:\n      - {{model: {a}, layer_range: [10, 30]}}\ndtype: bfloat16\n"
+    )
+    cases = {
+        "linear": (linear, None, "a 0.3, b 0.7"),
+        "slerp": (slerp, None, "t=0.4"),
+        "ties": (ties, base, "density 0.5, weights equal"),
+        "upscale": (upscale, None, "[0, 20] + [10, 30] of a"),
+    }
     names = {str(path): name for name, path in models.items()} | {str(base): "base"}
     rows = []
     for case, (recipe, trace_base, truth) in cases.items():
@@ -144,12 +166,16 @@ def main() -> None:
         row = summary(case, data, names, truth) | {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 1024)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| case | parents named | verdicts (p) | recovered | truth | recompose worst rel. error | s | peak RSS MB |")
+    print(
+        "\n| case | parents named | verdicts (p) | recovered | truth | recompose worst rel. error | s | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         verdicts = "; ".join(f"{name}: {verdict}" for name, verdict in row["verdicts"].items())
-        print(f"| {row['case']} | {', '.join(row['parents'])} | {verdicts} | {row['recovered']} | {row['truth']} | "
-              f"{row['worst_relative_error']:.2e} | {row['seconds']} | {row['peak_rss_mb']} |")
+        print(
+            f"| {row['case']} | {', '.join(row['parents'])} | {verdicts} | {row['recovered']} | {row['truth']} | "
+            f"{row['worst_relative_error']:.2e} | {row['seconds']} | {row['peak_rss_mb']} |"
+        )
 
 
 if __name__ == "__main__":

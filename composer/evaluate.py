@@ -51,12 +51,18 @@ def load_model(reference: str):
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except Exception as error:  # noqa: BLE001  (any type: see above)
             files = ", ".join(str(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file())
-            raise ComposerError(f"The tokenizer of model '{reference}' ({files}) could not be loaded with transformers: {one_line(error)}") from None
+            raise ComposerError(
+                f"The tokenizer of model '{reference}' ({files}) could not be loaded with transformers: {one_line(error)}"
+            ) from None
         try:
             # mismatched sizes are reported by check_loaded, by name, rather than raised with a pointer to a logged table
-            model, loading = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+            )
         except Exception as error:  # noqa: BLE001
-            raise ComposerError(f"{model_label(reference, folder)} could not be built from {folder / 'config.json'} and loaded with transformers: {one_line(error)}") from None
+            raise ComposerError(
+                f"{model_label(reference, folder)} could not be built from {folder / 'config.json'} and loaded with transformers: {one_line(error)}"
+            ) from None
     check_loaded(reference, folder, loading)
     model.eval()
     return model, tokenizer
@@ -74,7 +80,15 @@ def gguf_cache_name(path: Path) -> str:
     return f"gguf-{stem}-{digest}"
 
 
-def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | None = None, text_name: str = "the text", model_name: str | None = None) -> TextScore:
+def score_text(
+    model,
+    tokenizer,
+    text: str,
+    window: int = 1024,
+    stride: int | None = None,
+    text_name: str = "the text",
+    model_name: str | None = None,
+) -> TextScore:
     """Negative log-likelihood of every token of `text` after the first, in windows with overlapping context.
 
     Logits that are NaN or infinite are an error naming the model, the text and the first token position
@@ -84,10 +98,14 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
     name = model_name or model.config.name_or_path
     if len(ids) < 2:
-        raise ComposerError(f"{text_name} is {len(ids)} token(s) long for model '{name}'; a score needs at least two tokens (each token after the first is scored).")
+        raise ComposerError(
+            f"{text_name} is {len(ids)} token(s) long for model '{name}'; a score needs at least two tokens (each token after the first is scored)."
+        )
     limit = getattr(model.config, "max_position_embeddings", window) or window
     if not isinstance(limit, int) or limit < 2:  # a window of one token scores nothing and never moves on
-        raise ComposerError(f"Model '{name}': its config.json gives max_position_embeddings {limit!r}; scoring text needs a context of at least 2 tokens.")
+        raise ComposerError(
+            f"Model '{name}': its config.json gives max_position_embeddings {limit!r}; scoring text needs a context of at least 2 tokens."
+        )
     total = 0.0
     scored = 0
     with torch.no_grad():
@@ -101,7 +119,7 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
                 kind = "NaN" if bool(torch.isnan(bad).any()) else "infinite"
                 raise ComposerError(
                     f"Model '{name}' gives {kind} logits on {text_name}, first at token position "
-                    f"{position} of {len(ids)} (after {tokenizer.decode(ids[max(position - 4, 0):position + 1])!r}), so it has no score. "
+                    f"{position} of {len(ids)} (after {tokenizer.decode(ids[max(position - 4, 0) : position + 1])!r}), so it has no score. "
                     "Its weights hold NaN or infinite values, or its activations overflow in float32; check the model (or the merge that made it)."
                 )
             targets = chunk[0, 1:]
@@ -112,7 +130,9 @@ def score_text(model, tokenizer, text: str, window: int = 1024, stride: int | No
     return TextScore(tokens=scored, bytes=len(text.encode("utf-8")), nats=total)
 
 
-def scoring_windows(tokens: int, limit: int, window: int = 1024, stride: int | None = None) -> list[tuple[int, int, int]]:
+def scoring_windows(
+    tokens: int, limit: int, window: int = 1024, stride: int | None = None
+) -> list[tuple[int, int, int]]:
     """(start, end, first scored position) of each window `score_text` runs over `tokens` tokens, for a model whose
     context is `limit` tokens: windows of min(window, limit) tokens every `stride` (default half a window) tokens,
     each scoring only the positions the window before it did not (the first scores them all)."""
@@ -133,9 +153,16 @@ def greedy_generate(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
     import torch
 
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        output = model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -60,7 +60,9 @@ class TokenizerOnly(FolderFilesMixin, WeightlessSource):
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.safetensors.index.json"))
+    return any(
+        any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.gguf", "*.safetensors.index.json")
+    )
 
 
 def open_donor(reference: str) -> ModelSource:
@@ -93,11 +95,14 @@ def _donor_rows_names(donor: ModelSource, size: int) -> tuple[str | None, str | 
                     embedding = weight.name
                 elif weight in architecture.post and head is None:
                     head = weight.name
-    except ComposerError:  # not a causal LM composer knows (a sentence encoder, say): look for its word embeddings by name
+    except (
+        ComposerError
+    ):  # not a causal LM composer knows (a sentence encoder, say): look for its word embeddings by name
         pass
     if embedding is None:
         candidates = [
-            name for name, info in infos.items()
+            name
+            for name, info in infos.items()
             if len(info.shape) == 2 and info.shape[0] >= size and any(part in name for part in DONOR_EMBEDDING_NAMES)
         ]
         embedding = min(candidates, key=len) if candidates else None
@@ -154,7 +159,9 @@ def _recipe_text(model_ref: str, donor_ref: str, options: TransplantOptions, cou
     return "\n".join(lines) + "\n"
 
 
-def plan_transplant(model_ref: str, donor_ref: str, options: TransplantOptions = TransplantOptions()) -> tuple[Plan, TransplantSummary]:
+def plan_transplant(
+    model_ref: str, donor_ref: str, options: TransplantOptions = TransplantOptions()
+) -> tuple[Plan, TransplantSummary]:
     """Check everything, align the vocabularies and plan every output tensor; no tensor is read yet."""
     from tokensurgery import TokenSurgeryError
 
@@ -168,7 +175,9 @@ def _plan(model_ref: str, donor_ref: str, options: TransplantOptions) -> tuple[P
     from tokensurgery import EstimatorSettings, TokenSurgeryError
 
     if options.pad_to_multiple_of is not None and not 1 <= options.pad_to_multiple_of <= LARGEST_PAD:
-        raise ComposerError(f"--pad-to-multiple-of must be a positive number of rows, at most {LARGEST_PAD} (got {options.pad_to_multiple_of}).")
+        raise ComposerError(
+            f"--pad-to-multiple-of must be a positive number of rows, at most {LARGEST_PAD} (got {options.pad_to_multiple_of})."
+        )
     try:
         settings = EstimatorSettings(options.estimator, options.k)
     except TokenSurgeryError as error:
@@ -187,27 +196,45 @@ def _plan(model_ref: str, donor_ref: str, options: TransplantOptions) -> tuple[P
         raise
 
 
-def _plan_sources(model_ref: str, donor_ref: str, model: ModelSource, donor: ModelSource, settings, options: TransplantOptions) -> tuple[Plan, TransplantSummary]:
+def _plan_sources(
+    model_ref: str, donor_ref: str, model: ModelSource, donor: ModelSource, settings, options: TransplantOptions
+) -> tuple[Plan, TransplantSummary]:
     from tokensurgery import Transplant, Vocabulary
     from tokensurgery.transplant import CONFIG_ID_KEYS
 
     config = model.config()
     architecture = architecture_for(config, model_ref)
-    model_vocabulary = Vocabulary.from_tokenizer(load_source_tokenizer(model, "a transplant needs the tokenizer of both models"), model_ref)
+    model_vocabulary = Vocabulary.from_tokenizer(
+        load_source_tokenizer(model, "a transplant needs the tokenizer of both models"), model_ref
+    )
     vocab_weights = [weight for weight in architecture.vocab_weights() if weight.name in model.tensor_infos()]
     if not vocab_weights:
-        raise ComposerError(f"Model '{model_ref}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())}).")
+        raise ComposerError(
+            f"Model '{model_ref}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())})."
+        )
     for weight in vocab_weights:
         rows = model.tensor_infos()[weight.name].shape[weight.vocab_axis]
-        check_vocabulary_rows(model_ref, weight.name, rows, len(model_vocabulary), " --pad-to-multiple-of N pads the output's rows to a multiple of N.")
-    donor_vocabulary = Vocabulary.from_tokenizer(load_source_tokenizer(donor, "a transplant needs the tokenizer of both models"), donor_ref)
+        check_vocabulary_rows(
+            model_ref,
+            weight.name,
+            rows,
+            len(model_vocabulary),
+            " --pad-to-multiple-of N pads the output's rows to a multiple of N.",
+        )
+    donor_vocabulary = Vocabulary.from_tokenizer(
+        load_source_tokenizer(donor, "a transplant needs the tokenizer of both models"), donor_ref
+    )
     transplant = Transplant.between(model_vocabulary, donor_vocabulary, settings, options.pad_to_multiple_of)
 
     donor_embedding, donor_head = _donor_rows_names(donor, len(donor_vocabulary))
     uses_donor = settings.name != "subword" and donor_embedding is not None
-    summary = TransplantSummary(model_ref, donor_ref, transplant.alignment.counts(), settings.name, donor_embedding is not None)
+    summary = TransplantSummary(
+        model_ref, donor_ref, transplant.alignment.counts(), settings.name, donor_embedding is not None
+    )
     if settings.name != "subword" and donor_embedding is None:
-        summary.notes.append(f"donor '{donor_ref}' has no embedding weights, so new tokens are estimated by subword composition")
+        summary.notes.append(
+            f"donor '{donor_ref}' has no embedding weights, so new tokens are estimated by subword composition"
+        )
 
     tied = _tied(config)
     embedding_names = {weight.name for weight in architecture.pre}
@@ -219,30 +246,44 @@ def _plan_sources(model_ref: str, donor_ref: str, model: ModelSource, donor: Mod
             continue
         source_name = name
         if tied and weight.tied_to and weight.tied_to in model.tensor_infos():
-            source_name = weight.tied_to  # a stored copy of a tied head is rebuilt from the embedding, so the two stay equal
+            source_name = (
+                weight.tied_to
+            )  # a stored copy of a tied head is rebuilt from the embedding, so the two stay equal
         donor_name = donor_embedding if (name in embedding_names or source_name != name) else donor_head
         inputs = (TensorRef(model_ref, source_name),) + ((TensorRef(donor_ref, donor_name),) if uses_donor else ())
         counts = summary.rows.setdefault(name, Counter())
         shape = list(info.shape)
         shape[weight.vocab_axis] = transplant.size
-        tensors.append(PlannedTensor(name, tuple(shape), info.dtype, inputs, _rebuild_operation(transplant, weight, uses_donor, counts)))
+        tensors.append(
+            PlannedTensor(
+                name, tuple(shape), info.dtype, inputs, _rebuild_operation(transplant, weight, uses_donor, counts)
+            )
+        )
 
     output_config = dict(config, vocab_size=transplant.size)
-    output_config.update({key: None for key in CONFIG_ID_KEYS if key in config})  # the model's ids mean nothing in the new vocabulary
+    output_config.update(
+        {key: None for key in CONFIG_ID_KEYS if key in config}
+    )  # the model's ids mean nothing in the new vocabulary
     output_config.update(transplant.config_ids(_config_or_none(donor)))
     from composer.plan.output_config import validate_against_transformers
 
     validate_against_transformers(output_config, {t.name: t.shape for t in tensors}, model_ref)
     sources = {model_ref: model, donor_ref: donor}
     plan = Plan(
-        tensors=tensors, sources=sources, config=output_config, tokenizer_source=donor_ref,
-        recipe_text=_recipe_text(model_ref, donor_ref, options, summary.alignment), method="tokenizer-transplant",
+        tensors=tensors,
+        sources=sources,
+        config=output_config,
+        tokenizer_source=donor_ref,
+        recipe_text=_recipe_text(model_ref, donor_ref, options, summary.alignment),
+        method="tokenizer-transplant",
         parents=[model_ref] if donor_ref == model_ref else [model_ref, donor_ref],
     )
     return plan, summary
 
 
-def run_transplant(model_ref: str, donor_ref: str, out: Path, options: TransplantOptions, execution: ExecutionOptions) -> tuple[ExecutionReport, TransplantSummary]:
+def run_transplant(
+    model_ref: str, donor_ref: str, out: Path, options: TransplantOptions, execution: ExecutionOptions
+) -> tuple[ExecutionReport, TransplantSummary]:
     from composer.compose import write_plan
     from composer.execute.output_folder import check_output_free
 
@@ -276,18 +317,30 @@ def scores(model_path: str, texts: list[str]) -> list:
     return [score_text(loaded, tokenizer, text) for text in texts]
 
 
-def transplant_command(model_ref: str, donor_ref: str, out: Path, options: TransplantOptions, execution: ExecutionOptions,
-                       report: bool, text_paths: list[Path], echo) -> TransplantSummary:
+def transplant_command(
+    model_ref: str,
+    donor_ref: str,
+    out: Path,
+    options: TransplantOptions,
+    execution: ExecutionOptions,
+    report: bool,
+    text_paths: list[Path],
+    echo,
+) -> TransplantSummary:
     """What `compose transplant` does: write OUT, then (with `report`) print the counts and bits per byte before and after."""
     texts = [read_text_to_score(path) for path in text_paths]  # each checked before any slow work
     written, summary = run_transplant(model_ref, donor_ref, out, options, execution)
-    echo(f"wrote {written.tensors} tensors ({written.bytes_written / 1e6:.1f} MB) to {written.out} in {written.seconds:.1f} s")
+    echo(
+        f"wrote {written.tensors} tensors ({written.bytes_written / 1e6:.1f} MB) to {written.out} in {written.seconds:.1f} s"
+    )
     if report:
         echo(format_summary(summary))
         if texts:
             before, after = scores(model_ref, texts), scores(str(out), texts)
             echo(f"{'text':<40} {'bits/byte before':>17} {'after':>8} {'perplexity before':>18} {'after':>10}")
             for path, old, new in zip(text_paths, before, after):
-                echo(f"{str(path):<40} {old.bits_per_byte:>17.4f} {new.bits_per_byte:>8.4f} {old.perplexity:>18.2f} {new.perplexity:>10.2f}")
+                echo(
+                    f"{str(path):<40} {old.bits_per_byte:>17.4f} {new.bits_per_byte:>8.4f} {old.perplexity:>18.2f} {new.perplexity:>10.2f}"
+                )
             echo("(perplexity is per token of each tokenizer, so only bits per byte compare across tokenizers)")
     return summary

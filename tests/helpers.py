@@ -12,7 +12,14 @@ DATA = Path(__file__).resolve().parent / "data"
 # Plain everyday English prose written for these tests (17 paragraphs, 9.3 KB): the real-model scores are measured on it
 ENGLISH_TEXT = DATA / "english.txt"
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=256,
+)
 FAMILY_MODEL_TYPES = {
     "llama": "llama",
     "mistral": "mistral",
@@ -42,7 +49,9 @@ def tiny_config(model_type: str, layers: int = 4, **overrides):
     return AutoConfig.for_model(model_type, **settings)
 
 
-def save_tiny_model(folder: Path, model_type: str = "llama", layers: int = 4, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+def save_tiny_model(
+    folder: Path, model_type: str = "llama", layers: int = 4, seed: int = 0, dtype=torch.float32, **overrides
+) -> Path:
     """A random model of `model_type` written with save_pretrained (safetensors)."""
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +95,14 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_fine_tune(base: Path, folder: Path, seed: int = 0, scale: float = 0.02, density: float = 1.0, change: dict[str, torch.Tensor] | None = None) -> Path:
+def save_fine_tune(
+    base: Path,
+    folder: Path,
+    seed: int = 0,
+    scale: float = 0.02,
+    density: float = 1.0,
+    change: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """A stand-in for a fine-tune: a copy of the model folder `base` (config, tokenizer) whose weights
     are moved by `change` (tensor name -> addend) where given, else by noise of standard deviation
     `scale` on a `density` share of the entries. Written as one model.safetensors."""
@@ -139,8 +155,10 @@ def byte_level_tokenizer(size: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer)
     return tokenizer
@@ -153,14 +171,23 @@ def sentencepiece_tokenizer(size: int):
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
     trained.normalizer = normalizers.Replace(" ", "▁")
     trained.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], show_progress=False
+    )
     trained.train_from_iterator(TOKENIZER_CORPUS, trainer)
     spec = json.loads(trained.to_str())
     vocab = spec["model"]["vocab"]
     for byte in range(256):
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
     spec["model"]["byte_fallback"] = True
-    spec["decoder"] = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ],
+    }
     spec["post_processor"] = {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -178,11 +205,17 @@ def save_tokenizer(tokenizer, folder: Path, **special) -> int:
     return len(wrapped)
 
 
-def tiny_model_with_tokenizer(folder: Path, tokenizer, special: dict, seed: int, tied: bool = True, rows: int | None = None) -> Path:
+def tiny_model_with_tokenizer(
+    folder: Path, tokenizer, special: dict, seed: int, tied: bool = True, rows: int | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     scratch = folder.parent / f".{folder.name}-tokenizer"
     size = save_tokenizer(tokenizer, scratch, **special)
-    ids = {f"{role}_token_id": tokenizer.token_to_id(special[f"{role}_token"]) for role in ("bos", "eos", "pad") if f"{role}_token" in special}
+    ids = {
+        f"{role}_token_id": tokenizer.token_to_id(special[f"{role}_token"])
+        for role in ("bos", "eos", "pad")
+        if f"{role}_token" in special
+    }
     save_tiny_model(folder, "llama", layers=2, seed=seed, vocab_size=rows or size, tie_word_embeddings=tied, **ids)
     for path in scratch.iterdir():
         shutil.copy(path, folder / path.name)
@@ -190,7 +223,12 @@ def tiny_model_with_tokenizer(folder: Path, tokenizer, special: dict, seed: int,
     return folder
 
 
-BYTE_LEVEL_SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
+BYTE_LEVEL_SPECIAL = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|im_end|>",
+    "unk_token": "<|endoftext|>",
+}
 SENTENCEPIECE_SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
@@ -222,9 +260,17 @@ def write_tiny_llama_gguf(path: Path, state: dict[str, torch.Tensor], config, qu
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     gguf_names = {
-        "embed_tokens": "token_embd", "norm": "output_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "embed_tokens": "token_embd",
+        "norm": "output_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
     }
     for name, tensor in state.items():
         tensor = tensor.float()

@@ -13,8 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("composer", "tokensurgery", "architectures")
 LAYERS = [
     # foundations: no composer imports beyond these
-    ("composer", "composer.errors", "composer.signals", "composer.cache", "composer.parallel", "composer.memory",
-     "composer.files", "composer.yaml_text", "composer.packages", "composer.chat_templates"),
+    (
+        "composer",
+        "composer.errors",
+        "composer.signals",
+        "composer.cache",
+        "composer.parallel",
+        "composer.memory",
+        "composer.files",
+        "composer.yaml_text",
+        "composer.packages",
+        "composer.chat_templates",
+    ),
     ("tokensurgery",),  # importable on its own: it imports nothing of composer
     ("composer.native",),
     ("composer.sources",),
@@ -25,8 +35,16 @@ LAYERS = [
     ("composer.moe", "composer.recipe_files"),
     ("composer.execute",),
     ("composer.card", "composer.model_checks", "composer.provenance"),
-    ("composer.compose", "composer.transplant", "composer.extract_lora", "composer.evaluate", "composer.route",
-     "composer.bundled", "composer.trace", "composer.tune"),
+    (
+        "composer.compose",
+        "composer.transplant",
+        "composer.extract_lora",
+        "composer.evaluate",
+        "composer.route",
+        "composer.bundled",
+        "composer.trace",
+        "composer.tune",
+    ),
     ("composer.demo",),
     ("composer.cli",),
 ]
@@ -55,9 +73,13 @@ def imports_of(name: str, tree: ast.Module, known: set[str]) -> list[tuple[str, 
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [alias.name for alias in node.names]
-            found += [(f"{base}.{n}", [], node.lineno) for n in names if f"{base}.{n}" in known]  # `from package import module`
+            found += [
+                (f"{base}.{n}", [], node.lineno) for n in names if f"{base}.{n}" in known
+            ]  # `from package import module`
             taken = [n for n in names if f"{base}.{n}" not in known]
             if taken:
                 found.append((base, taken, node.lineno))
@@ -84,7 +106,10 @@ def layer_of(module: str) -> int:
 def graph() -> dict[str, list[tuple[str, list[str], int]]]:
     trees = modules()
     known = set(trees)
-    return {name: [(owning(m, known), names, line) for m, names, line in imports_of(name, tree, known)] for name, tree in trees.items()}
+    return {
+        name: [(owning(m, known), names, line) for m, names, line in imports_of(name, tree, known)]
+        for name, tree in trees.items()
+    }
 
 
 def test_no_import_cycles():
@@ -139,6 +164,11 @@ def test_no_private_name_crosses_a_module_boundary():
 
 
 def test_tokensurgery_imports_nothing_of_composer():
-    leaks = [f"{name}:{line} imports {module}" for name, imported in graph().items() if name.startswith("tokensurgery")
-             for module, _, line in imported if not module.startswith("tokensurgery")]
+    leaks = [
+        f"{name}:{line} imports {module}"
+        for name, imported in graph().items()
+        if name.startswith("tokensurgery")
+        for module, _, line in imported
+        if not module.startswith("tokensurgery")
+    ]
     assert leaks == [], "\n".join(leaks)

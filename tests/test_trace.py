@@ -44,12 +44,12 @@ def family(tmp_path_factory) -> dict[str, Path]:
     a, b, base = models["a"], models["b"], models["base"]
     recipes = {
         "upscale": f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 3]}}\n"
-                   f"  - sources:\n      - {{model: {a}, layer_range: [1, 4]}}\ndtype: bfloat16\n",
+        f"  - sources:\n      - {{model: {a}, layer_range: [1, 4]}}\ndtype: bfloat16\n",
         "linear": f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n  - {{model: {b}, parameters: {{weight: 0.7}}}}\n"
-                  "dtype: bfloat16\n",
+        "dtype: bfloat16\n",
         "slerp": f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.4}}\ndtype: bfloat16\n",
         "ties": f"merge_method: ties\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
-                f"  - {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}\ndtype: bfloat16\n",
+        f"  - {{model: {b}, parameters: {{weight: 1.0, density: 0.5}}}}\ndtype: bfloat16\n",
     }
     for name, text in recipes.items():
         compose_text(text, root / name, OPTIONS)
@@ -61,8 +61,11 @@ def family(tmp_path_factory) -> dict[str, Path]:
 
 
 def trace(family, suspect: str, candidates: list[str], base: str | None = None, verify: bool = False):
-    return trace_models(str(family[suspect]), [str(family[name]) for name in candidates],
-                        TraceOptions(base=str(family[base]) if base else None, verify=verify))
+    return trace_models(
+        str(family[suspect]),
+        [str(family[name]) for name in candidates],
+        TraceOptions(base=str(family[base]) if base else None, verify=verify),
+    )
 
 
 def verdicts(report, family) -> dict[str, str]:
@@ -73,7 +76,10 @@ def verdicts(report, family) -> dict[str, str]:
 def test_depth_upscale_slices_are_exact_and_recompose_bit_for_bit(family):
     report = trace(family, "upscale", ["a", "sib", "other"], verify=True)
     assert [(layer.method, layer.sources[0][1]) for layer in report.layers] == [("copy", j) for j in (0, 1, 2, 1, 2, 3)]
-    slices = [[source["layer_range"] for source in piece["sources"]] for piece in __import__("yaml").safe_load(report.recipe)["slices"]]
+    slices = [
+        [source["layer_range"] for source in piece["sources"]]
+        for piece in __import__("yaml").safe_load(report.recipe)["slices"]
+    ]
     assert slices == [[[0, 3]], [[1, 4]]]
     assert verdicts(report, family) == {"a": "parent", "sib": "related", "other": "independent"}
     assert max(report.verification.values()) == 0.0
@@ -102,8 +108,17 @@ def test_ties_family_and_parents_are_named(family):
     report = trace(family, "ties", ["a", "b", "sib", "other"], base="base", verify=True)
     assert report.method == "ties"
     named = verdicts(report, family)
-    assert named["a"] == named["b"] == named["base"] == "parent" and named["sib"] == "related" and named["other"] == "independent"
-    densities = [fit.density for layer in report.layers for fit in layer.tensors if fit.method == "ties" and fit.name.endswith("proj.weight")]
+    assert (
+        named["a"] == named["b"] == named["base"] == "parent"
+        and named["sib"] == "related"
+        and named["other"] == "independent"
+    )
+    densities = [
+        fit.density
+        for layer in report.layers
+        for fit in layer.tensors
+        if fit.method == "ties" and fit.name.endswith("proj.weight")
+    ]
     assert all(abs(density - 0.5) <= 0.03 for density in densities)
     assert max(report.verification.values()) <= 1e-2
 
@@ -122,7 +137,11 @@ def test_verdicts_survive_a_bf16_round_trip_and_continued_fine_tuning(family, tm
     tuned = tmp_path / "tuned"
     save_fine_tune(family["linear"], tuned, seed=11, scale=0.004, change=None)
     rounded = tmp_path / "rounded"
-    save_fine_tune(family["linear"], rounded, change={name: state[name] - tensor.float() for name, tensor in load_state(family["linear"]).items()})
+    save_fine_tune(
+        family["linear"],
+        rounded,
+        change={name: state[name] - tensor.float() for name, tensor in load_state(family["linear"]).items()},
+    )
     for suspect in (tuned, rounded):
         report = trace_models(str(suspect), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions())
         assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
@@ -139,10 +158,21 @@ def test_tokenizer_commonality(tmp_path):
     tokenizer = byte_level_tokenizer(300)
     first = tiny_model_with_tokenizer(tmp_path / "first", tokenizer, BYTE_LEVEL_SPECIAL, seed=1)
     second = tiny_model_with_tokenizer(tmp_path / "second", tokenizer, BYTE_LEVEL_SPECIAL, seed=2)
-    foreign = tiny_model_with_tokenizer(tmp_path / "foreign", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=3)
-    facts = {name: tokenizer_facts(open_source(str(path))) for name, path in (("first", first), ("second", second), ("foreign", foreign))}
+    foreign = tiny_model_with_tokenizer(
+        tmp_path / "foreign", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=3
+    )
+    facts = {
+        name: tokenizer_facts(open_source(str(path)))
+        for name, path in (("first", first), ("second", second), ("foreign", foreign))
+    }
     same = compare_tokenizers("second", facts["first"], facts["second"])
-    assert (same.verdict, same.shared_vocab, same.same_ids, same.same_merges, same.same_special_tokens) == ("is", 1.0, True, True, True)
+    assert (same.verdict, same.shared_vocab, same.same_ids, same.same_merges, same.same_special_tokens) == (
+        "is",
+        1.0,
+        True,
+        True,
+        True,
+    )
     other = compare_tokenizers("foreign", facts["first"], facts["foreign"])
     # trained on the same text, the two vocabularies hold nearly the same pieces, in another order and convention
     assert other.verdict == "shares" and not other.same_ids and not other.same_merges and not other.same_pre_tokenizer
@@ -150,14 +180,28 @@ def test_tokenizer_commonality(tmp_path):
 
 def test_cli_report_json_and_heat_map(family, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(family["a"].parent)
-    code = compose_in_process(monkeypatch, "trace", "linear", "--candidates", "a", "b", "other", "--json", tmp_path / "t.json", "--png", tmp_path / "t.png")
+    code = compose_in_process(
+        monkeypatch,
+        "trace",
+        "linear",
+        "--candidates",
+        "a",
+        "b",
+        "other",
+        "--json",
+        tmp_path / "t.json",
+        "--png",
+        tmp_path / "t.png",
+    )
     out = capsys.readouterr().out
     assert code in (0, None), out
     assert "parent" in out and "independent" in out
     data = json.loads((tmp_path / "t.json").read_text())
     assert list(data)[:6] == ["suspect", "tokenizer", "candidates", "layers", "recipe", "provenance"]
     assert data["suspect"] == "linear" and [c["model"] for c in data["candidates"]] == ["a", "b", "other"]
-    assert data["provenance"]["agrees"] is (True if data["provenance"]["recorded"] else None)  # composer's own record, if written
+    assert data["provenance"]["agrees"] is (
+        True if data["provenance"]["recorded"] else None
+    )  # composer's own record, if written
     assert set(data["layers"][0]) >= {"layer", "sources", "method", "relative_error"}
     assert "model: a" in data["recipe"]  # models named exactly as given
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
@@ -199,18 +243,18 @@ def cases(family) -> dict[str, Path]:
     a, b, base, linear = family["a"], family["b"], family["base"], family["linear"]
     recipes = {
         "dare_ties": f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.6, density: 0.4}}}}\n"
-                     f"  - {{model: {b}, parameters: {{weight: 0.5, density: 0.4}}}}\nrandom_seed: 3\ndtype: bfloat16\n",
+        f"  - {{model: {b}, parameters: {{weight: 0.5, density: 0.4}}}}\nrandom_seed: 3\ndtype: bfloat16\n",
         "dare_linear": f"merge_method: dare_linear\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.6, density: 0.6}}}}\n"
-                       f"  - {{model: {b}, parameters: {{weight: 0.4, density: 0.6}}}}\nrandom_seed: 3\ndtype: bfloat16\n",
+        f"  - {{model: {b}, parameters: {{weight: 0.4, density: 0.6}}}}\nrandom_seed: 3\ndtype: bfloat16\n",
         "dropped": f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {linear}, layer_range: [0, 2]}}\n"
-                   f"  - sources:\n      - {{model: {linear}, layer_range: [3, 4]}}\ndtype: bfloat16\n",
+        f"  - sources:\n      - {{model: {linear}, layer_range: [3, 4]}}\ndtype: bfloat16\n",
         "repeated": f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 4]}}\n"
-                    f"  - sources:\n      - {{model: {a}, layer_range: [3, 4]}}\ndtype: bfloat16\n",
+        f"  - sources:\n      - {{model: {a}, layer_range: [3, 4]}}\ndtype: bfloat16\n",
         "mixed": f"stages:\n  - name: blend\n    merge_method: linear\n    slices:\n      - sources:\n"
-                 f"          - {{model: {a}, layer_range: [2, 4], parameters: {{weight: 0.25}}}}\n"
-                 f"          - {{model: {b}, layer_range: [2, 4], parameters: {{weight: 0.75}}}}\n    dtype: bfloat16\n"
-                 f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n"
-                 f"  - sources:\n      - {{model: blend, layer_range: [0, 2]}}\ndtype: bfloat16\n",
+        f"          - {{model: {a}, layer_range: [2, 4], parameters: {{weight: 0.25}}}}\n"
+        f"          - {{model: {b}, layer_range: [2, 4], parameters: {{weight: 0.75}}}}\n    dtype: bfloat16\n"
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n"
+        f"  - sources:\n      - {{model: blend, layer_range: [0, 2]}}\ndtype: bfloat16\n",
     }
     made = {}
     for name, text in recipes.items():
@@ -230,25 +274,39 @@ def test_a_quantised_gguf_suspect_keeps_its_parents_and_weights(family, cases, k
     tolerance = 0.02 if kind == "Q8_0" else 0.1  # 4-bit blocks move each weight by several per cent
     for layer in report.layers:
         weights = {Path(model).name: weight for model, _, weight in layer.sources}
-        assert set(weights) == {"a", "b"} and abs(weights["a"] - 0.3) <= tolerance and abs(weights["b"] - 0.7) <= tolerance
+        assert (
+            set(weights) == {"a", "b"} and abs(weights["a"] - 0.3) <= tolerance and abs(weights["b"] - 0.7) <= tolerance
+        )
 
 
 def test_removed_and_repeated_layers_are_found(family, cases):
-    report = trace_models(str(cases["dropped"]), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions(verify=True))
+    report = trace_models(
+        str(cases["dropped"]), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions(verify=True)
+    )
     assert [sorted({j for _, j, _ in layer.sources}) for layer in report.layers] == [[0], [1], [3]]
     assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
     assert max(report.verification.values()) <= 1e-2
     report = trace_models(str(cases["repeated"]), [str(family[n]) for n in ("a", "other")], TraceOptions(verify=True))
-    slices = [[source["layer_range"] for source in piece["sources"]] for piece in yaml.safe_load(report.recipe)["slices"]]
+    slices = [
+        [source["layer_range"] for source in piece["sources"]] for piece in yaml.safe_load(report.recipe)["slices"]
+    ]
     assert slices == [[[0, 4]], [[3, 4]]] and max(report.verification.values()) == 0.0
     assert verdicts(report, family) == {"a": "parent", "other": "independent"}
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 def test_dare_merges_are_detected(family, cases, method):
-    report = trace_models(str(cases[method]), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions(base=str(family["base"])))
+    report = trace_models(
+        str(cases[method]), [str(family[n]) for n in ("a", "b", "sib", "other")], TraceOptions(base=str(family["base"]))
+    )
     assert report.method == method
-    assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent", "base": "parent"}
+    assert verdicts(report, family) == {
+        "a": "parent",
+        "b": "parent",
+        "sib": "related",
+        "other": "independent",
+        "base": "parent",
+    }
     density = 0.4 if method == "dare_ties" else 0.6
     densities = [fit.density for layer in report.layers for fit in layer.tensors if fit.name.endswith("proj.weight")]
     assert all(abs(found - density) <= 0.05 for found in densities)
@@ -280,12 +338,16 @@ def speaking(tmp_path_factory) -> dict[str, Path]:
     models["a"] = save_fine_tune(models["base"], root / "a", seed=2)
     models["b"] = save_fine_tune(models["base"], root / "b", seed=3)
     models["other"] = tiny_model_with_tokenizer(root / "other", tokenizer, BYTE_LEVEL_SPECIAL, seed=4)
-    models["foreign"] = tiny_model_with_tokenizer(root / "foreign", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=5)
+    models["foreign"] = tiny_model_with_tokenizer(
+        root / "foreign", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=5
+    )
     extended = byte_level_tokenizer(300)
     extended.add_tokens(["<|tool_call|>", "prefeitura", "freezes"])
     models["extended"] = tiny_model_with_tokenizer(root / "extended", extended, BYTE_LEVEL_SPECIAL, seed=6)
-    merge = (f"merge_method: linear\nmodels:\n  - {{model: {models['a']}, parameters: {{weight: 0.4}}}}\n"
-             f"  - {{model: {models['b']}, parameters: {{weight: 0.6}}}}\ndtype: float32\n")
+    merge = (
+        f"merge_method: linear\nmodels:\n  - {{model: {models['a']}, parameters: {{weight: 0.4}}}}\n"
+        f"  - {{model: {models['b']}, parameters: {{weight: 0.6}}}}\ndtype: float32\n"
+    )
     compose_text(merge, root / "merge", OPTIONS)
     models["merge"] = root / "merge"
     for name, donor in (("transplanted", "foreign"), ("widened", "extended")):
@@ -295,7 +357,9 @@ def speaking(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_a_transplanted_tokenizer_keeps_the_parents_and_matches_embeddings_through_the_alignment(speaking):
-    report = trace_models(str(speaking["transplanted"]), [str(speaking[n]) for n in ("a", "b", "other")], TraceOptions())
+    report = trace_models(
+        str(speaking["transplanted"]), [str(speaking[n]) for n in ("a", "b", "other")], TraceOptions()
+    )
     assert verdicts(report, speaking) == {"a": "parent", "b": "parent", "other": "independent"}
     assert [t.verdict for t in report.tokenizers] == ["shares"] * 3 and not report.tokenizers[0].same_ids
     embedding = next(fit for fit in report.outer if fit.name == "model.embed_tokens.weight")
@@ -328,10 +392,14 @@ def with_record(source: Path, folder: Path, parents: dict[str, Path]) -> Path:
     entries = []
     for name, path in parents.items():
         opened = open_source(str(path))
-        entries.append({"model": name, "hub_id": None, "revision": None, "path": str(path), "weights": source_digests(opened)})
+        entries.append(
+            {"model": name, "hub_id": None, "revision": None, "path": str(path), "weights": source_digests(opened)}
+        )
         opened.close()
     record = {"composer_version": "0.test", "recipe_sha256": "0" * 64, "parents": entries}
-    save_file(load_state(source), str(folder / "model.safetensors"), metadata={"composer.provenance": json.dumps(record)})
+    save_file(
+        load_state(source), str(folder / "model.safetensors"), metadata={"composer.provenance": json.dumps(record)}
+    )
     return folder
 
 
@@ -358,12 +426,20 @@ def test_a_small_memory_budget_reads_in_blocks_and_changes_nothing(family):
 
     model = open_traced(str(family["linear"]), "SUSPECT")
     try:
-        whole, blocked = fingerprint_model(model, 1 << 30), fingerprint_model(model, 16 << 10)  # 16 KB: many blocks a tensor
+        whole, blocked = (
+            fingerprint_model(model, 1 << 30),
+            fingerprint_model(model, 16 << 10),
+        )  # 16 KB: many blocks a tensor
     finally:
         model.close()
-    assert all(whole[n].digest == blocked[n].digest and torch.allclose(whole[n].sketch, blocked[n].sketch)
-               for n in whole if whole[n].sketch is not None)
-    small = trace_models(str(family["linear"]), [str(family[n]) for n in ("a", "b", "other")], TraceOptions(memory_budget=16 << 10))
+    assert all(
+        whole[n].digest == blocked[n].digest and torch.allclose(whole[n].sketch, blocked[n].sketch)
+        for n in whole
+        if whole[n].sketch is not None
+    )
+    small = trace_models(
+        str(family["linear"]), [str(family[n]) for n in ("a", "b", "other")], TraceOptions(memory_budget=16 << 10)
+    )
     assert verdicts(small, family) == {"a": "parent", "b": "parent", "other": "independent"}
     for layer in small.layers:
         weights = {Path(model).name: weight for model, _, weight in layer.sources}

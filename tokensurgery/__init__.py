@@ -19,7 +19,21 @@ from tokensurgery.transplant import Transplant, padded
 from tokensurgery.vocabulary import Scheme, Vocabulary, load_tokenizer
 
 __all__ = [
-    "DEFAULT_ESTIMATOR", "ESTIMATORS", "Alignment", "EstimatorSettings", "Match", "Pieces", "RebuiltRows", "Scheme",
-    "TokenSurgeryError", "Transplant", "Vocabulary", "align", "estimate_rows", "load_tokenizer", "model_pieces",
-    "padded", "split_into_model_pieces",
+    "DEFAULT_ESTIMATOR",
+    "ESTIMATORS",
+    "Alignment",
+    "EstimatorSettings",
+    "Match",
+    "Pieces",
+    "RebuiltRows",
+    "Scheme",
+    "TokenSurgeryError",
+    "Transplant",
+    "Vocabulary",
+    "align",
+    "estimate_rows",
+    "load_tokenizer",
+    "model_pieces",
+    "padded",
+    "split_into_model_pieces",
 ]

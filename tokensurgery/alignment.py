@@ -21,21 +21,29 @@ CHAT_ROLES = {
     "turn_end": ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|turn_end|>"),
 }
 # a role a vocabulary lacks is looked for under these (BERT has [CLS] and [SEP] where a causal LM has bos and eos)
-ROLE_STAND_INS = {"bos": ("bos", "cls"), "eos": ("eos", "sep"), "cls": ("cls", "bos"), "sep": ("sep", "eos"), "pad": ("pad", "eos"), "unk": ("unk",), "mask": ("mask",)}
+ROLE_STAND_INS = {
+    "bos": ("bos", "cls"),
+    "eos": ("eos", "sep"),
+    "cls": ("cls", "bos"),
+    "sep": ("sep", "eos"),
+    "pad": ("pad", "eos"),
+    "unk": ("unk",),
+    "mask": ("mask",),
+}
 # tokens that separate documents in pretraining data
 DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|end|>")
 
 
 class Match(IntEnum):
     EXACT = 0  # the same token string standing for the same text (or a control token with the same name): copied
-    NORMALISED = 1  # the same text under another convention (`Ġhello` and `▁hello`, `Ã§` and `ç`, `<0x41>` and `A`): copied
+    NORMALISED = (
+        1  # the same text under another convention (`Ġhello` and `▁hello`, `Ã§` and `ç`, `<0x41>` and `A`): copied
+    )
     SPECIAL = 2  # a control token mapped by its role (bos, eos, pad, chat turn markers): copied
     NEW = 3  # text the model has no single token for: estimated
     SPLIT = 4  # a whitespace run the model's tokenizer never keeps whole in front of a word: composed from the pieces it uses there
     CONTROL = 5  # a control token with no counterpart (`<unused0>`, image markers): filler row
     TWIN = 6  # a second spelling of a copied token that the target tokenizer never produces (`<0x2E>` beside `.`): filler row
-
-
 
 
 @dataclass

@@ -51,7 +51,13 @@ def _unit(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def candidate_anchors(targets: torch.Tensor, anchors_unit: torch.Tensor, screened_anchors: torch.Tensor | None, basis: torch.Tensor | None, count: int) -> torch.Tensor:
+def candidate_anchors(
+    targets: torch.Tensor,
+    anchors_unit: torch.Tensor,
+    screened_anchors: torch.Tensor | None,
+    basis: torch.Tensor | None,
+    count: int,
+) -> torch.Tensor:
     """For each target, the `count` anchors of highest |cosine|, measured in the screening subspace when one is given."""
     if basis is None:
         scores = _unit(targets) @ anchors_unit.T
@@ -61,8 +67,13 @@ def candidate_anchors(targets: torch.Tensor, anchors_unit: torch.Tensor, screene
 
 
 def sparse_code(
-    targets: torch.Tensor, anchors: torch.Tensor, k: int = 8, batch_size: int = 1024, ridge: float = 1e-6,
-    candidates: int | None = 64, screen_dims: int | None = 64,
+    targets: torch.Tensor,
+    anchors: torch.Tensor,
+    k: int = 8,
+    batch_size: int = 1024,
+    ridge: float = 1e-6,
+    candidates: int | None = 64,
+    screen_dims: int | None = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal matching pursuit, vectorised over a batch of targets.
 
@@ -106,8 +117,13 @@ def sparse_code(
 
 
 def nearest_neighbours(
-    targets: torch.Tensor, anchors: torch.Tensor, k: int = 8, batch_size: int = 4096, temperature: float = 0.05,
-    candidates: int | None = 64, screen_dims: int | None = 64,
+    targets: torch.Tensor,
+    anchors: torch.Tensor,
+    k: int = 8,
+    batch_size: int = 4096,
+    temperature: float = 0.05,
+    candidates: int | None = 64,
+    screen_dims: int | None = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k anchors with the highest cosine similarity to each target, and softmax(similarity / temperature)
     weights (summing to one). With `candidates`, the search is screened as in `sparse_code`.
@@ -160,7 +176,9 @@ def _matrix_power(covariance: torch.Tensor, power: float) -> torch.Tensor:
     return (vectors * values**power) @ vectors.T
 
 
-def fit_linear_map(donor_rows: torch.Tensor, model_rows: torch.Tensor, ridge: float = 1e-3, recolour: bool = True) -> LinearMap:
+def fit_linear_map(
+    donor_rows: torch.Tensor, model_rows: torch.Tensor, ridge: float = 1e-3, recolour: bool = True
+) -> LinearMap:
     """Fit on paired anchor rows. Ridge regression (`ridge` relative to the mean feature variance) predicts
     each row's conditional mean, which shrinks every prediction toward the average row: a frequent word
     and a rare one come out alike, and as output rows all of them get middling logits. The recolouring
@@ -177,6 +195,8 @@ def fit_linear_map(donor_rows: torch.Tensor, model_rows: torch.Tensor, ridge: fl
     if recolour:
         spread = predicted - centre
         truth = model_rows.double() - model_rows.double().mean(dim=0)
-        transform = _matrix_power(spread.T @ spread / len(spread), -0.5) @ _matrix_power(truth.T @ truth / len(truth), 0.5)
+        transform = _matrix_power(spread.T @ spread / len(spread), -0.5) @ _matrix_power(
+            truth.T @ truth / len(truth), 0.5
+        )
         transform = transform.float()
     return LinearMap(weight.float(), bias.float(), centre.float(), transform)

@@ -36,7 +36,7 @@ class Pieces:
         return np.arange(len(self.ids)) - np.repeat(self.starts[:-1], self.counts)
 
     def of(self, position: int) -> list[int]:
-        return self.ids[self.starts[position]:self.starts[position + 1]].tolist()
+        return self.ids[self.starts[position] : self.starts[position + 1]].tolist()
 
     @classmethod
     def from_lists(cls, lists: list[list[int]]) -> Pieces:

@@ -44,7 +44,9 @@ class EstimatorSettings:
 @dataclass
 class RebuiltRows:
     rows: torch.Tensor  # [target rows, ...] in the target's id order
-    counts: Counter = field(default_factory=Counter)  # how many rows each way was used for: "copied", "mapped", "filler", ...
+    counts: Counter = field(
+        default_factory=Counter
+    )  # how many rows each way was used for: "copied", "mapped", "filler", ...
 
 
 def model_pieces(alignment: Alignment) -> Pieces:
@@ -125,7 +127,14 @@ def estimate_rows(
     return RebuiltRows(rows, counts)
 
 
-def _from_donor(name: str, flat: torch.Tensor, alignment: Alignment, donor_rows: torch.Tensor, new: np.ndarray, settings: EstimatorSettings) -> torch.Tensor:
+def _from_donor(
+    name: str,
+    flat: torch.Tensor,
+    alignment: Alignment,
+    donor_rows: torch.Tensor,
+    new: np.ndarray,
+    settings: EstimatorSettings,
+) -> torch.Tensor:
     if len(donor_rows) < len(alignment.target):
         raise TokenSurgeryError(
             f"The donor's embedding has {len(donor_rows)} rows but its tokenizer has {len(alignment.target)} tokens; "

@@ -28,7 +28,13 @@ class Transplant:
     pad_to_multiple_of: int | None = None
 
     @classmethod
-    def between(cls, model: Vocabulary, target: Vocabulary, settings: EstimatorSettings = EstimatorSettings(), pad_to_multiple_of: int | None = None) -> Transplant:
+    def between(
+        cls,
+        model: Vocabulary,
+        target: Vocabulary,
+        settings: EstimatorSettings = EstimatorSettings(),
+        pad_to_multiple_of: int | None = None,
+    ) -> Transplant:
         alignment = align(model, target)
         return cls(alignment, model_pieces(alignment), settings, pad_to_multiple_of)
 
@@ -60,4 +66,6 @@ class Transplant:
 
 def _valid_ids(value, size: int) -> bool:
     values = value if isinstance(value, list) else [value]
-    return bool(values) and all(isinstance(item, int) and not isinstance(item, bool) and 0 <= item < size for item in values)
+    return bool(values) and all(
+        isinstance(item, int) and not isinstance(item, bool) and 0 <= item < size for item in values
+    )

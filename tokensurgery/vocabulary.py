@@ -82,7 +82,11 @@ def detect_scheme(spec: dict) -> Scheme:
         return Scheme.WORDPIECE
     if "ByteLevel" in _component_types(spec.get("pre_tokenizer")) | _component_types(spec.get("decoder")):
         return Scheme.BYTE_LEVEL
-    if _metaspace_character(spec) is not None or model_type == "Unigram" or (spec.get("model") or {}).get("byte_fallback"):
+    if (
+        _metaspace_character(spec) is not None
+        or model_type == "Unigram"
+        or (spec.get("model") or {}).get("byte_fallback")
+    ):
         return Scheme.SENTENCEPIECE
     return Scheme.PLAIN
 
@@ -99,7 +103,7 @@ def _surface(token: str, scheme: Scheme, marker: str | None, byte_fallback: bool
         return token.replace(marker, " ").encode("utf-8")
     if scheme is Scheme.WORDPIECE:
         if continuing_prefix and token.startswith(continuing_prefix) and len(token) > len(continuing_prefix):
-            return token[len(continuing_prefix):].encode("utf-8")
+            return token[len(continuing_prefix) :].encode("utf-8")
         # a word-start piece follows a space in running text, except punctuation, which BERT splits off words
         return (" " + token if token[:1].isalnum() else token).encode("utf-8")
     return token.encode("utf-8")
@@ -121,7 +125,9 @@ class Vocabulary:
     def encode(self, text: str) -> list[int]:
         """The ids this tokenizer gives `text` on its own (no bos/eos, no space put in front)."""
         if self.encoder is None:
-            raise TokenSurgeryError(f"The vocabulary of {self.name} was read without its tokenizer, so it cannot split text.")
+            raise TokenSurgeryError(
+                f"The vocabulary of {self.name} was read without its tokenizer, so it cannot split text."
+            )
         return self.encoder.encode(text, add_special_tokens=False).ids
 
     def __len__(self) -> int:
@@ -135,7 +141,9 @@ class Vocabulary:
         return self._ids.get(token)
 
     @classmethod
-    def from_tokenizer_json(cls, spec: dict | str, roles: dict[str, int] | None = None, name: str = "tokenizer") -> Vocabulary:
+    def from_tokenizer_json(
+        cls, spec: dict | str, roles: dict[str, int] | None = None, name: str = "tokenizer"
+    ) -> Vocabulary:
         """From the contents of a tokenizer.json (a dict, or its text)."""
         if isinstance(spec, str):
             spec = json.loads(spec)
@@ -146,7 +154,9 @@ class Vocabulary:
         elif isinstance(vocab, dict):
             pairs = list(vocab.items())
         else:
-            raise TokenSurgeryError(f"The tokenizer of {name} has no vocabulary in its tokenizer.json (model type {model.get('type')!r}).")
+            raise TokenSurgeryError(
+                f"The tokenizer of {name} has no vocabulary in its tokenizer.json (model type {model.get('type')!r})."
+            )
         added = {entry["id"]: entry for entry in spec.get("added_tokens") or []}
         size = max([index for _, index in pairs] + list(added) + [-1]) + 1
         tokens = [""] * size
@@ -156,7 +166,9 @@ class Vocabulary:
         marker = _metaspace_character(spec)
         byte_fallback = bool(model.get("byte_fallback")) or scheme is Scheme.SENTENCEPIECE
         prefix = model.get("continuing_subword_prefix") or ("##" if scheme is Scheme.WORDPIECE else "")
-        surfaces: list[bytes | None] = [_surface(text, scheme, marker, byte_fallback, prefix) if text else None for text in tokens]
+        surfaces: list[bytes | None] = [
+            _surface(text, scheme, marker, byte_fallback, prefix) if text else None for text in tokens
+        ]
         special = [False] * size
         for index, entry in added.items():
             tokens[index] = entry["content"]
@@ -170,7 +182,9 @@ class Vocabulary:
         """From a transformers fast tokenizer (or a `tokenizers.Tokenizer`)."""
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         if not hasattr(backend, "to_str"):
-            raise TokenSurgeryError(f"The tokenizer of {name} has no fast (tokenizers) version, so its vocabulary cannot be read.")
+            raise TokenSurgeryError(
+                f"The tokenizer of {name} has no fast (tokenizers) version, so its vocabulary cannot be read."
+            )
         roles = {}
         for role in ROLES:
             index = getattr(tokenizer, f"{role}_token_id", None)
@@ -191,7 +205,14 @@ class Vocabulary:
         return cls.from_tokenizer(load_tokenizer(folder), name or str(folder))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def load_tokenizer(folder: Path | str):
@@ -207,7 +228,9 @@ def load_tokenizer(folder: Path | str):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # noqa: BLE001  (damaged files make transformers and tokenizers raise many types: KeyError, ...)
         text = " ".join(str(error).split()) or "no message"
-        raise TokenSurgeryError(f"The tokenizer in {folder} could not be loaded with transformers ({type(error).__name__}: {text[:400]})") from None
+        raise TokenSurgeryError(
+            f"The tokenizer in {folder} could not be loaded with transformers ({type(error).__name__}: {text[:400]})"
+        ) from None
 
 
 def _verbatim(settings):
@@ -233,7 +256,12 @@ def verbatim_tokenizer(spec: dict):
     with no bos/eos around it."""
     from tokenizers import Tokenizer
 
-    changed = dict(spec, normalizer=_verbatim(spec.get("normalizer")), pre_tokenizer=_verbatim(spec.get("pre_tokenizer")), post_processor=None)
+    changed = dict(
+        spec,
+        normalizer=_verbatim(spec.get("normalizer")),
+        pre_tokenizer=_verbatim(spec.get("pre_tokenizer")),
+        post_processor=None,
+    )
     return Tokenizer.from_str(json.dumps(changed))
 
 

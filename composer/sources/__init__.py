@@ -24,7 +24,9 @@ def open_source(reference: str, relative_to: Path | None = None) -> ModelSource:
             return GGUFFile(reference, path)
         if path.suffix in (".safetensors", ".bin"):
             return open_folder(reference, path.parent)
-        raise ComposerError(f"Model '{reference}' is a file composer cannot read: give a model folder, a .gguf file or a hub id.")
+        raise ComposerError(
+            f"Model '{reference}' is a file composer cannot read: give a model folder, a .gguf file or a hub id."
+        )
     if "+" in reference:  # BASE+ADAPTER: a PEFT LoRA adapter merged into its base as tensors are read
         from composer.sources.lora import open_with_adapter
 

@@ -102,11 +102,16 @@ class FolderFilesMixin:
     def config(self) -> dict:
         path = self.folder_file("config.json")
         if path is None:
-            raise ComposerError(f"Model '{self.reference}' has no config.json in {self.folder}; a model folder needs one.")
+            raise ComposerError(
+                f"Model '{self.reference}' has no config.json in {self.folder}; a model folder needs one."
+            )
         return read_json_object(path)
 
     def has_tokenizer(self) -> bool:
-        return any(self.folder_file(name) is not None for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
+        return any(
+            self.folder_file(name) is not None
+            for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+        )
 
     def save_tokenizer(self, destination: Path) -> list[str]:
         written = []

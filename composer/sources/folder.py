@@ -32,7 +32,9 @@ def read_index(folder: Path, index_name: str) -> dict[str, str] | None:
         return None
     weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ComposerError(f"{index_path} is not a valid index file: 'weight_map' must map tensor names to shard file names.")
+        raise ComposerError(
+            f"{index_path} is not a valid index file: 'weight_map' must map tensor names to shard file names."
+        )
     return weight_map
 
 
@@ -44,10 +46,14 @@ def read_shards(folder: Path, index_name: str) -> tuple[dict[str, str], dict[str
     if weight_map is None:
         return None
     named_in = folder / index_name
-    return weight_map, {name: model_file(folder, name, named_in=named_in, weights=True) for name in sorted(set(weight_map.values()))}
+    return weight_map, {
+        name: model_file(folder, name, named_in=named_in, weights=True) for name in sorted(set(weight_map.values()))
+    }
 
 
-def weight_files(folder: Path, index_name: str, single_name: str, pattern: str) -> tuple[list[Path], dict[str, str] | None]:
+def weight_files(
+    folder: Path, index_name: str, single_name: str, pattern: str
+) -> tuple[list[Path], dict[str, str] | None]:
     """The files holding the weights, and the index's weight map if there is one."""
     indexed = read_shards(folder, index_name)
     if indexed is not None:
@@ -63,11 +69,17 @@ def weight_files(folder: Path, index_name: str, single_name: str, pattern: str) 
     single = model_file(folder, single_name, weights=True)
     if single is not None:
         return [single], None
-    found = (model_file(folder, path.name, weights=True) for path in sorted(folder.glob(pattern)) if path.name not in NOT_WEIGHTS)
+    found = (
+        model_file(folder, path.name, weights=True)
+        for path in sorted(folder.glob(pattern))
+        if path.name not in NOT_WEIGHTS
+    )
     return [path for path in found if path is not None], None
 
 
-def _assign(folder: Path, index_name: str, weight_map: dict[str, str] | None, found: list[tuple[str, Path]]) -> dict[str, Path]:
+def _assign(
+    folder: Path, index_name: str, weight_map: dict[str, str] | None, found: list[tuple[str, Path]]
+) -> dict[str, Path]:
     """Tensor name -> the file to read it from. With an index the index decides; without one a name in two files is an error."""
     file_of: dict[str, Path] = {}
     places: dict[str, set[Path]] = {}
@@ -91,7 +103,9 @@ def _assign(folder: Path, index_name: str, weight_map: dict[str, str] | None, fo
             file_of[name] = next(iter(paths))
     for name, shard in (weight_map or {}).items():
         if name not in file_of:
-            raise ComposerError(f"{folder / index_name} says tensor '{name}' is in {shard}, but that shard does not hold it.")
+            raise ComposerError(
+                f"{folder / index_name} says tensor '{name}' is in {shard}, but that shard does not hold it."
+            )
     return file_of
 
 
@@ -133,7 +147,9 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
                 descriptor = self._descriptors[path] = os.open(path, os.O_RDONLY)
             return read_into(descriptor, offset, info.shape, info.dtype)
         except (OSError, EOFError) as error:
-            raise ComposerError(f"{path}: tensor '{name}' could not be read ({error}). The file may have changed since it was opened.") from None
+            raise ComposerError(
+                f"{path}: tensor '{name}' could not be read ({error}). The file may have changed since it was opened."
+            ) from None
 
     def close(self) -> None:
         descriptors, self._descriptors = self._descriptors, {}
@@ -150,7 +166,12 @@ class TorchBinFolder(FolderFilesMixin, ModelSource):
         paths, weight_map = weight_files(folder, BIN_INDEX, BIN_SINGLE, "*.bin")
         self.weight_paths = tuple(paths)
         states = {path: load_mapped(path) for path in paths}
-        found = [(name, path) for path, state in states.items() for name, value in state.items() if isinstance(value, torch.Tensor)]
+        found = [
+            (name, path)
+            for path, state in states.items()
+            for name, value in state.items()
+            if isinstance(value, torch.Tensor)
+        ]
         file_of = _assign(folder, BIN_INDEX, weight_map, found)
         self._tensors: dict[str, torch.Tensor] = {name: states[path][name] for name, path in file_of.items()}
         self._infos = {name: TensorInfo(name, tuple(t.shape), t.dtype) for name, t in self._tensors.items()}
@@ -187,14 +208,18 @@ def _load_failure(path: Path, error: Exception) -> str:
     text = str(error)
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if refused:
-        return (f"{path} holds a pickled object of type {refused.group(1)}, which is not plain tensor data; composer never runs "
-                "code from a checkpoint (weights_only), so it cannot read this file. Convert it to safetensors where you trust it.")
+        return (
+            f"{path} holds a pickled object of type {refused.group(1)}, which is not plain tensor data; composer never runs "
+            "code from a checkpoint (weights_only), so it cannot read this file. Convert it to safetensors where you trust it."
+        )
     with open(path, "rb") as handle:
         start = handle.read(2)
     if not zipfile.is_zipfile(path):
         if start[:1] == b"\x80":  # a pickle protocol header: torch.save's legacy format
-            return (f"{path} is a PyTorch checkpoint in the legacy (pre-1.6, non-zip) format, which cannot be memory-mapped "
-                    "and so cannot be read one tensor at a time. Re-save it with torch.save or convert it to safetensors.")
+            return (
+                f"{path} is a PyTorch checkpoint in the legacy (pre-1.6, non-zip) format, which cannot be memory-mapped "
+                "and so cannot be read one tensor at a time. Re-save it with torch.save or convert it to safetensors."
+            )
         if start[:2] == b"PK":
             return f"{path} is a PyTorch checkpoint that is truncated or damaged (its zip directory is missing). Download or copy it again."
         return f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)."

@@ -26,7 +26,9 @@ class GGUFFile(ModelSource):
         self.path = path
         self.header = read_gguf_header(path)
         if self.header.architecture is None:
-            raise ComposerError(f"{path} has no 'general.architecture' in its metadata, so composer cannot tell which model family it holds.")
+            raise ComposerError(
+                f"{path} has no 'general.architecture' in its metadata, so composer cannot tell which model family it holds."
+            )
         self._memmap = None
 
     # ---- translation through transformers (metadata only) -------------------------------------------
@@ -51,14 +53,19 @@ class GGUFFile(ModelSource):
         try:
             model_config = AutoConfig.for_model(**config)
         except (ValueError, KeyError) as error:
-            raise ComposerError(f"{self.path}: transformers has no model type '{config.get('model_type')}' for this GGUF file ({error}).") from None
+            raise ComposerError(
+                f"{self.path}: transformers has no model type '{config.get('model_type')}' for this GGUF file ({error})."
+            ) from None
         if not getattr(model_config, "architectures", None):
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
             name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_config.model_type)
             if name:
                 model_config.architectures = [name]
-        return model_config.to_diff_dict() | {"architectures": model_config.architectures, "model_type": model_config.model_type}
+        return model_config.to_diff_dict() | {
+            "architectures": model_config.architectures,
+            "model_type": model_config.model_type,
+        }
 
     def config(self) -> dict:
         return dict(self._config)
@@ -82,7 +89,9 @@ class GGUFFile(ModelSource):
             with _memoised_tensor_name_map():
                 hf_name_of = get_gguf_hf_weights_map(model, self._processor)
         except (ValueError, NotImplementedError) as error:
-            raise ComposerError(f"{self.path}: transformers cannot map this GGUF file's tensors to '{config.model_type}' names ({error}).") from None
+            raise ComposerError(
+                f"{self.path}: transformers cannot map this GGUF file's tensors to '{config.model_type}' names ({error})."
+            ) from None
         shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         return hf_name_of, shapes
 
@@ -103,7 +112,9 @@ class GGUFFile(ModelSource):
         infos = {}
         for hf_name, gguf_names in self._gguf_names_of.items():
             shape = shapes.get(hf_name)
-            if shape is None or (len(gguf_names) == 1 and _numel(shape) != _numel(self.header.tensors[gguf_names[0]].shape)):
+            if shape is None or (
+                len(gguf_names) == 1 and _numel(shape) != _numel(self.header.tensors[gguf_names[0]].shape)
+            ):
                 shape = self.header.tensors[gguf_names[0]].shape
             infos[hf_name] = TensorInfo(hf_name, shape, torch.float32)
         return infos
@@ -119,7 +130,7 @@ class GGUFFile(ModelSource):
 
         if self._memmap is None:
             self._memmap = np.memmap(self.path, mode="r", dtype=np.uint8)
-        return self._memmap[entry.offset:entry.offset + entry.nbytes].reshape(entry.byte_shape)
+        return self._memmap[entry.offset : entry.offset + entry.nbytes].reshape(entry.byte_shape)
 
     def _dequantized(self, gguf_name: str):
         from gguf import GGMLQuantizationType, dequantize
@@ -145,7 +156,10 @@ class GGUFFile(ModelSource):
         weights = None
         for gguf_name in gguf_names:
             result = self._processor.process(
-                weights=self._dequantized(gguf_name), name=gguf_name, tensor_key_mapping=hf_name_of, parsed_parameters=parsed
+                weights=self._dequantized(gguf_name),
+                name=gguf_name,
+                tensor_key_mapping=hf_name_of,
+                parsed_parameters=parsed,
             )
             if result.name is not None:
                 weights = result.weights
@@ -156,10 +170,14 @@ class GGUFFile(ModelSource):
             # into memory the tensor owns, so it is writable and independent of the file
             tensor = torch.from_numpy(np.require(weights, np.float32, ["C_CONTIGUOUS", "WRITEABLE", "OWNDATA"]))
         else:
-            raise ComposerError(f"{self.path}: transformers' GGUF processor produced nothing for tensor '{name}' (from {', '.join(gguf_names)}).")
+            raise ComposerError(
+                f"{self.path}: transformers' GGUF processor produced nothing for tensor '{name}' (from {', '.join(gguf_names)})."
+            )
         shape = self._infos[name].shape
         if tensor.numel() != _numel(shape):
-            raise ComposerError(f"{self.path}: tensor '{name}' dequantises to shape {tuple(tensor.shape)}, which does not fit {shape}.")
+            raise ComposerError(
+                f"{self.path}: tensor '{name}' dequantises to shape {tuple(tensor.shape)}, which does not fit {shape}."
+            )
         return tensor.reshape(shape)
 
     # ---- tokenizer and card -------------------------------------------------------------------------
@@ -178,12 +196,16 @@ class GGUFFile(ModelSource):
             folder = Path(alone)
             try:
                 (folder / self.path.name).symlink_to(self.path.resolve())
-            except OSError:  # no links here (Windows without the privilege): the GGUF's own folder, as transformers would
+            except (
+                OSError
+            ):  # no links here (Windows without the privilege): the GGUF's own folder, as transformers would
                 folder = self.path.parent
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=self.path.name)
             except (OSError, ValueError, KeyError, NotImplementedError) as error:
-                raise ComposerError(f"{self.path}: transformers cannot build a tokenizer from this GGUF file ({error}).") from None
+                raise ComposerError(
+                    f"{self.path}: transformers cannot build a tokenizer from this GGUF file ({error})."
+                ) from None
             before = {p.name for p in destination.iterdir()}
             tokenizer.save_pretrained(str(destination))
         return sorted({p.name for p in destination.iterdir()} - before)

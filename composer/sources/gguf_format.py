@@ -103,7 +103,9 @@ class _Cursor:
                 f"more than the {left} bytes left in the file can hold."
             )
         if count > self.entries_left:
-            raise ComposerError(f"{self.path}: {what} claims {count} entries, more than the {MAX_ENTRIES} a GGUF header holds in all; the file is damaged.")
+            raise ComposerError(
+                f"{self.path}: {what} claims {count} entries, more than the {MAX_ENTRIES} a GGUF header holds in all; the file is damaged."
+            )
         self.entries_left -= count
 
     def string(self, longest: int | None = None, what: str = "a string") -> str:
@@ -115,8 +117,10 @@ class _Cursor:
                 f"at byte {self.position}, past the end of the file ({len(self.buffer)} bytes)."
             )
         if longest is not None and length > longest:
-            raise ComposerError(f"{self.path}: {what} at byte {self.position} is {length} bytes long; GGUF allows {longest}. The file is damaged.")
-        raw = bytes(self.buffer[self.position:end])
+            raise ComposerError(
+                f"{self.path}: {what} at byte {self.position} is {length} bytes long; GGUF allows {longest}. The file is damaged."
+            )
+        raw = bytes(self.buffer[self.position : end])
         self.position = end
         return raw.decode("utf-8", errors="replace")
 
@@ -124,7 +128,9 @@ class _Cursor:
         length = self.unpack("Q")
         self.position += length
         if self.position > len(self.buffer):
-            raise ComposerError(f"{self.path} is truncated or not a GGUF file: its header runs past the end of the file.")
+            raise ComposerError(
+                f"{self.path} is truncated or not a GGUF file: its header runs past the end of the file."
+            )
 
     def value(self, value_type: int, key: str, depth: int = 0):
         if value_type in SCALAR_FORMATS:
@@ -133,7 +139,9 @@ class _Cursor:
             return self.string(what=f"the value of metadata key '{key}'")
         if value_type == ARRAY:
             return self.array(key, depth + 1)
-        raise ComposerError(f"{self.path}: metadata key '{key}' has unknown value type {value_type}; the file is damaged or not GGUF.")
+        raise ComposerError(
+            f"{self.path}: metadata key '{key}' has unknown value type {value_type}; the file is damaged or not GGUF."
+        )
 
     def array(self, key: str, depth: int, wanted: bool = True):
         """A list of the values; for strings (vocabularies, merge tables) and long arrays, only their count."""
@@ -149,14 +157,20 @@ class _Cursor:
                 self.skip_string()
             return count
         if element_type not in SCALAR_FORMATS and element_type != ARRAY:
-            raise ComposerError(f"{self.path}: metadata key '{key}' holds an array of unknown type {element_type}; the file is damaged.")
+            raise ComposerError(
+                f"{self.path}: metadata key '{key}' holds an array of unknown type {element_type}; the file is damaged."
+            )
         size = struct.calcsize("<" + SCALAR_FORMATS[element_type]) if element_type in SCALAR_FORMATS else 12
         self.claim(count, size, f"metadata key '{key}'")
         keep = wanted and self.keeps(count)
         if element_type == ARRAY:
             items = [self.array(key, depth + 1, keep) for _ in range(count)]
             return items if keep else count
-        values = list(struct.unpack_from(f"<{count}{SCALAR_FORMATS[element_type]}", self.buffer, self.position)) if keep else count
+        values = (
+            list(struct.unpack_from(f"<{count}{SCALAR_FORMATS[element_type]}", self.buffer, self.position))
+            if keep
+            else count
+        )
         self.position += count * size
         return values
 
@@ -221,7 +235,9 @@ def _walk(path: Path, buffer) -> tuple[GGUFHeader, list[tuple[str, tuple[int, ..
         name = cursor.string(MAX_NAME_BYTES, "a tensor name")
         dim_count = cursor.unpack("I")
         if dim_count > 8:
-            raise ComposerError(f"{path}: tensor '{printable(name)}' claims {dim_count} dimensions; the file is damaged.")
+            raise ComposerError(
+                f"{path}: tensor '{printable(name)}' claims {dim_count} dimensions; the file is damaged."
+            )
         dims = cursor.unpack(f"{dim_count}Q") if dim_count else ()
         dims = (dims,) if isinstance(dims, int) else tuple(dims)
         ggml_type, offset = cursor.unpack("IQ")
@@ -233,7 +249,9 @@ def _walk(path: Path, buffer) -> tuple[GGUFHeader, list[tuple[str, tuple[int, ..
     return header, entries
 
 
-def _tensor_table(path: Path, size: int, header: GGUFHeader, entries: list[tuple[str, tuple[int, ...], int, int]]) -> GGUFHeader:
+def _tensor_table(
+    path: Path, size: int, header: GGUFHeader, entries: list[tuple[str, tuple[int, ...], int, int]]
+) -> GGUFHeader:
     """The tensor entries checked (known types, whole blocks, inside the file) into `header.tensors`."""
     for name, shape, ggml_type, offset in entries:
         label = printable(name)
@@ -241,7 +259,9 @@ def _tensor_table(path: Path, size: int, header: GGUFHeader, entries: list[tuple
             raise ComposerError(f"{path} holds two tensors named '{label}'; the file is damaged.")
         sizes = _quant_sizes(ggml_type)
         if sizes is None:
-            raise ComposerError(f"{path}: tensor '{label}' has ggml type {ggml_type}, which the installed gguf package does not know.")
+            raise ComposerError(
+                f"{path}: tensor '{label}' has ggml type {ggml_type}, which the installed gguf package does not know."
+            )
         block, block_bytes = sizes
         elements = _count(shape)
         if shape and shape[-1] % block:

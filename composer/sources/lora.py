@@ -129,7 +129,9 @@ def read_adapter_config(folder: Path) -> dict:
         if patterns is None:
             continue
         if not isinstance(patterns, dict):
-            raise ComposerError(f"{path}: '{key}' must map module name patterns to numbers (got {type(patterns).__name__}).")
+            raise ComposerError(
+                f"{path}: '{key}' must map module name patterns to numbers (got {type(patterns).__name__})."
+            )
         for pattern, value in patterns.items():
             _check_positive(path, f"{key}.{pattern}", value)
     return config
@@ -202,8 +204,14 @@ class AdapterMerge:
     def _base_info(self, saved: str, target: str) -> TensorInfo:
         info = self.base_infos.get(target)
         if info is None:
-            tied = " (the base may tie it to the embeddings, so it has no tensor of its own)" if "lm_head" in target else ""
-            raise self._fail(saved, f"changes '{target}', which base model '{self.base_reference}' does not have{tied}.")
+            tied = (
+                " (the base may tie it to the embeddings, so it has no tensor of its own)"
+                if "lm_head" in target
+                else ""
+            )
+            raise self._fail(
+                saved, f"changes '{target}', which base model '{self.base_reference}' does not have{tied}."
+            )
         return info
 
     def _replacement(self, saved: str, target: str) -> None:
@@ -211,7 +219,10 @@ class AdapterMerge:
             return  # PEFT's copy of a tied head: the base ties it to the embeddings, which stay tied in the output
         info = self._base_info(saved, target)
         if self.weights.shapes[saved] != info.shape:
-            raise self._fail(saved, f"has shape {list(self.weights.shapes[saved])} but replaces '{target}' of shape {list(info.shape)}.")
+            raise self._fail(
+                saved,
+                f"has shape {list(self.weights.shapes[saved])} but replaces '{target}' of shape {list(info.shape)}.",
+            )
         self.edits.setdefault(target, TensorEdit()).replacement = saved
 
     def _low_rank(self, module: str, roles: dict[str, str], config: dict) -> None:
@@ -224,10 +235,14 @@ class AdapterMerge:
         a_saved, b_saved = roles.get(kind + "A"), roles.get(kind + "B")
         if a_saved is None or b_saved is None:
             missing = "lora_B" if a_saved is not None else "lora_A"
-            raise self._fail(first, f"has no matching {missing} tensor for module '{module}', so the adapter file is incomplete.")
+            raise self._fail(
+                first, f"has no matching {missing} tensor for module '{module}', so the adapter file is incomplete."
+            )
         info = self._base_info(a_saved, target)
         rank = pattern_value(config.get("rank_pattern"), module, config["r"], f"{self.config_path} rank_pattern")
-        alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"], f"{self.config_path} alpha_pattern")
+        alpha = pattern_value(
+            config.get("alpha_pattern"), module, config["lora_alpha"], f"{self.config_path} alpha_pattern"
+        )
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         a_shape, b_shape = shapes[a_saved], shapes[b_saved]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != rank or b_shape[1] != rank:
@@ -240,7 +255,8 @@ class AdapterMerge:
         product = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
         if product != info.shape:
             raise self._fail(
-                a_saved, f"and '{b_saved}' make a {list(product)} update, but '{target}' in the base has shape {list(info.shape)}."
+                a_saved,
+                f"and '{b_saved}' make a {list(product)} update, but '{target}' in the base has shape {list(info.shape)}.",
             )
         edit = self.edits.setdefault(target, TensorEdit())
         edit.deltas.append(Delta(a_saved, b_saved, scaling, transposed))
@@ -248,7 +264,10 @@ class AdapterMerge:
             bias_target = module + ".bias"
             bias_info = self._base_info(roles["bias"], bias_target)
             if shapes[roles["bias"]] != bias_info.shape:
-                raise self._fail(roles["bias"], f"has shape {list(shapes[roles['bias']])} but '{bias_target}' has {list(bias_info.shape)}.")
+                raise self._fail(
+                    roles["bias"],
+                    f"has shape {list(shapes[roles['bias']])} but '{bias_target}' has {list(bias_info.shape)}.",
+                )
             self.edits.setdefault(bias_target, TensorEdit()).deltas.append(Delta(roles["bias"], None, scaling))
 
     def apply(self, target: str, base: torch.Tensor | None) -> torch.Tensor:
@@ -372,7 +391,9 @@ def adapter_folder(adapter: str, reference: str, relative_to: Path | None) -> Pa
         return path.parent
     if is_hub_id(adapter):
         return fetch_hub_adapter(adapter)
-    raise ComposerError(f"Adapter '{adapter}' (in '{reference}') does not exist and is not a hub id of the form org/name.")
+    raise ComposerError(
+        f"Adapter '{adapter}' (in '{reference}') does not exist and is not a hub id of the form org/name."
+    )
 
 
 def open_with_adapter(reference: str, relative_to: Path | None, open_base) -> LoraSource:

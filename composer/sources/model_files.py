@@ -69,7 +69,9 @@ def model_file(
     else:
         extra = [Path(os.path.realpath(root)) for root in also_inside]
         roots = [Path(os.path.realpath(folder)), *extra]
-        where = f"the model folder {folder}" + (f" and the folders its weights are in ({', '.join(map(str, extra))})" if extra else "")
+        where = f"the model folder {folder}" + (
+            f" and the folders its weights are in ({', '.join(map(str, extra))})" if extra else ""
+        )
     if not (weights and repository is None) and not any(target.is_relative_to(root) for root in roots):
         named = f" (named in {named_in})" if named_in else ""
         raise ComposerError(
@@ -82,5 +84,7 @@ def model_file(
     except OSError:
         return None
     if not stat.S_ISREG(mode):
-        raise ComposerError(f"{path} is {kind_of(mode)}, not a regular file; a model folder's files must hold their data.")
+        raise ComposerError(
+            f"{path} is {kind_of(mode)}, not a regular file; a model folder's files must hold their data."
+        )
     return path

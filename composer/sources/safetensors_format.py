@@ -26,7 +26,13 @@ DTYPE_BY_CODE = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _code, _attribute in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+for _code, _attribute in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attribute):  # newer torch releases only
         DTYPE_BY_CODE[_code] = getattr(torch, _attribute)
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
@@ -58,7 +64,9 @@ def read_layout(path: Path) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise ComposerError(f"{path} has a corrupt safetensors header (not a JSON object).")
     metadata = header.get("__metadata__")  # optional (null too, as safetensors reads it), else text by name
-    if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values())):
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values())
+    ):
         raise ComposerError(f"{path} has a corrupt safetensors header: '__metadata__' must map names to strings.")
     data_size = size - 8 - header_length
     spans = []
@@ -87,14 +95,18 @@ def _checked_span(path: Path, name: str, entry: object, data_size: int) -> tuple
     tensor = _tensor(name)
     corrupt = f"{path} has a corrupt safetensors header: {tensor}"
     if not isinstance(entry, dict) or not all(key in entry for key in ("dtype", "shape", "data_offsets")):
-        raise ComposerError(f"{path} has a corrupt safetensors header: the entry for {tensor} needs dtype, shape and data_offsets.")
+        raise ComposerError(
+            f"{path} has a corrupt safetensors header: the entry for {tensor} needs dtype, shape and data_offsets."
+        )
     dtype_code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype_code, str):
         raise ComposerError(f"{corrupt} has dtype {_shown(dtype_code)}; a dtype is a string such as \"BF16\".")
     if not isinstance(shape, list) or not all(_whole(size) and size >= 0 for size in shape):
         raise ComposerError(f"{corrupt} has shape {_shown(shape)}; a shape is a list of whole numbers, none negative.")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(offset) for offset in offsets):
-        raise ComposerError(f"{corrupt} has data_offsets {_shown(offsets)}; they must be two whole numbers, [begin, end].")
+        raise ComposerError(
+            f"{corrupt} has data_offsets {_shown(offsets)}; they must be two whole numbers, [begin, end]."
+        )
     if dtype_code not in DTYPE_BY_CODE:
         raise ComposerError(f"{path}: {tensor} has dtype {_shown(dtype_code)}, which composer does not read.")
     begin, end = offsets
@@ -149,7 +161,9 @@ def read_into(descriptor: int, offset: int, shape: tuple[int, ...], dtype: torch
     return buffer.view(dtype).reshape(shape)
 
 
-def build_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+def build_header(
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, int]]:
     """Header bytes (length prefix included) for tensors laid out in the given order, and each tensor's data offset."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offsets: dict[str, int] = {}
@@ -159,7 +173,11 @@ def build_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metada
         for size in shape:
             count *= size
         nbytes = count * dtype.itemsize
-        header[name] = {"dtype": CODE_BY_DTYPE[dtype], "shape": list(shape), "data_offsets": [position, position + nbytes]}
+        header[name] = {
+            "dtype": CODE_BY_DTYPE[dtype],
+            "shape": list(shape),
+            "data_offsets": [position, position + nbytes],
+        }
         offsets[name] = position
         position += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()

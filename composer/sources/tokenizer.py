@@ -24,7 +24,9 @@ def load_source_tokenizer(source: ModelSource, needed_for: str):
             # the message names the source's own files, not the temporary folder they were copied into
             home = getattr(source, "folder", None)
             files = ", ".join(str(home / name) if isinstance(home, Path) else name for name in written)
-            text = str(error).replace(f"The tokenizer in {folder} could not", "It could not").replace(folder, "its folder")
+            text = (
+                str(error).replace(f"The tokenizer in {folder} could not", "It could not").replace(folder, "its folder")
+            )
             raise ComposerError(f"The tokenizer of '{source.reference}' ({files}) cannot be read: {text}") from None
 
 

@@ -50,6 +50,8 @@ def moe_recipe_text(layers: list[LayerFit], config: dict, dtype) -> str:
         "dtype": DTYPE_NAMES.get(dtype, "float32"),
         "experts": [{"source_model": _vote(experts[index])} for index in sorted(experts)],
     }
-    note = ("# recovered by compose trace: a mixture of experts; the routers cannot be recovered from the weights,\n"
-            "# so gate_mode is random: give each expert positive_prompts and gate_mode: hidden to route by content\n")
+    note = (
+        "# recovered by compose trace: a mixture of experts; the routers cannot be recovered from the weights,\n"
+        "# so gate_mode is random: give each expert positive_prompts and gate_mode: hidden to route by content\n"
+    )
     return note + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=120)

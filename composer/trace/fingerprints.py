@@ -52,7 +52,7 @@ def fingerprint(name: str, shape: tuple[int, ...], dtype: torch.dtype, blocks) -
             part = block.float()
             squared += float((part * part).sum(dtype=torch.float64))
             if sketch is not None:
-                torch.matmul(part, matrix, out=sketch[start:start + block.shape[0]])
+                torch.matmul(part, matrix, out=sketch[start : start + block.shape[0]])
             del part
             yield memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
 

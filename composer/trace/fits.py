@@ -43,8 +43,8 @@ class NormalEquations:
             flat_y = y.reshape(-1)
             flats = [x.reshape(-1) for x in sources]
             for start in range(0, flat_y.numel(), CHUNK):
-                target = flat_y[start:start + CHUNK].double()
-                stacked = torch.stack([x[start:start + CHUNK].double() for x in flats])
+                target = flat_y[start : start + CHUNK].double()
+                stacked = torch.stack([x[start : start + CHUNK].double() for x in flats])
                 sums.gram += stacked @ stacked.T
                 sums.cross += stacked @ target
                 sums.squared += float(target @ target)
@@ -136,7 +136,9 @@ def _mode(values: torch.Tensor) -> float:
     return float(near.median()) if near.numel() else peak
 
 
-def sparsity_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.Tensor], weights: list[float]) -> Sparsity:
+def sparsity_signature(
+    y: torch.Tensor, base: torch.Tensor, sources: list[torch.Tensor], weights: list[float]
+) -> Sparsity:
     """Equalities are taken in SUSPECT's dtype (`y.dtype`): where a merge kept nothing, SUSPECT holds the base's
     value rounded to its dtype, bit for bit."""
     dtype = y.dtype
@@ -176,7 +178,9 @@ def sparsity_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.
                 alone |= (target - coefficient * tau[opposed]).abs() <= 1e-2 * target.abs() + 2 * resolution[opposed]
             election = float(alone.float().mean())
     trims = []
-    for x, tau in zip(sources, taus):  # TIES keeps tau's largest entries: where y is this model alone, |tau| is above the cut
+    for x, tau in zip(
+        sources, taus
+    ):  # TIES keeps tau's largest entries: where y is this model alone, |tau| is above the cut
         alone = kept & (stored == x.to(dtype).float().reshape(-1)) & (tau != 0)
         if alone.sum() >= 10:
             cut = float(torch.quantile(tau[alone].abs()[:1_000_000], 0.002))

@@ -68,13 +68,18 @@ def match_candidate(suspect: Fingerprinted, candidate: Fingerprinted) -> Candida
             match.identical[name] = by_digest[tensor_print.digest]
     s_shapes = _matrices(s_model, suspect.prints, list(suspect.prints))
     c_shapes = _matrices(c_model, candidate.prints, [n for n in candidate.prints if n in c_layer_of])
-    match.shared_shapes = bool({p.shape for p in suspect.prints.values()} & {p.shape for p in candidate.prints.values()})
+    match.shared_shapes = bool(
+        {p.shape for p in suspect.prints.values()} & {p.shape for p in candidate.prints.values()}
+    )
     scores: dict[str, torch.Tensor] = {}  # SUSPECT matrix -> best cosine per candidate layer
     for shape, s_names in s_shapes.items():
         c_names = c_shapes.get(shape)
         if not c_names:
             continue
-        cosines = torch.stack([_unit(suspect.prints[n].sketch) for n in s_names]) @ torch.stack([_unit(candidate.prints[n].sketch) for n in c_names]).T
+        cosines = (
+            torch.stack([_unit(suspect.prints[n].sketch) for n in s_names])
+            @ torch.stack([_unit(candidate.prints[n].sketch) for n in c_names]).T
+        )
         for row, s_name in enumerate(s_names):
             best = torch.full((len(c_layers),), -1.0)
             partners: dict[int, tuple[str, float]] = {}

@@ -68,7 +68,7 @@ class RowReader:
             rows, length = row_count(tuple(whole.shape))
             flat = whole.reshape(rows, length)
             for start in range(0, rows, rows_per_block):
-                yield start, flat[start:start + rows_per_block]
+                yield start, flat[start : start + rows_per_block]
             return
         descriptor, offset, info = stored
         rows, length = row_count(info.shape)
@@ -92,16 +92,22 @@ class RowReader:
             end = start + 1
             while end < len(values) and values[end] == values[end - 1] + 1:
                 end += 1
-            pieces.append(self._pread(descriptor, offset + values[start] * row_bytes, (end - start, length), info.dtype, name))
+            pieces.append(
+                self._pread(descriptor, offset + values[start] * row_bytes, (end - start, length), info.dtype, name)
+            )
             start = end
         return torch.cat(pieces) if pieces else torch.empty(0, length, dtype=info.dtype)
 
-    def _pread(self, descriptor: int, offset: int, shape: tuple[int, int], dtype: torch.dtype, name: str) -> torch.Tensor:
+    def _pread(
+        self, descriptor: int, offset: int, shape: tuple[int, int], dtype: torch.dtype, name: str
+    ) -> torch.Tensor:
         try:
             return read_into(descriptor, offset, shape, dtype)
         except (OSError, EOFError) as error:
-            raise ComposerError(f"Model '{self.source.reference}': tensor '{name}' could not be read ({error}). "
-                                "The file may have changed since it was opened.") from None
+            raise ComposerError(
+                f"Model '{self.source.reference}': tensor '{name}' could not be read ({error}). "
+                "The file may have changed since it was opened."
+            ) from None
 
     def close(self) -> None:
         descriptors, self._descriptors = self._descriptors, {}

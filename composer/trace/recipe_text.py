@@ -59,7 +59,9 @@ def _parameter(layers: list[LayerFit], value_of) -> object:
     for layer in layers:
         grouped: dict[str, list[float]] = {}
         for fit in layer.tensors:
-            agrees = fit.method == layer.method or (fit.method in ("linear", "copy") and layer.method in ("linear", "slerp"))
+            agrees = fit.method == layer.method or (
+                fit.method in ("linear", "copy") and layer.method in ("linear", "slerp")
+            )
             value = value_of(fit) if agrees else None
             if value is not None:
                 grouped.setdefault(_group(fit.name), []).append(value)
@@ -67,7 +69,11 @@ def _parameter(layers: list[LayerFit], value_of) -> object:
         overall.append(median(all_values) if all_values else 0.0)
         for group in GROUPS:
             per_group.setdefault(group, []).append(median(grouped[group]) if group in grouped else overall[-1])
-    if all(max(abs(a - b) for a, b in zip(per_group[group], overall)) <= GROUP_TOLERANCE for group in GROUPS if per_group.get(group)):
+    if all(
+        max(abs(a - b) for a, b in zip(per_group[group], overall)) <= GROUP_TOLERANCE
+        for group in GROUPS
+        if per_group.get(group)
+    ):
         return gradient(overall)
     entries = [{"filter": group, "value": gradient(values)} for group, values in per_group.items()]
     return entries + [{"value": gradient(overall)}]
@@ -226,8 +232,14 @@ def staged_recipe(inputs: RecipeInputs) -> dict:
         if base is not None and all(source["model"] != base for source in sources):
             sources.append({"model": base, "layer_range": [start[base], start[base] + len(run)]})
         name = _stage_name(len(stages) + 1, set(models))
-        stages.append({"name": name, **{k: v for k, v in stage.items() if k != "dtype"}, "slices": [{"sources": sources}],
-                       "dtype": stage["dtype"]})
+        stages.append(
+            {
+                "name": name,
+                **{k: v for k, v in stage.items() if k != "dtype"},
+                "slices": [{"sources": sources}],
+                "dtype": stage["dtype"],
+            }
+        )
         slices.append({"sources": [{"model": name, "layer_range": [0, len(run)]}]})
     return {"stages": stages, "merge_method": "passthrough", "slices": slices, "dtype": _dtype(inputs)}
 

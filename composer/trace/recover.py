@@ -33,7 +33,9 @@ class TensorFit:
     density: float | None = None
     sparsity: Sparsity | None = None
     slerp_distinct: bool = False
-    aligned_rows: int | None = None  # embeddings and heads fitted through a tokenizer alignment: the shared rows compared
+    aligned_rows: int | None = (
+        None  # embeddings and heads fitted through a tokenizer alignment: the shared rows compared
+    )
 
 
 @dataclass
@@ -55,7 +57,9 @@ class Candidate:
         return self.fingerprinted.model.reference
 
 
-def partner(candidate: Candidate, suspect: Fingerprinted, name: str, suffix: str | None, layer: int | None) -> str | None:
+def partner(
+    candidate: Candidate, suspect: Fingerprinted, name: str, suffix: str | None, layer: int | None
+) -> str | None:
     """The candidate tensor that SUSPECT's tensor `name` is compared with: the same name within the layer where
     the shapes agree (the same name outside the layers), else the best-matching matrix of that shape."""
     model = candidate.fingerprinted.model
@@ -78,7 +82,9 @@ class Recovery:
     element-wise masks and quantiles, is read from the first block only, a sample of rows; embeddings and heads
     compared through a tokenizer alignment are fitted on a sample of the shared tokens' rows of that size."""
 
-    def __init__(self, suspect: Fingerprinted, candidates: list[Candidate], base: str | None, memory_budget: int = 1 << 30):
+    def __init__(
+        self, suspect: Fingerprinted, candidates: list[Candidate], base: str | None, memory_budget: int = 1 << 30
+    ):
         self.suspect = suspect
         self.candidates = candidates
         self.base = base
@@ -111,7 +117,9 @@ class Recovery:
             sources.append(read[torch.argsort(order)].float())
         return y, sources
 
-    def fit_tensor(self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor] | None = None) -> TensorFit:
+    def fit_tensor(
+        self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor] | None = None
+    ) -> TensorFit:
         """`maps`, for embeddings and heads matched through tokenizer alignments: per source, the source row of
         each SUSPECT row (-1 where the token is not shared)."""
         if not chosen:
@@ -138,7 +146,9 @@ class Recovery:
         if len(references) == 1:
             scale = fit.weights[0]
             method = "copy" if abs(scale - 1) < 2e-3 else "scale"
-            return TensorFit(name, method, references, [1.0 if method == "copy" else scale], fit.relative_error, aligned_rows=aligned)
+            return TensorFit(
+                name, method, references, [1.0 if method == "copy" else scale], fit.relative_error, aligned_rows=aligned
+            )
         if sample is None:
             sample = self._sample(name, chosen, None)
         y, tensors = sample[0], [sample[1][i] for i in keep]
@@ -151,15 +161,34 @@ class Recovery:
             others = [r for r in references if r != self.base]
             lambdas = [w for i, w in enumerate(fit.weights) if i != at]
             if abs(sum(fit.weights) - 1) < 0.01 and abs(fit.weights[at]) >= MIN_WEIGHT:
-                return TensorFit(name, "task_arithmetic", others, lambdas, fit.relative_error, base=self.base, aligned_rows=aligned)
+                return TensorFit(
+                    name, "task_arithmetic", others, lambdas, fit.relative_error, base=self.base, aligned_rows=aligned
+                )
         if len(references) == 2:
             slerp = fit_slerp(fit)
             if slerp is not None and slerp.better_than_linear and abs(sum(fit.weights) - 1) > 1e-4:
-                return TensorFit(name, "slerp", references, fit.weights, fit.relative_error, t=slerp.t, base=references[0],
-                                 slerp_distinct=slerp.distinct, aligned_rows=aligned)
+                return TensorFit(
+                    name,
+                    "slerp",
+                    references,
+                    fit.weights,
+                    fit.relative_error,
+                    t=slerp.t,
+                    base=references[0],
+                    slerp_distinct=slerp.distinct,
+                    aligned_rows=aligned,
+                )
             if slerp is not None and not slerp.distinct and abs(sum(fit.weights) - 1) < 0.01:
-                return TensorFit(name, "linear", references, fit.weights, fit.relative_error, t=slerp.t, base=references[0],
-                                 aligned_rows=aligned)
+                return TensorFit(
+                    name,
+                    "linear",
+                    references,
+                    fit.weights,
+                    fit.relative_error,
+                    t=slerp.t,
+                    base=references[0],
+                    aligned_rows=aligned,
+                )
         return TensorFit(name, "linear", references, fit.weights, fit.relative_error, aligned_rows=aligned)
 
     def _sparse_fit(self, name, y, tensors, references, weights) -> TensorFit | None:
@@ -178,7 +207,9 @@ class Recovery:
             unused = [i for i, share in zip(others, signature.explained) if share < MIN_EXPLAINED]
             if unused and len(unused) < len(others):  # a sibling's task vector explains no entry alone: it took no part
                 keep = [i for i in range(len(references)) if i not in unused]
-                return self._sparse_fit(name, y, [tensors[i] for i in keep], [references[i] for i in keep], [weights[i] for i in keep])
+                return self._sparse_fit(
+                    name, y, [tensors[i] for i in keep], [references[i] for i in keep], [weights[i] for i in keep]
+                )
             models = [references[i] for i in others]
             if signature.kept_magnitude < 0.5:
                 density = median(signature.trim_densities) if signature.trim_densities else signature.density
@@ -189,7 +220,16 @@ class Recovery:
                 method = "dare_ties" if signature.sign_election > 0.9 else "dare_linear"
                 values = [c * density for c in signature.coefficients]
             signature.relative_error = _sparse_error(y, base, [tensors[i] for i in others], signature)
-            return TensorFit(name, method, models, values, signature.relative_error, base=references[at], density=density, sparsity=signature)
+            return TensorFit(
+                name,
+                method,
+                models,
+                values,
+                signature.relative_error,
+                base=references[at],
+                density=density,
+                sparsity=signature,
+            )
         return None
 
 
@@ -237,7 +277,9 @@ def layer_summary(layer: int, fits: list[TensorFit], source_layers: dict[str, in
     """One line for the layer: the method most of its matrices show, and each source's median weight."""
     voted = [fit for fit in fits if fit.name in matrices] or fits
     methods = Counter(fit.method for fit in voted)
-    if methods.get("slerp") and methods.get("linear"):  # nearly parallel tensors interpolate alike: their slerp is linear
+    if methods.get("slerp") and methods.get(
+        "linear"
+    ):  # nearly parallel tensors interpolate alike: their slerp is linear
         methods["slerp"] += methods.pop("linear")
     method = methods.most_common(1)[0][0] if methods else "unmatched"
     chosen = [fit for fit in voted if fit.method == method or (method == "slerp" and fit.method == "linear")]
@@ -245,6 +287,8 @@ def layer_summary(layer: int, fits: list[TensorFit], source_layers: dict[str, in
     for fit in chosen:
         for reference, weight in zip(fit.sources, fit.weights):
             weights.setdefault(reference, []).append(weight)
-    sources = [(reference, source_layers.get(reference, layer), median(values)) for reference, values in weights.items()]
+    sources = [
+        (reference, source_layers.get(reference, layer), median(values)) for reference, values in weights.items()
+    ]
     error = max((fit.relative_error for fit in fits), default=1.0)
     return LayerFit(layer, method, sources, error, fits)

@@ -57,12 +57,16 @@ class TraceReport:
 
 
 def _same_model(first: str, second: str) -> bool:
-    return first == second or (os.path.exists(first) and os.path.exists(second) and Path(first).resolve() == Path(second).resolve())
+    return first == second or (
+        os.path.exists(first) and os.path.exists(second) and Path(first).resolve() == Path(second).resolve()
+    )
 
 
 def check_references(suspect: str, candidates: list[str], base: str | None) -> list[str]:
     if not candidates:
-        raise ComposerError("compose trace needs at least one candidate: name the models SUSPECT may be built from with --candidates A B ...")
+        raise ComposerError(
+            "compose trace needs at least one candidate: name the models SUSPECT may be built from with --candidates A B ..."
+        )
     for reference in candidates:
         if _same_model(reference, suspect):
             raise ComposerError(
@@ -78,13 +82,19 @@ def check_references(suspect: str, candidates: list[str], base: str | None) -> l
     return unique
 
 
-def _source_layers(suspect: Fingerprinted, position: int, candidates: list[Candidate], base: str | None) -> list[tuple[Candidate, int]]:
+def _source_layers(
+    suspect: Fingerprinted, position: int, candidates: list[Candidate], base: str | None
+) -> list[tuple[Candidate, int]]:
     """The candidate layers SUSPECT's layer at `position` is made of: one layer all of whose tensors it copies byte
     for byte, else each candidate's most similar layer where that is similar enough (and the base's)."""
     layer = list(suspect.model.layers)[position]
     names = list(suspect.model.layers[layer].values())
     for candidate in candidates:
-        copied = {candidate.fingerprinted.model.layer_of(candidate.match.identical[n]) for n in names if n in candidate.match.identical}
+        copied = {
+            candidate.fingerprinted.model.layer_of(candidate.match.identical[n])
+            for n in names
+            if n in candidate.match.identical
+        }
         if len(copied) == 1 and all(n in candidate.match.identical for n in names) and None not in copied:
             return [(candidate, copied.pop())]
     chosen = []
@@ -111,7 +121,9 @@ def _contributions(layers: list[LayerFit], references: list[str]) -> dict[str, f
     return totals
 
 
-def trace_models(suspect_reference: str, candidate_references: list[str], options: TraceOptions, progress=None) -> TraceReport:
+def trace_models(
+    suspect_reference: str, candidate_references: list[str], options: TraceOptions, progress=None
+) -> TraceReport:
     references = check_references(suspect_reference, candidate_references, options.base)
     opened: list[TracedModel] = []
     try:
@@ -125,7 +137,9 @@ def trace_models(suspect_reference: str, candidate_references: list[str], option
             model.close()
 
 
-def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress) -> TraceReport:
+def _trace(
+    suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress
+) -> TraceReport:
     notes = []
     suspect = Fingerprinted(suspect_model, fingerprint_model(suspect_model, options.memory_budget, progress))
     candidates = []
@@ -133,8 +147,10 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
         fingerprinted = Fingerprinted(model, fingerprint_model(model, options.memory_budget, progress))
         match = match_candidate(suspect, fingerprinted)
         if model.architecture != suspect_model.architecture:
-            notes.append(f"'{model.reference}' is a {model.architecture} model and SUSPECT a {suspect_model.architecture} model; "
-                         "only tensors of the same shape are compared.")
+            notes.append(
+                f"'{model.reference}' is a {model.architecture} model and SUSPECT a {suspect_model.architecture} model; "
+                "only tensors of the same shape are compared."
+            )
         candidates.append(Candidate(fingerprinted, match))
     if not any(candidate.match.shared_shapes for candidate in candidates):
         raise ComposerError(
@@ -189,13 +205,37 @@ def _trace(suspect_model: TracedModel, candidate_models: list[TracedModel], opti
         is_base = candidate.reference == recipe_base and method not in ("linear", "passthrough")
         is_base = is_base or (mixture and candidate.reference in text and contributions[candidate.reference] > 0)
         note = "" if candidate.match.shared_shapes else "no tensor of SUSPECT's shapes"
-        verdicts.append(CandidateVerdict(candidate.reference, verdict(test, contributions[candidate.reference], is_base), test.p_value,
-                                         contributions[candidate.reference], test, note))
-    tokenizers = [compare_tokenizers(model.reference, facts[0], theirs) for model, theirs in zip(candidate_models, facts[1:])] if facts else []
-    report = TraceReport(suspect_model.reference, list(suspect_model.layers), tokenizers, verdicts, layer_fits, outer_fits,
-                         {c.reference: c.match for c in candidates}, {c.reference: list(c.fingerprinted.model.layers) for c in candidates},
-                         text, method, notes)
-    report.provenance = check_provenance(suspect_model, candidate_models, {v.model for v in verdicts if v.verdict == "parent"})
+        verdicts.append(
+            CandidateVerdict(
+                candidate.reference,
+                verdict(test, contributions[candidate.reference], is_base),
+                test.p_value,
+                contributions[candidate.reference],
+                test,
+                note,
+            )
+        )
+    tokenizers = (
+        [compare_tokenizers(model.reference, facts[0], theirs) for model, theirs in zip(candidate_models, facts[1:])]
+        if facts
+        else []
+    )
+    report = TraceReport(
+        suspect_model.reference,
+        list(suspect_model.layers),
+        tokenizers,
+        verdicts,
+        layer_fits,
+        outer_fits,
+        {c.reference: c.match for c in candidates},
+        {c.reference: list(c.fingerprinted.model.layers) for c in candidates},
+        text,
+        method,
+        notes,
+    )
+    report.provenance = check_provenance(
+        suspect_model, candidate_models, {v.model for v in verdicts if v.verdict == "parent"}
+    )
     if options.verify:
         from composer.trace.verify import verify_recipe
 
@@ -237,8 +277,12 @@ def _outer_partners(suspect: Fingerprinted, name: str, candidates: list[Candidat
         alignment = alignments.get(candidate.reference)
         if alignment is not None:
             pairs, mine, theirs = alignment
-            fits = (name in model.infos and is_vocabulary_matrix(suspect.model, name, mine) and is_vocabulary_matrix(model, name, theirs)
-                    and model.infos[name].shape[1:] == suspect.prints[name].shape[1:])
+            fits = (
+                name in model.infos
+                and is_vocabulary_matrix(suspect.model, name, mine)
+                and is_vocabulary_matrix(model, name, theirs)
+                and model.infos[name].shape[1:] == suspect.prints[name].shape[1:]
+            )
             if fits:
                 partners.append((candidate, name))
                 maps.append(row_map(pairs, rows, model.infos[name].shape[0]))

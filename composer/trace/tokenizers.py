@@ -44,9 +44,18 @@ class TokenizerComparison:
         if self.verdict == "unknown":
             return f"{self.model}: unknown ({self.note})"
         shown = f"shares {self.shared_vocab:.0%}" if self.verdict == "shares" else self.verdict
-        same = [label for label, value in (("ids", self.same_ids), ("merges", self.same_merges), ("special tokens", self.same_special_tokens),
-                                           ("chat template", self.same_chat_template), ("normalizer", self.same_normalizer),
-                                           ("pre-tokenizer", self.same_pre_tokenizer)) if value]
+        same = [
+            label
+            for label, value in (
+                ("ids", self.same_ids),
+                ("merges", self.same_merges),
+                ("special tokens", self.same_special_tokens),
+                ("chat template", self.same_chat_template),
+                ("normalizer", self.same_normalizer),
+                ("pre-tokenizer", self.same_pre_tokenizer),
+            )
+            if value
+        ]
         return f"{self.model}: {shown} ({self.shared_vocab:.1%} of SUSPECT's vocabulary; same {', '.join(same) or 'nothing else'})"
 
 
@@ -62,14 +71,26 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
     except (TokenSurgeryError, ValueError, KeyError) as error:
         raise ComposerError(f"The tokenizer of '{source.reference}' cannot be read: {error}") from None
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    keys: list[object] = [surface if surface is not None else ("control", token)
-                          for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)]
+    keys: list[object] = [
+        surface if surface is not None else ("control", token)
+        for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)
+    ]
     special = sorted((entry["content"], bool(entry.get("special"))) for entry in spec.get("added_tokens") or [])
-    return TokenizerFacts(vocabulary.tokens, keys, (spec.get("model") or {}).get("merges"), special,
-                          getattr(tokenizer, "chat_template", None), spec.get("normalizer"), spec.get("pre_tokenizer"), vocabulary)
+    return TokenizerFacts(
+        vocabulary.tokens,
+        keys,
+        (spec.get("model") or {}).get("merges"),
+        special,
+        getattr(tokenizer, "chat_template", None),
+        spec.get("normalizer"),
+        spec.get("pre_tokenizer"),
+        vocabulary,
+    )
 
 
-def compare_tokenizers(model: str, suspect: TokenizerFacts | None, candidate: TokenizerFacts | None) -> TokenizerComparison:
+def compare_tokenizers(
+    model: str, suspect: TokenizerFacts | None, candidate: TokenizerFacts | None
+) -> TokenizerComparison:
     if suspect is None or candidate is None:
         which = "SUSPECT has" if suspect is None else "the candidate has"
         return TokenizerComparison(model, "unknown", None, None, note=f"{which} no tokenizer files")
@@ -80,8 +101,14 @@ def compare_tokenizers(model: str, suspect: TokenizerFacts | None, candidate: To
     shared = len(present) / max(len(suspect.keys), 1)
     same_ids = all(theirs.get(key) == index for index, key in enumerate(suspect.keys) if key in theirs)
     comparison = TokenizerComparison(
-        model, "", shared, same_ids, suspect.merges == candidate.merges, suspect.special == candidate.special,
-        suspect.chat_template == candidate.chat_template, suspect.normalizer == candidate.normalizer,
+        model,
+        "",
+        shared,
+        same_ids,
+        suspect.merges == candidate.merges,
+        suspect.special == candidate.special,
+        suspect.chat_template == candidate.chat_template,
+        suspect.normalizer == candidate.normalizer,
         suspect.pre_tokenizer == candidate.pre_tokenizer,
     )
     if suspect.keys == candidate.keys and comparison.same_merges:

@@ -74,7 +74,9 @@ def independence_test(suspect: Fingerprinted, candidate: Fingerprinted, seed: in
                 partners = matrices.get(c_layer, {}).get(shape)
                 if not partners:
                     continue
-                theirs = torch.stack([_unit_rows(candidate.prints[partner].sketch, rows) for partner in partners])  # [m, r, k]
+                theirs = torch.stack(
+                    [_unit_rows(candidate.prints[partner].sketch, rows) for partner in partners]
+                )  # [m, r, k]
                 observed[position] += torch.einsum("rk,mrk->m", mine, theirs).max() / len(rows)
                 null[:, position] += torch.einsum("nrk,mrk->nm", shuffled, theirs).max(dim=1).values / len(rows)
                 counted[position] += 1
