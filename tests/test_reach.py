@@ -1,0 +1,84 @@
+"""Real-world mergekit config shapes that composer runs as their authors meant (issue 19): `revision:` beside
+`model:`, keys mergekit ignores, mergekit-multi files, `modules:` configs and MoE checkpoints as inputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from composer.compose import compose_text
+from composer.errors import ComposerError
+from composer.execute import ExecutionOptions
+from composer.recipe import parse_recipe
+from helpers import load_state, save_fine_tune, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reach-models")
+    base = save_tiny_model(root / "base", layers=4, seed=0)
+    return {"base": base, "a": save_fine_tune(base, root / "a", seed=1), "b": save_fine_tune(base, root / "b", seed=2)}
+
+
+def _compose(text: str, out: Path) -> dict[str, torch.Tensor]:
+    compose_text(text, out, ExecutionOptions())
+    return load_state(out)
+
+
+# ---- 1. `revision:` beside `model:` ------------------------------------------------------------------
+
+
+def _cache_revision(cache: Path, repo_id: str, commit: str, branch: str, model_folder: Path) -> None:
+    """A model in a Hugging Face hub cache as huggingface_hub lays it out: refs/BRANCH -> snapshots/COMMIT."""
+    storage = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / branch).write_text(commit)
+    for file in model_folder.iterdir():
+        shutil.copyfile(file, snapshot / file.name)
+
+
+def test_revision_beside_model_is_the_hub_revision(tiny, tmp_path: Path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    _cache_revision(cache, "tiny-org/tiny", "1" * 40, "main", tiny["a"])
+    _cache_revision(cache, "tiny-org/tiny", "2" * 40, "v2", tiny["b"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local folder named tiny-org/tiny
+    text = f"""merge_method: linear
+models:
+  - model: tiny-org/tiny
+    revision: v2
+    parameters: {{weight: 1.0}}
+  - model: {tiny["base"]}
+    parameters: {{weight: 0.0}}
+dtype: float32
+"""
+    assert parse_recipe(text).input_models()[0] == "tiny-org/tiny@v2"
+    merged = _compose(text, tmp_path / "out")
+    expected = load_state(tiny["b"])
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)
+
+
+def test_revision_of_a_local_path_is_an_error_naming_the_key_and_line(tiny):
+    text = f"""merge_method: linear
+slices:
+  - sources:
+      - model: {tiny["a"]}
+        layer_range: [0, 4]
+      - model: {tiny["b"]}
+        revision: main
+        layer_range: [0, 4]
+"""
+    with pytest.raises(ComposerError) as caught:
+        parse_recipe(text, "r.yml")
+    message = str(caught.value)
+    assert "r.yml, line 7" in message and "slices[0].sources[1].revision" in message and "local path" in message
+    with pytest.raises(ComposerError, match="already names a revision"):
+        parse_recipe("merge_method: linear\nmodels:\n  - model: org/x@dev\n    revision: main\n")
