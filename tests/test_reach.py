@@ -82,3 +82,41 @@ slices:
     assert "r.yml, line 7" in message and "slices[0].sources[1].revision" in message and "local path" in message
     with pytest.raises(ComposerError, match="already names a revision"):
         parse_recipe("merge_method: linear\nmodels:\n  - model: org/x@dev\n    revision: main\n")
+
+
+# ---- 2. keys in the wrong place that mergekit ignores -------------------------------------------------
+
+
+def test_keys_mergekit_ignores_warn_by_name_and_the_config_runs(tiny, tmp_path: Path):
+    from composer.errors import ComposerWarning
+
+    text = f"""merge_method: dare_ties
+base_model: {tiny["base"]}
+models:
+  - model: {tiny["a"]}
+    parameters: {{weight: 0.5, density: 1.0}}
+  - model: {tiny["b"]}
+    parameters: {{weight: 0.5, density: 1.0}}
+parameters:
+  smooth: false
+  allow_negative_weights: true
+int8_mask: true
+dtype: float32
+"""
+    with pytest.warns(ComposerWarning) as caught:
+        merged = _compose(text, tmp_path / "out")
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "'int8_mask'" in messages and "line 11" in messages
+    assert "'smooth'" in messages and "'allow_negative_weights'" in messages
+    assert set(merged) == set(load_state(tiny["base"]))
+
+
+@pytest.mark.parametrize(
+    ("typo", "key"),
+    [("dype: float32\n", "dype"), ("merge_methd: linear\n", "merge_methd")],
+    ids=["dype", "merge_methd"],
+)
+def test_real_typos_stay_refused(tiny, typo: str, key: str):
+    text = f"merge_method: linear\nmodels:\n  - model: {tiny['a']}\n  - model: {tiny['b']}\n{typo}"
+    with pytest.raises(ComposerError, match=f"unknown key '{key}'"):
+        parse_recipe(text, "r.yml")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from composer.errors import ComposerError
+from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
-from composer.recipe.schema import Recipe
+from composer.recipe.schema import IGNORED_TOP_LEVEL_KEYS, Recipe
 from composer.sources.references import is_hub_id, local_path
 from composer.yaml_text import check_duplicate_keys, has_location, line_of, parse_yaml, path_text
 
@@ -108,6 +109,23 @@ def fold_revisions(data: dict, root: yaml.Node | None, source_name: str, recipe_
                 "remove the revision, or give a hub id (org/name)."
             )
         entry["model"] = f"{model}@{revision}"
+
+
+def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, prefix: tuple = ()) -> None:
+    """Remove the keys mergekit ignores where they stand (IGNORED_TOP_LEVEL_KEYS), with a warning naming each."""
+    for index, stage in enumerate(_listed(data.get("stages"))):
+        if isinstance(stage, dict):
+            drop_ignored_keys(stage, root, source_name, prefix + ("stages", index))
+    for key, why in IGNORED_TOP_LEVEL_KEYS.items():
+        if key in data:
+            data.pop(key)
+            line = line_of(root, prefix + (key,))
+            warnings.warn(
+                f"{source_name}{f', line {line}' if line else ''}: '{path_text(prefix + (key,))}' has no effect there "
+                f"({why}); mergekit ignores it, and so does composer.",
+                ComposerWarning,
+                stacklevel=3,
+            )
 
 
 def _schema_keys() -> set[str]:
@@ -224,6 +242,7 @@ def parse_recipe(text: str, source_name: str = "recipe", recipe_dir: Path | None
             f"{source_name}{f', line {line}' if line else ''}: '{path_text(marked)}' is a tune range, not a number; "
             "run the recipe with `compose tune` (docs/tune.md), which fits it on text and writes a recipe with numbers."
         )
+    drop_ignored_keys(data, root, source_name)
     data = normalise_mergekit(data)
     fold_revisions(data, root, source_name, recipe_dir)
     try:
