@@ -120,3 +120,60 @@ def test_real_typos_stay_refused(tiny, typo: str, key: str):
     text = f"merge_method: linear\nmodels:\n  - model: {tiny['a']}\n  - model: {tiny['b']}\n{typo}"
     with pytest.raises(ComposerError, match=f"unknown key '{key}'"):
         parse_recipe(text, "r.yml")
+
+
+# ---- 3. mergekit-multi files: several documents, each a named merge -------------------------------------
+
+MULTI_STAGE = """name: ab
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {a}, parameters: {{weight: 0.6}}}}
+  - {{model: {b}, parameters: {{weight: 0.4}}}}
+dtype: float32
+"""
+MULTI_FINAL = """merge_method: slerp
+base_model: ab
+models:
+  - model: ab
+  - model: {base}
+parameters:
+  t: 0.25
+dtype: float32
+"""
+
+
+def test_multi_document_file_runs_as_stages(tiny, tmp_path: Path):
+    stage, final = MULTI_STAGE.format(**tiny), MULTI_FINAL.format(**tiny)
+    indented = "".join(f"    {line}\n" if line else "\n" for line in stage.splitlines()).replace(
+        "    name:", "  - name:", 1
+    )
+    staged = _compose(f"stages:\n{indented}{final}", tmp_path / "staged")
+    # the final merge last and unnamed, as mergekit-multi writes it
+    assert_same(_compose(f"{stage}---\n{final}", tmp_path / "unnamed-last"), staged)
+    # every document named, the final one first: the one no other document uses is the output
+    assert_same(_compose(f"name: final\n{final}---\n{stage}", tmp_path / "named-first"), staged)
+
+
+def assert_same(merged: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(merged) == set(expected)
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)
+
+
+def test_multi_document_errors_name_the_line(tiny):
+    stage, final = MULTI_STAGE.format(**tiny), MULTI_FINAL.format(**tiny)
+    with pytest.raises(ComposerError, match=r"r.yml, line 17: unknown key 'stages\[0\].dype'"):
+        parse_recipe(f"{final}---\n{stage}dype: float16\n", "r.yml")
+    with pytest.raises(ComposerError, match="no 'name:'"):
+        parse_recipe(f"{final}---\n{final}", "r.yml")
+    with pytest.raises(ComposerError, match="in a circle"):
+        parse_recipe(f"name: x\n{final}---\n{stage.replace(str(tiny['a']), 'x')}", "r.yml")
+    with pytest.raises(ComposerError, match="one model a recipe"):
+        parse_recipe(f"{stage}---\n{stage.replace('name: ab', 'name: cd')}", "r.yml")
+
+
+def test_multi_document_bounds_count_every_document():
+    # each document's aliases expand to some 40 000 values: fine alone, too many together
+    document = "name: d{n}\nrows: &r [" + ", ".join(["1"] * 200) + "]\nmany: [" + ", ".join(["*r"] * 200) + "]\n"
+    with pytest.raises(ComposerError, match="more than 100000 values"):
+        parse_recipe("---\n".join(document.format(n=n) for n in range(3)), "r.yml")

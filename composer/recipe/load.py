@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
+from composer.recipe.documents import recipe_documents
 from composer.recipe.schema import IGNORED_TOP_LEVEL_KEYS, Recipe
 from composer.sources.references import is_hub_id, local_path
-from composer.yaml_text import check_duplicate_keys, has_location, line_of, parse_yaml, path_text
+from composer.yaml_text import check_duplicate_keys, has_location, line_of, path_text
 
 
 def model_reference(value: Any) -> Any:
@@ -199,7 +200,7 @@ class RecipeKeyError(ComposerError):
 
     def located(self, recipe_text: str, source_name: str) -> ComposerError:
         try:
-            root, _ = parse_yaml(recipe_text, source_name)
+            root, _ = recipe_documents(recipe_text, source_name)
         except ComposerError:
             root = None
         present = has_location(root, self.location)
@@ -224,7 +225,7 @@ def _tune_range_at(value: Any, location: tuple = ()) -> tuple | None:
 
 def parse_recipe(text: str, source_name: str = "recipe", recipe_dir: Path | None = None) -> Recipe:
     """The validated recipe; `recipe_dir` (the recipe file's folder) is where its relative model paths start."""
-    root, data = parse_yaml(text, source_name)
+    root, data = recipe_documents(text, source_name)
     if not isinstance(data, dict):
         found = "it is empty" if data is None else f"it holds a {type(data).__name__}"
         raise ComposerError(
