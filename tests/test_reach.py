@@ -23,6 +23,13 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "a": save_fine_tune(base, root / "a", seed=1), "b": save_fine_tune(base, root / "b", seed=2)}
 
 
+def _refusal(text: str) -> str:
+    """The message with which the recipe `text`, read as r.yml, is refused."""
+    with pytest.raises(ComposerError) as caught:
+        parse_recipe(text, "r.yml")
+    return str(caught.value)
+
+
 def _compose(text: str, out: Path) -> dict[str, torch.Tensor]:
     compose_text(text, out, ExecutionOptions())
     return load_state(out)
@@ -76,9 +83,7 @@ slices:
         revision: main
         layer_range: [0, 4]
 """
-    with pytest.raises(ComposerError) as caught:
-        parse_recipe(text, "r.yml")
-    message = str(caught.value)
+    message = _refusal(text)
     assert "r.yml, line 7" in message and "slices[0].sources[1].revision" in message and "local path" in message
     with pytest.raises(ComposerError, match="already names a revision"):
         parse_recipe("merge_method: linear\nmodels:\n  - model: org/x@dev\n    revision: main\n")
@@ -177,3 +182,40 @@ def test_multi_document_bounds_count_every_document():
     document = "name: d{n}\nrows: &r [" + ", ".join(["1"] * 200) + "]\nmany: [" + ", ".join(["*r"] * 200) + "]\n"
     with pytest.raises(ComposerError, match="more than 100000 values"):
         parse_recipe("---\n".join(document.format(n=n) for n in range(3)), "r.yml")
+
+
+# ---- 4. `modules:` configs ----------------------------------------------------------------------------
+
+SLICES = """  - sources:
+      - model: {a}
+        layer_range: [0, 4]
+      - model: {b}
+        layer_range: [0, 4]
+"""
+
+
+def test_default_module_is_the_top_level_slices(tiny, tmp_path: Path):
+    top = f"merge_method: slerp\nbase_model: {tiny['a']}\nparameters: {{t: 0.3}}\ndtype: float32\nslices:\n"
+    expected = _compose(top + SLICES.format(**tiny), tmp_path / "top")
+    indented = "".join(f"    {line}\n" for line in SLICES.format(**tiny).splitlines())
+    module = (
+        f"merge_method: slerp\nbase_model: {tiny['a']}\nparameters: {{t: 0.9}}\ndtype: float32\nmodules:\n  default:\n"
+    )
+    module += f"    parameters: {{t: 0.3}}\n    slices:\n{indented}"  # the module's parameters win over the merge's
+    assert_same(_compose(module, tmp_path / "module"), expected)
+    with pytest.raises(ComposerError, match=r"r.yml, line 11: 'slices\[0\].sources\[0\].layer_range\[1\]'"):
+        parse_recipe(module.replace("[0, 4]", "[0, x]", 1), "r.yml")
+
+
+def test_other_modules_are_refused_clearly(tiny):
+    text = f"""merge_method: linear
+modules:
+  text_decoder:
+    models: [{{model: {tiny["a"]}}}]
+  vision_tower:
+    models: [{{model: {tiny["b"]}}}]
+"""
+    message = _refusal(text)
+    assert "r.yml, line 2" in message and "'text_decoder', 'vision_tower'" in message and "'default'" in message
+    with pytest.raises(ComposerError, match="give it once"):
+        parse_recipe("merge_method: linear\nmodels: [{model: x}]\nmodules:\n  default:\n    models: [{model: y}]\n")

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.documents import recipe_documents
+from composer.recipe.modules import lift_default_module
 from composer.recipe.schema import IGNORED_TOP_LEVEL_KEYS, Recipe
 from composer.sources.references import is_hub_id, local_path
 from composer.yaml_text import check_duplicate_keys, has_location, line_of, path_text
@@ -200,7 +201,7 @@ class RecipeKeyError(ComposerError):
 
     def located(self, recipe_text: str, source_name: str) -> ComposerError:
         try:
-            root, _ = recipe_documents(recipe_text, source_name)
+            root, _ = recipe_tree(recipe_text, source_name)
         except ComposerError:
             root = None
         present = has_location(root, self.location)
@@ -223,19 +224,23 @@ def _tune_range_at(value: Any, location: tuple = ()) -> tuple | None:
     return next((found for key, item in items if (found := _tune_range_at(item, location + (key,))) is not None), None)
 
 
+def recipe_tree(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
+    """The recipe's YAML graph and data: several documents read as stages, a `modules: {default: ...}` lifted."""
+    root, data = recipe_documents(text, source_name)
+    if isinstance(data, dict):
+        lift_default_module(root, data, source_name)
+    return root, data
+
+
 def parse_recipe(text: str, source_name: str = "recipe", recipe_dir: Path | None = None) -> Recipe:
     """The validated recipe; `recipe_dir` (the recipe file's folder) is where its relative model paths start."""
-    root, data = recipe_documents(text, source_name)
+    root, data = recipe_tree(text, source_name)
     if not isinstance(data, dict):
         found = "it is empty" if data is None else f"it holds a {type(data).__name__}"
         raise ComposerError(
             f"{source_name} must be a YAML mapping of recipe keys (merge_method, models or slices, ...); {found}."
         )
     check_duplicate_keys(root, source_name)
-    if "modules" in data:
-        raise ComposerError(
-            f"{source_name}: 'modules' (multi-module mergekit configs) is not supported; use 'slices' or 'models'."
-        )
     marked = _tune_range_at(data)
     if marked is not None:
         line = line_of(root, marked)
