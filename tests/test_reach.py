@@ -219,3 +219,99 @@ modules:
     assert "r.yml, line 2" in message and "'text_decoder', 'vision_tower'" in message and "'default'" in message
     with pytest.raises(ComposerError, match="give it once"):
         parse_recipe("merge_method: linear\nmodels: [{model: x}]\nmodules:\n  default:\n    models: [{model: y}]\n")
+
+
+# ---- 5. MoE checkpoints as inputs: planned under the names their files hold -----------------------------
+
+MOE_FAMILIES = {
+    "mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+    ),
+}
+
+
+def _moe_model(folder: Path, model_type: str, seed: int) -> Path:
+    return save_tiny_model(folder, model_type, layers=2, seed=seed, **MOE_FAMILIES[model_type])
+
+
+def _mixtral_by_hand(base: Path, folder: Path, seed: int) -> Path:
+    """A Mixtral checkpoint written without transformers: the on-disk layout spelt out, in two shards."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((base / "config.json").read_text())
+    hidden, inner, experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for i in range(config["num_hidden_layers"]):
+        shapes = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+        shapes |= {f"self_attn.{p}_proj.weight": (n, hidden) for p, n in (("q", hidden), ("k", kv), ("v", kv))}
+        shapes |= {"self_attn.o_proj.weight": (hidden, hidden), "block_sparse_moe.gate.weight": (experts, hidden)}
+        for e in range(experts):
+            shapes |= {f"block_sparse_moe.experts.{e}.w{w}.weight": (inner, hidden) for w in (1, 3)}
+            shapes[f"block_sparse_moe.experts.{e}.w2.weight"] = (hidden, inner)
+        layers |= {f"model.layers.{i}.{name}": shape for name, shape in shapes.items()}
+    shapes = {
+        "model.embed_tokens.weight": (320, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (320, hidden),
+    }
+    state = {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in (layers | shapes).items()}
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({name: state[name] for name in part}, str(folder / file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {name: file for file, part in halves.items() for name in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _loads_cleanly(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(1, 9).unsqueeze(0)).logits).all()
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_FAMILIES))
+def test_moe_checkpoints_merge_under_their_on_disk_names(model_type: str, tmp_path: Path):
+    base = _moe_model(tmp_path / "base", model_type, seed=0)
+    a = save_fine_tune(base, tmp_path / "a", seed=1)
+    b = (
+        _mixtral_by_hand(base, tmp_path / "b", seed=2)
+        if model_type == "mixtral"
+        else save_fine_tune(base, tmp_path / "b", seed=2)
+    )
+    states = {name: load_state(folder) for name, folder in (("base", base), ("a", a), ("b", b))}
+    assert any(".experts.0." in name for name in states["base"])  # the per-expert layout the files hold
+
+    linear = f"""merge_method: linear
+models:
+  - {{model: {a}, parameters: {{weight: 0.25}}}}
+  - {{model: {b}, parameters: {{weight: 0.75}}}}
+dtype: float32
+"""
+    merged = _compose(linear, tmp_path / "linear")
+    assert set(merged) == set(states["base"])
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, 0.25 * states["a"][name] + 0.75 * states["b"][name])
+    _loads_cleanly(tmp_path / "linear")
+
+    # dare_ties of one fine-tune at full density and weight is that fine-tune
+    dare = f"""merge_method: dare_ties
+base_model: {base}
+models:
+  - {{model: {b}, parameters: {{weight: 1.0, density: 1.0}}}}
+dtype: float32
+"""
+    merged = _compose(dare, tmp_path / "dare")
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, states["b"][name])
+    _loads_cleanly(tmp_path / "dare")
