@@ -315,3 +315,8 @@ dtype: float32
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, states["b"][name])
     _loads_cleanly(tmp_path / "dare")
+
+
+def test_multi_document_names_must_be_text():
+    with pytest.raises(ComposerError, match="must be text"):
+        parse_recipe("name: [1]\nmerge_method: linear\n---\nname: x\nmerge_method: linear\n", "r.yml")

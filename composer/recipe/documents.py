@@ -64,6 +64,12 @@ def recipe_documents(text: str, source_name: str) -> tuple[yaml.Node | None, Any
                 f"{source_name}, line {_line(root)}: document {number} of the file is not a mapping of "
                 "merge keys; each document of a multi-document file is one merge with a 'name:'."
             )
+        name = data.get("name", "unnamed")
+        if not isinstance(name, str) or not name:
+            raise ComposerError(
+                f"{source_name}, line {_line(root)}: the 'name' of document {number} must be text, the name later "
+                "documents use where a model goes."
+            )
     unnamed = [document for document in documents if "name" not in document[1]]
     if len(unnamed) > 1:
         lines = ", ".join(str(_line(root)) for root, _ in unnamed)
