@@ -129,6 +129,14 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:300] + " ..."
 
 
+_NUMBERED = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
+
+
+def _numbered(name: str) -> re.Match | None:
+    """`model.layers.3.mlp.up_proj.weight` -> (prefix `model.layers.`, index `3`, the rest); None without a number."""
+    return _NUMBERED.match(name)
+
+
 def transformers_config(config: dict, reference: str = "the model"):
     """transformers' config object for a config.json's contents. A config from a stranger can make transformers raise
     almost anything (a string where a bool goes, a dtype torch lacks, heads that do not divide the width): every
@@ -172,16 +180,32 @@ def tied_parameter_names(model) -> dict[str, str]:
     return {key: source for key in keys} if source else {}
 
 
+def checkpoint_shapes(model) -> dict[str, tuple[int, ...]]:
+    """The tensors (name -> shape) that `model` is saved as. transformers 5 holds some tensors in memory under other
+    names than its checkpoints do (Mixtral's per-expert `block_sparse_moe.experts.N.w1` are one fused
+    `mlp.experts.gate_up_proj` in memory) and reverts them when it saves; the files hold the saved names."""
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = revert_weight_conversion(model, state)
+    except Exception:  # noqa: BLE001  (a transformers without weight conversions, or one that cannot revert this model)
+        saved = state
+    return {name: tuple(tensor.shape) for name, tensor in saved.items()}
+
+
 def infer_architecture(config: dict, reference: str = "the model") -> Architecture:
     model = build_meta_model(config, reference)
     layer_count = model.config.num_hidden_layers
-    names = list(model.state_dict().keys())
-    numbered = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
+    saved = checkpoint_shapes(model)
+    in_memory = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    # the names in memory give the order (embeddings, layers, head); the names as saved are the ones planned
+    names = [name for name in in_memory if name in saved or not _numbered(name)]
     prefix = None
     layer_suffixes: list[str] = []
     first_layer_at = last_layer_at = None
     for position, name in enumerate(names):
-        match = numbered.match(name)
+        match = _numbered(name)
         if not match:
             continue
         if prefix is None:
@@ -192,14 +216,18 @@ def infer_architecture(config: dict, reference: str = "the model") -> Architectu
         last_layer_at = position
         if match.group(2) == "0":
             layer_suffixes.append(match.group(3))
+    for name in saved:  # tensors saved under names the model does not hold in memory (per-expert weights)
+        match = _numbered(name)
+        if match and name not in in_memory and match.group(1) == prefix and match.group(2) == "0":
+            layer_suffixes.append(match.group(3))
     if prefix is None:
         raise ComposerError(f"Could not find a layer stack in {reference} (model_type '{config.get('model_type')}').")
     vocab_size = model.config.vocab_size
     tied = tied_parameter_names(model)
-    shapes = model.state_dict()
+    shapes = in_memory | saved
 
     def weight(name: str) -> WeightDefinition:
-        vocab_axis = 0 if shapes[name].ndim >= 1 and shapes[name].shape[0] == vocab_size else None
+        vocab_axis = 0 if len(shapes[name]) >= 1 and shapes[name][0] == vocab_size else None
         return WeightDefinition(name=name, vocab_axis=vocab_axis, tied_to=tied.get(name))
 
     count_key = model.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")

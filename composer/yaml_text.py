@@ -128,9 +128,10 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def _check_expansion(root: yaml.Node, source_name: str) -> list[yaml.Node]:
-    """Refuse a graph that, with its aliases expanded, holds more than MAX_VALUES nodes or nests deeper than
-    MAX_DEPTH (an alias inside its own anchor expands forever). Returns every distinct node."""
+def _check_expansion(root: yaml.Node, source_name: str, limit: int = MAX_VALUES) -> tuple[list[yaml.Node], int]:
+    """Refuse a graph that, with its aliases expanded, holds more than `limit` nodes or nests deeper than
+    MAX_DEPTH (an alias inside its own anchor expands forever). Returns every distinct node, and the count of
+    nodes with aliases expanded."""
     measured: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, depth) when expanded
     open_nodes: set[int] = set()
     nodes: list[yaml.Node] = []
@@ -152,7 +153,7 @@ def _check_expansion(root: yaml.Node, source_name: str) -> list[yaml.Node]:
             for child in _children(node):
                 child_count, child_depth = measure(child, level + 1)
                 count, depth = count + child_count, max(depth, child_depth + 1)
-                if count > MAX_VALUES:
+                if count > limit:
                     raise ComposerError(_too_big(source_name, node.start_mark.line + 1, False, aliases=True))
             open_nodes.discard(id(node))
             measured[id(node)] = (count, depth)
@@ -161,8 +162,33 @@ def _check_expansion(root: yaml.Node, source_name: str) -> list[yaml.Node]:
             raise ComposerError(_too_big(source_name, node.start_mark.line + 1, True, aliases=True))
         return count, depth
 
-    measure(root, 1)
-    return nodes
+    count, _ = measure(root, 1)
+    return nodes, count
+
+
+def _read_with_bounds(text: str, source_name: str, read):
+    """`read(loader)` on a bounded loader of `text`, with every YAML error as a ComposerError naming the line."""
+    loader = None
+    try:
+        loader = _BoundedLoader(text, source_name)  # checks the characters at once
+        return read(loader)
+    except yaml.YAMLError as error:
+        raise ComposerError(yaml_problem(error, source_name)) from None
+    except (ValueError, OverflowError) as error:  # a value PyYAML matches but cannot build, e.g. the date 2024-13-45
+        raise ComposerError(f"{source_name}: a value cannot be read ({error}).") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _construct(loader: _BoundedLoader, root: yaml.Node, source_name: str, limit: int) -> tuple[Any, int]:
+    """The data of one composed document, once its expansion is measured; and that expanded size."""
+    nodes, count = _check_expansion(root, source_name, limit)
+    as_composed = [(node, list(node.value)) for node in nodes if isinstance(node, yaml.MappingNode)]
+    data = loader.construct_document(root)
+    for node, pairs in as_composed:  # building the data flattened merge keys into the nodes
+        node.value = pairs
+    return data, count
 
 
 def parse_yaml(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
@@ -171,25 +197,29 @@ def parse_yaml(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
     Errors are ComposerErrors naming `source_name` and the line. The graph is the one composed from the text:
     merge keys (`<<`) are applied to the data only, so lines found in it are where the text puts them.
     """
-    loader = None
-    try:
-        loader = _BoundedLoader(text, source_name)  # checks the characters at once
+
+    def read(loader: _BoundedLoader) -> tuple[yaml.Node | None, Any]:
         root = loader.get_single_node()
-        if root is None:
-            return None, None
-        nodes = _check_expansion(root, source_name)
-        as_composed = [(node, list(node.value)) for node in nodes if isinstance(node, yaml.MappingNode)]
-        data = loader.construct_document(root)
-        for node, pairs in as_composed:  # building the data flattened merge keys into the nodes
-            node.value = pairs
-        return root, data
-    except yaml.YAMLError as error:
-        raise ComposerError(yaml_problem(error, source_name)) from None
-    except (ValueError, OverflowError) as error:  # a value PyYAML matches but cannot build, e.g. the date 2024-13-45
-        raise ComposerError(f"{source_name}: a value cannot be read ({error}).") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+        return (None, None) if root is None else (root, _construct(loader, root, source_name, MAX_VALUES)[0])
+
+    return _read_with_bounds(text, source_name, read)
+
+
+def parse_yaml_documents(text: str, source_name: str) -> list[tuple[yaml.Node, Any]]:
+    """Like parse_yaml, for a stream of several documents (`---` between them): (graph, data) of each non-empty
+    one. The bounds hold for the whole stream: MAX_VALUES counts the values of every document together."""
+
+    def read(loader: _BoundedLoader) -> list[tuple[yaml.Node, Any]]:
+        documents, remaining = [], MAX_VALUES
+        while loader.check_node():
+            root = loader.get_node()
+            if root is not None:
+                data, count = _construct(loader, root, source_name, remaining)
+                remaining -= count
+                documents.append((root, data))
+        return documents
+
+    return _read_with_bounds(text, source_name, read)
 
 
 def line_of(node: yaml.Node | None, location: tuple) -> int | None:

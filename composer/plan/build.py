@@ -24,7 +24,7 @@ from composer.plan.vocabulary import (
 )
 from composer.recipe.load import RecipeKeyError, path_text
 from composer.recipe.parameters import evaluate, layer_t
-from composer.recipe.schema import Merge, OutputSlice, SliceSource
+from composer.recipe.schema import IGNORED_PARAMETERS, Merge, OutputSlice, SliceSource
 from composer.sources import ModelSource, TensorInfo, open_source
 from composer.sources.built_tokenizer import BuiltTokenizer
 
@@ -124,7 +124,7 @@ class _Planner:
             for name in list(parameters or {}):
                 if name not in known:
                     takes = ", ".join(sorted(known)) or "no parameters"
-                    if name not in parameter_names():
+                    if name not in parameter_names() and name not in IGNORED_PARAMETERS:
                         raise RecipeKeyError(
                             where + (name,),
                             f"merge method '{self.method.name}' does not take '{name}' (it takes {takes}).{_did_you_mean(name)}",

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from composer.architecture import Architecture, build_meta_model, tied_parameter_names
+from composer.architecture import Architecture, build_meta_model, checkpoint_shapes, tied_parameter_names
 from composer.errors import ComposerError
 from composer.plan.transformers_facts import config_defaults
 
@@ -51,7 +51,10 @@ def validate_against_transformers(config: dict, planned_shapes: dict[str, tuple[
     """Build the output model on the meta device and require its tensors to be exactly the planned ones."""
     model = build_meta_model(config, f"the output (config from '{reference}')")
     layer_count = model.config.num_hidden_layers
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    in_memory = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    saved = checkpoint_shapes(model)
+    # transformers loads either layout: the names its checkpoints hold (per-expert MoE weights) or those it holds in memory
+    expected = in_memory if set(planned_shapes) - set(saved) and not set(planned_shapes) - set(in_memory) else saved
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         for target in tied_parameter_names(model):
             expected.pop(target, None)

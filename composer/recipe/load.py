@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from composer.errors import ComposerError
+from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
-from composer.recipe.schema import Recipe
-from composer.yaml_text import check_duplicate_keys, has_location, line_of, parse_yaml, path_text
+from composer.recipe.documents import recipe_documents
+from composer.recipe.modules import lift_default_module
+from composer.recipe.schema import IGNORED_TOP_LEVEL_KEYS, Recipe
+from composer.sources.references import is_hub_id, local_path
+from composer.yaml_text import check_duplicate_keys, has_location, line_of, path_text
 
 
 def model_reference(value: Any) -> Any:
@@ -67,6 +71,65 @@ def normalise_mergekit(data: dict) -> dict:
     return data
 
 
+def _model_entries(data: dict, prefix: tuple = ()):
+    """(location, entry) of every `models` entry and slice source of a merge and of its stages."""
+    for index, stage in enumerate(_listed(data.get("stages"))):
+        if isinstance(stage, dict):
+            yield from _model_entries(stage, prefix + ("stages", index))
+    for index, entry in enumerate(_listed(data.get("models"))):
+        if isinstance(entry, dict):
+            yield prefix + ("models", index), entry
+    for slice_index, output_slice in enumerate(_listed(data.get("slices"))):
+        for index, source in enumerate(_listed(output_slice.get("sources")) if isinstance(output_slice, dict) else []):
+            if isinstance(source, dict):
+                yield prefix + ("slices", slice_index, "sources", index), source
+
+
+def fold_revisions(data: dict, root: yaml.Node | None, source_name: str, recipe_dir: Path | None) -> None:
+    """`revision:` beside `model:` (mergekit drops it and reads the main branch) becomes the hub revision of
+    the model, `org/name@revision`, as its author meant. A local folder has no revisions: that is an error."""
+    for location, entry in _model_entries(data):
+        if "revision" not in entry:
+            continue
+        revision, model = entry.pop("revision"), entry.get("model")
+        key = location + ("revision",)
+        line = line_of(root, key)
+        where = f"{source_name}, line {line}" if line else source_name
+        if not isinstance(revision, (str, int)) or isinstance(revision, bool) or not str(revision).strip():
+            raise ComposerError(
+                f"{where}: '{path_text(key)}' must be a branch, tag or commit of the hub model, e.g. 'main'."
+            )
+        if not isinstance(model, str):
+            continue  # validation reports the model itself
+        if "@" in model:
+            raise ComposerError(
+                f"{where}: '{path_text(key)}' is given, but the model '{model}' already names a revision after '@'; keep one of them."
+            )
+        if not is_hub_id(model) or local_path(model, recipe_dir).exists():
+            raise ComposerError(
+                f"{where}: '{path_text(key)}' is set, but the model '{model}' is a local path, which has no revisions; "
+                "remove the revision, or give a hub id (org/name)."
+            )
+        entry["model"] = f"{model}@{revision}"
+
+
+def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, prefix: tuple = ()) -> None:
+    """Remove the keys mergekit ignores where they stand (IGNORED_TOP_LEVEL_KEYS), with a warning naming each."""
+    for index, stage in enumerate(_listed(data.get("stages"))):
+        if isinstance(stage, dict):
+            drop_ignored_keys(stage, root, source_name, prefix + ("stages", index))
+    for key, why in IGNORED_TOP_LEVEL_KEYS.items():
+        if key in data:
+            data.pop(key)
+            line = line_of(root, prefix + (key,))
+            warnings.warn(
+                f"{source_name}{f', line {line}' if line else ''}: '{path_text(prefix + (key,))}' has no effect there "
+                f"({why}); mergekit ignores it, and so does composer.",
+                ComposerWarning,
+                stacklevel=3,
+            )
+
+
 def _schema_keys() -> set[str]:
     """Every key name the schema knows, at any depth (for 'did you mean' hints)."""
     import typing
@@ -103,11 +166,18 @@ def _suggestion(key: object) -> str:
 
 def _describe(error: dict, source_name: str, root: yaml.Node | None) -> str:
     # pydantic appends union-member names (e.g. 'list[...]') to locations; keep only real keys and indexes
-    location = tuple(part for part in error["loc"] if isinstance(part, int) or (isinstance(part, str) and "[" not in part and part not in ("str", "float", "int", "bool", "function-after")))
+    location = tuple(
+        part
+        for part in error["loc"]
+        if isinstance(part, int)
+        or (isinstance(part, str) and "[" not in part and part not in ("str", "float", "int", "bool", "function-after"))
+    )
     line = line_of(root, location)
     where = f"{source_name}, line {line}" if line else source_name
     if error["type"] == "extra_forbidden":
-        hint = _suggestion(location[-1] if location else None) or " Check its spelling; docs/recipes.md lists every key."
+        hint = (
+            _suggestion(location[-1] if location else None) or " Check its spelling; docs/recipes.md lists every key."
+        )
         return f"{where}: unknown key '{path_text(location)}'.{hint}"
     if error["type"] == "missing":
         return f"{where}: required key '{path_text(location)}' is missing."
@@ -131,7 +201,7 @@ class RecipeKeyError(ComposerError):
 
     def located(self, recipe_text: str, source_name: str) -> ComposerError:
         try:
-            root, _ = parse_yaml(recipe_text, source_name)
+            root, _ = recipe_tree(recipe_text, source_name)
         except ComposerError:
             root = None
         present = has_location(root, self.location)
@@ -154,21 +224,35 @@ def _tune_range_at(value: Any, location: tuple = ()) -> tuple | None:
     return next((found for key, item in items if (found := _tune_range_at(item, location + (key,))) is not None), None)
 
 
-def parse_recipe(text: str, source_name: str = "recipe") -> Recipe:
-    root, data = parse_yaml(text, source_name)
+def recipe_tree(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
+    """The recipe's YAML graph and data: several documents read as stages, a `modules: {default: ...}` lifted."""
+    root, data = recipe_documents(text, source_name)
+    if isinstance(data, dict):
+        lift_default_module(root, data, source_name)
+    return root, data
+
+
+def parse_recipe(text: str, source_name: str = "recipe", recipe_dir: Path | None = None) -> Recipe:
+    """The validated recipe; `recipe_dir` (the recipe file's folder) is where its relative model paths start."""
+    root, data = recipe_tree(text, source_name)
     if not isinstance(data, dict):
         found = "it is empty" if data is None else f"it holds a {type(data).__name__}"
-        raise ComposerError(f"{source_name} must be a YAML mapping of recipe keys (merge_method, models or slices, ...); {found}.")
+        raise ComposerError(
+            f"{source_name} must be a YAML mapping of recipe keys (merge_method, models or slices, ...); {found}."
+        )
     check_duplicate_keys(root, source_name)
-    if "modules" in data:
-        raise ComposerError(f"{source_name}: 'modules' (multi-module mergekit configs) is not supported; use 'slices' or 'models'.")
     marked = _tune_range_at(data)
     if marked is not None:
         line = line_of(root, marked)
-        raise ComposerError(f"{source_name}{f', line {line}' if line else ''}: '{path_text(marked)}' is a tune range, not a number; "
-                            "run the recipe with `compose tune` (docs/tune.md), which fits it on text and writes a recipe with numbers.")
+        raise ComposerError(
+            f"{source_name}{f', line {line}' if line else ''}: '{path_text(marked)}' is a tune range, not a number; "
+            "run the recipe with `compose tune` (docs/tune.md), which fits it on text and writes a recipe with numbers."
+        )
+    drop_ignored_keys(data, root, source_name)
+    data = normalise_mergekit(data)
+    fold_revisions(data, root, source_name, recipe_dir)
     try:
-        return Recipe.model_validate(normalise_mergekit(data))
+        return Recipe.model_validate(data)
     except ValidationError as error:
         # unknown keys first: a misspelt key usually also makes a required one look missing
         problems = sorted(error.errors(), key=lambda problem: problem["type"] != "extra_forbidden")
@@ -177,9 +261,11 @@ def parse_recipe(text: str, source_name: str = "recipe") -> Recipe:
             message = _describe(problem, source_name, root)
             if message not in seen:
                 seen.append(message)
-        raise ComposerError(" ".join(seen[:4]) + (f" ({len(seen) - 4} more problems)" if len(seen) > 4 else "")) from None
+        raise ComposerError(
+            " ".join(seen[:4]) + (f" ({len(seen) - 4} more problems)" if len(seen) > 4 else "")
+        ) from None
 
 
 def load_recipe(path: Path) -> tuple[Recipe, str]:
     text = read_text(path, "Recipe file", YAML_FILE_LIMIT)
-    return parse_recipe(text, str(path)), text
+    return parse_recipe(text, str(path), Path(path).parent), text

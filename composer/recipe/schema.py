@@ -5,8 +5,18 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, StrictBool, StrictFloat,
-                      StrictInt, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from composer.chat_templates import check_template
@@ -16,6 +26,12 @@ Scalar = Union[StrictBool, StrictInt, StrictFloat, str]
 Gradient = Annotated[list[Union[StrictInt, StrictFloat]], Field(min_length=1)]
 # a list of strings (mergekit accepts these): stepped over the layers, no interpolation
 Steps = Annotated[list[str], Field(min_length=1)]
+
+
+# Keys real mergekit configs carry where mergekit ignores them: composer warns, naming them, and runs the config.
+# (A typo such as `dype` is still refused: there mergekit would silently run something other than the file says.)
+IGNORED_TOP_LEVEL_KEYS = {"int8_mask": "it is a parameter of the TIES-family methods, and belongs under 'parameters'"}
+IGNORED_PARAMETERS = {"smooth", "allow_negative_weights"}  # mergekit-evolve's settings, left in merge configs
 
 
 class Strict(BaseModel):
@@ -39,7 +55,9 @@ def _non_finite(value: Any) -> float | str | None:
         except ValueError:
             return None
         return None if math.isfinite(number) else value
-    items = [value.get("value")] if isinstance(value, dict) else value if isinstance(value, list) else ()  # a filter is a name, not a number
+    items = (
+        [value.get("value")] if isinstance(value, dict) else value if isinstance(value, list) else ()
+    )  # a filter is a name, not a number
     return next((found for found in map(_non_finite, items) if found is not None), None)
 
 
@@ -47,8 +65,12 @@ def _refuse_non_finite(value: Any) -> Any:
     # before the union is tried: otherwise every member of it reports its own failure
     found = _non_finite(value)
     if found is not None:
-        written = repr(found) if isinstance(found, str) else ".nan" if math.isnan(found) else ".inf" if found > 0 else "-.inf"
-        raise PydanticCustomError("finite_number", "Input should be a finite number, not {written}", {"written": written})
+        written = (
+            repr(found) if isinstance(found, str) else ".nan" if math.isnan(found) else ".inf" if found > 0 else "-.inf"
+        )
+        raise PydanticCustomError(
+            "finite_number", "Input should be a finite number, not {written}", {"written": written}
+        )
     return value
 
 
@@ -61,7 +83,9 @@ Parameters = dict[str, ParameterSetting]
 
 def _no_bool(value: Any) -> Any:
     if isinstance(value, bool):  # YAML's true/false would otherwise pass as 1 and 0
-        raise PydanticCustomError("whole_number", "Input should be a whole number, not {value}", {"value": str(value).lower()})
+        raise PydanticCustomError(
+            "whole_number", "Input should be a whole number, not {value}", {"value": str(value).lower()}
+        )
     return value
 
 
@@ -184,11 +208,26 @@ class Recipe(Merge):
         if self.stages is None and self.merge_method is None:
             raise ValueError("'merge_method' is missing: name the merge method (or give 'stages')")
         if self.merge_method is None:
-            stray = [key for key in ("base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
-                     if getattr(self, key) is not None]
+            stray = [
+                key
+                for key in (
+                    "base_model",
+                    "models",
+                    "slices",
+                    "parameters",
+                    "dtype",
+                    "out_dtype",
+                    "tokenizer_source",
+                    "tokenizer",
+                    "chat_template",
+                )
+                if getattr(self, key) is not None
+            ]
             if stray:
-                raise ValueError(f"{', '.join(stray)} at the top level belong to a merge, and there is no top-level 'merge_method'; "
-                                 "move them into a stage (the last stage is the output)")
+                raise ValueError(
+                    f"{', '.join(stray)} at the top level belong to a merge, and there is no top-level 'merge_method'; "
+                    "move them into a stage (the last stage is the output)"
+                )
         names = [stage.name for stage in self.stages or []]
         for name in names:
             if names.count(name) > 1:
