@@ -143,12 +143,29 @@ def transformers_config(config: dict, reference: str = "the model"):
     failure is one error naming the model."""
     from transformers import AutoConfig
 
+    check_sizes(config, reference)
     try:
         return AutoConfig.for_model(**config)
     except Exception as error:  # noqa: BLE001  (see above)
         raise ComposerError(
-            f"The config of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)})."
+            f"The config.json of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)})."
         ) from None
+
+
+SIZE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "n_embd", "n_head", "n_positions",
+)  # fmt: skip
+
+
+def check_sizes(config: dict, reference: str = "the model") -> None:
+    """Sizes that must be whole numbers of at least 1 (transformers fails on them in ways that do not say which)."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ComposerError(
+                f"The config.json of {reference} gives '{key}' as {value!r}; it must be a whole number of at least 1."
+            )
 
 
 def build_meta_model(config: dict, reference: str = "the model"):
@@ -166,7 +183,7 @@ def build_meta_model(config: dict, reference: str = "the model"):
         ) from None
     except Exception as error:  # noqa: BLE001  (a config whose sizes cannot build the model: vocab_size 0, ...)
         raise ComposerError(
-            f"The config of {reference} does not build a model in transformers ({type(error).__name__}: {_one_line(error)})."
+            f"The config.json of {reference} does not build a model in transformers ({type(error).__name__}: {_one_line(error)})."
         ) from None
 
 

@@ -25,7 +25,31 @@ app = typer.Typer(
 COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant", "trace", "tune"}
 
 
-VALUE_OPTIONS = {"--memory-budget", "--device", "--readers", "--shard-size", "--limit", "--text", "--out", "--prompts", "--png", "--tokenizer", "--estimator", "--k", "--pad-to-multiple-of", "--base", "--rank", "--modules", "--candidates", "--json", "--heldout", "--trials", "--minutes", "--optimizer", "--seed"}
+VALUE_OPTIONS = {
+    "--memory-budget",
+    "--device",
+    "--readers",
+    "--shard-size",
+    "--limit",
+    "--text",
+    "--out",
+    "--prompts",
+    "--png",
+    "--tokenizer",
+    "--estimator",
+    "--k",
+    "--pad-to-multiple-of",
+    "--base",
+    "--rank",
+    "--modules",
+    "--candidates",
+    "--json",
+    "--heldout",
+    "--trials",
+    "--minutes",
+    "--optimizer",
+    "--seed",
+}
 
 
 def _size(text: str, option: str = "--memory-budget") -> int:
@@ -59,7 +83,9 @@ def _device(name: str) -> str:
         if backend is not None and backend.is_available():
             count = backend.device_count() if hasattr(backend, "device_count") else 1
         if count == 0:
-            raise ComposerError(f"--device {name.strip()} was asked for, but torch {torch.__version__} sees no {kind} device on this machine; use --device cpu.")
+            raise ComposerError(
+                f"--device {name.strip()} was asked for, but torch {torch.__version__} sees no {kind} device on this machine; use --device cpu."
+            )
         if index and int(index) >= count:
             raise ComposerError(f"--device {name.strip()}: this machine has {count} {kind} device(s), numbered from 0.")
     return name.strip()
@@ -102,11 +128,16 @@ def _guarded(action):
     except Exception as error:  # a bug: one paragraph, the traceback only when asked for
         if os.environ.get("COMPOSER_DEBUG"):
             raise
-        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):  # torch's allocator refusing a size
+        if isinstance(error, RuntimeError) and "can't allocate memory" in str(
+            error
+        ):  # torch's allocator refusing a size
             _fail(OUT_OF_MEMORY)
         where = _innermost_frame(error)
-        _fail(f"internal error: {type(error).__name__}: {error} (at {where}). This is a bug in composer; please report it with the "
-              "command that caused it. Set COMPOSER_DEBUG=1 to see the full traceback.", code=3)
+        _fail(
+            f"internal error: {type(error).__name__}: {error} (at {where}). This is a bug in composer; please report it with the "
+            "command that caused it. Set COMPOSER_DEBUG=1 to see the full traceback.",
+            code=3,
+        )
 
 
 def _innermost_frame(error: BaseException) -> str:
@@ -121,15 +152,35 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML (native or a mergekit config)."),
     out: Optional[Path] = typer.Argument(None, help="Output folder (default: the recipe's 'output:' key)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory the process holds, e.g. 1GB, 8GB (never less than one tensor's inputs and result)."),
+    memory_budget: str = typer.Option(
+        "1GB",
+        "--memory-budget",
+        help="Most memory the process holds, e.g. 1GB, 8GB (never less than one tensor's inputs and result).",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA, ...); overrides the recipe's random_seed."),
-    fsync: bool = typer.Option(False, "--fsync", help="Flush the output to the disk before it appears (survives a power loss; waits for the disk)."),
-    readers: Optional[int] = typer.Option(None, "--readers", min=1, help="Threads reading inputs ahead (default: one per four cores, at most four)."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue a run that was killed (default: whenever its partial output matches this recipe and these inputs); --no-resume starts over."),
-    keep_partial: bool = typer.Option(False, "--keep-partial", help="If the run is interrupted or fails, keep its finished tensors for a later run to resume."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed for random methods (DARE, DELLA, ...); overrides the recipe's random_seed."
+    ),
+    fsync: bool = typer.Option(
+        False,
+        "--fsync",
+        help="Flush the output to the disk before it appears (survives a power loss; waits for the disk).",
+    ),
+    readers: Optional[int] = typer.Option(
+        None, "--readers", min=1, help="Threads reading inputs ahead (default: one per four cores, at most four)."
+    ),
+    resume: Optional[bool] = typer.Option(
+        None,
+        "--resume/--no-resume",
+        help="Continue a run that was killed (default: whenever its partial output matches this recipe and these inputs); --no-resume starts over.",
+    ),
+    keep_partial: bool = typer.Option(
+        False,
+        "--keep-partial",
+        help="If the run is interrupted or fails, keep its finished tensors for a later run to resume.",
+    ),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -143,13 +194,25 @@ def run(
         from composer.execute import ExecutionOptions
 
         options = ExecutionOptions(
-            memory_budget=budget, whole_process=True, shard_size=shard, device=target, force=force, progress=None if progress else False,
-            durable=fsync, readers=readers, resume={None: "auto", True: "require", False: "never"}[resume], keep_partial=keep_partial,
+            memory_budget=budget,
+            whole_process=True,
+            shard_size=shard,
+            device=target,
+            force=force,
+            progress=None if progress else False,
+            durable=fsync,
+            readers=readers,
+            resume={None: "auto", True: "require", False: "never"}[resume],
+            keep_partial=keep_partial,
         )
         report = compose_file(recipe, out, options, seed=seed)
-        on_device = f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
+        on_device = (
+            f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
+        )
         resumed = f" ({report.resumed} of them kept from the interrupted run)" if report.resumed else ""
-        typer.echo(f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}")
+        typer.echo(
+            f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}"
+        )
 
     _guarded(action)
 
@@ -192,25 +255,46 @@ def evaluate(
 
         texts = [read_text_to_score(path) for path in text]  # every text is checked before the (slow) model load
         loaded, tokenizer = load_model(model)
-        scores = [score_text(loaded, tokenizer, content, text_name=str(path), model_name=model) for path, content in zip(text, texts)]
+        scores = [
+            score_text(loaded, tokenizer, content, text_name=str(path), model_name=model)
+            for path, content in zip(text, texts)
+        ]
         typer.echo(f"{'text':<40} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")
         for path, score in zip(text, scores):
-            typer.echo(f"{str(path):<40} {score.tokens:>8} {score.bytes:>8} {score.perplexity:>11.3f} {score.bits_per_byte:>10.4f}")
+            typer.echo(
+                f"{str(path):<40} {score.tokens:>8} {score.bytes:>8} {score.perplexity:>11.3f} {score.bits_per_byte:>10.4f}"
+            )
 
     _guarded(action)
 
 
 @app.command()
 def tune(
-    recipe: Path = typer.Argument(..., help="Recipe YAML with numbers to tune written as {tune: [lo, hi]} (or --tune-all)."),
-    out: Path = typer.Argument(..., help="Output folder: the best recipe's model, tuned-recipe.yml, tune-report.json, tune.png."),
-    text: list[Path] = typer.Option(..., "--text", help="Text file(s) to tune on: the objective is their mean bits per byte."),
-    heldout: Optional[list[Path]] = typer.Option(None, "--heldout", help="Text file(s) only reported, never tuned on (over-fitting shows there)."),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Trials to run (default 50 unless --minutes is given)."),
+    recipe: Path = typer.Argument(
+        ..., help="Recipe YAML with numbers to tune written as {tune: [lo, hi]} (or --tune-all)."
+    ),
+    out: Path = typer.Argument(
+        ..., help="Output folder: the best recipe's model, tuned-recipe.yml, tune-report.json, tune.png."
+    ),
+    text: list[Path] = typer.Option(
+        ..., "--text", help="Text file(s) to tune on: the objective is their mean bits per byte."
+    ),
+    heldout: Optional[list[Path]] = typer.Option(
+        None, "--heldout", help="Text file(s) only reported, never tuned on (over-fitting shows there)."
+    ),
+    trials: Optional[int] = typer.Option(
+        None, "--trials", help="Trials to run (default 50 unless --minutes is given)."
+    ),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop starting trials after this many minutes."),
     optimizer: str = typer.Option("cma", "--optimizer", help="cma (CMA-ES, needs the cma package) or random."),
-    tune_all: bool = typer.Option(False, "--tune-all", help="Tune every weight, density, t and scale of the recipe around its value."),
-    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Most memory the process holds; half of it caches parents' tensors between trials."),
+    tune_all: bool = typer.Option(
+        False, "--tune-all", help="Tune every weight, density, t and scale of the recipe around its value."
+    ),
+    memory_budget: str = typer.Option(
+        "2GB",
+        "--memory-budget",
+        help="Most memory the process holds; half of it caches parents' tensors between trials.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the optimiser."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
@@ -224,7 +308,9 @@ def tune(
         if trials is not None and trials < 1:
             raise ComposerError(f"--trials {trials}: give at least 1 trial.")
         if minutes is not None and not minutes > 0:
-            raise ComposerError(f"--minutes {minutes:g}: give a positive number of minutes (e.g. --minutes 5), or use --trials N.")
+            raise ComposerError(
+                f"--minutes {minutes:g}: give a positive number of minutes (e.g. --minutes 5), or use --trials N."
+            )
         if optimizer not in ("cma", "random"):
             raise ComposerError(f"--optimizer '{optimizer}' is not one composer has; use cma or random.")
         budget = _size(memory_budget)
@@ -236,13 +322,26 @@ def tune(
         from composer.tune.output import write_output
         from composer.tune.run import TuneSettings, tune_recipe
 
-        settings = TuneSettings(texts=texts, heldout=held_out, trials=trials, minutes=minutes, optimizer=optimizer,
-                                tune_all=tune_all, memory_budget=budget, seed=seed, progress=None if progress else False)
+        settings = TuneSettings(
+            texts=texts,
+            heldout=held_out,
+            trials=trials,
+            minutes=minutes,
+            optimizer=optimizer,
+            tune_all=tune_all,
+            memory_budget=budget,
+            seed=seed,
+            progress=None if progress else False,
+        )
         result, runner = tune_recipe(recipe, settings)
         report = write_output(result, runner, settings, out, force)
-        stopped = {"interrupted": " (stopped by Ctrl-C)", "minutes": f" (stopped after {minutes} minutes)"}.get(result.stopped, "")
+        stopped = {"interrupted": " (stopped by Ctrl-C)", "minutes": f" (stopped after {minutes} minutes)"}.get(
+            result.stopped, ""
+        )
         start, tuned = report["history"][0]["objective"], result.best.objective
-        typer.echo(f"{len(result.trials)} trials in {result.seconds:.1f} s{stopped}: mean bits per byte {start:.4f} -> {tuned:.4f}")
+        typer.echo(
+            f"{len(result.trials)} trials in {result.seconds:.1f} s{stopped}: mean bits per byte {start:.4f} -> {tuned:.4f}"
+        )
         for item in report["parameters"]:
             typer.echo(f"  {item['key']}: {item['start']:.4g} -> {item['tuned']:.4g}")
         typer.echo(f"wrote the tuned model, tuned-recipe.yml and tune-report.json to {out}")
@@ -252,7 +351,9 @@ def tune(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Where to write the upscaled model (an earlier demo output there is replaced)."),
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", help="Where to write the upscaled model (an earlier demo output there is replaced)."
+    ),
     force: bool = typer.Option(False, "--force", help="Also replace another of composer's outputs at OUT."),
 ) -> None:
     """SOLAR-style depth upscale of the real SmolLM2-135M-Instruct (30 -> 44 layers), then compare it with its source."""
@@ -272,8 +373,12 @@ def extract_lora(
     base: str = typer.Option(..., "--base", help="The model FINETUNE was fine-tuned from."),
     rank: int = typer.Option(..., "--rank", help="LoRA rank r (> 0)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    modules: Optional[list[str]] = typer.Option(None, "--modules", help="Only these modules, e.g. q_proj,v_proj (default: every linear layer weight)."),
-    embeddings: bool = typer.Option(False, "--embeddings", help="Also save the embeddings / output head whole (modules_to_save) when they differ."),
+    modules: Optional[list[str]] = typer.Option(
+        None, "--modules", help="Only these modules, e.g. q_proj,v_proj (default: every linear layer weight)."
+    ),
+    embeddings: bool = typer.Option(
+        False, "--embeddings", help="Also save the embeddings / output head whole (modules_to_save) when they differ."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
     """Write a PEFT LoRA adapter (rank R) for BASE that approximates FINETUNE - BASE, by truncated SVD."""
@@ -291,7 +396,9 @@ def extract_lora(
             raise
         worst_name, worst_error = report.worst
         saved = f"; whole tensors: {', '.join(report.modules_to_save)}" if report.modules_to_save else ""
-        typer.echo(f"wrote a rank-{rank} LoRA of {len(report.errors)} tensors to {report.out} in {report.seconds:.1f} s{saved}")
+        typer.echo(
+            f"wrote a rank-{rank} LoRA of {len(report.errors)} tensors to {report.out} in {report.seconds:.1f} s{saved}"
+        )
         typer.echo(f"relative Frobenius error: mean {report.mean_error:.4f}, worst {worst_error:.4f} ({worst_name})")
 
     _guarded(action)
@@ -300,7 +407,9 @@ def extract_lora(
 @app.command()
 def route(
     model: Path = typer.Argument(..., help="An MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE)."),
-    prompts: Path = typer.Option(..., "--prompts", help="Prompts: a .txt file (one a line) or YAML/JSON (a list, or group name -> list)."),
+    prompts: Path = typer.Option(
+        ..., "--prompts", help="Prompts: a .txt file (one a line) or YAML/JSON (a list, or group name -> list)."
+    ),
     png: Path = typer.Option(Path("routing.png"), "--png", help="Where to write the heat map."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     per_prompt: bool = typer.Option(True, "--per-prompt/--totals", help="Also list each prompt's shares."),
@@ -328,14 +437,26 @@ def route(
 def transplant(
     model: str = typer.Argument(..., help="The model to give another tokenizer (folder, .gguf or hub id)."),
     out: Path = typer.Argument(..., help="Output folder."),
-    tokenizer: str = typer.Option(..., "--tokenizer", help="DONOR: the model or tokenizer folder whose tokenizer MODEL is to speak."),
-    estimator: str = typer.Option("mapped", "--estimator", help="Rows of new tokens: mapped (default), subword, omp or knn."),
+    tokenizer: str = typer.Option(
+        ..., "--tokenizer", help="DONOR: the model or tokenizer folder whose tokenizer MODEL is to speak."
+    ),
+    estimator: str = typer.Option(
+        "mapped", "--estimator", help="Rows of new tokens: mapped (default), subword, omp or knn."
+    ),
     k: int = typer.Option(8, "--k", help="Anchor tokens per new token for omp and knn."),
-    pad_to_multiple_of: Optional[int] = typer.Option(None, "--pad-to-multiple-of", help="Pad the vocabulary rows to a multiple of N."),
-    report: bool = typer.Option(False, "--report", help="Print how tokens were handled, and bits per byte and perplexity before and after on each --text."),
+    pad_to_multiple_of: Optional[int] = typer.Option(
+        None, "--pad-to-multiple-of", help="Pad the vocabulary rows to a multiple of N."
+    ),
+    report: bool = typer.Option(
+        False,
+        "--report",
+        help="Print how tokens were handled, and bits per byte and perplexity before and after on each --text.",
+    ),
     text: Optional[list[Path]] = typer.Option(None, "--text", help="Text file(s) to score with --report."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Most memory the process holds, e.g. 2GB (the rows being estimated come on top)."),
+    memory_budget: str = typer.Option(
+        "2GB", "--memory-budget", help="Most memory the process holds, e.g. 2GB (the rows being estimated come on top)."
+    ),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
@@ -346,8 +467,23 @@ def transplant(
         from composer.execute import ExecutionOptions
         from composer.transplant import TransplantOptions, transplant_command
 
-        execution = ExecutionOptions(memory_budget=budget, whole_process=True, shard_size=shard, force=force, progress=None if progress else False)
-        transplant_command(model, tokenizer, out, TransplantOptions(estimator, k, pad_to_multiple_of), execution, report, text or [], typer.echo)
+        execution = ExecutionOptions(
+            memory_budget=budget,
+            whole_process=True,
+            shard_size=shard,
+            force=force,
+            progress=None if progress else False,
+        )
+        transplant_command(
+            model,
+            tokenizer,
+            out,
+            TransplantOptions(estimator, k, pad_to_multiple_of),
+            execution,
+            report,
+            text or [],
+            typer.echo,
+        )
 
     _guarded(action)
 
@@ -355,12 +491,30 @@ def transplant(
 @app.command()
 def trace(
     suspect: str = typer.Argument(..., help="The model to examine (folder, .gguf, hub id or BASE+ADAPTER)."),
-    candidates: list[str] = typer.Option(..., "--candidates", help="Models SUSPECT may be built from; give the option once per model, or list them after it."),
-    base: Optional[str] = typer.Option(None, "--base", help="The model the candidates were fine-tuned from (task vectors are taken against it)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (schema in docs/trace.md)."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Write a heat map of SUSPECT's layers against each candidate's."),
-    verify: bool = typer.Option(False, "--verify", help="Compose the recovered recipe into a temporary folder and report each tensor's relative error."),
-    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory the trace holds besides its fingerprints (reads, fits, --verify), e.g. 1GB."),
+    candidates: list[str] = typer.Option(
+        ...,
+        "--candidates",
+        help="Models SUSPECT may be built from; give the option once per model, or list them after it.",
+    ),
+    base: Optional[str] = typer.Option(
+        None, "--base", help="The model the candidates were fine-tuned from (task vectors are taken against it)."
+    ),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", help="Write the report as JSON (schema in docs/trace.md)."
+    ),
+    png: Optional[Path] = typer.Option(
+        None, "--png", help="Write a heat map of SUSPECT's layers against each candidate's."
+    ),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Compose the recovered recipe into a temporary folder and report each tensor's relative error.",
+    ),
+    memory_budget: str = typer.Option(
+        "1GB",
+        "--memory-budget",
+        help="Most memory the trace holds besides its fingerprints (reads, fits, --verify), e.g. 1GB.",
+    ),
 ) -> None:
     """Whether SUSPECT was built from the candidates, from which, and how: tokenizer, layer provenance, verdicts, recipe."""
 
@@ -370,7 +524,9 @@ def trace(
         from composer.trace.heatmap import draw_heat_map
         from composer.trace.report import format_report, write_json
 
-        report = trace_models(suspect, _listed(candidates), TraceOptions(base=base, verify=verify, memory_budget=budget))
+        report = trace_models(
+            suspect, _listed(candidates), TraceOptions(base=base, verify=verify, memory_budget=budget)
+        )
         typer.echo(format_report(report))
         if json_path is not None:
             write_json(report, json_path)
@@ -425,7 +581,9 @@ def _show_notes() -> None:
 
     class Notes(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            lines = textwrap.wrap(f"note: {record.getMessage()}", width=100, break_long_words=False, break_on_hyphens=False)
+            lines = textwrap.wrap(
+                f"note: {record.getMessage()}", width=100, break_long_words=False, break_on_hyphens=False
+            )
             typer.echo("\n".join(lines), err=True)
 
     logger = logging.getLogger("composer")
@@ -438,24 +596,40 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     import textwrap
 
     text = str(message) if issubclass(category, UserWarning) else f"{category.__name__}: {message}"
-    typer.echo("\n".join(textwrap.wrap(f"warning: {text}", width=100, break_long_words=False, break_on_hyphens=False)), err=True)
+    typer.echo(
+        "\n".join(textwrap.wrap(f"warning: {text}", width=100, break_long_words=False, break_on_hyphens=False)),
+        err=True,
+    )
 
 
 def main() -> None:
-    import warnings
-
     from composer.signals import stop_on_signals
 
     stop_on_signals()  # SIGTERM and SIGHUP unwind like Ctrl-C, so the partial output folder is removed
+    try:
+        code = _main()
+    except KeyboardInterrupt as error:  # while starting up, before a command's own handling
+        typer.echo(_paragraph(f"{error or 'interrupted'}; nothing was written."), err=True)
+        code = 130
+    sys.exit(code)
+
+
+def _main() -> int:
+    import warnings
+
     _show_notes()
     warnings.showwarning = _show_warning
     arguments = sys.argv[1:]
     first = _first_positional(arguments)
-    if first is not None and first not in COMMANDS and not (set(arguments) & {"-h", "--help"} and arguments[0].startswith("-")):
+    if (
+        first is not None
+        and first not in COMMANDS
+        and not (set(arguments) & {"-h", "--help"} and arguments[0].startswith("-"))
+    ):
         arguments = ["run", *arguments]  # `compose RECIPE [OUT]` is `compose run RECIPE [OUT]`
     if first == "trace":
         arguments = _gather_candidates(arguments)
-    sys.exit(_run_app(arguments or ["--help"]))
+    return _run_app(arguments or ["--help"])
 
 
 def _run_app(arguments: list[str]) -> int:

@@ -187,7 +187,7 @@ def test_an_output_key_through_a_link_cannot_leave_the_recipe_folder(tmp_path):
         (dict(tie_word_embeddings="yes"), ("'m'", "tie_word_embeddings")),  # StrictDataclassFieldValidationError
         (dict(torch_dtype="float99", dtype="float99"), ("'m'", "float99")),  # AttributeError from torch
         (dict(num_attention_heads=5), ("'m'", "attention heads")),  # StrictDataclassClassValidationError
-        (dict(vocab_size=0), ("'m'", "does not build a model")),  # AssertionError from torch.nn.Embedding
+        (dict(vocab_size=0), ("'m'", "'vocab_size' as 0")),  # was an AssertionError from torch.nn.Embedding
         (dict(hidden_size=96), ("'m'", "model.embed_tokens.weight", "config.json does not describe its weights")),
     ],
 )
@@ -489,3 +489,18 @@ def test_what_used_to_hang_ends(models, tmp_path):
     assert scored.returncode == 2 and "max_position_embeddings 1" in " ".join(scored.stderr.split()), scored.stderr
     assert routed.returncode == 0, routed.stderr
     assert "its first 1024 are routed" in " ".join(routed.stderr.split()) and (tmp_path / "map.png").is_file()
+
+
+def test_an_interrupt_while_starting_is_one_error_paragraph(monkeypatch, capsys):
+    """A signal before a command's own handling (while typer parses, or a lazy import runs) printed a traceback."""
+    from composer import cli
+    from composer.signals import Interrupted
+
+    def interrupted():
+        raise Interrupted("interrupted by SIGTERM")
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted by SIGTERM; nothing was written.\n"
