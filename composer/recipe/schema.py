@@ -128,6 +128,13 @@ class TokenizerSettings(Strict):
     pad_to_multiple_of: Optional[Annotated[int, Field(gt=0, le=LARGEST_PAD)]] = None
 
 
+class LinesScale(Strict):
+    """LiNeS: the merge's task vector scaled by depth, `alpha` at the first layer to `beta` at the last."""
+
+    alpha: Union[StrictInt, StrictFloat]
+    beta: Union[StrictInt, StrictFloat]
+
+
 class Merge(Strict):
     """One merge: the keys of a mergekit merge config."""
 
@@ -142,6 +149,7 @@ class Merge(Strict):
     tokenizer: Optional[TokenizerSettings] = None
     chat_template: Optional[ChatTemplate] = None
     random_seed: Optional[int] = None
+    lines: Optional[LinesScale] = None
 
     @model_validator(mode="after")
     def _check_inputs(self):
@@ -184,7 +192,7 @@ class Recipe(Merge):
         if self.stages is None and self.merge_method is None:
             raise ValueError("'merge_method' is missing: name the merge method (or give 'stages')")
         if self.merge_method is None:
-            stray = [key for key in ("base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+            stray = [key for key in ("base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "lines")
                      if getattr(self, key) is not None]
             if stray:
                 raise ValueError(f"{', '.join(stray)} at the top level belong to a merge, and there is no top-level 'merge_method'; "

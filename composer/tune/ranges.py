@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import yaml
 
 from composer.errors import ComposerError
-from composer.tune.domains import LAYER_BOUND, TUNE_ALL, Domain, parameter_domain, range_around
+from composer.tune.domains import ANY, LAYER_BOUND, TUNE_ALL, Domain, parameter_domain, range_around
 from composer.yaml_text import line_of, parse_yaml, path_text
 
 MARK = "tune"
@@ -80,6 +80,8 @@ def _domain_at(location: tuple, source_name: str, line: int) -> tuple[str, Domai
     """(what the number is, its domain) for a mark at `location`; an error for a place composer cannot tune."""
     if len(location) >= 2 and location[-2] == "layer_range" and location[-1] in (0, 1):
         return "a slice bound", LAYER_BOUND
+    if len(location) >= 2 and location[-2] == "lines" and location[-1] in ("alpha", "beta"):
+        return f"LiNeS '{location[-1]}'", ANY
     if "parameters" in location:
         at = len(location) - 1 - location[::-1].index("parameters")
         if at + 1 < len(location) and isinstance(location[at + 1], str):
@@ -87,7 +89,8 @@ def _domain_at(location: tuple, source_name: str, line: int) -> tuple[str, Domai
             return f"'{name}'", parameter_domain(name)
     raise ComposerError(
         f"{source_name}, line {line}: a tune range at '{path_text(location)}' stands where composer has no number to tune; "
-        "tune ranges go in place of a method parameter (under a `parameters:` key) or a passthrough `layer_range` bound."
+        "tune ranges go in place of a method parameter (under a `parameters:` key), a `lines` alpha or beta, or a passthrough "
+        "`layer_range` bound."
     )
 
 
