@@ -191,3 +191,158 @@ def test_cma_missing_names_the_package(tuned_parents, monkeypatch, capsys):
                       f"  - model: {tuned_parents['other']}\n    parameters: {{weight: 1}}\n")
     code = compose_in_process(monkeypatch, "tune", recipe, "--text", root / "tune.txt", "--no-progress", root / "no-cma")
     assert code == 2 and "pip install 'cma>=3.3'" in " ".join(capsys.readouterr().err.split())
+
+
+# --- --optimizer gradient -----------------------------------------------------------------------------------------
+
+def _method_params(label: str, **given) -> dict:
+    from composer.methods import get_method
+
+    method = get_method(label)
+    params = {parameter.name: ([parameter.default] * 2 if parameter.per_model else parameter.default) for parameter in method.parameters}
+    params.update(given)
+    if method.random:
+        params["seed"] = 7
+    return params
+
+
+@pytest.mark.parametrize("label, given", [
+    ("linear", {"weight": [0.7, 0.4]}),
+    ("task_arithmetic", {"weight": [0.7, -0.4], "lambda": 1.3}),
+    ("ties", {"weight": [0.7, 0.4], "density": [0.5, 0.6]}),
+    ("ties", {"weight": [0.7, 0.4], "density": [0.5, 0.6], "rescale": True, "normalize": False, "lambda": 0.8}),
+    ("dare_ties", {"weight": [0.7, 0.4], "density": [0.5, 0.6]}),
+    ("dare_linear", {"weight": [0.7, 0.4], "density": [0.5, 0.6]}),
+    ("breadcrumbs_ties", {"weight": [0.7, 0.4], "density": [0.6, 0.7], "gamma": [0.05, 0.1]}),
+    ("della", {"weight": [0.7, 0.4], "density": [0.5, 0.6], "epsilon": [0.1, 0.1]}),
+    ("slerp", {"t": 0.3}),
+    ("passthrough", {"scale": [0.6]}),
+])
+def test_differentiable_merges_equal_the_methods_at_a_point(label, given):
+    from composer.methods import get_method
+    from composer.plan.lines import LINES_SCALE, scaled_by_depth
+    from composer.plan.model import Operation
+    from composer.tune.differentiable import merge
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(24, 40, generator=generator)
+    others = [base + 0.1 * torch.randn(24, 40, generator=generator) for _ in range(2)]
+    method = get_method(label)
+    count = 1 if label in ("slerp", "passthrough") else 2
+    params = _method_params(label, **given)
+    inputs = others[:count] + ([base] if method.needs_base else [])
+    expected = method.apply(others[:count], base if method.needs_base else None, params)
+    assert torch.allclose(merge(label, inputs, params, params), expected, atol=1e-5)
+    if method.needs_base:  # and with a LiNeS scale, against the plan's own wrapper
+        operation = scaled_by_depth(Operation(label=label, fn=lambda tensors: method.apply(tensors[:count], tensors[-1], params)), 0.4)
+        scaled = dict(params, **{LINES_SCALE: 0.4})
+        assert torch.allclose(merge(label, inputs, scaled, scaled), operation.fn(inputs), atol=1e-5)
+
+
+def _descent(tmp_path: Path, recipe: str, texts):
+    from composer.tune.gradient import GradientDescent
+    from composer.tune.ranges import find_ranges
+    from composer.tune.run import Trials, TuneResult, TuneSettings, plan_text
+
+    ranges = find_ranges(recipe, "r.yml")
+    trials = Trials(TuneResult("r.yml", tmp_path, recipe, ranges), TuneSettings(texts=texts, heldout=[]))
+    start = [mark.start for mark in ranges]
+    return trials, start, GradientDescent(trials.scorer, recipe, ranges, lambda text: plan_text(text, tmp_path, "r.yml"), "r.yml", start)
+
+
+@pytest.mark.parametrize("model_type, body", [
+    ("llama", ("merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: {{tune: [0, 1], start: 0.6}}}}\n"
+              "  - model: {b}\n    parameters: {{weight: [{{tune: [0, 1], start: 0.2}}, 0.5]}}\nparameters: {{lambda: {{tune: [0.5, 2], start: 1.2}}}}\n"
+              "lines: {{alpha: {{tune: [0, 1], start: 0.4}}, beta: 1}}\n")),
+    ("qwen3", "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\nparameters:\n  t: [{{tune: [0, 1], start: 0.3}}, {{tune: [0, 1], start: 0.6}}]\n"),
+])
+def test_the_gradient_matches_a_finite_difference_of_the_streamed_objective(tmp_path: Path, model_type: str, body: str):
+    from composer.tune.texts import NamedText
+
+    base, a, b = tiny_family(tmp_path, model_type)
+    texts = [NamedText("one", TEXT[:300]), NamedText("two", TEXT[300:500])]
+    trials, start, descent = _descent(tmp_path, body.format(base=base, a=a, b=b) + "dtype: float32\n", texts)
+    try:
+        evaluated = descent.evaluator.run(start, texts)
+    finally:
+        descent.close()
+    assert evaluated.objective == pytest.approx(trials.score(start, texts).objective, abs=1e-6)  # the same forward pass
+    step = 1e-3
+    for k, gradient in enumerate(evaluated.gradient):
+        up, down = list(start), list(start)
+        up[k] += step
+        down[k] -= step
+        difference = (trials.score(up, texts).objective - trials.score(down, texts).objective) / (2 * step)
+        assert gradient == pytest.approx(difference, rel=0.02, abs=2e-3), k
+
+
+def test_a_gradient_tune_lowers_bits_per_byte(tuned_parents, monkeypatch, capsys):
+    root = tuned_parents["root"]
+    recipe = root / "ties-gradient.yml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {tuned_parents['base']}\nmodels:\n  - model: {tuned_parents['other']}\n"
+                      f"    parameters: {{weight: {{tune: [0, 1], start: 0.5}}, density: 0.5}}\n  - model: {tuned_parents['trained']}\n"
+                      f"    parameters: {{weight: {{tune: [0, 1], start: 0.1}}, density: 0.5}}\nparameters: {{normalize: false}}\ndtype: float32\n")
+    code = compose_in_process(monkeypatch, "tune", recipe, "--text", root / "tune.txt", "--optimizer", "gradient", "--trials", 4,
+                              "--no-progress", root / "gradient-out")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((root / "gradient-out" / "tune-report.json").read_text())
+    assert report["optimizer"] == "gradient" and len(report["history"]) == 4
+    objectives = [item["objective"] for item in report["history"]]
+    assert objectives[-1] < objectives[0] and report["parameters"][1]["tuned"] > 0.1  # toward the parent the text favours
+    tune_file = str(root / "tune.txt")
+    assert report["scores"]["tuned"]["text"][tune_file] < report["scores"]["start"]["text"][tune_file]
+
+
+@pytest.mark.parametrize("mark, message", [
+    ("density: {tune: [0.2, 0.9]}", "recipe key 'models[0].parameters.density' tunes 'density', which chooses what is kept, and the merge is not differentiable"),
+    ("density: 0.5", "use --optimizer cma"),
+])
+def test_gradient_refuses_what_the_merge_is_not_differentiable_in(tuned_parents, monkeypatch, capsys, mark, message):
+    root = tuned_parents["root"]
+    recipe = root / "not-differentiable.yml"
+    weight = "{tune: [0, 1]}" if "tune" not in mark else 0.5
+    recipe.write_text(f"merge_method: ties\nbase_model: {tuned_parents['base']}\nmodels:\n  - model: {tuned_parents['other']}\n"
+                      f"    parameters: {{weight: {weight}, {mark}}}\n")
+    if "tune" not in mark:  # a tuned weight of a method composer has no differentiable form of
+        recipe.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {tuned_parents['base']}\n    parameters: {{weight: {{tune: [0.1, 1]}}}}\n"
+                          f"  - model: {tuned_parents['other']}\n    parameters: {{weight: 0.5}}\n")
+    code = compose_in_process(monkeypatch, "tune", recipe, "--text", root / "tune.txt", "--optimizer", "gradient", "--trials", 2,
+                              "--no-progress", root / "refused")
+    error = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and error.startswith("error: ") and message in error and "Traceback" not in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_tune_device_is_checked_like_the_other_commands(tuned_parents, monkeypatch, capsys):
+    root = tuned_parents["root"]
+    recipe = root / "device.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tuned_parents['base']}\n    parameters: {{weight: {{tune: [0, 1]}}}}\n")
+    for device, message in [("cuda", "--device cuda was asked for, but torch"), ("tpu", "--device 'tpu' is not a device composer can use")]:
+        code = compose_in_process(monkeypatch, "tune", recipe, "--text", root / "tune.txt", "--device", device, "--no-progress", root / "device-out")
+        assert code == 2 and message in " ".join(capsys.readouterr().err.split())
+
+
+# --- LiNeS --------------------------------------------------------------------------------------------------------
+
+def test_lines_scales_each_layers_task_vector_by_depth(tmp_path: Path, monkeypatch, capsys):
+    from helpers import load_state
+
+    base = save_tiny_model(tmp_path / "base", "llama", layers=3, tie_word_embeddings=False)
+    a, b = save_fine_tune(base, tmp_path / "a", seed=1, scale=0.05), save_fine_tune(base, tmp_path / "b", seed=2, scale=0.05)
+    recipe = tmp_path / "lines.yml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n"
+                      f"  - model: {b}\n    parameters: {{weight: 0.4}}\nlines: {{alpha: 0.2, beta: 1.1}}\ndtype: float32\n")
+    assert compose_in_process(monkeypatch, recipe, tmp_path / "out") == 0, capsys.readouterr().err
+    written, x0, x1, x2 = (load_state(folder) for folder in (tmp_path / "out", base, a, b))
+    alpha, beta, count = 0.2, 1.1, 3
+    for name, tensor in written.items():
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            scale = alpha + (beta - alpha) * layer / (count - 1)
+        else:
+            scale = alpha if "embed_tokens" in name else beta
+        expected = x0[name] + scale * (0.7 * (x1[name] - x0[name]) + 0.4 * (x2[name] - x0[name]))
+        assert torch.allclose(tensor, expected, atol=1e-6), name
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\nlines: {{alpha: 0.2, beta: 1}}\n")
+    assert compose_in_process(monkeypatch, recipe, tmp_path / "no-base") == 2
+    assert "LiNeS scales the merge's task vector" in " ".join(capsys.readouterr().err.split())
