@@ -156,6 +156,7 @@ def test_ranges_become_numbers_in_the_recipe_text_as_written():
     ("parameters:\n  t: {tune: [0, 1]}\ndtype: {tune: [0, 1]}\n", [], "a tune range at 'dtype' stands where composer has no number to tune"),
     ("parameters:\n  t: {tune: [0, 1]}\n", ["--text", "EMPTY"], "is empty; there is nothing to score"),
     ("parameters:\n  t: {tune: [0, 1]}\n", ["--text", "SHORT"], "is 1 token(s) long for the tokenizer"),
+    ("parameters:\n  t: {tune: [0, 1]}\n", ["--memory-budget", "20KB"], "more than --memory-budget 0.00 GB; give a larger --memory-budget"),
 ])
 def test_bad_input_is_one_paragraph(tuned_parents, monkeypatch, capsys, recipe_body, options, message):
     root = tuned_parents["root"]

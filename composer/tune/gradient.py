@@ -183,6 +183,7 @@ class GradientPass:
         shift = (torch.tensor(values, dtype=torch.float64) - self.start).requires_grad_(True)
         layout: Layout = self.scorer.layout(self.plan, texts)
         model, layers, batches = layout.model, layout.layers, layout.batches
+        self.scorer.fit_budget(layout, self.plan, kept_states=len(layers) + 3, graph=True)  # every layer's input, the graph to the embeddings, gradients
         tied = tied_parameter_names(model)
 
         def planned_of(prefix: str):

@@ -97,8 +97,8 @@ class Trials:
 
     def __init__(self, result: TuneResult, settings: TuneSettings):
         self.result = result
-        # half the budget keeps parents' tensors; the rest is for hidden states and the layer being merged and run
-        self.scorer = StreamedScorer(TensorCache(settings.memory_budget // 2), settings.device)
+        # parents' tensors are cached in what the budget leaves beside a scoring pass's working set (StreamedScorer.fit_budget)
+        self.scorer = StreamedScorer(TensorCache(settings.memory_budget // 2), settings.device, settings.memory_budget)
         self.seen: dict[tuple, Trial] = {}  # whole-number searches (slice bounds) propose the same point again
 
     def score_text(self, text: str, texts: list[NamedText]) -> list[TextScore]:

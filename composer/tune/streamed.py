@@ -102,11 +102,43 @@ def record_calls(layout: Layout, batch: Batch, run) -> None:
     batch.calls = [(arguments, keywords) for _, arguments, keywords in calls]
 
 
+def working_bytes(layout: Layout, plan: Plan, kept_states: int = 1, graph: bool = False) -> int:
+    """An upper estimate of the bytes a scoring pass holds beside the parents' cache: the windows' hidden states
+    (`kept_states` copies: 1 for a forward pass, a layer's count and more for the gradient, which keeps every
+    layer's input), one batch's activations inside a layer (twice with a graph), the tensors outside the layers and
+    one layer's (float32, with their inputs and the merge's temporaries; three times with a graph: merged, loaded and
+    their gradients) and one window's logits with their softmax and gradient."""
+    config = layout.model.config
+    width = getattr(config, "hidden_size", 0) or 0
+    inner = getattr(config, "intermediate_size", None) or 4 * width
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    tokens = sum(batch.ids.numel() for batch in layout.batches)
+    rows, length = max(((batch.ids.shape[0], batch.ids.shape[1]) for batch in layout.batches), default=(0, 0))
+    hidden = (tokens * kept_states + rows * length) * width * 4
+    activations = rows * length * (3 * inner + 8 * width) * 4 + rows * heads * length * length * 4
+    layer_prefix = layout.prefix.split("{i}")[0]
+    per_layer: dict[str, int] = {}
+    outside = 0
+    for planned in plan.tensors:
+        count = 1
+        for size in planned.shape:
+            count *= size
+        held = count * 4 * (len(planned.inputs) + 2 + (3 if graph else 0))
+        if planned.name.startswith(layer_prefix):
+            layer = planned.name[len(layer_prefix):].split(".")[0]
+            per_layer[layer] = per_layer.get(layer, 0) + held
+        else:
+            outside += count * 4 * (3 if graph else 1)
+    logits = length * (getattr(config, "vocab_size", 0) or 0) * 4 * 3
+    return hidden + activations * (2 if graph else 1) + outside + max(per_layer.values(), default=0) + logits
+
+
 class StreamedScorer:
     """Scores plans' models on texts, one layer in memory at a time; parents' tensors are read through `cache`."""
 
-    def __init__(self, cache: TensorCache, device: str = "cpu"):
+    def __init__(self, cache: TensorCache, device: str = "cpu", budget: int | None = None):
         self.cache = cache
+        self.budget = budget  # bytes for everything: the cache gets what the working set leaves (None: the cache's own budget)
         self.device = torch.device(device)  # where layers run; parents' tensors are read and cached in host memory
         self.models: dict[str, torch.nn.Module] = {}
         self.windows: dict[tuple, list[Window]] = {}
@@ -162,8 +194,23 @@ class StreamedScorer:
             batch.ids = self.to_device(batch.ids)
         return Layout(model, path, prefix, model.get_submodule(path), batches)
 
+    def fit_budget(self, layout: Layout, plan: Plan, kept_states: int = 1, graph: bool = False) -> int:
+        """Give the parents' cache what the memory budget leaves beside the working set (see `working_bytes`); an
+        error when the working set alone is over the budget. Returns the working set's bytes."""
+        working = working_bytes(layout, plan, kept_states, graph)
+        if self.budget is not None:
+            if working > self.budget:
+                raise ComposerError(
+                    f"Scoring the text needs about {working / 1e9:.2f} GB for hidden states, one layer's tensors and one window's logits "
+                    f"({sum(batch.ids.numel() for batch in layout.batches)} tokens in windows), more than --memory-budget "
+                    f"{self.budget / 1e9:.2f} GB; give a larger --memory-budget or shorter --text files."
+                )
+            self.cache.shrink_to(self.budget - working)
+        return working
+
     def score(self, plan: Plan, texts: list[NamedText]) -> list[TextScore]:
         layout = self.layout(plan, texts)
+        self.fit_budget(layout, plan)
         model, path, layers, batches = layout.model, layout.path, layout.layers, layout.batches
         by_name = {planned.name: planned for planned in plan.tensors}
         with torch.no_grad(), layers_replaced(model, path, torch.nn.ModuleList()):

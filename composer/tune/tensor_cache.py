@@ -16,6 +16,13 @@ class TensorCache:
         self.resident = 0
         self.hits = self.reads = 0
 
+    def shrink_to(self, budget: int) -> None:
+        """A new budget (the memory a scoring pass leaves); tensors beyond it are dropped, oldest first."""
+        self.budget = max(budget, 0)
+        while self.resident > self.budget:
+            _, dropped = self.held.popitem(last=False)
+            self.resident -= dropped.numel() * dropped.element_size()
+
     def get(self, plan: Plan, ref: TensorRef) -> torch.Tensor:
         tensor = self.held.get(ref)
         if tensor is not None:
