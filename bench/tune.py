@@ -15,9 +15,12 @@ bench/finetunes.py (code and pt; built there first, or waited for with --wait).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it: spinning OpenMP threads slow this process's trials on busy cores
+
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,9 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # finetunes.py; after the root, whose tokensurgery package a bench file shares a name with
 
-RECIPE = """merge_method: ties
+RECIPE = """merge_method: {method}
 base_model: {base}
 models:
   - model: {code}
@@ -38,6 +41,7 @@ models:
     parameters: {{weight: {pt_weight}, density: {pt_density}}}
 dtype: bfloat16
 """
+# TIES tunes weights and densities; task arithmetic (where density is accepted and unused) the weights
 TUNED = {"code_weight": "{tune: [0, 1], start: 0.5}", "code_density": "{tune: [0.1, 1], start: 0.5}",
          "pt_weight": "{tune: [0, 1], start: 0.5}", "pt_density": "{tune: [0.1, 1], start: 0.5}"}
 SHARED = {"code_weight": "&w {tune: [0, 1], start: 0.5}", "code_density": 0.5, "pt_weight": "*w", "pt_density": 0.5}
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--memory-budget", default="2GB")
     parser.add_argument("--wait", type=float, default=30, help="minutes to wait for the fine-tunes")
     parser.add_argument("--grid", type=int, default=11)
+    parser.add_argument("--method", choices=("ties", "task_arithmetic"), default="ties")
+    parser.add_argument("--heldout-bytes", type=int, help="score only this much of each held-out text (whole lines)")
     options = parser.parse_args()
 
     from composer.bundled import smollm2_dir
@@ -113,17 +119,23 @@ def main() -> None:
     for name, entry in entries.items():
         (work / f"{name}-calibration.txt").write_text(calibration_text(name, options.tokens), encoding="utf-8")
         calibration.append(work / f"{name}-calibration.txt")
-        heldout.append(entry / "heldout.txt")
-    recipe = work / "ties.yml"
-    recipe.write_text(RECIPE.format(**paths, **TUNED))
+        text = (entry / "heldout.txt").read_text(encoding="utf-8")
+        if options.heldout_bytes:
+            text = text.encode("utf-8")[: options.heldout_bytes].decode("utf-8", errors="ignore")
+            text = text[: text.rfind("\n") + 1] or text
+        (work / f"{name}-heldout.txt").write_text(text, encoding="utf-8")
+        heldout.append(work / f"{name}-heldout.txt")
+    tuned = dict(TUNED) if options.method == "ties" else dict(TUNED, code_density=1, pt_density=1)
+    recipe = work / "recipe.yml"
+    recipe.write_text(RECIPE.format(method=options.method, **paths, **tuned))
     print(f"calibration: {', '.join(f'{p.name} {len(p.read_bytes())} bytes' for p in calibration)}; held-out: "
-          f"{', '.join(f'{p.parent.name}/heldout.txt {len(p.read_bytes())} bytes' for p in heldout)}", flush=True)
+          f"{', '.join(f'{p.name} {len(p.read_bytes())} bytes' for p in heldout)}", flush=True)
 
     # 1 + 3: compose tune (CMA-ES), its own process, for its peak RSS
     out = work / "tuned"
     seconds, rss = peak_rss_of([sys.executable, "-c", "import sys; from composer.cli import main; sys.argv[0] = 'compose'; main()",
-                                "tune", str(recipe), *sum((["--text", str(p)] for p in calibration), []),
-                                *sum((["--heldout", str(p)] for p in heldout), []), "--trials", str(options.trials),
+                                "tune", str(recipe), *[part for p in calibration for part in ("--text", str(p))],
+                                *[part for p in heldout for part in ("--heldout", str(p))], "--trials", str(options.trials),
                                 "--memory-budget", options.memory_budget, "--no-progress", str(out)])
     report = json.loads((out / "tune-report.json").read_text())
 
@@ -133,13 +145,13 @@ def main() -> None:
     # (b) the grid over one shared weight, chosen on the calibration text, scored on held-out
     texts = [NamedText(str(p), p.read_text(encoding="utf-8")) for p in calibration]
     held = [NamedText(str(p), p.read_text(encoding="utf-8")) for p in heldout]
-    shared = RECIPE.format(**paths, **SHARED)
+    shared = RECIPE.format(method=options.method, **paths, **SHARED)
     ranges = find_ranges(shared, "shared.yml")
     trials = Trials(TuneResult("shared.yml", None, shared, ranges), TuneSettings(texts=texts, heldout=held))
     grid_started = time.monotonic()
     grid = [(w / (options.grid - 1), trials.score([w / (options.grid - 1)], texts)) for w in range(options.grid)]
     streamed_trial = (time.monotonic() - grid_started) / options.grid
-    best_weight, best = min(grid, key=lambda point: point[1].objective)
+    best_weight = min(grid, key=lambda point: point[1].objective)[0]
     grid_held = trials.score([best_weight], held)
 
     # 2: mergekit-evolve's trial re-created: write the merge, load it, score it (twice; the faster counts)
@@ -156,11 +168,11 @@ def main() -> None:
 
     start_held, tuned_held = held_mean(report["scores"]["start"]), held_mean(report["scores"]["tuned"])
     print()
-    print(f"| recipe | mean held-out bits/byte | {' | '.join(Path(p).parent.name.split('-')[0] + ' held-out' for p in heldout)} |")
+    print(f"| {options.method} recipe | mean held-out bits/byte | {' | '.join(p.stem for p in heldout)} |")
     print("|---|---|" + "---|" * len(heldout))
-    print(f"| (a) default: weights 0.5/0.5, density 0.5 | {start_held:.4f} | "
+    print(f"| (a) default: weights 0.5/0.5{', density 0.5' if options.method == 'ties' else ''} | {start_held:.4f} | "
           + " | ".join(f"{v:.4f}" for v in report["scores"]["start"]["heldout"].values()) + " |")
-    print(f"| (b) best of an {options.grid}-point shared-weight grid (w = {best_weight:.1f}) | {grid_held.objective:.4f} | "
+    print(f"| (b) best of an {options.grid}-point shared-weight grid (w = {best_weight:.1f}{', density 0.5' if options.method == 'ties' else ''}) | {grid_held.objective:.4f} | "
           + " | ".join(f"{s.bits_per_byte:.4f}" for s in grid_held.scores) + " |")
     print(f"| compose tune, CMA-ES, {len(report['history'])} trials | {tuned_held:.4f} | "
           + " | ".join(f"{v:.4f}" for v in report["scores"]["tuned"]["heldout"].values()) + " |")

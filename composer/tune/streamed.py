@@ -206,6 +206,7 @@ class StreamedScorer:
                     f"{self.budget / 1e9:.2f} GB; give a larger --memory-budget or shorter --text files."
                 )
             self.cache.shrink_to(self.budget - working)
+        self.cache.new_pass()
         return working
 
     def score(self, plan: Plan, texts: list[NamedText]) -> list[TextScore]:
