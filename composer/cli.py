@@ -286,7 +286,9 @@ def tune(
         None, "--trials", help="Trials to run (default 50 unless --minutes is given)."
     ),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop starting trials after this many minutes."),
-    optimizer: str = typer.Option("cma", "--optimizer", help="cma (CMA-ES, needs the cma package) or random."),
+    optimizer: str = typer.Option(
+        "cma", "--optimizer", help="cma (CMA-ES, needs the cma package), gradient (Adam, back-propagated) or random."
+    ),
     tune_all: bool = typer.Option(
         False, "--tune-all", help="Tune every weight, density, t and scale of the recipe around its value."
     ),
@@ -296,6 +298,9 @@ def tune(
         help="Most memory the process holds; half of it caches parents' tensors between trials.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the optimiser."),
+    device: str = typer.Option(
+        "cpu", "--device", help="cpu or cuda: where the layers run (parents' tensors are cached in host memory)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
@@ -311,9 +316,9 @@ def tune(
             raise ComposerError(
                 f"--minutes {minutes:g}: give a positive number of minutes (e.g. --minutes 5), or use --trials N."
             )
-        if optimizer not in ("cma", "random"):
-            raise ComposerError(f"--optimizer '{optimizer}' is not one composer has; use cma or random.")
-        budget = _size(memory_budget)
+        if optimizer not in ("cma", "gradient", "random"):
+            raise ComposerError(f"--optimizer '{optimizer}' is not one composer has; use cma, gradient or random.")
+        budget, target = _size(memory_budget), _device(device)
         from composer.execute.output_folder import check_output_free
         from composer.tune.texts import read_texts
 
@@ -332,6 +337,7 @@ def tune(
             memory_budget=budget,
             seed=seed,
             progress=None if progress else False,
+            device=target,
         )
         result, runner = tune_recipe(recipe, settings)
         report = write_output(result, runner, settings, out, force)

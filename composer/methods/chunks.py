@@ -29,7 +29,7 @@ def flat_chunks(tensors: list[torch.Tensor]):
         yield flats
         return
     for start in range(0, count, ELEMENTWISE_CHUNK):
-        yield [flat[start:start + ELEMENTWISE_CHUNK] for flat in flats]
+        yield [flat[start : start + ELEMENTWISE_CHUNK] for flat in flats]
 
 
 def in_chunks(fn, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -45,7 +45,7 @@ def in_chunks(fn, tensors: list[torch.Tensor]) -> torch.Tensor:
             return part.reshape(shape)
         if out is None:
             out = empty((count,), part.dtype, part.device)
-        out[start:start + part.numel()] = part
+        out[start : start + part.numel()] = part
         start += part.numel()
     return out.view(shape)
 

@@ -32,7 +32,9 @@ def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = 
     total = sum(weights)
     bounds = chunk_bounds(first)
     width = max((end - start for start, end in bounds), default=0)
-    result, converted = (torch.empty(width, dtype=accumulate, device=first.device) for _ in range(2))  # reused for every chunk
+    result, converted = (
+        torch.empty(width, dtype=accumulate, device=first.device) for _ in range(2)
+    )  # reused for every chunk
     for start, end in bounds:
         chunk_result = result[: end - start].zero_()
         for flat, weight in zip(flats, weights):

@@ -74,7 +74,11 @@ def _ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:
     """t = N cos / (1 + (N - 1) cos), 0 where the denominator is within SINGULAR of zero."""
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < SINGULAR
-    return torch.where(singular, torch.zeros_like(cosine), (count * cosine) / torch.where(singular, torch.ones_like(denominator), denominator))
+    return torch.where(
+        singular,
+        torch.zeros_like(cosine),
+        (count * cosine) / torch.where(singular, torch.ones_like(denominator), denominator),
+    )
 
 
 _PIECE = 1 << 17  # elements per step of the half-precision path: float32 copies that stay in cache
@@ -90,7 +94,9 @@ def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> to
     device = base.device
     piece_size = _PIECE if device.type == "cpu" else max(1, base_flat.numel())
     products = torch.zeros(count, count, dtype=torch.float64, device=device)
-    work = torch.empty(count + 1, min(piece_size, base_flat.numel()), dtype=torch.float32, device=device)  # reused for every piece
+    work = torch.empty(
+        count + 1, min(piece_size, base_flat.numel()), dtype=torch.float32, device=device
+    )  # reused for every piece
     for start in range(0, base_flat.numel(), piece_size):
         stop = min(start + piece_size, base_flat.numel())
         piece = work[:, : stop - start]
@@ -102,7 +108,10 @@ def _half_precision_whole(tensors: list[torch.Tensor], base: torch.Tensor) -> to
     products = products.cpu()
     norms = products.diagonal().clamp(min=0).sqrt()
     pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
-    cosine = sum(max(-1.0, min(1.0, float(products[i, j]) / max(float(norms[i] * norms[j]), COSINE_NORM_FLOOR))) for i, j in pairs) / len(pairs)
+    cosine = sum(
+        max(-1.0, min(1.0, float(products[i, j]) / max(float(norms[i] * norms[j]), COSINE_NORM_FLOOR)))
+        for i, j in pairs
+    ) / len(pairs)
     ratio = _ratio(torch.tensor(cosine, dtype=base.dtype), count)
     keep = 1 - ratio
     out = empty(base_flat.shape, base_flat.dtype, device)

@@ -19,6 +19,7 @@ _SAMPLE = 1 << 14  # sample size used to bracket an order statistic of a larger 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # thresholds of their magnitudes come from counts of bit patterns
 _SAMPLE_SEED = 0x5EED  # the bracket is a speed device only; any sample gives the same answer
 
+
 def order_statistic(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, int, int]:
     """The value at 0-based `rank` in ascending order of the flat tensor `values`, the number of
     elements strictly below it and the number equal to it."""
@@ -110,7 +111,9 @@ def window_boundaries(n: int, start: int, stop: int, descending: bool, statistic
     return found
 
 
-def window_mask_(values: torch.Tensor, start: int, stop: int, descending: bool = False, spare: torch.Tensor | None = None) -> torch.Tensor:
+def window_mask_(
+    values: torch.Tensor, start: int, stop: int, descending: bool = False, spare: torch.Tensor | None = None
+) -> torch.Tensor:
     """Overwrite the floating tensor `values` with a 0/1 mask of the elements whose rank lies in
     [start, stop), ranks taken in a stable sort of the flattened tensor (ascending, or descending
     when `descending`): equal values are ordered by position, lowest index first. Exactly
@@ -118,7 +121,9 @@ def window_mask_(values: torch.Tensor, start: int, stop: int, descending: bool =
     is used (and overwritten) when the window has two bounds. Returns `values`."""
     flat = values.view(-1)
     n = flat.numel()
-    bounds = window_boundaries(n, start, stop, descending, lambda ranks: [order_statistic(flat, rank) for rank in ranks])
+    bounds = window_boundaries(
+        n, start, stop, descending, lambda ranks: [order_statistic(flat, rank) for rank in ranks]
+    )
     if bounds is False:
         return values.zero_()
     if bounds is True:
@@ -129,7 +134,7 @@ def window_mask_(values: torch.Tensor, start: int, stop: int, descending: bool =
             positions = (flat == value).nonzero().view(-1)
             dropped += [positions[:first], positions[last:]]
     if len(bounds) == 1:
-        (value, lower, *_), = bounds
+        ((value, lower, *_),) = bounds
         (torch.ge if lower else torch.le)(flat, value, out=flat)
     else:
         (low, *_), (high, *_) = sorted(bounds, key=lambda bound: not bound[1])
@@ -181,14 +186,18 @@ class ChunkedWindow:
     fix-up only in a chunk where the tie at a threshold is split. Same mask, bit for bit, as
     `window_mask_` on the whole tensor."""
 
-    def __init__(self, magnitudes, chunks: list[tuple[int, int]], start: int, stop: int, descending: bool, sample, counts=None):
+    def __init__(
+        self, magnitudes, chunks: list[tuple[int, int]], start: int, stop: int, descending: bool, sample, counts=None
+    ):
         """`counts`: for 16-bit magnitudes, their `pattern_counts` chunk by chunk ([chunks, 32768]) when the
         caller has them already (the pass over the chunks is then skipped)."""
         self.chunks = chunks
         n = chunks[-1][1] if chunks else 0
         self.equal_counts: list[list[int]] = []
         self._dtype = None  # the magnitudes' dtype, once seen
-        self.bounds = window_boundaries(n, start, stop, descending, lambda ranks: self._statistics(magnitudes, n, ranks, sample, counts))
+        self.bounds = window_boundaries(
+            n, start, stop, descending, lambda ranks: self._statistics(magnitudes, n, ranks, sample, counts)
+        )
 
     def _statistics(self, magnitudes, n: int, ranks: list[int], sample, counts) -> list[tuple[torch.Tensor, int, int]]:
         first = magnitudes(0)
@@ -204,7 +213,9 @@ class ChunkedWindow:
                 self.equal_counts.append([int(torch.count_nonzero(whole[s:e] == found[-1][0])) for s, e in self.chunks])
         return found
 
-    def _counted(self, magnitudes, first: torch.Tensor, ranks: list[int], counts=None) -> list[tuple[torch.Tensor, int, int]]:
+    def _counted(
+        self, magnitudes, first: torch.Tensor, ranks: list[int], counts=None
+    ) -> list[tuple[torch.Tensor, int, int]]:
         """The order statistics of 16-bit magnitudes from a count of each bit pattern, chunk by chunk
         (one pass): non-negative floats order as their bit patterns do, and 16 bits make only 32768
         patterns, so the counts give each value, how many lie below it and how many each chunk
@@ -242,7 +253,9 @@ class ChunkedWindow:
                 self.equal_counts.clear()
                 return None
             value = torch.kthvalue(inside, rank - below + 1).values
-            found.append((value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value))))
+            found.append(
+                (value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value)))
+            )
             self.equal_counts.append([int(torch.count_nonzero(piece == value)) for piece in pieces])
         return found
 
@@ -264,7 +277,9 @@ class ChunkedWindow:
                 high = min(high, pattern - 1 if none else pattern)
         return low, high
 
-    def keep_(self, values: torch.Tensor, index: int, out: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:
+    def keep_(
+        self, values: torch.Tensor, index: int, out: torch.Tensor, spare: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Write into `out` the mask of chunk `index`, whose magnitudes are `values`: booleans, or
         0/1 in a floating dtype (best the delta's: a multiply of like dtypes is several times
         faster than by booleans). `spare`, like `out`, is used when the window has two bounds."""
@@ -282,7 +297,7 @@ class ChunkedWindow:
                 out.mul_(compare(values, value, out=spare))
             if not whole and not none:  # the tie at this threshold is split inside this chunk
                 positions = (values == value).nonzero().view(-1)
-                dropped += [positions[: max(0, first - seen)], positions[max(0, last - seen):]]
+                dropped += [positions[: max(0, first - seen)], positions[max(0, last - seen) :]]
         for positions in dropped:
             out[positions] = 0
         return out

@@ -74,8 +74,12 @@ class MergeMethod:
     # (model count, resolved params) -> how many tensor-sized buffers (in the compute dtype) `apply` holds at
     # once beyond its inputs and result, for the memory budget; None: two (a chunked method holds less)
     temporaries: Callable[[int, dict], float] | None = None
-    light: bool = False  # a few elementwise passes, bound by reading and writing: the executor leaves a core to its I/O threads
-    copies: bool = False  # only copies (or scales) one input: a merge on a GPU runs it on the CPU, where the input was read
+    light: bool = (
+        False  # a few elementwise passes, bound by reading and writing: the executor leaves a core to its I/O threads
+    )
+    copies: bool = (
+        False  # only copies (or scales) one input: a merge on a GPU runs it on the CPU, where the input was read
+    )
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)

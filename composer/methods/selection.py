@@ -20,6 +20,7 @@ FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence
 
 # --- NearSwap -------------------------------------------------------------------------------------
 
+
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     """y = w * other + (1 - w) * base,  w = clamp(t / max(|base - other|, 1e-6), 0, 1), element by element.
 
@@ -50,6 +51,7 @@ def apply_nearswap(tensors, base, params):
 
 
 # --- Arcee Fusion ---------------------------------------------------------------------------------
+
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Take the other model's value only where its change is an outlier of importance, else keep the base.
@@ -138,6 +140,7 @@ def _counted_order_statistics(values: torch.Tensor, positions: list[int]) -> lis
 
 # --- RAM and RAM+ ---------------------------------------------------------------------------------
 
+
 def ram(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
     """Reinforced Agent Merging (arXiv:2601.13572): task vectors d_i = x_i - base, an entry counting as
     changed where |d_i| > epsilon. Where exactly one model changed an entry its change is kept whole;
@@ -161,7 +164,9 @@ def apply_ram(tensors, base, params):
     return ram(tensors, base, params["epsilon"])
 
 
-def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+def ramplus_tl(
+    tensors: list[torch.Tensor], base: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> torch.Tensor:
     """RAM+ with tensor-local rescaling: like `ram`, but each model's unique changes (entries only it
     changed) are multiplied by lambda_i = 1 + r * clamp(rho_i, 0, alpha), where rho_i is the number of
     its changed entries shared with other models divided by the number of its unique ones (the latter
@@ -198,12 +203,16 @@ def _merged_chunk(flats: list[torch.Tensor], epsilon: float, lambdas) -> torch.T
 def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
     """(d, changed, counts): d[i] = x_i - base flattened, changed = |d| > epsilon, counts = changed models per entry (1, n)."""
     flat_base = base.reshape(-1)
-    deltas = torch.empty((len(tensors), flat_base.numel()), dtype=torch.promote_types(base.dtype, tensors[0].dtype), device=base.device)
+    deltas = torch.empty(
+        (len(tensors), flat_base.numel()), dtype=torch.promote_types(base.dtype, tensors[0].dtype), device=base.device
+    )
     changed = torch.empty(deltas.shape, dtype=torch.bool, device=base.device)
     for i, tensor in enumerate(tensors):
         torch.sub(tensor.reshape(-1), flat_base, out=deltas[i])
         torch.gt(deltas[i].abs(), epsilon, out=changed[i])
-    counts = changed.sum(dim=0, keepdim=True, dtype=torch.uint8 if len(tensors) < 256 else torch.int32)  # small: one byte an entry
+    counts = changed.sum(
+        dim=0, keepdim=True, dtype=torch.uint8 if len(tensors) < 256 else torch.int32
+    )  # small: one byte an entry
     return deltas, changed, counts
 
 
@@ -214,7 +223,9 @@ def _combine(deltas, changed, counts, base, lambdas) -> torch.Tensor:
     times lambda_i on the unique entries. The terms are summed over the models in order, accumulating in
     at least float32 as a sum over a stacked dimension does (so half-precision inputs round as mergekit's do;
     float32 lambdas promote RAM+ terms to float32, as there)."""
-    divisor = counts.clamp(min=1)[0].to(deltas.dtype)  # small whole numbers: exact in any float dtype, so x / c rounds alike
+    divisor = counts.clamp(min=1)[0].to(
+        deltas.dtype
+    )  # small whole numbers: exact in any float dtype, so x / c rounds alike
     result_dtype = deltas.dtype if lambdas is None else torch.promote_types(deltas.dtype, lambdas.dtype)
     unique = (counts == 1)[0] if lambdas is not None else None
     total = None

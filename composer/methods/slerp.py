@@ -22,8 +22,8 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     a, b = a.reshape(-1), b.reshape(-1)
     aa = bb = ab = 0.0
     for start in range(0, a.numel(), DOT_CHUNK):
-        x = a[start:start + DOT_CHUNK].to(torch.float64, copy=True)
-        y = b[start:start + DOT_CHUNK].to(torch.float64, copy=True)
+        x = a[start : start + DOT_CHUNK].to(torch.float64, copy=True)
+        y = b[start : start + DOT_CHUNK].to(torch.float64, copy=True)
         aa += float(torch.dot(x, x))
         bb += float(torch.dot(y, y))
         ab += float(torch.dot(x, y))
@@ -59,7 +59,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     # chunk at a time on the CPU
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     out = empty((a.numel(),), torch.promote_types(a.dtype, b.dtype), a.device)
-    scaled = torch.empty(min(a.numel(), chunks.CACHE_CHUNK) if a.device.type == "cpu" else a.numel(), dtype=out.dtype, device=a.device)
+    scaled = torch.empty(
+        min(a.numel(), chunks.CACHE_CHUNK) if a.device.type == "cpu" else a.numel(), dtype=out.dtype, device=a.device
+    )
     for start, end in chunks.chunk_bounds(a):
         part = torch.mul(flat_b[start:end], weight_b, out=scaled[: end - start])
         torch.mul(flat_a[start:end], weight_a, out=out[start:end]).add_(part)

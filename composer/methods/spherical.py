@@ -239,13 +239,19 @@ def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
             if theta.item() < tol:
                 continue
             factor = weight * (theta / torch.sin(theta))
-            each_chunk(lambda t, u, m, factor=factor, cosine=cosine: t.add_(factor * (u - cosine * m)), tangent, unit, mean)
+            each_chunk(
+                lambda t, u, m, factor=factor, cosine=cosine: t.add_(factor * (u - cosine * m)), tangent, unit, mean
+            )
         tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
         if tangent_norm.item() < tol:
             break
         along, across = torch.cos(tangent_norm), torch.sin(tangent_norm)
         each_chunk(
-            lambda m, t, along=along, across=across, norm=tangent_norm: m.copy_((along * m + across * (t / norm)).to(m.dtype)), mean, tangent
+            lambda m, t, along=along, across=across, norm=tangent_norm: m.copy_(
+                (along * m + across * (t / norm)).to(m.dtype)
+            ),
+            mean,
+            tangent,
         )
         del tangent
         unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))

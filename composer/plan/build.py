@@ -12,6 +12,7 @@ import torch
 from composer.architecture import Architecture, WeightDefinition, architecture_for
 from composer.errors import ComposerError, ComposerWarning
 from composer.methods import MergeMethod, get_method, parameter_names
+from composer.plan.lines import lines_scale, scaled_by_depth
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
 from composer.plan.transformers_facts import checked_loadable, config_defaults
@@ -345,9 +346,11 @@ class _Planner:
         t: float,
         output_slice: OutputSlice,
         vocab_axis: int | None = None,
+        depth_scale: float = 1.0,
     ) -> PlannedTensor:
         """`inputs`: (model, input tensor name) for each source of `output_slice`, in its order. `vocab_axis`: the
-        tensor's vocabulary axis when it is vocabulary-indexed (its rows then move into the output vocabulary)."""
+        tensor's vocabulary axis when it is vocabulary-indexed (its rows then move into the output vocabulary).
+        `depth_scale`: the LiNeS scale of the merge's task vector at this tensor's depth."""
         infos = []
         for model, in_name in inputs:
             info = self.sources[model].tensor_infos().get(in_name)
@@ -373,6 +376,7 @@ class _Planner:
                     f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
                 )
         operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        operation = scaled_by_depth(operation, depth_scale)
         if not operation.verbatim:
             _refuse_non_float(infos, out_name, self.method.name)
         refs = tuple(TensorRef(*inputs[i]) for i in order)
@@ -385,8 +389,25 @@ class _Planner:
     def _present_in_any(self, models: list[str], name: str) -> bool:
         return any(name in self.sources[m].tensor_infos() for m in models)
 
+    def _depth_scale(self, index: int, count: int) -> float:
+        """The LiNeS scale of output layer `index` of `count` (1 without a `lines` key)."""
+        lines = self.recipe.lines
+        return 1.0 if lines is None else lines_scale(lines.alpha, lines.beta, index, count)
+
+    def _check_lines(self) -> None:
+        if self.recipe.lines is None:
+            return
+        for output_slice in self.slices:
+            if not self._uses_base(self.base_of(output_slice)):
+                raise RecipeKeyError(
+                    ("lines",),
+                    f"LiNeS scales the merge's task vector (its difference from the base model) by depth, and merge "
+                    f"method '{self.method.name}' here takes no base model; use a method that merges onto a "
+                    "base_model (task_arithmetic, ties, slerp, ...) and name it, or remove 'lines'.",
+                )
+
     def _edge_tensor(
-        self, weight: WeightDefinition, output_slice: OutputSlice, t: float, ties: bool
+        self, weight: WeightDefinition, output_slice: OutputSlice, t: float, ties: bool, depth_scale: float = 1.0
     ) -> PlannedTensor | None:
         models = [s.model for s in output_slice.sources]
         if weight.tied_to and ties:
@@ -398,7 +419,13 @@ class _Planner:
             elif weight.optional:
                 return None
         return self.plan_tensor(
-            weight.name, [(m, name) for m in models], self.base_of(output_slice), t, output_slice, weight.vocab_axis
+            weight.name,
+            [(m, name) for m in models],
+            self.base_of(output_slice),
+            t,
+            output_slice,
+            weight.vocab_axis,
+            depth_scale,
         )
 
     def build(self) -> Plan:
@@ -407,6 +434,7 @@ class _Planner:
         self.out_dtype = parse_dtype(self.recipe.out_dtype or self.recipe.dtype, "Recipe key out_dtype")
         self.compute_dtype = parse_dtype(self.recipe.dtype, "Recipe key dtype") or torch.float32
         layers = self.output_layers()
+        self._check_lines()
         source_layers = [layer.sources[0][1] for layer in layers]
         config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype, f"'{base_ref}'")
         self.vocabulary = self._output_vocabulary(base_ref, architecture)
@@ -416,7 +444,7 @@ class _Planner:
 
         tensors: list[PlannedTensor] = []
         for weight in architecture.pre:
-            planned = self._edge_tensor(weight, self.slices[0], 0.0, ties)
+            planned = self._edge_tensor(weight, self.slices[0], 0.0, ties, self._depth_scale(0, len(layers)))
             tensors += [planned] if planned else []
         for index, layer in enumerate(layers):
             out_weights = architecture.layer_weights(index)
@@ -427,9 +455,20 @@ class _Planner:
                 ]
                 if out_weight.optional and not any(name in self.sources[m].tensor_infos() for m, name in inputs):
                     continue
-                tensors.append(self.plan_tensor(out_weight.name, inputs, layer.base_model, layer.t, layer.output_slice))
+                tensors.append(
+                    self.plan_tensor(
+                        out_weight.name,
+                        inputs,
+                        layer.base_model,
+                        layer.t,
+                        layer.output_slice,
+                        depth_scale=self._depth_scale(index, len(layers)),
+                    )
+                )
         for weight in architecture.post:
-            planned = self._edge_tensor(weight, self.slices[-1], 0.0, ties)
+            planned = self._edge_tensor(
+                weight, self.slices[-1], 0.0, ties, self._depth_scale(len(layers) - 1, len(layers))
+            )
             tensors += [planned] if planned else []
 
         checked_loadable(

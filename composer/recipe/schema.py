@@ -152,6 +152,13 @@ class TokenizerSettings(Strict):
     pad_to_multiple_of: Optional[Annotated[int, Field(gt=0, le=LARGEST_PAD)]] = None
 
 
+class LinesScale(Strict):
+    """LiNeS: the merge's task vector scaled by depth, `alpha` at the first layer to `beta` at the last."""
+
+    alpha: Union[StrictInt, StrictFloat]
+    beta: Union[StrictInt, StrictFloat]
+
+
 class Merge(Strict):
     """One merge: the keys of a mergekit merge config."""
 
@@ -166,6 +173,7 @@ class Merge(Strict):
     tokenizer: Optional[TokenizerSettings] = None
     chat_template: Optional[ChatTemplate] = None
     random_seed: Optional[int] = None
+    lines: Optional[LinesScale] = None
 
     @model_validator(mode="after")
     def _check_inputs(self):
@@ -220,6 +228,7 @@ class Recipe(Merge):
                     "tokenizer_source",
                     "tokenizer",
                     "chat_template",
+                    "lines",
                 )
                 if getattr(self, key) is not None
             ]

@@ -49,7 +49,9 @@ def download(reference: str, repo_id: str, revision: str | None, patterns: list[
             f"({_first_line(error)})."
         ) from None
     except errors.RevisionNotFoundError:
-        raise ComposerError(f"Model '{reference}': the hub repository '{repo_id}' has no revision '{revision}'.") from None
+        raise ComposerError(
+            f"Model '{reference}': the hub repository '{repo_id}' has no revision '{revision}'."
+        ) from None
     except errors.GatedRepoError:
         raise ComposerError(
             f"Model '{reference}' is a gated repository on the hub: accept its terms on the model page and log in "

@@ -32,8 +32,14 @@ LAYER_BOUND = Domain(0, math.inf, integer=True)
 
 # parameters not named here take any real number (weight, lambda, scale, alpha, r, ...)
 PARAMETER_DOMAINS = {
-    "density": SHARE, "t": SHARE, "gamma": SHARE, "select_topk": SHARE, "epsilon": SHARE,
-    "eps": POSITIVE, "tol": POSITIVE, "max_iter": Domain(1, math.inf, integer=True),
+    "density": SHARE,
+    "t": SHARE,
+    "gamma": SHARE,
+    "select_topk": SHARE,
+    "epsilon": SHARE,
+    "eps": POSITIVE,
+    "tol": POSITIVE,
+    "max_iter": Domain(1, math.inf, integer=True),
 }
 # what --tune-all turns into ranges: the merge's own numbers, not a solver's tolerances
 TUNE_ALL = ("weight", "density", "t", "lambda", "scale", "gamma", "select_topk", "epsilon")

@@ -25,7 +25,10 @@ def score_everything(result: TuneResult, trials: Trials, settings: TuneSettings)
     def held(text: str) -> list:
         return trials.score_text(text, heldout) if heldout else []
 
-    scored = {"start": (start.scores, held(result.text_for(start))), "tuned": (best.scores, held(result.text_for(best)))}
+    scored = {
+        "start": (start.scores, held(result.text_for(start))),
+        "tuned": (best.scores, held(result.text_for(best))),
+    }
     for reference in parse_recipe(result.text_for(start), result.recipe_name).input_models():
         text = parent_recipe(reference)
         scored[f"parent {reference}"] = (trials.score_text(text, texts), held(text))
@@ -36,10 +39,15 @@ def write_output(result: TuneResult, trials: Trials, settings: TuneSettings, out
     scored = score_everything(result, trials, settings)
     report = build_report(result, settings.optimizer, settings.texts, settings.heldout, scored)
     best_text = result.text_for(result.best)
-    options = ExecutionOptions(memory_budget=settings.memory_budget, force=force, progress=settings.progress)
+    trials.scorer.cache.shrink_to(0)  # the executor's budget is its own: the parents' cache is not held beside it
+    options = ExecutionOptions(
+        memory_budget=settings.memory_budget, force=force, progress=settings.progress, device=settings.device
+    )
     compose_text(best_text, out, options, result.recipe_dir)
     header = f"# tuned by compose tune from {result.recipe_name} ({len(result.trials)} trials, {report['objective']})\n"
-    (out / "tuned-recipe.yml").write_text(header + with_absolute_models(best_text, result.recipe_dir, result.recipe_name).rstrip("\n") + "\n")
+    (out / "tuned-recipe.yml").write_text(
+        header + with_absolute_models(best_text, result.recipe_dir, result.recipe_name).rstrip("\n") + "\n"
+    )
     (out / "tune-report.json").write_text(json.dumps(report, indent=2) + "\n")
     draw_trials(report, out / "tune.png")
     with open(out / "README.md", "a", encoding="utf-8") as card:

@@ -21,7 +21,9 @@ def with_absolute_models(text: str, recipe_dir: Path | None, source_name: str) -
     root, data = parse_yaml(text, source_name)
     edits = []
     for node, value, location in walk_nodes(root, data, (), set()) if root is not None else ():
-        if not (isinstance(node, yaml.ScalarNode) and isinstance(value, str) and location and location[-1] in REFERENCE_KEYS):
+        if not (
+            isinstance(node, yaml.ScalarNode) and isinstance(value, str) and location and location[-1] in REFERENCE_KEYS
+        ):
             continue
         reference, plus, adapter = value.partition("+")
         if Path(reference).expanduser().is_absolute():
@@ -29,7 +31,9 @@ def with_absolute_models(text: str, recipe_dir: Path | None, source_name: str) -
         path = local_path(reference, recipe_dir)
         if path.exists() and path != Path(reference):
             lora = local_path(adapter, recipe_dir) if plus else None
-            resolved = str(path.resolve()) + (f"+{lora.resolve() if lora is not None and lora.exists() else adapter}" if plus else "")
+            resolved = str(path.resolve()) + (
+                f"+{lora.resolve() if lora is not None and lora.exists() else adapter}" if plus else ""
+            )
             edits.append((value_span(text, node), json.dumps(resolved)))
     for (start, end), replacement in sorted(edits, reverse=True):
         text = text[:start] + replacement + text[end:]

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 import yaml
 
 from composer.errors import ComposerError
-from composer.tune.domains import LAYER_BOUND, TUNE_ALL, Domain, parameter_domain, range_around
+from composer.tune.domains import ANY, LAYER_BOUND, TUNE_ALL, Domain, parameter_domain, range_around
 from composer.yaml_text import line_of, parse_yaml, path_text
 
 MARK = "tune"
 MARK_KEYS = {MARK, "start"}
-HOW_TO_MARK = ("write a range in place of a number to tune it, e.g. `weight: {tune: [0, 1]}` or `density: {tune: [0.1, 0.9]}` "
-               "(a list of ranges, `weight: [{tune: [0, 1]}, {tune: [0, 1]}]`, tunes a gradient across depth; a "
-               "passthrough slice's `layer_range: [{tune: [0, 4]}, 12]` tunes where it starts), or pass --tune-all to "
-               "tune every weight, density, t and scale around its value.")
+HOW_TO_MARK = (
+    "write a range in place of a number to tune it, e.g. `weight: {tune: [0, 1]}` or `density: {tune: [0.1, 0.9]}` "
+    "(a list of ranges, `weight: [{tune: [0, 1]}, {tune: [0, 1]}]`, tunes a gradient across depth; a "
+    "passthrough slice's `layer_range: [{tune: [0, 4]}, 12]` tunes where it starts), or pass --tune-all to "
+    "tune every weight, density, t and scale around its value."
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ def _is_number(value) -> bool:
 
 
 def _last_node(node: yaml.Node) -> yaml.Node:
-    while isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.value and not node.flow_style:  # a flow node ends at its bracket
+    while (
+        isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.value and not node.flow_style
+    ):  # a flow node ends at its bracket
         last = node.value[-1]
         node = last[1] if isinstance(node, yaml.MappingNode) else last
     return node
@@ -80,6 +84,8 @@ def _domain_at(location: tuple, source_name: str, line: int) -> tuple[str, Domai
     """(what the number is, its domain) for a mark at `location`; an error for a place composer cannot tune."""
     if len(location) >= 2 and location[-2] == "layer_range" and location[-1] in (0, 1):
         return "a slice bound", LAYER_BOUND
+    if len(location) >= 2 and location[-2] == "lines" and location[-1] in ("alpha", "beta"):
+        return f"LiNeS '{location[-1]}'", ANY
     if "parameters" in location:
         at = len(location) - 1 - location[::-1].index("parameters")
         if at + 1 < len(location) and isinstance(location[at + 1], str):
@@ -87,28 +93,39 @@ def _domain_at(location: tuple, source_name: str, line: int) -> tuple[str, Domai
             return f"'{name}'", parameter_domain(name)
     raise ComposerError(
         f"{source_name}, line {line}: a tune range at '{path_text(location)}' stands where composer has no number to tune; "
-        "tune ranges go in place of a method parameter (under a `parameters:` key) or a passthrough `layer_range` bound."
+        "tune ranges go in place of a method parameter (under a `parameters:` key), a `lines` alpha or beta, or a passthrough "
+        "`layer_range` bound."
     )
 
 
-def _read_mark(node: yaml.MappingNode, data: dict, location: tuple, text: str, source_name: str, line: int) -> TuneRange:
+def _read_mark(
+    node: yaml.MappingNode, data: dict, location: tuple, text: str, source_name: str, line: int
+) -> TuneRange:
     where = f"{source_name}, line {line}: recipe key '{path_text(location)}'"
     stray = sorted(str(key) for key in data if key not in MARK_KEYS)
     if stray:
-        raise ComposerError(f"{where}: a tune range holds only 'tune' (and optionally 'start'), not {', '.join(stray)}; write it as {{tune: [lo, hi]}}.")
+        raise ComposerError(
+            f"{where}: a tune range holds only 'tune' (and optionally 'start'), not {', '.join(stray)}; write it as {{tune: [lo, hi]}}."
+        )
     bounds = data[MARK]
     if not (isinstance(bounds, list) and len(bounds) == 2 and all(map(_is_number, bounds)) and bounds[0] < bounds[1]):
-        raise ComposerError(f"{where}: 'tune' must be two finite numbers, low then high (low < high), like {{tune: [0, 1]}}; it is {bounds!r}.")
+        raise ComposerError(
+            f"{where}: 'tune' must be two finite numbers, low then high (low < high), like {{tune: [0, 1]}}; it is {bounds!r}."
+        )
     what, domain = _domain_at(location, source_name, line)
     low, high = bounds
     if not (domain.holds(low) and domain.holds(high)):
-        raise ComposerError(f"{where}: the range [{number_text(low)}, {number_text(high)}] leaves the domain of {what}, which takes "
-                            f"{domain.text()}; give a range inside it.")
+        raise ComposerError(
+            f"{where}: the range [{number_text(low)}, {number_text(high)}] leaves the domain of {what}, which takes "
+            f"{domain.text()}; give a range inside it."
+        )
     if domain.integer and not all(float(bound).is_integer() for bound in bounds):
         raise ComposerError(f"{where}: {what} is a whole number, so its range needs whole-number ends, not {bounds!r}.")
     start = data.get("start", (low + high) / 2)
     if not _is_number(start) or not low <= start <= high:
-        raise ComposerError(f"{where}: 'start' must be a number inside the range [{number_text(low)}, {number_text(high)}], not {start!r}.")
+        raise ComposerError(
+            f"{where}: 'start' must be a number inside the range [{number_text(low)}, {number_text(high)}], not {start!r}."
+        )
     integer = domain.integer
     return TuneRange(location, line, low, high, round(start) if integer else start, integer, value_span(text, node))
 
@@ -143,7 +160,11 @@ def find_ranges(text: str, source_name: str) -> list[TuneRange]:
     found = []
     for node, value, location in walk_nodes(root, data, (), set()):
         if _is_mark(node, value):
-            found.append(_read_mark(node, value, location, text, source_name, line_of(root, location) or node.start_mark.line + 1))
+            found.append(
+                _read_mark(
+                    node, value, location, text, source_name, line_of(root, location) or node.start_mark.line + 1
+                )
+            )
     return sorted(found, key=lambda mark: mark.span)
 
 
@@ -171,7 +192,12 @@ def mark_everything(text: str, source_name: str) -> str:
             continue
         low, high = range_around(float(value), parameter_domain(name))
         if low < high:
-            edits.append((value_span(text, node), f"{{tune: [{number_text(low)}, {number_text(high)}], start: {number_text(value)}}}"))
+            edits.append(
+                (
+                    value_span(text, node),
+                    f"{{tune: [{number_text(low)}, {number_text(high)}], start: {number_text(value)}}}",
+                )
+            )
     for (start, end), replacement in sorted(edits, reverse=True):
         text = text[:start] + replacement + text[end:]
     return text

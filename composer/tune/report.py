@@ -16,11 +16,19 @@ STOPPED = {"trials": "all trials run", "minutes": "stopped by --minutes", "inter
 
 
 def _bits(scores: list[TextScore], texts: list[NamedText]) -> dict[str, float | None]:
-    return {text.name: (score.bits_per_byte if math.isfinite(score.bits_per_byte) else None) for text, score in zip(texts, scores)}
+    return {
+        text.name: (score.bits_per_byte if math.isfinite(score.bits_per_byte) else None)
+        for text, score in zip(texts, scores)
+    }
 
 
-def build_report(result: TuneResult, optimizer: str, texts: list[NamedText], heldout: list[NamedText],
-                 scored: dict[str, tuple[list[TextScore], list[TextScore]]]) -> dict:
+def build_report(
+    result: TuneResult,
+    optimizer: str,
+    texts: list[NamedText],
+    heldout: list[NamedText],
+    scored: dict[str, tuple[list[TextScore], list[TextScore]]],
+) -> dict:
     """`scored`: label ("start", "tuned", "parent NAME") -> (scores on the --text files, on the --heldout files)."""
     best = result.best
     return {
@@ -35,11 +43,18 @@ def build_report(result: TuneResult, optimizer: str, texts: list[NamedText], hel
             for mark, value in zip(result.ranges, best.values)
         ],
         "history": [
-            {"trial": number, "objective": trial.objective if math.isfinite(trial.objective) else None, "values": trial.values,
-             **({"problem": trial.problem} if trial.problem else {})}
+            {
+                "trial": number,
+                "objective": trial.objective if math.isfinite(trial.objective) else None,
+                "values": trial.values,
+                **({"problem": trial.problem} if trial.problem else {}),
+            }
             for number, trial in enumerate(result.trials)
         ],
-        "scores": {label: {"text": _bits(on_text, texts), "heldout": _bits(on_heldout, heldout)} for label, (on_text, on_heldout) in scored.items()},
+        "scores": {
+            label: {"text": _bits(on_text, texts), "heldout": _bits(on_heldout, heldout)}
+            for label, (on_text, on_heldout) in scored.items()
+        },
     }
 
 
@@ -51,8 +66,11 @@ def readme_section(report: dict) -> str:
     for label, scores in report["scores"].items():
         cells = [scores[kind][name] for name, kind in files]
         rows.append(f"| {label} | " + " | ".join("-" if value is None else f"{value:.4f}" for value in cells) + " |")
-    parameters = "\n".join(f"- `{item['key']}` (line {item['line']}): {number_text(item['start'])} -> {number_text(item['tuned'])} "
-                           f"in [{number_text(item['range'][0])}, {number_text(item['range'][1])}]" for item in report["parameters"])
+    parameters = "\n".join(
+        f"- `{item['key']}` (line {item['line']}): {number_text(item['start'])} -> {number_text(item['tuned'])} "
+        f"in [{number_text(item['range'][0])}, {number_text(item['range'][1])}]"
+        for item in report["parameters"]
+    )
     return (
         f"\n## Tuning\n\nTuned with `compose tune` ({report['optimizer']}, {report['trials']} trials, {STOPPED[report['stopped']]}, "
         f"{report['seconds']:.0f} s) on the {OBJECTIVE}. Bits per byte on each file (lower is better; held-out files "
@@ -76,7 +94,10 @@ def draw_trials(report: dict, path: Path) -> None:
     count = max(len(values) - 1, 1)
 
     def point(index: int, value: float) -> tuple[float, float]:
-        return (left + (width - left - right) * index / count, top + (height - top - bottom) * (high - value) / (high - low))
+        return (
+            left + (width - left - right) * index / count,
+            top + (height - top - bottom) * (high - value) / (high - low),
+        )
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.text((left, 8), f"{OBJECTIVE} per trial (dots), best so far (line)", fill="black")

@@ -33,6 +33,7 @@ class TuneSettings:
     memory_budget: int = 2 * 1024**3
     seed: int = 0
     progress: bool | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -80,7 +81,9 @@ def marked_recipe(recipe_path: Path, tune_all: bool) -> tuple[str, list[TuneRang
     from composer.recipe_files import is_moe_file
 
     if is_moe_file(recipe_path):
-        raise ComposerError(f"{recipe_path} is a mixture-of-experts recipe; compose tune tunes merge recipes (merge_method with models or slices).")
+        raise ComposerError(
+            f"{recipe_path} is a mixture-of-experts recipe; compose tune tunes merge recipes (merge_method with models or slices)."
+        )
     text = read_text(recipe_path, "Recipe file", YAML_FILE_LIMIT)
     if tune_all:
         text = mark_everything(text, str(recipe_path))
@@ -96,8 +99,8 @@ class Trials:
 
     def __init__(self, result: TuneResult, settings: TuneSettings):
         self.result = result
-        # half the budget keeps parents' tensors; the rest is for hidden states and the layer being merged and run
-        self.scorer = StreamedScorer(TensorCache(settings.memory_budget // 2))
+        # parents' tensors are cached in what the budget leaves beside a scoring pass's working set (StreamedScorer.fit_budget)
+        self.scorer = StreamedScorer(TensorCache(settings.memory_budget // 2), settings.device, settings.memory_budget)
         self.seen: dict[tuple, Trial] = {}  # whole-number searches (slice bounds) propose the same point again
 
     def score_text(self, text: str, texts: list[NamedText]) -> list[TextScore]:
@@ -126,8 +129,60 @@ def _bar(settings: TuneSettings):
     from tqdm import tqdm
 
     total = settings.trials
-    return tqdm(total=total, unit="trial", desc="tuning", file=sys.stderr, dynamic_ncols=True,
-                disable=(not sys.stderr.isatty()) if settings.progress is None else not settings.progress)
+    return tqdm(
+        total=total,
+        unit="trial",
+        desc="tuning",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=(not sys.stderr.isatty()) if settings.progress is None else not settings.progress,
+    )
+
+
+def _done(settings: TuneSettings, result: TuneResult, deadline: float) -> bool:
+    if settings.trials is not None and len(result.trials) >= settings.trials:
+        return True
+    if time.monotonic() >= deadline:
+        result.stopped = "minutes"
+        return True
+    return False
+
+
+def descend(result: TuneResult, trials: Trials, settings: TuneSettings, done) -> None:
+    """--optimizer gradient: Adam steps from the start recipe, each a trial (its objective comes with the gradient).
+    The best point is scored again by the exact scorer at the end (the gradient pass merges in float32)."""
+    from composer.tune.gradient import GradientDescent
+
+    start = result.trials[0]
+    descent = GradientDescent(
+        trials.scorer,
+        result.marked_text,
+        result.ranges,
+        lambda text: plan_text(text, result.recipe_dir, result.recipe_name),
+        result.recipe_name,
+        start.values,
+    )
+    try:
+        with _bar(settings) as bar:
+            bar.update(1)
+            try:
+                while not done():
+                    values, evaluated = descent.step(settings.texts)
+                    if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(values, start.values)):
+                        # (the first step evaluates the start recipe, scored already)
+                        result.trials.append(Trial(values, evaluated.objective, evaluated.scores))
+                        bar.update(1)
+                    bar.set_postfix_str(f"best {result.best.objective:.4f} bits/byte", refresh=False)
+                    if not math.isfinite(evaluated.objective):
+                        break
+            except KeyboardInterrupt:
+                result.stopped = "interrupted"
+    finally:
+        descent.close()
+    best = result.best
+    if best is not start:
+        exact = trials.score(best.values, settings.texts)
+        best.objective, best.scores, best.problem = exact.objective, exact.scores, exact.problem
 
 
 def tune_recipe(recipe_path: Path, settings: TuneSettings) -> tuple[TuneResult, Trials]:
@@ -144,15 +199,16 @@ def tune_recipe(recipe_path: Path, settings: TuneSettings) -> tuple[TuneResult, 
     first = Trial(start, math.inf, trials.score_text(with_values(text, ranges, start), settings.texts))
     first.objective = objective_of(first.scores)
     result.trials.append(first)
-    search = make_search(settings.optimizer, [mark.share_of(value) for mark, value in zip(ranges, start)], settings.seed)
+    if settings.optimizer == "gradient":
+        descend(result, trials, settings, done=lambda: _done(settings, result, deadline))
+        result.seconds = time.monotonic() - began
+        return result, trials
+    search = make_search(
+        settings.optimizer, [mark.share_of(value) for mark, value in zip(ranges, start)], settings.seed
+    )
 
     def done() -> bool:
-        if settings.trials is not None and len(result.trials) >= settings.trials:
-            return True
-        if time.monotonic() >= deadline:
-            result.stopped = "minutes"
-            return True
-        return False
+        return _done(settings, result, deadline)
 
     with _bar(settings) as bar:
         bar.update(1)

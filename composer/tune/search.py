@@ -39,8 +39,10 @@ class CmaSearch:
                 warnings.simplefilter("ignore")
                 import cma
         except ImportError:
-            raise ComposerError(f"--optimizer cma needs the 'cma' package, which is not installed; install it ({CMA_INSTALL}) "
-                                "or use --optimizer random.") from None
+            raise ComposerError(
+                f"--optimizer cma needs the 'cma' package, which is not installed; install it ({CMA_INSTALL}) "
+                "or use --optimizer random."
+            ) from None
         self.dimensions = len(start)
         padded = list(start) + [0.5] * (2 - len(start)) if len(start) < 2 else list(start)
         options = {"bounds": [0.0, 1.0], "seed": seed + 1, "verbose": -9}  # cma takes seed 0 as "from the clock"

@@ -50,36 +50,110 @@ class StandIn(torch.nn.Module):
         return self.final if self.final is not None else hidden
 
 
-def _layer_attributes(layer: torch.nn.Module) -> dict:
+def layer_attributes(layer: torch.nn.Module) -> dict:
     """Plain attributes of a real layer a model's forward may read from it (attention_type, ...)."""
-    return {key: value for key, value in vars(layer).items() if not key.startswith("_") and isinstance(value, (str, int, float, bool))}
+    return {
+        key: value
+        for key, value in vars(layer).items()
+        if not key.startswith("_") and isinstance(value, (str, int, float, bool))
+    }
 
 
-def _group(windows: list[Window]) -> list[Batch]:
+def batches_of(windows: list[Window]) -> list[Batch]:
     by_length: dict[int, list[Window]] = {}
     for window in windows:
         by_length.setdefault(len(window.ids), []).append(window)
-    return [Batch(group[i:i + ROWS], torch.stack([w.ids for w in group[i:i + ROWS]]))
-            for group in by_length.values() for i in range(0, len(group), ROWS)]
+    return [
+        Batch(group[i : i + ROWS], torch.stack([w.ids for w in group[i : i + ROWS]]))
+        for group in by_length.values()
+        for i in range(0, len(group), ROWS)
+    ]
 
 
-def _init_buffers(model, modules) -> None:
+def init_buffers(model, modules) -> None:
     """Non-persistent buffers (rotary tables, embedding scales) are not in any weights file: transformers makes them."""
     for module in modules:
         if getattr(module, "_non_persistent_buffers_set", None):
             model._init_weights(module)
 
 
+@dataclass
+class Layout:
+    model: torch.nn.Module  # built on the meta device; its layers are filled one at a time
+    path: str  # where the layers' ModuleList sits in the model
+    prefix: str  # a layer's tensor names, with {i} for its index
+    layers: torch.nn.ModuleList
+    batches: list[Batch]
+
+
+@contextmanager
+def layers_replaced(model, path: str, replacement: torch.nn.Module):
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    original = getattr(parent, name)
+    setattr(parent, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, name, original)
+
+
+def record_calls(layout: Layout, batch: Batch, run) -> None:
+    """Run the model's own forward (`run`: its base model, or a function calling it) with stand-ins in its layers'
+    places: the first layer's input becomes the batch's hidden states, and what each layer is handed is kept."""
+    calls: list = []
+    stand_ins = torch.nn.ModuleList(StandIn(calls, layer_attributes(layer)) for layer in layout.layers)
+    with layers_replaced(layout.model, layout.path, stand_ins):
+        run(input_ids=batch.ids, use_cache=False)
+    batch.hidden = calls[0][0]
+    batch.calls = [(arguments, keywords) for _, arguments, keywords in calls]
+
+
+def working_bytes(layout: Layout, plan: Plan, kept_states: int = 1, graph: bool = False) -> int:
+    """An upper estimate of the bytes a scoring pass holds beside the parents' cache: the windows' hidden states
+    (`kept_states` copies: 1 for a forward pass, a layer's count and more for the gradient, which keeps every
+    layer's input), one batch's activations inside a layer (twice with a graph), the tensors outside the layers and
+    one layer's (float32, with their inputs and the merge's temporaries; three times with a graph: merged, loaded and
+    their gradients) and one window's logits with their softmax and gradient."""
+    config = layout.model.config
+    width = getattr(config, "hidden_size", 0) or 0
+    inner = getattr(config, "intermediate_size", None) or 4 * width
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    tokens = sum(batch.ids.numel() for batch in layout.batches)
+    rows, length = max(((batch.ids.shape[0], batch.ids.shape[1]) for batch in layout.batches), default=(0, 0))
+    hidden = (tokens * kept_states + rows * length) * width * 4
+    activations = rows * length * (3 * inner + 8 * width) * 4 + rows * heads * length * length * 4
+    layer_prefix = layout.prefix.split("{i}")[0]
+    per_layer: dict[str, int] = {}
+    outside = 0
+    for planned in plan.tensors:
+        count = 1
+        for size in planned.shape:
+            count *= size
+        held = count * 4 * (len(planned.inputs) + 2 + (3 if graph else 0))
+        if planned.name.startswith(layer_prefix):
+            layer = planned.name[len(layer_prefix) :].split(".")[0]
+            per_layer[layer] = per_layer.get(layer, 0) + held
+        else:
+            outside += count * 4 * (3 if graph else 1)
+    logits = length * (getattr(config, "vocab_size", 0) or 0) * 4 * 3
+    return hidden + activations * (2 if graph else 1) + outside + max(per_layer.values(), default=0) + logits
+
+
 class StreamedScorer:
     """Scores plans' models on texts, one layer in memory at a time; parents' tensors are read through `cache`."""
 
-    def __init__(self, cache: TensorCache):
+    def __init__(self, cache: TensorCache, device: str = "cpu", budget: int | None = None):
         self.cache = cache
+        self.budget = (
+            budget  # bytes for everything: the cache gets what the working set leaves (None: the cache's own budget)
+        )
+        self.device = torch.device(device)  # where layers run; parents' tensors are read and cached in host memory
         self.models: dict[str, torch.nn.Module] = {}
         self.windows: dict[tuple, list[Window]] = {}
         self.tokenizers: dict[str, object] = {}
 
-    def _model(self, config: dict):
+    def model_for(self, config: dict):
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in self.models:
             model = build_meta_model(config, "the merged model")
@@ -91,12 +165,16 @@ class StreamedScorer:
         from composer.sources.tokenizer import load_source_tokenizer
 
         if plan.tokenizer_source is None:
-            raise ComposerError("The merged model has no tokenizer, so its bits per byte cannot be measured; give the recipe a tokenizer_source.")
+            raise ComposerError(
+                "The merged model has no tokenizer, so its bits per byte cannot be measured; give the recipe a tokenizer_source."
+            )
         if plan.tokenizer_source not in self.tokenizers:
-            self.tokenizers[plan.tokenizer_source] = load_source_tokenizer(plan.sources[plan.tokenizer_source], "scoring text needs one")
+            self.tokenizers[plan.tokenizer_source] = load_source_tokenizer(
+                plan.sources[plan.tokenizer_source], "scoring text needs one"
+            )
         return self.tokenizers[plan.tokenizer_source]
 
-    def _windows(self, plan: Plan, texts: list[NamedText], context: int) -> list[Window]:
+    def windows_for(self, plan: Plan, texts: list[NamedText], context: int) -> list[Window]:
         key = (plan.tokenizer_source, tuple(text.name for text in texts), context)
         if key not in self.windows:
             self.windows[key] = windows_of(texts, self._tokenizer(plan), context, plan.tokenizer_source)
@@ -104,7 +182,7 @@ class StreamedScorer:
 
     def merged(self, plan: Plan, planned: PlannedTensor) -> torch.Tensor:
         """One output tensor as the executor makes it, widened to float32 as `compose eval` loads it."""
-        inputs = [self.cache.get(plan, ref) for ref in planned.inputs]
+        inputs = [self.to_device(self.cache.get(plan, ref)) for ref in planned.inputs]
         compute = planned.operation.compute_dtype
         work = [x.to(compute) if compute is not None and x.dtype != compute else x for x in inputs]
         try:
@@ -113,64 +191,82 @@ class StreamedScorer:
             raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
         return result.to(planned.dtype).to(torch.float32)
 
-    def score(self, plan: Plan, texts: list[NamedText]) -> list[TextScore]:
-        model = self._model(plan.config)
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.device == self.device else tensor.to(self.device)
+
+    def layout(self, plan: Plan, texts: list[NamedText]) -> Layout:
+        """The meta model of `plan`, the path and modules of its layers, and the texts' windows in batches."""
+        model = self.model_for(plan.config)
         context = getattr(model.config, "max_position_embeddings", 1024) or 1024
         if not isinstance(context, int) or context < 2:
-            raise ComposerError(f"The merged model's config gives max_position_embeddings {context!r}; scoring text needs a context of at least 2 tokens.")
-        batches = _group(self._windows(plan, texts, context))
+            raise ComposerError(
+                f"The merged model's config gives max_position_embeddings {context!r}; scoring text needs a context of at least 2 tokens."
+            )
         prefix = architecture_for(plan.config).layer_prefix
-        by_name = {planned.name: planned for planned in plan.tensors}
         path = prefix.split("{i}")[0].rstrip(".")
-        layers = model.get_submodule(path)
-        with torch.no_grad(), self._layers_replaced(model, path, torch.nn.ModuleList()):
-            self._load_outside_layers(model, plan, by_name)
+        batches = batches_of(self.windows_for(plan, texts, context))
+        for batch in batches:
+            batch.ids = self.to_device(batch.ids)
+        return Layout(model, path, prefix, model.get_submodule(path), batches)
+
+    def fit_budget(self, layout: Layout, plan: Plan, kept_states: int = 1, graph: bool = False) -> int:
+        """Give the parents' cache what the memory budget leaves beside the working set (see `working_bytes`); an
+        error when the working set alone is over the budget. Returns the working set's bytes."""
+        working = working_bytes(layout, plan, kept_states, graph)
+        if self.budget is not None:
+            if working > self.budget:
+                raise ComposerError(
+                    f"Scoring the text needs about {working / 1e9:.2f} GB for hidden states, one layer's tensors and one window's logits "
+                    f"({sum(batch.ids.numel() for batch in layout.batches)} tokens in windows), more than --memory-budget "
+                    f"{self.budget / 1e9:.2f} GB; give a larger --memory-budget or shorter --text files."
+                )
+            self.cache.shrink_to(self.budget - working)
+        self.cache.new_pass()
+        return working
+
+    def score(self, plan: Plan, texts: list[NamedText]) -> list[TextScore]:
+        layout = self.layout(plan, texts)
+        self.fit_budget(layout, plan)
+        model, path, layers, batches = layout.model, layout.path, layout.layers, layout.batches
+        by_name = {planned.name: planned for planned in plan.tensors}
+        with torch.no_grad(), layers_replaced(model, path, torch.nn.ModuleList()):
+            self.load_outside_layers(model, plan, by_name)
         with torch.no_grad():
             for batch in batches:
-                calls: list = []
-                with self._layers_replaced(model, path, torch.nn.ModuleList(StandIn(calls, _layer_attributes(layer)) for layer in layers)):
-                    model.base_model(input_ids=batch.ids, use_cache=False)
-                batch.hidden = calls[0][0]
-                batch.calls = [(arguments, keywords) for _, arguments, keywords in calls]
+                record_calls(layout, batch, model.base_model)
             for index, layer in enumerate(layers):
-                self._run_layer(model, plan, by_name, layer, prefix.format(i=index), index, batches)
-            return self._losses(model, path, layers, batches, texts)
+                self._run_layer(model, plan, by_name, layer, layout.prefix.format(i=index), index, batches)
+            return self._losses(layout, texts)
 
-    @staticmethod
-    @contextmanager
-    def _layers_replaced(model, path: str, replacement: torch.nn.Module):
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        original = getattr(parent, name)
-        setattr(parent, name, replacement)
-        try:
-            yield
-        finally:
-            setattr(parent, name, original)
-
-    def _load_outside_layers(self, model, plan: Plan, by_name: dict[str, PlannedTensor]) -> None:
+    def load_outside_layers(self, model, plan: Plan, by_name: dict[str, PlannedTensor]) -> None:
         """The embeddings, final norm and head (whatever is not in a layer), merged for this plan."""
         fresh = any(tensor.is_meta for tensor in model.state_dict().values())
         if fresh:
-            model.to_empty(device="cpu")
-            _init_buffers(model, model.modules())
+            model.to_empty(device=self.device)
+            init_buffers(model, model.modules())
         tied = tied_parameter_names(model)
         state = {}
         for name in model.state_dict():
             planned = by_name.get(name) or by_name.get(tied.get(name, ""))
             if planned is None:
-                raise ComposerError(f"The merged model needs tensor '{name}', which its plan does not make; it cannot be scored.")
+                raise ComposerError(
+                    f"The merged model needs tensor '{name}', which its plan does not make; it cannot be scored."
+                )
             state[name] = self.merged(plan, planned) if planned.name not in state else state[planned.name]
         model.load_state_dict(state, assign=True)
 
-    def _run_layer(self, model, plan: Plan, by_name: dict[str, PlannedTensor], layer, prefix: str, index: int, batches: list[Batch]) -> None:
+    def _run_layer(
+        self, model, plan: Plan, by_name: dict[str, PlannedTensor], layer, prefix: str, index: int, batches: list[Batch]
+    ) -> None:
         names = list(layer.state_dict())
         missing = [prefix + name for name in names if prefix + name not in by_name]
         if missing:
-            raise ComposerError(f"Layer {index} of the merged model needs tensor '{missing[0]}', which its plan does not make; it cannot be scored.")
+            raise ComposerError(
+                f"Layer {index} of the merged model needs tensor '{missing[0]}', which its plan does not make; it cannot be scored."
+            )
         state = {name: self.merged(plan, by_name[prefix + name]) for name in names}
-        layer.to_empty(device="cpu")
-        _init_buffers(model, layer.modules())
+        layer.to_empty(device=self.device)
+        init_buffers(model, layer.modules())
         layer.load_state_dict(state, assign=True)
         del state
         try:
@@ -181,20 +277,27 @@ class StreamedScorer:
         finally:
             layer.to_empty(device="meta")  # the next layer's tensors take this one's place
 
-    def _losses(self, model, path: str, layers, batches: list[Batch], texts: list[NamedText]) -> list[TextScore]:
-        """Replay each window through the model's own forward with the final hidden states handed back by the last
-        layer's stand-in: the model's final norm and head make the logits, one window at a time."""
+    def window_losses(self, layout: Layout, final: torch.Tensor, window: Window) -> torch.Tensor:
+        """The losses (nats) of a window's scored positions, from its final hidden states `final` [1, tokens, width]:
+        the window replayed through the model's own forward, the last layer's stand-in handing back `final`, so that
+        the model's final norm, head and logit soft-capping make the logits."""
+        stand_ins = [StandIn([], layer_attributes(layer)) for layer in layout.layers]
+        stand_ins[-1].final = final
+        ids = self.to_device(window.ids)
+        with layers_replaced(layout.model, layout.path, torch.nn.ModuleList(stand_ins)):
+            logits = layout.model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+        return torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")[window.first_scored :]
+
+    def _losses(self, layout: Layout, texts: list[NamedText]) -> list[TextScore]:
         nats = [0.0] * len(texts)
         tokens = [0] * len(texts)
-        for batch in batches:
+        for batch in layout.batches:
             for row, window in enumerate(batch.windows):
-                stand_ins = [StandIn([], _layer_attributes(layer)) for layer in layers]
-                stand_ins[-1].final = batch.hidden[row:row + 1]
-                with self._layers_replaced(model, path, torch.nn.ModuleList(stand_ins)):
-                    logits = model(input_ids=window.ids.unsqueeze(0), use_cache=False).logits[0, :-1].float()
-                losses = torch.nn.functional.cross_entropy(logits, window.ids[1:], reduction="none")[window.first_scored:]
+                losses = self.window_losses(layout, batch.hidden[row : row + 1], window)
                 nats[window.text] += float(losses.sum())
                 tokens[window.text] += losses.numel()
             batch.hidden = batch.calls = None
-        return [TextScore(tokens=count, bytes=text.bytes, nats=total if math.isfinite(total) else math.inf)
-                for text, count, total in zip(texts, tokens, nats)]
+        return [
+            TextScore(tokens=count, bytes=text.bytes, nats=total if math.isfinite(total) else math.inf)
+            for text, count, total in zip(texts, tokens, nats)
+        ]

@@ -43,7 +43,9 @@ def windows_of(texts: list[NamedText], tokenizer, context: int, model_name: str)
     for index, text in enumerate(texts):
         ids = tokenizer(text.text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
         if len(ids) < 2:
-            raise ComposerError(f"Text file {text.name} is {len(ids)} token(s) long for the tokenizer of '{model_name}'; a score needs "
-                                "at least two tokens (each token after the first is scored). Give a longer text.")
+            raise ComposerError(
+                f"Text file {text.name} is {len(ids)} token(s) long for the tokenizer of '{model_name}'; a score needs "
+                "at least two tokens (each token after the first is scored). Give a longer text."
+            )
         windows += [Window(index, ids[start:end], first) for start, end, first in scoring_windows(len(ids), context)]
     return windows

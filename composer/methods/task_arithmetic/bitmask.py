@@ -47,14 +47,14 @@ class BitMask:
             flat = flat.clone()
         words = flat.view(torch.uint8).view(torch.int64)
         packed = words.mul(_GATHER).bitwise_right_shift_(56).bitwise_and_(0xFF)
-        self.bits[start // 8: start // 8 + packed.numel()].copy_(packed)
+        self.bits[start // 8 : start // 8 + packed.numel()].copy_(packed)
 
     def factor_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Entries start .. stop - 1 as 0/1 in `out`'s dtype (out[: stop - start]); `start` a
         multiple of 8."""
         if start % 8:
             raise ValueError(f"a bit mask is read from multiples of 8, not from {start}")
-        bytes_ = self.bits[start // 8: (stop + 7) // 8].to(torch.int64)
+        bytes_ = self.bits[start // 8 : (stop + 7) // 8].to(torch.int64)
         spread = bytes_.mul_(_SPREAD).bitwise_and_(_SELECT)
         return torch.gt(spread.view(torch.uint8)[: stop - start], 0, out=out[: stop - start])
 

@@ -96,8 +96,18 @@ def generalized_task_arithmetic(
     """base + lambda * merge of the task vectors of `tensors`: `reference_generalized_task_arithmetic`'s
     result (which states the formula; `settings.TaskMerge` describes the options), bit for bit, chunk by chunk."""
     merge = task_merge(
-        tensors, base, weights, sparsification=sparsification, consensus=consensus, densities=densities, gammas=gammas,
-        epsilons=epsilons, normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+        tensors,
+        base,
+        weights,
+        sparsification=sparsification,
+        consensus=consensus,
+        densities=densities,
+        gammas=gammas,
+        epsilons=epsilons,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        generator=generator,
     )
     return merge_in_chunks(tensors, base, merge)
 
@@ -141,7 +151,9 @@ def merge_in_chunks(tensors: Sequence[torch.Tensor], base: torch.Tensor, merge: 
             keep = keeps[i]
             if isinstance(keep, ChunkedWindow):
                 magnitudes = torch.abs(delta, out=buffer[: stop - start])
-                delta.mul_(keep.keep_(magnitudes, index, keep_buffer[0, : stop - start], keep_buffer[1, : stop - start]))
+                delta.mul_(
+                    keep.keep_(magnitudes, index, keep_buffer[0, : stop - start], keep_buffer[1, : stop - start])
+                )
             elif keep is not None:
                 delta.mul_(keep.factor_into(start, stop, keep_buffer[0]))
             if scales[i] is not None:
@@ -176,6 +188,7 @@ def select(inputs: ChunkedInputs, i: int, sparsity: Sparsity, generator) -> tupl
         return inputs.delta_into(i, start, stop, out)
 
     if method in ("magnitude", "magnitude_outliers"):
+
         def magnitudes(index):
             start, stop = chunks[index]
             return delta_into(start, stop, buffer[: stop - start]).abs_()

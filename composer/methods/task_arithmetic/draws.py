@@ -57,7 +57,7 @@ def random_levels(shape, key: int, device: torch.device | str = "cpu", offset: i
     count = math.prod(shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
     first, lane = divmod(offset, 4)
     words = random_words(key, first, (lane + count + 3) // 4, device)
-    levels = words.view(torch.int16)[lane:lane + count]
+    levels = words.view(torch.int16)[lane : lane + count]
     return levels.reshape(shape) if isinstance(shape, (tuple, list, torch.Size)) else levels
 
 

@@ -41,7 +41,9 @@ class MagnitudeSum:
         if native_bf16.usable(flat) and self.slots.device.type == "cpu":
             native_bf16.magnitude_sums_(flat, self.slots)
         else:
-            self.slots += _slots_of_counts(torch.bincount(flat.view(torch.int16) & 0x7FFF, minlength=1 << 15), self.dtype)
+            self.slots += _slots_of_counts(
+                torch.bincount(flat.view(torch.int16) & 0x7FFF, minlength=1 << 15), self.dtype
+            )
         return self
 
     def value(self) -> torch.Tensor:
@@ -60,7 +62,7 @@ def _slots_of_counts(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # biased exponent e >= 1 counts units of 2^(e - 1 + lowest); subnormals (e = 0) those of e = 1
     offset = lowest - 1 - UNIT_EXPONENT
     slots = torch.zeros(SLOTS, dtype=torch.int64, device=counts.device)
-    slots[offset + 1: offset + sums.numel()] = sums[1:]
+    slots[offset + 1 : offset + sums.numel()] = sums[1:]
     slots[offset + 1] += sums[0]
     slots[INF_SLOT] = by_exponent[-1, 0]
     slots[NAN_SLOT] = by_exponent[-1, 1:].sum()

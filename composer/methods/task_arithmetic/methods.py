@@ -67,7 +67,14 @@ def _sparsity_check(signature) -> Callable[[dict], str | None]:
 
 
 # the functions' keyword arguments by the parameter each is set from
-_KEYWORDS = {"densities": "density", "gammas": "gamma", "epsilons": "epsilon", "normalize": "normalize", "rescale": "rescale", "lambda_": "lambda"}
+_KEYWORDS = {
+    "densities": "density",
+    "gammas": "gamma",
+    "epsilons": "epsilon",
+    "normalize": "normalize",
+    "rescale": "rescale",
+    "lambda_": "lambda",
+}
 
 
 def member(description: str):
@@ -103,19 +110,23 @@ def member(description: str):
         def apply(tensors, base, params):
             options = {keyword: params[name] for keyword, name in _KEYWORDS.items() if keyword in signature}
             if random:
-                options["generator"] = make_generator(params.get("seed", 0) or 0)  # on the CPU: the same masks on every device
+                options["generator"] = make_generator(
+                    params.get("seed", 0) or 0
+                )  # on the CPU: the same masks on every device
             return function(tensors, base, params["weight"], **options)
 
-        register(MergeMethod(
-            name=function.__name__,
-            apply=apply,
-            parameters=tuple(parameters),
-            needs_base=True,
-            description=description,
-            check=_sparsity_check(signature),
-            random=random,
-            light="densities" not in signature,
-        ))
+        register(
+            MergeMethod(
+                name=function.__name__,
+                apply=apply,
+                parameters=tuple(parameters),
+                needs_base=True,
+                description=description,
+                check=_sparsity_check(signature),
+                random=random,
+                light="densities" not in signature,
+            )
+        )
         return function
 
     return register_member
@@ -132,8 +143,15 @@ def ties(tensors, base, weights, densities=None, *, normalize=True, rescale=Fals
     """Yadav et al. 2023, arXiv:2306.01708: trim by magnitude (keep the int(density n) largest |tau_i|),
     elect signs, disjoint mean."""
     return generalized_task_arithmetic(
-        tensors, base, weights, sparsification="magnitude", consensus=True, densities=densities,
-        normalize=normalize, rescale=rescale, lambda_=lambda_,
+        tensors,
+        base,
+        weights,
+        sparsification="magnitude",
+        consensus=True,
+        densities=densities,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
     )
 
 
@@ -141,8 +159,16 @@ def ties(tensors, base, weights, densities=None, *, normalize=True, rescale=Fals
 def dare_ties(tensors, base, weights, densities=None, *, normalize=False, rescale=True, lambda_=1.0, generator=None):
     """DARE's random drop, then TIES's sign election."""
     return generalized_task_arithmetic(
-        tensors, base, weights, sparsification="random", consensus=True, densities=densities,
-        normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+        tensors,
+        base,
+        weights,
+        sparsification="random",
+        consensus=True,
+        densities=densities,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        generator=generator,
     )
 
 
@@ -150,8 +176,15 @@ def dare_ties(tensors, base, weights, densities=None, *, normalize=False, rescal
 def dare_linear(tensors, base, weights, densities=None, *, normalize=False, rescale=True, lambda_=1.0, generator=None):
     """Yu et al. 2023, arXiv:2311.03099: random drop (keep with probability density), rescale, sum."""
     return generalized_task_arithmetic(
-        tensors, base, weights, sparsification="random", densities=densities,
-        normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+        tensors,
+        base,
+        weights,
+        sparsification="random",
+        densities=densities,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        generator=generator,
     )
 
 
@@ -160,35 +193,73 @@ def breadcrumbs(tensors, base, weights, densities=None, gammas=None, *, normaliz
     """Davari & Belilovsky 2023, arXiv:2312.06795: drop the int(gamma n) largest |tau_i| and the smallest,
     keeping int(density n) entries."""
     return generalized_task_arithmetic(
-        tensors, base, weights, sparsification="magnitude_outliers", densities=densities, gammas=gammas,
-        normalize=normalize, rescale=rescale, lambda_=lambda_,
+        tensors,
+        base,
+        weights,
+        sparsification="magnitude_outliers",
+        densities=densities,
+        gammas=gammas,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
     )
 
 
 @member("breadcrumbs' sparsification, then TIES sign election")
-def breadcrumbs_ties(tensors, base, weights, densities=None, gammas=None, *, normalize=False, rescale=False, lambda_=1.0):
+def breadcrumbs_ties(
+    tensors, base, weights, densities=None, gammas=None, *, normalize=False, rescale=False, lambda_=1.0
+):
     """Breadcrumbs' sparsification, then TIES's sign election."""
     return generalized_task_arithmetic(
-        tensors, base, weights, sparsification="magnitude_outliers", consensus=True, densities=densities,
-        gammas=gammas, normalize=normalize, rescale=rescale, lambda_=lambda_,
+        tensors,
+        base,
+        weights,
+        sparsification="magnitude_outliers",
+        consensus=True,
+        densities=densities,
+        gammas=gammas,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
     )
 
 
 @member("drop entries at random, the smaller the likelier, rescale, TIES sign election (Deep et al. 2024)")
-def della(tensors, base, weights, densities=None, epsilons=None, *, normalize=True, rescale=True, lambda_=1.0, generator=None):
+def della(
+    tensors, base, weights, densities=None, epsilons=None, *, normalize=True, rescale=True, lambda_=1.0, generator=None
+):
     """Deep et al. 2024, arXiv:2406.11617: magnitude-ranked random drop (MagPrune: within each row, the
     entry of magnitude rank r of m is kept with probability density - epsilon + 2 epsilon r / (m - 1)),
     then sign election."""
     return generalized_task_arithmetic(
-        tensors, base, weights, sparsification="della_magprune", consensus=True, densities=densities,
-        epsilons=epsilons, normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+        tensors,
+        base,
+        weights,
+        sparsification="della_magprune",
+        consensus=True,
+        densities=densities,
+        epsilons=epsilons,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        generator=generator,
     )
 
 
 @member("DELLA's magnitude-ranked random drop, then a weighted sum")
-def della_linear(tensors, base, weights, densities=None, epsilons=None, *, normalize=False, rescale=True, lambda_=1.0, generator=None):
+def della_linear(
+    tensors, base, weights, densities=None, epsilons=None, *, normalize=False, rescale=True, lambda_=1.0, generator=None
+):
     """DELLA's MagPrune, then a weighted sum (no sign election)."""
     return generalized_task_arithmetic(
-        tensors, base, weights, sparsification="della_magprune", densities=densities,
-        epsilons=epsilons, normalize=normalize, rescale=rescale, lambda_=lambda_, generator=generator,
+        tensors,
+        base,
+        weights,
+        sparsification="della_magprune",
+        densities=densities,
+        epsilons=epsilons,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        generator=generator,
     )

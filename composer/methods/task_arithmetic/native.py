@@ -20,6 +20,7 @@ from composer.native import bf16
 
 # --- pass 1 of the chunked path: one model's mask ----------------------------------------------------
 
+
 def magnitude_counts(chunks: Sequence[tuple[int, int]], base: torch.Tensor, model: torch.Tensor) -> torch.Tensor | None:
     """How many of the magnitudes of model - base in each chunk have each bit pattern (`ChunkedWindow`'s
     `counts`); `model` flat."""
@@ -60,7 +61,10 @@ def della_keep(base: torch.Tensor, model: torch.Tensor, chunks, chunk_keep: torc
 
 # --- pass 2 of the chunked path: the merge ----------------------------------------------------------
 
-def merged(base: torch.Tensor, models: Sequence[torch.Tensor], chunks, keeps: list, scales: list, merge: TaskMerge, divisor) -> torch.Tensor | None:
+
+def merged(
+    base: torch.Tensor, models: Sequence[torch.Tensor], chunks, keeps: list, scales: list, merge: TaskMerge, divisor
+) -> torch.Tensor | None:
     """Pass 2 of the chunked path in one sweep over the flat `models` (`keeps` and `scales` from pass 1,
     `divisor` the weights' sum where no sign is elected): the whole tensor at once, unless a magnitude
     window splits a tie inside a chunk; then chunk by chunk, that chunk's mask computed as the torch path
@@ -96,31 +100,48 @@ def merged(base: torch.Tensor, models: Sequence[torch.Tensor], chunks, keeps: li
             elif (patterns := keep.pattern_range(index)) is not None:
                 specs.append((bf16.KEEP_PATTERNS, *patterns))
             else:
-                torch.abs(chunk_delta(models[i], base_flat, start, stop, delta[: stop - start]), out=magnitudes[: stop - start])
-                specs.append((bf16.KEEP_BYTES, keep.keep_(magnitudes[: stop - start], index, kept_masks[i][: stop - start], spare[: stop - start])))
+                torch.abs(
+                    chunk_delta(models[i], base_flat, start, stop, delta[: stop - start]),
+                    out=magnitudes[: stop - start],
+                )
+                specs.append(
+                    (
+                        bf16.KEEP_BYTES,
+                        keep.keep_(
+                            magnitudes[: stop - start], index, kept_masks[i][: stop - start], spare[: stop - start]
+                        ),
+                    )
+                )
         bf16.task_arithmetic_(start, stop, base_flat, models, specs, settings, out)
     return out.view(base.shape)
 
 
 # --- SCE ---------------------------------------------------------------------------------------------
 
+
 def sce_usable(base: torch.Tensor, models: Sequence[torch.Tensor]) -> bool:
     """Whether SCE's kernels below can take the flat `base` and `models`."""
     return bf16.usable_for_merge(base, models)
 
 
-def sce_variances_(start: int, stop: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+def sce_variances_(
+    start: int, stop: int, base: torch.Tensor, models: Sequence[torch.Tensor], out: torch.Tensor
+) -> torch.Tensor:
     """The variances across `models` of their deltas over [start, stop) into `out` (`sce.population_variance`'s bits)."""
     return bf16.sce_variances_(start, stop, base, models, out)
 
 
-def sce_square_sums_(start: int, stop: int, base: torch.Tensor, models: Sequence[torch.Tensor], keep, sums: list) -> None:
+def sce_square_sums_(
+    start: int, stop: int, base: torch.Tensor, models: Sequence[torch.Tensor], keep, sums: list
+) -> None:
     """Add each model's exact sum of squared deltas over [start, stop), masked by the booleans `keep` when
     given, to its `l1_sum` accumulator in `sums`."""
     for model, total in zip(models, sums):
         bf16.sce_square_sums(start, stop, base, model, keep, total.slots)
 
 
-def sce_merge_(base: torch.Tensor, models: Sequence[torch.Tensor], bits, weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
+def sce_merge_(
+    base: torch.Tensor, models: Sequence[torch.Tensor], bits, weights: Sequence[float], out: torch.Tensor
+) -> torch.Tensor:
     """SCE's merge of the flat tensors into `out`, with the selection `bits` (every entry when None)."""
     return bf16.sce_merge_(base, models, bits, weights, out)

@@ -21,7 +21,9 @@ from composer.methods.task_arithmetic.sparsify import sparsify_
 from composer.methods.task_arithmetic.steps import elect_signs_, task_vectors
 
 
-def reference_generalized_task_arithmetic(tensors: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], **options) -> torch.Tensor:
+def reference_generalized_task_arithmetic(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float], **options
+) -> torch.Tensor:
     """base + lambda * merge of the task vectors of `tensors` (`options`: the fields of `settings.TaskMerge`).
 
     1. tau_i = x_i - base, sparsified with `sparsification` at `densities[i]` (with `rescale`, the
@@ -45,8 +47,14 @@ def reference_generalized_task_arithmetic(tensors: Sequence[torch.Tensor], base:
             if merge.densities[i] < 1 and workspace is None:
                 workspace = torch.empty(2 * base.numel(), dtype=torch.float32, device=base.device)
             sparsify_(
-                deltas[i], merge.sparsification, merge.densities[i], merge.rescale, merge.gammas[i], merge.epsilons[i],
-                merge.generator, workspace,
+                deltas[i],
+                merge.sparsification,
+                merge.densities[i],
+                merge.rescale,
+                merge.gammas[i],
+                merge.epsilons[i],
+                merge.generator,
+                workspace,
             )
     weight_column = torch.tensor(list(merge.weights), dtype=deltas.dtype, device=deltas.device)
     weight_column = weight_column.reshape((count,) + (1,) * base.dim())

@@ -138,7 +138,10 @@ def _sce_chunked(tensors, base, select_topk):
             return population_variance(picked).float()
 
         counts = None
-        if dtype in (torch.bfloat16, torch.float16):  # one pass counts both the nonzero variances and their bit patterns
+        if dtype in (
+            torch.bfloat16,
+            torch.float16,
+        ):  # one pass counts both the nonzero variances and their bit patterns
             counts = torch.stack([pattern_counts(variances(index)) for index in range(len(chunks))])
             nonzero = n - int(counts[:, 0].sum())  # a variance is never -0
         else:
@@ -172,7 +175,9 @@ def _sce_chunked(tensors, base, select_topk):
     weight_column = model_weights.reshape(count, 1)
     out = empty((n,), dtype, device)
     if fused:
-        return native.sce_merge_(base_flat, flats, None if selection is None else selection.bits, weights, out).view(base.shape)
+        return native.sce_merge_(base_flat, flats, None if selection is None else selection.bits, weights, out).view(
+            base.shape
+        )
     merged = torch.empty(width, dtype=dtype, device=device)
     workspace = torch.empty(2 * width, dtype=dtype, device=device)
     for start, stop in chunks:
@@ -191,7 +196,9 @@ def _sce_chunked(tensors, base, select_topk):
 
 def _check_sce(params: dict) -> str | None:
     if not 0 < params["select_topk"] <= 1:
-        return f"select_topk must be in (0, 1] (the fraction of entries selected by variance), got {params['select_topk']}"
+        return (
+            f"select_topk must be in (0, 1] (the fraction of entries selected by variance), got {params['select_topk']}"
+        )
     return None
 
 

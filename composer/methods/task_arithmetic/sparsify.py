@@ -27,6 +27,7 @@ RESCALE_EPS = 1e-7  # L1 norms below this are not rescaled (as in mergekit)
 
 # --- masks: written as 0/1 into a float32 buffer, which the caller may supply --------------------
 
+
 def _buffer(delta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
@@ -48,7 +49,11 @@ def magnitude_mask_(delta: torch.Tensor, density: float, out: torch.Tensor | Non
 
 
 def outlier_mask_(
-    delta: torch.Tensor, density: float, gamma: float, out: torch.Tensor | None = None, spare: torch.Tensor | None = None
+    delta: torch.Tensor,
+    density: float,
+    gamma: float,
+    out: torch.Tensor | None = None,
+    spare: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Model breadcrumbs: drop the int(gamma * n) largest magnitudes and the smallest ones, keeping
     int(density * n) entries. When density + gamma > 1 fewer large entries are dropped, so that
@@ -60,7 +65,9 @@ def outlier_mask_(
     return window_mask_(_magnitudes_into(delta, out), bottom, bottom + keep, spare=spare)
 
 
-def random_mask_(delta: torch.Tensor, density: float, key: int, out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+def random_mask_(
+    delta: torch.Tensor, density: float, key: int, out: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
     """DARE: each entry 1 independently with probability `density`, drawn from the stream of `key`
     at the flat positions offset, offset + 1, ..."""
     mask = _buffer(delta, out)
@@ -94,14 +101,19 @@ def scatter_by_row_rank_(out: torch.Tensor, keys: torch.Tensor, by_rank: torch.T
         return out.scatter_(1, stable_row_order(keys), by_rank)
     step = -(-rows // threads)
     blocks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-    each(lambda index: out[blocks[index]].scatter_(1, stable_row_order(keys[blocks[index]]), by_rank[blocks[index]]), len(blocks))
+    each(
+        lambda index: out[blocks[index]].scatter_(1, stable_row_order(keys[blocks[index]]), by_rank[blocks[index]]),
+        len(blocks),
+    )
     return out
 
 
 def della_thresholds(m: int, density: float, epsilon: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The int32 `random_levels` thresholds of DELLA's keep probabilities by rank in a row of m entries."""
     if m > 1:
-        probabilities = torch.arange(m, device=device, dtype=torch.float64) * (2 * epsilon / (m - 1)) + (density - epsilon)
+        probabilities = torch.arange(m, device=device, dtype=torch.float64) * (2 * epsilon / (m - 1)) + (
+            density - epsilon
+        )
     else:
         probabilities = torch.full((1,), density, dtype=torch.float64, device=device)
     return (probabilities.clamp(0, 1) * LEVELS).round_().sub_(LEVELS // 2).to(torch.int32)
@@ -125,7 +137,9 @@ def della_keep(
     if delta.dtype in HALF_DTYPES:
         # the bit patterns of half-precision magnitudes sort as the values do; a stable sort of them ranks
         # equal magnitudes by position, the same on every machine
-        return scatter_by_row_rank_(mask, delta.abs().view(torch.int16).view(rows_shape), keep_in_order).view(delta.shape)
+        return scatter_by_row_rank_(mask, delta.abs().view(torch.int16).view(rows_shape), keep_in_order).view(
+            delta.shape
+        )
     order = torch.sort(_magnitudes_into(delta, None).view(rows_shape), dim=1, stable=True).indices
     return mask.scatter_(1, order, keep_in_order).view(delta.shape)
 
@@ -173,7 +187,7 @@ class _PieceSum:
     def add(self, values: torch.Tensor) -> _PieceSum:
         flat = values.reshape(-1)
         for start in range(0, flat.numel(), L1_PIECE):
-            self.total = self.total + torch.linalg.vector_norm(flat[start:start + L1_PIECE], 1, dtype=torch.float64)
+            self.total = self.total + torch.linalg.vector_norm(flat[start : start + L1_PIECE], 1, dtype=torch.float64)
         return self
 
     def value(self) -> torch.Tensor:
@@ -236,7 +250,7 @@ def sparsify_(
     n = delta.numel()
     if workspace is None:
         workspace = torch.empty(2 * n, dtype=torch.float32, device=delta.device)
-    out, spare = workspace.view(-1)[:n], workspace.view(-1)[n:2 * n]
+    out, spare = workspace.view(-1)[:n], workspace.view(-1)[n : 2 * n]
     if method == "magnitude":
         keep = magnitude_mask_(delta, density, out)
     elif method == "magnitude_outliers":

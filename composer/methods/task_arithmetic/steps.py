@@ -28,7 +28,9 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.T
 
 def chunk_delta(flat: torch.Tensor, base_flat: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
     """The task vector of one flat chunk, x - base, in the base's dtype, into `out`."""
-    return torch.sub(flat[start:stop].to(device=base_flat.device, dtype=base_flat.dtype), base_flat[start:stop], out=out)
+    return torch.sub(
+        flat[start:stop].to(device=base_flat.device, dtype=base_flat.dtype), base_flat[start:stop], out=out
+    )
 
 
 def as_factor(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,10 @@ def as_factor(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def elect_signs_(
-    deltas: torch.Tensor, weights: Sequence[float] | None = None, divisor: bool = True, workspace: torch.Tensor | None = None
+    deltas: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    divisor: bool = True,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """TIES sign election on the stacked (already weighted) deltas, in place: the elected sign of an
     entry is that of the sum over models (+ where the sum is >= 0); entries of the other sign are
@@ -53,7 +58,7 @@ def elect_signs_(
     torch.sum(deltas, dim=0, out=sign)
     torch.ge(sign, 0, out=sign)
     sign.mul_(2).sub_(1)  # +1 / -1
-    kept = workspace.view(-1)[n:2 * n].view(shape)
+    kept = workspace.view(-1)[n : 2 * n].view(shape)
     # accumulated in float32 or better and rounded once, as a sum over the stacked model axis would be
     kept_weight = None
     if divisor:

@@ -22,7 +22,7 @@ class Circle(Shape):
         self.radius = radius
 
     def area(self):
-        return math.pi * self.radius ** 2
+        return math.pi * self.radius**2
 
     def perimeter(self):
         return 2 * math.pi * self.radius
