@@ -29,7 +29,7 @@ def score_everything(result: TuneResult, trials: Trials, settings: TuneSettings)
         "start": (start.scores, held(result.text_for(start))),
         "tuned": (best.scores, held(result.text_for(best))),
     }
-    for reference in parse_recipe(result.text_for(start), result.recipe_name).input_models():
+    for reference in parse_recipe(result.text_for(start), result.recipe_name, result.recipe_dir).input_models():
         text = parent_recipe(reference)
         scored[f"parent {reference}"] = (trials.score_text(text, texts), held(text))
     return scored

@@ -70,7 +70,7 @@ def objective_of(scores: list[TextScore]) -> float:
 
 def plan_text(text: str, recipe_dir: Path | None, source_name: str) -> Plan:
     """The plan of a concrete recipe text, with a recipe key's problem given its line."""
-    recipe = parse_recipe(text, source_name)
+    recipe = parse_recipe(text, source_name, recipe_dir)
     try:
         return build_plan(recipe, text, recipe_dir)
     except RecipeKeyError as error:
