@@ -44,6 +44,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -102,27 +103,6 @@ class Case:
 # fixtures
 
 
-def model_with_tokenizer(
-    folder: Path, tokenizer, special: dict, model_type: str = "llama", layers: int = 4, seed: int = 0, **overrides
-) -> Path:
-    from helpers import save_tiny_model, save_tokenizer
-
-    scratch = folder.parent / f".{folder.name}-tokenizer"
-    size = save_tokenizer(tokenizer, scratch, **special)
-    ids = {
-        f"{role}_token_id": tokenizer.token_to_id(special[f"{role}_token"])
-        for role in ("bos", "eos", "pad")
-        if f"{role}_token" in special
-    }
-    if model_type == "gpt2":
-        ids = {}
-    save_tiny_model(folder, model_type, layers=layers, seed=seed, vocab_size=size, **ids, **overrides)
-    for path in scratch.iterdir():
-        shutil.copy(path, folder / path.name)
-    shutil.rmtree(scratch)
-    return folder
-
-
 def build_fixtures(root: Path) -> dict[str, Path]:
     """Every model the cases read, under root/models (none of them may change)."""
     import torch
@@ -134,17 +114,20 @@ def build_fixtures(root: Path) -> dict[str, Path]:
         save_fine_tune,
         save_tiny_model,
         sentencepiece_tokenizer,
+        tiny_model_with_tokenizer,
     )
 
     models = root / "models"
     models.mkdir()
     byte_level = byte_level_tokenizer(400)
     m = {}
+    # four layers, each family's own tying (the tests' models have two layers, tied)
+    model_with_tokenizer = partial(tiny_model_with_tokenizer, tied=None, layers=4)
     m["base"] = model_with_tokenizer(models / "base", byte_level, BYTE_LEVEL_SPECIAL, seed=0)
     m["ft"] = save_fine_tune(m["base"], models / "ft", seed=1)
     m["ft2"] = save_fine_tune(m["base"], models / "ft2", seed=2)
-    m["qwen"] = model_with_tokenizer(models / "qwen", byte_level, BYTE_LEVEL_SPECIAL, "qwen2", seed=3)
-    m["gpt2"] = model_with_tokenizer(models / "gpt2", byte_level, BYTE_LEVEL_SPECIAL, "gpt2", seed=4)
+    m["qwen"] = model_with_tokenizer(models / "qwen", byte_level, BYTE_LEVEL_SPECIAL, seed=3, model_type="qwen2")
+    m["gpt2"] = model_with_tokenizer(models / "gpt2", byte_level, BYTE_LEVEL_SPECIAL, seed=4, model_type="gpt2")
     m["wide"] = model_with_tokenizer(
         models / "wide", byte_level, BYTE_LEVEL_SPECIAL, seed=5, hidden_size=96, intermediate_size=192
     )

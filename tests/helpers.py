@@ -206,8 +206,18 @@ def save_tokenizer(tokenizer, folder: Path, **special) -> int:
 
 
 def tiny_model_with_tokenizer(
-    folder: Path, tokenizer, special: dict, seed: int, tied: bool = True, rows: int | None = None
+    folder: Path,
+    tokenizer,
+    special: dict,
+    seed: int,
+    tied: bool | None = True,
+    rows: int | None = None,
+    model_type: str = "llama",
+    layers: int = 2,
+    **overrides,
 ) -> Path:
+    """A tiny model whose vocabulary is `tokenizer`'s (or `rows` rows), its special-token ids set from `special`.
+    `tied`: None leaves tie_word_embeddings at the family's default; `overrides` go to the config."""
     folder.mkdir(parents=True, exist_ok=True)
     scratch = folder.parent / f".{folder.name}-tokenizer"
     size = save_tokenizer(tokenizer, scratch, **special)
@@ -216,7 +226,11 @@ def tiny_model_with_tokenizer(
         for role in ("bos", "eos", "pad")
         if f"{role}_token" in special
     }
-    save_tiny_model(folder, "llama", layers=2, seed=seed, vocab_size=rows or size, tie_word_embeddings=tied, **ids)
+    if model_type == "gpt2":  # its config has no bos, eos or pad ids to set
+        ids = {}
+    if tied is not None:
+        overrides["tie_word_embeddings"] = tied
+    save_tiny_model(folder, model_type, layers=layers, seed=seed, vocab_size=rows or size, **ids, **overrides)
     for path in scratch.iterdir():
         shutil.copy(path, folder / path.name)
     shutil.rmtree(scratch)
