@@ -390,16 +390,10 @@ def extract_lora(
     """Write a PEFT LoRA adapter (rank R) for BASE that approximates FINETUNE - BASE, by truncated SVD."""
 
     def action():
-        from composer.execute.output_folder import is_write_failure, write_failure
         from composer.extract_lora import extract_lora as extract
 
         names = [name.strip() for entry in modules or [] for name in entry.split(",") if name.strip()]
-        try:
-            report = extract(finetune, base, out, rank, force, names or None, embeddings, None if progress else False)
-        except OSError as error:
-            if is_write_failure(error):
-                raise write_failure(out, error) from None
-            raise
+        report = extract(finetune, base, out, rank, force, names or None, embeddings, None if progress else False)
         worst_name, worst_error = report.worst
         saved = f"; whole tensors: {', '.join(report.modules_to_save)}" if report.modules_to_save else ""
         typer.echo(

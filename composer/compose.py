@@ -11,7 +11,7 @@ from composer.card import render_card
 from composer.chat_templates import template_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
-from composer.execute.output_folder import check_output_free, check_output_not_input, is_write_failure, write_failure
+from composer.execute.output_folder import check_output_free, check_output_not_input
 from composer.moe.recipe_plan import local_models as moe_local_models
 from composer.moe.recipe_plan import moe_plan_from_file, plan_moe_recipe
 from composer.moe.schema import load_moe_config, parse_moe_config
@@ -114,12 +114,7 @@ def write_plan(
         (folder / "README.md").write_text(render_card(plan, name, record))
         (folder / "composer-recipe.yml").write_text(plan.recipe_text)
 
-    try:
-        return execute(plan, out, options, extra_files)
-    except OSError as error:
-        if is_write_failure(error):
-            raise write_failure(out, error) from None
-        raise
+    return execute(plan, out, options, extra_files)
 
 
 def _with_seed_line(text: str, seed: int) -> str:

@@ -26,7 +26,7 @@ from composer.execute.journal import (
     read_entries,
     read_identity,
 )
-from composer.execute.output_folder import OutputFolder
+from composer.execute.output_folder import OutputFolder, is_write_failure, write_failure
 from composer.execute.writer import ShardedWriter
 from composer.memory import recycling
 from composer.native.scan import holds_nonfinite
@@ -521,6 +521,8 @@ def execute(
                 folder.discard(keep=kept)
         if isinstance(error, KeyboardInterrupt):
             raise _interrupted(error, folder, kept) from None
+        if isinstance(error, OSError) and is_write_failure(error):
+            raise write_failure(out, error) from None
         raise
     finally:
         threads.restore()
