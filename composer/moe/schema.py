@@ -64,7 +64,8 @@ class MoEConfig(Strict):
     prompt_corpus: Optional[str] = None
     prompt_model: Optional[str] = None
     prompts_per_expert: int = Field(default=8, ge=1)
-    shared_expert_weight: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # a fixed share for the shared expert (composer's split); absent: mergekit's gate from the shared expert's prompts
+    shared_expert_weight: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
     output: Optional[str] = None
     name: Optional[str] = None
     stages: Optional[Annotated[list[Stage], Field(min_length=1)]] = None  # merges whose outputs experts may use
@@ -89,6 +90,17 @@ class MoEConfig(Strict):
         if self.pooling is None:
             self.pooling = "mean"
         return self
+
+    @property
+    def gated_shared_expert(self) -> bool:
+        """mergekit's shared expert: named in `shared_experts`, at full scale, its weight left to its gate (computed
+        from its prompts on Qwen2-MoE). Otherwise composer's fixed split (`shared_expert_weight`, default 0.5)."""
+        return bool(self.shared_experts) and self.shared_expert_weight is None
+
+    @property
+    def shared_weight(self) -> float:
+        """The shared expert's fixed share of the MLP output, where the split is fixed."""
+        return 0.5 if self.shared_expert_weight is None else self.shared_expert_weight
 
     @property
     def uses_prompts(self) -> bool:
