@@ -295,6 +295,22 @@ def test_every_method_merges_fused_experts_as_it_merges_per_expert_ones(method, 
         assert not torch.equal(per_expert[router], load_state(tiny("qwen3_moe", role="a"))[router])
 
 
+def test_deepseek_routing_bias_stays_float32_in_a_bfloat16_merge(tiny, tmp_path):
+    a, b = tiny("deepseek_v3", role="a"), tiny("deepseek_v3", role="b")
+    recipe_text = f"""merge_method: task_arithmetic
+base_model: {tiny("deepseek_v3")}
+models:
+  - {{model: {a}, parameters: {{weight: 0.5}}}}
+  - {{model: {b}, parameters: {{weight: 0.5}}}}
+out_dtype: bfloat16
+"""
+    written = load_state(compose(recipe_text, tmp_path / "out"))
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert written[bias].dtype == torch.float32  # transformers keeps it in float32: routing hangs on its small gaps
+    assert written["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    load_checked(tmp_path / "out")
+
+
 # --- 4. one expert out as a dense model ------------------------------------------------------------
 
 DENSE_OF = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "deepseek_v3": "deepseek_v3"}
