@@ -22,7 +22,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant", "trace", "tune"}
+COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "extract-expert", "route", "transplant", "trace", "tune"}
 
 
 VALUE_OPTIONS = {
@@ -49,6 +49,7 @@ VALUE_OPTIONS = {
     "--minutes",
     "--optimizer",
     "--seed",
+    "--expert",
 }
 
 
@@ -65,6 +66,20 @@ def _size(text: str, option: str = "--memory-budget") -> int:
     if not value > 0 or value == float("inf"):
         raise ComposerError(f"{option} '{text}' must be a positive size, like 2GB or 512MB.")
     return int(value)
+
+
+def _writing_options(memory_budget: str, shard_size: str, force: bool, progress: bool):
+    """ExecutionOptions for a command that writes a model (the budget bounding the whole process)."""
+    budget, shard = _size(memory_budget), _size(shard_size, "--shard-size")
+    from composer.execute import ExecutionOptions
+
+    return ExecutionOptions(
+        memory_budget=budget,
+        whole_process=True,
+        shard_size=shard,
+        force=force,
+        progress=None if progress else False,
+    )
 
 
 def _device(name: str) -> str:
@@ -404,6 +419,35 @@ def extract_lora(
     _guarded(action)
 
 
+@app.command("extract-expert")
+def extract_expert(
+    model: str = typer.Argument(
+        ..., help="A mixture-of-experts model: Mixtral, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3."
+    ),
+    out: Path = typer.Argument(..., help="Folder to write the dense model into."),
+    expert: int = typer.Option(..., "--expert", help="The expert to take out, numbered from 0."),
+    shared: bool = typer.Option(
+        True,
+        "--shared/--no-shared",
+        help="Keep the layer's shared experts beside the expert (default) or leave them out.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory the process holds, e.g. 1GB."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Write expert N of an MoE model as a dense model of the matching family (Mixtral -> Mistral, Qwen2/3-MoE -> Qwen2/3)."""
+
+    def action():
+        options = _writing_options(memory_budget, shard_size, force, progress)
+        from composer.extract_expert import extract_expert as extract
+
+        report = extract(model, expert, out, options, shared)
+        typer.echo(f"wrote expert {expert} of {model} as a dense model ({report.tensors} tensors) to {report.out}")
+
+    _guarded(action)
+
+
 @app.command()
 def route(
     model: Path = typer.Argument(..., help="An MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE)."),
@@ -463,17 +507,9 @@ def transplant(
     """MODEL with DONOR's tokenizer: embeddings and head rebuilt in DONOR's id order, new tokens estimated."""
 
     def action():
-        budget, shard = _size(memory_budget), _size(shard_size, "--shard-size")
-        from composer.execute import ExecutionOptions
+        execution = _writing_options(memory_budget, shard_size, force, progress)
         from composer.transplant import TransplantOptions, transplant_command
 
-        execution = ExecutionOptions(
-            memory_budget=budget,
-            whole_process=True,
-            shard_size=shard,
-            force=force,
-            progress=None if progress else False,
-        )
         transplant_command(
             model,
             tokenizer,

@@ -31,6 +31,37 @@ FAMILY_MODEL_TYPES = {
     "olmo2": "olmo2",
     "gpt2": "gpt2",
 }
+# Mixture-of-experts families (architecture name -> model type) and the settings that make them tiny: a few experts,
+# two a token; DeepSeek with one dense layer first and small latent-attention ranks.
+MOE_FAMILY_MODEL_TYPES = {
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "deepseek": "deepseek_v3",
+    "gpt_oss": "gpt_oss",
+}
+MOE_TINY = {
+    "mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+    ),
+    "qwen3_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,  # transformers' rotary embedding reads head_dim, which DeepSeek means to be qk_rope_head_dim
+    ),
+    "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, sliding_window=32),
+}
 
 
 def tiny_config(model_type: str, layers: int = 4, **overrides):
@@ -45,6 +76,7 @@ def tiny_config(model_type: str, layers: int = 4, **overrides):
     if model_type == "phi3":
         settings.pop("head_dim")
         settings["pad_token_id"] = 0
+    settings.update(MOE_TINY.get(model_type, {}))
     settings.update(overrides)
     return AutoConfig.for_model(model_type, **settings)
 

@@ -28,7 +28,7 @@ LAYERS = [
     ("tokensurgery",),  # importable on its own: it imports nothing of composer
     ("composer.native",),
     ("composer.sources",),
-    ("architectures", "composer.architecture"),
+    ("architectures", "composer.architecture", "composer.architecture_experts"),
     ("composer.methods",),
     ("composer.recipe",),
     ("composer.plan",),
@@ -39,6 +39,7 @@ LAYERS = [
         "composer.compose",
         "composer.transplant",
         "composer.extract_lora",
+        "composer.extract_expert",
         "composer.evaluate",
         "composer.route",
         "composer.bundled",

@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
-from composer.architecture import Architecture, WeightDefinition, architecture_for
+from composer.architecture import Architecture, MoELayer, WeightDefinition, architecture_for
+from composer.architecture_experts import ExpertLayout, FusedTensor
 from composer.errors import ComposerError, ComposerWarning
 from composer.methods import MergeMethod, get_method, parameter_names
+from composer.plan.experts import expert_by_expert
 from composer.plan.lines import lines_scale, scaled_by_depth
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import rewrite_config, validate_against_transformers
@@ -103,6 +105,7 @@ class _Planner:
         self.configs = {ref: self.sources[ref].config() for ref in recipe.referenced_models()}
         self.architectures = {ref: architecture_for(config, ref) for ref, config in self.configs.items()}
         self._check_same_architecture()
+        self._expert_facts: dict[str, tuple[list[bool], ExpertLayout, int]] = {}
         self.slices = self._output_slices()
         self.vocabulary: OutputVocabulary | None = None
 
@@ -255,6 +258,59 @@ class _Planner:
                 f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)}).",
             )
 
+    # --- experts ------------------------------------------------------------------------------
+    def _experts_of(self, ref: str) -> tuple[list[bool], ExpertLayout, int]:
+        """For a mixture-of-experts model: which of its layers hold experts, the layout its files hold them in, and
+        how many a layer holds."""
+        known = self._expert_facts.get(ref)
+        if known is None:
+            architecture, config = self.architectures[ref], self.configs[ref]
+            sparse = architecture.experts.sparse_layers(config, self._layer_count(ref), f"'{ref}'")
+            infos = self.sources[ref].tensor_infos()
+            layout = architecture.experts.layout_of(infos, architecture.layer_prefix, sparse, ref)
+            known = self._expert_facts[ref] = (
+                sparse,
+                layout,
+                architecture.experts.count(config, f"'{ref}'", architecture.name),
+            )
+        return known
+
+    def _moe_layers(self, layers: list[OutputLayer]) -> list[MoELayer | None]:
+        """What each output layer holds (None for every layer of a dense family); its sources must agree."""
+        models = [model for model in self.recipe.referenced_models() if model in self.architectures]
+        if self.architectures[models[0]].experts is None:
+            return [None] * len(layers)
+        first = models[0]
+        _, first_layout, first_count = self._experts_of(first)
+        for model in models[1:]:
+            _, layout, count = self._experts_of(model)
+            if count != first_count:
+                raise ComposerError(
+                    f"Models '{first}' and '{model}' have {first_count} and {count} experts a layer; composer merges "
+                    "mixture-of-experts models expert by expert, so they must have as many experts."
+                )
+            if layout != first_layout:
+                raise ComposerError(
+                    f"Model '{first}' holds its experts {first_layout.described()} and model '{model}' holds them "
+                    f"{layout.described()}; composer merges models that hold their experts in one layout. Load one of them "
+                    "in transformers and save it again in the other's layout."
+                )
+        moe_layers = []
+        for index, layer in enumerate(layers):
+            kinds = [(model, source, self._experts_of(model)[0][source]) for model, source in layer.sources]
+            sparse = kinds[0][2]
+            for model, source, other in kinds[1:]:
+                if other != sparse:
+                    first_model, first_source = kinds[0][:2]
+                    raise ComposerError(
+                        f"Output layer {index} would merge layer {first_source} of '{first_model}' "
+                        f"({'with experts' if sparse else 'dense'}) with layer {source} of '{model}' "
+                        f"({'with experts' if other else 'dense'}); a dense layer and a layer with experts hold "
+                        "different tensors. Choose layer ranges whose layers are alike in every source."
+                    )
+            moe_layers.append(MoELayer(sparse, first_layout, first_count))
+        return moe_layers
+
     # --- parameters ---------------------------------------------------------------------------
     def _parameter(
         self, name: str, tensor_name: str, t: float, output_slice: OutputSlice | None, source: SliceSource | None
@@ -347,10 +403,12 @@ class _Planner:
         output_slice: OutputSlice,
         vocab_axis: int | None = None,
         depth_scale: float = 1.0,
+        fused: FusedTensor | None = None,
     ) -> PlannedTensor:
         """`inputs`: (model, input tensor name) for each source of `output_slice`, in its order. `vocab_axis`: the
         tensor's vocabulary axis when it is vocabulary-indexed (its rows then move into the output vocabulary).
-        `depth_scale`: the LiNeS scale of the merge's task vector at this tensor's depth."""
+        `depth_scale`: the LiNeS scale of the merge's task vector at this tensor's depth. `fused`: the tensor holds
+        every expert of a layer, and is merged expert by expert."""
         infos = []
         for model, in_name in inputs:
             info = self.sources[model].tensor_infos().get(in_name)
@@ -376,6 +434,16 @@ class _Planner:
                     f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
                 )
         operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        if fused is not None and not operation.verbatim:
+            layer_prefix = out_name.removesuffix(fused.name)
+            steps = [
+                [
+                    self._operation(layer_prefix + piece, list(output_slice.sources), base, t, output_slice)[0]
+                    for piece in fused.piece_names(expert)
+                ]
+                for expert in range(first.shape[0])
+            ]
+            operation = expert_by_expert(fused, steps, operation)
         operation = scaled_by_depth(operation, depth_scale)
         if not operation.verbatim:
             _refuse_non_float(infos, out_name, self.method.name)
@@ -437,6 +505,9 @@ class _Planner:
         self._check_lines()
         source_layers = [layer.sources[0][1] for layer in layers]
         config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype, f"'{base_ref}'")
+        moe_layers = self._moe_layers(layers)
+        if architecture.experts is not None:
+            architecture.experts.rewrite(config, [moe.sparse for moe in moe_layers], f"'{base_ref}'")
         self.vocabulary = self._output_vocabulary(base_ref, architecture)
         if self.vocabulary is not None:
             config.update(vocab_size=self.vocabulary.size, **self._special_token_ids())
@@ -447,7 +518,7 @@ class _Planner:
             planned = self._edge_tensor(weight, self.slices[0], 0.0, ties, self._depth_scale(0, len(layers)))
             tensors += [planned] if planned else []
         for index, layer in enumerate(layers):
-            out_weights = architecture.layer_weights(index)
+            out_weights = architecture.layer_weights(index, moe_layers[index])
             for out_weight in out_weights:
                 inputs = [
                     (model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix)
@@ -455,16 +526,18 @@ class _Planner:
                 ]
                 if out_weight.optional and not any(name in self.sources[m].tensor_infos() for m, name in inputs):
                     continue
-                tensors.append(
-                    self.plan_tensor(
-                        out_weight.name,
-                        inputs,
-                        layer.base_model,
-                        layer.t,
-                        layer.output_slice,
-                        depth_scale=self._depth_scale(index, len(layers)),
-                    )
+                planned = self.plan_tensor(
+                    out_weight.name,
+                    inputs,
+                    layer.base_model,
+                    layer.t,
+                    layer.output_slice,
+                    depth_scale=self._depth_scale(index, len(layers)),
+                    fused=out_weight.fused,
                 )
+                if architecture.experts is not None and out_weight.suffix in architecture.experts.float32:
+                    planned = replace(planned, dtype=torch.float32)
+                tensors.append(planned)
         for weight in architecture.post:
             planned = self._edge_tensor(
                 weight, self.slices[-1], 0.0, ties, self._depth_scale(len(layers) - 1, len(layers))
