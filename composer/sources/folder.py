@@ -113,16 +113,26 @@ def assign_tensors(
 class SafetensorsFolder(FolderFilesMixin, ModelSource):
     """Safetensors weights in a folder; block-scaled FP8 weights are handed out dequantised (composer.sources.fp8)."""
 
-    def __init__(self, reference: str, folder: Path):
+    def __init__(
+        self,
+        reference: str,
+        folder: Path,
+        layouts: dict[Path, tuple[dict, int]] | None = None,
+        weight_map: dict[str, str] | None = None,
+    ):
+        """`layouts` (file -> (header, data start)) and the index's `weight_map` where the headers were read elsewhere
+        (from the hub); else the folder's weights files are found and their headers read here."""
         super().__init__(reference)
         self.folder = folder
         self._descriptors: dict[Path, int] = {}
-        paths, weight_map = weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
-        self.weight_paths = tuple(paths)
-        self.index_headers({path: read_layout(path) for path in paths}, weight_map)
+        if layouts is None:
+            paths, weight_map = weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
+            self.weight_paths = tuple(paths)
+            layouts = {path: read_layout(path) for path in paths}
+        self._index_headers(layouts, weight_map)
 
-    def index_headers(self, layouts: dict[Path, tuple[dict, int]], weight_map: dict[str, str] | None) -> None:
-        """Learn every tensor's shape, dtype and place from the weights files' headers (file -> (header, data start))."""
+    def _index_headers(self, layouts: dict[Path, tuple[dict, int]], weight_map: dict[str, str] | None) -> None:
+        """Learn every tensor's shape, dtype and place from the weights files' headers."""
         self._infos: dict[str, TensorInfo] = {}
         self._location: dict[str, tuple[Path, int]] = {}  # name -> (file, byte offset of its data)
         found = [(name, path) for path, (header, _) in layouts.items() for name in header if name != "__metadata__"]
