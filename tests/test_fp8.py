@@ -169,3 +169,14 @@ def test_fp8_scales_without_a_block_size_or_of_the_wrong_shape_are_refused(model
         ComposerError, match=r"weight_scale_inv' of model .* must be floating point with shape \[4, 2\]"
     ):
         compose_text(passthrough(wrong, None), tmp_path / "out", ExecutionOptions())
+
+
+def test_compose_check_says_which_weights_are_dequantised(models, tmp_path: Path):
+    from composer.check import check_recipe
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(passthrough(models["fp8"], "float32"))
+    report = check_recipe(recipe, 1 << 30)
+    assert "14 block-scaled FP8 weights (blocks of [48, 40]) are dequantised to bfloat16 as they are read" in report
+    assert "the merge reads 21 of its 21 tensors" in report  # the 14 scales are not tensors of the model it reads
+    assert report.splitlines()[-1].startswith("ok: a run would download 0 B from the hub")
