@@ -22,7 +22,19 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "extract-expert", "route", "transplant", "trace", "tune"}
+COMMANDS = {
+    "run",
+    "plan",
+    "check",
+    "eval",
+    "demo",
+    "extract-lora",
+    "extract-expert",
+    "route",
+    "transplant",
+    "trace",
+    "tune",
+}
 
 
 VALUE_OPTIONS = {
@@ -253,6 +265,26 @@ def plan(
         schedule = make_schedule(built, budget)
         typer.echo(format_plan(built, schedule, limit))
         built.close()
+
+    _guarded(action)
+
+
+@app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (native or a mergekit config)."),
+    memory_budget: str = typer.Option("1GB", "--memory-budget", help="The budget a run would have, for its peak."),
+) -> None:
+    """Validate a recipe against its models' configs and safetensors headers only (for hub models: config.json, the
+    index and each shard's header, no weights), and say what a run would download, read and write."""
+
+    def action():
+        from composer.recipe_files import check_recipe_file
+
+        budget = _size(memory_budget)
+        check_recipe_file(recipe)
+        from composer.check import check_recipe
+
+        typer.echo(check_recipe(recipe, budget))
 
     _guarded(action)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from composer.card import render_card
@@ -12,6 +13,7 @@ from composer.chat_templates import template_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
 from composer.execute.output_folder import check_output_free, check_output_not_input
+from composer.moe.recipe_plan import input_models as moe_input_models
 from composer.moe.recipe_plan import local_models as moe_local_models
 from composer.moe.recipe_plan import moe_plan_from_file, plan_moe_recipe
 from composer.moe.schema import load_moe_config, parse_moe_config
@@ -43,27 +45,40 @@ def resolve_output(recipe: Recipe, out: Path | None, recipe_path: Path | None) -
     raise ComposerError(f"{where}no output folder: give OUT on the command line or an 'output:' key in the recipe.")
 
 
-def _build(recipe: Recipe, text: str, recipe_dir: Path | None, source_name: str) -> Plan:
+def _build(recipe: Recipe, text: str, recipe_dir: Path | None, source_name: str, sources=None) -> Plan:
     """build_plan, with errors about a recipe key given the recipe's name and the key's line."""
     try:
-        return build_plan(recipe, text, recipe_dir)
+        return build_plan(recipe, text, recipe_dir, sources)
     except RecipeKeyError as error:
         raise error.located(text, source_name) from None
 
 
-def plan_from_file(recipe_path: Path) -> tuple[Recipe, Plan]:
+def plan_from_file(recipe_path: Path, open_inputs: Callable[[list[str], Path], dict] | None = None) -> tuple:
+    """(recipe, plan) of a recipe file of either kind. `open_inputs(references, recipe folder)` opens the recipe's models
+    (all of them, tokenizer sources too) for the planner; by default the planner opens each as it needs it."""
     if is_moe_file(recipe_path):
-        return moe_plan_from_file(recipe_path)
+        if open_inputs is None:
+            return moe_plan_from_file(recipe_path)
+        config, text = load_moe_config(recipe_path)
+        sources = open_inputs(moe_input_models(config), recipe_path.parent)
+        return config, plan_moe_recipe(config, text, recipe_path.parent, sources)
     recipe, text = load_recipe(recipe_path)
-    return recipe, _build(recipe, text, recipe_path.parent, str(recipe_path))
+    sources = open_inputs(input_references(recipe), recipe_path.parent) if open_inputs is not None else None
+    return recipe, _build(recipe, text, recipe_path.parent, str(recipe_path), sources)
+
+
+def input_references(recipe: Recipe) -> list[str]:
+    """Every model a merge recipe reads, in every stage, tokenizer sources included."""
+    references = recipe.input_models()
+    for _, merge in recipe.merges():
+        choice = merge.tokenizer.source if merge.tokenizer else merge.tokenizer_source
+        references += [choice] if choice and choice not in ("base", "union") and choice not in references else []
+    return references
 
 
 def _local_models(recipe: Recipe, recipe_dir: Path | None) -> dict[str, Path]:
     """The recipe's model references that are local paths (resolved as the sources resolve them)."""
-    references = recipe.input_models()
-    for _, merge in recipe.merges():
-        choice = merge.tokenizer.source if merge.tokenizer else merge.tokenizer_source
-        references += [choice] if choice and choice not in ("base", "union") else []
+    references = input_references(recipe)
     paths = {}
     for reference in references:
         path = local_path(reference, recipe_dir)

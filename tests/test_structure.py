@@ -37,6 +37,7 @@ LAYERS = [
     ("composer.card", "composer.model_checks", "composer.provenance"),
     (
         "composer.compose",
+        "composer.check",
         "composer.transplant",
         "composer.extract_lora",
         "composer.extract_expert",
