@@ -92,3 +92,15 @@ def test_a_revision_in_a_mapping_is_refused_where_it_cannot_hold(tmp_path):
         parse_recipe(
             "merge_method: linear\nmodels:\n  - model: org/y\ntokenizer_source: {model: org/y, revision: [1]}\n"
         )
+
+
+def test_revision_beside_an_experts_source_model_is_its_hub_revision():
+    head = "base_model: org/base\nexperts:\n"
+    config = parse_moe_config(head + "  - source_model: org/a\n    revision: v2\n    positive_prompts: [x]\n")
+    assert config.experts[0].source_model == "org/a@v2"
+    for expert, fault in (
+        ("  - source_model: org/a@v1\n    revision: v2\n", "already names a revision"),
+        ("  - source_model: ./a\n    revision: v2\n", "local path"),
+    ):
+        with pytest.raises(ComposerError, match=fault):
+            parse_moe_config(head + expert + "    positive_prompts: [x]\n")
