@@ -4,6 +4,7 @@ built on the meta device for any other causal LM that transformers knows."""
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -39,6 +40,7 @@ class ArchitectureFile(BaseModel):
     layer_count_keys: list[str]
     per_layer_keys: list[str] = []
     threshold_keys: list[str] = []
+    layer_index_keys: list[str] = []  # lists of layer indices (Llama 4's `moe_layers`)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Architecture:
     layer_count_keys: tuple[str, ...]
     per_layer_keys: tuple[str, ...] = ()
     threshold_keys: tuple[str, ...] = ()
+    layer_index_keys: tuple[str, ...] = ()
     inferred: bool = False
     notes: tuple[str, ...] = field(default=())
 
@@ -108,6 +111,7 @@ def declared_architectures() -> dict[str, Architecture]:
             layer_count_keys=tuple(spec.layer_count_keys),
             per_layer_keys=tuple(spec.per_layer_keys),
             threshold_keys=tuple(spec.threshold_keys),
+            layer_index_keys=tuple(spec.layer_index_keys),
         )
         for model_type in spec.model_types:
             by_model_type[model_type] = architecture
@@ -145,7 +149,8 @@ def transformers_config(config: dict, reference: str = "the model"):
 
     check_sizes(config, reference)
     try:
-        return AutoConfig.for_model(**config)
+        # a copy: transformers fills in a config's nested dicts (rope_scaling) in place
+        return AutoConfig.for_model(**copy.deepcopy(config))
     except Exception as error:  # noqa: BLE001  (see above)
         raise ComposerError(
             f"The config.json of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)})."
