@@ -402,3 +402,32 @@ def test_mistral3_with_a_ministral3_language_model(tmp_path):
     out = compose(slices_recipe([(vision_language, 0, LAYERS)], "language_model_only: true\n"), tmp_path / "text")
     assert read_config(out)["architectures"] == ["Ministral3ForCausalLM"]
     assert torch.equal(text_logits(load_text(out)), text_logits(load_vision_language(vision_language)))
+
+
+def test_a_finetune_with_added_tokens_goes_in_with_tokenizer_source_base(tmp_path):
+    """The fix the vocabulary error names: the fine-tune's rows are moved into the base's vocabulary."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from helpers import BYTE_LEVEL_SPECIAL, byte_level_tokenizer, save_tokenizer
+
+    tokenizer = byte_level_tokenizer(320)
+    size = tokenizer.get_vocab_size()
+    vision_language = save_vision_language_model(tmp_path / "vlm", "qwen2_vl", LAYERS, vocab_size=size)
+    save_tokenizer(tokenizer, vision_language, **BYTE_LEVEL_SPECIAL)
+    finetune = save_text_finetune(vision_language, tmp_path / "text", "qwen2_vl")
+    added = AutoTokenizer.from_pretrained(str(vision_language))
+    added.add_tokens(["<tool>", "</tool>"])
+    added.save_pretrained(str(finetune))
+    state = load_file(str(finetune / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], torch.randn(2, state[name].shape[1])])
+    save_file(state, str(finetune / "model.safetensors"), {"format": "pt"})
+    (finetune / "config.json").write_text(json.dumps(read_config(finetune) | {"vocab_size": size + 2}))
+
+    recipe = slices_recipe([(finetune, 0, LAYERS)], f"base_model: {vision_language}\ntokenizer_source: base\n")
+    out = compose(recipe, tmp_path / "out")
+    assert read_config(out)["text_config"]["vocab_size"] == size
+    written = load_state(out)
+    assert torch.equal(written["model.embed_tokens.weight"], state["model.embed_tokens.weight"][:size])
+    load_vision_language(out)
