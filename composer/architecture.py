@@ -4,6 +4,7 @@ built on the meta device for any other causal LM that transformers knows."""
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -41,6 +42,7 @@ class ArchitectureFile(BaseModel):
     per_layer_keys: list[str] = []
     threshold_keys: list[str] = []
     experts: ExpertsFile | None = None
+    layer_index_keys: list[str] = []  # lists of layer indices (Llama 4's `moe_layers`)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Architecture:
     layer_count_keys: tuple[str, ...]
     per_layer_keys: tuple[str, ...] = ()
     threshold_keys: tuple[str, ...] = ()
+    layer_index_keys: tuple[str, ...] = ()
     inferred: bool = False
     notes: tuple[str, ...] = field(default=())
     experts: Experts | None = None  # a mixture-of-experts family: its expert layers; layer_tensors are then the rest
@@ -122,6 +125,7 @@ def declared_architectures() -> dict[str, Architecture]:
             per_layer_keys=tuple(spec.per_layer_keys),
             threshold_keys=tuple(spec.threshold_keys),
             experts=Experts.from_file(spec.experts) if spec.experts is not None else None,
+            layer_index_keys=tuple(spec.layer_index_keys),
         )
         for model_type in spec.model_types:
             by_model_type[model_type] = architecture
@@ -159,7 +163,8 @@ def transformers_config(config: dict, reference: str = "the model"):
 
     check_sizes(config, reference)
     try:
-        return AutoConfig.for_model(**config)
+        # a copy: transformers fills in a config's nested dicts (rope_scaling) in place
+        return AutoConfig.for_model(**copy.deepcopy(config))
     except Exception as error:  # noqa: BLE001  (see above)
         raise ComposerError(
             f"The config.json of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)})."

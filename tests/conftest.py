@@ -28,3 +28,15 @@ def tiny_finetunes(tmp_path_factory):
     from tiny_finetunes import build_tiny_finetunes
 
     return build_tiny_finetunes(tmp_path_factory.mktemp("finetunes"))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine thread hand-offs cost ~10 ms a matmul
+    (a module uses it with `pytestmark = pytest.mark.usefixtures("single_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,9 +15,20 @@ from composer.errors import ComposerError, ComposerWarning
 from composer.methods import MergeMethod, get_method, parameter_names
 from composer.plan.experts import expert_by_expert
 from composer.plan.lines import lines_scale, scaled_by_depth
-from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
-from composer.plan.output_config import rewrite_config, validate_against_transformers
+from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
+from composer.plan.output_config import (
+    rewrite_config,
+    validate_against_transformers,
+    validate_language_model,
+    with_dtype,
+)
 from composer.plan.transformers_facts import checked_loadable, config_defaults
+from composer.plan.vision_language import (
+    LanguageTower,
+    check_language_models_agree,
+    is_vision_language,
+    language_tower,
+)
 from composer.plan.vocabulary import (
     OutputVocabulary,
     VocabularyKeyError,
@@ -103,9 +114,21 @@ class _Planner:
                 except ComposerError as error:
                     raise RecipeKeyError(model_location(recipe, reference), str(error)) from None
         self.configs = {ref: self.sources[ref].config() for ref in recipe.referenced_models()}
-        self.architectures = {ref: architecture_for(config, ref) for ref, config in self.configs.items()}
+        # a vision-language model is planned as its language model, by the text-only model's tensor names
+        self.towers: dict[str, LanguageTower | None] = {
+            ref: language_tower(config, self.sources[ref].tensor_infos(), ref) if is_vision_language(config) else None
+            for ref, config in self.configs.items()
+        }
+        self.text_configs = {
+            ref: tower.text_config() if tower else self.configs[ref] for ref, tower in self.towers.items()
+        }
+        self.architectures = {
+            ref: tower.architecture() if tower else architecture_for(self.configs[ref], ref)
+            for ref, tower in self.towers.items()
+        }
         self._check_same_architecture()
         self._expert_facts: dict[str, tuple[list[bool], ExpertLayout, int]] = {}
+        self._check_language_models()
         self.slices = self._output_slices()
         self.vocabulary: OutputVocabulary | None = None
 
@@ -155,20 +178,48 @@ class _Planner:
         for ref, architecture in self.architectures.items():
             if architecture.name != first.name:
                 raise ComposerError(
-                    f"Models '{first_ref}' ({first.name}) and '{ref}' ({architecture.name}) have different architectures; "
-                    "composer merges and stacks models of one architecture only."
+                    f"Models '{first_ref}' ({self._described(first_ref)}) and '{ref}' ({self._described(ref)}) have "
+                    "different architectures; composer merges and stacks models of one architecture only."
                 )
+
+    def _described(self, ref: str) -> str:
+        name = self.architectures[ref].name
+        return f"a {self.towers[ref].family.name} model whose language model is {name}" if self.towers[ref] else name
+
+    def _check_language_models(self) -> None:
+        """A vision-language model's language model and every other model must share their sizes; a vision-language
+        output keeps its base's vocabulary, whose token ids its config names for images."""
+        towers = [(ref, tower) for ref, tower in self.towers.items() if tower is not None]
+        vocabulary_moves = self.recipe.tokenizer_source is not None or self.recipe.tokenizer is not None
+        for ref, tower in towers:
+            for other in self.configs:
+                if other != ref:
+                    check_language_models_agree(
+                        tower, other, self.text_configs[other], self.towers[other], vocabulary_moves
+                    )
+        choice = self.recipe.tokenizer.source if self.recipe.tokenizer else self.recipe.tokenizer_source
+        if towers and choice not in (None, "base") and not self.recipe.language_model_only:
+            raise RecipeKeyError(
+                _tokenizer_key(self.recipe),
+                f"a vision-language output keeps its base model's vocabulary, whose token ids its config.json names for "
+                f"images; use 'base' here (not '{choice}'), or set 'language_model_only: true' to write a text-only model.",
+            )
+
+    def name_in(self, model: str, name: str) -> str:
+        """Where `model` keeps the text-only model's tensor `name`."""
+        tower = self.towers.get(model)
+        return tower.on_disk(name) if tower is not None else name
 
     # --- layers -------------------------------------------------------------------------------
     def _layer_count(self, ref: str) -> int:
         """The model's layer count from its config, which its weights must bear out: a config claiming a trillion
         layers must not make the plan loop a trillion times."""
         architecture = self.architectures[ref]
-        count = architecture.layer_count(self.configs[ref], f"'{ref}'")
+        count = architecture.layer_count(self.text_configs[ref], f"'{ref}'")
         infos = self.sources[ref].tensor_infos()
-        last = [weight.name for weight in architecture.layer_weights(count - 1) if not weight.optional]
+        last = [self.name_in(ref, w.name) for w in architecture.layer_weights(count - 1) if not w.optional]
         if infos and last and not any(name in infos for name in last):
-            key = next(key for key in architecture.layer_count_keys if key in self.configs[ref])
+            key = next(key for key in architecture.layer_count_keys if key in self.text_configs[ref])
             raise ComposerError(
                 f"The config.json of '{ref}' gives '{key}' as {count}, but its weights have no tensors of layer {count - 1} "
                 f"(no '{last[0]}'); the config does not describe these weights."
@@ -455,7 +506,7 @@ class _Planner:
         return PlannedTensor(out_name, shape, self.out_dtype or first.dtype, refs, operation)
 
     def _present_in_any(self, models: list[str], name: str) -> bool:
-        return any(name in self.sources[m].tensor_infos() for m in models)
+        return any(self.name_in(m, name) in self.sources[m].tensor_infos() for m in models)
 
     def _depth_scale(self, index: int, count: int) -> float:
         """The LiNeS scale of output layer `index` of `count` (1 without a `lines` key)."""
@@ -488,7 +539,7 @@ class _Planner:
                 return None
         return self.plan_tensor(
             weight.name,
-            [(m, name) for m in models],
+            [(m, self.name_in(m, name)) for m in models],
             self.base_of(output_slice),
             t,
             output_slice,
@@ -496,22 +547,41 @@ class _Planner:
             depth_scale,
         )
 
+    def _output_tower(self, base_ref: str) -> LanguageTower | None:
+        """The vision-language model whose form the output takes (its vision tower and projector copied), or None for
+        a text-only output."""
+        tower = self.towers[base_ref]
+        if self.recipe.language_model_only and tower is None:
+            raise RecipeKeyError(
+                ("language_model_only",),
+                f"'language_model_only' writes the language model of a vision-language base model on its own, and the "
+                f"base model '{base_ref}' is a text-only model already; remove the key.",
+            )
+        return None if self.recipe.language_model_only else tower
+
     def build(self) -> Plan:
         base_ref = self.recipe.base_model or self.slices[0].sources[0].model
         architecture: Architecture = self.architectures[base_ref]
+        output_tower = self._output_tower(base_ref)
         self.out_dtype = parse_dtype(self.recipe.out_dtype or self.recipe.dtype, "Recipe key out_dtype")
         self.compute_dtype = parse_dtype(self.recipe.dtype, "Recipe key dtype") or torch.float32
         layers = self.output_layers()
         self._check_lines()
         source_layers = [layer.sources[0][1] for layer in layers]
-        config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype, f"'{base_ref}'")
+        text_config = self.text_configs[base_ref]
+        if self.towers[base_ref] is not None and output_tower is None:
+            text_config = self.towers[base_ref].causal_lm_config(text_config)
+        out_dtype = None if output_tower else self.out_dtype  # a vision-language config says it at the top level
+        providers = [layer.sources[0][0] for layer in layers]  # the model each output layer comes from
+        layer_configs = [text_config if model == base_ref else self.text_configs[model] for model in providers]
+        config = rewrite_config(architecture, text_config, source_layers, out_dtype, f"'{base_ref}'", layer_configs)
         moe_layers = self._moe_layers(layers)
         if architecture.experts is not None:
             architecture.experts.rewrite(config, [moe.sparse for moe in moe_layers], f"'{base_ref}'")
         self.vocabulary = self._output_vocabulary(base_ref, architecture)
         if self.vocabulary is not None:
             config.update(vocab_size=self.vocabulary.size, **self._special_token_ids())
-        ties = bool(config.get("tie_word_embeddings", _default_tie(config)))
+        ties = output_tower.ties() if output_tower else bool(config.get("tie_word_embeddings", _default_tie(config)))
 
         tensors: list[PlannedTensor] = []
         for weight in architecture.pre:
@@ -521,7 +591,7 @@ class _Planner:
             out_weights = architecture.layer_weights(index, moe_layers[index])
             for out_weight in out_weights:
                 inputs = [
-                    (model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix)
+                    (model, self.name_in(model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix))
                     for model, src_index in layer.sources
                 ]
                 if out_weight.optional and not any(name in self.sources[m].tensor_infos() for m, name in inputs):
@@ -544,11 +614,13 @@ class _Planner:
             )
             tensors += [planned] if planned else []
 
-        checked_loadable(
-            config,
-            {t.name: t.shape for t in tensors},
-            lambda c, shapes: validate_against_transformers(c, shapes, base_ref),
-        )
+        shapes = {t.name: t.shape for t in tensors}
+        if output_tower is None:
+            checked_loadable(config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref))
+        else:
+            config = with_dtype(output_tower.with_text_config(config), self.out_dtype)
+            checked_loadable(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))
+            tensors = [replace(t, name=output_tower.on_disk(t.name)) for t in tensors] + self._vision_tensors(base_ref)
         tokenizer_source = self._tokenizer_source(base_ref)
         parents = [ref for ref in self.recipe.referenced_models()]
         return Plan(
@@ -563,6 +635,16 @@ class _Planner:
             notes=self.vocabulary.summary() if self.vocabulary is not None else [],
         )
 
+    def _vision_tensors(self, base_ref: str) -> list[PlannedTensor]:
+        """The base vision-language model's tensors outside its language model (vision tower, projector), copied."""
+        infos = self.sources[base_ref].tensor_infos()
+        copies = []
+        for name in self.towers[base_ref].other_tensors(infos):
+            info = infos[name]
+            dtype = self.out_dtype if self.out_dtype is not None and info.dtype.is_floating_point else info.dtype
+            copies.append(PlannedTensor(name, info.shape, dtype, (TensorRef(base_ref, name),), COPY))
+        return copies
+
     # --- vocabulary -----------------------------------------------------------------------------
     def _output_vocabulary(self, base_ref: str, architecture: Architecture) -> OutputVocabulary | None:
         request = VocabularyRequest.from_recipe(self.recipe.tokenizer_source, self.recipe.tokenizer)
@@ -572,7 +654,7 @@ class _Planner:
         outside = None
         if request.source not in ("base", "union") and request.source not in models:
             outside = self._open_tokenizer_source(request.source)
-        vocab_rows = {model: self._embedding_rows(model, architecture) for model in models}
+        vocab_rows = {model: self._embedding_rows(model, self.architectures[model]) for model in models}
         try:
             return plan_vocabulary(request, models, base_ref, self.sources, vocab_rows, outside)
         except VocabularyKeyError as error:
@@ -582,8 +664,9 @@ class _Planner:
         """(name, rows) of the model's first vocabulary-indexed tensor."""
         infos = self.sources[model].tensor_infos()
         for weight in architecture.vocab_weights():
-            if weight.name in infos:
-                return weight.name, infos[weight.name].shape[weight.vocab_axis]
+            name = self.name_in(model, weight.name)
+            if name in infos:
+                return name, infos[name].shape[weight.vocab_axis]
         raise ComposerError(
             f"Model '{model}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())})."
         )
@@ -604,7 +687,7 @@ class _Planner:
             value = donor_config.get(key)
             if not (isinstance(value, int) and 0 <= value < vocabulary.token_count):
                 value = getattr(vocabulary.output, key, None)
-            if key in self.configs[vocabulary.base] or value is not None:
+            if key in self.text_configs[vocabulary.base] or value is not None:
                 ids[key] = value
         return ids
 

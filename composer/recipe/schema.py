@@ -174,6 +174,8 @@ class Merge(Strict):
     chat_template: Optional[ChatTemplate] = None
     random_seed: Optional[int] = None
     lines: Optional[LinesScale] = None
+    # composer's own: of a vision-language base model, write only the language model, as a text-only model
+    language_model_only: Optional[StrictBool] = None
 
     @model_validator(mode="after")
     def _check_inputs(self):
@@ -229,6 +231,7 @@ class Recipe(Merge):
                     "tokenizer",
                     "chat_template",
                     "lines",
+                    "language_model_only",
                 )
                 if getattr(self, key) is not None
             ]
