@@ -44,6 +44,7 @@ LAYERS = [
         "composer.bundled",
         "composer.trace",
         "composer.tune",
+        "composer.export",
     ),
     ("composer.demo",),
     ("composer.cli",),
