@@ -31,8 +31,12 @@ from helpers import (
 
 PROMPT = "The small town sits at the bend of a slow river, and the old bridge carries 42 trucks."
 # largest difference of any logit, relative to the largest logit's size: f16 and bf16 round each weight to 11 and 8
-# bits, q8_0 to 8 bits a block of 32
-TOLERANCE = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.05}
+# bits; q8_0 rounds weights to 8 bits a block of 32 and llama.cpp also rounds the activations so (measured: SmolLM2
+# 0.003 in f16, 0.045 in q8_0; Gemma 3 0.001 and 0.030)
+TOLERANCE = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.1}
+# share of positions whose top token agrees: quantised, a few positions whose two best tokens nearly tie may swap
+# (measured in q8_0: SmolLM2 20 of 22, Gemma 3 22 of 23)
+TOP1_SHARE = {"f16": 1.0, "bf16": 1.0, "q8_0": 0.8}
 
 
 def llama_cpp_or_skip():
@@ -112,7 +116,7 @@ def tiny_models(tmp_path_factory, tokenizers):
             overrides = dict(overrides)
             layers = overrides.pop("layers", 2)
             special = BYTE_LEVEL_SPECIAL if kind == "byte_level" else SENTENCEPIECE_SPECIAL
-            built[model_type] = tiny_model_with_tokenizer(
+            built[model_type] = folder = tiny_model_with_tokenizer(
                 root / model_type,
                 tokenizers[kind],
                 special,
@@ -122,9 +126,23 @@ def tiny_models(tmp_path_factory, tokenizers):
                 layers=layers,
                 **overrides,
             )
+            if "experts" in str(overrides):
+                decisive_routers(folder)
         return built[model_type]
 
     return model
+
+
+def decisive_routers(folder: Path) -> None:
+    """Random routers score some tokens' experts nearly alike, and f16 rounding then flips which ones run: routers
+    20 times larger choose clearly, so the comparison tests the export and not a coin toss."""
+    from safetensors.torch import save_file
+
+    state = load_state(folder)
+    for name in state:
+        if name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):
+            state[name] = state[name] * 20
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def prompt_ids(folder: Path) -> list[int]:
@@ -150,7 +168,10 @@ def test_bf16_and_q8_0_run_within_their_rounding(gguf_type, tiny_models, tmp_pat
     ids = prompt_ids(folder)
     export_gguf(str(folder), tmp_path / "model.gguf", gguf_type)
     assert_logits_agree(
-        transformers_logits(folder, ids), llama_logits(tmp_path / "model.gguf", ids), TOLERANCE[gguf_type]
+        transformers_logits(folder, ids),
+        llama_logits(tmp_path / "model.gguf", ids),
+        TOLERANCE[gguf_type],
+        TOP1_SHARE[gguf_type],
     )
 
 
@@ -338,8 +359,9 @@ def real_prompt_check(folder: Path, gguf_path: Path, gguf_type: str) -> None:
         assert vocab.tokenize(PROMPT.encode(), add_bos=True, special=True) == ids
     finally:
         vocab.close()
-    # quantised, a few positions whose two best tokens are nearly tied may swap
-    assert_logits_agree(transformers_logits(folder, ids), llama_logits(gguf_path, ids), TOLERANCE[gguf_type], 0.9)
+    assert_logits_agree(
+        transformers_logits(folder, ids), llama_logits(gguf_path, ids), TOLERANCE[gguf_type], TOP1_SHARE[gguf_type]
+    )
 
 
 @pytest.mark.real_model

@@ -81,6 +81,13 @@ def check_exportable(config: dict, where: str) -> Family:
                 f"{where}: norm_topk_prob is {normalised} in the config, but llama.cpp's {family.arch} always runs with "
                 f"{TOP_K_NORMALISED[model_type]}; the GGUF would compute something else, so composer does not write it."
             )
+    if model_type in ("qwen2_moe", "qwen3_moe") and (
+        getattr(loaded, "mlp_only_layers", None) or getattr(loaded, "decoder_sparse_step", 1) != 1
+    ):
+        raise ComposerError(
+            f"{where}: some layers are dense (mlp_only_layers or decoder_sparse_step), which llama.cpp's {family.arch} "
+            "does not run; composer does not write it."
+        )
     if model_type in ("gemma2", "gemma3_text"):
         _check_attention_scale(loaded, family, where)
     if getattr(loaded, "use_sliding_window", False) and model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):

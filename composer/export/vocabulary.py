@@ -72,7 +72,9 @@ def read_vocabulary(source: ModelSource, rows: int, where: str) -> Vocabulary:
             raise ComposerError(
                 f"{where}: its tokenizer has no tokenizer.json form, which composer reads to write GGUF."
             )
-        tokenizer.save_pretrained(str(normalised))
+        if not (copied / "tokenizer.json").is_file():  # SpecialVocab reads tokenizer.json: make one
+            tokenizer.save_pretrained(str(normalised))
+            copied = normalised
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
         model = spec.get("model", {})
         byte_fallback = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
@@ -86,7 +88,7 @@ def read_vocabulary(source: ModelSource, rows: int, where: str) -> Vocabulary:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            special = gguf.SpecialVocab(str(normalised), load_merges=not byte_fallback, n_vocab=rows)
+            special = gguf.SpecialVocab(str(copied), load_merges=not byte_fallback, n_vocab=rows)
         finally:
             quiet.setLevel(level)
     _set_added_specials(special, tokenizer)
