@@ -260,14 +260,22 @@ def test_metadata_carries_the_tokenizer_chat_template_and_recipe(tiny_models, tm
 # ---- the command line, atomic output and errors before any work ---------------------------------------------------
 
 
+def compose_with_gguf(monkeypatch, out: Path, recipe_text: str, gguf_type: str) -> Path:
+    """`compose RECIPE OUT --gguf TYPE` on a recipe written beside OUT; OUT."""
+    recipe = out.with_name(out.name + ".yml")
+    recipe.write_text(recipe_text)
+    assert compose_in_process(monkeypatch, recipe, out, "--gguf", gguf_type, "--no-progress") == 0
+    return out
+
+
 def test_compose_recipe_with_gguf_writes_the_folder_and_out_gguf(tiny_models, tmp_path, monkeypatch):
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(
+    out = compose_with_gguf(
+        monkeypatch,
+        tmp_path / "deeper",
         f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {tiny_models('llama')}\n        layer_range: [0, 2]\n"
-        f"  - sources:\n      - model: {tiny_models('llama')}\n        layer_range: [1, 2]\n"
+        f"  - sources:\n      - model: {tiny_models('llama')}\n        layer_range: [1, 2]\n",
+        "q8_0",
     )
-    out = tmp_path / "deeper"
-    assert compose_in_process(monkeypatch, recipe, out, "--gguf", "q8_0", "--no-progress") == 0
     assert (out / "model.safetensors").is_file()
     from composer.sources.gguf_format import read_gguf_header
 
@@ -276,6 +284,25 @@ def test_compose_recipe_with_gguf_writes_the_folder_and_out_gguf(tiny_models, tm
     # the same again is refused without --force, and replaces composer's own file with it
     assert compose_in_process(monkeypatch, "export", out, gguf_beside(out), "--no-progress") == 2
     assert compose_in_process(monkeypatch, "export", out, gguf_beside(out), "--force", "--no-progress") == 0
+
+
+def test_a_composed_moe_runs_in_llama_cpp_as_in_transformers(tiny_models, tokenizers, tmp_path, monkeypatch):
+    """compose's own MoE output (Mixtral, from two dense experts; top-2 of 2, so rounding flips no choice) through
+    --gguf into llama.cpp."""
+    llama_cpp_or_skip()
+    dense = tiny_models("llama")
+    other = tiny_model_with_tokenizer(
+        tmp_path / "other", tokenizers["byte_level"], BYTE_LEVEL_SPECIAL, seed=4, tied=None, layers=2
+    )
+    out = compose_with_gguf(
+        monkeypatch,
+        tmp_path / "moe",
+        f"base_model: {dense}\ngate_mode: random\nexperts_per_token: 2\ndtype: float32\nexperts:\n"
+        f"  - source_model: {dense}\n    positive_prompts: [code]\n  - source_model: {other}\n    positive_prompts: [story]\n",
+        "f16",
+    )
+    ids = prompt_ids(out)
+    assert_logits_agree(transformers_logits(out, ids), llama_logits(gguf_beside(out), ids), TOLERANCE["f16"])
 
 
 def test_unsupported_quantisation_is_refused_before_any_work(tiny_models, tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from composer.errors import ComposerError
-from composer.export.families import Family
+from composer.export.families import Family, transformers_config
 from composer.sources.base import ModelSource, TensorInfo
 
 PER_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<projection>\w+)\.weight$")
@@ -43,10 +43,15 @@ def tensor_plan(infos: dict[str, TensorInfo], config: dict, family: Family, wher
     """Every GGUF tensor of the model, in the order written (the source's order, experts where their first one is)."""
     import gguf
 
-    loaded_layers = config.get("num_hidden_layers")
-    arch = next(value for value, name in gguf.MODEL_ARCH_NAMES.items() if name == family.arch)
-    names = gguf.get_tensor_name_map(arch, int(loaded_layers or 0))
-    tied = bool(config.get("tie_word_embeddings", False))
+    arch = next((value for value, name in gguf.MODEL_ARCH_NAMES.items() if name == family.arch), None)
+    if arch is None:
+        raise ComposerError(
+            f"{where}: the installed gguf package ({gguf.__name__} {_version()}) does not know llama.cpp's architecture "
+            f"'{family.arch}'; upgrade it with: pip install -U gguf"
+        )
+    names = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers") or 0))
+    # the family's default where the file leaves it out (Gemma ties, Llama does not)
+    tied = bool(getattr(transformers_config(config, where), "tie_word_embeddings", False))
     hidden = int(config.get("hidden_size") or 0)
     groups: dict[str, list[tuple[int, str]]] = {}
     order: list[tuple[str, str]] = []  # (kind of entry, key)
@@ -63,7 +68,7 @@ def tensor_plan(infos: dict[str, TensorInfo], config: dict, family: Family, wher
     planned = []
     for entry, key in order:
         if entry == "experts":
-            planned.append(_stacked(key, groups[key], infos, names, family, where))
+            planned.append(_stacked(key, groups[key], infos, names, where))
         elif key == "lm_head.weight" and tied:
             continue  # llama.cpp reads the output head from token_embd when there is no output tensor
         else:
@@ -78,6 +83,15 @@ def tensor_plan(infos: dict[str, TensorInfo], config: dict, family: Family, wher
     return planned
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "unknown version"
+
+
 def _gguf_name(names, key: str, where: str, shown: str) -> tuple[str, str]:
     """(llama.cpp's name, the gguf.MODEL_TENSOR name) of a transformers name without its suffix."""
     found = names.get_type_and_name(key)
@@ -90,7 +104,7 @@ def _gguf_name(names, key: str, where: str, shown: str) -> tuple[str, str]:
     return name, kind.name
 
 
-def _stacked(key, members, infos, names, family: Family, where: str) -> GGUFTensor:
+def _stacked(key, members, infos, names, where: str) -> GGUFTensor:
     members = sorted(members)
     indices = [index for index, _ in members]
     if indices != list(range(len(indices))):
