@@ -34,6 +34,7 @@ COMMANDS = {
     "transplant",
     "trace",
     "tune",
+    "export",
 }
 
 
@@ -62,6 +63,8 @@ VALUE_OPTIONS = {
     "--optimizer",
     "--seed",
     "--expert",
+    "--gguf",
+    "--type",
 }
 
 
@@ -208,6 +211,9 @@ def run(
         "--keep-partial",
         help="If the run is interrupted or fails, keep its finished tensors for a later run to resume.",
     ),
+    gguf: Optional[str] = typer.Option(
+        None, "--gguf", help="Also write the model as OUT.gguf, beside OUT, for llama.cpp: f16, bf16 or q8_0."
+    ),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -215,6 +221,7 @@ def run(
         from composer.recipe_files import check_recipe_file
 
         # mistakes in the options and the recipe are reported before torch and transformers load (seconds)
+        gguf_type = _gguf_type(gguf, out, force)
         budget, shard, target = _size(memory_budget), _size(shard_size, "--shard-size"), _device(device)
         check_recipe_file(recipe)
         from composer.compose import compose_file
@@ -232,13 +239,80 @@ def run(
             resume={None: "auto", True: "require", False: "never"}[resume],
             keep_partial=keep_partial,
         )
-        report = compose_file(recipe, out, options, seed=seed)
+        check_plan = _gguf_plan_check(recipe, force) if gguf_type else None
+        report = compose_file(recipe, out, options, seed=seed, check_plan=check_plan)
         on_device = (
             f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
         )
         resumed = f" ({report.resumed} of them kept from the interrupted run)" if report.resumed else ""
         typer.echo(
             f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}"
+        )
+        if gguf_type:
+            _export_beside(report.out, gguf_type, force, progress, fsync)
+
+    _guarded(action)
+
+
+def _gguf_type(gguf: str | None, out: Path | None, force: bool) -> str | None:
+    """--gguf's type, and OUT.gguf free to write, checked before any work."""
+    if gguf is None:
+        return None
+    from composer.export import check_gguf_output_free, check_gguf_type, gguf_beside
+
+    wanted = check_gguf_type(gguf)
+    if out is not None:
+        check_gguf_output_free(gguf_beside(out), force)
+    return wanted
+
+
+def _gguf_plan_check(recipe: Path, force: bool):
+    """Refuses, once the plan is known and before any tensor is read, an output that cannot be written as GGUF."""
+
+    def check(plan, target: Path) -> None:
+        from composer.export import check_exportable, check_gguf_output_free, gguf_beside
+
+        check_exportable(plan.config, f"The output of {recipe}")
+        check_gguf_output_free(gguf_beside(target), force)
+
+    return check
+
+
+def _export_beside(folder: Path, gguf_type: str, force: bool, progress: bool, fsync: bool) -> None:
+    from composer.errors import ComposerError
+    from composer.export import export_gguf, gguf_beside
+
+    try:
+        report = export_gguf(str(folder), gguf_beside(folder), gguf_type, force, None if progress else False, fsync)
+    except ComposerError as error:
+        raise ComposerError(
+            f"The model folder {folder} was written, but its GGUF was not: {error} (once that is mended, "
+            f"`compose export {folder} {gguf_beside(folder)} --type {gguf_type}` writes it from the folder)."
+        ) from None
+    typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB, {gguf_type}) to {report.out}")
+
+
+@app.command("export")
+def export(
+    model: str = typer.Argument(..., help="The model: a folder, a .gguf file, a hub id or BASE+ADAPTER."),
+    out: Path = typer.Argument(..., help="The GGUF file to write, e.g. model-q8_0.gguf."),
+    gguf_type: str = typer.Option("f16", "--type", help="How the matrices are stored: f16, bf16 or q8_0."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a GGUF file composer wrote."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    fsync: bool = typer.Option(
+        False, "--fsync", help="Flush the file to the disk before it appears (survives a power loss)."
+    ),
+) -> None:
+    """Write MODEL as one GGUF file for llama.cpp and Ollama, a tensor at a time."""
+
+    def action():
+        from composer.export import check_gguf_output_free, check_gguf_type, export_gguf
+
+        wanted = check_gguf_type(gguf_type)
+        check_gguf_output_free(out, force)
+        report = export_gguf(model, out, wanted, force, None if progress else False, fsync)
+        typer.echo(
+            f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB, {wanted}) to {report.out} in {report.seconds:.1f} s"
         )
 
     _guarded(action)

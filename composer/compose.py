@@ -150,11 +150,12 @@ def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
 
 
 def compose_file(
-    recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None
+    recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None, check_plan=None
 ) -> ExecutionReport:
-    """Run a recipe file of either kind into `out` (default: its `output:` key)."""
+    """Run a recipe file of either kind into `out` (default: its `output:` key). `check_plan(plan, out)`, where given,
+    may refuse the run once the plan is known, before any tensor is read (the CLI's --gguf checks the family so)."""
     if is_moe_file(recipe_path):
-        return _compose_moe_file(recipe_path, out, options, seed)
+        return _compose_moe_file(recipe_path, out, options, seed, check_plan)
     recipe, text = load_recipe(recipe_path)
     if seed is not None:
         recipe, text = with_seed(recipe, text, seed)
@@ -163,10 +164,23 @@ def compose_file(
     protected = {"the recipe file": recipe_path} | _local_models(recipe, recipe_path.parent)
     check_output_not_input(target, protected)  # before any work; write_plan checks again with every source resolved
     plan = _build(recipe, text, recipe_path.parent, str(recipe_path))
+    _checked(plan, target, check_plan)
     return write_plan(plan, target, options, recipe.name, protected)
 
 
-def _compose_moe_file(path: Path, out: Path | None, options: ExecutionOptions, seed: int | None) -> ExecutionReport:
+def _checked(plan: Plan, target: Path, check_plan) -> None:
+    if check_plan is None:
+        return
+    try:
+        check_plan(plan, target)
+    except BaseException:
+        plan.close()
+        raise
+
+
+def _compose_moe_file(
+    path: Path, out: Path | None, options: ExecutionOptions, seed: int | None, check_plan=None
+) -> ExecutionReport:
     config, text = load_moe_config(path)
     if seed is not None:
         config, text = config.model_copy(update={"random_seed": seed}), _with_seed_line(text, seed)
@@ -175,6 +189,7 @@ def _compose_moe_file(path: Path, out: Path | None, options: ExecutionOptions, s
     protected = {"the recipe file": Path(path)} | moe_local_models(config, Path(path).parent)
     check_output_not_input(target, protected)
     plan = plan_moe_recipe(config, text, Path(path).parent)
+    _checked(plan, target, check_plan)
     return write_plan(plan, target, options, config.name, protected)
 
 
