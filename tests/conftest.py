@@ -24,3 +24,16 @@ def tiny_finetunes(tmp_path_factory):
     from tiny_finetunes import build_tiny_finetunes
 
     return build_tiny_finetunes(tmp_path_factory.mktemp("finetunes"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (use it with pytestmark = pytest.mark.usefixtures("one_torch_thread")):
+    small matrices gain nothing from threads, and on the shared 2-core machine two OpenMP threads make every
+    op wait for both cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
