@@ -70,7 +70,8 @@ def _check(params: dict) -> str | None:
     check=_check,
     check_shape=rank_shape_problem,
     float32_work=True,
-    # the average, the result, a centred vector, the SVD's copy and factors, and the inputs in the compute dtype
+    # the average, the result, a centred vector, the SVD's copy, factors and workspace (exact at high ranks),
+    # and the inputs in the compute dtype (measured on a 1500 x 1500 matrix at 8%: 2.9 beside inputs and result)
     temporaries=lambda count, params: 6 + count + 1,
 )
 def apply_cart(tensors, base, params):

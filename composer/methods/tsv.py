@@ -90,9 +90,10 @@ def _check(params: dict) -> str | None:
     check=_check,
     check_shape=rank_shape_problem,
     float32_work=True,
-    # the stacked U and V, their orthonormal forms and an SVD's copy and factors (5 c, c their share of the
-    # matrix), the result's two steps, and the inputs in the compute dtype
-    temporaries=lambda count, params: 5 * _coverage(count, params) + 2 + count + 1,
+    # the stacked U and V and their orthonormal forms (c their share of the matrix), an SVD's copy, factors and
+    # LAPACK's workspace, the result's two steps, and the inputs in the compute dtype: measured on a 1500 x 1500
+    # matrix (the square case needs most), 8.3 buffers beside the inputs and result for c = 1
+    temporaries=lambda count, params: 5 * _coverage(count, params) + 4 + count + 1,
 )
 def apply_tsv(tensors, base, params):
     return tsv(tensors, base, params["lambda"], params["rank"], params["rank_fraction"])
