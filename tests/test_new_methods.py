@@ -374,3 +374,27 @@ def test_an_explicit_rank_set_per_tensor_runs(tiny, tmp_path):
     extra = "parameters:\n  rank:\n    - filter: proj\n      value: 16\n    - value: 40\n"
     compose_text(recipe(tiny, "tsv", extra), tmp_path / "out", ExecutionOptions())
     assert torch.isfinite(load_state(tmp_path / "out")["model.layers.1.self_attn.k_proj.weight"]).all()
+
+
+def test_an_svd_that_fails_to_converge_is_taken_again(monkeypatch):
+    """LAPACK's gesdd can fail on an ill-conditioned matrix: float64 next, then the Gram matrix's eigenvectors."""
+    from composer.methods import svd as module
+
+    matrix = decaying_matrix(60, 40)
+    expected = torch.linalg.svd(matrix, full_matrices=False)
+    real = torch.linalg.svd
+    for failing in ({torch.float32}, {torch.float32, torch.float64}):
+
+        def flaky(work, *arguments, failing=failing, **options):
+            if work.dtype in failing:
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            return real(work, *arguments, **options)
+
+        monkeypatch.setattr(module.torch.linalg, "svd", flaky)
+        u, s, vh = module.exact_svd(matrix)
+        assert s.dtype == torch.float32
+        torch.testing.assert_close(s, expected.S, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((u * s) @ vh, matrix, rtol=1e-4, atol=1e-5)
+        for wide in (False, True):
+            gu, gs, gvh = module.gram_svd(matrix.double().T if wide else matrix.double())
+            torch.testing.assert_close(((gu * gs) @ gvh).float(), matrix.T if wide else matrix, rtol=1e-4, atol=1e-5)

@@ -29,8 +29,36 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def exact_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vh) of the thin SVD, in the working dtype."""
-    return torch.linalg.svd(matrix.to(working_dtype(matrix.dtype)), full_matrices=False)
+    """(U, S, Vh) of the thin SVD, in the working dtype.
+
+    LAPACK's divide-and-conquer SVD (gesdd, torch's CPU driver) can fail to converge on an ill-conditioned matrix
+    (it did once in a merge of SmolLM2 fine-tunes, on two threads, and not on a rerun on one); the SVD is then
+    taken again in float64, and failing that, from the eigendecomposition of the float64 Gram matrix of the
+    smaller side (exact in exact arithmetic; in float64 its singular values of a float32 matrix are accurate
+    down to about 1e-7 of the largest)."""
+    work = matrix.to(working_dtype(matrix.dtype))
+    try:
+        return torch.linalg.svd(work, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(work.double(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = gram_svd(work.double())
+    return u.to(work.dtype), s.to(work.dtype), vh.to(work.dtype)
+
+
+def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD from the eigendecomposition of the smaller side's Gram matrix: A^T A = V S^2 V^T, U = A V / S
+    (for a wide matrix, of A^T). Directions with a zero singular value get zero vectors in U: they carry nothing."""
+    tall = matrix.shape[0] >= matrix.shape[1]
+    work = matrix if tall else matrix.mT
+    squares, vectors = torch.linalg.eigh(work.mT @ work)
+    squares, vectors = squares.flip(0), vectors.flip(1)
+    values = squares.clamp(min=0).sqrt()
+    scale = torch.where(values > 0, 1 / values.clamp(min=torch.finfo(values.dtype).tiny), 0)
+    left = (work @ vectors) * scale
+    return (left, values, vectors.mT) if tall else (vectors, values, left.mT)
 
 
 def uses_randomized(shape: tuple[int, int], rank: int) -> bool:
@@ -71,7 +99,7 @@ def randomized_svd(
     basis = torch.linalg.qr(work @ omega).Q
     for _ in range(iterations):
         basis = torch.linalg.qr(work @ torch.linalg.qr(work.mT @ basis).Q).Q
-    u, s, vh = torch.linalg.svd(basis.mT @ work, full_matrices=False)
+    u, s, vh = exact_svd(basis.mT @ work)
     u = basis @ u[:, :rank]
     s, vh = s[:rank], vh[:rank]
     if transposed:
