@@ -64,6 +64,11 @@ CASES = {
     "arcee_fusion": Case(("ft1",), base=True),
     "ram": Case(TWO, base=True),
     "ramplus_tl": Case(TWO, base=True, parameters={"r": 0.5, "alpha": 0.5}),
+    "tsv": Case(TWO, base=True),
+    "iso_c": Case(TWO, base=True),
+    "iso_cts": Case(TWO, base=True),
+    "cart": Case(TWO, base=True),
+    "pcb": Case(TWO, base=True),
 }
 
 # Recipes that must reproduce one parent (to a few float32 ulps; most exactly): each method's degenerate case.
@@ -91,6 +96,11 @@ REDUCES_TO_A_PARENT = {
     # one model: every change is unique and kept whole (changes below epsilon count as none)
     "ram": (Case(("ft1",), base=True, parameters={"epsilon": 1e-9}), "ft1"),
     "ramplus_tl": (Case(("ft1",), base=True, parameters={"epsilon": 1e-9}), "ft1"),
+    "tsv": (Case(("ft1",), base=True), "ft1"),  # one task keeps its whole rank
+    "iso_c": None,  # the spectrum is made flat by design: no setting keeps a model's own
+    "iso_cts": None,
+    "cart": (Case(("ft1",), base=True), "ft1"),  # the model is its own average
+    "pcb": (Case(("ft1",), base=True, per_model={"density": (1.0,)}), "ft1"),
 }
 
 

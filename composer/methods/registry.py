@@ -57,7 +57,9 @@ class Parameter:
 class MergeMethod:
     """`apply(tensors, base, params)`: tensors of the non-base models in recipe order, the base tensor
     (or None), and the resolved parameters: per-model ones as lists aligned with `tensors`.
-    `check(params)`, when given, returns why resolved parameters cannot work (checked at plan time)."""
+    `check(params)`, when given, returns why resolved parameters cannot work (checked at plan time);
+    `check_shape(params, shape)`, why they cannot work for an output tensor of that shape (a rank larger than
+    the matrix, say), also at plan time, before any tensor is read."""
 
     name: str
     apply: Callable
@@ -70,6 +72,7 @@ class MergeMethod:
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
     check: Callable[[dict], str | None] | None = None
+    check_shape: Callable[[dict, tuple[int, ...]], str | None] | None = None
     random: bool = False  # the planner then adds params["seed"], fixed per output tensor
     # (model count, resolved params) -> how many tensor-sized buffers (in the compute dtype) `apply` holds at
     # once beyond its inputs and result, for the memory budget; None: two (a chunked method holds less)
@@ -80,6 +83,9 @@ class MergeMethod:
     copies: bool = (
         False  # only copies (or scales) one input: a merge on a GPU runs it on the CPU, where the input was read
     )
+    # its temporaries are at least float32 whatever the compute dtype (an SVD has no half-precision form):
+    # `temporaries` then counts float32-or-wider buffers, the inputs' conversions to the compute dtype included
+    float32_work: bool = False
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)

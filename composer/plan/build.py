@@ -433,12 +433,16 @@ class _Planner:
         compute_dtype = self.compute_dtype if (method.blends or scaled) else None
         temporaries = method.temporaries(len(others), params) if method.temporaries else 2.0
         verbatim = method.copies and not scaled and len(sources) == 1
+        working_dtype = (
+            torch.promote_types(compute_dtype, torch.float32) if method.float32_work and compute_dtype else None
+        )
         return Operation(
             label=method.name,
             fn=run,
             arguments=params,
             compute_dtype=compute_dtype,
             temporaries=temporaries,
+            working_dtype=working_dtype,
             light=method.light,
             copies=method.copies,
             verbatim=verbatim,
@@ -485,6 +489,13 @@ class _Planner:
                     f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
                 )
         operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        problem = (
+            self.method.check_shape(operation.arguments, first.shape)
+            if self.method.check_shape and fused is None
+            else None
+        )
+        if problem:
+            raise ComposerError(f"Merge method '{self.method.name}', tensor {out_name}: {problem}.")
         if fused is not None and not operation.verbatim:
             layer_prefix = out_name.removesuffix(fused.name)
             steps = [
