@@ -139,7 +139,8 @@ def test_the_command_line_runs_on_the_cluster_and_says_what_each_node_did(
     assert {name: digest for name, digest in digests(tmp_path / "out").items() if name.startswith("model")} == weights
 
 
-def test_a_failed_run_resumes_from_its_finished_units(cluster, models, references, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", None], ids=["on the cluster", "on this machine"])
+def test_a_failed_run_resumes_from_its_finished_units(cluster, models, references, tmp_path, monkeypatch, where):
     recipe = ties(models)
     last = len(partition_of(recipe, models)) - 1
     monkeypatch.setenv(CRASH_HOOK, f"{last}:1:raise")  # the last unit fails after its first tensor
@@ -149,7 +150,7 @@ def test_a_failed_run_resumes_from_its_finished_units(cluster, models, reference
     [partial] = tmp_path.iterdir()
     assert partial.name.startswith(".out.partial-")
     monkeypatch.delenv(CRASH_HOOK)
-    report = compose_text(recipe, tmp_path / "out", options(ray="local", resume="require"))
+    report = compose_text(recipe, tmp_path / "out", options(ray=where, resume="require"))
     assert digests(tmp_path / "out") == references["ties"]
     assert report.resumed > 0  # the finished units' tensors were checked and kept, not written again
     assert nothing_left(tmp_path) == ["out"]
