@@ -134,7 +134,7 @@ def test_the_command_line_runs_on_the_cluster_and_says_what_each_node_did(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert re.search(r"wrote \d+ tensors .* on 1 Ray node \(\d+ units\)", captured.out)
-    assert re.search(r"note: node \S+.*: \d+ units, read [\d.]+ GB, wrote [\d.]+ GB, [\d.]+ s of work", captured.err)
+    assert re.search(r"note: node \S+.*: \d+ units, read [\d.]+ MB, wrote [\d.]+ MB, [\d.]+ s of work", captured.err)
     weights = {name: digest for name, digest in references["ties"].items() if name.startswith("model")}
     assert {name: digest for name, digest in digests(tmp_path / "out").items() if name.startswith("model")} == weights
 

@@ -77,9 +77,13 @@ class NodeSummary:
     def line(self) -> str:
         failed = f", {self.failures} failed and tried again" if self.failures else ""
         return (
-            f"node {self.node}: {self.units} units, read {self.bytes_read / 1e9:.2f} GB, wrote "
-            f"{self.bytes_written / 1e9:.2f} GB, {self.seconds:.1f} s of work{failed}"
+            f"node {self.node}: {self.units} units, read {_amount(self.bytes_read)}, wrote "
+            f"{_amount(self.bytes_written)}, {self.seconds:.1f} s of work{failed}"
         )
+
+
+def _amount(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
 
 
 @dataclass(frozen=True)
