@@ -65,6 +65,7 @@ VALUE_OPTIONS = {
     "--expert",
     "--gguf",
     "--type",
+    "--ray",
 }
 
 
@@ -83,8 +84,9 @@ def _size(text: str, option: str = "--memory-budget") -> int:
     return int(value)
 
 
-def _writing_options(memory_budget: str, shard_size: str, force: bool, progress: bool):
-    """ExecutionOptions for a command that writes a model (the budget bounding the whole process)."""
+def _writing_options(memory_budget: str, shard_size: str, force: bool, progress: bool, ray: str | None = None):
+    """ExecutionOptions for a command that writes a model (the budget bounding the whole process, or each worker's
+    on a Ray cluster)."""
     budget, shard = _size(memory_budget), _size(shard_size, "--shard-size")
     from composer.execute import ExecutionOptions
 
@@ -94,7 +96,37 @@ def _writing_options(memory_budget: str, shard_size: str, force: bool, progress:
         shard_size=shard,
         force=force,
         progress=None if progress else False,
+        ray=ray,
     )
+
+
+RAY_HELP = (
+    "Compute the tensors on a Ray cluster (pip install 'composer-merge[ray]'): --ray alone starts a local instance, "
+    "--ray HOST:PORT (or auto) joins a running cluster. OUT and the inputs must be on storage every node mounts."
+)
+
+
+def with_ray_address(arguments: list[str]) -> list[str]:
+    """`--ray` with no address after it (the end, another option, or a word that is no address, such as OUT) is
+    `--ray=local`: a local Ray instance."""
+    from composer.cluster_address import looks_like_address
+
+    rewritten = []
+    for index, argument in enumerate(arguments):
+        following = arguments[index + 1] if index + 1 < len(arguments) else None
+        if argument == "--ray" and (following is None or not looks_like_address(following)):
+            argument = "--ray=local"
+        rewritten.append(argument)
+    return rewritten
+
+
+def _cluster_words(report) -> str:
+    """' on 2 Ray nodes (12 units, 1 tried again)' for a run on a cluster; '' for one on this machine."""
+    if not report.units:
+        return ""
+    nodes = len(report.nodes)
+    retried = f", {report.retried} tried again" if report.retried else ""
+    return f" on {nodes} Ray node{'s' if nodes != 1 else ''} ({len(report.units)} units{retried})"
 
 
 def _device(name: str) -> str:
@@ -214,6 +246,7 @@ def run(
     gguf: Optional[str] = typer.Option(
         None, "--gguf", help="Also write the model as OUT.gguf, beside OUT, for llama.cpp: f16, bf16 or q8_0."
     ),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -238,6 +271,7 @@ def run(
             readers=readers,
             resume={None: "auto", True: "require", False: "never"}[resume],
             keep_partial=keep_partial,
+            ray=ray,
         )
         check_plan = _gguf_plan_check(recipe, force) if gguf_type else None
         report = compose_file(recipe, out, options, seed=seed, check_plan=check_plan)
@@ -246,7 +280,7 @@ def run(
         )
         resumed = f" ({report.resumed} of them kept from the interrupted run)" if report.resumed else ""
         typer.echo(
-            f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}"
+            f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{_cluster_words(report)}{on_device}"
         )
         if gguf_type:
             _export_beside(report.out, gguf_type, force, progress, fsync)
@@ -424,6 +458,9 @@ def tune(
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help=RAY_HELP.replace("Compute the tensors", "Write the best model")
+    ),
 ) -> None:
     """Fit a recipe's numbers to text: each trial's model is scored layer by layer (bits per byte), none is written
     until the best is known."""
@@ -459,6 +496,7 @@ def tune(
             seed=seed,
             progress=None if progress else False,
             device=target,
+            ray=ray,
         )
         result, runner = tune_recipe(recipe, settings)
         report = write_output(result, runner, settings, out, force)
@@ -609,11 +647,12 @@ def transplant(
     ),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
 ) -> None:
     """MODEL with DONOR's tokenizer: embeddings and head rebuilt in DONOR's id order, new tokens estimated."""
 
     def action():
-        execution = _writing_options(memory_budget, shard_size, force, progress)
+        execution = _writing_options(memory_budget, shard_size, force, progress, ray)
         from composer.transplant import TransplantOptions, transplant_command
 
         transplant_command(
@@ -761,7 +800,7 @@ def _main() -> int:
 
     _show_notes()
     warnings.showwarning = _show_warning
-    arguments = sys.argv[1:]
+    arguments = with_ray_address(sys.argv[1:])
     first = _first_positional(arguments)
     if (
         first is not None

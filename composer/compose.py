@@ -45,12 +45,22 @@ def resolve_output(recipe: Recipe, out: Path | None, recipe_path: Path | None) -
     raise ComposerError(f"{where}no output folder: give OUT on the command line or an 'output:' key in the recipe.")
 
 
-def _build(recipe: Recipe, text: str, recipe_dir: Path | None, source_name: str, sources=None) -> Plan:
-    """build_plan, with errors about a recipe key given the recipe's name and the key's line."""
+def merge_plan(recipe: Recipe, text: str, recipe_dir: Path | None, source_name: str, sources=None) -> Plan:
+    """build_plan, with errors about a recipe key given the recipe's name and the key's line; the plan says how to
+    build it again (on a cluster's workers)."""
     try:
-        return build_plan(recipe, text, recipe_dir, sources)
+        plan = build_plan(recipe, text, recipe_dir, sources)
     except RecipeKeyError as error:
         raise error.located(text, source_name) from None
+    plan.replay = (merge_plan, (recipe, text, recipe_dir, source_name))
+    return plan
+
+
+def moe_plan(config, text: str, recipe_dir: Path | None) -> Plan:
+    """An MoE recipe's plan (stages fused in); the plan says how to build it again (on a cluster's workers)."""
+    plan = plan_moe_recipe(config, text, recipe_dir)
+    plan.replay = (moe_plan, (config, text, recipe_dir))
+    return plan
 
 
 def plan_from_file(recipe_path: Path, open_inputs: Callable[[list[str], Path], dict] | None = None) -> tuple:
@@ -64,7 +74,7 @@ def plan_from_file(recipe_path: Path, open_inputs: Callable[[list[str], Path], d
         return config, plan_moe_recipe(config, text, recipe_path.parent, sources)
     recipe, text = load_recipe(recipe_path)
     sources = open_inputs(input_references(recipe), recipe_path.parent) if open_inputs is not None else None
-    return recipe, _build(recipe, text, recipe_path.parent, str(recipe_path), sources)
+    return recipe, merge_plan(recipe, text, recipe_path.parent, str(recipe_path), sources)
 
 
 def input_references(recipe: Recipe) -> list[str]:
@@ -129,7 +139,12 @@ def write_plan(
         (folder / "README.md").write_text(render_card(plan, name, record))
         (folder / "composer-recipe.yml").write_text(plan.recipe_text)
 
-    return execute(plan, out, options, extra_files)
+    connect = None
+    if options.ray is not None:  # (Ray is imported only then)
+        from composer.execute.cluster import Cluster
+
+        connect = Cluster.connect
+    return execute(plan, out, options, extra_files, cluster=connect)
 
 
 def _with_seed_line(text: str, seed: int) -> str:
@@ -163,7 +178,7 @@ def compose_file(
     check_output_free(target, options.force)
     protected = {"the recipe file": recipe_path} | _local_models(recipe, recipe_path.parent)
     check_output_not_input(target, protected)  # before any work; write_plan checks again with every source resolved
-    plan = _build(recipe, text, recipe_path.parent, str(recipe_path))
+    plan = merge_plan(recipe, text, recipe_path.parent, str(recipe_path))
     _checked(plan, target, check_plan)
     return write_plan(plan, target, options, recipe.name, protected)
 
@@ -200,7 +215,7 @@ def compose_text(
     recipe = parse_recipe(recipe_text, "recipe")
     check_output_free(out, options.force)
     check_output_not_input(out, _local_models(recipe, base_dir))
-    plan = _build(recipe, recipe_text, base_dir, "recipe")
+    plan = merge_plan(recipe, recipe_text, base_dir, "recipe")
     return write_plan(plan, out, options, recipe.name)
 
 
@@ -211,5 +226,8 @@ def compose_moe_text(
     config = parse_moe_config(text, "recipe")
     check_output_free(out, options.force)
     check_output_not_input(out, moe_local_models(config, base_dir))
-    plan = plan_moe_recipe(config, text, base_dir, sources, prompt_model)
+    if sources is None and prompt_model is None:
+        plan = moe_plan(config, text, base_dir)
+    else:  # models opened by the caller: a plan no other process can build again
+        plan = plan_moe_recipe(config, text, base_dir, sources, prompt_model)
     return write_plan(plan, out, options, config.name)

@@ -24,6 +24,7 @@ LAYERS = [
         "composer.yaml_text",
         "composer.packages",
         "composer.chat_templates",
+        "composer.cluster_address",
     ),
     ("tokensurgery",),  # importable on its own: it imports nothing of composer
     ("composer.native",),

@@ -108,6 +108,9 @@ class Plan:
         "config.json"  # where `config` is written; None: the plan's extra files hold whatever config it has
     )
     shard_metadata: dict[str, str] = field(default_factory=dict)  # each weights file's header metadata (provenance)
+    # (function, arguments) that build this same plan in another process (a cluster's worker), the function a
+    # module-level one; None where the plan holds what another process cannot rebuild (sources opened by a caller)
+    replay: tuple[Callable[..., Plan], tuple] | None = None
 
     def input_bytes(self) -> int:
         seen = {}

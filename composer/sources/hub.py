@@ -106,6 +106,17 @@ def holds_weights(folder: Path) -> bool:
     return any(_holds(folder, patterns) for patterns in WEIGHT_CHOICES)
 
 
+def in_hub_cache(path: Path) -> bool:
+    """Whether `path` lies in the Hugging Face hub's cache: a file that another machine fetches into a cache of its own."""
+    from huggingface_hub import constants
+
+    try:
+        Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def fetch_hub_model(reference: str) -> Path:
     """A local folder (a snapshot in the hub cache) holding the model's config, tokenizer and weights.
 

@@ -41,7 +41,11 @@ def write_output(result: TuneResult, trials: Trials, settings: TuneSettings, out
     best_text = result.text_for(result.best)
     trials.scorer.cache.shrink_to(0)  # the executor's budget is its own: the parents' cache is not held beside it
     options = ExecutionOptions(
-        memory_budget=settings.memory_budget, force=force, progress=settings.progress, device=settings.device
+        memory_budget=settings.memory_budget,
+        force=force,
+        progress=settings.progress,
+        device=settings.device,
+        ray=settings.ray,
     )
     compose_text(best_text, out, options, result.recipe_dir)
     header = f"# tuned by compose tune from {result.recipe_name} ({len(result.trials)} trials, {report['objective']})\n"
