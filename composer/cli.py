@@ -208,6 +208,9 @@ def run(
         "--keep-partial",
         help="If the run is interrupted or fails, keep its finished tensors for a later run to resume.",
     ),
+    as_lora: bool = typer.Option(
+        False, "--as-lora", help="For a knots merge: write the merged LoRA adapter (PEFT) instead of the merged model."
+    ),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -232,7 +235,7 @@ def run(
             resume={None: "auto", True: "require", False: "never"}[resume],
             keep_partial=keep_partial,
         )
-        report = compose_file(recipe, out, options, seed=seed)
+        report = compose_file(recipe, out, options, seed=seed, as_lora=as_lora)
         on_device = (
             f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
         )

@@ -46,6 +46,7 @@ LAYERS = [
         "composer.bundled",
         "composer.trace",
         "composer.tune",
+        "composer.calibration",
     ),
     ("composer.demo",),
     ("composer.cli",),
