@@ -78,13 +78,16 @@ def calibration_texts(setting: str | list[str], recipe_dir: Path | None) -> list
     texts = []
     for written in [setting] if isinstance(setting, str) else setting:
         path = Path(written) if Path(written).is_absolute() else (recipe_dir or Path.cwd()) / written
-        if not path.is_file():
+        if not path.exists():
             raise RecipeKeyError(
                 ("calibration_text",),
                 f"calibration text file '{written}' does not exist (looked for {path}); give a UTF-8 text file, "
                 "relative to the recipe.",
             )
-        texts.append((written, read_text_to_score(path)))
+        try:
+            texts.append((written, read_text_to_score(path)))
+        except ComposerError as error:  # a directory, a pipe, not UTF-8, empty: said with the key that names it
+            raise RecipeKeyError(("calibration_text",), str(error)) from None
     return texts
 
 
