@@ -247,6 +247,9 @@ def run(
         None, "--gguf", help="Also write the model as OUT.gguf, beside OUT, for llama.cpp: f16, bf16 or q8_0."
     ),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    as_lora: bool = typer.Option(
+        False, "--as-lora", help="For a knots merge: write the merged LoRA adapter (PEFT) instead of the merged model."
+    ),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -274,7 +277,7 @@ def run(
             ray=ray,
         )
         check_plan = _gguf_plan_check(recipe, force) if gguf_type else None
-        report = compose_file(recipe, out, options, seed=seed, check_plan=check_plan)
+        report = compose_file(recipe, out, options, seed=seed, check_plan=check_plan, as_lora=as_lora)
         on_device = (
             f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
         )

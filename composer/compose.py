@@ -52,6 +52,14 @@ def merge_plan(recipe: Recipe, text: str, recipe_dir: Path | None, source_name: 
         plan = build_plan(recipe, text, recipe_dir, sources)
     except RecipeKeyError as error:
         raise error.located(text, source_name) from None
+    if plan.calibration is not None:
+        from composer.calibration import attach_calibration
+
+        try:
+            attach_calibration(plan)
+        except BaseException:
+            plan.close()
+            raise
     plan.replay = (merge_plan, (recipe, text, recipe_dir, source_name))
     return plan
 
@@ -164,12 +172,71 @@ def with_seed(recipe: Recipe, text: str, seed: int) -> tuple[Recipe, str]:
     return seeded, text
 
 
-def compose_file(
-    recipe_path: Path, out: Path | None, options: ExecutionOptions, seed: int | None = None, check_plan=None
+def write_adapter(
+    plan: Plan, out: Path, options: ExecutionOptions, protected: dict[str, Path] | None = None
 ) -> ExecutionReport:
-    """Run a recipe file of either kind into `out` (default: its `output:` key). `check_plan(plan, out)`, where given,
-    may refuse the run once the plan is known, before any tensor is read (the CLI's --gguf checks the family so)."""
+    """Execute a KnOTS plan's merged update as a PEFT LoRA adapter into `out` (--as-lora): adapter_config.json,
+    adapter_model.safetensors (B @ A the merged update, scaling 1), a card and the recipe."""
+    import json
+
+    from composer.extract_lora import ADAPTER_FILE, Target, adapter_config
+    from composer.plan.knots import SOURCE, adapter_tensors
+    from composer.sources.lora import ADAPTER_CONFIG
+
+    try:
+        check_output_not_input(out, _input_paths(plan) | (protected or {}))
+        tensors, ranks = adapter_tensors(plan)
+    except ComposerError:
+        plan.close()
+        raise
+    base_reference = plan.sources[SOURCE].base.reference
+    rank = max(ranks.values())
+    targets = [Target(f"{module}.weight", module, (0, 0), False) for module in ranks]
+    config = adapter_config(base_reference, rank, targets, list(ranks), {})
+    # each module's own rank with lora_alpha equal to it: scaling 1 everywhere, so B @ A is the merged update itself
+    config["rank_pattern"] = {re.escape(module): k for module, k in ranks.items() if k != rank}
+    config["alpha_pattern"] = dict(config["rank_pattern"])
+    plan.tensors, plan.weights_file, plan.config_file, plan.tokenizer_source = tensors, ADAPTER_FILE, None, None
+    record = provenance_record(plan)
+    plan.shard_metadata.update(shard_metadata(record))
+    card = (
+        f"---\nbase_model: {json.dumps(base_reference)}\nlibrary_name: peft\ntags:\n- composer\n- lora\n- knots\n---\n"
+        f"# KnOTS merge of {len(plan.parents)} LoRA adapters\n\n"
+        f"A LoRA adapter for `{base_reference}` holding the KnOTS merge (Stoica et al. 2025) of "
+        + ", ".join(f"`{parent}`" for parent in plan.parents)
+        + f", written by composer (`compose --as-lora`); rank {rank}"
+        + (
+            f" (per module: {len(config['rank_pattern'])} modules have their own rank)"
+            if config["rank_pattern"]
+            else ""
+        )
+        + f".\n\n## Recipe\n\n```yaml\n{plan.recipe_text.rstrip()}\n```\n"
+    )
+
+    def extra_files(folder: Path) -> None:
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "README.md").write_text(card)
+        (folder / "composer-recipe.yml").write_text(plan.recipe_text)
+
+    return execute(plan, out, options, extra_files)
+
+
+def compose_file(
+    recipe_path: Path,
+    out: Path | None,
+    options: ExecutionOptions,
+    seed: int | None = None,
+    as_lora: bool = False,
+    check_plan=None,
+) -> ExecutionReport:
+    """Run a recipe file of either kind into `out` (default: its `output:` key); with `as_lora`, write a KnOTS merge
+    as the merged LoRA adapter instead of the merged model. `check_plan(plan, out)`, where given, may refuse the run
+    once the plan is known, before any tensor is read (the CLI's --gguf checks the family so)."""
     if is_moe_file(recipe_path):
+        if as_lora:
+            raise ComposerError(
+                f"{recipe_path} is a mixture-of-experts recipe; --as-lora writes the merged adapter of a knots merge."
+            )
         return _compose_moe_file(recipe_path, out, options, seed, check_plan)
     recipe, text = load_recipe(recipe_path)
     if seed is not None:
@@ -180,6 +247,8 @@ def compose_file(
     check_output_not_input(target, protected)  # before any work; write_plan checks again with every source resolved
     plan = merge_plan(recipe, text, recipe_path.parent, str(recipe_path))
     _checked(plan, target, check_plan)
+    if as_lora:
+        return write_adapter(plan, target, options, protected)
     return write_plan(plan, target, options, recipe.name, protected)
 
 

@@ -48,6 +48,7 @@ LAYERS = [
         "composer.trace",
         "composer.tune",
         "composer.export",
+        "composer.calibration",
     ),
     ("composer.demo",),
     ("composer.cli",),

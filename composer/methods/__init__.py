@@ -8,10 +8,12 @@ Adding a method is one module here with its function and a `@registered(...)` li
 from composer.methods import (  # noqa: F401
     cart,
     isotropic,
+    knots,
     linear,
     model_stock,
     passthrough,
     pcb,
+    regmean,
     selection,
     slerp,
     spherical,

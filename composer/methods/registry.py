@@ -19,7 +19,8 @@ from composer.errors import ComposerError
 class Parameter:
     """A parameter of a method. `per_model`: set per input model (sources[].parameters or
     models[].parameters), giving a list aligned with the non-base tensors; otherwise one value for the
-    tensor, which may only be set per slice or at the top level. `kind`: "number" or "bool"."""
+    tensor, which may only be set per slice or at the top level. `kind`: "number", "bool" or "name" (a word, such as
+    the method a calibration method falls back to; `check` says which words a method takes)."""
 
     name: str
     default: Any = None
@@ -31,6 +32,10 @@ class Parameter:
         """`value` as this parameter's kind; ValueError with a readable reason when it cannot be."""
         if value is None:
             return None
+        if self.kind == "name":
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"'{self.name}' must be a name, not {value!r}")
+            return value.strip()
         if self.kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -86,6 +91,10 @@ class MergeMethod:
     # its temporaries are at least float32 whatever the compute dtype (an SVD has no half-precision form):
     # `temporaries` then counts float32-or-wider buffers, the inputs' conversions to the compute dtype included
     float32_work: bool = False
+    # a calibration method (RegMean): "own" when each model's Gram matrices come from its own earlier layers, "merged"
+    # when from the merged earlier layers; `apply` then finds the Gram matrices in params["grams"]. None: data-free
+    calibration: str | None = None
+    adapters: bool = False  # merges LoRA adapters' factors (every model BASE+ADAPTER on one base), not whole weights
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)

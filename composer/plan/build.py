@@ -13,7 +13,10 @@ from composer.architecture import Architecture, MoELayer, WeightDefinition, arch
 from composer.architecture_experts import ExpertLayout, FusedTensor
 from composer.errors import ComposerError, ComposerWarning
 from composer.methods import MergeMethod, get_method, parameter_names
+from composer.plan.calibration import awaiting_calibration, check_whole_models, fallback_method, plan_calibration
 from composer.plan.experts import expert_by_expert
+from composer.plan.knots import SOURCE as ADAPTERS
+from composer.plan.knots import AdapterFactors, adapter_factors, copy_of_base, knots_step
 from composer.plan.lines import lines_scale, scaled_by_depth
 from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import (
@@ -105,6 +108,8 @@ class _Planner:
             raise RecipeKeyError(
                 ("merge_method",), str(error) + (f" Did you mean '{close[0]}'?" if close else "")
             ) from None
+        self.fallback: MergeMethod | None = fallback_method(self.method, recipe)
+        self.calibrated: set[str] = set()  # the linear weights a calibration method solves (the rest: its fallback)
         self._check_parameter_names()
         self.sources = sources if sources is not None else {}
         for reference in recipe.referenced_models():
@@ -113,6 +118,12 @@ class _Planner:
                     self.sources[reference] = open_source(reference, recipe_dir)
                 except ComposerError as error:
                     raise RecipeKeyError(model_location(recipe, reference), str(error)) from None
+        self.adapters: AdapterFactors | None = None
+        if self.method.adapters:
+            merged = [ref for ref in recipe.referenced_models() if ref != recipe.base_model]
+            self.adapters = self.sources[ADAPTERS] = adapter_factors(
+                self.method.name, self.sources, merged, recipe.base_model
+            )
         self.configs = {ref: self.sources[ref].config() for ref in recipe.referenced_models()}
         # a vision-language model is planned as its language model, by the text-only model's tensor names
         self.towers: dict[str, LanguageTower | None] = {
@@ -135,6 +146,7 @@ class _Planner:
     # --- checks -----------------------------------------------------------------------------
     def _check_parameter_names(self) -> None:
         known = {parameter.name for parameter in self.method.parameters}
+        known |= {parameter.name for parameter in self.fallback.parameters} if self.fallback else set()
         places: list[tuple[tuple, dict | None, bool]] = [
             (("parameters",), self.recipe.parameters, False)
         ]  # (where, settings, per model)
@@ -165,7 +177,7 @@ class _Planner:
                     )
                     parameters.pop(name)
                     continue
-                if per_model and not self.method.parameter(name).per_model:
+                if per_model and not (self.method.parameter(name) or self.fallback.parameter(name)).per_model:
                     raise RecipeKeyError(
                         where + (name,),
                         f"'{name}' of '{self.method.name}' is one value per tensor, not per model; "
@@ -395,27 +407,36 @@ class _Planner:
             raise ComposerError(f"Recipe parameters, tensor {tensor_name}: {error}.") from None
 
     def _operation(
-        self, tensor_name: str, sources: list[SliceSource], base: str | None, t: float, output_slice: OutputSlice
+        self,
+        tensor_name: str,
+        sources: list[SliceSource],
+        base: str | None,
+        t: float,
+        output_slice: OutputSlice,
+        method: MergeMethod | None = None,
     ) -> tuple[Operation, list[int]]:
-        """The operation for one output tensor, and the positions of its inputs (in `sources`) in the order it wants them."""
-        method = self.method
+        """The operation for one output tensor, and the positions of its inputs (in `sources`) in the order it wants them.
+        `method`: the recipe's (default), or the method a calibration method falls back to for this tensor."""
+        method = method or self.method
         models = [source.model for source in sources]
         base_position = models.index(base) if self._uses_base(base) and base in models else None
         others = [i for i in range(len(sources)) if i != base_position]
         params: dict[str, Any] = {}
         for parameter in method.parameters:
+            # a fallback's parameter the recipe leaves unset takes the calibration method's default for it (weight 1)
+            own = self.method.parameter(parameter.name) if method is not self.method else None
             if parameter.per_model:
                 params[parameter.name] = [
                     self._resolved(
                         parameter,
-                        self._parameter(parameter.name, tensor_name, t, output_slice, sources[i]),
+                        _or_default(self._parameter(parameter.name, tensor_name, t, output_slice, sources[i]), own),
                         tensor_name,
                         models[i],
                     )
                     for i in others
                 ]
             else:
-                value = self._parameter(parameter.name, tensor_name, t, output_slice, None)
+                value = _or_default(self._parameter(parameter.name, tensor_name, t, output_slice, None), own)
                 params[parameter.name] = self._resolved(parameter, value, tensor_name, None)
         if method.random:
             seed_name = f"{self.seed_namespace}/{tensor_name}" if self.seed_namespace else tensor_name
@@ -472,6 +493,17 @@ class _Planner:
                     f"Model '{model}' has no tensor '{in_name}', which the output tensor '{out_name}' needs."
                 )
             infos.append((model, info))
+        if self.adapters is not None:  # KnOTS: the base's tensor, or the base's with the merged update of its factors
+            kind = self.adapters.kind(out_name)
+            if kind != "whole":
+                if kind == "copy":
+                    operation, refs = copy_of_base(out_name)
+                else:
+                    resolved, _ = self._operation(
+                        out_name, list(output_slice.sources), base, t, output_slice, self.method
+                    )
+                    operation, refs = knots_step(self.adapters, out_name, infos[0][1].shape, resolved)
+                return PlannedTensor(out_name, infos[0][1].shape, self.out_dtype or infos[0][1].dtype, refs, operation)
         vocabulary = None
         if vocab_axis is not None and self.vocabulary is not None:
             vocabulary = self.vocabulary.for_models([model for model, _ in inputs])
@@ -488,7 +520,14 @@ class _Planner:
                     f"Tensor '{info.name}' has shape {list(info.shape)} in model '{model}' but {list(first.shape)} in model "
                     f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
                 )
-        operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        if self.fallback is not None and out_name not in self.calibrated:
+            operation, order = self._operation(
+                out_name, list(output_slice.sources), base, t, output_slice, self.fallback
+            )
+        else:
+            operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        if self.fallback is not None and out_name in self.calibrated:
+            operation = awaiting_calibration(operation)
         problem = (
             self.method.check_shape(operation.arguments, first.shape)
             if self.method.check_shape and fused is None
@@ -578,6 +617,22 @@ class _Planner:
         self.compute_dtype = parse_dtype(self.recipe.dtype, "Recipe key dtype") or torch.float32
         layers = self.output_layers()
         self._check_lines()
+        calibration = None
+        if self.method.adapters:
+            check_whole_models(self.method, layers, self._layer_count(base_ref), self.recipe, architecture, base_ref)
+        if self.method.calibration:
+            calibration = plan_calibration(
+                self.recipe,
+                self.method,
+                self.fallback,
+                layers,
+                architecture,
+                base_ref,
+                self.configs[base_ref],
+                self._layer_count(base_ref),
+                self.recipe_dir,
+            )
+            self.calibrated = {name for names in calibration.linear_names for name in names}
         source_layers = [layer.sources[0][1] for layer in layers]
         text_config = self.text_configs[base_ref]
         if self.towers[base_ref] is not None and output_tower is None:
@@ -644,6 +699,7 @@ class _Planner:
             parents=parents,
             chat_template=self.recipe.chat_template,
             notes=self.vocabulary.summary() if self.vocabulary is not None else [],
+            calibration=calibration,
         )
 
     def _vision_tensors(self, base_ref: str) -> list[PlannedTensor]:
@@ -721,6 +777,10 @@ class _Planner:
         reference = f"{self.seed_namespace or 'output'}: merged tokenizer"
         self.sources[reference] = BuiltTokenizer(reference, self.vocabulary.output)
         return reference
+
+
+def _or_default(value: Any, parameter: Any) -> Any:
+    return parameter.default if value is None and parameter is not None else value
 
 
 def _shapes_agree(shape: tuple, other: tuple, except_axis: int | None) -> bool:
