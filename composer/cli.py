@@ -453,7 +453,7 @@ def tune(
     memory_budget: str = typer.Option(
         "2GB",
         "--memory-budget",
-        help="Most memory the process holds; half of it caches parents' tensors between trials.",
+        help="Most memory the process holds; what a trial's pass leaves of it caches parents' tensors between trials.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the optimiser."),
     device: str = typer.Option(
@@ -500,6 +500,7 @@ def tune(
             progress=None if progress else False,
             device=target,
             ray=ray,
+            whole_process=True,
         )
         result, runner = tune_recipe(recipe, settings)
         report = write_output(result, runner, settings, out, force)
