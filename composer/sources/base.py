@@ -78,6 +78,10 @@ class ModelSource(ABC):
     def close(self) -> None:
         pass
 
+    def release_files(self) -> None:
+        """Close the files kept open between reads; the next read opens them again (a cluster's worker does this
+        between units, so that what each unit opens is what it reads)."""
+
     def has_tokenizer(self) -> bool:
         return True
 

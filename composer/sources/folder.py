@@ -178,10 +178,13 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
                 f"{path}: tensor '{name}' could not be read ({error}). The file may have changed since it was opened."
             ) from None
 
-    def close(self) -> None:
+    def release_files(self) -> None:
         descriptors, self._descriptors = self._descriptors, {}
         for descriptor in descriptors.values():
             os.close(descriptor)
+
+    def close(self) -> None:
+        self.release_files()
 
 
 class TorchBinFolder(FolderFilesMixin, ModelSource):

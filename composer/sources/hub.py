@@ -92,6 +92,15 @@ def download(reference: str, repo_id: str, revision: str | None, patterns: list[
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=NESTED))
 
 
+def fetch_hub_file(reference: str, filename: str, commit: str) -> Path:
+    """One file of hub model `reference` at `commit`, in this machine's hub cache (fetched only when not there)."""
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _ = split_revision(reference)
+    with hub_errors(reference, repo_id, commit):
+        return Path(hf_hub_download(repo_id, filename, revision=commit))
+
+
 def _holds(folder: Path, patterns: list[str]) -> bool:
     return any(path.is_file() and path.name not in NOT_WEIGHTS for pattern in patterns for path in folder.glob(pattern))
 

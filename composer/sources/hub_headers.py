@@ -1,4 +1,5 @@
-"""Hub models opened from their headers alone, for `compose check`: none of the weights a merge reads is fetched.
+"""Hub models opened from their headers alone, for `compose check` (none of the weights a merge reads is fetched) and on
+a cluster's nodes (each weights file fetched when a tensor of it is first read: a node fetches only what its units read).
 
 config.json and the index come through the hub cache (the small files a run fetches first anyway); the tokenizer and
 other small files only when something asks for one of them; and each safetensors file's header with two HTTP range
@@ -9,6 +10,7 @@ already in the hub cache is opened from there, as a run would open it.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +19,15 @@ import torch
 from composer.errors import ComposerError
 from composer.sources.base import ModelSource
 from composer.sources.folder import BIN_INDEX, SAFETENSORS_INDEX, SafetensorsFolder, open_folder, read_shards
-from composer.sources.hub import METADATA_FILES, download, fetch_hub_model, holds_weights, hub_errors, split_revision
+from composer.sources.hub import (
+    METADATA_FILES,
+    download,
+    fetch_hub_file,
+    fetch_hub_model,
+    holds_weights,
+    hub_errors,
+    split_revision,
+)
 from composer.sources.safetensors_format import header_length, parse_header
 
 FIRST_FILES = ["config.json", SAFETENSORS_INDEX, BIN_INDEX]
@@ -57,6 +67,45 @@ class HubHeaders(SafetensorsFolder):
             f"Model '{self.reference}' was opened from its safetensors headers alone (compose check), so the data of "
             f"tensor '{name}' is not here; run the recipe with compose to download the weights."
         )
+
+
+class HubWhenRead(HubHeaders):
+    """A hub model whose weights files are fetched one by one into this machine's hub cache, each when one of its
+    tensors is first read (or copied)."""
+
+    def __init__(self, *arguments):
+        super().__init__(*arguments)
+        self._fetching = threading.Lock()
+        self.fetched: list[str] = []  # the weights files fetched, in order
+
+    def _here(self, path: Path) -> Path:
+        if not path.is_file():
+            with self._fetching:
+                if not path.is_file():
+                    name = path.relative_to(self.folder).as_posix()
+                    fetched = fetch_hub_file(self.reference, name, self.commit)
+                    if fetched != path and not path.is_file():
+                        raise ComposerError(
+                            f"Model '{self.reference}': {name} was fetched to {fetched}, not into the snapshot {self.folder} "
+                            "it was planned from; the hub cache changed during the run. Run again."
+                        )
+                    self.fetched.append(name)
+        return path
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        located = SafetensorsFolder.byte_range(self, name)
+        if located is not None:
+            self._here(located[0])
+        return located
+
+    def read(self, name: str) -> torch.Tensor:
+        return SafetensorsFolder.read(self, name)
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        location = self._location.get(name)
+        if location is not None:
+            self._here(location[0])
+        return super().read_stored(name)
 
 
 def _fetch_range(url: str, start: int, count: int) -> tuple[bytes, int]:
@@ -120,8 +169,9 @@ def _safetensors_files(reference: str, folder: Path) -> tuple[list[str], dict[st
     return found, None
 
 
-def open_hub_headers(reference: str) -> ModelSource:
-    """Hub model `reference` for planning: its config, index and headers fetched, its weights not (unless cached)."""
+def open_hub_headers(reference: str, when_read: bool = False) -> ModelSource:
+    """Hub model `reference` for planning: its config, index and headers fetched, its weights not (unless cached).
+    `when_read`: each weights file is fetched when a tensor of it is first read (HubWhenRead)."""
     repo_id, revision = split_revision(reference)
     folder = download(reference, repo_id, revision, FIRST_FILES)
     if holds_weights(folder):
@@ -139,4 +189,4 @@ def open_hub_headers(reference: str) -> ModelSource:
     layouts = {folder / name: (header, start) for name, (header, start, _) in zip(names, read)}
     sizes = {name: size for name, (_, _, size) in zip(names, read)}
     fetched = sum(start for _, start, _ in read)
-    return HubHeaders(reference, folder, layouts, weight_map, sizes, fetched)
+    return (HubWhenRead if when_read else HubHeaders)(reference, folder, layouts, weight_map, sizes, fetched)
