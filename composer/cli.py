@@ -66,6 +66,8 @@ VALUE_OPTIONS = {
     "--gguf",
     "--type",
     "--ray",
+    "--ray-input-on",
+    "--ray-local-disk",
 }
 
 
@@ -247,6 +249,18 @@ def run(
         None, "--gguf", help="Also write the model as OUT.gguf, beside OUT, for llama.cpp: f16, bf16 or q8_0."
     ),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    ray_input_on: Optional[list[str]] = typer.Option(
+        None,
+        "--ray-input-on",
+        help="With --ray: MODEL=NAME says that MODEL is only on the nodes started with the Ray label or custom "
+        "resource NAME; units reading it run there, and the other nodes never read it. Once per model.",
+    ),
+    ray_local_disk: Optional[str] = typer.Option(
+        None,
+        "--ray-local-disk",
+        help="With --ray: a folder on each node's own disk; a node that cannot reach OUT writes its units there and "
+        "the driver gathers them into OUT.",
+    ),
     as_lora: bool = typer.Option(
         False, "--as-lora", help="For a knots merge: write the merged LoRA adapter (PEFT) instead of the merged model."
     ),
@@ -262,6 +276,13 @@ def run(
         check_recipe_file(recipe)
         from composer.compose import compose_file
         from composer.execute import ExecutionOptions
+        from composer.execute.placement import parse_placement
+
+        if ray is None and (ray_input_on or ray_local_disk):
+            from composer.errors import ComposerError
+
+            given = "--ray-input-on" if ray_input_on else "--ray-local-disk"
+            raise ComposerError(f"{given} applies to a run on a Ray cluster: add --ray (or --ray ADDRESS).")
 
         options = ExecutionOptions(
             memory_budget=budget,
@@ -275,6 +296,8 @@ def run(
             resume={None: "auto", True: "require", False: "never"}[resume],
             keep_partial=keep_partial,
             ray=ray,
+            ray_inputs=parse_placement(ray_input_on or []),
+            ray_local_disk=ray_local_disk,
         )
         check_plan = _gguf_plan_check(recipe, force) if gguf_type else None
         report = compose_file(recipe, out, options, seed=seed, check_plan=check_plan, as_lora=as_lora)

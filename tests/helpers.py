@@ -366,3 +366,26 @@ def write_tiny_llama_gguf(path: Path, state: dict[str, torch.Tensor], config, qu
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def reshard(folder: Path, shards: int) -> list[Path]:
+    """Split a folder's model.safetensors into `shards` files with an index, as large checkpoints are published."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    single = folder / "model.safetensors"
+    tensors = load_file(single)
+    names = list(tensors)
+    paths, weight_map = [], {}
+    for number in range(shards):
+        part = names[number * len(names) // shards : (number + 1) * len(names) // shards]
+        path = folder / f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({name: tensors[name] for name in part}, path, metadata={"format": "pt"})
+        weight_map |= {name: path.name for name in part}
+        paths.append(path)
+    total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    single.unlink()
+    return paths

@@ -2,8 +2,13 @@
 
 The driver plans as always, then splits the plan into units of work (composer.execute.units) and hands them to the
 nodes' workers (composer.execute.worker), each of which builds the same plan, opens the sources itself and writes its
-units into the shards the driver laid out in the output's partial folder, on storage every node shares. The driver
-keeps everything else: the partial folder and its journal, the files beside the weights, the index, the rename.
+units into the shards the driver laid out in the output's partial folder, on storage every node shares. A node that
+cannot reach that folder (given --ray-local-disk DIR) writes each unit into DIR on its own disk instead, and the driver
+gathers the unit's bytes through Ray's object store, a few pieces at a time. The driver keeps everything else: the
+partial folder and its journal, the files beside the weights, the index, the rename.
+
+Models placed on some nodes only (--ray-input-on, composer.execute.placement) are read only there: a unit goes to a node
+that holds every model it reads, and the other nodes plan from the models' descriptions (headers and small files).
 
 Before anything is written, every node is asked to read every input file and build the plan; once the partial folder
 exists, to see the driver's probe in it and write beside it. A unit that fails or whose worker or node is lost is
@@ -29,14 +34,20 @@ from composer.cluster_address import ADDRESS, LOCAL
 from composer.errors import ComposerError
 from composer.execute.executor import ExecutionOptions, Streamed, plan_digest, progress_bar
 from composer.execute.journal import UNITS_FOLDER, Journal, read_entries, read_identity
+from composer.execute.placement import check_placed, lacking, node_tags, placed_models, runs_on
 from composer.execute.units import Unit, input_files, partition
 from composer.execute.worker import (
     PROBE_FILE,
     PlanOrder,
     UnitJob,
+    UnitResult,
     check_node,
     check_output,
+    check_scratch,
+    read_piece,
+    remove_scratch,
     run_unit,
+    scratch_prefix,
     unit_journal_name,
 )
 from composer.execute.writer import ShardedWriter
@@ -50,6 +61,9 @@ CHECK_SECONDS = 900.0  # a node's checks (reading the inputs' first bytes, build
 NODES_EVERY = 10.0  # seconds between looks at which nodes are still alive
 WARM_WORKERS = 4  # a node's worker processes that build the plan while the inputs are checked, ready for units
 STOP_SECONDS = 10.0  # a unit told to stop is given this long before its worker is ended
+GATHER_PIECE = 16 << 20  # bytes of a unit on a node's own disk brought to the driver in one object
+GATHER_AHEAD = 4  # pieces asked for at once: the driver holds at most this many (64 MB)
+GATHER_SECONDS = 600.0  # one piece must arrive within this
 # a test's faults, read by the driver: "N:K" makes the first try of unit N end its process after K tensors ("N:K:raise":
 # fail with an error); paths (colon-separated) that the workers act as if they could not see
 CRASH_HOOK = "COMPOSER_TEST_RAY_CRASH"
@@ -62,6 +76,9 @@ class Node:
     name: str  # address (and host name where it differs)
     slots: int  # units it runs at once
     threads: int  # torch threads per unit
+    tags: set[str] = field(default_factory=set)  # its Ray labels' keys and custom resources
+    lacks: frozenset[str] = frozenset()  # models placed on other nodes (--ray-input-on): no unit reading one runs here
+    local: bool = False  # it cannot reach the output's partial folder: it writes units on its own disk
     read_files: set[str] = field(default_factory=set)  # input files its units have read (in its page cache, likely)
 
 
@@ -73,12 +90,16 @@ class NodeSummary:
     bytes_written: int = 0
     seconds: float = 0.0  # its units' time, added up
     failures: int = 0  # tries of units that failed there (each tried again)
+    opened: set[str] = field(default_factory=set)  # input files it opened (checks, planning and units)
+    gathered: int = 0  # bytes the driver brought from its own disk into the output
 
     def line(self) -> str:
         failed = f", {self.failures} failed and tried again" if self.failures else ""
+        gathered = f", {_amount(self.gathered)} gathered from its own disk" if self.gathered else ""
         return (
             f"node {self.node}: {self.units} units, read {_amount(self.bytes_read)}, wrote "
-            f"{_amount(self.bytes_written)}, {self.seconds:.1f} s of work{failed}"
+            f"{_amount(self.bytes_written)}, {self.seconds:.1f} s of work, {len(self.opened)} input files opened"
+            f"{gathered}{failed}"
         )
 
 
@@ -97,6 +118,7 @@ class UnitRecord:
     bytes_read: int  # read into memory or copied file to file
     seconds: float
     tries: int
+    opened: tuple[str, ...] = ()  # the input files it opened to read or copy tensors
 
 
 @dataclass
@@ -184,6 +206,8 @@ class Cluster:
         self.units: list[Unit] = []
         self.finished: list[UnitRecord] = []
         self.retried = 0
+        self.placed: dict[str, str] = {}  # model -> the label or resource of the nodes holding it (--ray-input-on)
+        self.described: dict[str, object] = {}  # node id -> Ray object: descriptions of the placed models it lacks
         self._remote_functions: dict = {}
 
     @classmethod
@@ -198,6 +222,7 @@ class Cluster:
         cluster = cls(ray, plan, options, _start_or_join(ray, options.ray))
         try:
             cluster.find_nodes()
+            cluster.place_inputs()
             cluster.check_inputs()
         except BaseException:
             cluster.close()
@@ -208,7 +233,7 @@ class Cluster:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         resources = dict(num_cpus=cpus, max_retries=0)
-        if self.options.device.startswith("cuda"):
+        if self.options.device.startswith("cuda") and cpus > 0:
             resources["num_gpus"] = 1
         remote = self._remote_functions.get(function)
         if remote is None:
@@ -231,7 +256,12 @@ class Cluster:
                 continue
             address, host = entry.get("NodeManagerAddress", "?"), entry.get("NodeManagerHostname", "")
             name = address if not host or host == address else f"{address} ({host})"
-            self.nodes[entry["NodeID"]] = Node(entry["NodeID"], name, slots, max(1, cpus // slots))
+            tags = node_tags(entry.get("Labels"), resources)
+            self.nodes[entry["NodeID"]] = Node(entry["NodeID"], name, slots, max(1, cpus // slots), tags)
+        names = Counter(node.name for node in self.nodes.values())
+        for node in self.nodes.values():  # several nodes of one machine (or behind one address): told apart by id
+            if names[node.name] > 1:
+                node.name = f"{node.name} [{node.id[:8]}]"
         if not self.nodes:
             raise ComposerError(
                 f"--ray: no node of the cluster has a CPU{' and a GPU' if self.options.device.startswith('cuda') else ''} "
@@ -240,12 +270,36 @@ class Cluster:
             )
         self.summary = {node.id: NodeSummary(node.name) for node in self.nodes.values()}
 
-    def _ask_every_node(self, function, *arguments, workers: int = 1) -> dict[str, list]:
-        """`function(*arguments)` run on every node (by up to `workers` of its worker processes at once); the
-        answers by node id. A node that cannot run it at all (composer missing there, say) is an error naming it."""
+    def place_inputs(self) -> None:
+        """--ray-input-on: which nodes hold which models, the units split so that each runs where its models are, and
+        each node given the descriptions of the placed models it lacks (to build the plan from)."""
+        self.placed = placed_models(self.plan, self.options.ray_inputs)
+        slots = sum(node.slots for node in self.nodes.values())
+        self.units = partition(
+            self.plan, self.options.shard_size, slots, self.options.unit_size, frozenset(self.placed)
+        )
+        if not self.placed:
+            return
+        from composer.sources.described import describe_model
+
+        for node in self.nodes.values():
+            node.lacks = lacking(self.placed, node.tags)
+        check_placed(self.placed, self.units, [node.lacks for node in self.nodes.values()])
+        descriptions = {reference: describe_model(reference, self.plan.sources[reference]) for reference in self.placed}
+        shared: dict[frozenset, object] = {}
+        for node in self.nodes.values():
+            if node.lacks and node.lacks not in shared:
+                shared[node.lacks] = self.ray.put({reference: descriptions[reference] for reference in node.lacks})
+            if node.lacks:
+                self.described[node.id] = shared[node.lacks]
+
+    def _ask_every_node(self, function, arguments, workers: int = 1, nodes: dict | None = None) -> dict[str, list]:
+        """`function(*arguments(node))` run on every node (of `nodes`, when given; by up to `workers` of its worker
+        processes at once); the answers by node id. A node that cannot run it at all (composer missing there, say) is an
+        error naming it."""
         calls = [
-            (node.id, self._remote(function, node).remote(*arguments))
-            for node in self.nodes.values()
+            (node.id, self._remote(function, node).remote(*arguments(node)))
+            for node in (nodes if nodes is not None else self.nodes).values()
             for _ in range(min(workers, node.slots))
         ]
         answers: dict[str, list] = {}
@@ -266,20 +320,31 @@ class Cluster:
         return answers
 
     def check_inputs(self) -> None:
-        """Each node reads the first bytes of every input file (at the size the driver sees) and builds the plan: in
-        as many of its worker processes as it will run units in (up to WARM_WORKERS), which keep the plan for them."""
-        files = input_files(self.plan)
-        answers = self._ask_every_node(check_node, self.order, self.options, files, self.hidden, workers=WARM_WORKERS)
+        """Each node reads the first bytes of every input file it holds (at the size the driver sees) and builds the
+        plan: in as many of its worker processes as it will run units in (up to WARM_WORKERS), which keep the plan."""
+        held = {node.id: input_files(self.plan, set(self.plan.sources) - node.lacks) for node in self.nodes.values()}
+
+        def arguments(node: Node) -> tuple:
+            return self.order, self.options, held[node.id], self.hidden, self.described.get(node.id)
+
+        answers = self._ask_every_node(check_node, arguments, workers=WARM_WORKERS)
+        for node_id, found in answers.items():
+            self.summary[node_id].opened.update(path for answer in found for path in answer.opened)
         problems = [
             f"node {self.nodes[node_id].name} {problem}"
             for node_id, found in answers.items()
-            for problem in dict.fromkeys(problem for answer in found for problem in answer)
+            for problem in dict.fromkeys(problem for answer in found for problem in answer.problems)
         ]
         if problems:
             shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            where = (
+                "the models it holds (--ray-input-on) at the same path as the driver"
+                if self.placed
+                else "storage every node mounts at the same path (or in each node's hub cache)"
+            )
             raise ComposerError(
                 f"--ray: not every node of the cluster can read the inputs, so nothing was written: {shown}. Put the "
-                "models on storage every node mounts at the same path (or in each node's hub cache), then run again."
+                f"models on {where}, then run again."
             )
 
     def check_output(self, partial: Path, out: Path) -> None:
@@ -288,22 +353,42 @@ class Cluster:
         probe = partial / PROBE_FILE
         probe.write_text(token)
         try:
-            answers = self._ask_every_node(check_output, str(partial), token, self.hidden)
+            answers = self._ask_every_node(check_output, lambda node: (str(partial), token, self.hidden))
         finally:
             probe.unlink(missing_ok=True)
         problems = [f"node {self.nodes[node_id].name}: {found[0]}" for node_id, found in answers.items() if found[0]]
-        if problems:
+        scratch = self.options.ray_local_disk
+        if problems and scratch is None:
             raise ComposerError(
                 f"--ray: the output {out} is on storage that "
                 f"not every node can reach ({'; '.join(problems[:6])}). Write OUT to a folder every node mounts at the "
-                "same path (a shared file system), then run again; nothing was left behind."
+                "same path (a shared file system), or give --ray-local-disk DIR (a folder on each node's own disk: the "
+                "driver then gathers what those nodes write), then run again; nothing was left behind."
+            )
+        for node_id, found in answers.items():
+            self.nodes[node_id].local = bool(found[0])
+        if scratch is not None and problems:
+            local = {node_id: node for node_id, node in self.nodes.items() if node.local}
+            answers = self._ask_every_node(check_scratch, lambda node: (scratch,), nodes=local)
+            failing = [f"node {self.nodes[node_id].name}: {found[0]}" for node_id, found in answers.items() if found[0]]
+            if failing:
+                raise ComposerError(
+                    f"--ray-local-disk {scratch}: not every node that cannot reach {out} can write there "
+                    f"({'; '.join(failing[:6])}). Give a folder that exists (or can be made) on each node's own disk; "
+                    "nothing was left behind."
+                )
+            log.info(
+                "%d of %d nodes cannot reach %s: they write their units into %s on their own disks, and the driver "
+                "gathers them",
+                len(local),
+                len(self.nodes),
+                out,
+                scratch,
             )
 
     def run(
         self, partial: Path, identity: str, writer: ShardedWriter, journal: Journal, entries: dict[str, dict]
     ) -> ClusterOutcome:
-        slots = sum(node.slots for node in self.nodes.values())
-        self.units = partition(self.plan, self.options.shard_size, slots, self.options.unit_size)
         return _Dispatch(self, partial, identity, writer, journal, entries).run()
 
     def summaries(self) -> list[NodeSummary]:
@@ -343,6 +428,11 @@ class _Dispatch:
         self.journal = journal
         self.earlier = dict(entries) | _unit_journals(partial, identity)  # what earlier tries and runs journaled
         self.pending: deque[Unit] = deque(cluster.units)
+        self.local = any(node.local for node in cluster.nodes.values())
+        self.kept_here: set[str] = set()
+        if self.local and self.earlier:  # nodes writing on their own disks cannot check the partial folder: done here
+            self.kept_here = writer.finished_earlier(self.earlier)
+            self.pending = deque(unit for unit in self.pending if not set(unit.tensors) <= self.kept_here)
         self.running: dict[object, tuple[Unit, Node, int, float]] = {}
         self.tries: Counter = Counter()
         self.failed_on: dict[int, set[str]] = {}
@@ -358,6 +448,8 @@ class _Dispatch:
         )
         with progress_bar(plan.output_bytes(), description, options.progress) as bar:
             self.bar = bar
+            self.kept |= self.kept_here
+            bar.update(sum(unit.nbytes for unit in self.cluster.units if set(unit.tensors) <= self.kept_here))
             try:
                 while self.pending or self.running:
                     self.dispatch()
@@ -373,6 +465,8 @@ class _Dispatch:
             except BaseException:
                 self.stop()
                 raise
+            finally:
+                self.clear_scratch()
         for summary in self.cluster.summaries():
             log.info(summary.line())
         return ClusterOutcome(self.streamed, self.kept)
@@ -396,17 +490,23 @@ class _Dispatch:
                 return
 
     def best_unit(self, node: Node) -> Unit | None:
-        """The pending unit that suits `node` best: one it has not failed (unless every live node has), the one
-        whose input files it has read most of."""
-        best, best_score = None, -1
+        """The pending unit that suits `node` best among those it holds the models of: one it has not failed (unless
+        every live node that could run it has), the one whose input files it has read most of, then the one whose
+        files fewest other nodes have read (so that one input is not read on several nodes without need)."""
+        nodes = self.cluster.nodes.values()
+        elsewhere = {path for other in nodes if other is not node for path in other.read_files}
+        best, best_score = None, None
         for unit in self.pending:
-            failed = self.failed_on.get(unit.number, set())
-            if node.id in failed and any(other not in failed for other in self.cluster.nodes):
+            if not runs_on(unit, node.lacks):
                 continue
-            score = sum(1 for path in unit.files if path in node.read_files)
-            if score > best_score:
+            failed = self.failed_on.get(unit.number, set())
+            if node.id in failed and any(other.id not in failed for other in nodes if runs_on(unit, other.lacks)):
+                continue
+            here = sum(1 for path in unit.files if path in node.read_files)
+            score = (here, -sum(1 for path in unit.files if path in elsewhere and path not in node.read_files))
+            if best_score is None or score > best_score:
                 best, best_score = unit, score
-                if score == len(unit.files):
+                if here == len(unit.files):
                     break
         return best
 
@@ -421,12 +521,14 @@ class _Dispatch:
             self.identity,
             unit,
             attempt,
-            {name: self.earlier[name] for name in unit.tensors if name in self.earlier},
+            {} if node.local else {name: self.earlier[name] for name in unit.tensors if name in self.earlier},
             node.threads,
             self.crash[1] if crashes else None,
             self.crash[2] if crashes else True,
+            self.cluster.options.ray_local_disk if node.local else None,
         )
-        call = self.cluster._remote(run_unit, node, cpus=node.threads).remote(job)
+        described = self.cluster.described.get(node.id)
+        call = self.cluster._remote(run_unit, node, cpus=node.threads).remote(job, described)
         self.running[call] = (unit, node, attempt, time.monotonic())
         node.read_files.update(unit.files)
 
@@ -435,11 +537,15 @@ class _Dispatch:
         summary = self.cluster.summary[node.id]
         try:
             result = self.ray.get(call)
+            if result.folder is not None:
+                self.dispatch()  # the slot this unit held works on while its bytes are gathered
+                self.gather(unit, node, result)
         except self.ray.exceptions.RayError as error:
             summary.failures += 1
             summary.seconds += time.monotonic() - started
             self.failed(unit, node, attempt, error)
             return
+        summary.opened.update(result.opened, result.process_opened)
         for name in unit.tensors:
             self.journal.record(result.entries[name])
         self.writer.mark_written(unit.tensors, result.nonfinite)
@@ -449,7 +555,16 @@ class _Dispatch:
         self.streamed.reads.update(result.reads)
         read = result.bytes_read + result.copied_bytes
         self.cluster.finished.append(
-            UnitRecord(unit.number, node.name, len(unit.tensors), unit.nbytes, read, result.seconds, attempt)
+            UnitRecord(
+                unit.number,
+                node.name,
+                len(unit.tensors),
+                unit.nbytes,
+                read,
+                result.seconds,
+                attempt,
+                tuple(result.opened),
+            )
         )
         summary.units += 1
         summary.bytes_read += read
@@ -457,6 +572,42 @@ class _Dispatch:
         summary.seconds += result.seconds
         self.bar.update(unit.nbytes)
         self.show()
+
+    def gather(self, unit: Unit, node: Node, result: UnitResult) -> None:
+        """Copy a unit that `node` wrote on its own disk into the partial folder: in pieces of GATHER_PIECE bytes
+        through Ray's object store, at most GATHER_AHEAD of them asked for at once; then its folder there is removed."""
+        pieces = [
+            (name, offset + start, min(GATHER_PIECE, length - start))
+            for name, offset, length in self.writer.pieces(unit.tensors)
+            for start in range(0, length, GATHER_PIECE)
+        ]
+        reader = self.cluster._remote(read_piece, node, cpus=0)
+        asked: deque = deque()
+
+        def write_oldest() -> None:
+            (name, offset, length), call = asked.popleft()
+            self.writer.write_piece(name, offset, self.ray.get(call, timeout=GATHER_SECONDS))
+            self.cluster.summary[node.id].gathered += length
+
+        for name, offset, length in pieces:
+            asked.append(((name, offset, length), reader.remote(f"{result.folder}/{name}", offset, length)))
+            if len(asked) >= GATHER_AHEAD:
+                write_oldest()
+        while asked:
+            write_oldest()
+        folder = Path(result.folder)
+        self.cluster._remote(remove_scratch, node, cpus=0).remote(str(folder.parent), folder.name)
+
+    def clear_scratch(self) -> None:
+        """Remove what this run left on the nodes' own disks (tries that failed, units cut short)."""
+        scratch, prefix = self.cluster.options.ray_local_disk, scratch_prefix(self.identity)
+        calls = [
+            self.cluster._remote(remove_scratch, node, cpus=0).remote(scratch, prefix)
+            for node in self.cluster.nodes.values()
+            if node.local
+        ]
+        if calls:
+            self.ray.wait(calls, num_returns=len(calls), timeout=STOP_SECONDS)
 
     def failed(self, unit: Unit, node: Node, attempt: int, error: BaseException) -> None:
         cause = getattr(error, "cause", None)

@@ -68,6 +68,10 @@ class ExecutionOptions:
     ray: str | None = None  # run on a Ray cluster: "local" starts one here, else the address of one to join
     unit_retries: int = 3  # on a cluster: how many times a failed or lost unit of work is tried again elsewhere
     unit_size: int | None = None  # on a cluster: the most output bytes in one unit of work (None: chosen from the plan)
+    ray_inputs: dict[str, str] = field(default_factory=dict)  # on a cluster: model -> the label or resource of the
+    # nodes that hold it (composer.execute.placement); models not named are on storage every node reads
+    ray_local_disk: str | None = None  # on a cluster: a folder on each node's own disk where a node that cannot reach
+    # the output writes its units, for the driver to gather (None: every node must reach the output)
 
 
 def reader_count(options: ExecutionOptions) -> int:

@@ -24,6 +24,7 @@ class Unit:
     read_bytes: int  # bytes of the inputs it reads (each input once)
     files: tuple[str, ...]  # the input files it reads: a node that has read them already is the place for it
     chained: bool  # it holds a chain's steps, which must run in one process, in order
+    models: tuple[str, ...] = ()  # the models it reads (by reference): a node must hold each of them to run it
 
     def describe(self) -> str:
         first = self.tensors[0]
@@ -67,13 +68,22 @@ def _unit(number: int, members: list[PlannedTensor], plan: Plan, files: InputFil
         sum(info.nbytes for info in infos.values()),
         tuple(read),
         any(tensor.operation.chain is not None for tensor in members),
+        tuple(sorted({ref.model for ref in refs})),
     )
 
 
-def partition(plan: Plan, shard_size: int, slots: int, unit_size: int | None = None) -> list[Unit]:
+def partition(
+    plan: Plan, shard_size: int, slots: int, unit_size: int | None = None, apart: frozenset[str] = frozenset()
+) -> list[Unit]:
     """The plan's tensors as units of work: each chain whole (first: a chain runs its steps one after another, so it
-    is the longest piece of work), then each shard's other tensors in runs of at most `unit_limit` bytes."""
+    is the longest piece of work), then each shard's other tensors in runs of at most `unit_limit` bytes. A run also
+    ends where the models of `apart` that its tensors read change (models held by some nodes only: a unit must run
+    where all it reads is)."""
     limit = unit_limit(plan.output_bytes(), slots, unit_size)
+
+    def placed(tensor: PlannedTensor) -> frozenset[str]:
+        return frozenset(ref.model for ref in tensor.inputs) & apart
+
     groups: list[list[PlannedTensor]] = []
     chains: dict[object, list[PlannedTensor]] = {}
     for tensor in plan.tensors:
@@ -86,7 +96,7 @@ def partition(plan: Plan, shard_size: int, slots: int, unit_size: int | None = N
         for tensor in members:
             if tensor.operation.chain is not None:
                 continue
-            if run and filled + tensor.nbytes > limit:
+            if run and (filled + tensor.nbytes > limit or placed(tensor) != placed(run[-1])):
                 groups.append(run)
                 run, filled = [], 0
             run.append(tensor)
@@ -97,13 +107,15 @@ def partition(plan: Plan, shard_size: int, slots: int, unit_size: int | None = N
     return [_unit(number, members, plan, files) for number, members in enumerate(groups)]
 
 
-def input_files(plan: Plan) -> dict[str, int]:
-    """Every local file the plan's tensors are read from, with its size: what each node must be able to read. Files in
-    the hub's cache are left out: each node fetches those into its own cache as it builds the plan."""
+def input_files(plan: Plan, models: set[str] | None = None) -> dict[str, int]:
+    """Every local file the plan's tensors are read from (of `models` only, when given), with its size: what a node
+    must be able to read. Files in the hub's cache are left out: each node fetches those into its own cache."""
     from composer.sources.hub import in_hub_cache
 
     found: dict[str, int] = {}
-    for source in plan.sources.values():
+    for model, source in plan.sources.items():
+        if models is not None and model not in models:
+            continue
         for path in weight_files_of(source):
             if in_hub_cache(path):
                 continue

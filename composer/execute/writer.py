@@ -50,7 +50,8 @@ class ShardedWriter:
     of a dead run are kept (when their headers are the ones this layout writes) instead of truncated. `single`: one
     file of this name holds every tensor, whatever `shard_size`. `metadata`: text every file's header carries
     beside safetensors' "format" (composer's provenance record). `only`: open just the shards holding these tensors,
-    as another process laid them out (a cluster's worker writing its unit of work into the driver's shards)."""
+    as another process laid them out (a cluster's worker writing its unit of work into the driver's shards), or, with
+    `lay_out`, laid out here (a worker writing its unit on its node's own disk, for the driver to gather)."""
 
     def __init__(
         self,
@@ -63,10 +64,12 @@ class ShardedWriter:
         single: str | None = None,
         metadata: dict[str, str] | None = None,
         only: set[str] | None = None,
+        lay_out: bool = False,
     ):
         self.durable = durable
         self.journal = journal
-        self.reused = reuse or only is not None  # every shard kept as the dead run (or the driver) left it
+        opened_laid_out = only is not None and not lay_out
+        self.reused = reuse or opened_laid_out  # every shard kept as the dead run (or the driver) left it
         self.files: list[Path] = []
         self._location: dict[str, tuple[int, int, PlannedTensor]] = {}
         self._descriptors: list[int] = []
@@ -81,7 +84,7 @@ class ShardedWriter:
                     [(t.name, t.shape, t.dtype) for t in members], {"format": "pt", **(metadata or {})}
                 )
                 self.files.append(path)
-                if only is not None:
+                if opened_laid_out:
                     self._descriptors.append(_open_laid_out(path, header))
                 else:
                     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -179,6 +182,28 @@ class ShardedWriter:
         self._wrote(name, shard, offset, length)
         if self.journal is not None:
             self.journal.copied(name, source, source_offset)
+
+    def pieces(self, names) -> list[tuple[str, int, int]]:
+        """(file name, offset, length) of the bytes of tensors `names`, neighbours joined: the stretches of these shards
+        that another process wrote in a layout of its own, to be copied here (a node that wrote to its own disk)."""
+        spans = sorted(
+            (self._location[name][0], self._location[name][1], self._location[name][2].nbytes) for name in names
+        )
+        joined: list[list[int]] = []
+        for shard, offset, length in spans:
+            if joined and joined[-1][0] == shard and joined[-1][1] + joined[-1][2] == offset:
+                joined[-1][2] += length
+            else:
+                joined.append([shard, offset, length])
+        return [(self.files[shard].name, offset, length) for shard, offset, length in joined]
+
+    def write_piece(self, file_name: str, offset: int, data) -> None:
+        """Write bytes another process computed at `offset` of shard `file_name` (a stretch `pieces` named)."""
+        shard = next(number for number, path in enumerate(self.files) if path.name == file_name)
+        view = memoryview(data).cast("B")
+        _write_all(self._descriptors[shard], view, offset)
+        if self.durable and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._descriptors[shard], offset, len(view), os.POSIX_FADV_DONTNEED)
 
     def mark_written(self, names, nonfinite=()) -> None:
         """Count tensors as written that another process wrote into these shards (a cluster's worker)."""
