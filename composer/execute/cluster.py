@@ -38,14 +38,13 @@ from composer.execute.placement import check_placed, lacking, node_tags, placed_
 from composer.execute.units import Unit, input_files, partition
 from composer.execute.worker import (
     PROBE_FILE,
+    PieceReader,
     PlanOrder,
     UnitJob,
     UnitResult,
     check_node,
     check_output,
     check_scratch,
-    read_piece,
-    remove_scratch,
     run_unit,
     scratch_prefix,
     unit_journal_name,
@@ -208,6 +207,7 @@ class Cluster:
         self.retried = 0
         self.placed: dict[str, str] = {}  # model -> the label or resource of the nodes holding it (--ray-input-on)
         self.described: dict[str, object] = {}  # node id -> Ray object: descriptions of the placed models it lacks
+        self.readers: dict[str, object] = {}  # node id -> its PieceReader actor (nodes writing on their own disks)
         self._remote_functions: dict = {}
 
     @classmethod
@@ -233,7 +233,7 @@ class Cluster:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         resources = dict(num_cpus=cpus, max_retries=0)
-        if self.options.device.startswith("cuda") and cpus > 0:
+        if self.options.device.startswith("cuda"):
             resources["num_gpus"] = 1
         remote = self._remote_functions.get(function)
         if remote is None:
@@ -368,6 +368,7 @@ class Cluster:
         for node_id, found in answers.items():
             self.nodes[node_id].local = bool(found[0])
         if scratch is not None and problems:
+            self.start_readers()
             local = {node_id: node for node_id, node in self.nodes.items() if node.local}
             answers = self._ask_every_node(check_scratch, lambda node: (scratch,), nodes=local)
             failing = [f"node {self.nodes[node_id].name}: {found[0]}" for node_id, found in answers.items() if found[0]]
@@ -386,6 +387,17 @@ class Cluster:
                 scratch,
             )
 
+    def start_readers(self) -> None:
+        """A PieceReader on each node that writes on its own disk: one process for the whole run (tasks of their own
+        would each wait for a worker process to start while the node's CPUs run units)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor = self.ray.remote(PieceReader)
+        for node in self.nodes.values():
+            if node.local:
+                strategy = NodeAffinitySchedulingStrategy(node.id, soft=False)
+                self.readers[node.id] = actor.options(num_cpus=0, scheduling_strategy=strategy).remote()
+
     def run(
         self, partial: Path, identity: str, writer: ShardedWriter, journal: Journal, entries: dict[str, dict]
     ) -> ClusterOutcome:
@@ -395,6 +407,9 @@ class Cluster:
         return [summary for summary in self.summary.values() if summary.units or summary.failures]
 
     def close(self) -> None:
+        for reader in self.readers.values():
+            self.ray.kill(reader)
+        self.readers = {}
         if self.connected_here and self.ray.is_initialized():
             self.ray.shutdown()
 
@@ -581,7 +596,7 @@ class _Dispatch:
             for name, offset, length in self.writer.pieces(unit.tensors)
             for start in range(0, length, GATHER_PIECE)
         ]
-        reader = self.cluster._remote(read_piece, node, cpus=0)
+        reader = self.cluster.readers[node.id]
         asked: deque = deque()
 
         def write_oldest() -> None:
@@ -590,22 +605,18 @@ class _Dispatch:
             self.cluster.summary[node.id].gathered += length
 
         for name, offset, length in pieces:
-            asked.append(((name, offset, length), reader.remote(f"{result.folder}/{name}", offset, length)))
+            asked.append(((name, offset, length), reader.read.remote(f"{result.folder}/{name}", offset, length)))
             if len(asked) >= GATHER_AHEAD:
                 write_oldest()
         while asked:
             write_oldest()
         folder = Path(result.folder)
-        self.cluster._remote(remove_scratch, node, cpus=0).remote(str(folder.parent), folder.name)
+        reader.remove.remote(str(folder.parent), folder.name)
 
     def clear_scratch(self) -> None:
         """Remove what this run left on the nodes' own disks (tries that failed, units cut short)."""
         scratch, prefix = self.cluster.options.ray_local_disk, scratch_prefix(self.identity)
-        calls = [
-            self.cluster._remote(remove_scratch, node, cpus=0).remote(scratch, prefix)
-            for node in self.cluster.nodes.values()
-            if node.local
-        ]
+        calls = [reader.remove.remote(scratch, prefix) for reader in self.cluster.readers.values()]
         if calls:
             self.ray.wait(calls, num_returns=len(calls), timeout=STOP_SECONDS)
 

@@ -261,22 +261,25 @@ def check_scratch(scratch: str) -> str | None:
     return None
 
 
-def read_piece(path: str, offset: int, length: int) -> bytes:
-    """`length` bytes of a unit's shard on this node's disk, from `offset` (the driver gathers a unit piece by piece)."""
-    with open(path, "rb") as handle:
-        data = os.pread(handle.fileno(), length, offset)
-    if len(data) != length:
-        raise RuntimeError(f"{path} ended at {offset + len(data)}, before the {length} bytes asked for at {offset}")
-    return data
+class PieceReader:
+    """On a node that writes units on its own disk: hands the driver a unit's bytes piece by piece, and removes the
+    unit's folder once gathered (one long-lived process a node: the driver makes it a Ray actor)."""
 
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        """`length` bytes of a unit's shard on this node's disk, from `offset`."""
+        with open(path, "rb") as handle:
+            data = os.pread(handle.fileno(), length, offset)
+        if len(data) != length:
+            raise RuntimeError(f"{path} ended at {offset + len(data)}, before the {length} bytes asked for at {offset}")
+        return data
 
-def remove_scratch(scratch: str, prefix: str) -> int:
-    """Remove this node's unit folders in `scratch` whose names start with `prefix`; how many there were."""
-    folder = Path(scratch)
-    found = [path for path in folder.glob(prefix + "*") if path.is_dir()] if folder.is_dir() else []
-    for path in found:
-        shutil.rmtree(path, ignore_errors=True)
-    return len(found)
+    def remove(self, scratch: str, prefix: str) -> int:
+        """Remove this node's unit folders in `scratch` whose names start with `prefix`; how many there were."""
+        folder = Path(scratch)
+        found = [path for path in folder.glob(prefix + "*") if path.is_dir()] if folder.is_dir() else []
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(found)
 
 
 def scratch_prefix(identity: str) -> str:
