@@ -192,3 +192,16 @@ def test_a_failed_run_on_the_nodes_own_disks_leaves_nothing_complete_and_resumes
     assert report.resumed > 0  # the driver checked the finished units' tensors and kept them
     assert len(report.units) < len(units_of(ties(models)))  # only the units not finished were run again
     assert list(tmp_path.iterdir()) == [tmp_path / "out"]
+
+
+def test_the_placement_options_are_checked_before_any_model_is_opened(tmp_path, monkeypatch, capsys):
+    from helpers import compose_in_process
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: passthrough\nslices:\n  - sources: [{model: /nowhere, layer_range: [0, 1]}]\n")
+    out = tmp_path / "out"
+    assert compose_in_process(monkeypatch, recipe, out, "--ray-input-on", "/nowhere=holds-a") == 2
+    assert "error: --ray-input-on applies to a run on a Ray cluster: add --ray" in capsys.readouterr().err
+    assert compose_in_process(monkeypatch, recipe, out, "--ray=127.0.0.1:9", "--ray-input-on", "holds-a") == 2
+    assert "error: --ray-input-on 'holds-a' is not MODEL=NAME" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [recipe]
