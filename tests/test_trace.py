@@ -16,7 +16,7 @@ from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.sources import open_source
 from composer.trace import TraceOptions, trace_models
-from composer.trace.report import format_report
+from composer.trace.report import format_report, layer_t
 from composer.trace.tokenizers import compare_tokenizers, tokenizer_facts
 from helpers import (
     BYTE_LEVEL_SPECIAL,
@@ -91,6 +91,7 @@ def test_linear_weights_are_recovered_and_the_recipe_recomposes_to_suspect(famil
     for layer in report.layers:
         weights = {Path(model).name: weight for model, _, weight in layer.sources}
         assert set(weights) == {"a", "b"} and abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02
+        assert abs(layer_t(layer) - 0.7) <= 0.02  # two weights summing to one: the t of an interpolation
     assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
     assert max(report.verification.values()) == 0.0  # a traced merge recomposes to itself
 
@@ -444,3 +445,40 @@ def test_a_small_memory_budget_reads_in_blocks_and_changes_nothing(family):
     for layer in small.layers:
         weights = {Path(model).name: weight for model, _, weight in layer.sources}
         assert abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02
+
+
+# ---- the estimator and the fingerprints, on tensors alone (no model: fast) ------------------------------------
+
+
+def test_a_blend_of_nearly_equal_sources_rounded_to_bf16_is_fitted_without_bias():
+    """Fine-tunes of one base differ by about one bf16 step; rounding their blend to bf16 snaps it to one source's
+    grid point or the other's, which pulls a least-squares fit over every entry towards the ends (0.70/0.30 for
+    0.6/0.4 here). The fit over the entries whose sources lie several steps apart is not pulled."""
+    from composer.trace.fits import NormalEquations
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1 << 20, generator=generator) * 0.05
+    a, b = (base + torch.randn(1 << 20, generator=generator) * 2e-4 for _ in range(2))
+    blend = torch.lerp(a.bfloat16(), b.bfloat16(), 0.4)  # as composer's and mergekit's bf16 slerp of such tensors
+    blocks = [(blend.float(), [a, b])]
+    every_entry = NormalEquations.gather(blocks, 2).solve()
+    assert abs(every_entry.weights[1] - 0.4) > 0.05
+    fit = NormalEquations.gather(blocks, 2, torch.bfloat16).solve()
+    assert abs(fit.weights[0] - 0.6) <= 0.01 and abs(fit.weights[1] - 0.4) <= 0.01
+    assert 0 < fit.informative < 1 << 20 and fit.relative_error < 3e-3  # the residual is over every entry
+
+
+def test_sketches_of_large_matrices_keep_fixed_rows_and_do_not_depend_on_the_blocks():
+    from composer.trace.fingerprints import SKETCH_ROWS, fingerprint, projection, sketched_rows
+    from composer.trace.reading import digest_aligned
+
+    matrix = torch.randn(2000, 24, generator=torch.Generator().manual_seed(3)).bfloat16()
+    rows = sketched_rows(2000)
+    assert len(rows) == SKETCH_ROWS and rows[0] == 0 and rows[-1] == 1999
+    whole = fingerprint("w", (2000, 24), torch.bfloat16, [(0, matrix)])
+    step = digest_aligned(96, 24 * 2)  # blocks of whole digest pieces
+    blocked = fingerprint(
+        "w", (2000, 24), torch.bfloat16, [(start, matrix[start : start + step]) for start in range(0, 2000, step)]
+    )
+    assert whole.digest == blocked.digest and torch.equal(whole.sketch, blocked.sketch)
+    assert torch.allclose(whole.sketch, matrix[rows].float() @ projection(24))

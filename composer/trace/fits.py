@@ -11,6 +11,7 @@ the whole tensor, a chunk at a time).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -18,48 +19,100 @@ import torch
 
 CHUNK = 1 << 20
 SLERP_PARALLEL = 0.9995  # composer's slerp interpolates linearly above this cosine (composer.methods.slerp)
+# Entries whose sources lie at least this many rounding steps of SUSPECT's dtype apart from each other are
+# the ones the weights are fitted on (see NormalEquations); with fewer than MIN_INFORMATIVE such entries a
+# tensor is fitted on all of its entries.
+INFORMATIVE_GAP = 4
+MIN_INFORMATIVE = 256
 
 
 @dataclass
 class LeastSquares:
     weights: list[float]
-    relative_error: float
-    gram: torch.Tensor  # float64 [n, n]
+    relative_error: float  # over all of the tensor's entries
+    gram: torch.Tensor  # float64 [n, n], over all entries (the sources' angles)
+    informative: int = 0  # entries the weights were fitted on
+
+
+def informative_entries(stacked: torch.Tensor, rounding: torch.dtype) -> torch.Tensor:
+    """Which entries (columns of `stacked`, float32 [sources, entries]) have every pair of sources at least
+    INFORMATIVE_GAP rounding steps of `rounding` apart, the step taken at the largest source's magnitude."""
+    pairs = itertools.combinations(range(len(stacked)), 2)  # pair by pair: a sort along the short axis is far slower
+    gap = (stacked[0] - stacked[1]).abs_()
+    for first, second in itertools.islice(pairs, 1, None):
+        torch.minimum(gap, (stacked[first] - stacked[second]).abs_(), out=gap)
+    largest = stacked[0].abs()
+    for row in stacked[1:]:
+        torch.maximum(largest, row.abs(), out=largest)
+    power = (largest.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 |x|): the exponent bits alone
+    step = (power * (torch.finfo(rounding).eps * INFORMATIVE_GAP)).clamp_min_(torch.finfo(torch.float32).tiny)
+    return gap >= step
 
 
 @dataclass
 class NormalEquations:
-    """The sums least squares needs, gathered block by block: the sources' Gram matrix, their products with y, and |y|^2."""
+    """The sums least squares needs, gathered block by block: the sources' Gram matrix, their products with y, and |y|^2.
+
+    When SUSPECT is stored in a coarser dtype than float32 (bf16, fp16), the same sums are also gathered over the
+    *informative* entries only, and the weights are fitted there. Fine-tunes of one base differ by about one
+    rounding step of bf16 in most entries; there SUSPECT's rounding snaps a blend to the grid point of one source
+    or the other, which biases least squares towards the ends (a 0.6/0.4 blend of two real SmolLM2 fine-tunes
+    read as 0.65/0.35). Entries whose sources are several steps apart carry the weights without that bias. The
+    choice reads the sources only, never y, so it selects no noise. The residual is still taken over all entries."""
 
     gram: torch.Tensor
     cross: torch.Tensor
     squared: float = 0.0
+    entries: int = 0
+    informative: NormalEquations | None = None
 
     @classmethod
-    def gather(cls, blocks, count: int) -> NormalEquations:
-        """`blocks` yields (y block, [source blocks]) of equal shapes; float64 sums, CHUNK entries at a time."""
-        sums = cls(torch.zeros(count, count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64))
+    def empty(cls, count: int) -> NormalEquations:
+        return cls(torch.zeros(count, count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64))
+
+    def _add(self, rows: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """`rows`: float64 [sources + 1, entries], the sources then y; one product gives every sum. `mask`: the
+        entries that count (all when None), multiplied in, which is faster than picking them out."""
+        picked = rows if mask is None else rows * mask
+        products = picked @ rows.T
+        count = len(self.cross)
+        self.gram += products[:count, :count]
+        self.cross += products[:count, count]
+        self.squared += float(products[count, count])
+        self.entries += rows.shape[1] if mask is None else int(mask.sum())
+
+    @classmethod
+    def gather(cls, blocks, count: int, rounding: torch.dtype | None = None) -> NormalEquations:
+        """`blocks` yields (y block, [source blocks]) of equal shapes; float64 sums, CHUNK entries at a time.
+        `rounding`: SUSPECT's dtype, where it is coarser than float32."""
+        sums = cls.empty(count)
+        if rounding is not None and count >= 2 and torch.finfo(rounding).eps > torch.finfo(torch.float32).eps:
+            sums.informative = cls.empty(count)
         for y, sources in blocks:
-            flat_y = y.reshape(-1)
-            flats = [x.reshape(-1) for x in sources]
-            for start in range(0, flat_y.numel(), CHUNK):
-                target = flat_y[start : start + CHUNK].double()
-                stacked = torch.stack([x[start : start + CHUNK].double() for x in flats])
-                sums.gram += stacked @ stacked.T
-                sums.cross += stacked @ target
-                sums.squared += float(target @ target)
+            flats = [x.reshape(-1) for x in sources] + [y.reshape(-1)]
+            for start in range(0, flats[-1].numel(), CHUNK):
+                single = torch.stack([x[start : start + CHUNK].float() for x in flats])
+                rows = single.double()
+                sums._add(rows)
+                if sums.informative is not None:
+                    sums.informative._add(rows, informative_entries(single[:count], rounding))
         return sums
 
     def solve(self, keep: list[int] | None = None) -> LeastSquares:
-        """The fit over the sources at `keep` (all when None)."""
+        """The fit over the sources at `keep` (all when None): weights from the informative entries where there
+        are enough of them, the relative error over all entries."""
         keep = list(range(len(self.cross))) if keep is None else keep
-        gram, cross = self.gram[keep][:, keep], self.cross[keep]
+        fitted = self
+        if self.informative is not None and self.informative.entries >= MIN_INFORMATIVE * len(keep):
+            fitted = self.informative
+        gram, cross = fitted.gram[keep][:, keep], fitted.cross[keep]
         count = len(keep)
         ridge = 1e-13 * float(gram.diagonal().sum()) / max(count, 1)
         weights = torch.linalg.solve(gram + ridge * torch.eye(count, dtype=torch.float64), cross)
+        gram, cross = self.gram[keep][:, keep], self.cross[keep]
         left = self.squared - 2 * float(weights @ cross) + float(weights @ gram @ weights)
         error = math.sqrt(max(left, 0.0) / self.squared) if self.squared > 0 else 0.0
-        return LeastSquares([float(w) for w in weights], error, gram)
+        return LeastSquares([float(w) for w in weights], error, gram, fitted.entries)
 
 
 def slerp_coefficients(t: float, theta: float) -> tuple[float, float]:
@@ -144,12 +197,17 @@ def sparsity_signature(
     dtype = y.dtype
     as_stored = base.to(dtype).float().reshape(-1)
     stored = y.float().reshape(-1)
-    y_delta = stored - base.float().reshape(-1)
-    taus = [x.float().reshape(-1) - base.float().reshape(-1) for x in sources]
     kept = stored != as_stored
     support = float(kept.float().mean())
+    if not Sparsity(support, 1.0, 1.0, 1.0).sparse:  # too few entries equal the base for any sparsified merge
+        return Sparsity(support, support, 1.0, 1.0)
+    y_delta = stored - base.float().reshape(-1)
+    taus = [x.float().reshape(-1) - base.float().reshape(-1) for x in sources]
     dense = base.float().reshape(-1) + sum(w * tau for w, tau in zip(weights, taus))
     dense_support = float((dense.to(dtype).float() != as_stored).float().mean())
+    del dense
+    if not Sparsity(support, dense_support, 1.0, 1.0).sparse:  # a dense merge leaves as many: the rest is not needed
+        return Sparsity(support, dense_support, 1.0, 1.0)
     ratios = []
     for tau in taus:
         inside, outside = tau[kept].abs(), tau[~kept].abs()

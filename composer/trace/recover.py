@@ -4,6 +4,7 @@ and its sources at a time. Layers whose tensors are byte-identical copies cost n
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
@@ -12,12 +13,14 @@ import torch
 
 from composer.trace.fits import NormalEquations, Sparsity, fit_slerp, sparsity_signature
 from composer.trace.layers import CandidateMatch, Fingerprinted
-from composer.trace.reading import row_count, rows_within
+from composer.trace.reading import row_count, rows_within, spread_rows
 from composer.trace.vocabulary_rows import common_rows
 
 MIN_SIMILARITY = 0.3  # a layer below this cosine is no source (independent layers score about 1/sqrt(entries))
 MIN_WEIGHT = 0.02  # sources weighing less than this in a least-squares fit are dropped and the fit redone
 MIN_EXPLAINED = 0.05  # a source of a sparsified merge explains at least this share of the changed entries on its own
+SAMPLE_ENTRIES = 1 << 18  # entries of a tensor the fits read, in SAMPLE_RUNS runs of rows spread over it (all if fewer)
+SAMPLE_RUNS = 16
 BLENDS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 
@@ -78,9 +81,10 @@ class Recovery:
     """Reads SUSPECT's tensors and their sources and fits them; `base` names the candidate whose task vectors count.
 
     Within `memory_budget`: the least-squares sums are gathered a block of rows at a time (a block of SUSPECT's
-    tensor and of each source, in float32 and float64); the sparsity signature (TIES, DARE), which needs
-    element-wise masks and quantiles, is read from the first block only, a sample of rows; embeddings and heads
-    compared through a tokenizer alignment are fitted on a sample of the shared tokens' rows of that size."""
+    tensor and of each source, in float32 and float64) over at most SAMPLE_ENTRIES entries of a tensor, read once;
+    the sparsity signature (TIES, DARE), which needs element-wise masks and quantiles, reads the first block of
+    them; embeddings and heads compared through a tokenizer alignment are fitted on that many of the shared tokens'
+    rows."""
 
     def __init__(
         self, suspect: Fingerprinted, candidates: list[Candidate], base: str | None, memory_budget: int = 1 << 30
@@ -91,29 +95,34 @@ class Recovery:
         self.memory_budget = memory_budget
 
     def _block_rows(self, name: str, count: int) -> int:
+        """Rows of SUSPECT's tensor and of `count` sources read at a time: stored, float32 and float64 copies of
+        each within half the budget, with room for the sparsity signature's float32 work on the first block."""
         _, length = row_count(tuple(self.suspect.prints[name].shape))
-        return rows_within(self.memory_budget // 2, length, copies=3 * (count + 1))
+        return rows_within(self.memory_budget // 2, length, copies=3 * (count + 1) + 12)
 
     def _blocks(self, name: str, chosen: list[tuple[Candidate, str]]):
-        rows = self._block_rows(name, len(chosen))
-        readers = [self.suspect.model.reader.blocks(name, rows)]
-        readers += [candidate.fingerprinted.model.reader.blocks(other, rows) for candidate, other in chosen]
+        """(SUSPECT's block in its stored dtype, the sources' blocks in float32) on the same rows, within the budget:
+        about SAMPLE_ENTRIES entries in runs of rows spread over the tensor (least squares over a few weights needs
+        no more, and the fits then cost a fraction of the fingerprint pass), all rows of a smaller tensor."""
+        rows, length = row_count(tuple(self.suspect.prints[name].shape))
+        wanted = spread_rows(rows, max(1, SAMPLE_ENTRIES // length), SAMPLE_RUNS)
+        block = self._block_rows(name, len(chosen))
+        readers = [self.suspect.model.reader.blocks_at(name, wanted, block)]
+        readers += [candidate.fingerprinted.model.reader.blocks_at(other, wanted, block) for candidate, other in chosen]
         for parts in zip(*readers):
-            yield parts[0][1].float(), [part[1].float() for part in parts[1:]]
+            yield parts[0], [part.float() for part in parts[1:]]
 
-    def _sample(self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor] | None):
-        """SUSPECT's tensor and its sources on the rows the sparsity signature reads (stored dtypes): the first
-        block, or, through a tokenizer alignment, the shared tokens' rows."""
-        if maps is None:
-            first = next(self._blocks(name, chosen))
-            dtype = self.suspect.prints[name].dtype
-            return first[0].to(dtype), first[1]
-        rows, their_rows = common_rows(maps, self._block_rows(name, len(chosen)))
-        y = self.suspect.model.reader.rows(name, rows)
+    def _aligned_sample(self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor]):
+        """SUSPECT's rows (stored dtype) and its sources' rows (float32) of at most SAMPLE_ENTRIES entries of the
+        tokens every alignment pairs: row i of each is the same token."""
+        _, length = row_count(tuple(self.suspect.prints[name].shape))
+        limit = max(1, min(SAMPLE_ENTRIES // length, self._block_rows(name, len(chosen))))
+        wanted, their_rows = common_rows(maps, limit)
+        y = self.suspect.model.reader.rows(name, wanted)
         sources = []
-        for (candidate, other), wanted in zip(chosen, their_rows):
-            order = torch.argsort(wanted)
-            read = candidate.fingerprinted.model.reader.rows(other, wanted[order])
+        for (candidate, other), theirs in zip(chosen, their_rows):
+            order = torch.argsort(theirs)
+            read = candidate.fingerprinted.model.reader.rows(other, theirs[order])
             sources.append(read[torch.argsort(order)].float())
         return y, sources
 
@@ -129,12 +138,14 @@ class Recovery:
             if maps is None and candidate.fingerprinted.prints[other].digest == digest:
                 return TensorFit(name, "copy", [candidate.reference], [1.0], 0.0)
         references = [candidate.reference for candidate, _ in chosen]
+        dtype = self.suspect.prints[name].dtype
         if maps is None:
-            sums = NormalEquations.gather(self._blocks(name, chosen), len(chosen))
-            sample = None
+            blocks = self._blocks(name, chosen)
+            sample = next(blocks)  # the first block of the rows read: what the sparsity signature reads
+            sums = NormalEquations.gather(itertools.chain([sample], blocks), len(chosen), dtype)
         else:
-            sample = self._sample(name, chosen, maps)
-            sums = NormalEquations.gather([(sample[0].float(), sample[1])], len(chosen))
+            sample = self._aligned_sample(name, chosen, maps)
+            sums = NormalEquations.gather([sample], len(chosen), dtype)
         aligned = None if maps is None else len(sample[0])
         fit = sums.solve()
         keep = [i for i, w in enumerate(fit.weights) if abs(w) >= MIN_WEIGHT or references[i] == self.base]
@@ -149,8 +160,6 @@ class Recovery:
             return TensorFit(
                 name, method, references, [1.0 if method == "copy" else scale], fit.relative_error, aligned_rows=aligned
             )
-        if sample is None:
-            sample = self._sample(name, chosen, None)
         y, tensors = sample[0], [sample[1][i] for i in keep]
         sparse = self._sparse_fit(name, y, tensors, references, fit.weights)
         if sparse is not None:
