@@ -5,7 +5,7 @@ mergekit 0.1.5 where `--mergekit` names its `mergekit-yaml`, continued fine-tuni
 quantisation), strips its card, traces it back with `compose trace --verify` in a child process against
 a, b, sib, base and other, and checks the result against the truth.
 
-    nice -n 10 python bench/trace_real.py [--steps 10] [--lr 3e-4] [--work /tmp/trace-real]
+    nice -n 10 python bench/trace_real.py [--steps 30] [--lr 1e-4] [--work /tmp/trace-real]
         [--mergekit /path/to/mergekit-yaml] [--only linear,slerp,...]
 
 Prints one row per case: passed or what failed, parents named, verdicts with p-values, recovered weights, t or
@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# bench/ holds scripts named like packages (tokensurgery.py): the repository's own packages come first
+sys.path[:] = [str(REPO)] + [entry for entry in sys.path if Path(entry or ".").resolve() != REPO / "bench"]
 TEXTS = {"a": ["json/decoder.py", "textwrap.py"], "b": ["argparse.py"], "sib": ["pathlib.py", "shutil.py"]}
 TUNING_TEXT = ["csv.py"]  # the continued fine-tuning after a merge
 CANDIDATES = ("a", "b", "sib", "base", "other")

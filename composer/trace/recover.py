@@ -11,7 +11,14 @@ from statistics import median
 
 import torch
 
-from composer.trace.fits import NormalEquations, Sparsity, fit_slerp, sparsity_signature
+from composer.trace.fits import (
+    NormalEquations,
+    Sparsity,
+    fit_slerp,
+    rounding_steps,
+    single_mover_signature,
+    sparsity_signature,
+)
 from composer.trace.layers import CandidateMatch, Fingerprinted
 from composer.trace.reading import row_count, rows_within, spread_rows
 from composer.trace.vocabulary_rows import common_rows
@@ -142,12 +149,16 @@ class Recovery:
         if maps is None:
             blocks = self._blocks(name, chosen)
             sample = next(blocks)  # the first block of the rows read: what the sparsity signature reads
-            sums = NormalEquations.gather(itertools.chain([sample], blocks), len(chosen), dtype)
+            views = NormalEquations.gather_views(itertools.chain([sample], blocks), len(chosen), dtype)
         else:
             sample = self._aligned_sample(name, chosen, maps)
-            sums = NormalEquations.gather([sample], len(chosen), dtype)
+            views = NormalEquations.gather_views([sample], len(chosen), dtype)
         aligned = None if maps is None else len(sample[0])
+        sums, rounded = views
         fit = sums.solve()
+        if rounded is not None and (rounded_fit := rounded.solve()).relative_error < fit.relative_error:
+            sums, fit = rounded, rounded_fit  # the merge blended the sources rounded to SUSPECT's dtype
+            sample = (sample[0], [x.to(dtype).float() for x in sample[1]])
         keep = [i for i, w in enumerate(fit.weights) if abs(w) >= MIN_WEIGHT or references[i] == self.base]
         if keep and len(keep) < len(references):
             fit = sums.solve(keep)
@@ -202,47 +213,69 @@ class Recovery:
 
     def _sparse_fit(self, name, y, tensors, references, weights) -> TensorFit | None:
         """TIES or DARE, when y - base has far fewer nonzero entries than a dense merge would leave. The base is
-        --base, else any source for which that holds. `y` is in SUSPECT's dtype."""
-        bases = [references.index(self.base)] if self.base in references else range(len(references))
-        for at in bases:
-            others = [i for i in range(len(references)) if i != at]
-            if not others:
+        --base, else the source that explains SUSPECT best as a sparsified merge's base. `y` is in SUSPECT's dtype."""
+        if self.base in references:
+            bases = [references.index(self.base)]
+        else:  # a task-arithmetic base carries weight 1 - sum(w): the most negative least-squares weight first
+            bases = sorted(range(len(references)), key=lambda i: weights[i])
+        best, best_share = None, -1.0
+        for at in bases:  # the base whose task vectors explain most entries alone; the earlier one on a tie
+            fitted = self._sparse_fit_on(name, y, tensors, references, weights, at)
+            if fitted is None:
                 continue
-            base = tensors[at]
-            lambdas = [weights[i] for i in others]
+            explained = fitted.sparsity.explained
+            share = sum(explained) / len(explained) if explained else 0.0
+            if share > best_share + 0.01:
+                best, best_share = fitted, share
+        return best
+
+    def _sparse_fit_on(self, name, y, tensors, references, weights, at) -> TensorFit | None:
+        others = [i for i in range(len(references)) if i != at]
+        if not others:
+            return None
+        base = tensors[at]
+        lambdas = [weights[i] for i in others]
+        signature = None
+        if y.dtype.is_floating_point and y.dtype.itemsize < 4:  # where rounding blurs the support test
+            signature = single_mover_signature(y, base, [tensors[i] for i in others])
+        if signature is None:
             signature = sparsity_signature(y, base, [tensors[i] for i in others], lambdas)
-            if not signature.sparse:
-                continue
-            unused = [i for i, share in zip(others, signature.explained) if share < MIN_EXPLAINED]
-            if unused and len(unused) < len(others):  # a sibling's task vector explains no entry alone: it took no part
-                keep = [i for i in range(len(references)) if i not in unused]
-                return self._sparse_fit(
-                    name, y, [tensors[i] for i in keep], [references[i] for i in keep], [weights[i] for i in keep]
-                )
-            models = [references[i] for i in others]
-            if signature.kept_magnitude < 0.5:
-                density = median(signature.trim_densities) if signature.trim_densities else signature.density
-                shares = _ties_shares(y, base, [tensors[i] for i in others], signature)
-                method, values = "ties", shares
-            else:
-                density = signature.density
-                method = "dare_ties" if signature.sign_election > 0.9 else "dare_linear"
-                values = [c * density for c in signature.coefficients]
-            signature.relative_error = _sparse_error(y, base, [tensors[i] for i in others], signature)
-            return TensorFit(
+        if not signature.sparse:
+            return None
+        unused = [i for i, share in zip(others, signature.explained) if share < MIN_EXPLAINED]
+        if unused and len(unused) < len(others):  # a sibling's task vector explains no entry alone: it took no part
+            keep = [i for i in range(len(references)) if i not in unused]
+            return self._sparse_fit_on(
                 name,
-                method,
-                models,
-                values,
-                signature.relative_error,
-                base=references[at],
-                density=density,
-                sparsity=signature,
+                y,
+                [tensors[i] for i in keep],
+                [references[i] for i in keep],
+                [weights[i] for i in keep],
+                keep.index(at),
             )
-        return None
+        models = [references[i] for i in others]
+        if signature.kept_magnitude < 0.5:
+            density = median(signature.trim_densities) if signature.trim_densities else signature.density
+            shares = ties_shares(y, base, [tensors[i] for i in others], signature)
+            method, values = "ties", shares
+        else:
+            density = signature.density
+            method = "dare_ties" if signature.sign_election > 0.9 else "dare_linear"
+            values = [c * density for c in signature.coefficients]
+        signature.relative_error = _sparse_error(y, base, [tensors[i] for i in others], signature)
+        return TensorFit(
+            name,
+            method,
+            models,
+            values,
+            signature.relative_error,
+            base=references[at],
+            density=density,
+            sparsity=signature,
+        )
 
 
-def _ties_shares(y, base, sources, signature: Sparsity) -> list[float]:
+def ties_shares(y, base, sources, signature: Sparsity) -> list[float]:
     """TIES's weights, normalised to sum to one (a normalised TIES merge depends only on their ratios): least
     squares over the entries where every task vector survives its trim and all agree in sign."""
     y_delta = (y.float() - base.float()).reshape(-1)
@@ -263,7 +296,29 @@ def _ties_shares(y, base, sources, signature: Sparsity) -> list[float]:
     design = matrix[:, :-1] - matrix[:, -1:]
     solved = torch.linalg.lstsq(design, target.unsqueeze(1)).solution.reshape(-1)
     shares = [float(v) for v in solved] + [1 - float(solved.sum())]
+    if len(taus) == 2 and y.dtype.is_floating_point and y.dtype.itemsize < 4:
+        picked = mask.nonzero().reshape(-1)[agree]
+        shares = matched_shares(
+            y.float().reshape(-1)[picked], base.float().reshape(-1)[picked], [tau[picked] for tau in taus], y.dtype
+        )
     return shares
+
+
+def matched_shares(y: torch.Tensor, base: torch.Tensor, taus: list[torch.Tensor], dtype: torch.dtype) -> list[float]:
+    """The shares (s, 1 - s) of two task vectors under which base + s tau_1 + (1 - s) tau_2 lands within half a
+    rounding step of y (bf16, fp16) at the most entries. Least squares is biased there: the task vectors are a few
+    steps of the base's grid, and y is rounded on that grid, not on theirs. A grid of s, then a finer one."""
+    step = rounding_steps(y, dtype)
+    best = 0.5
+    for width, points in ((1.0, 201), (0.01, 41)):
+        grid = torch.linspace(best - width, best + width, points)
+        hits = torch.zeros(points)
+        for start in range(0, len(y), 1 << 14):
+            part = slice(start, start + (1 << 14))
+            blend = base[part] + taus[1][part] + grid[:, None] * (taus[0][part] - taus[1][part])
+            hits += ((blend - y[part]).abs() <= 0.5 * step[part]).sum(dim=1)
+        best = float(grid[int(torch.argmax(hits))])
+    return [best, 1 - best]
 
 
 def _sparse_error(y, base, sources, signature: Sparsity) -> float:

@@ -6,8 +6,14 @@ independently the pairing of SUSPECT's row i with the candidate's row i is no be
 The statistic: for each SUSPECT layer, the best candidate layer's mean cosine between SUSPECT's rows and the
 candidate's rows at the same places (row sketches, `fingerprints`), averaged over SUSPECT's layers. Its null
 distribution comes from the same statistic with SUSPECT's rows shuffled (each matrix its own shuffle, the
-maximum over candidate layers taken again). The p-value is the normal tail of the observed statistic
-against that distribution (PERMUTATIONS shuffles); ALPHA is the stated false-positive rate.
+maximum over candidate layers taken again; PERMUTATIONS shuffles give its mean and standard deviation).
+
+The p-value is Cantelli's one-sided bound, P(X - mean >= z std) <= 1 / (1 + z^2), which holds for any null
+distribution, so ALPHA is a false-positive rate that the test keeps whatever the null's shape. A normal tail
+does not: the statistic is an average of maxima, skewed to the right, and on SmolLM2 against a random
+initialisation its normal tail gave p = 8e-4 in one row sample of three (z = 3.2). Parents and their relatives
+stand thousands of standard deviations above the null (z ~ 2000 on SmolLM2: p ~ 2.5e-7), so the bound costs
+them nothing; ALPHA = 1e-3 asks for z >= 31.6.
 """
 
 from __future__ import annotations
@@ -107,11 +113,17 @@ def independence_test(suspect: Fingerprinted, candidate: Fingerprinted, seed: in
     statistic = sum(observed_layers) / len(observed_layers)
     null_statistic = torch.stack(null_layers).mean(dim=0).double()
     mean, std = float(null_statistic.mean()), float(null_statistic.std())
+    return IndependenceTest(statistic, mean, std, cantelli_bound(statistic, mean, std), pairs)
+
+
+def cantelli_bound(statistic: float, mean: float, std: float) -> float:
+    """An upper bound on P(null >= statistic) from the null's mean and standard deviation alone."""
+    if statistic <= mean:
+        return 1.0
     if std <= 0:
-        p_value = 0.0 if statistic > mean else 1.0
-    else:
-        p_value = 0.5 * math.erfc((statistic - mean) / std / math.sqrt(2))
-    return IndependenceTest(statistic, mean, std, max(p_value, 1e-300), pairs)
+        return 1e-300
+    z = (statistic - mean) / std
+    return max(1.0 / (1.0 + z * z), 1e-300)
 
 
 def verdict(test: IndependenceTest, contribution: float, is_recipe_base: bool) -> str:
