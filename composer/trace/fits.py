@@ -294,14 +294,18 @@ def rounding_steps(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (power * torch.finfo(dtype).eps).clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def single_mover_signature(y: torch.Tensor, base: torch.Tensor, sources: list[torch.Tensor]) -> Sparsity | None:
+def single_mover_signature(
+    y: torch.Tensor, base: torch.Tensor, sources: list[torch.Tensor], weights: list[float] | None = None
+) -> Sparsity | None:
     """The sparsity signature of a merge stored in a coarse dtype (bf16, fp16) whose task vectors are a few rounding
     steps each, where rounding hides the support test of `sparsity_signature` (a dense merge leaves as many entries
     at the base as a trim does). It reads the entries where one task vector alone moves from the base (the sources
     rounded to SUSPECT's dtype, as the merge saw them): there a dense merge gives c_i tau_i, rounded; TIES gives
     tau_i above a magnitude cut and 0 below it (its disjoint mean of one delta is the delta); DARE gives c_i tau_i or
     0 at random, whatever the magnitude. A source where SUSPECT never moves took no part (coefficient 0), and its
-    moves are then left out of the count of movers. None when the entries do not show a sparsified merge."""
+    moves are then left out of the count of movers. Where no source is alone often enough to judge, the one with
+    the smallest least-squares `weight` is left out the same way. None when the entries do not show a sparsified
+    merge."""
     dtype = y.dtype
     as_stored = base.to(dtype).float().reshape(-1)
     y_delta = y.float().reshape(-1) - as_stored
@@ -310,16 +314,28 @@ def single_mover_signature(y: torch.Tensor, base: torch.Tensor, sources: list[to
     moving = torch.stack([tau != 0 for tau in taus])
     used = list(range(len(taus)))
     found = [SingleMovers(0.0)] * len(taus)
-    for _ in range(2):  # again without the sources that took no part, whose moves hide the others' single movers
+    order = sorted(range(len(taus)), key=lambda i: -abs(weights[i]) if weights else i)
+    for _ in range(
+        len(taus)
+    ):  # again without the sources that took no part, whose moves hide the others' single movers
         movers = moving[used].sum(dim=0)
         for i in used:
             found[i] = _single_movers(taus[i], moving[i] & (movers == 1), y_delta, step)
-        if any(found[i] is None for i in used):
-            return None
-        now_used = [i for i in used if found[i].coefficient != 0.0]
+        if all(found[i] is None for i in used) and len(used) > 1:
+            weakest = [i for i in order if i in used][-1]
+            found[weakest] = SingleMovers(0.0)
+            used = [i for i in used if i != weakest]
+            continue
+        # a source too seldom alone to judge is left out with those that took no part, if some others show a part
+        now_used = [i for i in used if found[i] is not None and found[i].coefficient != 0.0]
         if now_used == used or not now_used:
             break
+        for i in used:
+            if found[i] is None:
+                found[i] = SingleMovers(0.0)
         used = now_used
+    if any(found[i] is None for i in used):
+        return None
     if not used or max(found[i].zero_share for i in used) < SPARSE_ZEROS:
         return None
     coefficients = [f.coefficient for f in found]

@@ -237,7 +237,7 @@ class Recovery:
         lambdas = [weights[i] for i in others]
         signature = None
         if y.dtype.is_floating_point and y.dtype.itemsize < 4:  # where rounding blurs the support test
-            signature = single_mover_signature(y, base, [tensors[i] for i in others])
+            signature = single_mover_signature(y, base, [tensors[i] for i in others], lambdas)
         if signature is None:
             signature = sparsity_signature(y, base, [tensors[i] for i in others], lambdas)
         if not signature.sparse:
