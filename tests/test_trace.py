@@ -16,7 +16,7 @@ from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.sources import open_source
 from composer.trace import TraceOptions, trace_models
-from composer.trace.report import format_report
+from composer.trace.report import format_report, layer_t
 from composer.trace.tokenizers import compare_tokenizers, tokenizer_facts
 from helpers import (
     BYTE_LEVEL_SPECIAL,
@@ -91,6 +91,7 @@ def test_linear_weights_are_recovered_and_the_recipe_recomposes_to_suspect(famil
     for layer in report.layers:
         weights = {Path(model).name: weight for model, _, weight in layer.sources}
         assert set(weights) == {"a", "b"} and abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02
+        assert abs(layer_t(layer) - 0.7) <= 0.02  # two weights summing to one: the t of an interpolation
     assert verdicts(report, family) == {"a": "parent", "b": "parent", "sib": "related", "other": "independent"}
     assert max(report.verification.values()) == 0.0  # a traced merge recomposes to itself
 
@@ -444,3 +445,91 @@ def test_a_small_memory_budget_reads_in_blocks_and_changes_nothing(family):
     for layer in small.layers:
         weights = {Path(model).name: weight for model, _, weight in layer.sources}
         assert abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02
+
+
+# ---- the estimator and the fingerprints, on tensors alone (no model: fast) ------------------------------------
+
+
+def test_a_blend_of_nearly_equal_sources_rounded_to_bf16_is_fitted_without_bias():
+    """Fine-tunes of one base differ by about one bf16 step; rounding their blend to bf16 snaps it to one source's
+    grid point or the other's, which pulls a least-squares fit over every entry towards the ends (0.70/0.30 for
+    0.6/0.4 here). The fit over the entries whose sources lie several steps apart is not pulled."""
+    from composer.trace.fits import NormalEquations
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1 << 20, generator=generator) * 0.05
+    a, b = (base + torch.randn(1 << 20, generator=generator) * 2e-4 for _ in range(2))
+    blend = torch.lerp(a.bfloat16(), b.bfloat16(), 0.4)  # as composer's and mergekit's bf16 slerp of such tensors
+    blocks = [(blend.float(), [a, b])]
+    every_entry = NormalEquations.gather(blocks, 2).solve()
+    assert abs(every_entry.weights[1] - 0.4) > 0.05
+    fit = NormalEquations.gather(blocks, 2, torch.bfloat16).solve()
+    assert abs(fit.weights[0] - 0.6) <= 0.01 and abs(fit.weights[1] - 0.4) <= 0.01
+    assert 0 < fit.informative < 1 << 20 and fit.relative_error < 3e-3  # the residual is over every entry
+
+
+def test_sketches_of_large_matrices_keep_fixed_rows_and_do_not_depend_on_the_blocks():
+    from composer.trace.fingerprints import SKETCH_ROWS, fingerprint, projection, sketched_rows
+    from composer.trace.reading import digest_aligned
+
+    matrix = torch.randn(2000, 24, generator=torch.Generator().manual_seed(3)).bfloat16()
+    rows = sketched_rows(2000)
+    assert len(rows) == SKETCH_ROWS and rows[0] == 0 and rows[-1] == 1999
+    whole = fingerprint("w", (2000, 24), torch.bfloat16, [(0, matrix)])
+    step = digest_aligned(96, 24 * 2)  # blocks of whole digest pieces
+    blocked = fingerprint(
+        "w", (2000, 24), torch.bfloat16, [(start, matrix[start : start + step]) for start in range(0, 2000, step)]
+    )
+    assert whole.digest == blocked.digest and torch.equal(whole.sketch, blocked.sketch)
+    assert torch.allclose(whole.sketch, matrix[rows].float() @ projection(24))
+
+
+def _sub_step_fine_tunes(count: int, seed: int = 0):
+    """A base and fine-tunes whose task vectors are about a step of bf16's grid each, as short real fine-tunes
+    are, all rounded to bf16 as a merge run in `dtype: bfloat16` sees them."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(1 << 18, generator=generator) * 0.05
+    tunes = [base + torch.randn(1 << 18, generator=generator) * 4e-4 for _ in range(count)]
+    return base.bfloat16(), [x.bfloat16() for x in tunes]
+
+
+def test_ties_of_sub_step_fine_tunes_in_bf16_is_told_from_a_blend_with_its_density_and_shares():
+    """Rounding to bf16 leaves as many entries at the base in a dense blend as TIES's trim does, so the support test
+    cannot tell them apart; the entries where one task vector alone moves can (real SmolLM2 fine-tunes: mergekit's
+    TIES at density 0.6, weights 0.7/0.5, read as DARE with wrong weights before)."""
+    from composer.methods.linear import linear
+    from composer.methods.task_arithmetic.methods import ties
+    from composer.trace.fits import single_mover_signature
+    from composer.trace.recover import ties_shares
+
+    base, (a, b) = _sub_step_fine_tunes(2)
+    merged = ties([a, b], base, [0.7, 0.5], [0.6, 0.6])
+    signature = single_mover_signature(merged, base.float(), [a.float(), b.float()])
+    assert signature is not None and signature.kept_magnitude < 0.5  # TIES: trimmed by magnitude
+    assert all(abs(density - 0.6) <= 0.01 for density in signature.trim_densities)
+    shares = ties_shares(merged, base.float(), [a.float(), b.float()], signature)
+    assert abs(shares[0] - 0.7 / 1.2) <= 0.02 and abs(shares[1] - 0.5 / 1.2) <= 0.02
+    blend = linear([a, b], [0.3, 0.7])
+    assert single_mover_signature(blend, base.float(), [a.float(), b.float()]) is None
+
+
+def test_dare_of_sub_step_fine_tunes_in_bf16_shows_its_density_and_sign_election():
+    from composer.methods.task_arithmetic.methods import dare_linear, dare_ties
+    from composer.trace.fits import single_mover_signature
+
+    base, (a, b) = _sub_step_fine_tunes(2, seed=1)
+    for method, elected in ((dare_ties, True), (dare_linear, False)):
+        merged = method([a, b], base, [0.5, 0.5], [0.5, 0.5], generator=torch.Generator().manual_seed(0))
+        signature = single_mover_signature(merged, base.float(), [a.float(), b.float()])
+        assert signature is not None and signature.kept_magnitude >= 0.5  # dropped at random, not by magnitude
+        assert abs(signature.density - 0.5) <= 0.02
+        assert all(abs(c * signature.density - 0.5) <= 0.02 for c in signature.coefficients)
+        assert (signature.sign_election > 0.9) == elected
+
+
+def test_the_p_value_is_a_distribution_free_bound():
+    from composer.trace.verdict import ALPHA, cantelli_bound
+
+    assert cantelli_bound(0.02, 0.019, 0.0005) == pytest.approx(1 / (1 + 4))  # z = 2: no verdict of relation
+    assert cantelli_bound(0.018, 0.019, 0.0005) == 1.0
+    assert cantelli_bound(0.019 + 31.7 * 0.0005, 0.019, 0.0005) < ALPHA  # about 32 standard deviations

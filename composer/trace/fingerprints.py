@@ -1,10 +1,12 @@
 """One streaming pass over a model: for every tensor a digest of its bytes (byte-identical copies are found by
-comparing digests, so the common case costs one read) and a sketch, a fixed random projection of each row.
+comparing digests, so the common case costs one read) and a sketch, a fixed random projection of some rows.
 
 The projection of a tensor W (rows x cols, higher-rank tensors taken as rows of their last axis) is
-W R with R a cols x SKETCH_WIDTH Gaussian matrix that depends only on cols, so every model's tensors of one
-shape are projected alike: sketches of a blend are the same blend of the sketches, and the cosine of two
-sketches estimates the cosine of the tensors. Only sketches stay in memory (SKETCH_WIDTH numbers a row).
+W[S] R with S at most SKETCH_ROWS rows at fixed places and R a cols x SKETCH_WIDTH Gaussian matrix, both
+depending only on the shape, so every model's tensors of one shape are projected alike: sketches of a blend are
+the same blend of the sketches, and the cosine of two sketches estimates the cosine of the tensors. Only sketches
+stay in memory (SKETCH_WIDTH numbers a sketched row). Every byte is read for the digest, but only the sketched
+rows are converted and multiplied, so the pass costs little more than reading the file.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from functools import lru_cache
 import torch
 
 from composer.errors import ComposerError
+from composer.memory import recycling
 from composer.native.scan import checksum_of_pieces
 from composer.trace.layout import TracedModel
-from composer.trace.reading import digest_aligned, row_count, rows_within
+from composer.trace.reading import digest_aligned, release_freed_memory, row_count, rows_within
 
 SKETCH_WIDTH = 16
+SKETCH_ROWS = (
+    512  # a matrix's rows that are sketched (sketched_rows): cosines to ~0.01, and the 256 rows a test samples
+)
 
 
 @dataclass
@@ -28,8 +34,7 @@ class TensorPrint:
     shape: tuple[int, ...]
     dtype: torch.dtype
     digest: str  # of the bytes as stored, with dtype and shape
-    sketch: torch.Tensor | None  # [rows, SKETCH_WIDTH] float32; None for vectors (norms, biases)
-    norm: float
+    sketch: torch.Tensor | None  # [sketched rows, SKETCH_WIDTH] float32; None for vectors (norms, biases)
 
 
 @lru_cache(maxsize=32)
@@ -38,39 +43,48 @@ def projection(columns: int) -> torch.Tensor:
     return torch.randn(columns, SKETCH_WIDTH, generator=generator) / SKETCH_WIDTH**0.5
 
 
+def sketched_rows(rows: int) -> torch.Tensor:
+    """The rows of a matrix that are sketched: all of a small one, else SKETCH_ROWS evenly spaced, at the same
+    places in every model (so sketches of one shape compare row for row)."""
+    if rows <= SKETCH_ROWS:
+        return torch.arange(rows)
+    return torch.linspace(0, rows - 1, SKETCH_ROWS).round().long().unique()
+
+
 def fingerprint(name: str, shape: tuple[int, ...], dtype: torch.dtype, blocks) -> TensorPrint:
     """The print of one tensor given as consecutive [rows, row length] blocks (each but the last a whole number of
     SCAN_BLOCKs of bytes, so the digest is taken piece by piece)."""
     rows, length = row_count(shape)
-    squared = 0.0
-    sketch = torch.empty(rows, SKETCH_WIDTH) if len(shape) >= 2 else None
-    matrix = projection(length) if sketch is not None else None
+    chosen = sketched_rows(rows) if len(shape) >= 2 else None
+    sketch = torch.empty(len(chosen), SKETCH_WIDTH) if chosen is not None else None
+    matrix = projection(length) if chosen is not None else None
 
     def pieces():
-        nonlocal squared
         for start, block in blocks:
-            part = block.float()
-            squared += float((part * part).sum(dtype=torch.float64))
-            if sketch is not None:
-                torch.matmul(part, matrix, out=sketch[start : start + block.shape[0]])
-            del part
+            if chosen is not None:
+                first, last = torch.searchsorted(chosen, torch.tensor([start, start + block.shape[0]])).tolist()
+                if last > first:
+                    torch.matmul(block[chosen[first:last] - start].float(), matrix, out=sketch[first:last])
             yield memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
     digest = f"{dtype}:{tuple(shape)}:{checksum_of_pieces(pieces())}"
-    return TensorPrint(name, tuple(shape), dtype, digest, sketch, squared**0.5)
+    return TensorPrint(name, tuple(shape), dtype, digest, sketch)
 
 
 def fingerprint_model(model: TracedModel, memory_budget: int, progress=None) -> dict[str, TensorPrint]:
     """Every tensor of `model`, read once, one at a time, a block of rows at a time: a block and its float32 copy
-    take at most about half of `memory_budget`."""
+    take at most about half of `memory_budget`. Blocks are read into recycled memory (composer.memory), which
+    spares the page faults of a fresh map per block."""
     prints = {}
-    for name, info in model.infos.items():
-        _, length = row_count(info.shape)
-        block = digest_aligned(rows_within(memory_budget // 2, length, copies=3), length * info.dtype.itemsize)
-        try:
-            prints[name] = fingerprint(name, info.shape, info.dtype, model.reader.blocks(name, block))
-        except ComposerError as error:
-            raise ComposerError(f"The model '{model.reference}' cannot be read: {error}") from None
-        if progress is not None:
-            progress(model.reference, name)
+    with recycling():
+        for name, info in model.infos.items():
+            _, length = row_count(info.shape)
+            block = digest_aligned(rows_within(memory_budget // 2, length, copies=3), length * info.dtype.itemsize)
+            try:
+                prints[name] = fingerprint(name, info.shape, info.dtype, model.reader.blocks(name, block))
+            except ComposerError as error:
+                raise ComposerError(f"The model '{model.reference}' cannot be read: {error}") from None
+            if progress is not None:
+                progress(model.reference, name)
+    release_freed_memory()
     return prints

@@ -4,20 +4,30 @@ and its sources at a time. Layers whose tensors are byte-identical copies cost n
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
 
 import torch
 
-from composer.trace.fits import NormalEquations, Sparsity, fit_slerp, sparsity_signature
+from composer.trace.fits import (
+    NormalEquations,
+    Sparsity,
+    fit_slerp,
+    rounding_steps,
+    single_mover_signature,
+    sparsity_signature,
+)
 from composer.trace.layers import CandidateMatch, Fingerprinted
-from composer.trace.reading import row_count, rows_within
+from composer.trace.reading import row_count, rows_within, spread_rows
 from composer.trace.vocabulary_rows import common_rows
 
 MIN_SIMILARITY = 0.3  # a layer below this cosine is no source (independent layers score about 1/sqrt(entries))
 MIN_WEIGHT = 0.02  # sources weighing less than this in a least-squares fit are dropped and the fit redone
 MIN_EXPLAINED = 0.05  # a source of a sparsified merge explains at least this share of the changed entries on its own
+SAMPLE_ENTRIES = 1 << 18  # entries of a tensor the fits read, in SAMPLE_RUNS runs of rows spread over it (all if fewer)
+SAMPLE_RUNS = 16
 BLENDS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 
@@ -78,9 +88,10 @@ class Recovery:
     """Reads SUSPECT's tensors and their sources and fits them; `base` names the candidate whose task vectors count.
 
     Within `memory_budget`: the least-squares sums are gathered a block of rows at a time (a block of SUSPECT's
-    tensor and of each source, in float32 and float64); the sparsity signature (TIES, DARE), which needs
-    element-wise masks and quantiles, is read from the first block only, a sample of rows; embeddings and heads
-    compared through a tokenizer alignment are fitted on a sample of the shared tokens' rows of that size."""
+    tensor and of each source, in float32 and float64) over at most SAMPLE_ENTRIES entries of a tensor, read once;
+    the sparsity signature (TIES, DARE), which needs element-wise masks and quantiles, reads the first block of
+    them; embeddings and heads compared through a tokenizer alignment are fitted on that many of the shared tokens'
+    rows."""
 
     def __init__(
         self, suspect: Fingerprinted, candidates: list[Candidate], base: str | None, memory_budget: int = 1 << 30
@@ -91,29 +102,34 @@ class Recovery:
         self.memory_budget = memory_budget
 
     def _block_rows(self, name: str, count: int) -> int:
+        """Rows of SUSPECT's tensor and of `count` sources read at a time: stored, float32 and float64 copies of
+        each within half the budget, with room for the sparsity signature's float32 work on the first block."""
         _, length = row_count(tuple(self.suspect.prints[name].shape))
-        return rows_within(self.memory_budget // 2, length, copies=3 * (count + 1))
+        return rows_within(self.memory_budget // 2, length, copies=3 * (count + 1) + 12)
 
     def _blocks(self, name: str, chosen: list[tuple[Candidate, str]]):
-        rows = self._block_rows(name, len(chosen))
-        readers = [self.suspect.model.reader.blocks(name, rows)]
-        readers += [candidate.fingerprinted.model.reader.blocks(other, rows) for candidate, other in chosen]
+        """(SUSPECT's block in its stored dtype, the sources' blocks in float32) on the same rows, within the budget:
+        about SAMPLE_ENTRIES entries in runs of rows spread over the tensor (least squares over a few weights needs
+        no more, and the fits then cost a fraction of the fingerprint pass), all rows of a smaller tensor."""
+        rows, length = row_count(tuple(self.suspect.prints[name].shape))
+        wanted = spread_rows(rows, max(1, SAMPLE_ENTRIES // length), SAMPLE_RUNS)
+        block = self._block_rows(name, len(chosen))
+        readers = [self.suspect.model.reader.blocks_at(name, wanted, block)]
+        readers += [candidate.fingerprinted.model.reader.blocks_at(other, wanted, block) for candidate, other in chosen]
         for parts in zip(*readers):
-            yield parts[0][1].float(), [part[1].float() for part in parts[1:]]
+            yield parts[0], [part.float() for part in parts[1:]]
 
-    def _sample(self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor] | None):
-        """SUSPECT's tensor and its sources on the rows the sparsity signature reads (stored dtypes): the first
-        block, or, through a tokenizer alignment, the shared tokens' rows."""
-        if maps is None:
-            first = next(self._blocks(name, chosen))
-            dtype = self.suspect.prints[name].dtype
-            return first[0].to(dtype), first[1]
-        rows, their_rows = common_rows(maps, self._block_rows(name, len(chosen)))
-        y = self.suspect.model.reader.rows(name, rows)
+    def _aligned_sample(self, name: str, chosen: list[tuple[Candidate, str]], maps: list[torch.Tensor]):
+        """SUSPECT's rows (stored dtype) and its sources' rows (float32) of at most SAMPLE_ENTRIES entries of the
+        tokens every alignment pairs: row i of each is the same token."""
+        _, length = row_count(tuple(self.suspect.prints[name].shape))
+        limit = max(1, min(SAMPLE_ENTRIES // length, self._block_rows(name, len(chosen))))
+        wanted, their_rows = common_rows(maps, limit)
+        y = self.suspect.model.reader.rows(name, wanted)
         sources = []
-        for (candidate, other), wanted in zip(chosen, their_rows):
-            order = torch.argsort(wanted)
-            read = candidate.fingerprinted.model.reader.rows(other, wanted[order])
+        for (candidate, other), theirs in zip(chosen, their_rows):
+            order = torch.argsort(theirs)
+            read = candidate.fingerprinted.model.reader.rows(other, theirs[order])
             sources.append(read[torch.argsort(order)].float())
         return y, sources
 
@@ -129,14 +145,20 @@ class Recovery:
             if maps is None and candidate.fingerprinted.prints[other].digest == digest:
                 return TensorFit(name, "copy", [candidate.reference], [1.0], 0.0)
         references = [candidate.reference for candidate, _ in chosen]
+        dtype = self.suspect.prints[name].dtype
         if maps is None:
-            sums = NormalEquations.gather(self._blocks(name, chosen), len(chosen))
-            sample = None
+            blocks = self._blocks(name, chosen)
+            sample = next(blocks)  # the first block of the rows read: what the sparsity signature reads
+            views = NormalEquations.gather_views(itertools.chain([sample], blocks), len(chosen), dtype)
         else:
-            sample = self._sample(name, chosen, maps)
-            sums = NormalEquations.gather([(sample[0].float(), sample[1])], len(chosen))
+            sample = self._aligned_sample(name, chosen, maps)
+            views = NormalEquations.gather_views([sample], len(chosen), dtype)
         aligned = None if maps is None else len(sample[0])
+        sums, rounded = views
         fit = sums.solve()
+        if rounded is not None and (rounded_fit := rounded.solve()).relative_error < fit.relative_error:
+            sums, fit = rounded, rounded_fit  # the merge blended the sources rounded to SUSPECT's dtype
+            sample = (sample[0], [x.to(dtype).float() for x in sample[1]])
         keep = [i for i, w in enumerate(fit.weights) if abs(w) >= MIN_WEIGHT or references[i] == self.base]
         if keep and len(keep) < len(references):
             fit = sums.solve(keep)
@@ -149,8 +171,6 @@ class Recovery:
             return TensorFit(
                 name, method, references, [1.0 if method == "copy" else scale], fit.relative_error, aligned_rows=aligned
             )
-        if sample is None:
-            sample = self._sample(name, chosen, None)
         y, tensors = sample[0], [sample[1][i] for i in keep]
         sparse = self._sparse_fit(name, y, tensors, references, fit.weights)
         if sparse is not None:
@@ -193,47 +213,69 @@ class Recovery:
 
     def _sparse_fit(self, name, y, tensors, references, weights) -> TensorFit | None:
         """TIES or DARE, when y - base has far fewer nonzero entries than a dense merge would leave. The base is
-        --base, else any source for which that holds. `y` is in SUSPECT's dtype."""
-        bases = [references.index(self.base)] if self.base in references else range(len(references))
-        for at in bases:
-            others = [i for i in range(len(references)) if i != at]
-            if not others:
+        --base, else the source that explains SUSPECT best as a sparsified merge's base. `y` is in SUSPECT's dtype."""
+        if self.base in references:
+            bases = [references.index(self.base)]
+        else:  # a task-arithmetic base carries weight 1 - sum(w): the most negative least-squares weight first
+            bases = sorted(range(len(references)), key=lambda i: weights[i])
+        best, best_share = None, -1.0
+        for at in bases:  # the base whose task vectors explain most entries alone; the earlier one on a tie
+            fitted = self._sparse_fit_on(name, y, tensors, references, weights, at)
+            if fitted is None:
                 continue
-            base = tensors[at]
-            lambdas = [weights[i] for i in others]
+            explained = fitted.sparsity.explained
+            share = sum(explained) / len(explained) if explained else 0.0
+            if share > best_share + 0.01:
+                best, best_share = fitted, share
+        return best
+
+    def _sparse_fit_on(self, name, y, tensors, references, weights, at) -> TensorFit | None:
+        others = [i for i in range(len(references)) if i != at]
+        if not others:
+            return None
+        base = tensors[at]
+        lambdas = [weights[i] for i in others]
+        signature = None
+        if y.dtype.is_floating_point and y.dtype.itemsize < 4:  # where rounding blurs the support test
+            signature = single_mover_signature(y, base, [tensors[i] for i in others], lambdas)
+        if signature is None:
             signature = sparsity_signature(y, base, [tensors[i] for i in others], lambdas)
-            if not signature.sparse:
-                continue
-            unused = [i for i, share in zip(others, signature.explained) if share < MIN_EXPLAINED]
-            if unused and len(unused) < len(others):  # a sibling's task vector explains no entry alone: it took no part
-                keep = [i for i in range(len(references)) if i not in unused]
-                return self._sparse_fit(
-                    name, y, [tensors[i] for i in keep], [references[i] for i in keep], [weights[i] for i in keep]
-                )
-            models = [references[i] for i in others]
-            if signature.kept_magnitude < 0.5:
-                density = median(signature.trim_densities) if signature.trim_densities else signature.density
-                shares = _ties_shares(y, base, [tensors[i] for i in others], signature)
-                method, values = "ties", shares
-            else:
-                density = signature.density
-                method = "dare_ties" if signature.sign_election > 0.9 else "dare_linear"
-                values = [c * density for c in signature.coefficients]
-            signature.relative_error = _sparse_error(y, base, [tensors[i] for i in others], signature)
-            return TensorFit(
+        if not signature.sparse:
+            return None
+        unused = [i for i, share in zip(others, signature.explained) if share < MIN_EXPLAINED]
+        if unused and len(unused) < len(others):  # a sibling's task vector explains no entry alone: it took no part
+            keep = [i for i in range(len(references)) if i not in unused]
+            return self._sparse_fit_on(
                 name,
-                method,
-                models,
-                values,
-                signature.relative_error,
-                base=references[at],
-                density=density,
-                sparsity=signature,
+                y,
+                [tensors[i] for i in keep],
+                [references[i] for i in keep],
+                [weights[i] for i in keep],
+                keep.index(at),
             )
-        return None
+        models = [references[i] for i in others]
+        if signature.kept_magnitude < 0.5:
+            density = median(signature.trim_densities) if signature.trim_densities else signature.density
+            shares = ties_shares(y, base, [tensors[i] for i in others], signature)
+            method, values = "ties", shares
+        else:
+            density = signature.density
+            method = "dare_ties" if signature.sign_election > 0.9 else "dare_linear"
+            values = [c * density for c in signature.coefficients]
+        signature.relative_error = _sparse_error(y, base, [tensors[i] for i in others], signature)
+        return TensorFit(
+            name,
+            method,
+            models,
+            values,
+            signature.relative_error,
+            base=references[at],
+            density=density,
+            sparsity=signature,
+        )
 
 
-def _ties_shares(y, base, sources, signature: Sparsity) -> list[float]:
+def ties_shares(y, base, sources, signature: Sparsity) -> list[float]:
     """TIES's weights, normalised to sum to one (a normalised TIES merge depends only on their ratios): least
     squares over the entries where every task vector survives its trim and all agree in sign."""
     y_delta = (y.float() - base.float()).reshape(-1)
@@ -254,7 +296,29 @@ def _ties_shares(y, base, sources, signature: Sparsity) -> list[float]:
     design = matrix[:, :-1] - matrix[:, -1:]
     solved = torch.linalg.lstsq(design, target.unsqueeze(1)).solution.reshape(-1)
     shares = [float(v) for v in solved] + [1 - float(solved.sum())]
+    if len(taus) == 2 and y.dtype.is_floating_point and y.dtype.itemsize < 4:
+        picked = mask.nonzero().reshape(-1)[agree]
+        shares = matched_shares(
+            y.float().reshape(-1)[picked], base.float().reshape(-1)[picked], [tau[picked] for tau in taus], y.dtype
+        )
     return shares
+
+
+def matched_shares(y: torch.Tensor, base: torch.Tensor, taus: list[torch.Tensor], dtype: torch.dtype) -> list[float]:
+    """The shares (s, 1 - s) of two task vectors under which base + s tau_1 + (1 - s) tau_2 lands within half a
+    rounding step of y (bf16, fp16) at the most entries. Least squares is biased there: the task vectors are a few
+    steps of the base's grid, and y is rounded on that grid, not on theirs. A grid of s, then a finer one."""
+    step = rounding_steps(y, dtype)
+    best = 0.5
+    for width, points in ((1.0, 201), (0.01, 41)):
+        grid = torch.linspace(best - width, best + width, points)
+        hits = torch.zeros(points)
+        for start in range(0, len(y), 1 << 14):
+            part = slice(start, start + (1 << 14))
+            blend = base[part] + taus[1][part] + grid[:, None] * (taus[0][part] - taus[1][part])
+            hits += ((blend - y[part]).abs() <= 0.5 * step[part]).sum(dim=1)
+        best = float(grid[int(torch.argmax(hits))])
+    return [best, 1 - best]
 
 
 def _sparse_error(y, base, sources, signature: Sparsity) -> float:

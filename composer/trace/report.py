@@ -52,7 +52,7 @@ def report_json(report: TraceReport) -> dict:
                 "sources": [{"model": m, "layer": j, "weight": _round(w, 4)} for m, j, w in layer.sources],
                 "method": layer.method,
                 "relative_error": _round(layer.relative_error, 4),
-                **({"t": _round(_median_t(layer), 4)} if layer.method == "slerp" else {}),
+                **({"t": _round(layer_t(layer), 4)} if layer_t(layer) is not None else {}),
                 **(
                     {"density": _round(_median_density(layer), 4)}
                     if layer.method in ("ties", "dare_ties", "dare_linear")
@@ -97,6 +97,18 @@ def _median_t(layer) -> float | None:
     return _median([fit.t for fit in layer.tensors if fit.t is not None])
 
 
+def layer_t(layer) -> float | None:
+    """SLERP's t; for a linear interpolation of two sources (weights summing to one) the second one's weight, which
+    is the t of a SLERP between nearly parallel tensors (fine-tunes of one base), where SLERP is that interpolation."""
+    if layer.method == "slerp":
+        return _median_t(layer)
+    if layer.method == "linear" and len(layer.sources) == 2:
+        first, second = layer.sources[0][2], layer.sources[1][2]
+        if first > 0 and second > 0 and abs(first + second - 1) <= 0.01:
+            return second / (first + second)
+    return None
+
+
 def _median_density(layer) -> float | None:
     return _median([fit.density for fit in layer.tensors if fit.density is not None])
 
@@ -115,8 +127,8 @@ def format_report(report: TraceReport) -> str:
     for layer in report.layers:
         sources = ", ".join(f"{_short(m)}:{j} {w:.3f}" for m, j, w in layer.sources) or "-"
         extra = ""
-        if layer.method == "slerp" and _median_t(layer) is not None:
-            extra = f"  t={_median_t(layer):.3f}"
+        if layer_t(layer) is not None:
+            extra = f"  t={layer_t(layer):.3f}"
         elif layer.method in ("ties", "dare_ties", "dare_linear") and _median_density(layer) is not None:
             extra = f"  density={_median_density(layer):.3f}"
         lines.append(f"{layer.layer:>5}  {layer.method:<16} {layer.relative_error:>10.4f}  {sources}{extra}")

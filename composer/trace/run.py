@@ -4,6 +4,7 @@ tensor, test each candidate's independence, and assemble the report and the reco
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,16 @@ from composer.trace.fingerprints import fingerprint_model
 from composer.trace.layers import CandidateMatch, Fingerprinted, match_candidate
 from composer.trace.layout import TracedModel, open_traced
 from composer.trace.provenance import Provenance, check_provenance
+from composer.trace.reading import release_freed_memory
 from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
 from composer.trace.recover import MIN_SIMILARITY, Candidate, LayerFit, Recovery, TensorFit, layer_summary, partner
-from composer.trace.tokenizers import TokenizerComparison, TokenizerFacts, compare_tokenizers, tokenizer_facts
+from composer.trace.tokenizers import (
+    TokenizerComparison,
+    TokenizerFacts,
+    compare_tokenizers,
+    tokenizer_facts,
+    tokenizer_key,
+)
 from composer.trace.verdict import ALPHA, IndependenceTest, independence_test, verdict
 from composer.trace.vocabulary_rows import is_vocabulary_matrix, row_map, vocabulary_pairs
 
@@ -140,7 +148,28 @@ def trace_models(
 def _trace(
     suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress
 ) -> TraceReport:
+    """The tokenizers are read, and the independence tests run, on a helper thread beside the passes over the
+    weights (reads and torch work, which release the interpreter's lock): on two cores they cost little wall time."""
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composer-trace")
+    try:
+        return _trace_with(suspect_model, candidate_models, options, progress, helper)
+    finally:
+        helper.shutdown(wait=True, cancel_futures=True)
+
+
+def _independence_tests(suspect: Fingerprinted, candidates: list[Candidate]) -> list[IndependenceTest]:
+    return [independence_test(suspect, candidate.fingerprinted) for candidate in candidates]
+
+
+def _trace_with(
+    suspect_model: TracedModel,
+    candidate_models: list[TracedModel],
+    options: TraceOptions,
+    progress,
+    helper: ThreadPoolExecutor,
+) -> TraceReport:
     notes = []
+    facts_later = helper.submit(_facts, suspect_model, candidate_models) if options.tokenizers else None
     suspect = Fingerprinted(suspect_model, fingerprint_model(suspect_model, options.memory_budget, progress))
     candidates = []
     for model in candidate_models:
@@ -158,8 +187,8 @@ def _trace(
             f"model): {', '.join(c.reference + ' (' + c.fingerprinted.model.architecture + ')' for c in candidates)}. Models of other "
             "sizes or architectures cannot be its parents; name candidates of SUSPECT's shape."
         )
+    tests_later = helper.submit(_independence_tests, suspect, candidates)
     recovery = Recovery(suspect, candidates, options.base, options.memory_budget)
-    facts = _facts(suspect_model, candidate_models) if options.tokenizers else None
     layer_fits = []
     for position, layer in enumerate(suspect_model.layers):
         chosen = _source_layers(suspect, position, candidates, options.base)
@@ -175,9 +204,11 @@ def _trace(
             fits.append(recovery.fit_tensor(name, partners))
         layer_fits.append(layer_summary(layer, fits, source_layers, matrices))
     outer_fits = []
+    facts = facts_later.result() if facts_later is not None else None
     alignments = _alignments(facts, candidates)
     for name in suspect_model.outer:
         outer_fits.append(recovery.fit_tensor(name, *_outer_partners(suspect, name, candidates, alignments)))
+    release_freed_memory()
     mixture = is_mixture(suspect.prints)
     if mixture:
         layer_fits = [moe_layer(layer) for layer in layer_fits]
@@ -200,8 +231,7 @@ def _trace(
         layer_counts = {c.reference: c.fingerprinted.model.layer_count for c in candidates}
         text = recipe_text(RecipeInputs(dtype, layer_fits, method, recipe_base), "", layer_counts)
     verdicts = []
-    for candidate in candidates:
-        test = independence_test(suspect, candidate.fingerprinted)
+    for candidate, test in zip(candidates, tests_later.result()):
         is_base = candidate.reference == recipe_base and method not in ("linear", "passthrough")
         is_base = is_base or (mixture and candidate.reference in text and contributions[candidate.reference] > 0)
         note = "" if candidate.match.shared_shapes else "no tensor of SUSPECT's shapes"
@@ -250,8 +280,18 @@ def yaml_value(text: str, key: str):
 
 
 def _facts(suspect: TracedModel, candidates: list[TracedModel]) -> list[TokenizerFacts | None]:
-    """SUSPECT's tokenizer facts, then each candidate's."""
-    return [tokenizer_facts(model.source) for model in [suspect, *candidates]]
+    """SUSPECT's tokenizer facts, then each candidate's; models with the same tokenizer files share theirs."""
+    found: dict[str, TokenizerFacts | None] = {}
+    facts = []
+    for model in [suspect, *candidates]:
+        key = tokenizer_key(model.source)
+        if key is None:
+            facts.append(tokenizer_facts(model.source))
+            continue
+        if key not in found:
+            found[key] = tokenizer_facts(model.source)
+        facts.append(found[key])
+    return facts
 
 
 def _alignments(facts: list[TokenizerFacts | None] | None, candidates: list[Candidate]) -> dict[str, tuple]:

@@ -5,11 +5,13 @@ and a SentencePiece `▁hello` are one token."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
 from composer.errors import ComposerError
 from composer.sources import ModelSource
+from composer.sources.base import TOKENIZER_FILES
 from composer.sources.tokenizer import load_source_tokenizer
 
 UNRELATED_BELOW = 0.3  # shares of vocabulary under this are what any two tokenizers of one script have in common
@@ -57,6 +59,20 @@ class TokenizerComparison:
             if value
         ]
         return f"{self.model}: {shown} ({self.shared_vocab:.1%} of SUSPECT's vocabulary; same {', '.join(same) or 'nothing else'})"
+
+
+def tokenizer_key(source: ModelSource) -> str | None:
+    """A digest of a model folder's tokenizer files: models whose files are equal (fine-tunes and merges of one
+    base usually are) have equal facts, read once. None for other sources (GGUF, hub) and without tokenizer."""
+    folder_file = getattr(source, "folder_file", None)
+    if folder_file is None or not source.has_tokenizer():
+        return None
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = folder_file(name)
+        if path is not None:
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:

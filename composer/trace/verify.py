@@ -11,12 +11,16 @@ from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.sources import open_source
 from composer.trace.layout import TracedModel
+from composer.trace.reading import release_freed_memory
 
 
 def verify_recipe(text: str, suspect: TracedModel, memory_budget: int, mixture: bool = False) -> dict[str, float]:
+    release_freed_memory()  # what the fits freed, before the executor takes its budget
     with tempfile.TemporaryDirectory(prefix="composer-trace-") as scratch:
         out = Path(scratch) / "recovered"
-        options = ExecutionOptions(memory_budget=memory_budget, progress=False)
+        # the budget bounds the whole process: what the trace still holds (interpreter, tokenizers, sketches) is
+        # taken off the executor's share, so a trace with --verify stays within it as a compose does
+        options = ExecutionOptions(memory_budget=memory_budget, whole_process=True, progress=False)
         try:
             (compose_moe_text if mixture else compose_text)(text, out, options, base_dir=Path.cwd())
         except ComposerError as error:
