@@ -44,10 +44,11 @@ def wudi(
 
     (one [out, in] x [in, in] product a step, whatever n), or, for a matrix much wider than n times its
     height, 2 ((tau_m S^T) S - T) with S the stacked sqrt(w_i) tau_i ([n out, in]), which is cheaper there.
-    The authors' code runs autograd on L itself; the steps are the same up to float rounding. Adam does not
-    converge in 300 steps of 1e-5 in general: each entry moves at most about steps * lr from the sum, so the
-    result is the sum corrected towards the minimiser (near which it ends when the task vectors' entries are
-    small against steps * lr = 3e-3, as in LLM fine-tunes). With one model the sum is the minimiser (L = 0) and the model is
+    The authors' code runs autograd on L itself; the steps are the same up to float rounding. 300 steps of
+    1e-5 are an early stop, not convergence: each entry moves at most about steps * lr from the sum. On SmolLM2
+    fine-tunes (entries around 5e-4) they lower L about tenfold from the sum's, to within 1.5x of its minimum,
+    while the result stays nearer the sum than the exact minimiser tau_m = T M^-1, which lies far out along
+    directions L hardly weighs (M is ill-conditioned, singular where n out < in). With one model the sum is the minimiser (L = 0) and the model is
     returned without a step; a task vector that is all zeros (its weight 1/0 undefined) is left out of L; it adds
     nothing to the sum. `steps: 0` gives task arithmetic's sum. Deterministic: there is nothing random.
 
