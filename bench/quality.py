@@ -93,6 +93,7 @@ ROWS = [
     Row("iso_cts (lambda 1, common 0.8)", "iso_cts"),
     Row("cart (lambda 1, rank 8%)", "cart"),
     Row("pcb (lambda 1, density 0.1)", "pcb"),
+    Row("wudi (lambda 1, 300 Adam steps of 1e-5)", "wudi"),
     # the methods whose default merges a sum of task vectors (lambda 1), at half of it: the scale at which task
     # arithmetic's average is compared
     Row("tsv, lambda 0.5", "tsv", parameters={"lambda": 0.5}),

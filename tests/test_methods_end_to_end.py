@@ -69,6 +69,7 @@ CASES = {
     "iso_cts": Case(TWO, base=True),
     "cart": Case(TWO, base=True),
     "pcb": Case(TWO, base=True),
+    "wudi": Case(TWO, base=True),
 }
 
 # Methods that need more than models and numbers, calibration text (regmean) or LoRA adapters on one base (knots):
@@ -106,6 +107,7 @@ REDUCES_TO_A_PARENT = {
     "iso_cts": None,
     "cart": (Case(("ft1",), base=True), "ft1"),  # the model is its own average
     "pcb": (Case(("ft1",), base=True, per_model={"density": (1.0,)}), "ft1"),
+    "wudi": (Case(("ft1",), base=True), "ft1"),  # one task vector is the loss's minimiser: no step is taken
 }
 
 

@@ -19,6 +19,7 @@ from composer.methods import (  # noqa: F401
     spherical,
     task_arithmetic,
     tsv,
+    wudi,
 )
 from composer.methods.registry import METHODS, MergeMethod, Parameter, get_method, parameter_names, register, registered
 
