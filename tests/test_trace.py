@@ -150,9 +150,11 @@ def test_verdicts_survive_a_bf16_round_trip_and_continued_fine_tuning(family, tm
 
 def test_two_random_initialisations_are_independent(family, tmp_path):
     third = save_tiny_model(tmp_path / "third", layers=4, seed=21)
-    report = trace_models(str(family["other"]), [str(family["base"]), str(third)], TraceOptions())
+    report = trace_models(str(family["other"]), [str(family["base"]), str(third)], TraceOptions(verify=True))
     assert [candidate.verdict for candidate in report.candidates] == ["independent", "independent"]
     assert all(candidate.p_value > 1e-3 for candidate in report.candidates)
+    assert report.recipe == "" and report.verification is None  # nothing to recover, --verify says so
+    assert any("no recipe" in note for note in report.notes)
 
 
 def test_tokenizer_commonality(tmp_path):
