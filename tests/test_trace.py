@@ -133,6 +133,49 @@ def test_moe_experts_trace_to_the_dense_mlps(family):
     assert verdicts(report, family) == {"a": "parent", "b": "parent", "base": "parent", "other": "independent"}
 
 
+def test_fused_experts_trace_to_the_dense_mlps_one_by_one(family, tmp_path):
+    """transformers 5 and mergekit-moe save Mixtral's experts fused (gate_up_proj [experts, 2 x inner, hidden],
+    down_proj [experts, hidden, inner]); the trace reads each expert's rows of them as the per-expert tensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fused = tmp_path / "fused"
+    shutil.copytree(family["moe"], fused)
+    files = sorted(fused.glob("*.safetensors"))
+    tensors = {name: value for path in files for name, value in load_file(path).items()}
+    for path in files:
+        path.unlink()
+    (fused / "model.safetensors.index.json").unlink(missing_ok=True)
+    layers = sorted({int(name.split(".")[2]) for name in tensors if ".experts." in name})
+    for layer in layers:
+        prefix = f"model.layers.{layer}."
+        experts = sorted({int(n.split(".")[5]) for n in tensors if n.startswith(prefix + "block_sparse_moe.experts.")})
+        each = {
+            w: [tensors.pop(f"{prefix}block_sparse_moe.experts.{e}.{w}.weight") for e in experts]
+            for w in ("w1", "w3", "w2")
+        }
+        tensors[prefix + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([g, u]) for g, u in zip(each["w1"], each["w3"])]
+        )
+        tensors[prefix + "mlp.experts.down_proj"] = torch.stack(each["w2"])
+        tensors[prefix + "mlp.gate.weight"] = tensors.pop(prefix + "block_sparse_moe.gate.weight")
+    save_file(tensors, fused / "model.safetensors", metadata={"format": "pt"})
+    family_with_fused = {**family, "fused": fused}
+    report = trace(family_with_fused, "fused", ["a", "b", "base", "other"], verify=True)
+    assert report.method == "moe"
+    recipe = __import__("yaml").safe_load(report.recipe.split("\n", 2)[2])
+    assert [expert["source_model"] for expert in recipe["experts"]] == [str(family["a"]), str(family["b"])]
+    assert verdicts(report, family_with_fused) == {
+        "a": "parent",
+        "b": "parent",
+        "base": "parent",
+        "other": "independent",
+    }
+    experts = {name: error for name, error in report.verification.items() if ".experts." in name}
+    assert experts and max(experts.values()) == 0.0  # every expert rebuilt bit for bit
+
+
 def test_verdicts_survive_a_bf16_round_trip_and_continued_fine_tuning(family, tmp_path):
     state = {name: tensor.to(torch.bfloat16).float() for name, tensor in load_state(family["linear"]).items()}
     tuned = tmp_path / "tuned"
@@ -150,9 +193,11 @@ def test_verdicts_survive_a_bf16_round_trip_and_continued_fine_tuning(family, tm
 
 def test_two_random_initialisations_are_independent(family, tmp_path):
     third = save_tiny_model(tmp_path / "third", layers=4, seed=21)
-    report = trace_models(str(family["other"]), [str(family["base"]), str(third)], TraceOptions())
+    report = trace_models(str(family["other"]), [str(family["base"]), str(third)], TraceOptions(verify=True))
     assert [candidate.verdict for candidate in report.candidates] == ["independent", "independent"]
     assert all(candidate.p_value > 1e-3 for candidate in report.candidates)
+    assert report.recipe == "" and report.verification is None  # nothing to recover, --verify says so
+    assert any("no recipe" in note for note in report.notes)
 
 
 def test_tokenizer_commonality(tmp_path):

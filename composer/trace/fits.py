@@ -32,6 +32,7 @@ class LeastSquares:
     relative_error: float  # over all of the tensor's entries
     gram: torch.Tensor  # float64 [n, n], over all entries (the sources' angles)
     informative: int = 0  # entries the weights were fitted on
+    standard_errors: list[float] = field(default_factory=list)  # of the weights, were the residual noise per entry
 
 
 def is_coarser(rounding: torch.dtype, sources: list[torch.Tensor]) -> bool:
@@ -143,11 +144,14 @@ class NormalEquations:
         gram, cross = fitted.gram[keep][:, keep], fitted.cross[keep]
         count = len(keep)
         ridge = 1e-13 * float(gram.diagonal().sum()) / max(count, 1)
-        weights = torch.linalg.solve(gram + ridge * torch.eye(count, dtype=torch.float64), cross)
+        inverse = torch.linalg.inv(gram + ridge * torch.eye(count, dtype=torch.float64))
+        weights = inverse @ cross
         gram, cross = self.gram[keep][:, keep], self.cross[keep]
         left = self.squared - 2 * float(weights @ cross) + float(weights @ gram @ weights)
         error = math.sqrt(max(left, 0.0) / self.squared) if self.squared > 0 else 0.0
-        return LeastSquares([float(w) for w in weights], error, gram, fitted.entries)
+        variance = max(left, 0.0) / max(self.entries - count, 1)  # the residual's, per entry
+        errors = [math.sqrt(max(variance * float(inverse[i, i]), 0.0)) for i in range(count)]
+        return LeastSquares([float(w) for w in weights], error, gram, fitted.entries, errors)
 
 
 def slerp_coefficients(t: float, theta: float) -> tuple[float, float]:

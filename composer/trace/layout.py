@@ -9,6 +9,7 @@ from composer.architecture import architecture_for
 from composer.errors import ComposerError
 from composer.sources import ModelSource, TensorInfo, open_source
 from composer.trace.reading import RowReader
+from composer.trace.unfused import unfused
 
 NUMBERED = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
 
@@ -73,6 +74,7 @@ def open_traced(reference: str, role: str) -> TracedModel:
     except ComposerError as error:
         source.close()
         raise ComposerError(f"The {role} '{reference}' cannot be read: {error}") from None
+    source = unfused(source, config)
     names = list(source.tensor_infos())
     if not names:
         source.close()

@@ -25,6 +25,9 @@ from composer.trace.vocabulary_rows import common_rows
 
 MIN_SIMILARITY = 0.3  # a layer below this cosine is no source (independent layers score about 1/sqrt(entries))
 MIN_WEIGHT = 0.02  # sources weighing less than this in a least-squares fit are dropped and the fit redone
+# ... and so are those whose weight is within this many standard errors of zero: where SUSPECT is its parents'
+# blend plus noise (a Q4 GGUF's rounding), nearly parallel fine-tunes share out the noise in weights of 0.03-0.1
+SIGNIFICANT = 4.0
 MIN_EXPLAINED = 0.05  # a source of a sparsified merge explains at least this share of the changed entries on its own
 SAMPLE_ENTRIES = 1 << 18  # entries of a tensor the fits read, in SAMPLE_RUNS runs of rows spread over it (all if fewer)
 SAMPLE_RUNS = 16
@@ -159,7 +162,11 @@ class Recovery:
         if rounded is not None and (rounded_fit := rounded.solve()).relative_error < fit.relative_error:
             sums, fit = rounded, rounded_fit  # the merge blended the sources rounded to SUSPECT's dtype
             sample = (sample[0], [x.to(dtype).float() for x in sample[1]])
-        keep = [i for i, w in enumerate(fit.weights) if abs(w) >= MIN_WEIGHT or references[i] == self.base]
+        keep = [
+            i
+            for i, w in enumerate(fit.weights)
+            if (abs(w) >= MIN_WEIGHT and abs(w) >= SIGNIFICANT * fit.standard_errors[i]) or references[i] == self.base
+        ]
         if keep and len(keep) < len(references):
             fit = sums.solve(keep)
         else:

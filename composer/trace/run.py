@@ -224,7 +224,10 @@ def _trace_with(
     unmatched = [layer.layer for layer in layer_fits if layer.method == "unmatched"]
     if unmatched:
         notes.append(f"SUSPECT's layers {unmatched} match no candidate layer; the recipe cannot rebuild them.")
-    if mixture:
+    if len(unmatched) == len(layer_fits):
+        text = ""
+        notes.append("No layer of SUSPECT comes from a candidate: there is no recipe to recover.")
+    elif mixture:
         text = moe_recipe_text(layer_fits, suspect_model.config, dtype)
         recipe_base = yaml_value(text, "base_model")
     else:
@@ -266,7 +269,9 @@ def _trace_with(
     report.provenance = check_provenance(
         suspect_model, candidate_models, {v.model for v in verdicts if v.verdict == "parent"}
     )
-    if options.verify:
+    if options.verify and not text:
+        notes.append("--verify: nothing to compose (no recipe was recovered).")
+    elif options.verify:
         from composer.trace.verify import verify_recipe
 
         report.verification = verify_recipe(text, suspect_model, options.memory_budget, mixture)
