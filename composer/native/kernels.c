@@ -305,7 +305,7 @@ void dare_select_bf16(
         for (int j = 0; j < length; j++)
             magnitudes[j] = delta_magnitude(model[block + j], base[block + j]);
         for (int j = 0; j < length; j++)
-            dropped_unbounded += !expanded[j] && magnitudes[j] >= 0x7F80;
+            dropped_unbounded += (expanded[j] == 0) & (magnitudes[j] >= 0x7F80);  /* & not &&: no branch */
         add_magnitudes_kept(before, after, magnitudes, expanded, length);
         after[NAN_SLOT] += dropped_unbounded;  /* 0 times an infinity or NaN is NaN */
     }
@@ -377,7 +377,7 @@ void della_select_bf16(
             const int length = block_length(block, width);
             int dropped_unbounded = 0;
             for (int j = 0; j < length; j++)
-                dropped_unbounded += !keep_row[block + j] && magnitudes[block + j] >= 0x7F80;
+                dropped_unbounded += (keep_row[block + j] == 0) & (magnitudes[block + j] >= 0x7F80);
             add_magnitudes_kept(before, after, magnitudes + block, keep_row + block, length);
             after[NAN_SLOT] += dropped_unbounded;
         }
