@@ -39,6 +39,7 @@ class ArchitectureFile(BaseModel):
     layer_count_keys: list[str]
     per_layer_keys: list[str] = []
     threshold_keys: list[str] = []
+    tie_word_embeddings: bool | None = None  # transformers' default for the family (None: ask transformers)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Architecture:
     layer_count_keys: tuple[str, ...]
     per_layer_keys: tuple[str, ...] = ()
     threshold_keys: tuple[str, ...] = ()
+    tie_word_embeddings: bool | None = None  # what a config.json without the key means (None: not declared)
     inferred: bool = False
     notes: tuple[str, ...] = field(default=())
 
@@ -108,6 +110,7 @@ def declared_architectures() -> dict[str, Architecture]:
             layer_count_keys=tuple(spec.layer_count_keys),
             per_layer_keys=tuple(spec.per_layer_keys),
             threshold_keys=tuple(spec.threshold_keys),
+            tie_word_embeddings=spec.tie_word_embeddings,
         )
         for model_type in spec.model_types:
             by_model_type[model_type] = architecture

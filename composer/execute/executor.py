@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError, ComposerWarning
+from composer.execute.deferred import DeferredChecks
 from composer.execute.journal import (
     Journal,
     identity_digest,
@@ -176,16 +177,33 @@ class InputCache:
 class BackgroundWriter:
     """Hands results to a writer thread, holding at most `window` bytes of results not yet written."""
 
-    def __init__(self, writer: ShardedWriter, pool: ThreadPoolExecutor | None, window: int):
+    def __init__(
+        self,
+        writer: ShardedWriter,
+        pool: ThreadPoolExecutor | None,
+        window: int,
+        after_first_write: Callable[[], None] | None = None,
+    ):
         self.writer = writer
         self.pool = pool
         self.window = window
         self.queued: deque[tuple[Future, int]] = deque()
         self.queued_bytes = 0
         self.copied_bytes = 0  # written from input files directly, never read into memory
+        self.after_first_write = after_first_write  # called once, on the writing thread, when a tensor is written
+
+    def _written(self) -> None:
+        if self.after_first_write is not None:
+            callback, self.after_first_write = self.after_first_write, None
+            callback()
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.write(name, tensor.to("cpu") if tensor.device.type != "cpu" else tensor)
+        self._written()
+
+    def _copy(self, name: str, source: Path, offset: int, length: int) -> None:
+        self.writer.copy_range(name, source, offset, length)
+        self._written()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.pool is None:
@@ -201,9 +219,9 @@ class BackgroundWriter:
         """Write tensor `name` from a byte range of an input file (`ShardedWriter.copy_range`)."""
         self.copied_bytes += length
         if self.pool is None:
-            self.writer.copy_range(name, source, offset, length)
+            self._copy(name, source, offset, length)
             return
-        self.queued.append((self.pool.submit(self.writer.copy_range, name, source, offset, length), 0))
+        self.queued.append((self.pool.submit(self._copy, name, source, offset, length), 0))
 
     def _settle_oldest(self) -> None:
         future, size = self.queued.popleft()
@@ -402,6 +420,7 @@ def execute(
     cache: InputCache | None = None
     pools: list[ThreadPoolExecutor] = []
     threads = ComputeThreads(options.overlap, device)
+    checks = DeferredChecks(plan.deferred_checks)
     try:
         identity = run_identity(plan, options)
         resumed = _open_partial(folder, identity, options.resume)
@@ -443,7 +462,7 @@ def execute(
         # kept inputs leave room for any step; read-ahead and queued writes only use what the current step leaves
         cache = InputCache(plan, max(0, tensor_budget - schedule.largest_step_bytes), device, reader)
         largest_output = max((tensor.nbytes for tensor in plan.tensors), default=0)
-        background = BackgroundWriter(writer, writes, largest_output)
+        background = BackgroundWriter(writer, writes, largest_output, checks.start)
         # outputs that are an input's stored bytes go file to file, and their inputs are never read
         verbatim = [_verbatim_range(plan, planned) if options.copy_files else None for planned in order]
         next_computed: list[int | None] = [None] * len(order)  # the next step after each that reads its inputs
@@ -502,6 +521,7 @@ def execute(
         writer.finish()
         if closing_files is not None:
             closing_files(folder.partial)
+        checks.wait()  # the output appears only if transformers would load it
         journal.remove()
         folder.commit()
         if writer.nonfinite:  # (as a set: a redone chain step may be listed twice)

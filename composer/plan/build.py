@@ -14,8 +14,8 @@ from composer.errors import ComposerError, ComposerWarning
 from composer.methods import MergeMethod, get_method, parameter_names
 from composer.plan.lines import lines_scale, scaled_by_depth
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
-from composer.plan.output_config import rewrite_config, validate_against_transformers
-from composer.plan.transformers_facts import checked_loadable, config_defaults
+from composer.plan.output_config import check_output_config, rewrite_config, validate_against_transformers
+from composer.plan.transformers_facts import config_defaults, deferred_loadable_check
 from composer.plan.vocabulary import (
     OutputVocabulary,
     VocabularyKeyError,
@@ -440,7 +440,7 @@ class _Planner:
         self.vocabulary = self._output_vocabulary(base_ref, architecture)
         if self.vocabulary is not None:
             config.update(vocab_size=self.vocabulary.size, **self._special_token_ids())
-        ties = bool(config.get("tie_word_embeddings", _default_tie(config)))
+        ties = bool(config.get("tie_word_embeddings", _default_tie(architecture, config)))
 
         tensors: list[PlannedTensor] = []
         for weight in architecture.pre:
@@ -471,10 +471,10 @@ class _Planner:
             )
             tensors += [planned] if planned else []
 
-        checked_loadable(
-            config,
-            {t.name: t.shape for t in tensors},
-            lambda c, shapes: validate_against_transformers(c, shapes, base_ref),
+        planned_shapes = {t.name: t.shape for t in tensors}
+        check_output_config(architecture, config, planned_shapes, base_ref)
+        loadable = deferred_loadable_check(
+            config, planned_shapes, lambda c, shapes: validate_against_transformers(c, shapes, base_ref)
         )
         tokenizer_source = self._tokenizer_source(base_ref)
         parents = [ref for ref in self.recipe.referenced_models()]
@@ -488,6 +488,7 @@ class _Planner:
             parents=parents,
             chat_template=self.recipe.chat_template,
             notes=self.vocabulary.summary() if self.vocabulary is not None else [],
+            deferred_checks=[loadable] if loadable is not None else [],
         )
 
     # --- vocabulary -----------------------------------------------------------------------------
@@ -597,7 +598,10 @@ def _vocabulary_key(recipe: Merge, location: tuple) -> tuple:
     return ("tokenizer_source",)
 
 
-def _default_tie(config: dict) -> bool:
+def _default_tie(architecture: Architecture, config: dict) -> bool:
+    """Whether a config.json without 'tie_word_embeddings' ties: as the architecture declares, else as transformers says."""
+    if architecture.tie_word_embeddings is not None:
+        return architecture.tie_word_embeddings
     return bool(config_defaults(config, ("tie_word_embeddings",))["tie_word_embeddings"])
 
 

@@ -108,6 +108,14 @@ class Plan:
         "config.json"  # where `config` is written; None: the plan's extra files hold whatever config it has
     )
     shard_metadata: dict[str, str] = field(default_factory=dict)  # each weights file's header metadata (provenance)
+    # checks of the output that import transformers (seconds): each raises a ComposerError if the output would not
+    # load; the executor runs them beside the first writes and commits the output only when they pass
+    deferred_checks: list[Callable[[], None]] = field(default_factory=list)
+
+    def run_deferred_checks(self) -> None:
+        """Run the deferred checks now (for a dry run, which writes nothing)."""
+        for check in self.deferred_checks:
+            check()
 
     def input_bytes(self) -> int:
         seen = {}

@@ -1,4 +1,6 @@
-"""The output config.json: layer-count-dependent keys rewritten, then proven loadable by transformers."""
+"""The output config.json: layer-count-dependent keys rewritten, checked against the architecture definition
+while planning, then proven loadable by transformers (a check that imports it, which the executor runs beside
+the first tensors' writes: `transformers_facts.deferred_loadable_check`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,13 @@ import copy
 
 import torch
 
-from composer.architecture import Architecture, build_meta_model, checkpoint_shapes, tied_parameter_names
+from composer.architecture import (
+    Architecture,
+    build_meta_model,
+    check_sizes,
+    checkpoint_shapes,
+    tied_parameter_names,
+)
 from composer.errors import ComposerError
 from composer.plan.transformers_facts import config_defaults
 
@@ -21,8 +29,12 @@ def rewrite_config(
     """`config` (of model `reference`) for a model whose layer i is source layer `source_layers[i]`."""
     output = copy.deepcopy(config)
     source_count = architecture.layer_count(config, reference)
-    defaults = config_defaults(config, architecture.per_layer_keys + architecture.threshold_keys, reference)
     new_count = len(source_layers)
+    # transformers' defaults are asked for (importing it) only for keys the file leaves out and a layer stack that
+    # changes; with the same layers in the same order, a key left out keeps meaning what it meant
+    missing = tuple(key for key in architecture.per_layer_keys + architecture.threshold_keys if config.get(key) is None)
+    same_layers = list(source_layers) == list(range(source_count))
+    defaults = config_defaults(config, missing, reference) if missing and not same_layers else {}
     for key in architecture.layer_count_keys:
         if key in output or key == architecture.layer_count_keys[0]:
             output[key] = new_count
@@ -45,6 +57,34 @@ def rewrite_config(
         if "torch_dtype" not in output and "dtype" not in output:
             output["torch_dtype"] = name
     return output
+
+
+def check_output_config(
+    architecture: Architecture, config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str
+) -> None:
+    """What the architecture definition says the output config must agree with, checked without transformers: its
+    sizes are whole numbers, its per-layer lists have an entry per layer, and its vocabulary-indexed tensors have
+    `vocab_size` rows."""
+    check_sizes(config, f"'{reference}'")
+    layer_count = architecture.layer_count(config, f"the output (config from '{reference}')")
+    for key in architecture.per_layer_keys:
+        values = config.get(key)
+        if isinstance(values, list) and len(values) != layer_count:
+            raise ComposerError(
+                f"Output config key '{key}' (from '{reference}') has {len(values)} entries for {layer_count} layers; "
+                f"give it one entry per layer of the model's config.json. Nothing was written."
+            )
+    vocab_size = config.get("vocab_size")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        return
+    for weight in architecture.vocab_weights():
+        shape = planned_shapes.get(weight.name)
+        if shape is not None and len(shape) > weight.vocab_axis and shape[weight.vocab_axis] != vocab_size:
+            raise ComposerError(
+                f"Output tensor '{weight.name}' would have {shape[weight.vocab_axis]} vocabulary rows, but the output config "
+                f"(from '{reference}') gives vocab_size {vocab_size}, so that config.json does not describe its weights "
+                "and transformers would not load it. Correct vocab_size in the model's config.json. Nothing was written."
+            )
 
 
 def validate_against_transformers(config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str) -> None:
