@@ -6,8 +6,6 @@ may be computed in any order and never wait in memory for their neighbours.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import os
 import threading
@@ -103,8 +101,6 @@ class ShardedWriter:
             # Linux starts writing these pages back now (without waiting), so the final fsync does not find
             # the whole output still dirty and flush it after the last tensor, with nothing left to overlap.
             os.posix_fadvise(self._descriptors[shard], offset, length, os.POSIX_FADV_DONTNEED)
-        elif os.environ.get("COMPOSER_WRITE_BACK") == "1":
-            start_write_back(self._descriptors[shard], offset, length)
         self._written.add(name)
 
     def finished_earlier(self, entries: dict[str, dict]) -> set[str]:
@@ -185,28 +181,6 @@ class ShardedWriter:
                 pass
         self._descriptors = []
         self._sources = {}
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
-
-
-@functools.cache
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-def start_write_back(descriptor: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing these bytes to the disk now, without waiting and keeping them cached."""
-    function = _sync_file_range()
-    if function is not None:
-        function(descriptor, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _ended_early(source: Path, name: str) -> ComposerError:
