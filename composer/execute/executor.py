@@ -449,11 +449,10 @@ def execute(
                 len(plan.tensors),
             )
         order = [planned for planned in schedule.order if planned.name not in finished]
-        # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors;
-        # nor is what chains of steps hold between their steps
-        tensor_budget = max(
-            0, options.memory_budget - (resident_bytes() if options.whole_process else 0) - schedule.carried_bytes
-        )
+        # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors,
+        # nor what the deferred checks will add; nor is what chains of steps hold between their steps
+        held = resident_bytes() + checks.resident_bytes() if options.whole_process else 0
+        tensor_budget = max(0, options.memory_budget - held - schedule.carried_bytes)
         reader = (
             ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
         )
