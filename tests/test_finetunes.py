@@ -99,6 +99,55 @@ def test_an_interrupted_build_leaves_no_entry_that_looks_complete(tiny_finetunes
     assert finetune(tiny_finetunes.base, documents, settings, root, threads=1) == entry and is_complete(entry)
 
 
+def test_a_killed_build_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+    tiny_finetunes, monkeypatch, tmp_path
+):
+    import torch
+    from safetensors.torch import load_file
+
+    settings = replace(SETTINGS["code"], name="resumed", steps=4)
+    documents = tiny_finetunes.corpora["code"]
+    whole = finetune(tiny_finetunes.base, documents, settings, tmp_path / "whole", threads=1)
+    root = tmp_path / "cache"
+    root.mkdir()
+    rate = finetunes.learning_rate_at
+
+    def killed_at_the_third_step(step, settings):
+        if step == 2:
+            raise KeyboardInterrupt  # as a kill would stop it: after the checkpoint of step 2
+        return rate(step, settings)
+
+    monkeypatch.setattr(finetunes, "learning_rate_at", killed_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_finetunes.base, documents, settings, root, threads=1, checkpoint_seconds=0)
+    entry = entry_path(tiny_finetunes.base, documents, settings, root)
+    assert not is_complete(entry) and (finetunes.partial_folder(entry) / finetunes.CHECKPOINT).is_file()
+    monkeypatch.setattr(finetunes, "learning_rate_at", rate)
+    said = []
+    assert finetune(tiny_finetunes.base, documents, settings, root, said.append, threads=1) == entry
+    assert any("resuming at step 3/4" in line for line in said) and is_complete(entry)
+    assert [path.name for path in root.iterdir()] == [entry.name]  # no checkpoint or partial folder is left
+    ours, theirs = load_file(entry / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_partial_folders_no_living_build_holds_are_removed(tmp_path):
+    import fcntl
+    import os
+
+    for name in (".code-0123.4kd9x.partial", ".pt-4567.partial", ".kept.partial", ".held.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    held = os.open(tmp_path / ".held.partial", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a build that is running
+    try:
+        removed = finetunes.remove_stale_partials(tmp_path, keep={".kept.partial"})
+    finally:
+        os.close(held)
+    assert sorted(path.name for path in removed) == [".code-0123.4kd9x.partial", ".pt-4567.partial"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".held.partial", ".kept.partial"]
+
+
 def test_mo_strings_reads_every_translation_as_gettext_does(tmp_path):
     pairs = [("Open", "Abrir"), ("File not found", "Arquivo não encontrado"), ("Ação", "Ação concluída")]
     path = write_mo(tmp_path / "messages.mo", pairs)

@@ -9,6 +9,7 @@ os.environ.setdefault(
     "OMP_WAIT_POLICY", "PASSIVE"
 )  # as the CLI sets it: spinning OpenMP threads slow tiny models on busy cores
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_layer_streamed_bits_per_byte_equal_the_written_models(tmp_path: Path, m
     from composer.evaluate import load_model, score_text
     from composer.execute import ExecutionOptions
     from composer.tune.run import Trials, TuneResult, TuneSettings
-    from composer.tune.texts import NamedText
+    from composer.tune.texts import NamedText, window_stride
 
     base, a, b = tiny_family(tmp_path, model_type)
     recipe = (
@@ -86,7 +87,9 @@ def test_layer_streamed_bits_per_byte_equal_the_written_models(tmp_path: Path, m
     compose_text(recipe, tmp_path / "out", ExecutionOptions(progress=False))
     model, tokenizer = load_model(str(tmp_path / "out"))
     texts = [NamedText("one", TEXT[:700]), NamedText("two", TEXT[700:1000])]
-    written = [score_text(model, tokenizer, text.text) for text in texts]
+    # tune's windows share one token (each token is run once); score_text gives the same with that stride
+    stride = window_stride(model.config.max_position_embeddings)
+    written = [score_text(model, tokenizer, text.text, stride=stride) for text in texts]
     trials = Trials(TuneResult("recipe", None, recipe, []), TuneSettings(texts=texts, heldout=[]))
     streamed = trials.score_text(recipe, texts)
     assert [score.tokens for score in streamed] == [score.tokens for score in written]
@@ -97,8 +100,44 @@ def test_layer_streamed_bits_per_byte_equal_the_written_models(tmp_path: Path, m
     assert trials.scorer.cache.hits > 0 and again[0].bits_per_byte == streamed[0].bits_per_byte
 
 
+@pytest.mark.parametrize("shape", [(3, 1000), (70_000,), (1,)])
+def test_prepared_ties_is_the_methods_merge_bit_for_bit(shape):
+    """TIES from magnitude tables made once (what a tune trial runs) against the method itself, on task vectors with
+    many ties (few distinct values), at densities that split a tie, keep it whole, or keep everything."""
+    from composer.methods import get_method
+    from composer.native import library
+    from composer.plan import Operation, PlannedTensor
+    from composer.tune.prepared_ties import MagnitudeTable, is_prepared_ties, prepared_ties
+
+    if library() is None:
+        pytest.skip("no C compiler for the kernels")
+    method = get_method("ties")
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    models = [
+        (base.float() + torch.randint(-4, 5, shape, generator=generator) * 2.0**-7).to(torch.bfloat16),
+        (base.float() + torch.randn(shape, generator=generator) * 0.01).to(torch.bfloat16),
+    ]
+    tables = [MagnitudeTable.of(model, base) for model in models]
+    for weights, densities, normalize in [
+        ([0.7, 0.4], [0.5, 0.3], True),
+        ([1.0, 0.2], [0.111, 1.0], False),
+        ([0.3, 0.9], [0.9999, 0.05], True),
+    ]:
+        params = {"weight": weights, "density": densities, "normalize": normalize, "rescale": False, "lambda": 0.8}
+        params["int8_mask"] = False
+        operation = Operation(label="ties", fn=lambda x, p=params: method.apply(x[:-1], x[-1], p), arguments=params)
+        operation = dataclasses.replace(operation, compute_dtype=torch.bfloat16)
+        planned = PlannedTensor("w", shape, torch.bfloat16, (), operation)
+        inputs = [*models, base]
+        assert is_prepared_ties(planned, inputs)
+        ours, theirs = prepared_ties(planned, inputs, tables), operation.fn(inputs)
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), (weights, densities)
+
+
 def test_a_tune_moves_the_weight_toward_the_parent_the_text_favours(tuned_parents, monkeypatch, capsys):
     from composer.evaluate import load_model, score_text
+    from composer.tune.texts import window_stride
 
     root = tuned_parents["root"]
     recipe = root / "linear.yml"
@@ -142,7 +181,8 @@ def test_a_tune_moves_the_weight_toward_the_parent_the_text_favours(tuned_parent
         (tune_file, scores["tuned"]["text"][tune_file]),
         (heldout_file, scores["tuned"]["heldout"][heldout_file]),
     ]:
-        assert abs(score_text(model, tokenizer, Path(path).read_text()).bits_per_byte - reported) < 1e-4
+        written = score_text(model, tokenizer, Path(path).read_text(), stride=window_stride(64))
+        assert abs(written.bits_per_byte - reported) < 1e-4
 
 
 def test_cma_es_tunes_a_gradient_of_ranges(tuned_parents, monkeypatch, capsys):

@@ -39,6 +39,27 @@ class Expert(Strict):
     description: Optional[str] = None
     name: Optional[str] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _revision_beside_source(cls, data):
+        """`revision:` beside `source_model:` (mergekit drops it) is the hub revision of the expert's model."""
+        if not isinstance(data, dict) or "revision" not in data:
+            return data
+        data = dict(data)
+        revision, model = data.pop("revision"), data.get("source_model")
+        if not isinstance(model, str):
+            raise ValueError("'revision' needs 'source_model' written as a hub id (org/name) beside it")
+        if not isinstance(revision, (str, int)) or isinstance(revision, bool) or not str(revision).strip():
+            raise ValueError(f"'revision' must be a branch, tag or commit name, not {revision!r}")
+        if "@" in model:
+            raise ValueError(f"'revision' is given, but '{model}' already names a revision after '@'; keep one of them")
+        if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+            raise ValueError(
+                f"'revision' is set, but '{model}' is a local path, which has no revisions; remove the revision, or give a hub id (org/name)"
+            )
+        data["source_model"] = f"{model}@{revision}"
+        return data
+
     @field_validator("source_model", mode="before")
     @classmethod
     def _reference(cls, value):

@@ -83,6 +83,7 @@ _SIGNATURES = {
     "sce_square_sums_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER],
     "sce_merge_bf16": [_INT64, _INT64, ctypes.c_int, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER],
     "delta_pattern_counts_bf16": [_INT64, _INT64, _POINTER, _POINTER, _POINTER],
+    "nth_delta_pattern_bf16": [_INT64, _INT64, _POINTER, _POINTER, ctypes.c_uint16, _INT64, _POINTER],
     "scan_bytes": [_INT64, _POINTER, ctypes.c_int, ctypes.c_uint64, _POINTER, _POINTER],
     "della_select_bf16": [
         _INT64,

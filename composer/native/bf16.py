@@ -306,6 +306,16 @@ def delta_pattern_counts(chunks: Sequence[tuple[int, int]], model: torch.Tensor,
     return counts
 
 
+def nth_delta_pattern(model: torch.Tensor, base: torch.Tensor, pattern: int, nth: int) -> int:
+    """The flat position of the `nth` (1-based) delta model - base, in position order, whose bf16 magnitude has bit
+    pattern `pattern` (kernels.c's nth_delta_pattern_bf16); -1 when there are fewer."""
+    found = ctypes.c_int64(-1)
+    native.library().nth_delta_pattern_bf16(
+        0, base.numel(), model.data_ptr(), base.data_ptr(), pattern, nth, ctypes.byref(found)
+    )
+    return found.value
+
+
 def magnitude_sums_(values: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """Add the exact L1 sums of the bf16 `values` to `sums` (int64, EXPONENT_SUMS)."""
     native.library().magnitude_sums_bf16(values.numel(), values.data_ptr(), sums.data_ptr())

@@ -534,6 +534,29 @@ void delta_pattern_counts_bf16(int64_t start, int64_t stop, const uint16_t *mode
     free(copies);
 }
 
+/* The position in [start, stop) of the nth (1-based) delta bf16(x - base) whose magnitude has bit pattern `pattern`,
+ * into *position (-1 when the range holds fewer): where a magnitude window that splits a tie at its threshold stops
+ * keeping the tie's entries (ties are kept lowest position first). Each block is counted first and scanned only
+ * when it holds the nth. */
+void nth_delta_pattern_bf16(int64_t start, int64_t stop, const uint16_t *model, const uint16_t *base, uint16_t pattern, int64_t nth, int64_t *position) {
+    *position = -1;
+    for (int64_t block = start; block < stop && nth > 0; block += BLOCK) {
+        const int length = block_length(block, stop);
+        int found = 0;
+        for (int j = 0; j < length; j++)
+            found += delta_magnitude(model[block + j], base[block + j]) == pattern;
+        if (found < nth) {
+            nth -= found;
+            continue;
+        }
+        for (int j = 0; j < length; j++)
+            if (delta_magnitude(model[block + j], base[block + j]) == pattern && --nth == 0) {
+                *position = block + j;
+                return;
+            }
+    }
+}
+
 /* One pass over a tensor's bytes as they are written, for the resume journal and the check for NaN and
  * infinity. The checksum: the bytes as little-endian 64-bit words (the last one zero-padded), cut into
  * blocks of SCAN_BLOCK bytes; sums[0] = the sum of all words, sums[1] = the sum over blocks of the running

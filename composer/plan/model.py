@@ -88,6 +88,21 @@ class PlannedTensor:
 
 
 @dataclass
+class CalibrationRequest:
+    """What a calibration method's pass runs (composer.calibration): `models` (the merged ones, base excluded, in the
+    order of the linear steps' inputs) over `texts` ((file as written, text)), layer by layer; `source`: "own" (each
+    model's earlier layers feed its next, RegMean) or "merged" (the merged earlier layers do, RegMean++)."""
+
+    method: str
+    source: str
+    texts: list[tuple[str, str]]
+    digest: str  # of the texts, so that a resumed run never mixes tensors solved from another text
+    models: list[str]
+    layer_prefix: str
+    linear_names: list[list[str]]  # per layer, its linear weights in the order the layer holds them
+
+
+@dataclass
 class Plan:
     tensors: list[PlannedTensor]
     sources: dict[str, ModelSource]
@@ -111,6 +126,10 @@ class Plan:
     # checks of the output that import transformers (seconds): each raises a ComposerError if the output would not
     # load; the executor runs them beside the first writes and commits the output only when they pass
     deferred_checks: list[Callable[[], None]] = field(default_factory=list)
+    # (function, arguments) that build this same plan in another process (a cluster's worker), the function a
+    # module-level one; None where the plan holds what another process cannot rebuild (sources opened by a caller)
+    replay: tuple[Callable[..., Plan], tuple] | None = None
+    calibration: CalibrationRequest | None = None  # a calibration method's pass, still to be attached to the plan
 
     def run_deferred_checks(self) -> None:
         """Run the deferred checks now (for a dry run, which writes nothing)."""

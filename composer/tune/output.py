@@ -39,9 +39,14 @@ def write_output(result: TuneResult, trials: Trials, settings: TuneSettings, out
     scored = score_everything(result, trials, settings)
     report = build_report(result, settings.optimizer, settings.texts, settings.heldout, scored)
     best_text = result.text_for(result.best)
-    trials.scorer.cache.shrink_to(0)  # the executor's budget is its own: the parents' cache is not held beside it
+    trials.scorer.release()  # the executor's budget is its own: the parents' cache and the scored model are not held beside it
     options = ExecutionOptions(
-        memory_budget=settings.memory_budget, force=force, progress=settings.progress, device=settings.device
+        memory_budget=settings.memory_budget,
+        force=force,
+        progress=settings.progress,
+        device=settings.device,
+        ray=settings.ray,
+        whole_process=settings.whole_process,
     )
     compose_text(best_text, out, options, result.recipe_dir)
     header = f"# tuned by compose tune from {result.recipe_name} ({len(result.trials)} trials, {report['objective']})\n"

@@ -38,6 +38,7 @@ def build_report(
         "trials": len(result.trials),
         "stopped": result.stopped,
         "seconds": round(result.seconds, 2),
+        "cpu_seconds": round(result.cpu_seconds, 2),
         "parameters": [
             {"key": mark.key, "line": mark.line, "range": [mark.low, mark.high], "start": mark.start, "tuned": value}
             for mark, value in zip(result.ranges, best.values)

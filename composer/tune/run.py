@@ -34,6 +34,8 @@ class TuneSettings:
     seed: int = 0
     progress: bool | None = None
     device: str = "cpu"
+    ray: str | None = None  # the best model is written on a Ray cluster (composer.execute.cluster)
+    whole_process: bool = False  # memory_budget bounds the whole process (the CLI's), not only the tune's tensors
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TuneResult:
     trials: list[Trial] = field(default_factory=list)
     stopped: str = "trials"
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the process's CPU time over the trials, all threads (on a busy machine, beside seconds)
 
     @property
     def best(self) -> Trial:
@@ -100,7 +103,9 @@ class Trials:
     def __init__(self, result: TuneResult, settings: TuneSettings):
         self.result = result
         # parents' tensors are cached in what the budget leaves beside a scoring pass's working set (StreamedScorer.fit_budget)
-        self.scorer = StreamedScorer(TensorCache(settings.memory_budget // 2), settings.device, settings.memory_budget)
+        self.scorer = StreamedScorer(
+            TensorCache(settings.memory_budget // 2), settings.device, settings.memory_budget, settings.whole_process
+        )
         self.seen: dict[tuple, Trial] = {}  # whole-number searches (slice bounds) propose the same point again
 
     def score_text(self, text: str, texts: list[NamedText]) -> list[TextScore]:
@@ -192,7 +197,7 @@ def tune_recipe(recipe_path: Path, settings: TuneSettings) -> tuple[TuneResult, 
     text, ranges = marked_recipe(recipe_path, settings.tune_all)
     result = TuneResult(str(recipe_path), recipe_path.parent, text, ranges)
     trials = Trials(result, settings)
-    began = time.monotonic()
+    began, cpu_began = time.monotonic(), time.process_time()
     deadline = began + settings.minutes * 60 if settings.minutes is not None else math.inf
     start = [mark.start for mark in ranges]
     # the start recipe must work: its mistakes are the user's, reported as they are
@@ -201,7 +206,7 @@ def tune_recipe(recipe_path: Path, settings: TuneSettings) -> tuple[TuneResult, 
     result.trials.append(first)
     if settings.optimizer == "gradient":
         descend(result, trials, settings, done=lambda: _done(settings, result, deadline))
-        result.seconds = time.monotonic() - began
+        result.seconds, result.cpu_seconds = time.monotonic() - began, time.process_time() - cpu_began
         return result, trials
     search = make_search(
         settings.optimizer, [mark.share_of(value) for mark, value in zip(ranges, start)], settings.seed
@@ -229,5 +234,5 @@ def tune_recipe(recipe_path: Path, settings: TuneSettings) -> tuple[TuneResult, 
                     search.tell(points, objectives)
         except KeyboardInterrupt:
             result.stopped = "interrupted"
-    result.seconds = time.monotonic() - began
+    result.seconds, result.cpu_seconds = time.monotonic() - began, time.process_time() - cpu_began
     return result, trials

@@ -5,14 +5,14 @@ The model is built on the meta device. For each layer in turn, that layer's tens
 and freed. What the model does around its layers (embeddings and their scaling, rotary tables, the attention masks of
 each layer type) is not re-implemented: the model's own forward runs with stand-ins for the layers that record what
 each layer is handed, and runs again at the end with the last stand-in handing back the final hidden states, so that
-the model's own final norm, head and logit soft-capping make the logits. Windows and losses are those of
-`compose eval`, so the score is the one the written model gets."""
+the model's own final norm, head and logit soft-capping make the logits (a few hundred positions at a time: those
+are per position). Losses are those of `compose eval` on the windows of composer.tune.texts, so the score is the one
+the written model gets on them."""
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +21,14 @@ from composer.architecture import architecture_for, build_meta_model, tied_param
 from composer.errors import ComposerError
 from composer.evaluate import TextScore
 from composer.plan import Plan, PlannedTensor
+from composer.tune.layer_calls import StandIn, init_buffers, layer_attributes, layers_replaced, record_calls
+from composer.tune.prepared_ties import MagnitudeTable, is_prepared_ties, prepared_ties
+from composer.tune.process_memory import held_bytes
 from composer.tune.tensor_cache import TensorCache
 from composer.tune.texts import NamedText, Window, windows_of
 
-ROWS = 8  # windows per forward call of a layer
+ROWS = 4  # windows per forward call of a layer
+LOGIT_ROWS = 256  # positions whose logits are made at once
 
 
 @dataclass
@@ -33,30 +37,6 @@ class Batch:
     ids: torch.Tensor  # [rows, tokens]: windows of one length, so no padding
     calls: list[tuple[tuple, dict]] | None = None  # what the model hands each layer: (arguments, keywords)
     hidden: torch.Tensor | None = None
-
-
-class StandIn(torch.nn.Module):
-    """Takes a decoder layer's place in the model's own forward: records what the layer is handed, returns the hidden
-    states unchanged (or, for the replay, the final hidden states)."""
-
-    def __init__(self, calls: list, attributes: dict, final: torch.Tensor | None = None):
-        super().__init__()
-        self.calls = calls
-        self.final = final
-        self.__dict__.update(attributes)
-
-    def forward(self, hidden, *arguments, **keywords):
-        self.calls.append((hidden, arguments, keywords))
-        return self.final if self.final is not None else hidden
-
-
-def layer_attributes(layer: torch.nn.Module) -> dict:
-    """Plain attributes of a real layer a model's forward may read from it (attention_type, ...)."""
-    return {
-        key: value
-        for key, value in vars(layer).items()
-        if not key.startswith("_") and isinstance(value, (str, int, float, bool))
-    }
 
 
 def batches_of(windows: list[Window]) -> list[Batch]:
@@ -70,13 +50,6 @@ def batches_of(windows: list[Window]) -> list[Batch]:
     ]
 
 
-def init_buffers(model, modules) -> None:
-    """Non-persistent buffers (rotary tables, embedding scales) are not in any weights file: transformers makes them."""
-    for module in modules:
-        if getattr(module, "_non_persistent_buffers_set", None):
-            model._init_weights(module)
-
-
 @dataclass
 class Layout:
     model: torch.nn.Module  # built on the meta device; its layers are filled one at a time
@@ -84,29 +57,6 @@ class Layout:
     prefix: str  # a layer's tensor names, with {i} for its index
     layers: torch.nn.ModuleList
     batches: list[Batch]
-
-
-@contextmanager
-def layers_replaced(model, path: str, replacement: torch.nn.Module):
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    original = getattr(parent, name)
-    setattr(parent, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(parent, name, original)
-
-
-def record_calls(layout: Layout, batch: Batch, run) -> None:
-    """Run the model's own forward (`run`: its base model, or a function calling it) with stand-ins in its layers'
-    places: the first layer's input becomes the batch's hidden states, and what each layer is handed is kept."""
-    calls: list = []
-    stand_ins = torch.nn.ModuleList(StandIn(calls, layer_attributes(layer)) for layer in layout.layers)
-    with layers_replaced(layout.model, layout.path, stand_ins):
-        run(input_ids=batch.ids, use_cache=False)
-    batch.hidden = calls[0][0]
-    batch.calls = [(arguments, keywords) for _, arguments, keywords in calls]
 
 
 def working_bytes(layout: Layout, plan: Plan, kept_states: int = 1, graph: bool = False) -> int:
@@ -136,18 +86,19 @@ def working_bytes(layout: Layout, plan: Plan, kept_states: int = 1, graph: bool 
             per_layer[layer] = per_layer.get(layer, 0) + held
         else:
             outside += count * 4 * (3 if graph else 1)
-    logits = length * (getattr(config, "vocab_size", 0) or 0) * 4 * 3
+    logits = min(length, LOGIT_ROWS) * (getattr(config, "vocab_size", 0) or 0) * 4 * 3
     return hidden + activations * (2 if graph else 1) + outside + max(per_layer.values(), default=0) + logits
 
 
 class StreamedScorer:
     """Scores plans' models on texts, one layer in memory at a time; parents' tensors are read through `cache`."""
 
-    def __init__(self, cache: TensorCache, device: str = "cpu", budget: int | None = None):
+    def __init__(self, cache: TensorCache, device: str = "cpu", budget: int | None = None, whole_process: bool = False):
         self.cache = cache
         self.budget = (
             budget  # bytes for everything: the cache gets what the working set leaves (None: the cache's own budget)
         )
+        self.whole_process = whole_process  # the budget bounds the whole process, not only the tensors a tune holds
         self.device = torch.device(device)  # where layers run; parents' tensors are read and cached in host memory
         self.models: dict[str, torch.nn.Module] = {}
         self.windows: dict[tuple, list[Window]] = {}
@@ -160,6 +111,12 @@ class StreamedScorer:
             model.eval()
             self.models = {key: model}  # one at a time: a slice search changes the layer count
         return self.models[key]
+
+    def release(self) -> None:
+        """Drop the parents' cache and the model (its tensors outside the layers), and hand the freed pages back."""
+        self.cache.shrink_to(0)
+        self.models = {}
+        held_bytes()
 
     def _tokenizer(self, plan: Plan):
         from composer.sources.tokenizer import load_source_tokenizer
@@ -181,12 +138,20 @@ class StreamedScorer:
         return self.windows[key]
 
     def merged(self, plan: Plan, planned: PlannedTensor) -> torch.Tensor:
-        """One output tensor as the executor makes it, widened to float32 as `compose eval` loads it."""
-        inputs = [self.to_device(self.cache.get(plan, ref)) for ref in planned.inputs]
+        """One output tensor as the executor makes it (its inputs converted to the operation's compute dtype, as the
+        cache keeps them), widened to float32 as `compose eval` loads it."""
         compute = planned.operation.compute_dtype
-        work = [x.to(compute) if compute is not None and x.dtype != compute else x for x in inputs]
+        inputs = [self.to_device(self.cache.get(plan, ref, compute)) for ref in planned.inputs]
         try:
-            result = planned.operation.fn(work)
+            if is_prepared_ties(planned, inputs):
+                base = planned.inputs[-1]
+                tables = [
+                    self.cache.derived(("magnitudes", ref, base, compute), lambda x=x: MagnitudeTable.of(x, inputs[-1]))
+                    for ref, x in zip(planned.inputs, inputs[:-1])
+                ]
+                result = prepared_ties(planned, inputs, tables)
+            else:
+                result = planned.operation.fn(inputs)
         except ComposerError as error:
             raise ComposerError(f"Output tensor '{planned.name}' ({planned.operation.label}): {error}") from None
         return result.to(planned.dtype).to(torch.float32)
@@ -210,17 +175,25 @@ class StreamedScorer:
         return Layout(model, path, prefix, model.get_submodule(path), batches)
 
     def fit_budget(self, layout: Layout, plan: Plan, kept_states: int = 1, graph: bool = False) -> int:
-        """Give the parents' cache what the memory budget leaves beside the working set (see `working_bytes`); an
-        error when the working set alone is over the budget. Returns the working set's bytes."""
+        """Give the parents' cache what the memory budget leaves beside the working set (see `working_bytes`) and,
+        with `whole_process`, beside what the process already holds outside the cache (the interpreter, libraries,
+        tokenizer, the model's tensors outside its layers); an error when those alone are over the budget. Returns
+        the working set's bytes."""
         working = working_bytes(layout, plan, kept_states, graph)
         if self.budget is not None:
-            if working > self.budget:
+            held = max(held_bytes() - self.cache.resident, 0) if self.whole_process else 0
+            if working + held > self.budget:
+                besides = (
+                    f", beside {held / 1e9:.2f} GB this process holds already (the interpreter, libraries and model outside its layers)"
+                    if held
+                    else ""
+                )
                 raise ComposerError(
                     f"Scoring the text needs about {working / 1e9:.2f} GB for hidden states, one layer's tensors and one window's logits "
-                    f"({sum(batch.ids.numel() for batch in layout.batches)} tokens in windows), more than --memory-budget "
+                    f"({sum(batch.ids.numel() for batch in layout.batches)} tokens in windows){besides}, more than --memory-budget "
                     f"{self.budget / 1e9:.2f} GB; give a larger --memory-budget or shorter --text files."
                 )
-            self.cache.shrink_to(self.budget - working)
+            self.cache.shrink_to(self.budget - held - working)
         self.cache.new_pass()
         return working
 
@@ -279,14 +252,21 @@ class StreamedScorer:
 
     def window_losses(self, layout: Layout, final: torch.Tensor, window: Window) -> torch.Tensor:
         """The losses (nats) of a window's scored positions, from its final hidden states `final` [1, tokens, width]:
-        the window replayed through the model's own forward, the last layer's stand-in handing back `final`, so that
-        the model's final norm, head and logit soft-capping make the logits."""
-        stand_ins = [StandIn([], layer_attributes(layer)) for layer in layout.layers]
-        stand_ins[-1].final = final
+        the window's positions replayed through the model's own forward, `LOGIT_ROWS` at a time, the last layer's
+        stand-in handing back their final hidden states, so that the model's final norm, head and logit soft-capping
+        (all per position) make the logits."""
         ids = self.to_device(window.ids)
-        with layers_replaced(layout.model, layout.path, torch.nn.ModuleList(stand_ins)):
-            logits = layout.model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0, :-1].float()
-        return torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")[window.first_scored :]
+        scored = range(window.first_scored, len(ids) - 1)  # a position's logits score the token after it
+        pieces = []
+        for start in range(scored.start, scored.stop, LOGIT_ROWS):
+            stop = min(start + LOGIT_ROWS, scored.stop)
+            stand_ins = [StandIn([], layer_attributes(layer)) for layer in layout.layers]
+            stand_ins[-1].final = final[:, start:stop]
+            with layers_replaced(layout.model, layout.path, torch.nn.ModuleList(stand_ins)):
+                logits = layout.model(input_ids=ids[start:stop].unsqueeze(0), use_cache=False).logits[0].float()
+            pieces.append(torch.nn.functional.cross_entropy(logits, ids[start + 1 : stop + 1], reduction="none"))
+            del logits
+        return torch.cat(pieces) if pieces else final.new_zeros(0)
 
     def _losses(self, layout: Layout, texts: list[NamedText]) -> list[TextScore]:
         nats = [0.0] * len(texts)
@@ -294,7 +274,7 @@ class StreamedScorer:
         for batch in layout.batches:
             for row, window in enumerate(batch.windows):
                 losses = self.window_losses(layout, batch.hidden[row : row + 1], window)
-                nats[window.text] += float(losses.sum())
+                nats[window.text] += float(losses.double().sum())
                 tokens[window.text] += losses.numel()
             batch.hidden = batch.calls = None
         return [

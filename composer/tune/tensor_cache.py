@@ -1,5 +1,9 @@
 """Parents' tensors kept between trials, up to a byte budget.
 
+A tensor is kept as the merge takes it: converted to the operation's compute dtype (a bfloat16 recipe keeps its
+float32 parents in bfloat16, half their size, and no trial converts them again). Beside tensors it keeps what is
+derived from them once for every trial (`derived`: TIES's magnitude tables), under the same budget.
+
 Every trial reads the same tensors in the same order, a cyclic scan, under which least-recently-used eviction keeps
 nothing useful when the tensors are more than the budget (each is evicted just before it is asked for again). So a
 full cache does not make room by evicting tensors the last pass used: it keeps what it holds (a fixed share of the
@@ -9,6 +13,7 @@ last (those of another plan, after a slice search changed the layers) are droppe
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -18,9 +23,9 @@ from composer.plan import Plan, TensorRef
 class TensorCache:
     def __init__(self, budget: int):
         self.budget = budget
-        self.held: OrderedDict[TensorRef, tuple[torch.Tensor, int]] = (
-            OrderedDict()
-        )  # ref -> (tensor, pass that last used it)
+        # key -> (what is kept, its bytes, the pass that last used it); a tensor's key is (ref, the dtype it was
+        # converted to or None)
+        self.held: OrderedDict[tuple, tuple[object, int, int]] = OrderedDict()
         self.resident = 0
         self.hits = self.reads = 0
         self.passes = 0
@@ -29,28 +34,49 @@ class TensorCache:
         self.passes += 1
 
     def shrink_to(self, budget: int) -> None:
-        """A new budget (the memory a scoring pass leaves); tensors beyond it are dropped, oldest first."""
+        """A new budget (the memory a scoring pass leaves); what is kept beyond it is dropped, oldest first."""
         self.budget = max(budget, 0)
         while self.resident > self.budget:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
-        _, (dropped, _) = self.held.popitem(last=False)
-        self.resident -= dropped.numel() * dropped.element_size()
+        _, (_, size, _) = self.held.popitem(last=False)
+        self.resident -= size
 
-    def get(self, plan: Plan, ref: TensorRef) -> torch.Tensor:
-        entry = self.held.get(ref)
-        if entry is not None:
-            self.held[ref] = (entry[0], self.passes)
-            self.held.move_to_end(ref)
-            self.hits += 1
-            return entry[0]
-        tensor = plan.sources[ref.model].read(ref.name)
-        self.reads += 1
-        size = tensor.numel() * tensor.element_size()
-        while self.resident + size > self.budget and self.held and next(iter(self.held.values()))[1] < self.passes - 1:
+    def _found(self, key: tuple):
+        entry = self.held.get(key)
+        if entry is None:
+            return None
+        self.held[key] = (entry[0], entry[1], self.passes)
+        self.held.move_to_end(key)
+        return entry[0]
+
+    def _keep(self, key: tuple, value, size: int) -> None:
+        while self.resident + size > self.budget and self.held and next(iter(self.held.values()))[2] < self.passes - 1:
             self._drop_oldest()  # stale: unused by this pass and the one before
         if self.resident + size <= self.budget:
-            self.held[ref] = (tensor, self.passes)
+            self.held[key] = (value, size, self.passes)
             self.resident += size
+
+    def get(self, plan: Plan, ref: TensorRef, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `ref` of the plan's sources, converted to `dtype` (None: as stored)."""
+        key = (ref, dtype)
+        tensor = self._found(key)
+        if tensor is not None:
+            self.hits += 1
+            return tensor
+        tensor = plan.sources[ref.model].read(ref.name)
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        self.reads += 1
+        self._keep(key, tensor, tensor.numel() * tensor.element_size())
         return tensor
+
+    def derived(self, key: tuple, make: Callable[[], object]):
+        """What `make()` makes (an object with `nbytes`), made once while it stays in the cache; `key` names it and
+        everything it is made from."""
+        value = self._found(("derived", *key))
+        if value is None:
+            value = make()
+            self._keep(("derived", *key), value, value.nbytes)
+        return value
