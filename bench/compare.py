@@ -11,6 +11,17 @@ the whole process. "composer writing" is the time composer itself reports for th
 alone takes 1-3 s) and planning. Neither tool waits for the disk at the end (`compose --fsync` would), so
 neither does the floor. Prints one markdown table. Machines are noisy: compare figures of one run only;
 with --repeat N each tool runs N times, in turn, and its fastest run is shown.
+
+Two protocols. `--protocol warm` (the default) is the above: composer's cache of transformers' answers is
+kept (a tiny first run fills it), so every composer run is a repeat of a config it has seen. `--protocol user`
+measures what a user meets running a new recipe once: for each recipe, `--rounds` rounds (3), each tool
+once a round in turn (the order alternating between rounds), and before each composer run its cached
+transformers answers are dropped (composer runs with a cache folder of the bench's own,
+OUTPUTS/composer-cache, whose compiled kernels are kept: a machine builds them once), so that every run is
+the first run of a config; `sync` before every run, and the I/O floor taken in every round. It prints the
+median and the spread (lowest-highest) of each tool's wall time and of the rounds' speed-ups
+(mergekit's wall time over composer's in the same round), and of composer's writing time over that
+round's floor.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,9 +230,11 @@ def main() -> None:
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--memory-budget", default=None, help="passed to compose as --memory-budget")
     parser.add_argument("--synthetic-args", default="", help="extra flags for bench/synthetic.py, e.g. '--layers 8'")
+    parser.add_argument("--protocol", choices=("warm", "user"), default="warm", help="see above")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs of each tool per recipe, in turn; the fastest is shown"
+        "--repeat", type=int, default=1, help="warm: runs of each tool per recipe, in turn; the fastest is shown"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="user: rounds per recipe, each tool once a round")
     arguments = parser.parse_args()
     if not (arguments.models / "model-3" / "tokenizer.json").is_file():
         subprocess.run(
@@ -233,27 +247,40 @@ def main() -> None:
         )
     work = arguments.work or arguments.models / "outputs"
     work.mkdir(parents=True, exist_ok=True)
-    compose = [sys.executable, "-m", "composer.cli"]
     env = None if arguments.no_mergekit else mergekit_env()
     chosen = [p.strip() for p in arguments.recipes.split(",") if p.strip()]
-    rows = []
+    options = ["--force", "--no-progress"] + (
+        ["--memory-budget", arguments.memory_budget] if arguments.memory_budget else []
+    )
     print(machine_description(env), flush=True)
-    for name, (text, inputs) in recipes(arguments.models).items():
-        if chosen and not any(name.startswith(prefix) for prefix in chosen):
-            continue
+    selected = {
+        name: recipe
+        for name, recipe in recipes(arguments.models).items()
+        if not chosen or any(name.startswith(prefix) for prefix in chosen)
+    }
+    if arguments.protocol == "user":
+        user_protocol(selected, work, options, env, max(1, arguments.rounds))
+    else:
+        warm_protocol(selected, work, options, env, max(1, arguments.repeat))
+
+
+COMPOSE = [sys.executable, "-m", "composer.cli"]
+
+
+def warm_protocol(selected: dict, work: Path, options: list[str], env: dict | None, repeat: int) -> None:
+    """Each tool `repeat` times per recipe, in turn, composer's transformers answers kept; the fastest run shown."""
+    rows = []
+    for name, (text, inputs) in selected.items():
         recipe = work / "recipe.yml"
         recipe.write_text(text)
         out = work / "composer-out"
-        options = ["--force", "--no-progress"] + (
-            ["--memory-budget", arguments.memory_budget] if arguments.memory_budget else []
-        )
         if name.startswith("tiny"):
             run_child(
-                compose + [str(recipe), str(out)] + options
+                COMPOSE + [str(recipe), str(out)] + options
             )  # a first run fills composer's cache of transformers' answers
         ours_runs, theirs_runs, floor = [], [], None
-        for _ in range(max(1, arguments.repeat)):
-            ours_runs.append(run_child(compose + [str(recipe), str(out)] + options))
+        for _ in range(repeat):
+            ours_runs.append(run_child(COMPOSE + [str(recipe), str(out)] + options))
             if ours_runs[-1][2] != 0:
                 print(f"composer failed on {name}:\n{ours_runs[-1][3]}", file=sys.stderr)
             if floor is None:
@@ -261,12 +288,7 @@ def main() -> None:
                 floor = io_floor(weights_files(inputs), written, work)["floor_s"]
             shutil.rmtree(out, ignore_errors=True)
             if env is not None:
-                mk_out = work / "mergekit-out"
-                shutil.rmtree(mk_out, ignore_errors=True)
-                theirs_runs.append(run_child(mergekit_command(name, recipe, mk_out), env))
-                if theirs_runs[-1][2] != 0:
-                    print(f"mergekit failed on {name}:\n{theirs_runs[-1][3]}", file=sys.stderr)
-                shutil.rmtree(mk_out, ignore_errors=True)
+                theirs_runs.append(_mergekit_run(name, recipe, work, env))
         rows.append((name, _best(ours_runs), _best(theirs_runs) if theirs_runs else None, floor))
         _print_row(rows[-1])
     print()
@@ -276,6 +298,96 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(_table_row(row))
+
+
+def _mergekit_run(name: str, recipe: Path, work: Path, env: dict) -> tuple[float, float, int, str]:
+    mk_out = work / "mergekit-out"
+    shutil.rmtree(mk_out, ignore_errors=True)
+    run = run_child(mergekit_command(name, recipe, mk_out), env)
+    if run[2] != 0:
+        print(f"mergekit failed on {name}:\n{run[3]}", file=sys.stderr)
+    shutil.rmtree(mk_out, ignore_errors=True)
+    return run
+
+
+def composer_first_run_env(work: Path) -> tuple[dict, Path]:
+    """The environment for composer runs of the user protocol (a cache folder of the bench's own, its kernels
+    built now) and the file of cached transformers answers to drop before each run."""
+    from composer.plan.transformers_facts import FILE_NAME
+
+    cache = work / "composer-cache"
+    environment = dict(os.environ, COMPOSER_CACHE=str(cache))
+    subprocess.run(
+        [sys.executable, "-c", "from composer.native import library; library()"], env=environment, check=True
+    )
+    return environment, cache / FILE_NAME
+
+
+def user_protocol(selected: dict, work: Path, options: list[str], env: dict | None, rounds: int) -> None:
+    """Per recipe `rounds` rounds, each tool once a round in turn (alternating which goes first), each composer run
+    a first run of its config; medians and spreads of the rounds."""
+    ours_env, facts = composer_first_run_env(work)
+    rows = []
+    for name, (text, inputs) in selected.items():
+        recipe = work / "recipe.yml"
+        recipe.write_text(text)
+        out = work / "composer-out"
+        rounds_seen = []
+        for number in range(rounds):
+            ours = theirs = None
+            for tool in ("composer", "mergekit") if number % 2 == 0 else ("mergekit", "composer"):
+                if tool == "mergekit" and env is not None:
+                    theirs = _mergekit_run(name, recipe, work, env)
+                elif tool == "composer":
+                    facts.unlink(missing_ok=True)  # every run the first of its config
+                    ours = run_child(COMPOSE + [str(recipe), str(out)] + options, ours_env)
+                    if ours[2] != 0:
+                        print(f"composer failed on {name}:\n{ours[3]}", file=sys.stderr)
+                    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+                    shutil.rmtree(out, ignore_errors=True)
+            floor = io_floor(weights_files(inputs), written, work)["floor_s"]
+            rounds_seen.append((ours, theirs, floor))
+            print(
+                f"{name}, round {number + 1}: composer {ours[0]:.1f} s ({ours[1]:.2f} GB)"
+                + (f", mergekit {theirs[0]:.1f} s ({theirs[1]:.2f} GB)" if theirs else "")
+                + f", I/O floor {floor:.1f} s, composer writing {_writing_seconds(ours[3]) or 0:.1f} s, "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+        rows.append((name, rounds_seen))
+    print()
+    print(
+        "| recipe | composer wall | mergekit wall | speed-up | composer peak RSS | mergekit peak RSS | I/O floor | composer writing / floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, rounds_seen in rows:
+        print(_user_row(name, rounds_seen))
+
+
+def _spread(values: list[float], unit: str = " s", digits: int = 1) -> str:
+    """The median and, for several values, the lowest and highest: `9.9 s (8.1-12.0)`."""
+    if not values:
+        return "-"
+    median = f"{statistics.median(values):.{digits}f}{unit}"
+    return median if len(values) == 1 else f"{median} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _user_row(name: str, rounds_seen: list) -> str:
+    ours = [o for o, _, _ in rounds_seen if o[2] == 0]
+    theirs = [t for _, t, _ in rounds_seen if t is not None and t[2] == 0]
+    ratios = [t[0] / o[0] for o, t, _ in rounds_seen if t is not None and o[2] == 0 and t[2] == 0]
+    floors = [floor for _, _, floor in rounds_seen]
+    writing = [
+        (_writing_seconds(o[3]) or 0) / floor
+        for o, _, floor in rounds_seen
+        if o[2] == 0 and floor > 0.05 and _writing_seconds(o[3])
+    ]
+    return (
+        f"| {name} | {_spread([o[0] for o in ours])} | {_spread([t[0] for t in theirs])} | {_spread(ratios, 'x')} | "
+        f"{max((o[1] for o in ours), default=0):.2f} GB | "
+        + (f"{max(t[1] for t in theirs):.2f} GB" if theirs else "-")
+        + f" | {_spread(floors)} | {_spread(writing, '', 2)} |"
+    )
 
 
 def _best(runs: list[tuple[float, float, int, str]]) -> tuple[float, float, int, str]:

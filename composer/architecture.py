@@ -41,6 +41,7 @@ class ArchitectureFile(BaseModel):
     layer_count_keys: list[str]
     per_layer_keys: list[str] = []
     threshold_keys: list[str] = []
+    tie_word_embeddings: bool | None = None  # transformers' default for the family (None: ask transformers)
     experts: ExpertsFile | None = None
     layer_index_keys: list[str] = []  # lists of layer indices (Llama 4's `moe_layers`)
 
@@ -68,6 +69,7 @@ class Architecture:
     layer_count_keys: tuple[str, ...]
     per_layer_keys: tuple[str, ...] = ()
     threshold_keys: tuple[str, ...] = ()
+    tie_word_embeddings: bool | None = None  # what a config.json without the key means (None: not declared)
     layer_index_keys: tuple[str, ...] = ()
     inferred: bool = False
     notes: tuple[str, ...] = field(default=())
@@ -124,6 +126,7 @@ def declared_architectures() -> dict[str, Architecture]:
             layer_count_keys=tuple(spec.layer_count_keys),
             per_layer_keys=tuple(spec.per_layer_keys),
             threshold_keys=tuple(spec.threshold_keys),
+            tie_word_embeddings=spec.tie_word_embeddings,
             experts=Experts.from_file(spec.experts) if spec.experts is not None else None,
             layer_index_keys=tuple(spec.layer_index_keys),
         )

@@ -396,9 +396,11 @@ def plan(
         from composer.plan.show import format_plan
 
         _, built = plan_from_file(recipe)
-        schedule = make_schedule(built, budget)
-        typer.echo(format_plan(built, schedule, limit))
-        built.close()
+        try:
+            built.run_deferred_checks()  # a dry run checks everything up front (a real run overlaps this with its writes)
+            typer.echo(format_plan(built, make_schedule(built, budget), limit))
+        finally:
+            built.close()
 
     _guarded(action)
 

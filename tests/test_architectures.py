@@ -314,6 +314,15 @@ def test_declared_vocab_ties_and_layer_keys_match_transformers(model_type):
     assert per_layer <= declared, f"undeclared per-layer keys: {sorted(per_layer - declared)}"
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_declared_tie_default_is_the_one_transformers_gives(model_type):
+    """A config.json without 'tie_word_embeddings' is planned from the definition, without importing transformers."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type).get_text_config().tie_word_embeddings
+    assert declared_architectures()[model_type].tie_word_embeddings is default
+
+
 def test_every_family_in_the_test_table_is_declared():
     """Dense families are tested here, mixture-of-experts ones in test_moe_inputs.py."""
     tables = FAMILY_MODEL_TYPES | MOE_FAMILY_MODEL_TYPES

@@ -114,7 +114,7 @@ def exact_magnitude_sum(values: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["spread", "subnormal", "infinity", "nan"])
+@pytest.mark.parametrize("case", ["spread", "narrow", "subnormal", "infinity", "nan"])
 @pytest.mark.parametrize("kernels", ["1", "0"])
 def test_magnitude_sums_are_exact(dtype, case, kernels, monkeypatch):
     monkeypatch.setenv("COMPOSER_NATIVE", kernels)
@@ -124,6 +124,11 @@ def test_magnitude_sums_are_exact(dtype, case, kernels, monkeypatch):
         torch.randn(5000, generator=generator)
         * torch.exp2(torch.randint(lowest, 12, (5000,), generator=generator).float())
     ).to(dtype)
+    if case == "narrow":  # exponents spanning 23 (the most summed in 32-bit lanes), largest significands included
+        significands = torch.randint(128, 256, (5000,), generator=generator).float() / 128
+        values = (significands * torch.exp2(torch.randint(-11, 13, (5000,), generator=generator).float())).to(dtype)
+        values[1::2] *= -1
+        values[30], values[31] = 255 / 128 * 2.0**12, 2.0**-11
     values[:10], values[10:20] = 0.0, -0.0
     if case == "subnormal":
         values[::3] = torch.finfo(dtype).smallest_normal / 8

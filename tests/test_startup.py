@@ -64,3 +64,47 @@ def test_a_repeated_moe_with_random_gates_does_not_import_transformers(tmp_path:
     ]
     assert [run.returncode for run in runs] == [0, 0], runs[0].stderr[-2000:]
     assert [run.stdout.split()[-1] for run in runs] == ["True", "False"]  # the MoE config and layout are remembered
+
+
+FIRST_WRITE = """
+import sys
+from pathlib import Path
+from composer.compose import compose_text
+from composer.execute import ExecutionOptions
+from composer.execute.writer import ShardedWriter
+
+seen = []  # whether transformers was imported when the first tensor had been written
+write = ShardedWriter.write
+
+
+def recording_write(self, *arguments, **keywords):
+    result = write(self, *arguments, **keywords)
+    if not seen:
+        seen.append("transformers" in sys.modules)
+    return result
+
+
+ShardedWriter.write = recording_write
+compose_text(Path(sys.argv[1]).read_text(), Path(sys.argv[2]), ExecutionOptions(force=True, progress=False))
+print(seen[0], "transformers" in sys.modules)
+"""
+
+
+def test_a_first_merge_writes_before_transformers_is_imported(tmp_path: Path):
+    """A never-seen config is checked by transformers beside the writes, not before them."""
+    first, second = (save_tiny_model(tmp_path / name, layers=2, seed=seed) for name, seed in (("a", 0), ("b", 1)))
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {first}\n  - model: {second}\nparameters: {{weight: 0.5}}\n"
+    )
+    env = {
+        "COMPOSER_CACHE": str(tmp_path / "cache"),
+        "COMPOSER_NATIVE": "0",
+        "PATH": "/usr/bin:/bin",
+        "HF_HUB_OFFLINE": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_WRITE, str(recipe), str(tmp_path / "out")], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "True"]  # not before the first write; the deferred check ran later

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError, ComposerWarning
+from composer.execute.deferred import DeferredChecks
 from composer.execute.journal import (
     Journal,
     identity_digest,
@@ -188,16 +189,33 @@ class InputCache:
 class BackgroundWriter:
     """Hands results to a writer thread, holding at most `window` bytes of results not yet written."""
 
-    def __init__(self, writer: ShardedWriter, pool: ThreadPoolExecutor | None, window: int):
+    def __init__(
+        self,
+        writer: ShardedWriter,
+        pool: ThreadPoolExecutor | None,
+        window: int,
+        after_first_write: Callable[[], None] | None = None,
+    ):
         self.writer = writer
         self.pool = pool
         self.window = window
         self.queued: deque[tuple[Future, int]] = deque()
         self.queued_bytes = 0
         self.copied_bytes = 0  # written from input files directly, never read into memory
+        self.after_first_write = after_first_write  # called once, on the writing thread, when a tensor is written
+
+    def _written(self) -> None:
+        if self.after_first_write is not None:
+            callback, self.after_first_write = self.after_first_write, None
+            callback()
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         self.writer.write(name, tensor.to("cpu") if tensor.device.type != "cpu" else tensor)
+        self._written()
+
+    def _copy(self, name: str, source: Path, offset: int, length: int) -> None:
+        self.writer.copy_range(name, source, offset, length)
+        self._written()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.pool is None:
@@ -213,9 +231,9 @@ class BackgroundWriter:
         """Write tensor `name` from a byte range of an input file (`ShardedWriter.copy_range`)."""
         self.copied_bytes += length
         if self.pool is None:
-            self.writer.copy_range(name, source, offset, length)
+            self._copy(name, source, offset, length)
             return
-        self.queued.append((self.pool.submit(self.writer.copy_range, name, source, offset, length), 0))
+        self.queued.append((self.pool.submit(self._copy, name, source, offset, length), 0))
 
     def _settle_oldest(self) -> None:
         future, size = self.queued.popleft()
@@ -412,17 +430,25 @@ class Streamed:
 
 
 def stream_tensors(
-    plan: Plan, schedule, order: list, writer: ShardedWriter, options: ExecutionOptions, bar, done_before: int = 0
+    plan: Plan,
+    schedule,
+    order: list,
+    writer: ShardedWriter,
+    options: ExecutionOptions,
+    bar,
+    done_before: int = 0,
+    checks: DeferredChecks | None = None,
 ) -> Streamed:
     """Compute and write the planned tensors of `order` (in that order) into `writer`: inputs read ahead and kept
     within the memory budget, results written by a writer thread. The one loop every run goes through, on this
-    machine or on a cluster's worker. `bar` gets each tensor's bytes as it is done."""
+    machine or on a cluster's worker. `bar` gets each tensor's bytes as it is done. `checks` (the plan's deferred
+    checks) are started once the first tensor is written, and their memory is left out of the budget."""
     device = torch.device(options.device)
-    # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors;
-    # nor is what chains of steps hold between their steps
-    tensor_budget = max(
-        0, options.memory_budget - (resident_bytes() if options.whole_process else 0) - schedule.carried_bytes
-    )
+    # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors,
+    # nor what the deferred checks will add; nor is what chains of steps hold between their steps
+    checks_bytes = checks.resident_bytes() if checks is not None else 0
+    held = resident_bytes() + checks_bytes if options.whole_process else 0
+    tensor_budget = max(0, options.memory_budget - held - schedule.carried_bytes)
     threads = ComputeThreads(options.overlap, device)
     reader = ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
     writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
@@ -430,7 +456,7 @@ def stream_tensors(
     # kept inputs leave room for any step; read-ahead and queued writes only use what the current step leaves
     cache = InputCache(plan, max(0, tensor_budget - schedule.largest_step_bytes), device, reader)
     largest_output = max((tensor.nbytes for tensor in plan.tensors), default=0)
-    background = BackgroundWriter(writer, writes, largest_output)
+    background = BackgroundWriter(writer, writes, largest_output, checks.start if checks is not None else None)
     try:
         # outputs that are an input's stored bytes go file to file, and their inputs are never read
         verbatim = [_verbatim_range(plan, planned) if options.copy_files else None for planned in order]
@@ -535,6 +561,7 @@ def execute(
     folder = OutputFolder(out, options.force)
     connect, cluster = cluster, None
     writer = journal = None
+    checks = DeferredChecks(plan.deferred_checks)
     try:
         if options.ray is not None:
             if connect is None:
@@ -569,6 +596,7 @@ def execute(
                     len(entries),
                     len(plan.tensors),
                 )
+            checks.start()  # beside the workers
             outcome = cluster.run(folder.partial, identity, writer, journal, entries)
             streamed, finished = outcome.streamed, outcome.kept
         else:
@@ -582,10 +610,11 @@ def execute(
                 )
             with progress_bar(plan.output_bytes(), f"writing {len(plan.tensors)} tensors", options.progress) as bar:
                 bar.update(sum(planned.nbytes for planned in plan.tensors if planned.name in finished))
-                streamed = stream_tensors(plan, schedule, order, writer, options, bar, len(finished))
+                streamed = stream_tensors(plan, schedule, order, writer, options, bar, len(finished), checks)
         writer.finish()
         if closing_files is not None:
             closing_files(folder.partial)
+        checks.wait()  # the output appears only if transformers would load it
         journal.remove()
         remove_unit_journals(folder.partial)
         folder.commit()

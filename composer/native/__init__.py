@@ -32,7 +32,7 @@ from composer.cache import cache_dir, make_private_dirs, replacing, unsafe_reaso
 from composer.errors import ComposerWarning
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fPIC", "-shared")
 TUNING = ("-march=native",)  # dropped where the compiler refuses it
 _POINTER = ctypes.c_void_p
 _INT64 = ctypes.c_int64

@@ -71,13 +71,18 @@ static inline __attribute__((always_inline)) void model_pass(
     const uint8_t *data, uint16_t low, uint16_t high, const int scaled, float scale, float weight, const int store, float *target)
 {
     uint8_t expanded[BLOCK];
-    const uint8_t *bytes = mode == KEEP_BYTES ? data + (block - start) : expanded;
-    if (mode == KEEP_BITS)
-        expand_bits(data, block, length, expanded);
+    float factor[BLOCK];  /* the mask as 0/1 in a local array: the loop below then vectorises (bytes may alias `target`) */
+    if (mode == KEEP_BITS || mode == KEEP_BYTES) {
+        const uint8_t *bytes = mode == KEEP_BYTES ? data + (block - start) : expanded;
+        if (mode == KEEP_BITS)
+            expand_bits(data, block, length, expanded);
+        for (int j = 0; j < length; j++)
+            factor[j] = (float)(bytes[j] != 0);
+    }
     for (int j = 0; j < length; j++) {
         float value = delta_of(model[j], base[j]);
         if (mode == KEEP_BITS || mode == KEEP_BYTES) {
-            value = value * (float)(bytes[j] != 0);  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
+            value = value * factor[j];  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
         } else if (mode == KEEP_PATTERNS) {
             uint32_t bits;
             memcpy(&bits, &value, 4);  /* a bf16 value already: its upper half is its pattern */
@@ -158,7 +163,8 @@ void task_arithmetic_bf16(
         if (normalize && consensus) {
             for (int j = 0; j < length; j++) {
                 const float kept = rounded(kept_weight[j]);
-                merged[j] = rounded(merged[j] / rounded(kept + (kept == 0.0f ? 1.0f : 0.0f)));
+                const float one_where_zero = (float)(kept == 0.0f);  /* not `?:`, which keeps this loop from vectorising */
+                merged[j] = rounded(merged[j] / rounded(kept + one_where_zero));
             }
         } else if (normalize) {
             for (int j = 0; j < length; j++)
@@ -189,6 +195,7 @@ static inline uint64_t stream_word(uint64_t key, uint64_t index) {
 #define INF_SLOT 318
 #define NAN_SLOT 319
 #define SPAN_LIMIT 37  /* 2^(8 + 37) * BLOCK = 2^53 */
+#define NARROW_SPAN 23  /* 2^(8 + 23) = 2^31 */
 
 static inline void add_to_slot(int64_t *sums, int slot, int64_t amount) {
     sums[slot] += amount;
@@ -228,6 +235,22 @@ static void add_magnitudes_kept(int64_t *sums, int64_t *kept_sums, const uint16_
             if (keep != NULL)
                 add_magnitude(kept_sums, keep[j] ? magnitudes[j] : 0);
         }
+        return;
+    }
+    if (top - bottom <= NARROW_SPAN) {  /* each amount below 2^31: computed in 32-bit lanes, twice as many a vector */
+        uint64_t total = 0, kept_total = 0;
+        for (int j = 0; j < length; j++) {
+            const uint32_t magnitude = magnitudes[j], exponent = magnitude >> 7;
+            const uint32_t significand = (magnitude & 0x7Fu) | (exponent ? 0x80u : 0u);
+            const int shift = (int)(exponent ? exponent : 1u) - unit;
+            const uint32_t amount = significand << (shift < 0 ? 0 : shift);  /* 0 for a zero magnitude */
+            total += amount;
+            if (keep != NULL)
+                kept_total += keep[j] ? amount : 0u;
+        }
+        add_to_slot(sums, unit, (int64_t)total);
+        if (keep != NULL)
+            add_to_slot(kept_sums, unit, (int64_t)kept_total);
         return;
     }
     int64_t total = 0, kept_total = 0;
@@ -282,7 +305,7 @@ void dare_select_bf16(
         for (int j = 0; j < length; j++)
             magnitudes[j] = delta_magnitude(model[block + j], base[block + j]);
         for (int j = 0; j < length; j++)
-            dropped_unbounded += !expanded[j] && magnitudes[j] >= 0x7F80;
+            dropped_unbounded += (expanded[j] == 0) & (magnitudes[j] >= 0x7F80);  /* & not &&: no branch */
         add_magnitudes_kept(before, after, magnitudes, expanded, length);
         after[NAN_SLOT] += dropped_unbounded;  /* 0 times an infinity or NaN is NaN */
     }
@@ -354,7 +377,7 @@ void della_select_bf16(
             const int length = block_length(block, width);
             int dropped_unbounded = 0;
             for (int j = 0; j < length; j++)
-                dropped_unbounded += !keep_row[block + j] && magnitudes[block + j] >= 0x7F80;
+                dropped_unbounded += (keep_row[block + j] == 0) & (magnitudes[block + j] >= 0x7F80);
             add_magnitudes_kept(before, after, magnitudes + block, keep_row + block, length);
             after[NAN_SLOT] += dropped_unbounded;
         }

@@ -20,12 +20,13 @@ from composer.plan.knots import AdapterFactors, adapter_factors, copy_of_base, k
 from composer.plan.lines import lines_scale, scaled_by_depth
 from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.output_config import (
+    check_output_config,
     rewrite_config,
     validate_against_transformers,
     validate_language_model,
     with_dtype,
 )
-from composer.plan.transformers_facts import checked_loadable, config_defaults
+from composer.plan.transformers_facts import config_defaults, deferred_loadable_check
 from composer.plan.vision_language import (
     LanguageTower,
     check_language_models_agree,
@@ -647,7 +648,11 @@ class _Planner:
         self.vocabulary = self._output_vocabulary(base_ref, architecture)
         if self.vocabulary is not None:
             config.update(vocab_size=self.vocabulary.size, **self._special_token_ids())
-        ties = output_tower.ties() if output_tower else bool(config.get("tie_word_embeddings", _default_tie(config)))
+        ties = (
+            output_tower.ties()
+            if output_tower
+            else bool(config.get("tie_word_embeddings", _default_tie(architecture, config)))
+        )
 
         tensors: list[PlannedTensor] = []
         for weight in architecture.pre:
@@ -681,11 +686,14 @@ class _Planner:
             tensors += [planned] if planned else []
 
         shapes = {t.name: t.shape for t in tensors}
+        check_output_config(architecture, config, shapes, base_ref)  # the language model's config, for a VLM
         if output_tower is None:
-            checked_loadable(config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref))
+            loadable = deferred_loadable_check(
+                config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref)
+            )
         else:
             config = with_dtype(output_tower.with_text_config(config), self.out_dtype)
-            checked_loadable(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))
+            loadable = deferred_loadable_check(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))
             tensors = [replace(t, name=output_tower.on_disk(t.name)) for t in tensors] + self._vision_tensors(base_ref)
         tokenizer_source = self._tokenizer_source(base_ref)
         parents = [ref for ref in self.recipe.referenced_models()]
@@ -700,6 +708,7 @@ class _Planner:
             chat_template=self.recipe.chat_template,
             notes=self.vocabulary.summary() if self.vocabulary is not None else [],
             calibration=calibration,
+            deferred_checks=[loadable] if loadable is not None else [],
         )
 
     def _vision_tensors(self, base_ref: str) -> list[PlannedTensor]:
@@ -824,7 +833,10 @@ def _vocabulary_key(recipe: Merge, location: tuple) -> tuple:
     return ("tokenizer_source",)
 
 
-def _default_tie(config: dict) -> bool:
+def _default_tie(architecture: Architecture, config: dict) -> bool:
+    """Whether a config.json without 'tie_word_embeddings' ties: as the architecture declares, else as transformers says."""
+    if architecture.tie_word_embeddings is not None:
+        return architecture.tie_word_embeddings
     return bool(config_defaults(config, ("tie_word_embeddings",))["tie_word_embeddings"])
 
 

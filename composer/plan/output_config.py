@@ -1,4 +1,6 @@
-"""The output config.json: layer-count-dependent keys rewritten, then proven loadable by transformers."""
+"""The output config.json: layer-count-dependent keys rewritten, checked against the architecture definition
+while planning, then proven loadable by transformers (a check that imports it, which the executor runs beside
+the first tensors' writes: `transformers_facts.deferred_loadable_check`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,13 @@ import copy
 
 import torch
 
-from composer.architecture import Architecture, build_meta_model, checkpoint_shapes, tied_parameter_names
+from composer.architecture import (
+    Architecture,
+    build_meta_model,
+    check_sizes,
+    checkpoint_shapes,
+    tied_parameter_names,
+)
 from composer.errors import ComposerError
 from composer.plan.transformers_facts import config_defaults
 from composer.plan.vision_language import build_meta_vision_language_model, language_model_tensors
@@ -25,13 +33,20 @@ def rewrite_config(
     output = copy.deepcopy(config)
     layer_configs = layer_configs or [config] * len(source_layers)
     keys = architecture.per_layer_keys + architecture.threshold_keys + architecture.layer_index_keys
+    # transformers' defaults are asked for (importing it) only for keys a config leaves out, and only when the layer
+    # stack changes: with the same layers of the same model in the same order, a key left out keeps its meaning
+    same_layers = all(source is config for source in layer_configs) and list(source_layers) == list(
+        range(architecture.layer_count(config, reference))
+    )
     settings: dict[
         int, tuple[int, dict, dict]
-    ] = {}  # id of a config -> (its layer count, itself, transformers' values)
+    ] = {}  # id of a config -> (its layer count, itself, transformers' values for the keys it leaves out)
     for source in layer_configs:
         if id(source) not in settings:
-            count = architecture.layer_count(source, reference if source is config else "a source model")
-            settings[id(source)] = (count, source, config_defaults(source, keys, reference))
+            name = reference if source is config else "a source model"
+            count = architecture.layer_count(source, name)
+            missing = () if same_layers else tuple(key for key in keys if source.get(key) is None)
+            settings[id(source)] = (count, source, config_defaults(source, missing, name))
     layers = [(settings[id(source)], index) for source, index in zip(layer_configs, source_layers)]
     new_count = len(source_layers)
     for key in architecture.layer_count_keys:
@@ -69,6 +84,34 @@ def with_dtype(config: dict, out_dtype: torch.dtype | None) -> dict:
     if "torch_dtype" not in config and "dtype" not in config:
         config["torch_dtype"] = name
     return config
+
+
+def check_output_config(
+    architecture: Architecture, config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str
+) -> None:
+    """What the architecture definition says the output config must agree with, checked without transformers: its
+    sizes are whole numbers, its per-layer lists have an entry per layer, and its vocabulary-indexed tensors have
+    `vocab_size` rows."""
+    check_sizes(config, f"'{reference}'")
+    layer_count = architecture.layer_count(config, f"the output (config from '{reference}')")
+    for key in architecture.per_layer_keys:
+        values = config.get(key)
+        if isinstance(values, list) and len(values) != layer_count:
+            raise ComposerError(
+                f"Output config key '{key}' (from '{reference}') has {len(values)} entries for {layer_count} layers; "
+                f"give it one entry per layer of the model's config.json. Nothing was written."
+            )
+    vocab_size = config.get("vocab_size")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        return
+    for weight in architecture.vocab_weights():
+        shape = planned_shapes.get(weight.name)
+        if shape is not None and len(shape) > weight.vocab_axis and shape[weight.vocab_axis] != vocab_size:
+            raise ComposerError(
+                f"Output tensor '{weight.name}' would have {shape[weight.vocab_axis]} vocabulary rows, but the output config "
+                f"(from '{reference}') gives vocab_size {vocab_size}, so that config.json does not describe its weights "
+                "and transformers would not load it. Correct vocab_size in the model's config.json. Nothing was written."
+            )
 
 
 def validate_against_transformers(config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str) -> None:

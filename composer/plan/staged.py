@@ -214,6 +214,8 @@ def plan_with_stages(
         chat_template=output.chat_template,
         notes=output.notes,
         stages=methods,
+        deferred_checks=[check for stage in planned.values() for check in stage.plan.deferred_checks]
+        + output.deferred_checks,
     )
 
 

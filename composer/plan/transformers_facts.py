@@ -7,9 +7,11 @@ version and the exact question, so a new transformers release asks again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
@@ -78,7 +80,10 @@ def remembered(kind: str, question, answer):
 
 
 def config_defaults(config: dict, keys: tuple[str, ...], reference: str = "the model") -> dict:
-    """The values transformers gives `keys` for `config` (filling defaults the file leaves out); None where it has none."""
+    """The values transformers gives `keys` for `config` (filling defaults the file leaves out); None where it has none.
+    No keys: no question (and no import)."""
+    if not keys:
+        return {}
 
     def answer() -> dict:
         from composer.architecture import transformers_config
@@ -94,15 +99,20 @@ def config_defaults(config: dict, keys: tuple[str, ...], reference: str = "the m
     return remembered("defaults", {"config": config, "keys": sorted(keys)}, answer)
 
 
-def checked_loadable(config: dict, planned_shapes: dict[str, tuple[int, ...]], check) -> None:
-    """Run `check(config, planned_shapes)` (which raises on a problem) unless it passed before for exactly this question."""
+def deferred_loadable_check(
+    config: dict, planned_shapes: dict[str, tuple[int, ...]], check
+) -> Callable[[], None] | None:
+    """None when `check(config, planned_shapes)` passed before for exactly this question; otherwise a function that
+    runs it (raising what it raises) and remembers a pass. The question is copied now, so later changes to `config`
+    do not change it."""
+    config = copy.deepcopy(config)
+    shapes = dict(planned_shapes)
+    key = _key("loadable", {"config": config, "shapes": sorted((name, list(shape)) for name, shape in shapes.items())})
+    if _load().get(key) is not None:
+        return None
 
-    def answer() -> bool:
-        check(config, planned_shapes)
-        return True
+    def run() -> None:
+        check(config, shapes)
+        _store(key, True)
 
-    remembered(
-        "loadable",
-        {"config": config, "shapes": sorted((name, list(shape)) for name, shape in planned_shapes.items())},
-        answer,
-    )
+    return run
