@@ -219,7 +219,7 @@ class Sparsity:
 
 def _mode(values: torch.Tensor) -> float:
     """The most common value (up to rounding) of ratios: where one model alone is kept, y_d / tau is constant."""
-    values = values[torch.isfinite(values) & (values.abs() < 20)]
+    values = values[torch.isfinite(values) & (values.abs() < 20)][: 1 << 16]  # a mode needs no more
     if values.numel() == 0:
         return 0.0
     rounded = torch.round(values * 1000) / 1000
@@ -288,6 +288,7 @@ def sparsity_signature(
     return Sparsity(support, dense_support, kept_magnitude, election, coefficients, density, trims, explained)
 
 
+SINGLE_MOVER_ENTRIES = 1 << 18
 SINGLE_MOVERS = 200  # entries where one task vector alone moves that a source needs for the single-mover signature
 SPARSE_ZEROS = 0.005  # share of such entries left at the base, where no dense merge can round to it, that is sparse
 
@@ -311,11 +312,14 @@ def single_mover_signature(
     the smallest least-squares `weight` is left out the same way. None when the entries do not show a sparsified
     merge."""
     dtype = y.dtype
-    as_stored = base.to(dtype).float().reshape(-1)
-    y_delta = y.float().reshape(-1) - as_stored
-    taus = [x.to(dtype).float().reshape(-1) - as_stored for x in sources]
+    entries = SINGLE_MOVER_ENTRIES  # of the sample (rows spread over the tensor): enough single movers at the cut for TIES's density
+    as_stored = base.to(dtype).float().reshape(-1)[:entries]
+    y_delta = y.float().reshape(-1)[:entries] - as_stored
+    taus = [x.to(dtype).float().reshape(-1)[:entries] - as_stored for x in sources]
     step = rounding_steps(as_stored, dtype)
     moving = torch.stack([tau != 0 for tau in taus])
+    if float(((y_delta == 0) & moving.any(dim=0)).float().mean()) < SPARSE_ZEROS / 10:
+        return None  # SUSPECT hardly ever stays at the base where a task vector moves: no trim, no drop
     used = list(range(len(taus)))
     found = [SingleMovers(0.0)] * len(taus)
     order = sorted(range(len(taus)), key=lambda i: -abs(weights[i]) if weights else i)
