@@ -316,9 +316,15 @@ class _Planner:
             )
             extra = " besides the base model" if self._uses_base(base) else ""
             where = ("slices", number, "sources") if self.recipe.slices else ("models",)
+            hint = (
+                " The base model is not one of them: list the models whose changes to it are merged (to copy "
+                "one model as it is, use merge_method: passthrough)."
+                if not others and self._uses_base(base)
+                else ""
+            )
             raise RecipeKeyError(
                 where,
-                f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)}).",
+                f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)}).{hint}",
             )
 
     # --- experts ------------------------------------------------------------------------------

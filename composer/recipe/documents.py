@@ -56,6 +56,8 @@ def _in_use_order(named: list[tuple[yaml.Node, dict]], uses: dict[str, set[str]]
 def recipe_documents(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
     """The recipe's graph and data: a one-document file as it is, a mergekit-multi file as a `stages:` recipe."""
     documents = parse_yaml_documents(text, source_name)
+    if len(documents) > 1:  # an empty document, as a `---` closing the file makes, holds no merge
+        documents = [document for document in documents if document[1] is not None] or documents[:1]
     if len(documents) <= 1:
         return documents[0] if documents else (None, None)
     for number, (root, data) in enumerate(documents, 1):

@@ -13,7 +13,7 @@ from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.documents import recipe_documents
 from composer.recipe.modules import lift_default_module
-from composer.recipe.schema import IGNORED_TOP_LEVEL_KEYS, Recipe
+from composer.recipe.schema import IGNORED_MODEL_ENTRY_KEYS, IGNORED_SLICE_KEYS, IGNORED_TOP_LEVEL_KEYS, Recipe
 from composer.sources.references import is_hub_id, local_path
 from composer.yaml_text import check_duplicate_keys, has_location, line_of, path_text
 
@@ -133,20 +133,33 @@ def fold_revisions(data: dict, root: yaml.Node | None, source_name: str, recipe_
 
 
 def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, prefix: tuple = ()) -> None:
-    """Remove the keys mergekit ignores where they stand (IGNORED_TOP_LEVEL_KEYS), with a warning naming each."""
+    """Remove the keys mergekit ignores where they stand (IGNORED_TOP_LEVEL_KEYS at the top of a merge,
+    IGNORED_SLICE_KEYS in its slices, IGNORED_MODEL_ENTRY_KEYS in its `models` entries), with a warning naming each."""
     for index, stage in enumerate(_listed(data.get("stages"))):
         if isinstance(stage, dict):
             drop_ignored_keys(stage, root, source_name, prefix + ("stages", index))
-    for key, why in IGNORED_TOP_LEVEL_KEYS.items():
-        if key in data:
-            data.pop(key)
-            line = line_of(root, prefix + (key,))
-            warnings.warn(
-                f"{source_name}{f', line {line}' if line else ''}: '{path_text(prefix + (key,))}' has no effect there "
-                f"({why}); mergekit ignores it, and so does composer.",
-                ComposerWarning,
-                stacklevel=3,
-            )
+    holders = [(prefix, data, IGNORED_TOP_LEVEL_KEYS)]
+    holders += [
+        (prefix + ("slices", index), output_slice, IGNORED_SLICE_KEYS)
+        for index, output_slice in enumerate(_listed(data.get("slices")))
+        if isinstance(output_slice, dict)
+    ]
+    holders += [
+        (prefix + ("models", index), entry, IGNORED_MODEL_ENTRY_KEYS)
+        for index, entry in enumerate(_listed(data.get("models")))
+        if isinstance(entry, dict)
+    ]
+    for location, holder, ignored in holders:
+        for key, why in ignored.items():
+            if key in holder:
+                holder.pop(key)
+                line = line_of(root, location + (key,))
+                warnings.warn(
+                    f"{source_name}{f', line {line}' if line else ''}: '{path_text(location + (key,))}' has no effect "
+                    f"there ({why}); mergekit ignores it, and so does composer.",
+                    ComposerWarning,
+                    stacklevel=3,
+                )
 
 
 def _schema_keys() -> set[str]:

@@ -30,8 +30,27 @@ Steps = Annotated[list[str], Field(min_length=1)]
 
 # Keys real mergekit configs carry where mergekit ignores them: composer warns, naming them, and runs the config.
 # (A typo such as `dype` is still refused: there mergekit would silently run something other than the file says.)
+# mergekit 0.1.5's merge-method parameters: written at the top level of a merge, beside `parameters:` instead of under
+# it, mergekit ignores them (so the published model was made without them); composer does the same, and says so
+MERGEKIT_PARAMETERS = (
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t", "select_topk", "filter_wise",
+    "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights", "eps", "max_iter", "tol", "r", "alpha", "scale",
+    "embed_slerp",
+)  # fmt: skip
 IGNORED_TOP_LEVEL_KEYS = {"int8_mask": "it is a parameter of the TIES-family methods, and belongs under 'parameters'"}
-IGNORED_PARAMETERS = {"smooth", "allow_negative_weights"}  # mergekit-evolve's settings, left in merge configs
+IGNORED_TOP_LEVEL_KEYS |= {
+    name: "it is a parameter of the merge method, and belongs under 'parameters:'; move it there to use it"
+    for name in MERGEKIT_PARAMETERS
+}
+# a slice's keys that mergekit reads and never uses
+IGNORED_SLICE_KEYS = {"residual_weight": "mergekit reads it from a slice but never uses it"}
+# keys of a `models:` entry that mergekit ignores (left behind when a `slices:` config is rewritten as `models:`)
+IGNORED_MODEL_ENTRY_KEYS = {
+    "layer_range": "a 'models' entry merges the whole model; to merge a range of layers, write the merge with 'slices:'"
+}
+# mergekit-evolve's settings, left in merge configs; `embed_slerp`, which older mergekit read for the embeddings of a
+# merge with a `tokenizer_source` (composer merges those rows with the merge method itself, slerp included)
+IGNORED_PARAMETERS = {"smooth", "allow_negative_weights", "embed_slerp"}
 
 
 class Strict(BaseModel):
