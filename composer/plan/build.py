@@ -246,9 +246,29 @@ class _Planner:
             for e in self.recipe.models
         ]
         base = self.recipe.base_model
-        if base and self._uses_base(base) and all(s.model != base for s in sources):
+        if base and all(s.model != base for s in sources) and (self._uses_base(base) or self._base_is_an_input(base)):
             sources.append(SliceSource(model=base, layer_range=(0, self._layer_count(base))))
         return [OutputSlice(sources=sources)]
+
+    def _base_is_an_input(self, base: str) -> bool:
+        """Whether a `base_model` that the method has no use for is one more model to merge, as mergekit makes it of a
+        `models:` merge (karcher's mean, linear's with the top-level weight): where its per-model parameters have
+        values and the method takes one more model. Otherwise it is left out, with a warning where mergekit would
+        refuse the config."""
+        if self.method.adapters or self.method.max_models is not None:
+            return False
+        top = self.recipe.parameters or {}
+        missing = [p.name for p in self.method.parameters if p.per_model and p.required and p.name not in top]
+        if missing:
+            warnings.warn(
+                f"Recipe key '{path_text(self.key_prefix + ('base_model',))}': '{self.method.name}' merges no base model "
+                f"and '{base}' has no '{missing[0]}' of its own, so it is left out (mergekit adds it as one more "
+                "model and refuses the config).",
+                ComposerWarning,
+                stacklevel=2,
+            )
+            return False
+        return True
 
     def base_of(self, output_slice: OutputSlice) -> str | None:
         return output_slice.base_model or self.recipe.base_model
