@@ -1,21 +1,25 @@
-"""More real-world mergekit config shapes (issue 19): spellings that configs in model cards, blogs and repos use, each
-run beside the plain spelling it means; the two outputs must be the same bits. Also the keys mergekit reads and
-never uses (warned about by name, then ignored as mergekit ignores them), and `chat_template` as mergekit reads it.
-bench/config_corpus.py runs these shapes and more through mergekit 0.1.5 too (bench/RESULTS.md has the table)."""
+"""Real-world mergekit config shapes (issue 19). The corpus of tests/data/mergekit_configs (configs as model cards,
+blogs and repos write them, on tiny stand-ins: tests/corpus_models.py) must plan in composer, or be refused with the
+message its file names, which says how to fix it. Spellings that configs in the wild use are run beside the plain
+spelling they mean: the two outputs must be the same bits. Also the keys mergekit reads and never uses (warned
+about by name, then ignored as mergekit ignores them), and `chat_template` as mergekit reads it.
+bench/config_corpus.py runs the corpus through mergekit 0.1.5 too (bench/RESULTS.md has the table)."""
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from composer.compose import compose_text
+from composer.compose import compose_text, plan_from_file
 from composer.errors import ComposerError, ComposerWarning
 from composer.execute import ExecutionOptions
 from composer.recipe import parse_recipe
+from corpus_models import build_models, corpus
 from helpers import load_state, save_fine_tune, save_tiny_model
 
 LINEAR = "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\n"
@@ -149,6 +153,30 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "a": save_fine_tune(base, root / "a", seed=1),
         "b": save_fine_tune(base, root / "b", seed=2, density=0.6),
     }
+
+
+CORPUS = corpus()
+
+
+@pytest.fixture(scope="module")
+def corpus_models(tmp_path_factory) -> dict[str, str]:
+    return build_models(tmp_path_factory.mktemp("corpus-models"))
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_every_corpus_config_plans_or_is_refused_saying_how(corpus_models, tmp_path: Path, name: str):
+    config = CORPUS[name]
+    path = tmp_path / f"{name}.yml"
+    path.write_text(config.text(corpus_models))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ComposerWarning)
+        if config.refused:
+            with pytest.raises(ComposerError, match=re.escape(config.refused)):
+                plan_from_file(path)
+            return
+        _, plan = plan_from_file(path)
+    plan.close()
+    assert plan.tensors
 
 
 def _compose(tiny: dict[str, Path], text: str, name: str) -> dict[str, torch.Tensor]:
