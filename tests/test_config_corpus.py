@@ -128,6 +128,10 @@ SAME_AS = {
         TIES_PLAIN + "normalize: true\nrescale: false\nint8_mask: true\n",
         TIES_PLAIN,
     ),
+    "mergekit's command-line options in the config": (
+        LINEAR + "dtype: float32\nlazy_unpickle: true\nallow_crimes: true\nout_shard_size: 1B\n",
+        LINEAR + "dtype: float32\n",
+    ),
     "layer_range in a 'models' entry": (
         LINEAR.replace("    parameters: {{weight: 0.7}}", "    layer_range: [0, 2]\n    parameters: {{weight: 0.7}}")
         + "dtype: float32\n",
@@ -139,6 +143,7 @@ WARNED = {  # shape -> the keys its warnings must name
     "embed_slerp": ["'embed_slerp'"],
     "merge parameters beside 'parameters:' instead of under it": ["'normalize'", "'rescale'", "'int8_mask'"],
     "layer_range in a 'models' entry": ["'models[0].layer_range'"],
+    "mergekit's command-line options in the config": ["'lazy_unpickle'", "'allow_crimes'", "(--out-shard-size)"],
     "linear with a base_model that has no weight": ["'base_model'", "no 'weight' of its own, so it is left out"],
 }
 

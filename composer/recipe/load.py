@@ -150,16 +150,15 @@ def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, pref
         if isinstance(entry, dict)
     ]
     for location, holder, ignored in holders:
-        for key, why in ignored.items():
-            if key in holder:
-                holder.pop(key)
-                line = line_of(root, location + (key,))
-                warnings.warn(
-                    f"{source_name}{f', line {line}' if line else ''}: '{path_text(location + (key,))}' has no effect "
-                    f"there ({why}); mergekit ignores it, and so does composer.",
-                    ComposerWarning,
-                    stacklevel=3,
-                )
+        for key in [key for key in holder if key in ignored]:  # in the file's order
+            holder.pop(key)
+            line = line_of(root, location + (key,))
+            warnings.warn(
+                f"{source_name}{f', line {line}' if line else ''}: '{path_text(location + (key,))}' has no effect "
+                f"there ({ignored[key]}); mergekit ignores it, and so does composer.",
+                ComposerWarning,
+                stacklevel=3,
+            )
 
 
 def _schema_keys() -> set[str]:

@@ -42,6 +42,17 @@ IGNORED_TOP_LEVEL_KEYS |= {
     name: "it is a parameter of the merge method, and belongs under 'parameters:'; move it there to use it"
     for name in MERGEKIT_PARAMETERS
 }
+# the options of mergekit's command line, which its config does not read
+MERGEKIT_OPTIONS = (
+    "allow_crimes", "unsafe_truncate_embeddings", "transformers_cache", "lora_merge_cache", "lora_merge_dtype", "cuda",
+    "device", "low_cpu_memory", "out_shard_size", "copy_tokenizer", "clone_tensors", "trust_remote_code",
+    "lazy_unpickle", "write_model_card", "safe_serialization", "verbosity", "quiet", "read_to_gpu", "multi_gpu",
+    "num_threads", "gpu_rich", "async_write", "write_threads",
+)  # fmt: skip
+IGNORED_TOP_LEVEL_KEYS |= {
+    name: f"it is an option of mergekit's command line (--{name.replace('_', '-')}), not of its config"
+    for name in MERGEKIT_OPTIONS
+}
 # a slice's keys that mergekit reads and never uses
 IGNORED_SLICE_KEYS = {"residual_weight": "mergekit reads it from a slice but never uses it"}
 # keys of a `models:` entry that mergekit ignores (left behind when a `slices:` config is rewritten as `models:`)
