@@ -80,6 +80,7 @@ json.dump(results, open(results_file, "w"), indent=1)
 def run_tool(python: str, tool: str, jobs: list[dict], work: Path, composer_root: Path | None = None) -> dict:
     """Run `jobs` with `tool` ("mergekit", or a composer checkout at `composer_root`) in one process of `python`."""
     jobs_file, results_file, runner = work / f"{tool}-jobs.json", work / f"{tool}-results.json", work / "runner.py"
+    earlier = json.loads(results_file.read_text()) if results_file.exists() else {}  # (of other shapes: kept)
     jobs_file.write_text(json.dumps(jobs))
     runner.write_text(RUNNER)
     environment = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
@@ -91,7 +92,9 @@ def run_tool(python: str, tool: str, jobs: list[dict], work: Path, composer_root
         cwd=work,
         check=False,
     )
-    return json.loads(results_file.read_text())
+    results = earlier | json.loads(results_file.read_text())
+    results_file.write_text(json.dumps(results, indent=1))
+    return results
 
 
 # ---- comparing outputs ---------------------------------------------------------------------------------------

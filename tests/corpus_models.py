@@ -37,8 +37,9 @@ def corpus() -> dict[str, CorpusConfig]:
     configs = {}
     for path in sorted(CORPUS.glob("*.yml")):
         template = path.read_text(encoding="utf-8")
-        kind, compare = re.search(r"^# corpus: kind=(\S+) compare=(\S+)$", template, re.MULTILINE).groups()
-        refused = re.search(r"^# composer refuses: (.+)$", template, re.MULTILINE)
+        header = template.lstrip("\ufeff").replace("\r\n", "\n")  # (a file may be written as on Windows)
+        kind, compare = re.search(r"^# corpus: kind=(\S+) compare=(\S+)$", header, re.MULTILINE).groups()
+        refused = re.search(r"^# composer refuses: (.+)$", header, re.MULTILINE)
         configs[path.stem] = CorpusConfig(path.stem, kind, compare, refused.group(1) if refused else None, template)
     return configs
 
