@@ -5,9 +5,10 @@ tests), whose model ids are `$name` placeholders for the folders `build_models` 
 Mistral (`m...`), Qwen2 (`q...`), Qwen3 (`q3...`), Gemma 2 (`g...`) and Phi-3 (`p...`) models of four layers with a
 real byte-level tokenizer, their fine-tunes, bf16 copies of the Llama ones (`h...`), two fine-tunes with a chat
 template (`chat1`, `chat2`), one with two added tokens (`ftok`), one with its vocabulary padded to 384 rows
-(`ftpad`) and a LoRA adapter for `base` (`lora`). A file's first lines say how to run and read it:
-`# corpus: kind=yaml|multi|multi:FINAL|moe compare=exact|rounded|random`, and, for a shape composer refuses with a
-message saying how to fix it, `# composer refuses: TEXT OF THE MESSAGE`.
+(`ftpad`), a Llama with another tokenizer (SentencePiece-style, `spft`) and a LoRA adapter for `base` (`lora`).
+A file's first lines say how to run and read it: `# corpus: kind=yaml|multi|multi:FINAL|moe
+compare=exact|rounded|random`, and, for a shape composer refuses with a message saying how to fix it,
+`# composer refuses: TEXT OF THE MESSAGE`.
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ def build_models(root: Path) -> dict[str, str]:
     holds (its models.json) is kept."""
     import torch
 
-    from helpers import BYTE_LEVEL_SPECIAL, byte_level_tokenizer, save_fine_tune, tiny_model_with_tokenizer
+    from helpers import (
+        BYTE_LEVEL_SPECIAL,
+        SENTENCEPIECE_SPECIAL,
+        byte_level_tokenizer,
+        save_fine_tune,
+        sentencepiece_tokenizer,
+        tiny_model_with_tokenizer,
+    )
 
     done = json.loads((root / "models.json").read_text()) if (root / "models.json").exists() else {}
     paths: dict[str, Path] = {name: Path(path) for name, path in done.items()}
@@ -74,6 +82,10 @@ def build_models(root: Path) -> dict[str, str]:
             paths[f"h{name}"] = bf16_copy(paths[name], root / f"h{name}")
     if "ftpad" not in paths:
         paths["ftpad"] = padded_vocabulary_model(paths["ft2"], root / "ftpad", rows=384)
+    if "spft" not in paths:  # the same architecture with another tokenizer (SentencePiece-style, byte fallback)
+        paths["spft"] = tiny_model_with_tokenizer(
+            root / "spft", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=8, tied=False, layers=4
+        )
     if "chat1" not in paths:
         for number in (1, 2):
             paths[f"chat{number}"] = with_chat_template(paths[f"ft{number}"], root / f"chat{number}")
