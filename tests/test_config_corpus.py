@@ -128,6 +128,10 @@ SAME_AS = {
         TIES_PLAIN + "normalize: true\nrescale: false\nint8_mask: true\n",
         TIES_PLAIN,
     ),
+    "a per-tensor parameter set per model": (
+        TIES_PLAIN.replace("weight: 0.6}}", "weight: 0.6, lambda: 1.5}}"),
+        TIES_PLAIN,
+    ),
     "mergekit's command-line options in the config": (
         LINEAR + "dtype: float32\nlazy_unpickle: true\nallow_crimes: true\nout_shard_size: 1B\n",
         LINEAR + "dtype: float32\n",
@@ -143,6 +147,7 @@ WARNED = {  # shape -> the keys its warnings must name
     "embed_slerp": ["'embed_slerp'"],
     "merge parameters beside 'parameters:' instead of under it": ["'normalize'", "'rescale'", "'int8_mask'"],
     "layer_range in a 'models' entry": ["'models[0].layer_range'"],
+    "a per-tensor parameter set per model": ["'models[0].parameters.lambda'", "has no effect there"],
     "mergekit's command-line options in the config": ["'lazy_unpickle'", "'allow_crimes'", "(--out-shard-size)"],
     "linear with a base_model that has no weight": ["'base_model'", "no 'weight' of its own, so it is left out"],
 }

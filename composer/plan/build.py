@@ -177,12 +177,28 @@ class _Planner:
                     )
                     parameters.pop(name)
                     continue
-                if per_model and not (self.method.parameter(name) or self.fallback.parameter(name)).per_model:
-                    raise RecipeKeyError(
-                        where + (name,),
-                        f"'{name}' of '{self.method.name}' is one value per tensor, not per model; "
-                        "set it in the slice's parameters or the top-level parameters.",
+                parameter = self.method.parameter(name) or self.fallback.parameter(name)
+                if per_model and not parameter.per_model:
+                    if parameter.required and not self._set_per_tensor(name):
+                        raise RecipeKeyError(
+                            where + (name,),
+                            f"'{name}' of '{self.method.name}' is one value per tensor, not per model; "
+                            "set it in the slice's parameters or the top-level parameters.",
+                        )
+                    # mergekit reads a per-tensor parameter only per slice or at the top, and ignores it here
+                    warnings.warn(
+                        f"Recipe key '{path_text(self.key_prefix + where + (name,))}': '{name}' of '{self.method.name}' "
+                        "is one value per tensor, not per model, so it has no effect there (mergekit ignores it there "
+                        "too); set it in the slice's parameters or the top-level parameters to use it.",
+                        ComposerWarning,
+                        stacklevel=2,
                     )
+                    parameters.pop(name)
+
+    def _set_per_tensor(self, name: str) -> bool:
+        """Whether parameter `name` is set at the top level or in some slice's parameters."""
+        places = [self.recipe.parameters] + [output_slice.parameters for output_slice in self.recipe.slices or []]
+        return any(name in (place or {}) for place in places)
 
     def _check_same_architecture(self) -> None:
         first_ref = next(iter(self.configs))
