@@ -96,6 +96,10 @@ SAME_AS = {
         "---\n# from a model card\n" + LINEAR + "dtype: float32\n...\n---\n",
         LINEAR + "dtype: float32\n",
     ),
+    "a key written twice with the same value": (
+        LINEAR + "dtype: float32\nparameters:\n  normalize: true\ndtype: float32\n",
+        LINEAR + "parameters:\n  normalize: true\ndtype: float32\n",
+    ),
     "dtype with torch's prefix": (LINEAR + "dtype: torch.bfloat16\n", LINEAR + "dtype: bfloat16\n"),
     # a base_model that the method has no use for is one more model of a `models:` merge, as in mergekit
     "karcher with a base_model": (
@@ -144,6 +148,7 @@ SAME_AS = {
 }
 WARNED = {  # shape -> the keys its warnings must name
     "a slice's residual_weight": ["'slices[0].residual_weight'"],
+    "a key written twice with the same value": ["key 'dtype' appears twice with the same value"],
     "embed_slerp": ["'embed_slerp'"],
     "merge parameters beside 'parameters:' instead of under it": ["'normalize'", "'rescale'", "'int8_mask'"],
     "layer_range in a 'models' entry": ["'models[0].layer_range'"],
