@@ -262,3 +262,12 @@ def test_chat_template_exaone_writes_the_format_not_the_word(tiny):
     assert "[|endofturn|]" in (tiny["root"] / "exaone" / "chat_template.jinja").read_text()
     with pytest.raises(ComposerError, match="'gemma' is not a known template name"):
         parse_recipe(LINEAR.format(**tiny) + "chat_template: gemma\n", "r.yml")
+
+
+def test_a_document_used_only_for_its_tokenizer_is_a_stage(corpus_models, tmp_path: Path):
+    """mergekit-multi: the final merge names an earlier document only as `tokenizer.source`; that document is
+    merged first, and the output has its (union) vocabulary."""
+    text = CORPUS["multi_tokenizer_from_stage"].text(corpus_models)
+    compose_text(text, tmp_path / "out", ExecutionOptions(progress=False))
+    rows = load_state(Path(corpus_models["ftok"]))["model.embed_tokens.weight"].shape[0]
+    assert load_state(tmp_path / "out")["model.embed_tokens.weight"].shape[0] == rows == 322

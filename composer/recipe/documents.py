@@ -15,7 +15,8 @@ import yaml
 from composer.errors import ComposerError
 from composer.yaml_text import parse_yaml_documents
 
-MODEL_KEYS = ("model", "base_model", "path")
+# where a document names another: a model, or the model its tokenizer comes from (`tokenizer.source` too)
+MODEL_KEYS = ("model", "base_model", "path", "tokenizer_source", "source")
 
 
 def _names_used(value: Any, names: set[str]) -> set[str]:

@@ -222,6 +222,12 @@ class Merge(Strict):
             raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
         return self
 
+    def tokenizer_models(self) -> list[str]:
+        """The model the merge reads for its tokenizer only: `tokenizer_source` or `tokenizer.source`, where either
+        names one (not `union` or `base`)."""
+        source = self.tokenizer_source if self.tokenizer is None else self.tokenizer.source
+        return [source] if source is not None and source not in ("union", "base") else []
+
     def referenced_models(self) -> list[str]:
         seen: list[str] = []
         candidates = [self.base_model] if self.base_model else []
