@@ -132,6 +132,17 @@ SAME_AS = {
         TIES_PLAIN + "normalize: true\nrescale: false\nint8_mask: true\n",
         TIES_PLAIN,
     ),
+    "merge parameters beside a model's or a source's 'parameters:'": (
+        "merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n"
+        "      - {{model: {base}, layer_range: [0, 2]}}\n"
+        "      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.6}}, density: 0.5}}\n"
+        "      - {{model: {b}, layer_range: [0, 2], parameters: {{weight: 0.4}}, density: 0.5}}\n"
+        "    t: 0.5\ndtype: float32\n",
+        "merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n"
+        "      - {{model: {base}, layer_range: [0, 2]}}\n"
+        "      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.6}}}}\n"
+        "      - {{model: {b}, layer_range: [0, 2], parameters: {{weight: 0.4}}}}\ndtype: float32\n",
+    ),
     "a per-tensor parameter set per model": (
         TIES_PLAIN.replace("weight: 0.6}}", "weight: 0.6, lambda: 1.5}}"),
         TIES_PLAIN,
@@ -152,6 +163,11 @@ WARNED = {  # shape -> the keys its warnings must name
     "embed_slerp": ["'embed_slerp'"],
     "merge parameters beside 'parameters:' instead of under it": ["'normalize'", "'rescale'", "'int8_mask'"],
     "layer_range in a 'models' entry": ["'models[0].layer_range'"],
+    "merge parameters beside a model's or a source's 'parameters:'": [
+        "'slices[0].sources[1].density'",
+        "'slices[0].t'",
+        "belongs under the 'parameters:' beside it",
+    ],
     "a per-tensor parameter set per model": ["'models[0].parameters.lambda'", "has no effect there"],
     "mergekit's command-line options in the config": ["'lazy_unpickle'", "'allow_crimes'", "(--out-shard-size)"],
     "linear with a base_model that has no weight": ["'base_model'", "no 'weight' of its own, so it is left out"],

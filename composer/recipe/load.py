@@ -13,7 +13,13 @@ from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.documents import recipe_documents
 from composer.recipe.modules import lift_default_module
-from composer.recipe.schema import IGNORED_MODEL_ENTRY_KEYS, IGNORED_SLICE_KEYS, IGNORED_TOP_LEVEL_KEYS, Recipe
+from composer.recipe.schema import (
+    IGNORED_MODEL_ENTRY_KEYS,
+    IGNORED_SLICE_KEYS,
+    IGNORED_SOURCE_KEYS,
+    IGNORED_TOP_LEVEL_KEYS,
+    Recipe,
+)
 from composer.sources.references import is_hub_id, local_path
 from composer.yaml_text import check_duplicate_keys, has_location, line_of, path_text
 
@@ -134,7 +140,8 @@ def fold_revisions(data: dict, root: yaml.Node | None, source_name: str, recipe_
 
 def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, prefix: tuple = ()) -> None:
     """Remove the keys mergekit ignores where they stand (IGNORED_TOP_LEVEL_KEYS at the top of a merge,
-    IGNORED_SLICE_KEYS in its slices, IGNORED_MODEL_ENTRY_KEYS in its `models` entries), with a warning naming each."""
+    IGNORED_SLICE_KEYS in its slices, IGNORED_SOURCE_KEYS in their sources, IGNORED_MODEL_ENTRY_KEYS in its `models`
+    entries), with a warning naming each."""
     for index, stage in enumerate(_listed(data.get("stages"))):
         if isinstance(stage, dict):
             drop_ignored_keys(stage, root, source_name, prefix + ("stages", index))
@@ -143,6 +150,13 @@ def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, pref
         (prefix + ("slices", index), output_slice, IGNORED_SLICE_KEYS)
         for index, output_slice in enumerate(_listed(data.get("slices")))
         if isinstance(output_slice, dict)
+    ]
+    holders += [
+        (prefix + ("slices", index, "sources", number), source, IGNORED_SOURCE_KEYS)
+        for index, output_slice in enumerate(_listed(data.get("slices")))
+        if isinstance(output_slice, dict)
+        for number, source in enumerate(_listed(output_slice.get("sources")))
+        if isinstance(source, dict)
     ]
     holders += [
         (prefix + ("models", index), entry, IGNORED_MODEL_ENTRY_KEYS)

@@ -53,12 +53,18 @@ IGNORED_TOP_LEVEL_KEYS |= {
     name: f"it is an option of mergekit's command line (--{name.replace('_', '-')}), not of its config"
     for name in MERGEKIT_OPTIONS
 }
+# merge parameters written beside a model entry's, a slice source's or a slice's `parameters:` instead of under it
+MISPLACED_PARAMETERS = {
+    name: "it is a merge parameter, and belongs under the 'parameters:' beside it; move it there to use it"
+    for name in MERGEKIT_PARAMETERS
+}
 # a slice's keys that mergekit reads and never uses
-IGNORED_SLICE_KEYS = {"residual_weight": "mergekit reads it from a slice but never uses it"}
-# keys of a `models:` entry that mergekit ignores (left behind when a `slices:` config is rewritten as `models:`)
+IGNORED_SLICE_KEYS = {"residual_weight": "mergekit reads it from a slice but never uses it"} | MISPLACED_PARAMETERS
+IGNORED_SOURCE_KEYS = MISPLACED_PARAMETERS
+# keys of a `models:` entry that mergekit ignores (layer_range: left behind when a `slices:` config is rewritten)
 IGNORED_MODEL_ENTRY_KEYS = {
     "layer_range": "a 'models' entry merges the whole model; to merge a range of layers, write the merge with 'slices:'"
-}
+} | MISPLACED_PARAMETERS
 # mergekit-evolve's settings, left in merge configs; `embed_slerp`, which older mergekit read for the embeddings of a
 # merge with a `tokenizer_source` (composer merges those rows with the merge method itself, slerp included)
 IGNORED_PARAMETERS = {"smooth", "allow_negative_weights", "embed_slerp"}
