@@ -100,6 +100,12 @@ SAME_AS = {
         LINEAR + "dtype: float32\nparameters:\n  normalize: true\ndtype: float32\n",
         LINEAR + "parameters:\n  normalize: true\ndtype: float32\n",
     ),
+    "folders with a trailing slash": (  # the base listed as a model without the slash is the base still
+        TIES_PLAIN.replace("base_model: {base}", "base_model: {base}/")
+        .replace("models:\n", "models:\n  - model: {base}\n")
+        .replace("model: {a}", "model: {a}/"),
+        TIES_PLAIN,
+    ),
     "dtype with torch's prefix": (LINEAR + "dtype: torch.bfloat16\n", LINEAR + "dtype: bfloat16\n"),
     # a base_model that the method has no use for is one more model of a `models:` merge, as in mergekit
     "karcher with a base_model": (

@@ -26,7 +26,10 @@ from composer.yaml_text import check_duplicate_keys, has_location, line_of, path
 
 def model_reference(value: Any) -> Any:
     """mergekit's dict spellings of a model reference, flattened to `path[@revision][+lora]`: `{model: {path,
-    revision}}`, `{path, revision}`, and `{model: path, revision}` (a revision beside `model:`, which mergekit drops)."""
+    revision}}`, `{path, revision}`, and `{model: path, revision}` (a revision beside `model:`, which mergekit drops).
+    A folder written with a trailing slash (`./models/base/`, as a shell completes it) is the same folder."""
+    if isinstance(value, str):
+        return "+".join(part.rstrip("/") or part for part in value.split("+"))
     if not isinstance(value, dict):
         return value
     inner = value.get("model", value)
