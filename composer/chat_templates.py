@@ -1,10 +1,12 @@
 """Named chat templates a recipe can ask for (`chat_template: NAME`), written from each format's description.
 
-Any other value of `chat_template` is taken as a Jinja template itself; `auto` keeps the tokenizer
-source's own template.
+Any other value of `chat_template` is taken as a Jinja template itself; `auto` takes the template most of the
+merged models have.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 CHAT_TEMPLATES = {
     "chatml": (
@@ -32,7 +34,27 @@ CHAT_TEMPLATES = {
         "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
     ),
+    # EXAONE: `[|role|]` before each message; a user turn ends with a newline, any other with [|endofturn|];
+    # an empty system turn first when the chat has none
+    "exaone": (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{{ '\\n' if message['role'] == 'user' else '[|endofturn|]\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+    ),
 }
+
+
+def most_common_template(templates: list[str | None], preferred: str | None) -> str | None:
+    """`chat_template: auto`: the template most of the merged models have (None where none has one), as mergekit
+    picks it; among equally common ones, `preferred` (the tokenizer source's) where it is one, else the first."""
+    counts = Counter(template for template in templates if template)
+    if not counts:
+        return None
+    most = max(counts.values())
+    tied = [template for template, count in counts.items() if count == most]
+    return preferred if preferred in tied else tied[0]
 
 
 def template_text(choice: str) -> str:
@@ -45,6 +67,11 @@ def check_template(choice: str | None) -> str | None:
     a template with a syntax error would be written into the output and fail on every chat there."""
     if choice is None or choice == "auto" or choice in CHAT_TEMPLATES:
         return choice
+    known = ", ".join(["auto", *CHAT_TEMPLATES])
+    if "{" not in choice:  # text with no Jinja in it would be written out as every chat's whole prompt
+        raise ValueError(
+            f"{choice!r} is not a known template name ({known}) nor a Jinja template (it has no '{{{{' or '{{%')"
+        )
     try:
         from jinja2 import TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -53,7 +80,6 @@ def check_template(choice: str | None) -> str | None:
     try:
         ImmutableSandboxedEnvironment().parse(choice)
     except TemplateSyntaxError as error:
-        known = ", ".join(["auto", *CHAT_TEMPLATES])
         raise ValueError(
             f"not a known template name ({known}) and not valid Jinja (line {error.lineno}: {error.message})"
         ) from None

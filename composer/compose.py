@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from composer.card import render_card
-from composer.chat_templates import template_text
+from composer.chat_templates import most_common_template, template_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions, ExecutionReport, execute
 from composer.execute.output_folder import check_output_free, check_output_not_input
@@ -126,6 +126,35 @@ def _write_chat_template(folder: Path, template: str) -> None:
     (folder / "chat_template.jinja").write_text(text)
 
 
+def _source_chat_template(source) -> str | None:
+    """The chat template in a model folder's tokenizer files (chat_template.jinja, else tokenizer_config.json's
+    `chat_template`, its `default` entry where it holds several), or None."""
+    from composer.files import read_json_object
+
+    folder_file = getattr(source, "folder_file", None)  # (a model that is not a folder of files has none)
+    if folder_file is None:
+        return None
+    path = folder_file("chat_template.jinja")
+    if path is not None:
+        return path.read_text(encoding="utf-8").strip() or None
+    path = folder_file("tokenizer_config.json")
+    template = read_json_object(path).get("chat_template") if path is not None else None
+    if isinstance(template, list):
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if not isinstance(template, str):
+        return None
+    return template.strip() or None
+
+
+def _auto_chat_template(plan: Plan) -> str | None:
+    """`chat_template: auto`: the template most of the recipe's models have (mergekit's rule)."""
+    templates = [_source_chat_template(plan.sources[ref]) for ref in plan.parents if ref in plan.sources]
+    own = _source_chat_template(plan.sources[plan.tokenizer_source]) if plan.tokenizer_source in plan.sources else None
+    return most_common_template(templates, own)
+
+
 def write_plan(
     plan: Plan, out: Path, options: ExecutionOptions, name: str | None = None, protected: dict[str, Path] | None = None
 ) -> ExecutionReport:
@@ -142,8 +171,9 @@ def write_plan(
     def extra_files(folder: Path) -> None:
         if plan.tokenizer_source is not None:
             plan.sources[plan.tokenizer_source].save_tokenizer(folder)
-        if plan.chat_template and plan.chat_template != "auto":
-            _write_chat_template(folder, plan.chat_template)
+        template = _auto_chat_template(plan) if plan.chat_template == "auto" else plan.chat_template
+        if template:
+            _write_chat_template(folder, template)
         (folder / "README.md").write_text(render_card(plan, name, record))
         (folder / "composer-recipe.yml").write_text(plan.recipe_text)
 

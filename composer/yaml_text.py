@@ -9,11 +9,12 @@ and refused past MAX_VALUES values or MAX_DEPTH levels before anything walks it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import yaml
 
-from composer.errors import ComposerError
+from composer.errors import ComposerError, ComposerWarning
 from composer.files import printable
 
 MAX_VALUES = 100_000
@@ -252,20 +253,41 @@ def has_location(node: yaml.Node | None, location: tuple) -> bool:
     return True
 
 
+def same_node(first: yaml.Node, second: yaml.Node) -> bool:
+    """Whether two YAML nodes spell the same value (same tags, scalars and structure)."""
+    if type(first) is not type(second) or first.tag != second.tag:
+        return False
+    if isinstance(first, yaml.ScalarNode):
+        return first.value == second.value
+    if len(first.value) != len(second.value):
+        return False
+    if isinstance(first, yaml.MappingNode):
+        return all(same_node(a, c) and same_node(b, d) for (a, b), (c, d) in zip(first.value, second.value))
+    return all(same_node(a, b) for a, b in zip(first.value, second.value))
+
+
 def check_duplicate_keys(node: yaml.Node | None, source_name: str, location: tuple = ()) -> None:
-    """YAML lets a later key silently replace an earlier one; in a recipe that is always a mistake.
+    """YAML lets a later key silently replace an earlier one; in a recipe that is a mistake: an error where the two
+    values differ, a warning where the key is only written twice with the same value (mergekit runs both).
     Only for a graph parse_yaml accepted (its size and depth are bounded)."""
     if isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
+        first: dict[str, tuple[int, yaml.Node]] = {}
         for key, value in node.value:
             name = getattr(key, "value", None)
             if isinstance(name, str):
-                if name in first_line:
-                    raise ComposerError(
-                        f"{source_name}, line {key.start_mark.line + 1}: key '{path_text(location + (name,))}' appears twice "
-                        f"(first at line {first_line[name]}); YAML would silently keep only the last one. Remove one of them."
+                where = f"{source_name}, line {key.start_mark.line + 1}: key '{path_text(location + (name,))}'"
+                if name in first and same_node(first[name][1], value):
+                    warnings.warn(
+                        f"{where} appears twice with the same value (first at line {first[name][0]}); remove one.",
+                        ComposerWarning,
+                        stacklevel=2,
                     )
-                first_line[name] = key.start_mark.line + 1
+                elif name in first:
+                    raise ComposerError(
+                        f"{where} appears twice with different values (first at line {first[name][0]}); YAML would "
+                        "silently keep only the last one. Remove the one you did not mean."
+                    )
+                first.setdefault(name, (key.start_mark.line + 1, value))
             check_duplicate_keys(value, source_name, location + (name,))
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):

@@ -14,6 +14,11 @@ from typing import Any
 
 from composer.errors import ComposerError
 
+# the words mergekit's configs (pydantic) read as true or false, in any case: quoted values such as `normalize: "false"`
+BOOL_WORDS = {word: True for word in ("true", "yes", "on", "t", "y", "1")} | {
+    word: False for word in ("false", "no", "off", "f", "n", "0")
+}
+
 
 @dataclass(frozen=True)
 class Parameter:
@@ -41,6 +46,8 @@ class Parameter:
                 return value
             if isinstance(value, (int, float)):
                 return bool(value)  # mergekit configs sometimes write `normalize: 1.0`
+            if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+                return BOOL_WORDS[value.strip().lower()]  # `normalize: "false"`, which mergekit reads as false
             raise ValueError(f"'{self.name}' must be true or false, not {value!r}")
         if isinstance(value, str):
             try:  # YAML 1.1 reads `1e-5` (no decimal point) as a string; mergekit takes it as the number

@@ -178,12 +178,28 @@ class _Planner:
                     )
                     parameters.pop(name)
                     continue
-                if per_model and not (self.method.parameter(name) or self.fallback.parameter(name)).per_model:
-                    raise RecipeKeyError(
-                        where + (name,),
-                        f"'{name}' of '{self.method.name}' is one value per tensor, not per model; "
-                        "set it in the slice's parameters or the top-level parameters.",
+                parameter = self.method.parameter(name) or self.fallback.parameter(name)
+                if per_model and not parameter.per_model:
+                    if parameter.required and not self._set_per_tensor(name):
+                        raise RecipeKeyError(
+                            where + (name,),
+                            f"'{name}' of '{self.method.name}' is one value per tensor, not per model; "
+                            "set it in the slice's parameters or the top-level parameters.",
+                        )
+                    # mergekit reads a per-tensor parameter only per slice or at the top, and ignores it here
+                    warnings.warn(
+                        f"Recipe key '{path_text(self.key_prefix + where + (name,))}': '{name}' of '{self.method.name}' "
+                        "is one value per tensor, not per model, so it has no effect there (mergekit ignores it there "
+                        "too); set it in the slice's parameters or the top-level parameters to use it.",
+                        ComposerWarning,
+                        stacklevel=2,
                     )
+                    parameters.pop(name)
+
+    def _set_per_tensor(self, name: str) -> bool:
+        """Whether parameter `name` is set at the top level or in some slice's parameters."""
+        places = [self.recipe.parameters] + [output_slice.parameters for output_slice in self.recipe.slices or []]
+        return any(name in (place or {}) for place in places)
 
     def _check_same_architecture(self) -> None:
         first_ref = next(iter(self.configs))
@@ -247,9 +263,29 @@ class _Planner:
             for e in self.recipe.models
         ]
         base = self.recipe.base_model
-        if base and self._uses_base(base) and all(s.model != base for s in sources):
+        if base and all(s.model != base for s in sources) and (self._uses_base(base) or self._base_is_an_input(base)):
             sources.append(SliceSource(model=base, layer_range=(0, self._layer_count(base))))
         return [OutputSlice(sources=sources)]
+
+    def _base_is_an_input(self, base: str) -> bool:
+        """Whether a `base_model` that the method has no use for is one more model to merge, as mergekit makes it of a
+        `models:` merge (karcher's mean, linear's with the top-level weight): where its per-model parameters have
+        values and the method takes one more model. Otherwise it is left out, with a warning where mergekit would
+        refuse the config."""
+        if self.method.adapters or self.method.max_models is not None:
+            return False
+        top = self.recipe.parameters or {}
+        missing = [p.name for p in self.method.parameters if p.per_model and p.required and p.name not in top]
+        if missing:
+            warnings.warn(
+                f"Recipe key '{path_text(self.key_prefix + ('base_model',))}': '{self.method.name}' merges no base model "
+                f"and '{base}' has no '{missing[0]}' of its own, so it is left out (mergekit adds it as one more "
+                "model and refuses the config).",
+                ComposerWarning,
+                stacklevel=2,
+            )
+            return False
+        return True
 
     def base_of(self, output_slice: OutputSlice) -> str | None:
         return output_slice.base_model or self.recipe.base_model
@@ -317,9 +353,15 @@ class _Planner:
             )
             extra = " besides the base model" if self._uses_base(base) else ""
             where = ("slices", number, "sources") if self.recipe.slices else ("models",)
+            hint = (
+                " The base model is not one of them: list the models whose changes to it are merged (to copy "
+                "one model as it is, use merge_method: passthrough)."
+                if not others and self._uses_base(base)
+                else ""
+            )
             raise RecipeKeyError(
                 where,
-                f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)}).",
+                f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)}).{hint}",
             )
 
     # --- experts ------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def check_stage_references(stages: list[Stage], output_references: list[str], la
     names = [stage.name for stage in stages]
     used: set[str] = set(output_references)
     for position, stage in enumerate(stages):
-        for reference in stage.referenced_models() + ([stage.tokenizer_source] if stage.tokenizer_source else []):
+        for reference in stage.referenced_models() + stage.tokenizer_models():
             if reference in names[position:]:
                 what = "itself" if reference == stage.name else f"stage '{reference}', which comes later"
                 location = ("stages", position) + model_location(stage, reference)
@@ -234,7 +234,9 @@ def build_plan(
         if output.random_seed is None and recipe.random_seed is not None:
             output = output.model_copy(update={"random_seed": recipe.random_seed})
     check_stage_references(
-        list(recipe.stages), output.referenced_models() if output is recipe else [], recipe.merge_method is None
+        list(recipe.stages),
+        output.referenced_models() + output.tokenizer_models() if output is recipe else [],
+        recipe.merge_method is None,
     )
 
     def build_output(sources: dict[str, ModelSource]) -> Plan:

@@ -15,7 +15,8 @@ import yaml
 from composer.errors import ComposerError
 from composer.yaml_text import parse_yaml_documents
 
-MODEL_KEYS = ("model", "base_model", "path")
+# where a document names another: a model, or the model its tokenizer comes from (`tokenizer.source` too)
+MODEL_KEYS = ("model", "base_model", "path", "tokenizer_source", "source")
 
 
 def _names_used(value: Any, names: set[str]) -> set[str]:
@@ -56,6 +57,8 @@ def _in_use_order(named: list[tuple[yaml.Node, dict]], uses: dict[str, set[str]]
 def recipe_documents(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
     """The recipe's graph and data: a one-document file as it is, a mergekit-multi file as a `stages:` recipe."""
     documents = parse_yaml_documents(text, source_name)
+    if len(documents) > 1:  # an empty document, as a `---` closing the file makes, holds no merge
+        documents = [document for document in documents if document[1] is not None] or documents[:1]
     if len(documents) <= 1:
         return documents[0] if documents else (None, None)
     for number, (root, data) in enumerate(documents, 1):

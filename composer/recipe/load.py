@@ -13,14 +13,23 @@ from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.documents import recipe_documents
 from composer.recipe.modules import lift_default_module
-from composer.recipe.schema import IGNORED_TOP_LEVEL_KEYS, Recipe
+from composer.recipe.schema import (
+    IGNORED_MODEL_ENTRY_KEYS,
+    IGNORED_SLICE_KEYS,
+    IGNORED_SOURCE_KEYS,
+    IGNORED_TOP_LEVEL_KEYS,
+    Recipe,
+)
 from composer.sources.references import is_hub_id, local_path
 from composer.yaml_text import check_duplicate_keys, has_location, line_of, path_text
 
 
 def model_reference(value: Any) -> Any:
     """mergekit's dict spellings of a model reference, flattened to `path[@revision][+lora]`: `{model: {path,
-    revision}}`, `{path, revision}`, and `{model: path, revision}` (a revision beside `model:`, which mergekit drops)."""
+    revision}}`, `{path, revision}`, and `{model: path, revision}` (a revision beside `model:`, which mergekit drops).
+    A folder written with a trailing slash (`./models/base/`, as a shell completes it) is the same folder."""
+    if isinstance(value, str):
+        return "+".join(part.rstrip("/") or part for part in value.split("+"))
     if not isinstance(value, dict):
         return value
     inner = value.get("model", value)
@@ -133,17 +142,37 @@ def fold_revisions(data: dict, root: yaml.Node | None, source_name: str, recipe_
 
 
 def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, prefix: tuple = ()) -> None:
-    """Remove the keys mergekit ignores where they stand (IGNORED_TOP_LEVEL_KEYS), with a warning naming each."""
+    """Remove the keys mergekit ignores where they stand (IGNORED_TOP_LEVEL_KEYS at the top of a merge,
+    IGNORED_SLICE_KEYS in its slices, IGNORED_SOURCE_KEYS in their sources, IGNORED_MODEL_ENTRY_KEYS in its `models`
+    entries), with a warning naming each."""
     for index, stage in enumerate(_listed(data.get("stages"))):
         if isinstance(stage, dict):
             drop_ignored_keys(stage, root, source_name, prefix + ("stages", index))
-    for key, why in IGNORED_TOP_LEVEL_KEYS.items():
-        if key in data:
-            data.pop(key)
-            line = line_of(root, prefix + (key,))
+    holders = [(prefix, data, IGNORED_TOP_LEVEL_KEYS)]
+    holders += [
+        (prefix + ("slices", index), output_slice, IGNORED_SLICE_KEYS)
+        for index, output_slice in enumerate(_listed(data.get("slices")))
+        if isinstance(output_slice, dict)
+    ]
+    holders += [
+        (prefix + ("slices", index, "sources", number), source, IGNORED_SOURCE_KEYS)
+        for index, output_slice in enumerate(_listed(data.get("slices")))
+        if isinstance(output_slice, dict)
+        for number, source in enumerate(_listed(output_slice.get("sources")))
+        if isinstance(source, dict)
+    ]
+    holders += [
+        (prefix + ("models", index), entry, IGNORED_MODEL_ENTRY_KEYS)
+        for index, entry in enumerate(_listed(data.get("models")))
+        if isinstance(entry, dict)
+    ]
+    for location, holder, ignored in holders:
+        for key in [key for key in holder if key in ignored]:  # in the file's order
+            holder.pop(key)
+            line = line_of(root, location + (key,))
             warnings.warn(
-                f"{source_name}{f', line {line}' if line else ''}: '{path_text(prefix + (key,))}' has no effect there "
-                f"({why}); mergekit ignores it, and so does composer.",
+                f"{source_name}{f', line {line}' if line else ''}: '{path_text(location + (key,))}' has no effect "
+                f"there ({ignored[key]}); mergekit ignores it, and so does composer.",
                 ComposerWarning,
                 stacklevel=3,
             )

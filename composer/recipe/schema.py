@@ -30,8 +30,44 @@ Steps = Annotated[list[str], Field(min_length=1)]
 
 # Keys real mergekit configs carry where mergekit ignores them: composer warns, naming them, and runs the config.
 # (A typo such as `dype` is still refused: there mergekit would silently run something other than the file says.)
+# mergekit 0.1.5's merge-method parameters: written at the top level of a merge, beside `parameters:` instead of under
+# it, mergekit ignores them (so the published model was made without them); composer does the same, and says so
+MERGEKIT_PARAMETERS = (
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t", "select_topk", "filter_wise",
+    "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights", "eps", "max_iter", "tol", "r", "alpha", "scale",
+    "embed_slerp",
+)  # fmt: skip
 IGNORED_TOP_LEVEL_KEYS = {"int8_mask": "it is a parameter of the TIES-family methods, and belongs under 'parameters'"}
-IGNORED_PARAMETERS = {"smooth", "allow_negative_weights"}  # mergekit-evolve's settings, left in merge configs
+IGNORED_TOP_LEVEL_KEYS |= {
+    name: "it is a parameter of the merge method, and belongs under 'parameters:'; move it there to use it"
+    for name in MERGEKIT_PARAMETERS
+}
+# the options of mergekit's command line, which its config does not read
+MERGEKIT_OPTIONS = (
+    "allow_crimes", "unsafe_truncate_embeddings", "transformers_cache", "lora_merge_cache", "lora_merge_dtype", "cuda",
+    "device", "low_cpu_memory", "out_shard_size", "copy_tokenizer", "clone_tensors", "trust_remote_code",
+    "lazy_unpickle", "write_model_card", "safe_serialization", "verbosity", "quiet", "read_to_gpu", "multi_gpu",
+    "num_threads", "gpu_rich", "async_write", "write_threads",
+)  # fmt: skip
+IGNORED_TOP_LEVEL_KEYS |= {
+    name: f"it is an option of mergekit's command line (--{name.replace('_', '-')}), not of its config"
+    for name in MERGEKIT_OPTIONS
+}
+# merge parameters written beside a model entry's, a slice source's or a slice's `parameters:` instead of under it
+MISPLACED_PARAMETERS = {
+    name: "it is a merge parameter, and belongs under the 'parameters:' beside it; move it there to use it"
+    for name in MERGEKIT_PARAMETERS
+}
+# a slice's keys that mergekit reads and never uses
+IGNORED_SLICE_KEYS = {"residual_weight": "mergekit reads it from a slice but never uses it"} | MISPLACED_PARAMETERS
+IGNORED_SOURCE_KEYS = MISPLACED_PARAMETERS
+# keys of a `models:` entry that mergekit ignores (layer_range: left behind when a `slices:` config is rewritten)
+IGNORED_MODEL_ENTRY_KEYS = {
+    "layer_range": "a 'models' entry merges the whole model; to merge a range of layers, write the merge with 'slices:'"
+} | MISPLACED_PARAMETERS
+# mergekit-evolve's settings, left in merge configs; `embed_slerp`, which older mergekit read for the embeddings of a
+# merge with a `tokenizer_source` (composer merges those rows with the merge method itself, slerp included)
+IGNORED_PARAMETERS = {"smooth", "allow_negative_weights", "embed_slerp"}
 
 
 class Strict(BaseModel):
@@ -191,6 +227,12 @@ class Merge(Strict):
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
         return self
+
+    def tokenizer_models(self) -> list[str]:
+        """The model the merge reads for its tokenizer only: `tokenizer_source` or `tokenizer.source`, where either
+        names one (not `union` or `base`)."""
+        source = self.tokenizer_source if self.tokenizer is None else self.tokenizer.source
+        return [source] if source is not None and source not in ("union", "base") else []
 
     def referenced_models(self) -> list[str]:
         seen: list[str] = []
