@@ -285,6 +285,8 @@ def check(name: str, case: Case, data: dict, names: dict[str, str]) -> list[str]
 def recovered(data: dict, names: dict[str, str]) -> str:
     import yaml
 
+    if not data["recipe"]:
+        return "no recipe"
     recipe = yaml.safe_load(data["recipe"].split("\n", 1)[1]) or {}
     if data["method"] == "passthrough":
         return str([s["layer_range"] for piece in recipe["slices"] for s in piece["sources"]])
