@@ -3,12 +3,13 @@ pooling, gate rows, output and name). Also accepted nested under a `moe:` key of
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
-from composer.errors import ComposerError
+from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.schema import ChatTemplate, Stage, Strict
 from composer.yaml_text import check_duplicate_keys, line_of, parse_yaml, path_text
@@ -66,6 +67,22 @@ class Expert(Strict):
         from composer.recipe.load import model_reference
 
         return model_reference(value)
+
+
+# keys mergekit-moe does not have: a file with any of them is a composer recipe, not a mergekit config
+COMPOSER_KEYS = frozenset(
+    {
+        "pooling",
+        "gate_rows",
+        "prompt_corpus",
+        "prompt_model",
+        "prompts_per_expert",
+        "shared_expert_weight",
+        "output",
+        "name",
+        "stages",
+    }
+)
 
 
 class MoEConfig(Strict):
@@ -194,7 +211,7 @@ def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
             "stages": [normalise_mergekit(stage) if isinstance(stage, dict) else stage for stage in flat["stages"]],
         }
     try:
-        return MoEConfig.model_validate(flat)
+        config = MoEConfig.model_validate(flat)
     except ValidationError as error:
         problems = sorted(error.errors(), key=lambda problem: problem["type"] != "extra_forbidden")
         messages = []
@@ -219,6 +236,16 @@ def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
             if message not in messages:
                 messages.append(message)
         raise ComposerError(" ".join(messages[:4])) from None
+    if not prefix and config.uses_prompts and not COMPOSER_KEYS & set(flat):
+        warnings.warn(
+            f"{source_name}: a mergekit-moe config: the routers' rows are composer's (a linear discriminant of the "
+            "experts' prompts over each router's own input, docs/moe.md), which route held-out text better than "
+            "mergekit's averaged hidden states and so differ from mergekit's rows; add 'gate_rows: average' for "
+            "mergekit's averaging rule.",
+            ComposerWarning,
+            stacklevel=2,
+        )
+    return config
 
 
 def load_moe_config(path) -> tuple[MoEConfig, str]:
