@@ -4,6 +4,7 @@ built on the meta device for any other causal LM that transformers knows."""
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -11,6 +12,7 @@ from functools import cache
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from composer.architecture_experts import ExpertLayout, Experts, ExpertsFile, FusedTensor, counted
 from composer.errors import ComposerError
 
 
@@ -39,15 +41,19 @@ class ArchitectureFile(BaseModel):
     layer_count_keys: list[str]
     per_layer_keys: list[str] = []
     threshold_keys: list[str] = []
+    experts: ExpertsFile | None = None
+    layer_index_keys: list[str] = []  # lists of layer indices (Llama 4's `moe_layers`)
 
 
 @dataclass(frozen=True)
 class LayerWeight:
-    """A tensor of layer `index`, as a full name plus its name relative to the layer."""
+    """A tensor of layer `index`, as a full name plus its name relative to the layer; `fused`: the tensor holds every
+    expert of the layer (its definition says how to split it expert by expert)."""
 
     name: str
     suffix: str
     optional: bool
+    fused: FusedTensor | None = None
 
 
 @dataclass(frozen=True)
@@ -62,29 +68,39 @@ class Architecture:
     layer_count_keys: tuple[str, ...]
     per_layer_keys: tuple[str, ...] = ()
     threshold_keys: tuple[str, ...] = ()
+    layer_index_keys: tuple[str, ...] = ()
     inferred: bool = False
     notes: tuple[str, ...] = field(default=())
+    experts: Experts | None = None  # a mixture-of-experts family: its expert layers; layer_tensors are then the rest
 
-    def layer_weights(self, index: int) -> list[LayerWeight]:
+    def layer_weights(self, index: int, moe: MoELayer | None = None) -> list[LayerWeight]:
+        """The tensors of layer `index`. For a mixture-of-experts family, without `moe` only those every layer has
+        (attention, norms); with it, also the MLP of a dense layer or the router and experts of a layer with experts."""
         prefix = self.layer_prefix.format(i=index)
-        required = [LayerWeight(prefix + suffix, suffix, False) for suffix in self.layer_tensors]
-        return required + [LayerWeight(prefix + suffix, suffix, True) for suffix in self.layer_optional]
+        suffixes = [(suffix, False, None) for suffix in self.layer_tensors]
+        suffixes += [(suffix, True, None) for suffix in self.layer_optional]
+        if moe is not None and self.experts is not None:
+            if moe.sparse:
+                suffixes += moe.layout.tensor_suffixes(moe.expert_count)
+            elif self.experts.dense_mlp is not None:
+                mlp = self.experts.dense_mlp
+                suffixes += [(suffix, False, None) for suffix in (mlp.gate, mlp.up, mlp.down)]
+        return [LayerWeight(prefix + suffix, suffix, optional, fused) for suffix, optional, fused in suffixes]
 
     def vocab_weights(self) -> list[WeightDefinition]:
         return [weight for weight in self.pre + self.post if weight.vocab_axis is not None]
 
     def layer_count(self, config: dict, reference: str = "the model") -> int:
-        for key in self.layer_count_keys:
-            if key in config:
-                value = config[key]
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ComposerError(
-                        f"The config.json of {reference} gives '{key}' as {value!r}; a layer count is a whole number of at least 1."
-                    )
-                return value
-        raise ComposerError(
-            f"The config.json of {reference} has none of the layer-count keys {list(self.layer_count_keys)} that the '{self.name}' architecture uses."
-        )
+        return counted(config, self.layer_count_keys, "layer", f"The config.json of {reference}", self.name)
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """What a layer of a mixture-of-experts model holds: experts (in `layout`, `expert_count` of them) or a dense MLP."""
+
+    sparse: bool
+    layout: ExpertLayout
+    expert_count: int
 
 
 @cache
@@ -108,6 +124,8 @@ def declared_architectures() -> dict[str, Architecture]:
             layer_count_keys=tuple(spec.layer_count_keys),
             per_layer_keys=tuple(spec.per_layer_keys),
             threshold_keys=tuple(spec.threshold_keys),
+            experts=Experts.from_file(spec.experts) if spec.experts is not None else None,
+            layer_index_keys=tuple(spec.layer_index_keys),
         )
         for model_type in spec.model_types:
             by_model_type[model_type] = architecture
@@ -145,7 +163,8 @@ def transformers_config(config: dict, reference: str = "the model"):
 
     check_sizes(config, reference)
     try:
-        return AutoConfig.for_model(**config)
+        # a copy: transformers fills in a config's nested dicts (rope_scaling) in place
+        return AutoConfig.for_model(**copy.deepcopy(config))
     except Exception as error:  # noqa: BLE001  (see above)
         raise ComposerError(
             f"The config.json of {reference} is not one transformers can build ({type(error).__name__}: {_one_line(error)})."

@@ -6,6 +6,10 @@ layer, unchanged) and cached under `$COMPOSER_CACHE` (default `~/.cache/composer
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from composer.cache import cache_dir, make_private_dirs, replacing
@@ -42,10 +46,26 @@ def gemma3_gguf() -> Path:
 
 
 def converted(gguf_path: Path, name: str) -> Path:
-    """A float32 safetensors copy of a GGUF model, made once."""
+    """A float32 safetensors copy of a GGUF model, made once, by one process at a time (others wait for it)."""
+    target = cache_dir() / "models" / name
+    make_private_dirs(target.parent)
+    with held_lock(target.parent / f".{name}.lock"):
+        return converted_once(gguf_path, name, target)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path) -> Iterator[None]:
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def converted_once(gguf_path: Path, name: str, target: Path) -> Path:
     from composer.sources.identity import recorded_provenance
 
-    target = cache_dir() / "models" / name
     # a copy made before outputs recorded their parents is made again, so that what is built from it credits its hub id
     if (
         (target / "config.json").is_file()
@@ -53,7 +73,6 @@ def converted(gguf_path: Path, name: str) -> Path:
         and recorded_provenance(target / "model.safetensors")
     ):
         return target
-    make_private_dirs(target.parent)
     import json
 
     from composer.compose import compose_text

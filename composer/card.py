@@ -31,7 +31,9 @@ def render_card(plan: Plan, name: str | None = None, provenance: dict | None = N
     known = sorted({value for value in licences.values() if value})
     if len(known) == 1:
         front["license"] = known[0]
-    layer_count = plan.config.get("num_hidden_layers", plan.config.get("n_layer"))
+    text_config = plan.config.get("text_config")  # a vision-language model's language model
+    text_config = text_config if isinstance(text_config, dict) and "num_hidden_layers" in text_config else plan.config
+    layer_count = text_config.get("num_hidden_layers", text_config.get("n_layer"))
     how = f"in {len(plan.stages)} stages" if plan.stages else f"using the `{plan.method}` method"
     lines = [
         "---",

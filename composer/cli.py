@@ -22,7 +22,20 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = {"run", "plan", "eval", "demo", "extract-lora", "route", "transplant", "trace", "tune"}
+COMMANDS = {
+    "run",
+    "plan",
+    "check",
+    "eval",
+    "demo",
+    "extract-lora",
+    "extract-expert",
+    "route",
+    "transplant",
+    "trace",
+    "tune",
+    "export",
+}
 
 
 VALUE_OPTIONS = {
@@ -49,6 +62,10 @@ VALUE_OPTIONS = {
     "--minutes",
     "--optimizer",
     "--seed",
+    "--expert",
+    "--gguf",
+    "--type",
+    "--ray",
 }
 
 
@@ -65,6 +82,51 @@ def _size(text: str, option: str = "--memory-budget") -> int:
     if not value > 0 or value == float("inf"):
         raise ComposerError(f"{option} '{text}' must be a positive size, like 2GB or 512MB.")
     return int(value)
+
+
+def _writing_options(memory_budget: str, shard_size: str, force: bool, progress: bool, ray: str | None = None):
+    """ExecutionOptions for a command that writes a model (the budget bounding the whole process, or each worker's
+    on a Ray cluster)."""
+    budget, shard = _size(memory_budget), _size(shard_size, "--shard-size")
+    from composer.execute import ExecutionOptions
+
+    return ExecutionOptions(
+        memory_budget=budget,
+        whole_process=True,
+        shard_size=shard,
+        force=force,
+        progress=None if progress else False,
+        ray=ray,
+    )
+
+
+RAY_HELP = (
+    "Compute the tensors on a Ray cluster (pip install 'composer-merge[ray]'): --ray alone starts a local instance, "
+    "--ray HOST:PORT (or auto) joins a running cluster. OUT and the inputs must be on storage every node mounts."
+)
+
+
+def with_ray_address(arguments: list[str]) -> list[str]:
+    """`--ray` with no address after it (the end, another option, or a word that is no address, such as OUT) is
+    `--ray=local`: a local Ray instance."""
+    from composer.cluster_address import looks_like_address
+
+    rewritten = []
+    for index, argument in enumerate(arguments):
+        following = arguments[index + 1] if index + 1 < len(arguments) else None
+        if argument == "--ray" and (following is None or not looks_like_address(following)):
+            argument = "--ray=local"
+        rewritten.append(argument)
+    return rewritten
+
+
+def _cluster_words(report) -> str:
+    """' on 2 Ray nodes (12 units, 1 tried again)' for a run on a cluster; '' for one on this machine."""
+    if not report.units:
+        return ""
+    nodes = len(report.nodes)
+    retried = f", {report.retried} tried again" if report.retried else ""
+    return f" on {nodes} Ray node{'s' if nodes != 1 else ''} ({len(report.units)} units{retried})"
 
 
 def _device(name: str) -> str:
@@ -181,6 +243,13 @@ def run(
         "--keep-partial",
         help="If the run is interrupted or fails, keep its finished tensors for a later run to resume.",
     ),
+    gguf: Optional[str] = typer.Option(
+        None, "--gguf", help="Also write the model as OUT.gguf, beside OUT, for llama.cpp: f16, bf16 or q8_0."
+    ),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    as_lora: bool = typer.Option(
+        False, "--as-lora", help="For a knots merge: write the merged LoRA adapter (PEFT) instead of the merged model."
+    ),
 ) -> None:
     """Run a recipe and write the model into OUT."""
 
@@ -188,6 +257,7 @@ def run(
         from composer.recipe_files import check_recipe_file
 
         # mistakes in the options and the recipe are reported before torch and transformers load (seconds)
+        gguf_type = _gguf_type(gguf, out, force)
         budget, shard, target = _size(memory_budget), _size(shard_size, "--shard-size"), _device(device)
         check_recipe_file(recipe)
         from composer.compose import compose_file
@@ -204,14 +274,82 @@ def run(
             readers=readers,
             resume={None: "auto", True: "require", False: "never"}[resume],
             keep_partial=keep_partial,
+            ray=ray,
         )
-        report = compose_file(recipe, out, options, seed=seed)
+        check_plan = _gguf_plan_check(recipe, force) if gguf_type else None
+        report = compose_file(recipe, out, options, seed=seed, check_plan=check_plan, as_lora=as_lora)
         on_device = (
             f"; at most {report.device_peak_bytes / 1e9:.2f} GB of {target} memory" if report.device_peak_bytes else ""
         )
         resumed = f" ({report.resumed} of them kept from the interrupted run)" if report.resumed else ""
         typer.echo(
-            f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{on_device}"
+            f"wrote {report.tensors} tensors{resumed} ({report.bytes_written / 1e6:.1f} MB) to {report.out} in {report.seconds:.1f} s{_cluster_words(report)}{on_device}"
+        )
+        if gguf_type:
+            _export_beside(report.out, gguf_type, force, progress, fsync)
+
+    _guarded(action)
+
+
+def _gguf_type(gguf: str | None, out: Path | None, force: bool) -> str | None:
+    """--gguf's type, and OUT.gguf free to write, checked before any work."""
+    if gguf is None:
+        return None
+    from composer.export import check_gguf_output_free, check_gguf_type, gguf_beside
+
+    wanted = check_gguf_type(gguf)
+    if out is not None:
+        check_gguf_output_free(gguf_beside(out), force)
+    return wanted
+
+
+def _gguf_plan_check(recipe: Path, force: bool):
+    """Refuses, once the plan is known and before any tensor is read, an output that cannot be written as GGUF."""
+
+    def check(plan, target: Path) -> None:
+        from composer.export import check_exportable, check_gguf_output_free, gguf_beside
+
+        check_exportable(plan.config, f"The output of {recipe}")
+        check_gguf_output_free(gguf_beside(target), force)
+
+    return check
+
+
+def _export_beside(folder: Path, gguf_type: str, force: bool, progress: bool, fsync: bool) -> None:
+    from composer.errors import ComposerError
+    from composer.export import export_gguf, gguf_beside
+
+    try:
+        report = export_gguf(str(folder), gguf_beside(folder), gguf_type, force, None if progress else False, fsync)
+    except ComposerError as error:
+        raise ComposerError(
+            f"The model folder {folder} was written, but its GGUF was not: {error} (once that is mended, "
+            f"`compose export {folder} {gguf_beside(folder)} --type {gguf_type}` writes it from the folder)."
+        ) from None
+    typer.echo(f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB, {gguf_type}) to {report.out}")
+
+
+@app.command("export")
+def export(
+    model: str = typer.Argument(..., help="The model: a folder, a .gguf file, a hub id or BASE+ADAPTER."),
+    out: Path = typer.Argument(..., help="The GGUF file to write, e.g. model-q8_0.gguf."),
+    gguf_type: str = typer.Option("f16", "--type", help="How the matrices are stored: f16, bf16 or q8_0."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a GGUF file composer wrote."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    fsync: bool = typer.Option(
+        False, "--fsync", help="Flush the file to the disk before it appears (survives a power loss)."
+    ),
+) -> None:
+    """Write MODEL as one GGUF file for llama.cpp and Ollama, a tensor at a time."""
+
+    def action():
+        from composer.export import check_gguf_output_free, check_gguf_type, export_gguf
+
+        wanted = check_gguf_type(gguf_type)
+        check_gguf_output_free(out, force)
+        report = export_gguf(model, out, wanted, force, None if progress else False, fsync)
+        typer.echo(
+            f"wrote {report.tensors} tensors ({report.bytes_written / 1e6:.1f} MB, {wanted}) to {report.out} in {report.seconds:.1f} s"
         )
 
     _guarded(action)
@@ -238,6 +376,26 @@ def plan(
         schedule = make_schedule(built, budget)
         typer.echo(format_plan(built, schedule, limit))
         built.close()
+
+    _guarded(action)
+
+
+@app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (native or a mergekit config)."),
+    memory_budget: str = typer.Option("1GB", "--memory-budget", help="The budget a run would have, for its peak."),
+) -> None:
+    """Validate a recipe against its models' configs and safetensors headers only (for hub models: config.json, the
+    index and each shard's header, no weights), and say what a run would download, read and write."""
+
+    def action():
+        from composer.recipe_files import check_recipe_file
+
+        budget = _size(memory_budget)
+        check_recipe_file(recipe)
+        from composer.check import check_recipe
+
+        typer.echo(check_recipe(recipe, budget))
 
     _guarded(action)
 
@@ -303,6 +461,9 @@ def tune(
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help=RAY_HELP.replace("Compute the tensors", "Write the best model")
+    ),
 ) -> None:
     """Fit a recipe's numbers to text: each trial's model is scored layer by layer (bits per byte), none is written
     until the best is known."""
@@ -338,6 +499,7 @@ def tune(
             seed=seed,
             progress=None if progress else False,
             device=target,
+            ray=ray,
             whole_process=True,
         )
         result, runner = tune_recipe(recipe, settings)
@@ -405,6 +567,35 @@ def extract_lora(
     _guarded(action)
 
 
+@app.command("extract-expert")
+def extract_expert(
+    model: str = typer.Argument(
+        ..., help="A mixture-of-experts model: Mixtral, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3."
+    ),
+    out: Path = typer.Argument(..., help="Folder to write the dense model into."),
+    expert: int = typer.Option(..., "--expert", help="The expert to take out, numbered from 0."),
+    shared: bool = typer.Option(
+        True,
+        "--shared/--no-shared",
+        help="Keep the layer's shared experts beside the expert (default) or leave them out.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    memory_budget: str = typer.Option("1GB", "--memory-budget", help="Most memory the process holds, e.g. 1GB."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+) -> None:
+    """Write expert N of an MoE model as a dense model of the matching family (Mixtral -> Mistral, Qwen2/3-MoE -> Qwen2/3)."""
+
+    def action():
+        options = _writing_options(memory_budget, shard_size, force, progress)
+        from composer.extract_expert import extract_expert as extract
+
+        report = extract(model, expert, out, options, shared)
+        typer.echo(f"wrote expert {expert} of {model} as a dense model ({report.tensors} tensors) to {report.out}")
+
+    _guarded(action)
+
+
 @app.command()
 def route(
     model: Path = typer.Argument(..., help="An MoE model folder (Mixtral, Qwen2-MoE, Qwen3-MoE)."),
@@ -460,21 +651,14 @@ def transplant(
     ),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
 ) -> None:
     """MODEL with DONOR's tokenizer: embeddings and head rebuilt in DONOR's id order, new tokens estimated."""
 
     def action():
-        budget, shard = _size(memory_budget), _size(shard_size, "--shard-size")
-        from composer.execute import ExecutionOptions
+        execution = _writing_options(memory_budget, shard_size, force, progress, ray)
         from composer.transplant import TransplantOptions, transplant_command
 
-        execution = ExecutionOptions(
-            memory_budget=budget,
-            whole_process=True,
-            shard_size=shard,
-            force=force,
-            progress=None if progress else False,
-        )
         transplant_command(
             model,
             tokenizer,
@@ -620,7 +804,7 @@ def _main() -> int:
 
     _show_notes()
     warnings.showwarning = _show_warning
-    arguments = sys.argv[1:]
+    arguments = with_ray_address(sys.argv[1:])
     first = _first_positional(arguments)
     if (
         first is not None

@@ -166,9 +166,16 @@ def plan_transplant(
     from tokensurgery import TokenSurgeryError
 
     try:
-        return _plan(model_ref, donor_ref, options)
+        plan, summary = _plan(model_ref, donor_ref, options)
     except TokenSurgeryError as error:
         raise ComposerError(str(error)) from None
+    plan.replay = (transplant_plan, (model_ref, donor_ref, options))
+    return plan, summary
+
+
+def transplant_plan(model_ref: str, donor_ref: str, options: TransplantOptions) -> Plan:
+    """The transplant's plan alone (what a cluster's worker builds again)."""
+    return plan_transplant(model_ref, donor_ref, options)[0]
 
 
 def _plan(model_ref: str, donor_ref: str, options: TransplantOptions) -> tuple[Plan, TransplantSummary]:

@@ -30,7 +30,63 @@ FAMILY_MODEL_TYPES = {
     "phi3": "phi3",
     "olmo2": "olmo2",
     "gpt2": "gpt2",
+    "llama4": "llama4_text",
+    "ministral": "ministral",
+    "ministral3": "ministral3",
+    "cohere2": "cohere2",
+    "glm": "glm",
+    "glm4": "glm4",
+    "granite": "granite",
+    "olmo3": "olmo3",
 }
+# Mixture-of-experts families (architecture name -> model type) and the settings that make them tiny: a few experts,
+# two a token; DeepSeek with one dense layer first and small latent-attention ranks.
+MOE_FAMILY_MODEL_TYPES = {
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "deepseek": "deepseek_v3",
+    "gpt_oss": "gpt_oss",
+}
+MOE_TINY = {
+    "mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+    ),
+    "qwen3_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,  # transformers' rotary embedding reads head_dim, which DeepSeek means to be qk_rope_head_dim
+    ),
+    "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, sliding_window=32),
+}
+# Config settings that tiny models of a family need beyond TINY: ids inside the tiny vocabulary, windows and chunks
+# shorter than a test's prompt, and Llama 4's experts (every other layer a mixture of two, the rest dense).
+FAMILY_SETTINGS = {
+    "gemma2": dict(sliding_window=32),
+    "gemma3_text": dict(sliding_window=32),
+    "phi3": dict(pad_token_id=0),
+    "llama4_text": dict(
+        intermediate_size=64, intermediate_size_mlp=128, num_local_experts=2, interleave_moe_layer_step=2,
+        attention_chunk_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "ministral": dict(sliding_window=8),
+    "cohere2": dict(sliding_window=8, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "glm": dict(pad_token_id=0, eos_token_id=2),
+    "glm4": dict(pad_token_id=0, eos_token_id=2),
+    "granite": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "olmo3": dict(sliding_window=8, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}  # fmt: skip
 
 
 def tiny_config(model_type: str, layers: int = 4, **overrides):
@@ -40,11 +96,10 @@ def tiny_config(model_type: str, layers: int = 4, **overrides):
         settings = dict(n_embd=64, n_head=4, n_layer=layers, n_positions=256, vocab_size=320)
     else:
         settings = dict(TINY, num_hidden_layers=layers, head_dim=16)
-    if model_type in ("gemma2", "gemma3_text"):
-        settings["sliding_window"] = 32
     if model_type == "phi3":
         settings.pop("head_dim")
-        settings["pad_token_id"] = 0
+    settings.update(MOE_TINY.get(model_type, {}))
+    settings.update(FAMILY_SETTINGS.get(model_type, {}))
     settings.update(overrides)
     return AutoConfig.for_model(model_type, **settings)
 

@@ -18,13 +18,13 @@ from composer.architecture import (
 )
 from composer.compose import compose_text
 from composer.execute import ExecutionOptions
-from helpers import FAMILY_MODEL_TYPES, load_state, logits_of, save_tiny_model, tiny_config
+from helpers import FAMILY_MODEL_TYPES, MOE_FAMILY_MODEL_TYPES, load_state, logits_of, save_tiny_model, tiny_config
 
 UPSCALE_RANGES = [(0, 4), (2, 6)]
 UPSCALE_SOURCE_LAYERS = [0, 1, 2, 3, 2, 3, 4, 5]
 # Undeclared causal LMs that transformers builds from a tiny config; composer must infer them. MPT names its
 # layer count `n_layers`, reached only through the config's attribute_map.
-UNDECLARED_MODEL_TYPES = ["starcoder2", "granite", "mpt"]
+UNDECLARED_MODEL_TYPES = ["starcoder2", "stablelm", "mpt"]
 # Config switches that add the optional tensors of a family.
 BIAS_VARIANTS = {
     "llama": dict(attention_bias=True, mlp_bias=True),
@@ -32,9 +32,14 @@ BIAS_VARIANTS = {
     "olmo2": dict(attention_bias=True),
     "gemma2": dict(attention_bias=True),
     "gemma3_text": dict(attention_bias=True),
+    "llama4_text": dict(attention_bias=True),
+    "cohere2": dict(attention_bias=True),
+    "granite": dict(attention_bias=True, mlp_bias=True),
+    "olmo3": dict(attention_bias=True),
 }
 FAMILIES = list(FAMILY_MODEL_TYPES.values())
 IDS = torch.arange(1, 17).unsqueeze(0)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def passthrough_recipe(source: Path, ranges: list[tuple[int, int]]) -> str:
@@ -113,15 +118,6 @@ def assert_upscaled(source: Path, out: Path, source_layers: list[int]) -> None:
         assert torch.equal(tensor, expected[name]), name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core machine thread hand-offs cost ~10 ms a matmul."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
     """Tiny saved models, built once a module: tiny_source(model_type, layers, **overrides)."""
@@ -178,8 +174,23 @@ IRREGULAR_TYPES = [
         ("gemma2", dict(layer_types=IRREGULAR_TYPES)),
         ("qwen2", SLIDING_QWEN),
         ("qwen3", SLIDING_QWEN),
+        ("cohere2", {}),
+        ("olmo3", {}),
+        ("ministral", dict(layer_types=IRREGULAR_TYPES)),
+        ("llama4_text", {}),
     ],
-    ids=["gemma3-default", "gemma3-irregular", "gemma2-default", "gemma2-irregular", "qwen2-sliding", "qwen3-sliding"],
+    ids=[
+        "gemma3-default",
+        "gemma3-irregular",
+        "gemma2-default",
+        "gemma2-irregular",
+        "qwen2-sliding",
+        "qwen3-sliding",
+        "cohere2-default",
+        "olmo3-default",
+        "ministral-irregular",
+        "llama4-default",
+    ],
 )
 def test_layer_types_follow_source_layers(model_type, overrides, tiny_source, tmp_path):
     source = tiny_source(model_type, **overrides)
@@ -189,6 +200,19 @@ def test_layer_types_follow_source_layers(model_type, overrides, tiny_source, tm
     wanted = [source_types[i] for i in UPSCALE_SOURCE_LAYERS]
     assert read_config(out)["layer_types"] == wanted
     assert load_checked(out).config.layer_types == wanted
+
+
+def test_llama4_moe_layers_and_no_rope_layers_follow_source_layers(tiny_source, tmp_path):
+    """Llama 4 lists its mixture-of-experts layers by index (`moe_layers`), and which layers skip RoPE per layer."""
+    source = tiny_source("llama4_text")  # every other layer a mixture of experts: 1, 3, 5
+    config = read_config(source)
+    assert config["moe_layers"] == [1, 3, 5] and len(set(config["no_rope_layers"])) > 1
+    ranges = [(0, 2), (1, 6)]  # output layers come from 0,1,1,2,3,4,5
+    out = compose_passthrough(source, ranges, tmp_path / "out")
+    written = read_config(out)
+    assert written["moe_layers"] == [1, 2, 4, 6]
+    assert written["no_rope_layers"] == [config["no_rope_layers"][i] for i in source_layers_of(ranges)]
+    assert_upscaled(source, out, source_layers_of(ranges))
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "qwen2"])
@@ -263,8 +287,11 @@ def test_declared_tensor_names_match_transformers(model_type, overrides):
     assert names <= required | optional, (
         f"built by transformers but not declared: {sorted(names - required - optional)}"
     )
-    if overrides in BIAS_VARIANTS.values():
-        assert optional <= names, f"optional tensors no config switch produces: {sorted(optional - names)}"
+    if overrides in BIAS_VARIANTS.values():  # some layer holds each optional tensor (Llama 4: dense or MoE layers)
+        held = {w.suffix for i in range(layers) for w in architecture.layer_weights(i) if w.name in names}
+        unheld = set(architecture.layer_optional) - held
+        unheld |= {w.name for w in architecture.pre + architecture.post if w.optional} - names
+        assert not unheld, f"optional tensors no config switch produces: {sorted(unheld)}"
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -283,14 +310,15 @@ def test_declared_vocab_ties_and_layer_keys_match_transformers(model_type):
     config = model.config.to_dict()
     assert config[architecture.layer_count_keys[0]] == layers
     per_layer = {key for key, value in config.items() if isinstance(value, list) and len(value) == layers}
-    assert per_layer <= set(architecture.per_layer_keys), (
-        f"undeclared per-layer keys: {sorted(per_layer - set(architecture.per_layer_keys))}"
-    )
+    declared = set(architecture.per_layer_keys) | set(architecture.layer_index_keys)
+    assert per_layer <= declared, f"undeclared per-layer keys: {sorted(per_layer - declared)}"
 
 
 def test_every_family_in_the_test_table_is_declared():
-    assert set(FAMILY_MODEL_TYPES.values()) == set(declared_architectures())
-    assert {a.name for a in declared_architectures().values()} == set(FAMILY_MODEL_TYPES)
+    """Dense families are tested here, mixture-of-experts ones in test_moe_inputs.py."""
+    tables = FAMILY_MODEL_TYPES | MOE_FAMILY_MODEL_TYPES
+    assert set(tables.values()) <= set(declared_architectures())
+    assert {a.name for a in declared_architectures().values()} == set(tables)
 
 
 # --- 4. undeclared architectures are inferred -------------------------------------------------------
@@ -340,3 +368,24 @@ def test_split_passthrough_of_every_layer_reproduces_logits(model_type, tiny_sou
     for key in ("num_hidden_layers", "layer_types"):
         assert read_config(out).get(key) == read_config(source).get(key), key
     assert torch.equal(logits_of(source, IDS), logits_of(out, IDS))
+
+
+# --- 6. releases that reuse a declared family under its model_type -----------------------------------
+
+RELEASE_SHAPES = {
+    # Mistral-Nemo: heads of 128 on a 5120-wide model, so q_proj is not square (here 4 heads of 32 on 64)
+    "mistral-nemo": ("mistral", dict(head_dim=32)),
+    # Phi-4-mini: Phi-3's layout with the head tied to the embeddings and RoPE on three quarters of each head
+    "phi4-mini": ("phi3", dict(tie_word_embeddings=True, partial_rotary_factor=0.75)),
+}
+
+
+@pytest.mark.parametrize("release", sorted(RELEASE_SHAPES))
+def test_releases_of_a_declared_family_upscale_and_pass_through(release, tiny_source, tmp_path):
+    model_type, overrides = RELEASE_SHAPES[release]
+    source = tiny_source(model_type, **overrides)
+    assert not architecture_for(read_config(source)).inferred
+    out = compose_passthrough(source, UPSCALE_RANGES, tmp_path / "upscaled")
+    assert_upscaled(source, out, UPSCALE_SOURCE_LAYERS)
+    copy = compose_passthrough(source, [(0, 6)], tmp_path / "copy")
+    assert torch.equal(logits_of(source, IDS), logits_of(copy, IDS))

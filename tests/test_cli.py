@@ -283,12 +283,18 @@ def test_plan_prints_every_tensor_with_inputs_operation_bytes_and_peak_memory_an
     assert re.search(r"read: [\d.]+ [KM]iB", totals) and re.search(r"peak memory[^:]*: [\d.]+ [KM]?i?B", totals)
 
 
-def test_help_exits_zero_quickly(scenarios):
+def test_help_exits_zero_without_loading_torch(scenarios):
     _, result = outcome(scenarios, "help")
     succeeded(result["run"])
     for command in ("run", "plan", "eval"):
         assert command in result["run"].stdout
-    assert result["seconds"] < 10, "--help must not wait for torch or transformers to load"
+    probe = (
+        "import sys\nfrom composer.cli import main\nsys.argv = ['compose', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.stdout.strip().endswith("loaded: []"), "--help must not wait for torch or transformers to load"
 
 
 def test_eval_prints_perplexity_tokens_and_bits_per_byte(scenarios):

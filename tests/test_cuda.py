@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_cli import tiny_tokenizer
-from test_methods_end_to_end import CASES, case_of, recipe
+from test_methods_end_to_end import CASES, TESTED_ELSEWHERE, case_of, recipe
 from test_moe import PROMPTS, moe_text
 
 from composer.compose import compose_moe_text, compose_text
@@ -56,7 +56,7 @@ def assert_same_merge(cpu: dict, cuda: dict, exact: bool = False) -> None:
     )
 
 
-@pytest.mark.parametrize("name", sorted({method.name for method in METHODS.values()}))
+@pytest.mark.parametrize("name", sorted({method.name for method in METHODS.values()} - TESTED_ELSEWHERE))
 def test_method_on_cuda_matches_cpu(models, tmp_path, name):
     text = recipe(name, case_of(name, CASES), models)
     compose_text(text, tmp_path / "cpu", CPU)

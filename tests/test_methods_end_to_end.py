@@ -64,7 +64,17 @@ CASES = {
     "arcee_fusion": Case(("ft1",), base=True),
     "ram": Case(TWO, base=True),
     "ramplus_tl": Case(TWO, base=True, parameters={"r": 0.5, "alpha": 0.5}),
+    "tsv": Case(TWO, base=True),
+    "iso_c": Case(TWO, base=True),
+    "iso_cts": Case(TWO, base=True),
+    "cart": Case(TWO, base=True),
+    "pcb": Case(TWO, base=True),
 }
+
+# Methods that need more than models and numbers, calibration text (regmean) or LoRA adapters on one base (knots):
+# their end-to-end, invariant and reference tests are in tests/test_calibration_methods.py
+TESTED_ELSEWHERE = {"regmean", "regmean_plusplus", "knots"}
+ROUTINE = sorted(name for name in METHODS if name not in TESTED_ELSEWHERE)
 
 # Recipes that must reproduce one parent (to a few float32 ulps; most exactly): each method's degenerate case.
 ONE_MODEL = {"weight": (1.0,)}
@@ -91,6 +101,11 @@ REDUCES_TO_A_PARENT = {
     # one model: every change is unique and kept whole (changes below epsilon count as none)
     "ram": (Case(("ft1",), base=True, parameters={"epsilon": 1e-9}), "ft1"),
     "ramplus_tl": (Case(("ft1",), base=True, parameters={"epsilon": 1e-9}), "ft1"),
+    "tsv": (Case(("ft1",), base=True), "ft1"),  # one task keeps its whole rank
+    "iso_c": None,  # the spectrum is made flat by design: no setting keeps a model's own
+    "iso_cts": None,
+    "cart": (Case(("ft1",), base=True), "ft1"),  # the model is its own average
+    "pcb": (Case(("ft1",), base=True, per_model={"density": (1.0,)}), "ft1"),
 }
 
 
@@ -181,15 +196,15 @@ def family(request, tmp_path_factory) -> dict:
 
 
 def test_every_registered_method_has_a_case():
-    missing = sorted(name for name in METHODS if case_of(name, CASES) is None)
+    missing = sorted(name for name in ROUTINE if case_of(name, CASES) is None)
     assert not missing, f"add a Case for {missing} to CASES in {Path(__file__).name}"
     undecided = sorted(
-        name for name in METHODS if name not in REDUCES_TO_A_PARENT and METHODS[name].name not in REDUCES_TO_A_PARENT
+        name for name in ROUTINE if name not in REDUCES_TO_A_PARENT and METHODS[name].name not in REDUCES_TO_A_PARENT
     )
     assert not undecided, f"add {undecided} to REDUCES_TO_A_PARENT (None where no setting reproduces a parent)"
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", ROUTINE)
 def test_method_end_to_end(family, tmp_path, name):
     """The merge loads with exactly the model's weights, runs with finite logits, and is a new model."""
     states = family["states"]
@@ -207,7 +222,7 @@ def test_method_end_to_end(family, tmp_path, name):
             )
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", ROUTINE)
 def test_identical_inputs_return_the_input(family, tmp_path, name):
     """Every input the same model (each in a folder of its own): the output is that model, and so are its logits."""
     twins = {"base": family["base"], "ft1": family["twin1"], "ft2": family["twin2"]}
@@ -216,7 +231,7 @@ def test_identical_inputs_return_the_input(family, tmp_path, name):
     torch.testing.assert_close(logits(load_checked(tmp_path / "out")), family["base_logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", ROUTINE)
 def test_degenerate_setting_returns_one_parent(family, tmp_path, name):
     """linear with weights (1, 0), slerp at t = 1, TIES/DARE/DELLA at density 1 with one model, ... give that model."""
     entry = case_of(name, REDUCES_TO_A_PARENT)

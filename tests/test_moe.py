@@ -5,6 +5,7 @@ transformers reads them; router rows follow their definitions; bad recipes fail 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from composer.moe import gates as G
 from composer.moe.compute import DegenerateGatesWarning
 from composer.moe.plan import build_moe_plan
 from composer.moe.schema import is_moe_recipe, parse_moe_config
-from helpers import load_state, logits_of, save_tiny_model
+from helpers import DATA, load_state, logits_of, save_tiny_model
 
 OPTIONS = ExecutionOptions(progress=False)
 MODES = ["hidden", "cheap_embed", "random", "uniform_random"]
@@ -27,6 +28,19 @@ PROMPTS = [
     ["the lazy dog sleeps", "dogs bark at the moon"],
     ["one two three four", "five six seven"],
 ]
+
+
+# a dense DeepSeek-V3 (multi-head latent attention, every layer's MLP dense): what a DeepSeek-V3 MoE is built from
+DENSE_DEEPSEEK = dict(
+    first_k_dense_replace=3,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=None,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    head_dim=8,
+    v_head_dim=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +54,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
         ("qwen2", "qwen2", 0, {}),
         ("qwen3", "qwen3", 0, {}),
         ("narrow", "llama", 0, dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1)),
+        ("deepseek_v3", "deepseek_v3", 0, DENSE_DEEPSEEK),
+        ("deepseek_v3-b", "deepseek_v3", 1, DENSE_DEEPSEEK),
     ]:
         made[name] = save_tiny_model(root / name, family, layers=3, seed=seed, **overrides)
         tiny_tokenizer(made[name])
+    # a DeepSeek-V3 whose last two layers are MoE layers (only its config is read: it is refused as an expert)
+    moe = made["deepseek_v3-moe"] = Path(shutil.copytree(made["deepseek_v3"], root / "deepseek_v3-moe"))
+    config = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps(config | {"first_k_dense_replace": 1}))
     return made
 
 
@@ -59,6 +79,12 @@ def moe_text(
     for expert, expert_prompts in zip(experts, prompts):
         lines += [f"  - source_model: {expert}", f"    positive_prompts: {json.dumps(expert_prompts)}"]
     return "\n".join(line for line in lines if line) + "\n"
+
+
+def shared_expert(model: Path, prompts: list[str] | None = None) -> str:
+    """A recipe's `shared_experts:` entry."""
+    entry = f"shared_experts:\n  - source_model: {model}\n"
+    return entry + (f"    positive_prompts: {json.dumps(prompts)}\n" if prompts else "")
 
 
 def loaded(folder: Path):
@@ -79,13 +105,24 @@ CASES = [
     ]
     for mode in MODES
 ]
-CASES += [("mistral", "MixtralForCausalLM", "hidden"), ("llama-qwen", "Qwen2MoeForCausalLM", "hidden")]
+CASES += [
+    ("mistral", "MixtralForCausalLM", "hidden"),
+    ("llama-qwen", "Qwen2MoeForCausalLM", "hidden"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", "hidden"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", "uniform_random"),
+    ("deepseek_v3-shared", "DeepseekV3ForCausalLM", "random"),
+]
 
 
 @pytest.mark.parametrize("family,output,mode", CASES, ids=[f"{f}-{m}" for f, _, m in CASES])
 def test_identical_experts_give_the_dense_logits(models, tmp_path, family, output, mode):
-    dense = models["llama" if family == "llama-qwen" else family]
-    extra = f"architecture: qwen\nshared_experts:\n  - source_model: {dense}\n" if family == "llama-qwen" else ""
+    """Composer's fixed split of the MLP between the shared expert and the routed ones (`shared_expert_weight`, and
+    the default where no shared expert is named) keeps the dense model's function."""
+    dense = models[{"llama-qwen": "llama", "deepseek_v3-shared": "deepseek_v3"}.get(family, family)]
+    extra = {
+        "llama-qwen": "architecture: qwen\nshared_expert_weight: 0.5\n" + shared_expert(dense),
+        "deepseek_v3-shared": "shared_expert_weight: 0.25\n" + shared_expert(dense),
+    }.get(family, "")
     compose_moe_text(moe_text(dense, [dense] * 3, mode, per_token=2, extra=extra), tmp_path / "moe", OPTIONS)
     model = loaded(tmp_path / "moe")
     assert type(model).__name__ == output
@@ -139,7 +176,7 @@ def test_qwen2_moe_splits_the_mlp_between_shared_and_routed_experts(models, tmp_
         [base, base],
         per_token=1,
         prompts=PROMPTS[:2],
-        extra=f"shared_expert_weight: 0.25\nshared_experts:\n  - source_model: {shared}\n",
+        extra="shared_expert_weight: 0.25\n" + shared_expert(shared),
     )
     compose_moe_text(text, tmp_path / "moe", OPTIONS)
     model, routed, common = loaded(tmp_path / "moe"), load_state(base), load_state(shared)
@@ -150,6 +187,104 @@ def test_qwen2_moe_splits_the_mlp_between_shared_and_routed_experts(models, tmp_
         torch.testing.assert_close(layer.mlp.experts.down_proj[0], routed[down] * 0.75, rtol=0, atol=1e-7)
         assert not layer.mlp.shared_expert_gate.weight.any()
     assert model.config.norm_topk_prob and model.config.qkv_bias
+
+
+def norm_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the post-attention norm output [tokens, hidden] of `model` run on one unpadded row of `ids`."""
+    captured = []
+    hooks = [
+        layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def router_inputs_of(folder: Path, prompts: list[str]) -> list[torch.Tensor]:
+    """Per layer, the post-attention norm output of the dense model at `folder`, over every token of `prompts`
+    (each run alone, unpadded), pooled by the mean per prompt and averaged over the prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    runs = [norm_outputs(model, torch.tensor([tokenizer(prompt)["input_ids"]])) for prompt in prompts]
+    return [sum(run[layer].double().mean(0) for run in runs) / len(runs) for layer in range(len(runs[0]))]
+
+
+def test_a_mergekit_qwen2_moe_config_gets_mergekit_shared_expert(tmp_path):
+    """tests/data/mergekit_moe/qwen2_moe_shared_experts.yml, a mergekit-moe config with a shared expert: the routed
+    experts are copied at full scale, the shared expert is scaled only by its residual_scale, and each layer's
+    shared_expert_gate is the normalised average router input of the shared expert's prompts (mergekit's rule)."""
+    import shutil
+
+    import yaml
+
+    from composer.compose import compose_file
+
+    recipe = tmp_path / "moe.yml"
+    shutil.copy(DATA / "mergekit_moe" / "qwen2_moe_shared_experts.yml", recipe)
+    config = yaml.safe_load(recipe.read_text())
+    for seed, name in enumerate(("qwen2-instruct", "qwen2-math", "qwen2-coder")):
+        tiny_tokenizer(save_tiny_model(tmp_path / name, "qwen2", layers=3, seed=seed))
+    compose_file(recipe, tmp_path / "out", OPTIONS)
+    assert type(loaded(tmp_path / "out")).__name__ == "Qwen2MoeForCausalLM"
+    out = load_state(tmp_path / "out")
+    shared = config["shared_experts"][0]
+    expected_gates = router_inputs_of(tmp_path / "qwen2-instruct", shared["positive_prompts"])
+    for layer in range(3):
+        down = f"model.layers.{layer}.mlp.down_proj.weight"
+        for e, expert in enumerate(config["experts"]):
+            source = load_state(tmp_path / expert["source_model"])[down]
+            assert torch.equal(out[f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"], source.bfloat16())
+        source = load_state(tmp_path / shared["source_model"])[down]
+        torch.testing.assert_close(
+            out[f"model.layers.{layer}.mlp.shared_expert.down_proj.weight"], (source * 0.1).bfloat16(), rtol=0, atol=0
+        )
+        gate = out[f"model.layers.{layer}.mlp.shared_expert_gate.weight"]
+        expected = (expected_gates[layer] / expected_gates[layer].norm()).float().unsqueeze(0)
+        torch.testing.assert_close(gate.float(), expected, rtol=0, atol=2e-3)  # bfloat16 rounding of a unit row
+
+
+def test_a_shared_gate_runs_right_after_its_layers_router(models):
+    """The shared expert's gate row is made by its layer's router step, so it is the next step of the gates' chain."""
+    from composer.plan.schedule import make_schedule
+
+    dense = models["qwen2"]
+    text = moe_text(dense, [dense, dense], prompts=PROMPTS[:2], extra=shared_expert(dense, ["a helpful answer"]))
+    plan = build_moe_plan(parse_moe_config(text), text)
+    order = make_schedule(plan).order
+    plan.close()
+    chain = next(t.operation.chain for t in order if t.operation.chain is not None)
+    steps = [t for t in order if t.operation.chain is chain]
+    assert [t.operation.link for t in steps] == list(range(6))
+    assert [t.name.split(".", 4)[-1] for t in steps] == ["gate.weight", "shared_expert_gate.weight"] * 3
+
+
+def test_a_deepseek_v3_moe_has_shared_and_routed_experts_at_full_scale(models, tmp_path):
+    """DeepSeek-V3 from dense DeepSeek-V3 models: a named shared expert is added to every token at full scale,
+    beside routed experts at full scale (mergekit's semantics); the router has no score correction, one expert group
+    and top-k weights that sum to one."""
+    base, other = models["deepseek_v3"], models["deepseek_v3-b"]
+    text = moe_text(base, [base, other], "random", per_token=1, extra=shared_expert(other))
+    compose_moe_text(text, tmp_path / "moe", OPTIONS)
+    model, out = loaded(tmp_path / "moe"), load_state(tmp_path / "moe")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    config = model.config
+    assert (config.n_routed_experts, config.n_shared_experts, config.first_k_dense_replace) == (2, 1, 0)
+    assert (config.routed_scaling_factor, config.n_group, config.topk_group, config.norm_topk_prob) == (1.0, 1, 1, True)
+    first, second = load_state(base), load_state(other)
+    for layer in range(3):
+        down = f"model.layers.{layer}.mlp.down_proj.weight"
+        prefix = f"model.layers.{layer}.mlp."
+        assert torch.equal(out[prefix + "experts.0.down_proj.weight"], first[down])
+        assert torch.equal(out[prefix + "experts.1.down_proj.weight"], second[down])
+        assert torch.equal(out[prefix + "shared_experts.down_proj.weight"], second[down])
+        assert not out[prefix + "gate.e_score_correction_bias"].any()
+        kv = f"model.layers.{layer}.self_attn.kv_b_proj.weight"
+        assert torch.equal(out[kv], first[kv])
 
 
 def test_the_in_memory_fused_layout_loads_too(models, tmp_path, monkeypatch):
@@ -187,18 +322,7 @@ def test_router_inputs_are_the_post_attention_norm_outputs_with_padding_masked(m
     got = dict(router_inputs(source, source.config(), PromptBatch(ids, mask), "model.layers.{i}."))
     model = AutoModelForCausalLM.from_pretrained(str(models[family]), dtype=torch.float32).eval()
     for p, length in enumerate(lengths):
-        captured = []
-        hooks = [
-            layer.post_attention_layernorm.register_forward_hook(
-                lambda m, a, out, captured=captured: captured.append(out[0])
-            )
-            for layer in model.model.layers
-        ]
-        with torch.no_grad():
-            model(ids[p : p + 1, :length])  # alone, unpadded
-        for hook in hooks:
-            hook.remove()
-        for layer, expected in enumerate(captured):
+        for layer, expected in enumerate(norm_outputs(model, ids[p : p + 1, :length])):  # alone, unpadded
             torch.testing.assert_close(got[layer][p, :length], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -337,11 +461,7 @@ BAD = {
         r"have the same prompts",
     ),
     "shared expert on mixtral": (
-        lambda m: moe_text(
-            m["llama"],
-            [m["llama"]] * 2,
-            extra=f"architecture: mixtral\nshared_experts:\n  - source_model: {m['llama']}\n",
-        ),
+        lambda m: moe_text(m["llama"], [m["llama"]] * 2, extra="architecture: mixtral\n" + shared_expert(m["llama"])),
         r"shared_experts.*no shared expert",
     ),
     "wrong family for output": (
@@ -355,6 +475,26 @@ BAD = {
     "misspelt key": (
         lambda m: moe_text(m["llama"], [m["llama"]] * 2).replace("positive_prompts", "positve_prompts", 1),
         r"line 6: unknown key 'experts\[0\]\.positve_prompts'\. Did you mean 'positive_prompts'",
+    ),
+    "shared expert without prompts": (
+        lambda m: moe_text(m["qwen2"], [m["qwen2"]] * 2, extra=shared_expert(m["qwen2"])),
+        r"shared_experts\[0\].*gate is computed from its prompts, as mergekit-moe does.*'shared_expert_weight'",
+    ),
+    "deepseek from llama": (
+        lambda m: moe_text(m["llama"], [m["llama"]] * 2, extra="architecture: deepseek\n"),
+        r"DeepseekV3ForCausalLM is built from deepseek_v3 models.*multi-head latent attention.*architecture: qwen",
+    ),
+    "deepseek shared expert with prompts": (
+        lambda m: moe_text(m["deepseek_v3"], [m["deepseek_v3"]] * 2, extra=shared_expert(m["deepseek_v3"], ["hello"])),
+        r"shared_experts\[0\].*has no gate.*remove them",
+    ),
+    "deepseek moe as an expert": (
+        lambda m: moe_text(m["deepseek_v3"], [m["deepseek_v3"], m["deepseek_v3-moe"]]),
+        r"deepseek_v3-moe' is a DeepSeek-V3 mixture of experts \(first_k_dense_replace 1 of 3 layers\)",
+    ),
+    "deepseek with one expert": (
+        lambda m: moe_text(m["deepseek_v3"], [m["deepseek_v3"]], "random", per_token=1),
+        r"two routed experts or more",
     ),
     "description without corpus": (
         lambda m: moe_text(m["llama"], [m["llama"]] * 2).replace(
@@ -504,7 +644,11 @@ def test_gates_list_what_they_read_and_the_schedule_counts_what_they_hold(models
                 all(gate.operation.chain is chain for gate in gates.values())
                 and schedule.carried_bytes == chain.state_bytes > 0
             )
-            assert [t.operation.link for t in schedule.order if t.operation.chain is chain] == [0, 1, 2]
+            assert [t.operation.link for t in schedule.order if t.operation.chain is chain] == [
+                0,
+                2,
+                4,
+            ]  # odd places: shared gates
             assert schedule.peak_bytes >= chain.state_bytes + max(
                 gate.operation.working_bytes for gate in gates.values()
             )

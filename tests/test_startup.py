@@ -12,6 +12,7 @@ from pathlib import Path
 from composer.compose import compose_text
 from composer.execute import ExecutionOptions
 compose_text(Path(sys.argv[1]).read_text(), Path(sys.argv[2]), ExecutionOptions(force=True, progress=False))
+assert "ray" not in sys.modules, "a merge on this machine imported ray"
 print("transformers" in sys.modules)
 """
 

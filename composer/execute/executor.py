@@ -25,6 +25,7 @@ from composer.execute.journal import (
     identity_digest,
     read_entries,
     read_identity,
+    remove_unit_journals,
 )
 from composer.execute.output_folder import OutputFolder, is_write_failure, write_failure
 from composer.execute.writer import ShardedWriter
@@ -64,6 +65,9 @@ class ExecutionOptions:
     copy_files: bool = True  # outputs that are an input's stored bytes go file to file, never read into memory
     resume: str = "auto"  # a dead run's partial output of the same recipe and inputs: auto (resume it), require, never
     keep_partial: bool = False  # an interrupted or failed run keeps its partial output for a later resume
+    ray: str | None = None  # run on a Ray cluster: "local" starts one here, else the address of one to join
+    unit_retries: int = 3  # on a cluster: how many times a failed or lost unit of work is tried again elsewhere
+    unit_size: int | None = None  # on a cluster: the most output bytes in one unit of work (None: chosen from the plan)
 
 
 def reader_count(options: ExecutionOptions) -> int:
@@ -86,6 +90,10 @@ class ExecutionReport:
     device_peak_bytes: int = 0  # the most device memory torch held at once (CUDA only; 0 elsewhere)
     resumed: int = 0  # tensors a dead run had finished, checked and kept instead of written again
     nonfinite: list[str] = field(default_factory=list)  # output tensors holding NaN or infinity
+    units: list = field(default_factory=list)  # on a cluster: each unit of work as it finished (cluster.UnitRecord)
+    retried: int = 0  # on a cluster: units tried again after a failure or a lost worker
+    nodes: list = field(default_factory=list)  # on a cluster: what each node did (composer.execute.cluster.NodeSummary)
+    cluster_seconds: float = 0.0  # on a cluster: joining it and the nodes' checks, before any unit started
 
 
 CPU = torch.device("cpu")
@@ -264,7 +272,7 @@ def _loose_bytes(refs, tensors: list[torch.Tensor], cache: InputCache) -> int:
     return total
 
 
-def progress_bar(total_bytes: int, count: int, enabled: bool | None):
+def progress_bar(total_bytes: int, description: str, enabled: bool | None):
     """A bar of bytes written on stderr (only on a terminal unless `enabled`), with units done and ETA."""
     from tqdm import tqdm
 
@@ -273,7 +281,7 @@ def progress_bar(total_bytes: int, count: int, enabled: bool | None):
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        desc=f"writing {count} tensors",
+        desc=description,
         disable=(not sys.stderr.isatty()) if enabled is None else not enabled,
         file=sys.stderr,
         dynamic_ncols=True,
@@ -295,30 +303,39 @@ def _file_stamps(path: Path) -> object:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def run_identity(plan: Plan, options: ExecutionOptions) -> str:
-    """A digest of everything that decides the output's bytes: composer, the recipe, the planned tensors and
-    their operations, the shard layout, the device, and the input files' sizes and times."""
+def _identity_parts(plan: Plan, options: ExecutionOptions) -> dict:
+    """What decides the output's bytes besides the input files: composer, the recipe, the planned tensors and their
+    operations, the shard layout, the device."""
     from composer import __version__
 
-    inputs = {
-        str(path): _file_stamps(path) for source in plan.sources.values() for path in source.input_paths().values()
-    }
     tensors = [
         [t.name, list(t.shape), str(t.dtype), t.operation.label, [[r.model, r.name] for r in t.inputs]]
         for t in plan.tensors
     ]
-    return identity_digest(
-        {
-            "composer": __version__,
-            "recipe": plan.recipe_text,
-            "config": plan.config,
-            "tensors": tensors,
-            "shard_size": options.shard_size,
-            "device": torch.device(options.device).type,
-            "inputs": inputs,
-            "metadata": plan.shard_metadata,
-        }
-    )
+    return {
+        "composer": __version__,
+        "recipe": plan.recipe_text,
+        "config": plan.config,
+        "tensors": tensors,
+        "shard_size": options.shard_size,
+        "device": torch.device(options.device).type,
+        "metadata": plan.shard_metadata,
+    }
+
+
+def run_identity(plan: Plan, options: ExecutionOptions) -> str:
+    """A digest of everything that decides the output's bytes: `_identity_parts` and the input files' sizes and times."""
+    inputs = {
+        str(path): _file_stamps(path) for source in plan.sources.values() for path in source.input_paths().values()
+    }
+    return identity_digest(_identity_parts(plan, options) | {"inputs": inputs})
+
+
+def plan_digest(plan: Plan, options: ExecutionOptions) -> str:
+    """A digest that two processes' plans of one run share (a cluster's workers check theirs against the driver's):
+    `_identity_parts` with every operation's arguments and the plan's notes, not the input files' times."""
+    arguments = [t.operation.arguments for t in plan.tensors]
+    return identity_digest(_identity_parts(plan, options) | {"arguments": arguments, "notes": plan.notes})
 
 
 def _open_partial(folder: OutputFolder, identity: str, resume: str) -> bool:
@@ -381,69 +398,36 @@ def _interrupted(error: KeyboardInterrupt, folder: OutputFolder, kept: bool) -> 
     return Interrupted(f"{reason}; no output was left behind.")
 
 
-def execute(
-    plan: Plan,
-    out: Path,
-    options: ExecutionOptions,
-    extra_files: Callable[[Path], None] | None = None,
-    closing_files: Callable[[Path], None] | None = None,
-) -> ExecutionReport:
-    """Write the plan's output into `out`. `extra_files(folder)` adds the non-tensor files (tokenizer, card) before
-    any tensor is computed; `closing_files(folder)` adds those that depend on the tensors, once all are written."""
+@dataclass
+class Streamed:
+    """What `stream_tensors` read: bytes read into memory, bytes copied file to file, and each input's reads."""
+
+    bytes_read: int
+    copied_bytes: int
+    reads: Counter
+
+
+def stream_tensors(
+    plan: Plan, schedule, order: list, writer: ShardedWriter, options: ExecutionOptions, bar, done_before: int = 0
+) -> Streamed:
+    """Compute and write the planned tensors of `order` (in that order) into `writer`: inputs read ahead and kept
+    within the memory budget, results written by a writer thread. The one loop every run goes through, on this
+    machine or on a cluster's worker. `bar` gets each tensor's bytes as it is done."""
     device = torch.device(options.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ComposerError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    schedule = make_schedule(plan, options.memory_budget)
-    folder = OutputFolder(out, options.force)
-    writer = journal = None
-    cache: InputCache | None = None
-    pools: list[ThreadPoolExecutor] = []
+    # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors;
+    # nor is what chains of steps hold between their steps
+    tensor_budget = max(
+        0, options.memory_budget - (resident_bytes() if options.whole_process else 0) - schedule.carried_bytes
+    )
     threads = ComputeThreads(options.overlap, device)
+    reader = ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
+    writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
+    pools = [pool for pool in (reader, writes) if pool is not None]
+    # kept inputs leave room for any step; read-ahead and queued writes only use what the current step leaves
+    cache = InputCache(plan, max(0, tensor_budget - schedule.largest_step_bytes), device, reader)
+    largest_output = max((tensor.nbytes for tensor in plan.tensors), default=0)
+    background = BackgroundWriter(writer, writes, largest_output)
     try:
-        identity = run_identity(plan, options)
-        resumed = _open_partial(folder, identity, options.resume)
-        journal = Journal(folder.partial, identity, fresh=not resumed)
-        if plan.config_file is not None:
-            (folder.partial / plan.config_file).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-        if extra_files is not None:
-            extra_files(folder.partial)
-        writer = ShardedWriter(
-            folder.partial,
-            plan.tensors,
-            options.shard_size,
-            options.durable,
-            journal,
-            reuse=resumed,
-            single=plan.weights_file,
-            metadata=plan.shard_metadata,
-        )
-        finished = writer.finished_earlier(read_entries(folder.partial)) if resumed else set()
-        finished -= chains_to_redo(plan.tensors, finished)
-        if resumed:
-            log.info(
-                "resuming the run that stopped in %s: %d of %d tensors were finished and are kept",
-                folder.resumed_from,
-                len(finished),
-                len(plan.tensors),
-            )
-        order = [planned for planned in schedule.order if planned.name not in finished]
-        # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors;
-        # nor is what chains of steps hold between their steps
-        tensor_budget = max(
-            0, options.memory_budget - (resident_bytes() if options.whole_process else 0) - schedule.carried_bytes
-        )
-        reader = (
-            ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None
-        )
-        writes = ThreadPoolExecutor(1, thread_name_prefix="composer-write") if options.overlap else None
-        pools = [pool for pool in (reader, writes) if pool is not None]
-        # kept inputs leave room for any step; read-ahead and queued writes only use what the current step leaves
-        cache = InputCache(plan, max(0, tensor_budget - schedule.largest_step_bytes), device, reader)
-        largest_output = max((tensor.nbytes for tensor in plan.tensors), default=0)
-        background = BackgroundWriter(writer, writes, largest_output)
         # outputs that are an input's stored bytes go file to file, and their inputs are never read
         verbatim = [_verbatim_range(plan, planned) if options.copy_files else None for planned in order]
         next_computed: list[int | None] = [None] * len(order)  # the next step after each that reads its inputs
@@ -454,8 +438,7 @@ def execute(
             for ref in tensor.inputs if verbatim[step] is None else ():
                 pending_uses.setdefault(ref, deque()).append(step)
         next_use: dict[TensorRef, int] = {}
-        with recycling(), progress_bar(plan.output_bytes(), len(plan.tensors), options.progress) as bar:
-            bar.update(sum(planned.nbytes for planned in plan.tensors if planned.name in finished))
+        with recycling():
             for step, planned in enumerate(order):
                 if verbatim[step] is not None:
                     background.copy(planned.name, *verbatim[step])
@@ -497,21 +480,115 @@ def execute(
                         cache.drop(ref)
                 del inputs, work, result
                 bar.update(planned.nbytes)
-                bar.set_postfix_str(f"{len(finished) + step + 1}/{len(plan.tensors)} tensors", refresh=False)
+                bar.set_postfix_str(f"{done_before + step + 1}/{len(plan.tensors)} tensors", refresh=False)
             background.flush()
+    except BaseException:
+        with signals_held():  # a second Ctrl-C must not cut the clean-up short
+            cache.cancel()
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)  # no thread may still write into the folder being removed
+        raise
+    finally:
+        threads.restore()
+        for pool in pools:
+            pool.shutdown(wait=True)
+    return Streamed(cache.bytes_read, background.copied_bytes, cache.reads)
+
+
+def still_to_do(
+    plan: Plan, schedule, writer: ShardedWriter, entries: dict[str, dict], wanted: set[str] | None = None
+) -> tuple[set[str], list]:
+    """(tensors a dead run finished whose bytes check out, the scheduled steps left to do), of the tensors `wanted`
+    (all when None). A chain with steps to do is done again whole: its later steps need the state its earlier ones hand on."""
+    tensors = plan.tensors if wanted is None else [t for t in plan.tensors if t.name in wanted]
+    names = {t.name for t in tensors}
+    finished = writer.finished_earlier({name: entry for name, entry in entries.items() if name in names})
+    finished -= chains_to_redo(tensors, finished)
+    return finished, [planned for planned in schedule.order if planned.name in names and planned.name not in finished]
+
+
+def execute(
+    plan: Plan,
+    out: Path,
+    options: ExecutionOptions,
+    extra_files: Callable[[Path], None] | None = None,
+    closing_files: Callable[[Path], None] | None = None,
+    cluster: Callable | None = None,
+) -> ExecutionReport:
+    """Write the plan's output into `out`. `extra_files(folder)` adds the non-tensor files (tokenizer, card) before
+    any tensor is computed; `closing_files(folder)` adds those that depend on the tensors, once all are written.
+    With `options.ray`, the tensors are computed by a Ray cluster's workers, which `cluster(plan, options)` reaches
+    (composer.execute.cluster.Cluster.connect, handed in by the caller: that module runs this one's loop on the
+    workers, so this one never imports it); everything else (the partial folder, the journal, the files beside the
+    weights, the rename) stays here."""
+    device = torch.device(options.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ComposerError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    schedule = make_schedule(plan, options.memory_budget)
+    folder = OutputFolder(out, options.force)
+    connect, cluster = cluster, None
+    writer = journal = None
+    try:
+        if options.ray is not None:
+            if connect is None:
+                raise ComposerError("this command cannot run on a Ray cluster; run it without --ray.")
+            cluster = connect(plan, options)  # every node is checked to read every input before anything is written
+            cluster_seconds = time.perf_counter() - started
+        identity = run_identity(plan, options)
+        resumed = _open_partial(folder, identity, options.resume)
+        if cluster is not None:
+            cluster.check_output(folder.partial, folder.out)
+        journal = Journal(folder.partial, identity, fresh=not resumed)
+        if plan.config_file is not None:
+            (folder.partial / plan.config_file).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        if extra_files is not None:
+            extra_files(folder.partial)
+        writer = ShardedWriter(
+            folder.partial,
+            plan.tensors,
+            options.shard_size,
+            options.durable,
+            journal,
+            reuse=resumed,
+            single=plan.weights_file,
+            metadata=plan.shard_metadata,
+        )
+        entries = read_entries(folder.partial) if resumed else {}
+        if cluster is not None:
+            if resumed:
+                log.info(
+                    "resuming the run that stopped in %s: %d of %d tensors were journaled; the workers check them",
+                    folder.resumed_from,
+                    len(entries),
+                    len(plan.tensors),
+                )
+            outcome = cluster.run(folder.partial, identity, writer, journal, entries)
+            streamed, finished = outcome.streamed, outcome.kept
+        else:
+            finished, order = still_to_do(plan, schedule, writer, entries) if resumed else (set(), schedule.order)
+            if resumed:
+                log.info(
+                    "resuming the run that stopped in %s: %d of %d tensors were finished and are kept",
+                    folder.resumed_from,
+                    len(finished),
+                    len(plan.tensors),
+                )
+            with progress_bar(plan.output_bytes(), f"writing {len(plan.tensors)} tensors", options.progress) as bar:
+                bar.update(sum(planned.nbytes for planned in plan.tensors if planned.name in finished))
+                streamed = stream_tensors(plan, schedule, order, writer, options, bar, len(finished))
         writer.finish()
         if closing_files is not None:
             closing_files(folder.partial)
         journal.remove()
+        remove_unit_journals(folder.partial)
         folder.commit()
         if writer.nonfinite:  # (as a set: a redone chain step may be listed twice)
             _warn_nonfinite(sorted(set(writer.nonfinite)), plan)
     except BaseException as error:
         with signals_held():  # a second Ctrl-C must not cut the clean-up short and leave the partial folder behind
-            if cache is not None:
-                cache.cancel()
-            for pool in pools:
-                pool.shutdown(wait=True, cancel_futures=True)  # no thread may still write into the folder being removed
             if writer is not None:
                 writer.close()
             kept = options.keep_partial and not folder.committed and journal is not None
@@ -525,19 +602,22 @@ def execute(
             raise write_failure(out, error) from None
         raise
     finally:
-        threads.restore()
-        for pool in pools:
-            pool.shutdown(wait=True)
+        if cluster is not None:
+            cluster.close()
         plan.close()
     device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return ExecutionReport(
+    report = ExecutionReport(
         out,
         len(plan.tensors),
-        cache.bytes_read + background.copied_bytes,
+        streamed.bytes_read + streamed.copied_bytes,
         plan.output_bytes(),
         time.perf_counter() - started,
-        cache.reads,
+        streamed.reads,
         device_peak,
         len(finished),
         sorted(set(writer.nonfinite)),
     )
+    if cluster is not None:
+        report.units, report.retried, report.nodes = cluster.finished, cluster.retried, cluster.summaries()
+        report.cluster_seconds = cluster_seconds
+    return report

@@ -20,6 +20,9 @@ from pathlib import Path
 from composer.native.scan import checksum_of_pieces
 
 JOURNAL_FILE = ".composer-journal.jsonl"
+# on a cluster, each try of a unit of work journals into a file of its own here (many machines never append to one
+# file); the driver copies a finished unit's entries into JOURNAL_FILE
+UNITS_FOLDER = ".composer-units"
 _CHECK_PIECE = 16 << 20  # bytes read at a time when checking a finished tensor (a multiple of the scan's block)
 
 
@@ -27,21 +30,21 @@ def identity_digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_identity(folder: Path) -> str | None:
-    """The identity a partial folder's journal was started with (None without a readable journal)."""
+def read_identity(folder: Path, name: str = JOURNAL_FILE) -> str | None:
+    """The identity a partial folder's journal `name` was started with (None without a readable journal)."""
     try:
-        with open(folder / JOURNAL_FILE, encoding="utf-8") as journal:
+        with open(folder / name, encoding="utf-8") as journal:
             first = json.loads(journal.readline())
     except (OSError, ValueError):
         return None
     return first.get("identity") if isinstance(first, dict) else None
 
 
-def read_entries(folder: Path) -> dict[str, dict]:
-    """Finished tensors by name, as the journal records them (lines that do not parse are skipped)."""
+def read_entries(folder: Path, name: str = JOURNAL_FILE) -> dict[str, dict]:
+    """Finished tensors by name, as the journal `name` records them (lines that do not parse are skipped)."""
     entries: dict[str, dict] = {}
     try:
-        with open(folder / JOURNAL_FILE, encoding="utf-8", errors="replace") as journal:
+        with open(folder / name, encoding="utf-8", errors="replace") as journal:
             journal.readline()
             for line in journal:
                 try:
@@ -82,11 +85,18 @@ def checksum_of_range(path: Path, offset: int, length: int) -> str | None:
         os.close(descriptor)
 
 
-class Journal:
-    """Appends finished tensors to a partial folder's journal (from any thread)."""
+def remove_unit_journals(folder: Path) -> None:
+    """Remove the units' journals of a cluster's run (an output holds no folders)."""
+    import shutil
 
-    def __init__(self, folder: Path, identity: str, fresh: bool):
-        self.path = folder / JOURNAL_FILE
+    shutil.rmtree(folder / UNITS_FOLDER, ignore_errors=True)
+
+
+class Journal:
+    """Appends finished tensors to a partial folder's journal `name` (from any thread)."""
+
+    def __init__(self, folder: Path, identity: str, fresh: bool, name: str = JOURNAL_FILE):
+        self.path = folder / name
         self._lock = threading.Lock()
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0)
         self._descriptor: int | None = os.open(self.path, flags, 0o644)
@@ -100,6 +110,10 @@ class Journal:
         with self._lock:
             if self._descriptor is not None:
                 os.write(self._descriptor, line)
+
+    def record(self, entry: dict) -> None:
+        """Append an entry as another journal recorded it (a cluster's unit of work, finished)."""
+        self._append(entry)
 
     def computed(self, name: str, checksum: str, nonfinite: bool = False) -> None:
         self._append({"tensor": name, "checksum": checksum} | ({"nonfinite": True} if nonfinite else {}))

@@ -252,7 +252,7 @@ class OutputFolder:
         if OUT is missing, else remove it."""
         for aside in self.out.parent.glob(f".{glob.escape(self.stem)}{REPLACED}*"):
             pid = aside.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and _process_alive(int(pid)):
+            if pid.isdigit() and process_alive(int(pid)):
                 continue
             if _exists(self.out):
                 _remove(aside)
@@ -315,7 +315,7 @@ class OutputFolder:
             self._lock_descriptor = None
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

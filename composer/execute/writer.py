@@ -23,13 +23,34 @@ INDEX_NAME = "model.safetensors.index.json"
 _COPY_PIECE = 64 << 20  # bytes per read where a copy cannot go file to file
 
 
+def shard_layout(
+    tensors: list[PlannedTensor], shard_size: int, single: str | None = None
+) -> list[tuple[str, list[PlannedTensor]]]:
+    """(file name, its tensors in order) of every output file: tensors in plan order, a new shard whenever the next
+    would take the current one past `shard_size`; `single` names the one file that holds them all."""
+    shards: list[list[PlannedTensor]] = [[]]
+    filled = 0
+    for tensor in tensors:
+        if shards[-1] and filled + tensor.nbytes > shard_size and single is None:
+            shards.append([])
+            filled = 0
+        shards[-1].append(tensor)
+        filled += tensor.nbytes
+    count = len(shards)
+    return [
+        (single or ("model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"), members)
+        for number, members in enumerate(shards, start=1)
+    ]
+
+
 class ShardedWriter:
     """`durable`: flush every shard to the disk before `finish` returns (safe against power loss, but the
     merge then waits for the disk); otherwise the page cache holds what the disk has not taken yet, as
     with any ordinary file write. `journal`: each finished tensor is recorded there. `reuse`: the shards
     of a dead run are kept (when their headers are the ones this layout writes) instead of truncated. `single`: one
     file of this name holds every tensor, whatever `shard_size`. `metadata`: text every file's header carries
-    beside safetensors' "format" (composer's provenance record)."""
+    beside safetensors' "format" (composer's provenance record). `only`: open just the shards holding these tensors,
+    as another process laid them out (a cluster's worker writing its unit of work into the driver's shards)."""
 
     def __init__(
         self,
@@ -41,43 +62,43 @@ class ShardedWriter:
         reuse: bool = False,
         single: str | None = None,
         metadata: dict[str, str] | None = None,
+        only: set[str] | None = None,
     ):
         self.durable = durable
         self.journal = journal
-        shards: list[list[PlannedTensor]] = [[]]
-        filled = 0
-        for tensor in tensors:
-            if shards[-1] and filled + tensor.nbytes > shard_size and single is None:
-                shards.append([])
-                filled = 0
-            shards[-1].append(tensor)
-            filled += tensor.nbytes
-        count = len(shards)
-        self.reused = reuse  # every shard kept as the dead run left it
+        self.reused = reuse or only is not None  # every shard kept as the dead run (or the driver) left it
         self.files: list[Path] = []
         self._location: dict[str, tuple[int, int, PlannedTensor]] = {}
         self._descriptors: list[int] = []
-        for number, members in enumerate(shards, start=1):
-            name = single or ("model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors")
-            path = folder / name
-            header, offsets = build_header(
-                [(t.name, t.shape, t.dtype) for t in members], {"format": "pt", **(metadata or {})}
-            )
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not (reuse and os.pread(descriptor, len(header), 0) == header):
-                self.reused = False
-                os.ftruncate(descriptor, 0)
-                os.pwrite(descriptor, header, 0)
-            os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in members))
-            self.files.append(path)
-            self._descriptors.append(descriptor)
-            for tensor in members:
-                self._location[tensor.name] = (len(self._descriptors) - 1, offsets[tensor.name], tensor)
         self.folder = folder
+        self._sources: dict[Path, int] = {}  # input files copied from, opened once
+        try:
+            for name, members in shard_layout(tensors, shard_size, single):
+                if only is not None and not any(tensor.name in only for tensor in members):
+                    continue
+                path = folder / name
+                header, offsets = build_header(
+                    [(t.name, t.shape, t.dtype) for t in members], {"format": "pt", **(metadata or {})}
+                )
+                self.files.append(path)
+                if only is not None:
+                    self._descriptors.append(_open_laid_out(path, header))
+                else:
+                    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                    self._descriptors.append(descriptor)
+                    if not (reuse and os.pread(descriptor, len(header), 0) == header):
+                        self.reused = False
+                        os.ftruncate(descriptor, 0)
+                        os.pwrite(descriptor, header, 0)
+                    os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in members))
+                for tensor in members:
+                    self._location[tensor.name] = (len(self._descriptors) - 1, offsets[tensor.name], tensor)
+        except BaseException:
+            self.close()
+            raise
         self.nonfinite: list[str] = []  # tensors written with NaN or infinite entries
         self._nonfinite_lock = threading.Lock()
         self._written: set[str] = set()
-        self._sources: dict[Path, int] = {}  # input files copied from, opened once
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, offset, planned = self._location[name]
@@ -159,13 +180,22 @@ class ShardedWriter:
         if self.journal is not None:
             self.journal.copied(name, source, source_offset)
 
+    def mark_written(self, names, nonfinite=()) -> None:
+        """Count tensors as written that another process wrote into these shards (a cluster's worker)."""
+        self._written.update(names)
+        self.nonfinite.extend(nonfinite)
+
+    def sync(self) -> None:
+        """With `durable`, wait until the shards' bytes are on the disk."""
+        if self.durable:
+            for descriptor in self._descriptors:
+                os.fsync(descriptor)
+
     def finish(self) -> None:
         missing = set(self._location) - self._written
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[0]}")
-        if self.durable:
-            for descriptor in self._descriptors:
-                os.fsync(descriptor)
+        self.sync()
         self.close()
         if len(self.files) > 1:
             weight_map = {name: self.files[shard].name for name, (shard, _, _) in self._location.items()}
@@ -181,6 +211,24 @@ class ShardedWriter:
                 pass
         self._descriptors = []
         self._sources = {}
+
+
+def _open_laid_out(path: Path, header: bytes) -> int:
+    """A descriptor for writing into a shard another process made, once its header is the one expected."""
+    try:
+        descriptor = os.open(path, os.O_RDWR)
+    except OSError as error:
+        raise ComposerError(
+            f"{path}: the shard to write into cannot be opened ({error.strerror}); the output's partial folder must be on "
+            "storage that every machine of the run can write to."
+        ) from None
+    if os.pread(descriptor, len(header), 0) != header:
+        os.close(descriptor)
+        raise ComposerError(
+            f"{path} is not the shard this run laid out (its header differs): something else changed the partial output. "
+            "Run the command again."
+        )
+    return descriptor
 
 
 def _ended_early(source: Path, name: str) -> ComposerError:

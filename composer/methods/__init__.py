@@ -5,7 +5,21 @@ Adding a method is one module here with its function and a `@registered(...)` li
 """
 
 # imported so that their methods register
-from composer.methods import linear, model_stock, passthrough, selection, slerp, spherical, task_arithmetic  # noqa: F401
+from composer.methods import (  # noqa: F401
+    cart,
+    isotropic,
+    knots,
+    linear,
+    model_stock,
+    passthrough,
+    pcb,
+    regmean,
+    selection,
+    slerp,
+    spherical,
+    task_arithmetic,
+    tsv,
+)
 from composer.methods.registry import METHODS, MergeMethod, Parameter, get_method, parameter_names, register, registered
 
 __all__ = ["METHODS", "MergeMethod", "Parameter", "get_method", "parameter_names", "register", "registered"]

@@ -19,7 +19,8 @@ from composer.errors import ComposerError
 class Parameter:
     """A parameter of a method. `per_model`: set per input model (sources[].parameters or
     models[].parameters), giving a list aligned with the non-base tensors; otherwise one value for the
-    tensor, which may only be set per slice or at the top level. `kind`: "number" or "bool"."""
+    tensor, which may only be set per slice or at the top level. `kind`: "number", "bool" or "name" (a word, such as
+    the method a calibration method falls back to; `check` says which words a method takes)."""
 
     name: str
     default: Any = None
@@ -31,6 +32,10 @@ class Parameter:
         """`value` as this parameter's kind; ValueError with a readable reason when it cannot be."""
         if value is None:
             return None
+        if self.kind == "name":
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"'{self.name}' must be a name, not {value!r}")
+            return value.strip()
         if self.kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -57,7 +62,9 @@ class Parameter:
 class MergeMethod:
     """`apply(tensors, base, params)`: tensors of the non-base models in recipe order, the base tensor
     (or None), and the resolved parameters: per-model ones as lists aligned with `tensors`.
-    `check(params)`, when given, returns why resolved parameters cannot work (checked at plan time)."""
+    `check(params)`, when given, returns why resolved parameters cannot work (checked at plan time);
+    `check_shape(params, shape)`, why they cannot work for an output tensor of that shape (a rank larger than
+    the matrix, say), also at plan time, before any tensor is read."""
 
     name: str
     apply: Callable
@@ -70,6 +77,7 @@ class MergeMethod:
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
     check: Callable[[dict], str | None] | None = None
+    check_shape: Callable[[dict, tuple[int, ...]], str | None] | None = None
     random: bool = False  # the planner then adds params["seed"], fixed per output tensor
     # (model count, resolved params) -> how many tensor-sized buffers (in the compute dtype) `apply` holds at
     # once beyond its inputs and result, for the memory budget; None: two (a chunked method holds less)
@@ -80,6 +88,13 @@ class MergeMethod:
     copies: bool = (
         False  # only copies (or scales) one input: a merge on a GPU runs it on the CPU, where the input was read
     )
+    # its temporaries are at least float32 whatever the compute dtype (an SVD has no half-precision form):
+    # `temporaries` then counts float32-or-wider buffers, the inputs' conversions to the compute dtype included
+    float32_work: bool = False
+    # a calibration method (RegMean): "own" when each model's Gram matrices come from its own earlier layers, "merged"
+    # when from the merged earlier layers; `apply` then finds the Gram matrices in params["grams"]. None: data-free
+    calibration: str | None = None
+    adapters: bool = False  # merges LoRA adapters' factors (every model BASE+ADAPTER on one base), not whole weights
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)

@@ -1,4 +1,4 @@
-"""Mixtures of experts from dense models: Mixtral, Qwen2-MoE and Qwen3-MoE outputs, router gates from prompts."""
+"""Mixtures of experts from dense models: Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 outputs, router gates from prompts."""
 
 from composer.moe.schema import MoEConfig, is_moe_recipe, load_moe_config, parse_moe_config
 

@@ -11,6 +11,10 @@ holds while it runs (its layer widened to float32, activations, the statistics) 
 are tokenized when the plan is made, which gives those numbers; no model runs then. The executor knows none of
 this: it sees tensors with inputs, byte counts and an order to keep.
 
+A Qwen2-MoE shared expert's gate row, where it comes from the shared expert's prompts (mergekit's rule), is made
+by its layer's router step from the same run (the shared prompts are part of the batch) and handed out by the
+next step of the chain: router steps take the even places of the chain, shared gates the odd ones.
+
 Called without its inputs or out of order (a test, a preview), a gate reads what it needs from the base itself.
 """
 
@@ -46,6 +50,9 @@ class GateSettings:
     negatives: list[list[str]]
     labels: list[str]  # per expert, for messages
     seed: int = 0
+    # the shared expert's prompts, where its gate row is computed from them (Qwen2-MoE's shared_expert_gate)
+    shared_positives: list[str] | None = None
+    shared_negatives: list[str] = field(default_factory=list)
 
 
 def _dense_layer_names(config: dict, reference: str) -> list[list[str]]:
@@ -67,6 +74,7 @@ class GateComputer:
     progress: bool | None = None
     chain: Chain | None = field(default=None, init=False)  # the gate steps' chain (None for random gates)
     _rows: dict[int, torch.Tensor] = field(default_factory=dict, init=False)
+    _shared_rows: dict[int, torch.Tensor] = field(default_factory=dict, init=False)
     _problems: dict[tuple[int, int], list[tuple[int, str]]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +90,12 @@ class GateComputer:
     def experts(self) -> int:
         return len(self.settings.positives)
 
+    @property
+    def shared_groups(self) -> list[list[str]]:
+        """The shared expert's positive and negative prompts (none when its gate is not computed from prompts)."""
+        settings = self.settings
+        return [settings.shared_positives, settings.shared_negatives] if settings.shared_positives else []
+
     # --- the plan's view: what each gate reads and holds -----------------------------------------------------
     def _prepare(self) -> None:
         """Tokenize the prompts (and, for hidden gates, learn the names of each layer's weights): nothing runs."""
@@ -93,7 +107,7 @@ class GateComputer:
         if settings.mode == "cheap_embed":
             self._groups = [
                 [tokenize(tokenizer, prompts) if prompts else None for prompts in group]
-                for group in (settings.positives, settings.negatives)
+                for group in (settings.positives, settings.negatives, self.shared_groups)
             ]
             self.chain = Chain(
                 label="router gates from embedding averages",
@@ -105,7 +119,10 @@ class GateComputer:
             [],
             [],
         )  # rows of the batch holding each expert's positives, negatives
-        for group, target in zip((settings.positives, settings.negatives), self._members):
+        self._shared_members: list[list[int]] = []  # rows holding the shared expert's positives, negatives
+        for group, target in zip(
+            (settings.positives, settings.negatives, self.shared_groups), (*self._members, self._shared_members)
+        ):
             for prompts in group:
                 target.append(list(range(len(texts), len(texts) + len(prompts))))
                 texts += prompts
@@ -175,6 +192,19 @@ class GateComputer:
             self._take(layer, list(inputs) if inputs else self._read(layer))
         return self._rows[layer]
 
+    def shared_row(self, layer: int, seed: int) -> torch.Tensor:
+        """The [1, hidden] gate row of the shared expert in `layer` (float64, on the CPU): mergekit's rule over the
+        shared expert's prompts (their averaged router input less their negatives', normalised), made while the
+        router of `layer` is; random rows for random gate modes."""
+        mode = self.settings.mode
+        if mode not in PROMPT_MODES:
+            return G.random_rows(1, self.config["hidden_size"], seed, uniform=mode == "uniform_random")
+        if not self.settings.shared_positives:
+            raise ValueError("the shared expert's gate is computed from its prompts, and it has none")
+        if layer not in self._shared_rows:
+            self.rows(layer, seed)
+        return self._shared_rows[layer]
+
     def _read(self, layer: int) -> list[torch.Tensor]:
         return [self.base.read(name) for name in self.input_names(layer)]
 
@@ -199,12 +229,16 @@ class GateComputer:
                 states = table[batch.ids.to(table.device)].cpu().double()
                 return G.pooled(states, batch.mask, self.settings.pooling).mean(0)
 
-            positives, negatives = self._groups
+            positives, negatives, shared = self._groups
             self._averages = (
                 torch.stack([average(b) for b in positives]),
                 torch.stack([average(b) for b in negatives]),
             )
+            if shared:
+                self._shared_average = G.gate_row(average(shared[0]), average(shared[1]))
             del table
+        if self.shared_groups:
+            self._shared_rows[layer] = self._shared_average
         norm_weight = named[self.layer_prefix.format(i=layer) + NORM].cpu()
         rows = G.embedding_rows(*self._averages, norm_weight, self.settings.rows)
         self._note_collisions(layer, rows)
@@ -229,6 +263,14 @@ class GateComputer:
             prefix = self.layer_prefix.format(i=index)
             states = self._runner.run(index, {name: named.pop(prefix + name) for name in self._layer_names[index]})
         positives, negatives = self._members
+        if self._shared_members:
+            shared_positives, shared_negatives = (
+                G.pooled(states[rows], self._batch.mask[rows], self.settings.pooling).double().mean(0)
+                if rows
+                else torch.zeros(states.shape[-1], dtype=torch.float64)
+                for rows in self._shared_members
+            )
+            self._shared_rows[layer] = G.gate_row(shared_positives, shared_negatives)
         stats = G.statistics(states, self._batch.mask, positives, negatives, self.settings.pooling)
         del states
         rows = G.discriminant_rows(stats) if self.settings.rows == "discriminant" else G.average_rows(stats)

@@ -93,6 +93,14 @@ def average_rows(stats: ExpertStatistics) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+def gate_row(positive_mean: torch.Tensor, negative_mean: torch.Tensor) -> torch.Tensor:
+    """[1, hidden]: one gate's row by mergekit's rule, the averaged router input of its prompts minus that of its
+    negative prompts (zeros where none), normalised. A sigmoid gate's logit is then the router input's length
+    along the prompts' direction."""
+    row = positive_mean - negative_mean
+    return (row / row.norm().clamp(min=1e-12)).unsqueeze(0)
+
+
 def _isotropic_level(stats: ExpertStatistics) -> torch.Tensor:
     """The mean variance per dimension: trace(scatter) / count / hidden."""
     return (stats.centred.square().sum() / stats.count / stats.centred.shape[1]).clamp(min=1e-12)

@@ -40,6 +40,7 @@ class OutputArchitecture:
     count_key: str  # config key holding the number of routed experts
     shared_expert: bool
     aliases: tuple[str, ...]  # spellings accepted in the recipe's `architecture:`
+    shared_gate: bool = False  # the shared expert's output is scaled by sigmoid(its gate row . x)
 
 
 OUTPUTS = (
@@ -51,8 +52,19 @@ OUTPUTS = (
         "num_experts",
         True,
         ("qwen", "qwen2", "qwen_moe", "qwen2_moe"),
+        shared_gate=True,
     ),
     OutputArchitecture("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), "num_experts", False, ("qwen3", "qwen3_moe")),
+    # DeepSeek-V3's attention is multi-head latent attention, so its experts are dense DeepSeek-V3 models (every
+    # layer dense); Llama-style attention has no exact MLA form
+    OutputArchitecture(
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+        ("deepseek_v3",),
+        "n_routed_experts",
+        True,
+        ("deepseek", "deepseek_v3", "deepseekv3", "deepseek_moe"),
+    ),
 )
 
 
@@ -68,7 +80,7 @@ def choose_output(dense_type: str, requested: str | None, has_shared: bool) -> O
         if dense_type not in output.dense_types:
             raise ComposerError(
                 f"Recipe key 'architecture': {output.class_name} is built from {'/'.join(output.dense_types)} models, "
-                f"but the experts are '{dense_type}' models."
+                f"but the experts are '{dense_type}' models.{_other_output(output, dense_type)}"
             )
     else:
         candidates = [o for o in OUTPUTS if dense_type in o.dense_types and (o.shared_expert or not has_shared)]
@@ -81,6 +93,33 @@ def choose_output(dense_type: str, requested: str | None, has_shared: bool) -> O
             f"Recipe key 'shared_experts': {output.class_name} has no shared expert; use architecture: qwen (Qwen2-MoE) for one."
         )
     return output
+
+
+def _other_output(output: OutputArchitecture, dense_type: str) -> str:
+    if output.name != "deepseek_v3":
+        return ""
+    return (
+        " DeepSeek-V3's attention is multi-head latent attention, which Llama-style attention cannot be written as, "
+        "and mergekit's 'deepseek' output (DeepSeek-MoE 16B) needs remote code that transformers does not ship. "
+        + (
+            "For a model with a shared expert that loads in transformers, use architecture: qwen (Qwen2-MoE)."
+            if dense_type in ("llama", "mistral", "qwen2")
+            else ""
+        )
+    ).rstrip()
+
+
+def check_dense(config: dict, reference: str) -> None:
+    """Experts are dense models: a DeepSeek-V3 checkpoint whose layers past `first_k_dense_replace` are MoE is not."""
+    if config.get("model_type") != "deepseek_v3":
+        return
+    layers, dense = config.get("num_hidden_layers"), config.get("first_k_dense_replace")
+    if isinstance(layers, int) and isinstance(dense, int) and dense < layers:
+        raise ComposerError(
+            f"Model '{reference}' is a DeepSeek-V3 mixture of experts (first_k_dense_replace {dense} of {layers} layers); "
+            "the experts of an MoE recipe are dense models, DeepSeek-V3 ones with first_k_dense_replace equal to "
+            "num_hidden_layers."
+        )
 
 
 def _target_keys(model_type: str) -> set[str]:
@@ -127,6 +166,22 @@ def output_config(
             )
         config["qkv_bias"] = dense_type == "qwen2" or bool(dense.get("attention_bias"))
         config["shared_expert_intermediate_size"] = shared_intermediate
+    if output.name == "deepseek_v3":
+        if shared_intermediate != intermediate:
+            raise ComposerError(
+                f"The shared expert's MLP has intermediate_size {shared_intermediate} and the routed experts' {intermediate}; "
+                "DeepSeek-V3's shared expert is the routed experts' size."
+            )
+        # every layer MoE, one expert group, the top-k weights normalised to one and not rescaled
+        config.update(
+            moe_intermediate_size=intermediate,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            routed_scaling_factor=1.0,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+        )
     dtype_key = "torch_dtype" if "torch_dtype" in dense or "dtype" not in dense else "dtype"
     config[dtype_key] = dtype_name or dense.get(dtype_key) or dense.get("dtype") or "float32"
     return config
@@ -195,7 +250,9 @@ def quiet_progress():
 class MoETensor:
     """What one checkpoint tensor of an MoE layer holds."""
 
-    kind: str  # 'copy' (from the base), 'expert', 'experts_gate_up', 'experts_down', 'shared', 'router', 'shared_gate'
+    # 'copy' (from the base), 'expert', 'experts_gate_up', 'experts_down', 'shared', 'router', 'shared_gate',
+    # 'router_bias' (DeepSeek-V3's e_score_correction_bias)
+    kind: str
     layer: int | None
     expert: int | None = None
     role: str | None = None  # the dense MLP projection: gate_proj, up_proj or down_proj
@@ -217,9 +274,10 @@ def classify(name: str, layer_prefix: str, dense_layer_suffixes: set[str]) -> Mo
         (r"\.experts\.(\d+)\.(\w+)\.weight$", "expert"),
         (r"\.experts\.gate_up_proj$", "experts_gate_up"),
         (r"\.experts\.down_proj$", "experts_down"),
-        (r"\.shared_expert\.(\w+)\.weight$", "shared"),
+        (r"\.shared_experts?\.(\w+)\.weight$", "shared"),
         (r"\.shared_expert_gate\.weight$", "shared_gate"),
         (r"\.gate\.weight$", "router"),
+        (r"\.gate\.e_score_correction_bias$", "router_bias"),
     ]
     for pattern, kind in patterns:
         found = re.search(pattern, "." + rest)

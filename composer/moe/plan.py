@@ -18,7 +18,15 @@ from composer.architecture import Architecture, architecture_for, build_meta_mod
 from composer.errors import ComposerError
 from composer.moe.compute import GateComputer, GateSettings
 from composer.moe.hidden import EMBEDDINGS
-from composer.moe.layout import MoETensor, OutputArchitecture, checkpoint_names, choose_output, classify, output_config
+from composer.moe.layout import (
+    MoETensor,
+    OutputArchitecture,
+    check_dense,
+    checkpoint_names,
+    choose_output,
+    classify,
+    output_config,
+)
 from composer.moe.schema import Expert, MoEConfig
 from composer.plan.build import parse_dtype, tensor_seed
 from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
@@ -58,7 +66,8 @@ def _prompts(config: MoEConfig, recipe_dir: Path | None, prompt_model=None) -> E
     negatives = [list(e.negative_prompts or []) for e in experts]
     notes: list[str] = []
     if not config.uses_prompts:
-        if any(positives) or any(e.description for e in experts):
+        shared = config.shared_experts or []
+        if any(positives) or any(e.description or e.positive_prompts for e in experts + shared):
             notes.append(
                 f"gate_mode {config.gate_mode} does not use prompts; the experts' prompts and descriptions are ignored"
             )
@@ -172,6 +181,8 @@ class _MoEPlanner:
         for i, expert in enumerate(config.shared_experts or []):
             _open(expert.source_model, f"shared_experts[{i}].source_model", recipe_dir, self.sources)
         self.configs = {ref: self.sources[ref].config() for ref in config.referenced_models()}
+        for ref, model_config in self.configs.items():
+            check_dense(model_config, ref)
         self.architectures = {ref: architecture_for(c, ref) for ref, c in self.configs.items()}
         _check_experts(config, self.configs, self.architectures)
         base_config = self.configs[config.base_model]
@@ -184,6 +195,13 @@ class _MoEPlanner:
             self.shared = (config.shared_experts or [None])[0] or Expert(source_model=config.base_model)
             if not config.shared_experts:
                 self.notes.append(f"{self.output.class_name} needs a shared expert; it is the base model's MLP")
+        # mergekit's shared expert (full scale, weighed by its own gate) or composer's fixed split
+        self.gated = self.shared is not None and config.gated_shared_expert
+        self._check_shared()
+        if self.output.name == "deepseek_v3" and len(config.experts) < 2:
+            raise ComposerError(
+                "Recipe key 'experts': DeepSeek-V3's router picks experts by their two best scores, so it needs two routed experts or more."
+            )
         self.prompts = _prompts(config, recipe_dir, prompt_model)
         self.out_dtype = parse_dtype(config.dtype, "Recipe key 'dtype'")
         self.tokenizer_ref = config.tokenizer_source or config.base_model
@@ -197,6 +215,40 @@ class _MoEPlanner:
     @property
     def base(self) -> str:
         return self.config.base_model
+
+    @property
+    def gate_from_prompts(self) -> bool:
+        """The shared expert's gate row is computed from its prompts (mergekit's Qwen2-MoE with a prompt gate mode)."""
+        return self.gated and self.output.shared_gate and self.config.uses_prompts
+
+    def _check_shared(self) -> None:
+        expert = (self.config.shared_experts or [None])[0]
+        if expert is None or self.shared is None:
+            return
+        if expert.description:
+            raise ComposerError(
+                "Recipe key 'shared_experts[0].description': descriptions pick routed experts' prompts from the corpus; "
+                "give the shared expert 'positive_prompts' instead."
+            )
+        has_prompts = bool(expert.positive_prompts or expert.negative_prompts)
+        if not self.gated:
+            if has_prompts:
+                self.notes.append(
+                    f"shared_expert_weight {self.config.shared_weight} fixes the shared expert's share; its prompts are not used"
+                )
+        elif not self.output.shared_gate:
+            if has_prompts:
+                raise ComposerError(
+                    f"Recipe key 'shared_experts[0]': {self.output.class_name}'s shared expert has no gate (it is added "
+                    "to every token at full scale), so its prompts would not be used; remove them (mergekit-moe refuses "
+                    "them too), or set 'shared_expert_weight' for a fixed split."
+                )
+        elif self.config.uses_prompts and not expert.positive_prompts:
+            raise ComposerError(
+                f"Recipe key 'shared_experts[0]': with gate_mode '{self.config.gate_mode}' the shared expert's gate is "
+                "computed from its prompts, as mergekit-moe does, and it has no 'positive_prompts'. Give it some, or set "
+                "'shared_expert_weight' (e.g. 0.5) for composer's fixed split with no gate."
+            )
 
     def _dense_name(self, layer: int, suffix: str) -> str:
         return self.architectures[self.base].layer_prefix.format(i=layer) + suffix
@@ -239,6 +291,8 @@ class _MoEPlanner:
                 self.prompts.negatives,
                 [config.expert_label(i) for i in range(len(config.experts))],
                 config.random_seed or 0,
+                self.shared.positive_prompts if self.gate_from_prompts else None,
+                list(self.shared.negative_prompts or []) if self.gate_from_prompts else [],
             ),
             self.sources[self.base],
             self.sources[self.tokenizer_ref],
@@ -250,11 +304,7 @@ class _MoEPlanner:
         self._check_shapes(tensors, expected, intermediate, base_config["hidden_size"])
         notes = [
             f"output: {self.output.class_name}, {len(config.experts)} experts, top-{config.experts_per_token} routing"
-            + (
-                f", shared expert from '{self.shared.source_model}' weighted {config.shared_expert_weight}"
-                if self.shared
-                else ""
-            ),
+            + self._shared_note(),
             f"router gates: {config.gate_mode}"
             + (
                 f" ({config.pooling} pooling, {config.gate_rows} rows), computed while writing"
@@ -274,6 +324,23 @@ class _MoEPlanner:
             notes=notes + self.notes + self.prompts.notes,
         )
 
+    def _shared_note(self) -> str:
+        if self.shared is None:
+            return ""
+        where = f", shared expert from '{self.shared.source_model}'"
+        if not self.gated:
+            return (
+                where
+                + f" weighted {self.config.shared_weight} (shared_expert_weight; routed experts {1 - self.config.shared_weight:g})"
+            )
+        if not self.output.shared_gate:
+            return where + " at full scale, beside the routed experts (mergekit's)"
+        gate = "its prompts" if self.config.uses_prompts else f"gate_mode {self.config.gate_mode}"
+        return (
+            where
+            + f" at full scale, gated by a row from {gate} (mergekit's; shared_expert_weight fixes a split instead)"
+        )
+
     # --- tensors ------------------------------------------------------------------------------------
     def _tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         if what.kind == "copy":
@@ -281,6 +348,10 @@ class _MoEPlanner:
             return PlannedTensor(name, info.shape, self.out_dtype or info.dtype, (TensorRef(self.base, name),), COPY)
         if what.kind in ("router", "shared_gate"):
             return self._gate_tensor(name, what)
+        if what.kind == "router_bias":
+            count = len(self.config.experts)
+            operation = Operation(label="zeros (no score correction)", fn=partial(_zeros, (count,)))
+            return PlannedTensor(name, (count,), torch.float32, (), operation)
         if what.kind in ("expert", "shared"):
             expert = self.shared if what.kind == "shared" else self.config.experts[what.expert]
             source_name = self._dense_name(what.layer, f"mlp.{what.role}.weight")
@@ -300,10 +371,10 @@ class _MoEPlanner:
         if role != "down_proj":
             return 1.0
         scale = expert.residual_scale if expert.residual_scale is not None else 1.0
-        if self.shared is not None:
-            # the shared expert's gate is zero, so sigmoid gives it weight 1/2; down-projections set the final split
-            weight = self.config.shared_expert_weight
-            scale *= 2 * weight if shared else 1 - weight
+        if self.shared is not None and not self.gated:
+            # a fixed split: down-projections set it. A Qwen2-MoE shared gate is zero, so sigmoid weighs it 1/2
+            weight = self.config.shared_weight
+            scale *= (2 if self.output.shared_gate else 1) * weight if shared else 1 - weight
         return scale
 
     def _fused_tensor(self, name: str, what: MoETensor) -> PlannedTensor:
@@ -344,15 +415,32 @@ class _MoEPlanner:
     def _gate_tensor(self, name: str, what: MoETensor) -> PlannedTensor:
         hidden = self._info(self.base, self._dense_name(what.layer, "post_attention_layernorm.weight")).shape[0]
         dtype = self.out_dtype or self._info(self.base, EMBEDDINGS).dtype
-        if what.kind == "shared_gate":
-            return PlannedTensor(
-                name,
-                (1, hidden),
-                dtype,
-                (),
-                Operation(label="zeros (shared expert weight fixed)", fn=partial(_zero_row, hidden)),
-            )
         computer, layer, seed = self.computer, what.layer, tensor_seed(self.config.random_seed or 0, name)
+        if what.kind == "shared_gate":
+            if not self.gated:
+                operation = Operation(label="zeros (shared expert weight fixed)", fn=partial(_zeros, (1, hidden)))
+                return PlannedTensor(name, (1, hidden), dtype, (), operation)
+
+            def shared_gate(tensors: list[torch.Tensor]) -> torch.Tensor:
+                return computer.shared_row(layer, seed).float()
+
+            if not self.gate_from_prompts:
+                operation = Operation(
+                    label="shared expert gate", fn=shared_gate, arguments={"mode": self.config.gate_mode}
+                )
+                return PlannedTensor(name, (1, hidden), dtype, (), operation)
+            # made by the router step of its layer: the next step of the chain. It names its layer's post-attention
+            # norm as its input only so that the schedule places it beside that router (a step that reads nothing
+            # would go first)
+            norm = TensorRef(self.base, self._dense_name(layer, "post_attention_layernorm.weight"))
+            operation = Operation(
+                label="shared expert gate",
+                fn=shared_gate,
+                arguments={"mode": self.config.gate_mode, "pooling": self.config.pooling, "rows": "average"},
+                chain=computer.chain,
+                link=2 * layer + 1,
+            )
+            return PlannedTensor(name, (1, hidden), dtype, (norm,), operation)
         inputs = computer.input_names(layer)
 
         def router(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -363,7 +451,12 @@ class _MoEPlanner:
             arguments.update(pooling=self.config.pooling, rows=self.config.gate_rows)
         working = computer.working_bytes(layer, [self._info(self.base, input_name) for input_name in inputs])
         operation = Operation(
-            label="router gate", fn=router, arguments=arguments, working_bytes=working, chain=computer.chain, link=layer
+            label="router gate",
+            fn=router,
+            arguments=arguments,
+            working_bytes=working,
+            chain=computer.chain,
+            link=2 * layer,
         )
         return PlannedTensor(
             name,
@@ -398,8 +491,8 @@ def _meta_shapes(out_config: dict, output: OutputArchitecture) -> dict[str, list
     return {name: list(tensor.shape) for name, tensor in meta.state_dict().items()}
 
 
-def _zero_row(hidden: int, inputs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.zeros(1, hidden)
+def _zeros(shape: tuple[int, ...], inputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.zeros(shape)
 
 
 def _expert_operation(scale: float, noise: float, seed: int) -> Operation:

@@ -39,6 +39,27 @@ class Expert(Strict):
     description: Optional[str] = None
     name: Optional[str] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _revision_beside_source(cls, data):
+        """`revision:` beside `source_model:` (mergekit drops it) is the hub revision of the expert's model."""
+        if not isinstance(data, dict) or "revision" not in data:
+            return data
+        data = dict(data)
+        revision, model = data.pop("revision"), data.get("source_model")
+        if not isinstance(model, str):
+            raise ValueError("'revision' needs 'source_model' written as a hub id (org/name) beside it")
+        if not isinstance(revision, (str, int)) or isinstance(revision, bool) or not str(revision).strip():
+            raise ValueError(f"'revision' must be a branch, tag or commit name, not {revision!r}")
+        if "@" in model:
+            raise ValueError(f"'revision' is given, but '{model}' already names a revision after '@'; keep one of them")
+        if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+            raise ValueError(
+                f"'revision' is set, but '{model}' is a local path, which has no revisions; remove the revision, or give a hub id (org/name)"
+            )
+        data["source_model"] = f"{model}@{revision}"
+        return data
+
     @field_validator("source_model", mode="before")
     @classmethod
     def _reference(cls, value):
@@ -64,7 +85,8 @@ class MoEConfig(Strict):
     prompt_corpus: Optional[str] = None
     prompt_model: Optional[str] = None
     prompts_per_expert: int = Field(default=8, ge=1)
-    shared_expert_weight: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # a fixed share for the shared expert (composer's split); absent: mergekit's gate from the shared expert's prompts
+    shared_expert_weight: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
     output: Optional[str] = None
     name: Optional[str] = None
     stages: Optional[Annotated[list[Stage], Field(min_length=1)]] = None  # merges whose outputs experts may use
@@ -89,6 +111,17 @@ class MoEConfig(Strict):
         if self.pooling is None:
             self.pooling = "mean"
         return self
+
+    @property
+    def gated_shared_expert(self) -> bool:
+        """mergekit's shared expert: named in `shared_experts`, at full scale, its weight left to its gate (computed
+        from its prompts on Qwen2-MoE). Otherwise composer's fixed split (`shared_expert_weight`, default 0.5)."""
+        return bool(self.shared_experts) and self.shared_expert_weight is None
+
+    @property
+    def shared_weight(self) -> float:
+        """The shared expert's fixed share of the MLP output, where the split is fixed."""
+        return 0.5 if self.shared_expert_weight is None else self.shared_expert_weight
 
     @property
     def uses_prompts(self) -> bool:

@@ -9,13 +9,29 @@ from typing import Any
 
 import torch
 
-from composer.architecture import Architecture, WeightDefinition, architecture_for
+from composer.architecture import Architecture, MoELayer, WeightDefinition, architecture_for
+from composer.architecture_experts import ExpertLayout, FusedTensor
 from composer.errors import ComposerError, ComposerWarning
 from composer.methods import MergeMethod, get_method, parameter_names
+from composer.plan.calibration import awaiting_calibration, check_whole_models, fallback_method, plan_calibration
+from composer.plan.experts import expert_by_expert
+from composer.plan.knots import SOURCE as ADAPTERS
+from composer.plan.knots import AdapterFactors, adapter_factors, copy_of_base, knots_step
 from composer.plan.lines import lines_scale, scaled_by_depth
-from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
-from composer.plan.output_config import rewrite_config, validate_against_transformers
+from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
+from composer.plan.output_config import (
+    rewrite_config,
+    validate_against_transformers,
+    validate_language_model,
+    with_dtype,
+)
 from composer.plan.transformers_facts import checked_loadable, config_defaults
+from composer.plan.vision_language import (
+    LanguageTower,
+    check_language_models_agree,
+    is_vision_language,
+    language_tower,
+)
 from composer.plan.vocabulary import (
     OutputVocabulary,
     VocabularyKeyError,
@@ -92,6 +108,8 @@ class _Planner:
             raise RecipeKeyError(
                 ("merge_method",), str(error) + (f" Did you mean '{close[0]}'?" if close else "")
             ) from None
+        self.fallback: MergeMethod | None = fallback_method(self.method, recipe)
+        self.calibrated: set[str] = set()  # the linear weights a calibration method solves (the rest: its fallback)
         self._check_parameter_names()
         self.sources = sources if sources is not None else {}
         for reference in recipe.referenced_models():
@@ -100,15 +118,35 @@ class _Planner:
                     self.sources[reference] = open_source(reference, recipe_dir)
                 except ComposerError as error:
                     raise RecipeKeyError(model_location(recipe, reference), str(error)) from None
+        self.adapters: AdapterFactors | None = None
+        if self.method.adapters:
+            merged = [ref for ref in recipe.referenced_models() if ref != recipe.base_model]
+            self.adapters = self.sources[ADAPTERS] = adapter_factors(
+                self.method.name, self.sources, merged, recipe.base_model
+            )
         self.configs = {ref: self.sources[ref].config() for ref in recipe.referenced_models()}
-        self.architectures = {ref: architecture_for(config, ref) for ref, config in self.configs.items()}
+        # a vision-language model is planned as its language model, by the text-only model's tensor names
+        self.towers: dict[str, LanguageTower | None] = {
+            ref: language_tower(config, self.sources[ref].tensor_infos(), ref) if is_vision_language(config) else None
+            for ref, config in self.configs.items()
+        }
+        self.text_configs = {
+            ref: tower.text_config() if tower else self.configs[ref] for ref, tower in self.towers.items()
+        }
+        self.architectures = {
+            ref: tower.architecture() if tower else architecture_for(self.configs[ref], ref)
+            for ref, tower in self.towers.items()
+        }
         self._check_same_architecture()
+        self._expert_facts: dict[str, tuple[list[bool], ExpertLayout, int]] = {}
+        self._check_language_models()
         self.slices = self._output_slices()
         self.vocabulary: OutputVocabulary | None = None
 
     # --- checks -----------------------------------------------------------------------------
     def _check_parameter_names(self) -> None:
         known = {parameter.name for parameter in self.method.parameters}
+        known |= {parameter.name for parameter in self.fallback.parameters} if self.fallback else set()
         places: list[tuple[tuple, dict | None, bool]] = [
             (("parameters",), self.recipe.parameters, False)
         ]  # (where, settings, per model)
@@ -139,7 +177,7 @@ class _Planner:
                     )
                     parameters.pop(name)
                     continue
-                if per_model and not self.method.parameter(name).per_model:
+                if per_model and not (self.method.parameter(name) or self.fallback.parameter(name)).per_model:
                     raise RecipeKeyError(
                         where + (name,),
                         f"'{name}' of '{self.method.name}' is one value per tensor, not per model; "
@@ -152,20 +190,48 @@ class _Planner:
         for ref, architecture in self.architectures.items():
             if architecture.name != first.name:
                 raise ComposerError(
-                    f"Models '{first_ref}' ({first.name}) and '{ref}' ({architecture.name}) have different architectures; "
-                    "composer merges and stacks models of one architecture only."
+                    f"Models '{first_ref}' ({self._described(first_ref)}) and '{ref}' ({self._described(ref)}) have "
+                    "different architectures; composer merges and stacks models of one architecture only."
                 )
+
+    def _described(self, ref: str) -> str:
+        name = self.architectures[ref].name
+        return f"a {self.towers[ref].family.name} model whose language model is {name}" if self.towers[ref] else name
+
+    def _check_language_models(self) -> None:
+        """A vision-language model's language model and every other model must share their sizes; a vision-language
+        output keeps its base's vocabulary, whose token ids its config names for images."""
+        towers = [(ref, tower) for ref, tower in self.towers.items() if tower is not None]
+        vocabulary_moves = self.recipe.tokenizer_source is not None or self.recipe.tokenizer is not None
+        for ref, tower in towers:
+            for other in self.configs:
+                if other != ref:
+                    check_language_models_agree(
+                        tower, other, self.text_configs[other], self.towers[other], vocabulary_moves
+                    )
+        choice = self.recipe.tokenizer.source if self.recipe.tokenizer else self.recipe.tokenizer_source
+        if towers and choice not in (None, "base") and not self.recipe.language_model_only:
+            raise RecipeKeyError(
+                _tokenizer_key(self.recipe),
+                f"a vision-language output keeps its base model's vocabulary, whose token ids its config.json names for "
+                f"images; use 'base' here (not '{choice}'), or set 'language_model_only: true' to write a text-only model.",
+            )
+
+    def name_in(self, model: str, name: str) -> str:
+        """Where `model` keeps the text-only model's tensor `name`."""
+        tower = self.towers.get(model)
+        return tower.on_disk(name) if tower is not None else name
 
     # --- layers -------------------------------------------------------------------------------
     def _layer_count(self, ref: str) -> int:
         """The model's layer count from its config, which its weights must bear out: a config claiming a trillion
         layers must not make the plan loop a trillion times."""
         architecture = self.architectures[ref]
-        count = architecture.layer_count(self.configs[ref], f"'{ref}'")
+        count = architecture.layer_count(self.text_configs[ref], f"'{ref}'")
         infos = self.sources[ref].tensor_infos()
-        last = [weight.name for weight in architecture.layer_weights(count - 1) if not weight.optional]
+        last = [self.name_in(ref, w.name) for w in architecture.layer_weights(count - 1) if not w.optional]
         if infos and last and not any(name in infos for name in last):
-            key = next(key for key in architecture.layer_count_keys if key in self.configs[ref])
+            key = next(key for key in architecture.layer_count_keys if key in self.text_configs[ref])
             raise ComposerError(
                 f"The config.json of '{ref}' gives '{key}' as {count}, but its weights have no tensors of layer {count - 1} "
                 f"(no '{last[0]}'); the config does not describe these weights."
@@ -255,6 +321,59 @@ class _Planner:
                 f"merge method '{self.method.name}' takes {wanted} model(s){extra} per slice, got {len(others)} ({', '.join(others)}).",
             )
 
+    # --- experts ------------------------------------------------------------------------------
+    def _experts_of(self, ref: str) -> tuple[list[bool], ExpertLayout, int]:
+        """For a mixture-of-experts model: which of its layers hold experts, the layout its files hold them in, and
+        how many a layer holds."""
+        known = self._expert_facts.get(ref)
+        if known is None:
+            architecture, config = self.architectures[ref], self.configs[ref]
+            sparse = architecture.experts.sparse_layers(config, self._layer_count(ref), f"'{ref}'")
+            infos = self.sources[ref].tensor_infos()
+            layout = architecture.experts.layout_of(infos, architecture.layer_prefix, sparse, ref)
+            known = self._expert_facts[ref] = (
+                sparse,
+                layout,
+                architecture.experts.count(config, f"'{ref}'", architecture.name),
+            )
+        return known
+
+    def _moe_layers(self, layers: list[OutputLayer]) -> list[MoELayer | None]:
+        """What each output layer holds (None for every layer of a dense family); its sources must agree."""
+        models = [model for model in self.recipe.referenced_models() if model in self.architectures]
+        if self.architectures[models[0]].experts is None:
+            return [None] * len(layers)
+        first = models[0]
+        _, first_layout, first_count = self._experts_of(first)
+        for model in models[1:]:
+            _, layout, count = self._experts_of(model)
+            if count != first_count:
+                raise ComposerError(
+                    f"Models '{first}' and '{model}' have {first_count} and {count} experts a layer; composer merges "
+                    "mixture-of-experts models expert by expert, so they must have as many experts."
+                )
+            if layout != first_layout:
+                raise ComposerError(
+                    f"Model '{first}' holds its experts {first_layout.described()} and model '{model}' holds them "
+                    f"{layout.described()}; composer merges models that hold their experts in one layout. Load one of them "
+                    "in transformers and save it again in the other's layout."
+                )
+        moe_layers = []
+        for index, layer in enumerate(layers):
+            kinds = [(model, source, self._experts_of(model)[0][source]) for model, source in layer.sources]
+            sparse = kinds[0][2]
+            for model, source, other in kinds[1:]:
+                if other != sparse:
+                    first_model, first_source = kinds[0][:2]
+                    raise ComposerError(
+                        f"Output layer {index} would merge layer {first_source} of '{first_model}' "
+                        f"({'with experts' if sparse else 'dense'}) with layer {source} of '{model}' "
+                        f"({'with experts' if other else 'dense'}); a dense layer and a layer with experts hold "
+                        "different tensors. Choose layer ranges whose layers are alike in every source."
+                    )
+            moe_layers.append(MoELayer(sparse, first_layout, first_count))
+        return moe_layers
+
     # --- parameters ---------------------------------------------------------------------------
     def _parameter(
         self, name: str, tensor_name: str, t: float, output_slice: OutputSlice | None, source: SliceSource | None
@@ -288,27 +407,36 @@ class _Planner:
             raise ComposerError(f"Recipe parameters, tensor {tensor_name}: {error}.") from None
 
     def _operation(
-        self, tensor_name: str, sources: list[SliceSource], base: str | None, t: float, output_slice: OutputSlice
+        self,
+        tensor_name: str,
+        sources: list[SliceSource],
+        base: str | None,
+        t: float,
+        output_slice: OutputSlice,
+        method: MergeMethod | None = None,
     ) -> tuple[Operation, list[int]]:
-        """The operation for one output tensor, and the positions of its inputs (in `sources`) in the order it wants them."""
-        method = self.method
+        """The operation for one output tensor, and the positions of its inputs (in `sources`) in the order it wants them.
+        `method`: the recipe's (default), or the method a calibration method falls back to for this tensor."""
+        method = method or self.method
         models = [source.model for source in sources]
         base_position = models.index(base) if self._uses_base(base) and base in models else None
         others = [i for i in range(len(sources)) if i != base_position]
         params: dict[str, Any] = {}
         for parameter in method.parameters:
+            # a fallback's parameter the recipe leaves unset takes the calibration method's default for it (weight 1)
+            own = self.method.parameter(parameter.name) if method is not self.method else None
             if parameter.per_model:
                 params[parameter.name] = [
                     self._resolved(
                         parameter,
-                        self._parameter(parameter.name, tensor_name, t, output_slice, sources[i]),
+                        _or_default(self._parameter(parameter.name, tensor_name, t, output_slice, sources[i]), own),
                         tensor_name,
                         models[i],
                     )
                     for i in others
                 ]
             else:
-                value = self._parameter(parameter.name, tensor_name, t, output_slice, None)
+                value = _or_default(self._parameter(parameter.name, tensor_name, t, output_slice, None), own)
                 params[parameter.name] = self._resolved(parameter, value, tensor_name, None)
         if method.random:
             seed_name = f"{self.seed_namespace}/{tensor_name}" if self.seed_namespace else tensor_name
@@ -326,12 +454,16 @@ class _Planner:
         compute_dtype = self.compute_dtype if (method.blends or scaled) else None
         temporaries = method.temporaries(len(others), params) if method.temporaries else 2.0
         verbatim = method.copies and not scaled and len(sources) == 1
+        working_dtype = (
+            torch.promote_types(compute_dtype, torch.float32) if method.float32_work and compute_dtype else None
+        )
         return Operation(
             label=method.name,
             fn=run,
             arguments=params,
             compute_dtype=compute_dtype,
             temporaries=temporaries,
+            working_dtype=working_dtype,
             light=method.light,
             copies=method.copies,
             verbatim=verbatim,
@@ -347,10 +479,12 @@ class _Planner:
         output_slice: OutputSlice,
         vocab_axis: int | None = None,
         depth_scale: float = 1.0,
+        fused: FusedTensor | None = None,
     ) -> PlannedTensor:
         """`inputs`: (model, input tensor name) for each source of `output_slice`, in its order. `vocab_axis`: the
         tensor's vocabulary axis when it is vocabulary-indexed (its rows then move into the output vocabulary).
-        `depth_scale`: the LiNeS scale of the merge's task vector at this tensor's depth."""
+        `depth_scale`: the LiNeS scale of the merge's task vector at this tensor's depth. `fused`: the tensor holds
+        every expert of a layer, and is merged expert by expert."""
         infos = []
         for model, in_name in inputs:
             info = self.sources[model].tensor_infos().get(in_name)
@@ -359,6 +493,17 @@ class _Planner:
                     f"Model '{model}' has no tensor '{in_name}', which the output tensor '{out_name}' needs."
                 )
             infos.append((model, info))
+        if self.adapters is not None:  # KnOTS: the base's tensor, or the base's with the merged update of its factors
+            kind = self.adapters.kind(out_name)
+            if kind != "whole":
+                if kind == "copy":
+                    operation, refs = copy_of_base(out_name)
+                else:
+                    resolved, _ = self._operation(
+                        out_name, list(output_slice.sources), base, t, output_slice, self.method
+                    )
+                    operation, refs = knots_step(self.adapters, out_name, infos[0][1].shape, resolved)
+                return PlannedTensor(out_name, infos[0][1].shape, self.out_dtype or infos[0][1].dtype, refs, operation)
         vocabulary = None
         if vocab_axis is not None and self.vocabulary is not None:
             vocabulary = self.vocabulary.for_models([model for model, _ in inputs])
@@ -375,7 +520,31 @@ class _Planner:
                     f"Tensor '{info.name}' has shape {list(info.shape)} in model '{model}' but {list(first.shape)} in model "
                     f"'{first_model}'; tensors can only be merged when their shapes agree.{hint}"
                 )
-        operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        if self.fallback is not None and out_name not in self.calibrated:
+            operation, order = self._operation(
+                out_name, list(output_slice.sources), base, t, output_slice, self.fallback
+            )
+        else:
+            operation, order = self._operation(out_name, list(output_slice.sources), base, t, output_slice)
+        if self.fallback is not None and out_name in self.calibrated:
+            operation = awaiting_calibration(operation)
+        problem = (
+            self.method.check_shape(operation.arguments, first.shape)
+            if self.method.check_shape and fused is None
+            else None
+        )
+        if problem:
+            raise ComposerError(f"Merge method '{self.method.name}', tensor {out_name}: {problem}.")
+        if fused is not None and not operation.verbatim:
+            layer_prefix = out_name.removesuffix(fused.name)
+            steps = [
+                [
+                    self._operation(layer_prefix + piece, list(output_slice.sources), base, t, output_slice)[0]
+                    for piece in fused.piece_names(expert)
+                ]
+                for expert in range(first.shape[0])
+            ]
+            operation = expert_by_expert(fused, steps, operation)
         operation = scaled_by_depth(operation, depth_scale)
         if not operation.verbatim:
             _refuse_non_float(infos, out_name, self.method.name)
@@ -387,7 +556,7 @@ class _Planner:
         return PlannedTensor(out_name, shape, self.out_dtype or first.dtype, refs, operation)
 
     def _present_in_any(self, models: list[str], name: str) -> bool:
-        return any(name in self.sources[m].tensor_infos() for m in models)
+        return any(self.name_in(m, name) in self.sources[m].tensor_infos() for m in models)
 
     def _depth_scale(self, index: int, count: int) -> float:
         """The LiNeS scale of output layer `index` of `count` (1 without a `lines` key)."""
@@ -420,7 +589,7 @@ class _Planner:
                 return None
         return self.plan_tensor(
             weight.name,
-            [(m, name) for m in models],
+            [(m, self.name_in(m, name)) for m in models],
             self.base_of(output_slice),
             t,
             output_slice,
@@ -428,54 +597,96 @@ class _Planner:
             depth_scale,
         )
 
+    def _output_tower(self, base_ref: str) -> LanguageTower | None:
+        """The vision-language model whose form the output takes (its vision tower and projector copied), or None for
+        a text-only output."""
+        tower = self.towers[base_ref]
+        if self.recipe.language_model_only and tower is None:
+            raise RecipeKeyError(
+                ("language_model_only",),
+                f"'language_model_only' writes the language model of a vision-language base model on its own, and the "
+                f"base model '{base_ref}' is a text-only model already; remove the key.",
+            )
+        return None if self.recipe.language_model_only else tower
+
     def build(self) -> Plan:
         base_ref = self.recipe.base_model or self.slices[0].sources[0].model
         architecture: Architecture = self.architectures[base_ref]
+        output_tower = self._output_tower(base_ref)
         self.out_dtype = parse_dtype(self.recipe.out_dtype or self.recipe.dtype, "Recipe key out_dtype")
         self.compute_dtype = parse_dtype(self.recipe.dtype, "Recipe key dtype") or torch.float32
         layers = self.output_layers()
         self._check_lines()
+        calibration = None
+        if self.method.adapters:
+            check_whole_models(self.method, layers, self._layer_count(base_ref), self.recipe, architecture, base_ref)
+        if self.method.calibration:
+            calibration = plan_calibration(
+                self.recipe,
+                self.method,
+                self.fallback,
+                layers,
+                architecture,
+                base_ref,
+                self.configs[base_ref],
+                self._layer_count(base_ref),
+                self.recipe_dir,
+            )
+            self.calibrated = {name for names in calibration.linear_names for name in names}
         source_layers = [layer.sources[0][1] for layer in layers]
-        config = rewrite_config(architecture, self.configs[base_ref], source_layers, self.out_dtype, f"'{base_ref}'")
+        text_config = self.text_configs[base_ref]
+        if self.towers[base_ref] is not None and output_tower is None:
+            text_config = self.towers[base_ref].causal_lm_config(text_config)
+        out_dtype = None if output_tower else self.out_dtype  # a vision-language config says it at the top level
+        providers = [layer.sources[0][0] for layer in layers]  # the model each output layer comes from
+        layer_configs = [text_config if model == base_ref else self.text_configs[model] for model in providers]
+        config = rewrite_config(architecture, text_config, source_layers, out_dtype, f"'{base_ref}'", layer_configs)
+        moe_layers = self._moe_layers(layers)
+        if architecture.experts is not None:
+            architecture.experts.rewrite(config, [moe.sparse for moe in moe_layers], f"'{base_ref}'")
         self.vocabulary = self._output_vocabulary(base_ref, architecture)
         if self.vocabulary is not None:
             config.update(vocab_size=self.vocabulary.size, **self._special_token_ids())
-        ties = bool(config.get("tie_word_embeddings", _default_tie(config)))
+        ties = output_tower.ties() if output_tower else bool(config.get("tie_word_embeddings", _default_tie(config)))
 
         tensors: list[PlannedTensor] = []
         for weight in architecture.pre:
             planned = self._edge_tensor(weight, self.slices[0], 0.0, ties, self._depth_scale(0, len(layers)))
             tensors += [planned] if planned else []
         for index, layer in enumerate(layers):
-            out_weights = architecture.layer_weights(index)
+            out_weights = architecture.layer_weights(index, moe_layers[index])
             for out_weight in out_weights:
                 inputs = [
-                    (model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix)
+                    (model, self.name_in(model, architecture.layer_prefix.format(i=src_index) + out_weight.suffix))
                     for model, src_index in layer.sources
                 ]
                 if out_weight.optional and not any(name in self.sources[m].tensor_infos() for m, name in inputs):
                     continue
-                tensors.append(
-                    self.plan_tensor(
-                        out_weight.name,
-                        inputs,
-                        layer.base_model,
-                        layer.t,
-                        layer.output_slice,
-                        depth_scale=self._depth_scale(index, len(layers)),
-                    )
+                planned = self.plan_tensor(
+                    out_weight.name,
+                    inputs,
+                    layer.base_model,
+                    layer.t,
+                    layer.output_slice,
+                    depth_scale=self._depth_scale(index, len(layers)),
+                    fused=out_weight.fused,
                 )
+                if architecture.experts is not None and out_weight.suffix in architecture.experts.float32:
+                    planned = replace(planned, dtype=torch.float32)
+                tensors.append(planned)
         for weight in architecture.post:
             planned = self._edge_tensor(
                 weight, self.slices[-1], 0.0, ties, self._depth_scale(len(layers) - 1, len(layers))
             )
             tensors += [planned] if planned else []
 
-        checked_loadable(
-            config,
-            {t.name: t.shape for t in tensors},
-            lambda c, shapes: validate_against_transformers(c, shapes, base_ref),
-        )
+        shapes = {t.name: t.shape for t in tensors}
+        if output_tower is None:
+            checked_loadable(config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref))
+        else:
+            config = with_dtype(output_tower.with_text_config(config), self.out_dtype)
+            checked_loadable(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))
+            tensors = [replace(t, name=output_tower.on_disk(t.name)) for t in tensors] + self._vision_tensors(base_ref)
         tokenizer_source = self._tokenizer_source(base_ref)
         parents = [ref for ref in self.recipe.referenced_models()]
         return Plan(
@@ -488,7 +699,18 @@ class _Planner:
             parents=parents,
             chat_template=self.recipe.chat_template,
             notes=self.vocabulary.summary() if self.vocabulary is not None else [],
+            calibration=calibration,
         )
+
+    def _vision_tensors(self, base_ref: str) -> list[PlannedTensor]:
+        """The base vision-language model's tensors outside its language model (vision tower, projector), copied."""
+        infos = self.sources[base_ref].tensor_infos()
+        copies = []
+        for name in self.towers[base_ref].other_tensors(infos):
+            info = infos[name]
+            dtype = self.out_dtype if self.out_dtype is not None and info.dtype.is_floating_point else info.dtype
+            copies.append(PlannedTensor(name, info.shape, dtype, (TensorRef(base_ref, name),), COPY))
+        return copies
 
     # --- vocabulary -----------------------------------------------------------------------------
     def _output_vocabulary(self, base_ref: str, architecture: Architecture) -> OutputVocabulary | None:
@@ -499,7 +721,7 @@ class _Planner:
         outside = None
         if request.source not in ("base", "union") and request.source not in models:
             outside = self._open_tokenizer_source(request.source)
-        vocab_rows = {model: self._embedding_rows(model, architecture) for model in models}
+        vocab_rows = {model: self._embedding_rows(model, self.architectures[model]) for model in models}
         try:
             return plan_vocabulary(request, models, base_ref, self.sources, vocab_rows, outside)
         except VocabularyKeyError as error:
@@ -509,8 +731,9 @@ class _Planner:
         """(name, rows) of the model's first vocabulary-indexed tensor."""
         infos = self.sources[model].tensor_infos()
         for weight in architecture.vocab_weights():
-            if weight.name in infos:
-                return weight.name, infos[weight.name].shape[weight.vocab_axis]
+            name = self.name_in(model, weight.name)
+            if name in infos:
+                return name, infos[name].shape[weight.vocab_axis]
         raise ComposerError(
             f"Model '{model}' has none of the vocabulary-indexed tensors its architecture names ({', '.join(w.name for w in architecture.vocab_weights())})."
         )
@@ -531,7 +754,7 @@ class _Planner:
             value = donor_config.get(key)
             if not (isinstance(value, int) and 0 <= value < vocabulary.token_count):
                 value = getattr(vocabulary.output, key, None)
-            if key in self.configs[vocabulary.base] or value is not None:
+            if key in self.text_configs[vocabulary.base] or value is not None:
                 ids[key] = value
         return ids
 
@@ -554,6 +777,10 @@ class _Planner:
         reference = f"{self.seed_namespace or 'output'}: merged tokenizer"
         self.sources[reference] = BuiltTokenizer(reference, self.vocabulary.output)
         return reference
+
+
+def _or_default(value: Any, parameter: Any) -> Any:
+    return parameter.default if value is None and parameter is not None else value
 
 
 def _shapes_agree(shape: tuple, other: tuple, except_axis: int | None) -> bool:

@@ -88,6 +88,21 @@ class PlannedTensor:
 
 
 @dataclass
+class CalibrationRequest:
+    """What a calibration method's pass runs (composer.calibration): `models` (the merged ones, base excluded, in the
+    order of the linear steps' inputs) over `texts` ((file as written, text)), layer by layer; `source`: "own" (each
+    model's earlier layers feed its next, RegMean) or "merged" (the merged earlier layers do, RegMean++)."""
+
+    method: str
+    source: str
+    texts: list[tuple[str, str]]
+    digest: str  # of the texts, so that a resumed run never mixes tensors solved from another text
+    models: list[str]
+    layer_prefix: str
+    linear_names: list[list[str]]  # per layer, its linear weights in the order the layer holds them
+
+
+@dataclass
 class Plan:
     tensors: list[PlannedTensor]
     sources: dict[str, ModelSource]
@@ -108,6 +123,10 @@ class Plan:
         "config.json"  # where `config` is written; None: the plan's extra files hold whatever config it has
     )
     shard_metadata: dict[str, str] = field(default_factory=dict)  # each weights file's header metadata (provenance)
+    # (function, arguments) that build this same plan in another process (a cluster's worker), the function a
+    # module-level one; None where the plan holds what another process cannot rebuild (sources opened by a caller)
+    replay: tuple[Callable[..., Plan], tuple] | None = None
+    calibration: CalibrationRequest | None = None  # a calibration method's pass, still to be attached to the plan
 
     def input_bytes(self) -> int:
         seen = {}

@@ -6,7 +6,7 @@ from composer.plan.model import Plan
 from composer.plan.schedule import Schedule, describe_dtype
 
 
-def _bytes(count: int) -> str:
+def format_bytes(count: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
             return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
@@ -51,7 +51,7 @@ def format_plan(plan: Plan, schedule: Schedule, limit: int = 0) -> str:
         lines.append(f"... {len(plan.tensors) - limit} more tensors")
     lines.append("")
     lines.append(
-        f"tensors: {len(plan.tensors)}    read: {_bytes(plan.input_bytes())}    write: {_bytes(plan.output_bytes())}    predicted peak memory for tensors: {_bytes(schedule.peak_bytes)}"
+        f"tensors: {len(plan.tensors)}    read: {format_bytes(plan.input_bytes())}    write: {format_bytes(plan.output_bytes())}    predicted peak memory for tensors: {format_bytes(schedule.peak_bytes)}"
     )
     lines += [f"note: {note}" if not note.startswith(" ") else note for note in plan.notes]
     return "\n".join(lines)

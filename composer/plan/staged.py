@@ -18,6 +18,7 @@ import torch
 
 from composer.errors import ComposerError
 from composer.plan.build import model_location, plan_merge
+from composer.plan.calibration import refuse_in_stages
 from composer.plan.model import Operation, Plan, PlannedTensor, TensorRef
 from composer.recipe.load import RecipeKeyError
 from composer.recipe.schema import Recipe, Stage
@@ -222,6 +223,7 @@ def build_plan(
     """The plan of a whole recipe: its one merge, or its stages fused into one plan."""
     if not recipe.stages:
         return plan_merge(recipe, recipe_text, recipe_dir, sources)
+    refuse_in_stages(recipe)
     if recipe.merge_method is not None:  # the top-level merge is the output
         intermediate, output, prefix, output_name = recipe.stages, recipe, (), "output"
     else:  # the last stage is

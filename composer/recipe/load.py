@@ -19,16 +19,18 @@ from composer.yaml_text import check_duplicate_keys, has_location, line_of, path
 
 
 def model_reference(value: Any) -> Any:
-    """mergekit's dict spellings of a model reference, flattened to `path[@revision][+lora]`."""
+    """mergekit's dict spellings of a model reference, flattened to `path[@revision][+lora]`: `{model: {path,
+    revision}}`, `{path, revision}`, and `{model: path, revision}` (a revision beside `model:`, which mergekit drops)."""
     if not isinstance(value, dict):
         return value
     inner = value.get("model", value)
     if isinstance(inner, dict):
-        path = inner.get("path")
-        revision = inner.get("revision")
-        reference = f"{path}@{revision}" if revision else path
+        path, revision = inner.get("path"), inner.get("revision")
     else:
-        reference = inner
+        path, revision = inner, None
+    if revision is None and inner is not value:
+        revision = value.get("revision")
+    reference = f"{path}@{revision}" if revision is not None and revision != "" else path
     lora = value.get("lora")
     if isinstance(lora, dict):
         lora = lora.get("path")
@@ -71,27 +73,44 @@ def normalise_mergekit(data: dict) -> dict:
     return data
 
 
-def _model_entries(data: dict, prefix: tuple = ()):
-    """(location, entry) of every `models` entry and slice source of a merge and of its stages."""
+def _revision_holders(data: dict, prefix: tuple = ()):
+    """(location, mapping) of every place of a merge and its stages where `revision:` may stand beside `model:`: the
+    `models` entries and slice sources, and model references written as mappings (`base_model: {model: ...}`,
+    `tokenizer_source`, `tokenizer.source`, a slice's `base_model`, and `model:` itself written as a mapping)."""
+
+    def mapping(location: tuple, value: Any):
+        if isinstance(value, dict):
+            yield location, value
+
     for index, stage in enumerate(_listed(data.get("stages"))):
         if isinstance(stage, dict):
-            yield from _model_entries(stage, prefix + ("stages", index))
+            yield from _revision_holders(stage, prefix + ("stages", index))
+    for key in ("base_model", "tokenizer_source"):
+        yield from mapping(prefix + (key,), data.get(key))
+    if isinstance(data.get("tokenizer"), dict):
+        yield from mapping(prefix + ("tokenizer", "source"), data["tokenizer"].get("source"))
     for index, entry in enumerate(_listed(data.get("models"))):
         if isinstance(entry, dict):
             yield prefix + ("models", index), entry
+            yield from mapping(prefix + ("models", index, "model"), entry.get("model"))
     for slice_index, output_slice in enumerate(_listed(data.get("slices"))):
-        for index, source in enumerate(_listed(output_slice.get("sources")) if isinstance(output_slice, dict) else []):
+        if not isinstance(output_slice, dict):
+            continue
+        yield from mapping(prefix + ("slices", slice_index, "base_model"), output_slice.get("base_model"))
+        for index, source in enumerate(_listed(output_slice.get("sources"))):
             if isinstance(source, dict):
                 yield prefix + ("slices", slice_index, "sources", index), source
+                yield from mapping(prefix + ("slices", slice_index, "sources", index, "model"), source.get("model"))
 
 
 def fold_revisions(data: dict, root: yaml.Node | None, source_name: str, recipe_dir: Path | None) -> None:
-    """`revision:` beside `model:` (mergekit drops it and reads the main branch) becomes the hub revision of
-    the model, `org/name@revision`, as its author meant. A local folder has no revisions: that is an error."""
-    for location, entry in _model_entries(data):
-        if "revision" not in entry:
-            continue
-        revision, model = entry.pop("revision"), entry.get("model")
+    """`revision:` beside `model:` (mergekit drops it and reads the main branch), in a `models` entry, a slice source
+    or a model reference written as a mapping, becomes the hub revision of the model, `org/name@revision`, as its
+    author meant. A local folder has no revisions: that is an error."""
+    for location, holder in list(_revision_holders(data)):
+        if "revision" not in holder or "model" not in holder:
+            continue  # `{path: ..., revision: ...}` is mergekit's own spelling, read by model_reference
+        revision, model = holder.pop("revision"), model_reference(holder["model"])
         key = location + ("revision",)
         line = line_of(root, key)
         where = f"{source_name}, line {line}" if line else source_name
@@ -110,7 +129,7 @@ def fold_revisions(data: dict, root: yaml.Node | None, source_name: str, recipe_
                 f"{where}: '{path_text(key)}' is set, but the model '{model}' is a local path, which has no revisions; "
                 "remove the revision, or give a hub id (org/name)."
             )
-        entry["model"] = f"{model}@{revision}"
+        holder["model"] = f"{model}@{revision}"
 
 
 def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, prefix: tuple = ()) -> None:
@@ -249,8 +268,8 @@ def parse_recipe(text: str, source_name: str = "recipe", recipe_dir: Path | None
             "run the recipe with `compose tune` (docs/tune.md), which fits it on text and writes a recipe with numbers."
         )
     drop_ignored_keys(data, root, source_name)
+    fold_revisions(data, root, source_name, recipe_dir)  # before the mapping spellings are flattened
     data = normalise_mergekit(data)
-    fold_revisions(data, root, source_name, recipe_dir)
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:

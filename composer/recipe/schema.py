@@ -174,6 +174,15 @@ class Merge(Strict):
     chat_template: Optional[ChatTemplate] = None
     random_seed: Optional[int] = None
     lines: Optional[LinesScale] = None
+    # composer's own: of a vision-language base model, write only the language model, as a text-only model
+    language_model_only: Optional[StrictBool] = None
+    # text files (relative to the recipe) whose inputs to each linear layer calibration methods (regmean) merge by
+    calibration_text: Optional[
+        Union[
+            Annotated[str, Field(min_length=1)],
+            Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
+        ]
+    ] = None
 
     @model_validator(mode="after")
     def _check_inputs(self):
@@ -229,6 +238,8 @@ class Recipe(Merge):
                     "tokenizer",
                     "chat_template",
                     "lines",
+                    "language_model_only",
+                    "calibration_text",
                 )
                 if getattr(self, key) is not None
             ]

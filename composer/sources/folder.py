@@ -15,6 +15,7 @@ import torch
 from composer.errors import ComposerError
 from composer.files import read_json_object
 from composer.sources.base import FolderFilesMixin, ModelSource, TensorInfo
+from composer.sources.fp8 import find_block_scaled_fp8, without_quantization
 from composer.sources.model_files import model_file
 from composer.sources.safetensors_format import DTYPE_BY_CODE, read_into, read_layout
 
@@ -77,7 +78,7 @@ def weight_files(
     return [path for path in found if path is not None], None
 
 
-def _assign(
+def assign_tensors(
     folder: Path, index_name: str, weight_map: dict[str, str] | None, found: list[tuple[str, Path]]
 ) -> dict[str, Path]:
     """Tensor name -> the file to read it from. With an index the index decides; without one a name in two files is an error."""
@@ -110,36 +111,62 @@ def _assign(
 
 
 class SafetensorsFolder(FolderFilesMixin, ModelSource):
-    def __init__(self, reference: str, folder: Path):
+    """Safetensors weights in a folder; block-scaled FP8 weights are handed out dequantised (composer.sources.fp8)."""
+
+    def __init__(
+        self,
+        reference: str,
+        folder: Path,
+        layouts: dict[Path, tuple[dict, int]] | None = None,
+        weight_map: dict[str, str] | None = None,
+    ):
+        """`layouts` (file -> (header, data start)) and the index's `weight_map` where the headers were read elsewhere
+        (from the hub); else the folder's weights files are found and their headers read here."""
         super().__init__(reference)
         self.folder = folder
+        self._descriptors: dict[Path, int] = {}
+        if layouts is None:
+            paths, weight_map = weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
+            self.weight_paths = tuple(paths)
+            layouts = {path: read_layout(path) for path in paths}
+        self._index_headers(layouts, weight_map)
+
+    def _index_headers(self, layouts: dict[Path, tuple[dict, int]], weight_map: dict[str, str] | None) -> None:
+        """Learn every tensor's shape, dtype and place from the weights files' headers."""
         self._infos: dict[str, TensorInfo] = {}
         self._location: dict[str, tuple[Path, int]] = {}  # name -> (file, byte offset of its data)
-        self._descriptors: dict[Path, int] = {}
-        paths, weight_map = weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
-        self.weight_paths = tuple(paths)
-        layouts = {path: read_layout(path) for path in paths}
         found = [(name, path) for path, (header, _) in layouts.items() for name in header if name != "__metadata__"]
-        for name, path in _assign(folder, SAFETENSORS_INDEX, weight_map, found).items():
+        for name, path in assign_tensors(self.folder, SAFETENSORS_INDEX, weight_map, found).items():
             header, data_start = layouts[path]
             entry = header[name]
             self._infos[name] = TensorInfo(name, tuple(entry["shape"]), DTYPE_BY_CODE[entry["dtype"]])
             self._location[name] = (path, data_start + entry["data_offsets"][0])
+        self.fp8 = find_block_scaled_fp8(self._infos, super().config, self.reference)
+        self._shown = self.fp8.visible(self._infos) if self.fp8 is not None else self._infos
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
-        return self._infos
+        return self._shown
+
+    def config(self) -> dict:
+        config = super().config()
+        return without_quantization(config) if self.fp8 is not None else config
 
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         location = self._location.get(name)
-        if location is None:
-            return None
+        if location is None or name not in self._shown or (self.fp8 is not None and name in self.fp8.scales):
+            return None  # a dequantised weight is not stored as it is written
         return location[0], location[1], self._infos[name].nbytes
 
     def read(self, name: str) -> torch.Tensor:
-        location = self._location.get(name)
-        if location is None:
+        if name not in self._shown:
             raise ComposerError(f"Model '{self.reference}' ({self.folder}) has no tensor '{name}'.")
-        path, offset = location
+        if self.fp8 is not None and name in self.fp8.scales:
+            return self.fp8.dequantise(self.read_stored(name), self.read_stored(self.fp8.scales[name]))
+        return self.read_stored(name)
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """Tensor `name` as its file stores it."""
+        path, offset = self._location[name]
         info = self._infos[name]
         try:
             descriptor = self._descriptors.get(path)
@@ -172,7 +199,7 @@ class TorchBinFolder(FolderFilesMixin, ModelSource):
             for name, value in state.items()
             if isinstance(value, torch.Tensor)
         ]
-        file_of = _assign(folder, BIN_INDEX, weight_map, found)
+        file_of = assign_tensors(folder, BIN_INDEX, weight_map, found)
         self._tensors: dict[str, torch.Tensor] = {name: states[path][name] for name, path in file_of.items()}
         self._infos = {name: TensorInfo(name, tuple(t.shape), t.dtype) for name, t in self._tensors.items()}
 

@@ -8,6 +8,7 @@ model already there is used without the network, and HF_HUB_OFFLINE is honoured.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from composer.errors import ComposerError
@@ -36,13 +37,14 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def download(reference: str, repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    """A snapshot folder holding the repository's files that match `patterns` (from the cache when they are there)."""
-    from huggingface_hub import errors, snapshot_download
+@contextmanager
+def hub_errors(reference: str, repo_id: str, revision: str | None):
+    """huggingface_hub's errors while fetching model `reference` turned into ComposerErrors that say what to do."""
+    from huggingface_hub import errors
 
     incomplete = getattr(errors, "IncompleteSnapshotError", ())
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=NESTED))
+        yield
     except incomplete as error:
         raise ComposerError(
             f"Model '{reference}' is only partly in the hub cache and the hub cannot be reached to complete it "
@@ -69,12 +71,50 @@ def download(reference: str, repo_id: str, revision: str | None, patterns: list[
             f"Model '{reference}' is not a local path, {wanted} is not in the Hugging Face cache, and {why}. "
             f"Download it first (e.g. `hf download {repo_id}{f' --revision {revision}' if revision else ''}`) or give a local folder."
         ) from None
-    except (errors.HfHubHTTPError, OSError, ValueError) as error:
+    except (errors.HfHubHTTPError, OSError, ValueError, *_transport_errors()) as error:
         raise ComposerError(f"Model '{reference}' could not be fetched from the hub: {_first_line(error)}") from None
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's own errors (a refused connection, a timeout) where huggingface_hub lets them through: those of
+    httpx, which huggingface_hub 1.x and later are built on (0.x's requests errors are OSErrors)."""
+    from huggingface_hub import utils
+
+    client = getattr(utils, "httpx", None)
+    return (client.HTTPError,) if client is not None else ()
+
+
+def download(reference: str, repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """A snapshot folder holding the repository's files that match `patterns` (from the cache when they are there)."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(reference, repo_id, revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=NESTED))
 
 
 def _holds(folder: Path, patterns: list[str]) -> bool:
     return any(path.is_file() and path.name not in NOT_WEIGHTS for pattern in patterns for path in folder.glob(pattern))
+
+
+def holds_weights(folder: Path) -> bool:
+    """Whether a snapshot folder already holds the weights a merge reads: every shard its index names, else one of
+    the weights files transformers would load."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        indexed = read_shards(folder, index_name)
+        if indexed is not None:
+            return None not in indexed[1].values()
+    return any(_holds(folder, patterns) for patterns in WEIGHT_CHOICES)
+
+
+def in_hub_cache(path: Path) -> bool:
+    """Whether `path` lies in the Hugging Face hub's cache: a file that another machine fetches into a cache of its own."""
+    from huggingface_hub import constants
+
+    try:
+        Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def fetch_hub_model(reference: str) -> Path:

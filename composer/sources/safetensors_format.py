@@ -48,15 +48,26 @@ def read_layout(path: Path) -> tuple[dict, int]:
     """The checked header, and the file offset where the data section (which data_offsets count from) starts."""
     with os.fdopen(open_regular(path), "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ComposerError(f"{path} is not a safetensors file: it is only {size} bytes long.")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > size - 8 or header_length > 100_000_000:
-            raise ComposerError(
-                f"{path} is truncated or not a safetensors file: its header claims {header_length} bytes but the file has {size}."
-            )
-        raw = handle.read(header_length)
+        length = header_length(path, handle.read(8), size)
+        raw = handle.read(length)
+    return parse_header(path, raw, size), 8 + length
+
+
+def header_length(where: Path | str, prefix: bytes, size: int) -> int:
+    """The header's length from a file's first 8 bytes, checked against the file's size (`where` names the file)."""
+    if len(prefix) < 8:
+        raise ComposerError(f"{where} is not a safetensors file: it is only {size} bytes long.")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > size - 8 or length > 100_000_000:
+        raise ComposerError(
+            f"{where} is truncated or not a safetensors file: its header claims {length} bytes but the file has {size}."
+        )
+    return length
+
+
+def parse_header(path: Path | str, raw: bytes, size: int) -> dict:
+    """The header's JSON, every tensor's entry checked against the format and the size of the file (`path`, which
+    may name a file on the hub) it came from."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):  # bad JSON or UTF-8, a number Python will not convert, nesting past the limit
@@ -68,13 +79,13 @@ def read_layout(path: Path) -> tuple[dict, int]:
         not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values())
     ):
         raise ComposerError(f"{path} has a corrupt safetensors header: '__metadata__' must map names to strings.")
-    data_size = size - 8 - header_length
+    data_size = size - 8 - len(raw)
     spans = []
     for name, entry in header.items():
         if name != "__metadata__":
             spans.append(_checked_span(path, name, entry, data_size))
     _refuse_overlaps(path, spans)
-    return header, 8 + header_length
+    return header
 
 
 def _shown(value: object) -> str:
@@ -90,7 +101,7 @@ def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _checked_span(path: Path, name: str, entry: object, data_size: int) -> tuple[int, int, str]:
+def _checked_span(path: Path | str, name: str, entry: object, data_size: int) -> tuple[int, int, str]:
     """One tensor's entry checked against the format and the file's data size: (begin, end, name)."""
     tensor = _tensor(name)
     corrupt = f"{path} has a corrupt safetensors header: {tensor}"
@@ -128,7 +139,7 @@ def _checked_span(path: Path, name: str, entry: object, data_size: int) -> tuple
     return begin, end, name
 
 
-def _refuse_overlaps(path: Path, spans: list[tuple[int, int, str]]) -> None:
+def _refuse_overlaps(path: Path | str, spans: list[tuple[int, int, str]]) -> None:
     """Two tensors may not share bytes (writing one in place would change the other)."""
     furthest = None  # of the spans so far, the one that ends last
     for span in sorted(span for span in spans if span[1] > span[0]):

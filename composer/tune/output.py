@@ -42,10 +42,11 @@ def write_output(result: TuneResult, trials: Trials, settings: TuneSettings, out
     trials.scorer.release()  # the executor's budget is its own: the parents' cache and the scored model are not held beside it
     options = ExecutionOptions(
         memory_budget=settings.memory_budget,
-        whole_process=settings.whole_process,
         force=force,
         progress=settings.progress,
         device=settings.device,
+        ray=settings.ray,
+        whole_process=settings.whole_process,
     )
     compose_text(best_text, out, options, result.recipe_dir)
     header = f"# tuned by compose tune from {result.recipe_name} ({len(result.trials)} trials, {report['objective']})\n"

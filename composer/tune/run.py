@@ -34,6 +34,7 @@ class TuneSettings:
     seed: int = 0
     progress: bool | None = None
     device: str = "cpu"
+    ray: str | None = None  # the best model is written on a Ray cluster (composer.execute.cluster)
     whole_process: bool = False  # memory_budget bounds the whole process (the CLI's), not only the tune's tensors
 
 

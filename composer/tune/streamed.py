@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from composer.architecture import architecture_for, build_meta_model, tied_param
 from composer.errors import ComposerError
 from composer.evaluate import TextScore
 from composer.plan import Plan, PlannedTensor
+from composer.tune.layer_calls import StandIn, init_buffers, layer_attributes, layers_replaced, record_calls
 from composer.tune.prepared_ties import MagnitudeTable, is_prepared_ties, prepared_ties
 from composer.tune.process_memory import held_bytes, map_large_allocations
 from composer.tune.tensor_cache import TensorCache
@@ -39,30 +39,6 @@ class Batch:
     hidden: torch.Tensor | None = None
 
 
-class StandIn(torch.nn.Module):
-    """Takes a decoder layer's place in the model's own forward: records what the layer is handed, returns the hidden
-    states unchanged (or, for the replay, the final hidden states)."""
-
-    def __init__(self, calls: list, attributes: dict, final: torch.Tensor | None = None):
-        super().__init__()
-        self.calls = calls
-        self.final = final
-        self.__dict__.update(attributes)
-
-    def forward(self, hidden, *arguments, **keywords):
-        self.calls.append((hidden, arguments, keywords))
-        return self.final if self.final is not None else hidden
-
-
-def layer_attributes(layer: torch.nn.Module) -> dict:
-    """Plain attributes of a real layer a model's forward may read from it (attention_type, ...)."""
-    return {
-        key: value
-        for key, value in vars(layer).items()
-        if not key.startswith("_") and isinstance(value, (str, int, float, bool))
-    }
-
-
 def batches_of(windows: list[Window]) -> list[Batch]:
     by_length: dict[int, list[Window]] = {}
     for window in windows:
@@ -74,13 +50,6 @@ def batches_of(windows: list[Window]) -> list[Batch]:
     ]
 
 
-def init_buffers(model, modules) -> None:
-    """Non-persistent buffers (rotary tables, embedding scales) are not in any weights file: transformers makes them."""
-    for module in modules:
-        if getattr(module, "_non_persistent_buffers_set", None):
-            model._init_weights(module)
-
-
 @dataclass
 class Layout:
     model: torch.nn.Module  # built on the meta device; its layers are filled one at a time
@@ -88,29 +57,6 @@ class Layout:
     prefix: str  # a layer's tensor names, with {i} for its index
     layers: torch.nn.ModuleList
     batches: list[Batch]
-
-
-@contextmanager
-def layers_replaced(model, path: str, replacement: torch.nn.Module):
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    original = getattr(parent, name)
-    setattr(parent, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(parent, name, original)
-
-
-def record_calls(layout: Layout, batch: Batch, run) -> None:
-    """Run the model's own forward (`run`: its base model, or a function calling it) with stand-ins in its layers'
-    places: the first layer's input becomes the batch's hidden states, and what each layer is handed is kept."""
-    calls: list = []
-    stand_ins = torch.nn.ModuleList(StandIn(calls, layer_attributes(layer)) for layer in layout.layers)
-    with layers_replaced(layout.model, layout.path, stand_ins):
-        run(input_ids=batch.ids, use_cache=False)
-    batch.hidden = calls[0][0]
-    batch.calls = [(arguments, keywords) for _, arguments, keywords in calls]
 
 
 def working_bytes(layout: Layout, plan: Plan, kept_states: int = 1, graph: bool = False) -> int:
