@@ -1,16 +1,19 @@
 """Bench of `compose tune` against issue 18's targets, on the real SmolLM2-135M-Instruct fine-tunes of
-bench/finetunes.py (code and pt; built there first, or waited for with --wait).
+bench/finetunes.py (code and pt; built there first, or waited for with --wait; or given with --code and --pt).
 
-1. A TIES recipe (weights and densities of both fine-tunes) tuned by CMA-ES on ~4k tokens of each domain's
-   training text, against (a) the default (weights 0.5/0.5, density 0.5) and (b) the best point, on the same
+1. A TIES recipe (weights and densities of both fine-tunes) tuned by CMA-ES on --tokens tokens (4096: half from each
+   domain's training text), against (a) the default (weights 0.5/0.5, density 0.5) and (b) the best point, on the same
    calibration text, of an 11-point grid over one shared weight (density 0.5): mean held-out bits per byte of the
    two domains.
-2. Time per trial: a tune trial (layer-streamed, nothing written) against a faithful re-creation of
+2. Time per trial, wall and CPU: a tune trial (layer-streamed, nothing written) against a faithful re-creation of
    mergekit-evolve's trial (the merge written to a temporary folder by compose, then loaded and scored by
-   composer.evaluate, as lm-eval would load and score it), on the same models and text.
-3. Peak RSS of the `compose tune` process against its --memory-budget.
+   composer.evaluate, as lm-eval would load and score it), on the same models and text; the evaluation is timed with
+   `compose eval`'s windows (overlapping by half) and with tune's (sharing one token), so both ratios are shown.
+3. Wall and CPU time of the 50 trials, and the peak RSS of the `compose tune` process against its --memory-budget.
 
-    python bench/tune.py [--trials 50] [--tokens 4096] [--memory-budget 2GB] [--wait 30]
+The machine these run on is shared: the load average is printed, and CPU seconds (all threads) beside wall time.
+
+    python bench/tune.py [--trials 50] [--tokens 4096] [--memory-budget 2GB] [--wait 30] [--code DIR --pt DIR]
 """
 
 from __future__ import annotations
@@ -95,22 +98,40 @@ def calibration_text(name: str, tokens: int) -> str:
     return cut[: cut.rfind("\n") + 1] or cut
 
 
-def peak_rss_of(command: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in bytes) of a child process."""
+def peak_rss_of(command: list[str]) -> tuple[float, float, float]:
+    """(seconds, CPU seconds, peak RSS in bytes) of a child process."""
     began = time.monotonic()
     subprocess.run(command, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return time.monotonic() - began, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.monotonic() - began, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+class Clock:
+    """Wall and CPU seconds of a block (CPU: this process, all threads)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.monotonic(), time.process_time()
+        return self
+
+    def __exit__(self, *exception):
+        self.wall, self.cpu = time.monotonic() - self.wall, time.process_time() - self.cpu
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens in all, half from each domain")
     parser.add_argument("--memory-budget", default="2GB")
     parser.add_argument("--wait", type=float, default=30, help="minutes to wait for the fine-tunes")
     parser.add_argument("--grid", type=int, default=11)
     parser.add_argument("--method", choices=("ties", "task_arithmetic"), default="ties")
     parser.add_argument("--heldout-bytes", type=int, help="score only this much of each held-out text (whole lines)")
+    parser.add_argument("--code", type=Path, help="the code fine-tune's folder (default: bench/finetunes.py's)")
+    parser.add_argument("--pt", type=Path, help="the pt fine-tune's folder (default: bench/finetunes.py's)")
     options = parser.parse_args()
 
     from composer.bundled import smollm2_dir
@@ -119,9 +140,10 @@ def main() -> None:
     from composer.execute import ExecutionOptions
     from composer.tune.ranges import find_ranges
     from composer.tune.run import Trials, TuneResult, TuneSettings
-    from composer.tune.texts import NamedText
+    from composer.tune.texts import NamedText, window_stride
 
-    entries = fine_tunes(options.wait)
+    print(f"start: {load()}", flush=True)
+    entries = {"code": options.code, "pt": options.pt} if options.code and options.pt else fine_tunes(options.wait)
     base = smollm2_dir()
     work = Path(tempfile.mkdtemp(prefix="tune-bench-"))
     paths = {
@@ -131,9 +153,11 @@ def main() -> None:
     }
     calibration, heldout = [], []
     for name, entry in entries.items():
-        (work / f"{name}-calibration.txt").write_text(calibration_text(name, options.tokens), encoding="utf-8")
+        (work / f"{name}-calibration.txt").write_text(
+            calibration_text(name, options.tokens // len(entries)), encoding="utf-8"
+        )
         calibration.append(work / f"{name}-calibration.txt")
-        text = (entry / "heldout.txt").read_text(encoding="utf-8")
+        text = (Path(entry) / "heldout.txt").read_text(encoding="utf-8")
         if options.heldout_bytes:
             text = text.encode("utf-8")[: options.heldout_bytes].decode("utf-8", errors="ignore")
             text = text[: text.rfind("\n") + 1] or text
@@ -143,14 +167,15 @@ def main() -> None:
     recipe = work / "recipe.yml"
     recipe.write_text(RECIPE.format(method=options.method, **paths, **tuned))
     print(
-        f"calibration: {', '.join(f'{p.name} {len(p.read_bytes())} bytes' for p in calibration)}; held-out: "
+        f"fine-tunes: {entries['code']}, {entries['pt']}\ncalibration: "
+        f"{', '.join(f'{p.name} {len(p.read_bytes())} bytes' for p in calibration)}; held-out: "
         f"{', '.join(f'{p.name} {len(p.read_bytes())} bytes' for p in heldout)}",
         flush=True,
     )
 
     # 1 + 3: compose tune (CMA-ES), its own process, for its peak RSS
     out = work / "tuned"
-    seconds, rss = peak_rss_of(
+    seconds, cpu, rss = peak_rss_of(
         [
             sys.executable,
             "-c",
@@ -168,47 +193,73 @@ def main() -> None:
         ]
     )
     report = json.loads((out / "tune-report.json").read_text())
+    print(f"compose tune done: {load()}", flush=True)
 
     def held_mean(scores: dict) -> float:
         return sum(scores["heldout"].values()) / len(scores["heldout"])
 
-    # (b) the grid over one shared weight, chosen on the calibration text, scored on held-out
+    # (b) the grid over one shared weight, chosen on the calibration text, scored on held-out; its trials timed
     texts = [NamedText(str(p), p.read_text(encoding="utf-8")) for p in calibration]
     held = [NamedText(str(p), p.read_text(encoding="utf-8")) for p in heldout]
     shared = RECIPE.format(method=options.method, **paths, **SHARED)
     ranges = find_ranges(shared, "shared.yml")
     trials = Trials(TuneResult("shared.yml", None, shared, ranges), TuneSettings(texts=texts, heldout=held))
-    grid_started = time.monotonic()
-    grid = [(w / (options.grid - 1), trials.score([w / (options.grid - 1)], texts)) for w in range(options.grid)]
-    streamed_trial = (time.monotonic() - grid_started) / options.grid
+    grid, clocks = [], []
+    for step in range(options.grid):
+        weight = step / (options.grid - 1)
+        with Clock() as clock:
+            grid.append((weight, trials.score([weight], texts)))
+        clocks.append(clock)
+        print(f"  grid w = {weight:.1f}: {grid[-1][1].objective:.4f} ({clock.wall:.1f} s, {clock.cpu:.1f} CPU s)")
+    warm = clocks[1:]  # the first read the parents
+    streamed = (sum(c.wall for c in warm) / len(warm), sum(c.cpu for c in warm) / len(warm))
     best_weight = min(grid, key=lambda point: point[1].objective)[0]
     grid_held = trials.score([best_weight], held)
+    trials.scorer.release()
+    print(f"grid done: {load()}", flush=True)
 
     # 2: mergekit-evolve's trial re-created: write the merge, load it, score it (twice; the faster counts)
-    written = []
+    phases = {"write": [], "load": [], "eval": [], "eval (tune's windows)": []}
     for attempt in range(2):
-        began = time.monotonic()
         folder = work / f"written-{attempt}"
-        compose_text(
-            shared.replace("&w {tune: [0, 1], start: 0.5}", "&w 0.5"), folder, ExecutionOptions(progress=False)
-        )
-        model, tokenizer = load_model(str(folder))
-        for text in texts:
-            score_text(model, tokenizer, text.text)
-        written.append(time.monotonic() - began)
+        with Clock() as clock:
+            compose_text(
+                shared.replace("&w {tune: [0, 1], start: 0.5}", "&w 0.5"), folder, ExecutionOptions(progress=False)
+            )
+        phases["write"].append(clock)
+        with Clock() as clock:
+            model, tokenizer = load_model(str(folder))
+        phases["load"].append(clock)
+        with Clock() as clock:
+            for text in texts:
+                score_text(model, tokenizer, text.text)
+        phases["eval"].append(clock)
+        with Clock() as clock:
+            for text in texts:
+                score_text(model, tokenizer, text.text, stride=window_stride(model.config.max_position_embeddings))
+        phases["eval (tune's windows)"].append(clock)
         del model
+    best = {name: min(clocks, key=lambda c: c.wall) for name, clocks in phases.items()}
+    written = [sum(best[name].wall for name in ("write", "load", "eval")), None]
+    written[1] = sum(best[name].cpu for name in ("write", "load", "eval"))
+    same_windows = [
+        sum(getattr(best[name], kind) for name in ("write", "load", "eval (tune's windows)"))
+        for kind in ("wall", "cpu")
+    ]
+    print(f"write-then-evaluate done: {load()}", flush=True)
 
     start_held, tuned_held = held_mean(report["scores"]["start"]), held_mean(report["scores"]["tuned"])
+    density = ", density 0.5" if options.method == "ties" else ""
     print()
     print(f"| {options.method} recipe | mean held-out bits/byte | {' | '.join(p.stem for p in heldout)} |")
     print("|---|---|" + "---|" * len(heldout))
     print(
-        f"| (a) default: weights 0.5/0.5{', density 0.5' if options.method == 'ties' else ''} | {start_held:.4f} | "
+        f"| (a) default: weights 0.5/0.5{density} | {start_held:.4f} | "
         + " | ".join(f"{v:.4f}" for v in report["scores"]["start"]["heldout"].values())
         + " |"
     )
     print(
-        f"| (b) best of an {options.grid}-point shared-weight grid (w = {best_weight:.1f}{', density 0.5' if options.method == 'ties' else ''}) | {grid_held.objective:.4f} | "
+        f"| (b) best of an {options.grid}-point shared-weight grid (w = {best_weight:.1f}{density}) | {grid_held.objective:.4f} | "
         + " | ".join(f"{s.bits_per_byte:.4f}" for s in grid_held.scores)
         + " |"
     )
@@ -226,16 +277,34 @@ def main() -> None:
             )
     print()
     print("tuned: " + ", ".join(f"{item['key']} = {item['tuned']:.3f}" for item in report["parameters"]))
-    search = report["seconds"]
     print(
-        f"compose tune: {len(report['history'])} trials in {search:.0f} s of search ({search / len(report['history']):.1f} s a trial), "
-        f"{seconds:.0f} s for the whole command (tokenizing, report scoring, writing the model)"
+        "calibration objective: start {:.4f}, tuned {:.4f}, grid best {:.4f}".format(
+            report["history"][0]["objective"],
+            min(item["objective"] for item in report["history"] if item["objective"] is not None),
+            min(point[1].objective for point in grid),
+        )
+    )
+    count, search = len(report["history"]), report["seconds"]
+    print(
+        f"compose tune: {count} trials in {search:.0f} s ({search / count:.1f} s a trial), "
+        f"{report['cpu_seconds']:.0f} CPU s ({report['cpu_seconds'] / count:.1f} a trial); "
+        f"{seconds:.0f} s and {cpu:.0f} CPU s for the whole command (tokenizing, report scoring, writing the model)"
+    )
+    print(f"a layer-streamed trial (grid, cache warm): {streamed[0]:.1f} s, {streamed[1]:.1f} CPU s")
+    print(
+        "a write-then-evaluate trial: "
+        + ", ".join(f"{name} {clock.wall:.1f} s / {clock.cpu:.1f} CPU s" for name, clock in best.items())
     )
     print(
-        f"a layer-streamed trial (grid, cache warm): {streamed_trial:.1f} s; a write-then-evaluate trial: {min(written):.1f} s "
-        f"(runs: {', '.join(f'{s:.1f}' for s in written)}): {min(written) / streamed_trial:.1f}x"
+        f"  with compose eval's windows: {written[0]:.1f} s, {written[1]:.1f} CPU s: "
+        f"{written[0] / streamed[0]:.1f}x wall, {written[1] / streamed[1]:.1f}x CPU"
+    )
+    print(
+        f"  with tune's windows: {same_windows[0]:.1f} s, {same_windows[1]:.1f} CPU s: "
+        f"{same_windows[0] / streamed[0]:.1f}x wall, {same_windows[1] / streamed[1]:.1f}x CPU"
     )
     print(f"peak RSS of compose tune: {rss / 1e9:.2f} GB with --memory-budget {options.memory_budget}")
+    print(f"end: {load()}")
 
 
 if __name__ == "__main__":

@@ -96,8 +96,12 @@ def test_layer_streamed_bits_per_byte_equal_the_written_models(tmp_path: Path, m
     assert written[0].tokens > 64  # several windows
     for ours, theirs in zip(streamed, written):
         assert abs(ours.bits_per_byte - theirs.bits_per_byte) < 1e-4
+    cache = trials.scorer.cache
+    reads = cache.reads
     again = trials.score_text(recipe, texts)  # the second trial reads its parents' tensors from the cache
-    assert trials.scorer.cache.hits > 0 and again[0].bits_per_byte == streamed[0].bits_per_byte
+    assert cache.reads == reads and cache.hits > 0 and again[0].bits_per_byte == streamed[0].bits_per_byte
+    # kept as the merge takes them: in the recipe's dtype, converted once
+    assert {value.dtype for key, (value, _, _) in cache.held.items() if key[0] != "derived"} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("shape", [(3, 1000), (70_000,), (1,)])

@@ -23,7 +23,7 @@ from composer.evaluate import TextScore
 from composer.plan import Plan, PlannedTensor
 from composer.tune.layer_calls import StandIn, init_buffers, layer_attributes, layers_replaced, record_calls
 from composer.tune.prepared_ties import MagnitudeTable, is_prepared_ties, prepared_ties
-from composer.tune.process_memory import held_bytes
+from composer.tune.process_memory import held_bytes, map_large_allocations
 from composer.tune.tensor_cache import TensorCache
 from composer.tune.texts import NamedText, Window, windows_of
 
@@ -99,6 +99,8 @@ class StreamedScorer:
             budget  # bytes for everything: the cache gets what the working set leaves (None: the cache's own budget)
         )
         self.whole_process = whole_process  # the budget bounds the whole process, not only the tensors a tune holds
+        if whole_process:
+            map_large_allocations()
         self.device = torch.device(device)  # where layers run; parents' tensors are read and cached in host memory
         self.models: dict[str, torch.nn.Module] = {}
         self.windows: dict[tuple, list[Window]] = {}
