@@ -687,3 +687,18 @@ def test_a_mergekit_moe_config_is_told_that_its_router_rows_are_composers(models
         warnings.simplefilter("error", ComposerWarning)
         parse_moe_config(text + "gate_rows: average\n")
         parse_moe_config(text + "pooling: mean\n")
+
+
+def test_keys_mergekit_moe_ignores_are_named_and_skipped_but_typos_are_refused(models):
+    from composer.errors import ComposerWarning
+    from composer.moe.schema import parse_moe_config
+
+    dense = models["llama"]
+    text = moe_text(dense, [dense] * 2, prompts=[["code"], ["stories"]]) + "gate_rows: average\n"
+    with pytest.warns(ComposerWarning) as caught:
+        config = parse_moe_config(text + "lazy_unpickle: true\nload_in_4bit: false\nout_dtype: bfloat16\n")
+    messages = " ".join(str(w.message) for w in caught)
+    assert all(f"'{key}' has no effect" in messages for key in ("lazy_unpickle", "load_in_4bit", "out_dtype"))
+    assert config == parse_moe_config(text)
+    with pytest.raises(ComposerError, match="gate_mod"):
+        parse_moe_config(text + "gate_mod: hidden\n")

@@ -69,6 +69,8 @@ class Expert(Strict):
         return model_reference(value)
 
 
+# mergekit-moe's own command-line options, beside mergekit's
+MERGEKIT_MOE_OPTIONS = ("i_understand_this_is_not_useful_without_training", "load_in_4bit", "load_in_8bit", "verbose")
 # keys mergekit-moe does not have: a file with any of them is a composer recipe, not a mergekit config
 COMPOSER_KEYS = frozenset(
     {
@@ -182,6 +184,31 @@ def _flatten(data: dict) -> tuple[dict, tuple]:
     return inner, ("moe",)
 
 
+def _without_ignored_keys(data: dict, root, source_name: str) -> dict:
+    """A mergekit-moe config without the keys mergekit-moe ignores (its command line's options written into the
+    file, `out_dtype`), each named in a warning; real typos stay unknown keys."""
+    from composer.recipe.schema import MERGEKIT_OPTIONS
+
+    ignored = {
+        name: f"it is an option of mergekit's command line (--{name.replace('_', '-')}), not of its config"
+        for name in (*MERGEKIT_OPTIONS, *MERGEKIT_MOE_OPTIONS)
+    }
+    ignored["out_dtype"] = "mergekit-moe's config has no 'out_dtype' and writes 'dtype'; set 'dtype' for the output's"
+    kept = {}
+    for key, value in data.items():
+        if key not in ignored:
+            kept[key] = value
+            continue
+        line = line_of(root, (key,))
+        warnings.warn(
+            f"{source_name}{f', line {line}' if line else ''}: '{key}' has no effect there ({ignored[key]}); "
+            "mergekit-moe ignores it, and so does composer.",
+            ComposerWarning,
+            stacklevel=3,
+        )
+    return kept
+
+
 def _suggestion(key: object) -> str:
     import difflib
 
@@ -203,6 +230,8 @@ def parse_moe_config(text: str, source_name: str = "recipe") -> MoEConfig:
         flat, prefix = _flatten(data)
     except ValueError as error:
         raise ComposerError(f"{source_name}: {error}.") from None
+    if not prefix:
+        flat = _without_ignored_keys(flat, root, source_name)
     if isinstance(flat.get("stages"), list):
         from composer.recipe.load import normalise_mergekit
 
