@@ -220,6 +220,11 @@ def check_output(partial: str, token: str, hidden: tuple[str, ...]) -> str | Non
         return f"it cannot see the output's partial folder {folder} ({error.strerror or error})"
     if found != token:
         return f"its {folder} is not the driver's (another run's probe is there)"
+    return write_trial(folder)
+
+
+def write_trial(folder: Path) -> str | None:
+    """Why this node cannot write a file into `folder` (None when it can): an empty file written and removed."""
     trial = folder / f".composer-write-{secrets.token_hex(4)}"
     try:
         trial.write_bytes(b"")
@@ -251,14 +256,11 @@ class UnitProgress:
 def check_scratch(scratch: str) -> str | None:
     """Why this node cannot write units into `scratch` on its own disk (None when it can)."""
     folder = Path(scratch)
-    trial = folder / f".composer-write-{secrets.token_hex(4)}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        trial.write_bytes(b"")
-        trial.unlink()
     except OSError as error:
         return f"it cannot write into {folder} ({error.strerror or error})"
-    return None
+    return write_trial(folder)
 
 
 class PieceReader:

@@ -17,10 +17,10 @@ from functools import lru_cache
 import torch
 
 from composer.errors import ComposerError
-from composer.memory import recycling
+from composer.memory import recycling, release_freed_memory
 from composer.native.scan import checksum_of_pieces
 from composer.trace.layout import TracedModel
-from composer.trace.reading import digest_aligned, release_freed_memory, row_count, rows_within
+from composer.trace.reading import digest_aligned, row_count, rows_within
 
 SKETCH_WIDTH = 16
 SKETCH_ROWS = (

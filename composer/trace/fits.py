@@ -53,9 +53,7 @@ def informative_entries(stacked: torch.Tensor, rounding: torch.dtype) -> torch.T
     largest = stacked[0].abs()
     for row in stacked[1:]:
         torch.maximum(largest, row.abs(), out=largest)
-    power = (largest.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 |x|): the exponent bits alone
-    step = (power * (torch.finfo(rounding).eps * INFORMATIVE_GAP)).clamp_min_(torch.finfo(torch.float32).tiny)
-    return gap >= step
+    return gap >= INFORMATIVE_GAP * rounding_steps(largest, rounding)
 
 
 @dataclass

@@ -4,12 +4,9 @@ whole, one tensor at a time, and handed out in the same blocks."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 from collections.abc import Iterator
-from functools import lru_cache
 
 import torch
 
@@ -20,24 +17,6 @@ from composer.sources.safetensors_format import read_into
 
 FLOAT_BYTES = 4  # rows are worked on in float32
 MIN_ROWS = 16
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the memory freed since the last call back to the system. glibc keeps freed blocks of the sizes a
-    trace's temporaries have (megabytes, under its adaptive mmap threshold) for reuse; between phases whose
-    working sets come from different allocators (the fingerprints' torch temporaries, --verify's executor maps)
-    the kept blocks added up to 0.5 GB of RSS a model on SmolLM2-135M, above --memory-budget."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def row_count(shape: tuple[int, ...]) -> tuple[int, int]:

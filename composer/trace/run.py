@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from composer.errors import ComposerError
+from composer.memory import release_freed_memory
 from composer.trace.experts import is_mixture, moe_layer, moe_recipe_text
 from composer.trace.fingerprints import fingerprint_model
 from composer.trace.layers import CandidateMatch, Fingerprinted, match_candidate
 from composer.trace.layout import TracedModel, open_traced
 from composer.trace.provenance import Provenance, check_provenance
-from composer.trace.reading import release_freed_memory
 from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
 from composer.trace.recover import MIN_SIMILARITY, Candidate, LayerFit, Recovery, TensorFit, layer_summary, partner
 from composer.trace.tokenizers import (

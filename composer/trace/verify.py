@@ -9,9 +9,9 @@ from pathlib import Path
 from composer.compose import compose_moe_text, compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
+from composer.memory import release_freed_memory
 from composer.sources import open_source
 from composer.trace.layout import TracedModel
-from composer.trace.reading import release_freed_memory
 
 
 def verify_recipe(text: str, suspect: TracedModel, memory_budget: int, mixture: bool = False) -> dict[str, float]:

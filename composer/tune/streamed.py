@@ -20,10 +20,11 @@ import torch
 from composer.architecture import architecture_for, build_meta_model, tied_parameter_names
 from composer.errors import ComposerError
 from composer.evaluate import TextScore
+from composer.memory import map_large_allocations
 from composer.plan import Plan, PlannedTensor
 from composer.tune.layer_calls import StandIn, init_buffers, layer_attributes, layers_replaced, record_calls
 from composer.tune.prepared_ties import MagnitudeTable, is_prepared_ties, prepared_ties
-from composer.tune.process_memory import held_bytes, map_large_allocations
+from composer.tune.process_memory import held_bytes
 from composer.tune.tensor_cache import TensorCache
 from composer.tune.texts import NamedText, Window, windows_of
 
