@@ -9,11 +9,11 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 
-import yaml
 from pydantic import BaseModel, ConfigDict
 
 from composer.architecture_experts import ExpertLayout, Experts, ExpertsFile, FusedTensor, counted
 from composer.errors import ComposerError
+from composer.yaml_text import load_package_data
 
 
 class WeightDefinition(BaseModel):
@@ -112,7 +112,7 @@ def declared_architectures() -> dict[str, Architecture]:
     by_model_type: dict[str, Architecture] = {}
     for path in definition_files():
         try:
-            spec = ArchitectureFile.model_validate(yaml.safe_load(path.read_text()))
+            spec = ArchitectureFile.model_validate(load_package_data(path.read_text()))
         except Exception as error:
             raise ComposerError(f"Architecture definition {path} is invalid: {error}") from None
         architecture = Architecture(

@@ -22,6 +22,13 @@ MAX_DEPTH = 100
 MAX_NUMBER_LENGTH = 4300  # Python's own limit on the digits of an int read from text
 
 
+def load_package_data(text: str) -> Any:
+    """A YAML file composer ships (an architecture definition), parsed by libyaml where PyYAML has it: ~10x the pure
+    Python parser, which spent 0.2 s of every run's start on these files. Users' YAML goes through the bounded
+    loader below instead."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def path_text(location: tuple) -> str:
     """`('slices', 0, 'sources', 1, 'layer_range')` -> `slices[0].sources[1].layer_range`."""
     text = ""

@@ -14,12 +14,12 @@ import copy
 from dataclasses import dataclass
 from functools import cache
 
-import yaml
 from pydantic import BaseModel, ConfigDict
 
 from composer.architecture import Architecture, architecture_for, tied_parameter_names, transformers_config
 from composer.errors import ComposerError
 from composer.plan.transformers_facts import config_defaults, remembered
+from composer.yaml_text import load_package_data
 
 
 class Layout(BaseModel):
@@ -56,7 +56,7 @@ def vision_language_families() -> dict[str, VisionLanguageFamily]:
     by_model_type = {}
     for path in vision_language_files():
         try:
-            family = VisionLanguageFamily.model_validate(yaml.safe_load(path.read_text()))
+            family = VisionLanguageFamily.model_validate(load_package_data(path.read_text()))
         except Exception as error:
             raise ComposerError(f"Vision-language definition {path} is invalid: {error}") from None
         by_model_type.update(dict.fromkeys(family.model_types, family))

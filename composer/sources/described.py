@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class DescribedModel(SafetensorsFolder):
     def __init__(self, description: ModelDescription):
         self.description = description
         self.scratch = Path(tempfile.mkdtemp(prefix="composer-described-"))
+        # removed at close, and also when the object is collected or the process exits without closing it
+        self.remove_scratch = weakref.finalize(self, shutil.rmtree, self.scratch, True)
         for name, data in description.small_files.items():
             (self.scratch / name).write_bytes(data)
         layouts = {self.scratch / name: layout for name, layout in description.layouts.items()}
@@ -71,4 +74,4 @@ class DescribedModel(SafetensorsFolder):
 
     def close(self) -> None:
         super().close()
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.remove_scratch()
