@@ -578,3 +578,16 @@ def test_the_p_value_is_a_distribution_free_bound():
     assert cantelli_bound(0.02, 0.019, 0.0005) == pytest.approx(1 / (1 + 4))  # z = 2: no verdict of relation
     assert cantelli_bound(0.018, 0.019, 0.0005) == 1.0
     assert cantelli_bound(0.019 + 31.7 * 0.0005, 0.019, 0.0005) < ALPHA  # about 32 standard deviations
+
+
+def test_a_small_share_left_by_continued_fine_tuning_is_not_a_parent():
+    """A linear merge of two fine-tunes, fine-tuned further, still fits their base at shares of 0.02-0.04 in most
+    layers (bench/trace_real.py, case `tuned`): related, not a parent; a TIES base is a parent at any share."""
+    from composer.trace.verdict import IndependenceTest, verdict
+
+    related = IndependenceTest(statistic=0.9, null_mean=0.02, null_std=0.0005, p_value=3e-7, matrices=200)
+    unrelated = IndependenceTest(statistic=0.02, null_mean=0.02, null_std=0.0005, p_value=1.0, matrices=200)
+    assert verdict(related, 0.03, is_recipe_base=False) == "related"
+    assert verdict(related, 0.3, is_recipe_base=False) == "parent"
+    assert verdict(related, 0.0, is_recipe_base=True) == "parent"
+    assert verdict(unrelated, 0.5, is_recipe_base=False) == "independent"
