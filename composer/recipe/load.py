@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.documents import recipe_documents
-from composer.recipe.modules import lift_default_module
+from composer.recipe.modules import lift_language_module
 from composer.recipe.schema import (
     IGNORED_MODEL_ENTRY_KEYS,
     IGNORED_SLICE_KEYS,
@@ -273,10 +273,11 @@ def _tune_range_at(value: Any, location: tuple = ()) -> tuple | None:
 
 
 def recipe_tree(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
-    """The recipe's YAML graph and data: several documents read as stages, a `modules: {default: ...}` lifted."""
+    """The recipe's YAML graph and data: several documents read as stages, the language model's module
+    (`modules: {default | text_decoder: ...}`) lifted to the top level."""
     root, data = recipe_documents(text, source_name)
     if isinstance(data, dict):
-        lift_default_module(root, data, source_name)
+        lift_language_module(root, data, source_name)
     return root, data
 
 
