@@ -239,3 +239,19 @@ modules:
     assert merger and blocks
     assert all(torch.equal(merged[name], first[name]) for name in merger)
     assert all(torch.equal(merged[name], 0.5 * first[name] + 0.5 * second[name]) for name in blocks)
+
+
+def test_module_entries_are_read_as_mergekit_spells_them():
+    text = """merge_method: linear
+models: [{model: a}]
+modules:
+  vision_tower:
+    models:
+      - {model: {path: org/x, revision: v1}, layer_range: [0, 3]}
+      - model: ./b/
+        parameters: {weight: 1}
+"""
+    with pytest.warns(match=r"line 6: 'modules.vision_tower.models\[0\].layer_range' has no effect"):
+        recipe = parse_recipe(text, "r.yml")
+    assert recipe.module_models() == ["org/x@v1", "./b"]
+    assert recipe.input_models() == ["a", "org/x@v1", "./b"]
