@@ -255,3 +255,10 @@ modules:
         recipe = parse_recipe(text, "r.yml")
     assert recipe.module_models() == ["org/x@v1", "./b"]
     assert recipe.input_models() == ["a", "org/x@v1", "./b"]
+
+
+def test_a_module_with_language_model_only_is_refused(gemma, tmp_path):
+    message = refusal(
+        modules_recipe(gemma).replace("dtype: bfloat16", "dtype: bfloat16\nlanguage_model_only: true"), tmp_path
+    )
+    assert "line 9: recipe key 'modules.vision_tower'" in message and "'language_model_only' writes" in message
