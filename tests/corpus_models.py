@@ -5,7 +5,8 @@ tests), whose model ids are `$name` placeholders for the folders `build_models` 
 Mistral (`m...`), Qwen2 (`q...`), Qwen3 (`q3...`), Gemma 2 (`g...`) and Phi-3 (`p...`) models of four layers with a
 real byte-level tokenizer, their fine-tunes, bf16 copies of the Llama ones (`h...`), two fine-tunes with a chat
 template (`chat1`, `chat2`), one with two added tokens (`ftok`), one with its vocabulary padded to 384 rows
-(`ftpad`), a Llama with another tokenizer (SentencePiece-style, `spft`) and a LoRA adapter for `base` (`lora`).
+(`ftpad`), a Llama with another tokenizer (SentencePiece-style, `spft`), a LoRA adapter for `base` (`lora`) and two
+Gemma 3 vision-language models in the hub's layout (`vbase`, `vft1`, for `modules:` configs).
 A file's first lines say how to run and read it: `# corpus: kind=yaml|multi|multi:FINAL|moe
 compare=exact|rounded|random`, and, for a shape composer refuses with a message saying how to fix it,
 `# composer refuses: TEXT OF THE MESSAGE`.
@@ -93,10 +94,30 @@ def build_models(root: Path) -> dict[str, str]:
         paths["ftok"] = added_tokens_model(paths["ft1"], root / "ftok")
     if "lora" not in paths:
         paths["lora"] = lora_adapter(paths["base"], root / "lora")
+    if "vbase" not in paths:
+        for name, seed in (("vbase", 7), ("vft1", 1)):
+            paths[name] = vision_language_stand_in(paths["base"], root / name, seed)
     del torch
     mapping = {name: str(path) for name, path in paths.items()}
     (root / "models.json").write_text(json.dumps(mapping))
     return mapping
+
+
+def vision_language_stand_in(tokenizer_model: Path, folder: Path, seed: int) -> Path:
+    """A tiny Gemma 3 vision-language model with `tokenizer_model`'s tokenizer, its vision tower named as the hub's
+    checkpoints name it (`vision_tower.vision_model.`, which mergekit's definition reads)."""
+    import shutil
+
+    from vlm_models import renamed_copy, save_vision_language_model
+
+    scratch = folder.parent / f".{folder.name}-saved"
+    save_vision_language_model(scratch, "gemma3", layers=4, seed=seed)
+    renamed_copy(scratch, folder, lambda name: name.replace("vision_tower.", "vision_tower.vision_model.", 1))
+    shutil.rmtree(scratch)
+    for file in tokenizer_model.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(file, folder / file.name)
+    return folder
 
 
 def bf16_copy(source: Path, folder: Path) -> Path:

@@ -207,7 +207,8 @@ def test_default_module_is_the_top_level_slices(tiny, tmp_path: Path):
         parse_recipe(module.replace("[0, 4]", "[0, x]", 1), "r.yml")
 
 
-def test_other_modules_are_refused_clearly(tiny):
+def test_a_vision_module_over_a_text_model_is_refused_clearly(tiny, tmp_path: Path):
+    # `text_decoder` is the language model's module, as `default` is; a vision tower needs a vision-language base
     text = f"""merge_method: linear
 modules:
   text_decoder:
@@ -215,8 +216,10 @@ modules:
   vision_tower:
     models: [{{model: {tiny["b"]}}}]
 """
-    message = _refusal(text)
-    assert "r.yml, line 2" in message and "'text_decoder', 'vision_tower'" in message and "'default'" in message
+    with pytest.raises(ComposerError) as caught:
+        compose_text(text, tmp_path / "out", ExecutionOptions())
+    message = str(caught.value)
+    assert "recipe, line 5: recipe key 'modules.vision_tower'" in message and "is a text-only model" in message
     with pytest.raises(ComposerError, match="give it once"):
         parse_recipe("merge_method: linear\nmodels: [{model: x}]\nmodules:\n  default:\n    models: [{model: y}]\n")
 

@@ -20,6 +20,7 @@ from composer.plan.knots import SOURCE as ADAPTERS
 from composer.plan.knots import AdapterFactors, adapter_factors, copy_of_base, knots_step
 from composer.plan.lines import lines_scale, scaled_by_depth
 from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
+from composer.plan.modules import ModuleInputs, module_inputs
 from composer.plan.output_config import (
     check_output_config,
     rewrite_config,
@@ -115,7 +116,7 @@ class _Planner:
         self.calibrated: set[str] = set()  # the linear weights a calibration method solves (the rest: its fallback)
         self._check_parameter_names()
         self.sources = sources if sources is not None else {}
-        for reference in recipe.referenced_models():
+        for reference in recipe.referenced_models() + recipe.module_models():
             if reference not in self.sources:
                 try:
                     self.sources[reference] = open_source(reference, recipe_dir)
@@ -145,6 +146,7 @@ class _Planner:
         self._check_language_models()
         self.slices = self._output_slices()
         self.vocabulary: OutputVocabulary | None = None
+        self.module_slices: list[OutputSlice] = []  # the recipe modules' models, each module as one slice
 
     # --- checks -----------------------------------------------------------------------------
     def _check_parameter_names(self) -> None:
@@ -162,6 +164,18 @@ class _Planner:
                 (("slices", i, "sources", j, "parameters"), s.parameters, True)
                 for j, s in enumerate(output_slice.sources)
             ]
+        for name, module in (self.recipe.modules or {}).items():
+            places.append((("modules", name, "parameters"), module.parameters, False))
+            places += [
+                (("modules", name, "models", i, "parameters"), entry.parameters, True)
+                for i, entry in enumerate(module.models or [])
+            ]
+            for i, output_slice in enumerate(module.slices or []):
+                places.append((("modules", name, "slices", i, "parameters"), output_slice.parameters, False))
+                places += [
+                    (("modules", name, "slices", i, "sources", j, "parameters"), s.parameters, True)
+                    for j, s in enumerate(output_slice.sources)
+                ]
         for where, parameters, per_model in places:
             for name in list(parameters or {}):
                 if name not in known:
@@ -430,7 +444,9 @@ class _Planner:
             settings.append(source.parameters[name])
         if output_slice is not None and output_slice.parameters and name in output_slice.parameters:
             settings.append(output_slice.parameters[name])
-        if self.recipe.parameters and name in self.recipe.parameters:
+        # (a module's parameters hold the merge's own beneath them; the top level's now are the language model's)
+        in_module = any(output_slice is module for module in self.module_slices)
+        if self.recipe.parameters and name in self.recipe.parameters and not in_module:
             settings.append(self.recipe.parameters[name])
         for setting in settings:
             value = evaluate(setting, tensor_name, t)
@@ -658,6 +674,7 @@ class _Planner:
         base_ref = self.recipe.base_model or self.slices[0].sources[0].model
         architecture: Architecture = self.architectures[base_ref]
         output_tower = self._output_tower(base_ref)
+        modules = self._modules(base_ref, output_tower)
         self.out_dtype = parse_dtype(self.recipe.out_dtype or self.recipe.dtype, "Recipe key out_dtype")
         self.compute_dtype = parse_dtype(self.recipe.dtype, "Recipe key dtype") or torch.float32
         layers = self.output_layers()
@@ -740,9 +757,10 @@ class _Planner:
         else:
             config = with_dtype(output_tower.with_text_config(config), self.out_dtype)
             loadable = deferred_loadable_check(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))
-            tensors = [replace(t, name=output_tower.on_disk(t.name)) for t in tensors] + self._vision_tensors(base_ref)
+            tensors = [replace(t, name=output_tower.on_disk(t.name)) for t in tensors]
+            tensors += self._vision_tensors(base_ref, modules)
         tokenizer_source = self._tokenizer_source(base_ref)
-        parents = [ref for ref in self.recipe.referenced_models()]
+        parents = list(dict.fromkeys(self.recipe.referenced_models() + self.recipe.module_models()))
         return Plan(
             tensors=tensors,
             sources=self.sources,
@@ -752,7 +770,7 @@ class _Planner:
             method=self.method.name,
             parents=parents,
             chat_template=self.recipe.chat_template,
-            notes=self.vocabulary.summary() if self.vocabulary is not None else [],
+            notes=(self.vocabulary.summary() if self.vocabulary is not None else []) + self._module_notes(modules),
             calibration=calibration,
             deferred_checks=[loadable] if loadable is not None else [],
         )
@@ -769,15 +787,94 @@ class _Planner:
             return True
         return config != with_dtype(copy.deepcopy(self.text_configs[base_ref]), self.out_dtype)
 
-    def _vision_tensors(self, base_ref: str) -> list[PlannedTensor]:
-        """The base vision-language model's tensors outside its language model (vision tower, projector), copied."""
+    def _vision_tensors(
+        self, base_ref: str, modules: dict[str, tuple[ModuleInputs, OutputSlice]]
+    ) -> list[PlannedTensor]:
+        """The base vision-language model's tensors outside its language model (vision tower, projector): merged over
+        the models of the recipe's module they are in, else copied."""
         infos = self.sources[base_ref].tensor_infos()
-        copies = []
+        family = self.towers[base_ref].family
+        planned = []
         for name in self.towers[base_ref].other_tensors(infos):
-            info = infos[name]
-            dtype = self.out_dtype if self.out_dtype is not None and info.dtype.is_floating_point else info.dtype
-            copies.append(PlannedTensor(name, info.shape, dtype, (TensorRef(base_ref, name),), COPY))
-        return copies
+            found = family.module_of(name)
+            inputs, output_slice = modules.get(found[0], (None, None)) if found else (None, None)
+            if inputs is None or len(inputs.models) == 1:
+                model = inputs.models[0] if inputs else base_ref
+                there = inputs.names[name][model] if inputs else name
+                info = self.sources[model].tensor_infos()[there]
+                dtype = self.out_dtype if self.out_dtype is not None and info.dtype.is_floating_point else info.dtype
+                planned.append(PlannedTensor(name, info.shape, dtype, (TensorRef(model, there),), COPY))
+                continue
+            models = [source.model for source in output_slice.sources]
+            planned.append(
+                self.plan_tensor(
+                    name,
+                    [(model, inputs.names[name][model]) for model in models],
+                    self.base_of(output_slice),
+                    inputs.t(name),
+                    output_slice,
+                )
+            )
+        return planned
+
+    def _modules(
+        self, base_ref: str, output_tower: LanguageTower | None
+    ) -> dict[str, tuple[ModuleInputs, OutputSlice]]:
+        """The recipe's modules besides the language model, each checked, with the slice its models merge as."""
+        if not self.recipe.modules:
+            return {}
+        first = next(iter(self.recipe.modules))
+        if self.recipe.language_model_only:
+            raise RecipeKeyError(
+                ("modules", first),
+                "'language_model_only' writes the language model alone, with no vision tower or projector, so a "
+                f"module '{first}' has nothing to go into; remove the module or 'language_model_only'.",
+            )
+        if self.method.adapters:
+            raise RecipeKeyError(
+                ("modules", first),
+                f"merge method '{self.method.name}' merges LoRA adapters of the language model, which have no "
+                f"'{first}'; remove the module (the base model's is copied).",
+            )
+        planned = {}
+        for name, inputs in module_inputs(self.recipe.modules, base_ref, output_tower, self.sources).items():
+            output_slice = self._module_slice(inputs, base_ref)
+            planned[name] = (inputs, output_slice)
+        return planned
+
+    def _module_slice(self, inputs: ModuleInputs, base_ref: str) -> OutputSlice:
+        """A module's models as one slice: its own, or its models (with the base where the method merges onto it, as a
+        `models:` merge adds it)."""
+        module, kind = inputs.module, ("slices" if inputs.module.slices else "models")
+        if module.slices:
+            output_slice = module.slices[0].model_copy(
+                update={"parameters": {**(module.parameters or {}), **(module.slices[0].parameters or {})}}
+            )
+        else:
+            sources = [SliceSource(model=e.model, layer_range=(0, 0), parameters=e.parameters) for e in module.models]
+            base = self.recipe.base_model
+            if base and base not in inputs.models and (self._uses_base(base) or self._base_is_an_input(base)):
+                sources.append(SliceSource(model=base, layer_range=(0, 0)))
+            output_slice = OutputSlice(sources=sources, parameters=module.parameters)
+        self.module_slices.append(output_slice)
+        if len(inputs.models) > 1:
+            try:
+                self._check_model_count(output_slice, 0)
+            except RecipeKeyError as error:
+                detail = error.detail.replace(" per slice", " in a module")
+                raise RecipeKeyError(("modules", inputs.name, kind), detail) from None
+        return output_slice
+
+    def _module_notes(self, modules: dict[str, tuple[ModuleInputs, OutputSlice]]) -> list[str]:
+        notes = []
+        for name, (inputs, output_slice) in modules.items():
+            count = len(inputs.names)
+            if len(inputs.models) == 1:
+                notes.append(f"module {name}: {count} tensors copied from '{inputs.models[0]}'")
+            else:
+                models = ", ".join(f"'{source.model}'" for source in output_slice.sources)
+                notes.append(f"module {name}: {count} tensors merged by {self.method.name} over {models}")
+        return notes
 
     # --- vocabulary -----------------------------------------------------------------------------
     def _output_vocabulary(self, base_ref: str, architecture: Architecture) -> OutputVocabulary | None:
@@ -918,6 +1015,14 @@ def model_location(recipe: Merge, reference: str) -> tuple:
         for j, source in enumerate(output_slice.sources):
             if source.model == reference:
                 return ("slices", i, "sources", j, "model")
+    for name, module in (recipe.modules or {}).items():
+        for i, entry in enumerate(module.models or []):
+            if entry.model == reference:
+                return ("modules", name, "models", i, "model")
+        for i, output_slice in enumerate(module.slices or []):
+            for j, source in enumerate(output_slice.sources):
+                if source.model == reference:
+                    return ("modules", name, "slices", i, "sources", j, "model")
     return _tokenizer_key(recipe)
 
 

@@ -142,7 +142,7 @@ def check_stage_references(stages: list[Stage], output_references: list[str], la
     names = [stage.name for stage in stages]
     used: set[str] = set(output_references)
     for position, stage in enumerate(stages):
-        for reference in stage.referenced_models() + stage.tokenizer_models():
+        for reference in stage.referenced_models() + stage.module_models() + stage.tokenizer_models():
             if reference in names[position:]:
                 what = "itself" if reference == stage.name else f"stage '{reference}', which comes later"
                 location = ("stages", position) + model_location(stage, reference)
@@ -235,7 +235,7 @@ def build_plan(
             output = output.model_copy(update={"random_seed": recipe.random_seed})
     check_stage_references(
         list(recipe.stages),
-        output.referenced_models() + output.tokenizer_models() if output is recipe else [],
+        output.referenced_models() + output.module_models() + output.tokenizer_models() if output is recipe else [],
         recipe.merge_method is None,
     )
 

@@ -30,6 +30,16 @@ class Layout(BaseModel):
     lm_head: str
 
 
+class TowerModule(BaseModel):
+    """One of mergekit's modules of the family besides the language model (`vision_tower`, `multi_modal_projector`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefixes: list[str]  # of its tensors' names, in every layout; a tensor belongs to the longest prefix that fits
+    layer_count: str | None = (
+        None  # the config key (dotted: `vision_config.depth`) of its layer count, if it has layers
+    )
+
+
 class VisionLanguageFamily(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -39,6 +49,20 @@ class VisionLanguageFamily(BaseModel):
     # M-RoPE, which on text alone is the 1-D RoPE of the text-only family: its text-only form drops `mrope_section`
     multimodal_rope: bool = False
     layouts: list[Layout]  # the first whose embeddings the checkpoint holds is its layout
+    modules: dict[str, TowerModule] = {}
+
+    def module_of(self, name: str) -> tuple[str, str] | None:
+        """(module, the tensor's name within it) for a tensor outside the language model, or None outside every one."""
+        fits = [
+            (prefix, module)
+            for module, definition in self.modules.items()
+            for prefix in definition.prefixes
+            if name.startswith(prefix)
+        ]
+        if not fits:
+            return None
+        prefix, module = max(fits, key=lambda fit: len(fit[0]))
+        return module, name.removeprefix(prefix)
 
 
 # how transformers 5 holds every declared family in memory

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from composer.errors import ComposerError, ComposerWarning
 from composer.files import YAML_FILE_LIMIT, read_text
 from composer.recipe.documents import recipe_documents
-from composer.recipe.modules import lift_default_module
+from composer.recipe.modules import lift_language_module
 from composer.recipe.schema import (
     IGNORED_MODEL_ENTRY_KEYS,
     IGNORED_SLICE_KEYS,
@@ -46,6 +46,17 @@ def model_reference(value: Any) -> Any:
     return f"{reference}+{lora}" if lora else reference
 
 
+def _modules(data: dict) -> list[tuple[str, dict]]:
+    """(name, mapping) of each of a merge's modules besides the language model's, which take models and slices as the
+    merge does."""
+    modules = data.get("modules")
+    return (
+        [(name, module) for name, module in modules.items() if isinstance(module, dict)]
+        if isinstance(modules, dict)
+        else []
+    )
+
+
 def _listed(value: Any) -> list:
     """The items of a recipe value meant to be a list; none for anything else (validation reports it)."""
     return value if isinstance(value, list) else []
@@ -55,6 +66,8 @@ def normalise_mergekit(data: dict) -> dict:
     data = dict(data)
     if isinstance(data.get("stages"), list):
         data["stages"] = [normalise_mergekit(stage) if isinstance(stage, dict) else stage for stage in data["stages"]]
+    for name, module in _modules(data):
+        data["modules"][name] = normalise_mergekit(module)
     for key in ("base_model", "tokenizer_source"):
         if key in data:
             data[key] = model_reference(data[key])
@@ -94,6 +107,8 @@ def _revision_holders(data: dict, prefix: tuple = ()):
     for index, stage in enumerate(_listed(data.get("stages"))):
         if isinstance(stage, dict):
             yield from _revision_holders(stage, prefix + ("stages", index))
+    for name, module in _modules(data):
+        yield from _revision_holders(module, prefix + ("modules", name))
     for key in ("base_model", "tokenizer_source"):
         yield from mapping(prefix + (key,), data.get(key))
     if isinstance(data.get("tokenizer"), dict):
@@ -148,6 +163,8 @@ def drop_ignored_keys(data: dict, root: yaml.Node | None, source_name: str, pref
     for index, stage in enumerate(_listed(data.get("stages"))):
         if isinstance(stage, dict):
             drop_ignored_keys(stage, root, source_name, prefix + ("stages", index))
+    for name, module in _modules(data):  # (its own keys are models, slices and parameters: none is dropped)
+        drop_ignored_keys(module, root, source_name, prefix + ("modules", name))
     holders = [(prefix, data, IGNORED_TOP_LEVEL_KEYS)]
     holders += [
         (prefix + ("slices", index), output_slice, IGNORED_SLICE_KEYS)
@@ -273,10 +290,11 @@ def _tune_range_at(value: Any, location: tuple = ()) -> tuple | None:
 
 
 def recipe_tree(text: str, source_name: str) -> tuple[yaml.Node | None, Any]:
-    """The recipe's YAML graph and data: several documents read as stages, a `modules: {default: ...}` lifted."""
+    """The recipe's YAML graph and data: several documents read as stages, the language model's module
+    (`modules: {default | text_decoder: ...}`) lifted to the top level."""
     root, data = recipe_documents(text, source_name)
     if isinstance(data, dict):
-        lift_default_module(root, data, source_name)
+        lift_language_module(root, data, source_name)
     return root, data
 
 

@@ -195,6 +195,30 @@ class LinesScale(Strict):
     beta: Union[StrictInt, StrictFloat]
 
 
+class Module(Strict):
+    """One of a vision-language model's modules besides its language model (`vision_tower`, `multi_modal_projector`,
+    ...): the models whose tensors of it are merged, tensor by tensor, and its parameters (the merge's own are written
+    beneath them when the recipe is read)."""
+
+    models: Optional[list[ModelEntry]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Optional[Parameters] = None
+
+    @model_validator(mode="after")
+    def _check_inputs(self):
+        if bool(self.models) == bool(self.slices):
+            raise ValueError(
+                "give exactly one of 'models' (the models whose tensors of the module are merged) or 'slices'"
+            )
+        return self
+
+    def model_references(self) -> list[str]:
+        """Its models, in order, each once."""
+        listed = [entry.model for entry in self.models or []]
+        listed += [source.model for output_slice in self.slices or [] for source in output_slice.sources]
+        return list(dict.fromkeys(listed))
+
+
 class Merge(Strict):
     """One merge: the keys of a mergekit merge config."""
 
@@ -210,6 +234,8 @@ class Merge(Strict):
     chat_template: Optional[ChatTemplate] = None
     random_seed: Optional[int] = None
     lines: Optional[LinesScale] = None
+    # a vision-language model's modules besides its language model (whose slices or models are the merge's own)
+    modules: Optional[dict[str, Module]] = None
     # composer's own: of a vision-language base model, write only the language model, as a text-only model
     language_model_only: Optional[StrictBool] = None
     # text files (relative to the recipe) whose inputs to each linear layer calibration methods (regmean) merge by
@@ -234,7 +260,13 @@ class Merge(Strict):
         source = self.tokenizer_source if self.tokenizer is None else self.tokenizer.source
         return [source] if source is not None and source not in ("union", "base") else []
 
+    def module_models(self) -> list[str]:
+        """The models its `modules:` read (besides the language model's), each once."""
+        listed = [model for module in (self.modules or {}).values() for model in module.model_references()]
+        return list(dict.fromkeys(listed))
+
     def referenced_models(self) -> list[str]:
+        """The models whose language models the merge reads (not those only its other modules read)."""
         seen: list[str] = []
         candidates = [self.base_model] if self.base_model else []
         candidates += [entry.model for entry in self.models or []]
@@ -282,6 +314,7 @@ class Recipe(Merge):
                     "lines",
                     "language_model_only",
                     "calibration_text",
+                    "modules",
                 )
                 if getattr(self, key) is not None
             ]
@@ -308,7 +341,7 @@ class Recipe(Merge):
         stage_names = {stage.name for stage in self.stages or []}
         seen: list[str] = []
         for _, merge in self.merges():
-            for model in merge.referenced_models():
+            for model in merge.referenced_models() + merge.module_models():
                 if model not in seen and model not in stage_names:
                     seen.append(model)
         return seen
