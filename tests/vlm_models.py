@@ -12,7 +12,7 @@ from helpers import TINY
 
 TEXT = dict(TINY, head_dim=16)
 VISION = {
-    "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+    "gemma3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14, vision_use_head=False),  # as Gemma 3 ships
     "qwen2_vl": dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
     "qwen2_5_vl": dict(depth=1, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=64, fullatt_block_indexes=[0]),
     "llava": dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
