@@ -314,10 +314,10 @@ def single_mover_signature(
     as_stored = base.to(dtype).float().reshape(-1)[:entries]
     y_delta = y.float().reshape(-1)[:entries] - as_stored
     taus = [x.to(dtype).float().reshape(-1)[:entries] - as_stored for x in sources]
-    step = rounding_steps(as_stored, dtype)
     moving = torch.stack([tau != 0 for tau in taus])
     if float(((y_delta == 0) & moving.any(dim=0)).float().mean()) < SPARSE_ZEROS / 10:
         return None  # SUSPECT hardly ever stays at the base where a task vector moves: no trim, no drop
+    step = rounding_steps(as_stored, dtype)
     if not any(_zero_can_count(tau, y_delta, step) for tau in taus):
         return None  # where SUSPECT stays at the base, a dense merge's rounding explains it: no trim, no drop
     used = list(range(len(taus)))
