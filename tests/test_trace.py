@@ -492,6 +492,33 @@ def test_a_small_memory_budget_reads_in_blocks_and_changes_nothing(family):
         assert abs(weights["a"] - 0.3) <= 0.02 and abs(weights["b"] - 0.7) <= 0.02
 
 
+def test_mapped_blocks_are_the_read_blocks_and_a_shortened_file_is_an_error(family, tmp_path):
+    """The fingerprint pass reads a safetensors file's pages in place (mapped a block at a time): the same bytes as a
+    read, and a file cut short since it was opened is a ComposerError, never a fault on the missing pages."""
+    import shutil
+
+    from composer.trace.layout import open_traced
+
+    folder = tmp_path / "copy"
+    shutil.copytree(family["a"], folder)
+    model = open_traced(str(folder), "SUSPECT")
+    try:
+        for name in model.infos:
+            read = list(model.reader.blocks(name, 7))
+            mapped = list(model.reader.blocks(name, 7, mapped=True))
+            assert [start for start, _ in read] == [start for start, _ in mapped]
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for (_, a), (_, b) in zip(read, mapped))
+        del read, mapped
+        last = max(model.infos, key=lambda n: model.reader.source.byte_range(n)[1])
+        weights = model.reader.source.byte_range(last)[0]
+        with open(weights, "r+b") as handle:
+            handle.truncate(model.reader.source.byte_range(last)[1] + 2)
+        with pytest.raises(ComposerError, match="changed since it was opened"):
+            list(model.reader.blocks(last, 1 << 20, mapped=True))
+    finally:
+        model.close()
+
+
 # ---- the estimator and the fingerprints, on tensors alone (no model: fast) ------------------------------------
 
 

@@ -314,10 +314,12 @@ def single_mover_signature(
     as_stored = base.to(dtype).float().reshape(-1)[:entries]
     y_delta = y.float().reshape(-1)[:entries] - as_stored
     taus = [x.to(dtype).float().reshape(-1)[:entries] - as_stored for x in sources]
-    step = rounding_steps(as_stored, dtype)
     moving = torch.stack([tau != 0 for tau in taus])
     if float(((y_delta == 0) & moving.any(dim=0)).float().mean()) < SPARSE_ZEROS / 10:
         return None  # SUSPECT hardly ever stays at the base where a task vector moves: no trim, no drop
+    step = rounding_steps(as_stored, dtype)
+    if not any(_zero_can_count(tau, y_delta, step) for tau in taus):
+        return None  # where SUSPECT stays at the base, a dense merge's rounding explains it: no trim, no drop
     used = list(range(len(taus)))
     found = [SingleMovers(0.0)] * len(taus)
     order = sorted(range(len(taus)), key=lambda i: -abs(weights[i]) if weights else i)
@@ -357,6 +359,32 @@ def single_mover_signature(
     density = 1 - sum(zero_shares) / len(zero_shares)
     election = _decisive_sign_election(y_delta, [taus[i] for i in used], [coefficients[i] for i in used], step)
     return Sparsity(support, 1.0, 1.0, election, coefficients, density, [], explained, from_single_movers=True)
+
+
+# _single_movers' bounds: its coefficient c must lie within SLACK_BOUND of the ratio (y - base) / tau at no fewer
+# than SLACK_ENTRIES entries where |tau| >= 4 steps, and a zero counts only where |c tau| >= MIN_MARGIN steps
+SLACK_BOUND = 0.51 / 4 + 1e-2
+SLACK_ENTRIES = (SINGLE_MOVERS // 10) * 9 // 10
+MIN_MARGIN = 1.5
+
+
+def _zero_can_count(tau, y_delta, step) -> bool:
+    """Whether `_single_movers` could count an entry where SUSPECT stays at the base as a zero of a sparsified merge
+    for this task vector, whichever single movers it is given: that needs |c tau| >= 1.5 steps there, and c, to
+    pass the test of one coefficient, is within SLACK_BOUND of the ratio at SLACK_ENTRIES or more entries of
+    |tau| >= 4 steps (bounded here over all such entries, a superset of any single movers'). A cheap bound that
+    spares the full test for dense merges, whose zeros are task vectors of a step or two that rounding took away.
+    Slightly loose margins keep float32 rounding on the safe side."""
+    zeros = (y_delta == 0) & (tau != 0)
+    if not bool(zeros.any()):
+        return False
+    widest = float((tau[zeros].abs() / step[zeros]).max())  # the largest task vector, in steps, SUSPECT left out
+    large = (tau.abs() >= 4 * step) & (y_delta != 0)
+    if int(large.sum()) < SLACK_ENTRIES:
+        return False
+    ratios = (y_delta[large] / tau[large]).abs()
+    bound = float(ratios.topk(SLACK_ENTRIES).values[-1]) + SLACK_BOUND + 2e-3
+    return bound * widest * (1 + 1e-3) >= MIN_MARGIN
 
 
 def _decisive_sign_election(y_delta, taus, coefficients, step) -> float:

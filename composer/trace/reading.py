@@ -1,11 +1,13 @@
 """Reading tensors within `--memory-budget`: a tensor stored as plain bytes (safetensors) is read a block of rows
-at a time, straight from its file; any other (a GGUF tensor, which dequantises whole; a PyTorch pickle) is read
+at a time, straight from its file (or mapped a block at a time, for the fingerprint pass); any other (a GGUF tensor, which dequantises whole; a PyTorch pickle) is read
 whole, one tensor at a time, and handed out in the same blocks."""
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -71,8 +73,10 @@ class RowReader:
             descriptor = self._descriptors[str(path)] = os.open(path, os.O_RDONLY)
         return descriptor, offset, info
 
-    def blocks(self, name: str, rows_per_block: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, block) for consecutive blocks of `rows_per_block` rows."""
+    def blocks(self, name: str, rows_per_block: int, mapped: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, block) for consecutive blocks of `rows_per_block` rows. `mapped`: a plainly stored block is a
+        view of the file's pages mapped for it alone, read in place (no copy out of the page cache) and unmapped
+        when the block is let go, so the resident memory is the block's, as when it is read."""
         stored = self._stored(name)
         if stored is None:
             whole = self.source.read(name)
@@ -84,9 +88,35 @@ class RowReader:
         descriptor, offset, info = stored
         rows, length = row_count(info.shape)
         row_bytes = length * info.dtype.itemsize
+        read = self._mapped if mapped and hasattr(mmap, "MAP_POPULATE") else self._pread
         for start in range(0, rows, rows_per_block):
             count = min(rows_per_block, rows - start)
-            yield start, self._pread(descriptor, offset + start * row_bytes, (count, length), info.dtype, name)
+            yield start, read(descriptor, offset + start * row_bytes, (count, length), info.dtype, name)
+
+    def _mapped(
+        self, descriptor: int, offset: int, shape: tuple[int, int], dtype: torch.dtype, name: str
+    ) -> torch.Tensor:
+        size = shape[0] * shape[1] * dtype.itemsize
+        if size == 0:
+            return self._pread(descriptor, offset, shape, dtype, name)
+        if os.fstat(descriptor).st_size < offset + size:  # a map past the file's end would fault, not fail
+            raise ComposerError(
+                f"Model '{self.source.reference}': tensor '{name}' could not be read (the file ends before the tensor "
+                "does). The file may have changed since it was opened."
+            )
+        first = offset - offset % mmap.ALLOCATIONGRANULARITY
+        # MAP_POPULATE maps every page at once rather than one fault at a time
+        pages = mmap.mmap(
+            descriptor,
+            offset + size - first,
+            flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+            prot=mmap.PROT_READ,
+            offset=first,
+        )
+        with warnings.catch_warnings():  # torch has no read-only tensors: nothing may write to this one
+            warnings.filterwarnings("ignore", "The given buffer is not writable")
+            found = torch.frombuffer(pages, dtype=torch.uint8, count=size, offset=offset - first)
+        return found.view(dtype).reshape(shape)
 
     def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """The rows at `indices` (sorted ascending), read one run of consecutive rows at a time where stored plainly."""

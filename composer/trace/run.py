@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from composer.errors import ComposerError
 from composer.memory import release_freed_memory
 from composer.trace.experts import is_mixture, moe_layer, moe_recipe_text
@@ -149,12 +151,28 @@ def _trace(
     suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress
 ) -> TraceReport:
     """The tokenizers are read, and the independence tests run, on a helper thread beside the passes over the
-    weights (reads and torch work, which release the interpreter's lock): on two cores they cost little wall time."""
+    weights (reads and torch work, which release the interpreter's lock): on two cores they cost little wall time.
+
+    torch works on one thread meanwhile (the helper's too, which takes the setting when it first runs torch work):
+    the passes are many element-wise steps over a sample of 2^18 entries, too small to gain from torch's thread
+    pool, and on a loaded machine its threads' waits for each other cost several times the work (a single-mover
+    test on one tensor: 146 ms of CPU with two threads, 2.3 ms with one). --verify composes with the usual threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composer-trace")
     try:
-        return _trace_with(suspect_model, candidate_models, options, progress, helper)
+        report = _trace_with(suspect_model, candidate_models, options, progress, helper)
     finally:
         helper.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(previous)
+    if options.verify and not report.recipe:
+        report.notes.append("--verify: nothing to compose (no recipe was recovered).")
+    elif options.verify:
+        from composer.trace.verify import verify_recipe
+
+        mixture = report.method == "moe"
+        report.verification = verify_recipe(report.recipe, suspect_model, options.memory_budget, mixture)
+    return report
 
 
 def _independence_tests(suspect: Fingerprinted, candidates: list[Candidate]) -> list[IndependenceTest]:
@@ -269,12 +287,6 @@ def _trace_with(
     report.provenance = check_provenance(
         suspect_model, candidate_models, {v.model for v in verdicts if v.verdict == "parent"}
     )
-    if options.verify and not text:
-        notes.append("--verify: nothing to compose (no recipe was recovered).")
-    elif options.verify:
-        from composer.trace.verify import verify_recipe
-
-        report.verification = verify_recipe(text, suspect_model, options.memory_budget, mixture)
     return report
 
 
