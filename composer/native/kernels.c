@@ -30,6 +30,21 @@ static inline uint16_t round_bf16(float value) {
 
 static inline float rounded(float value) { return widen(round_bf16(value)); }
 
+/* `rounded` for a value whose NaNs have their low 16 bits clear (a NaN stays a NaN, with its own sign and
+ * payload): one made by float operations from widened bf16 values and from `quiet` parameters, whose
+ * NaNs are theirs or the default NaN. Four vector operations fewer than `rounded`; a NaN reaching an
+ * output is made the canonical one there by `round_bf16`. */
+static inline float rounded_quiet(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&value, &bits, 4);
+    return value;
+}
+
+/* A float parameter fit for `rounded_quiet`: a NaN becomes the default one (low 16 bits clear). */
+static inline float quiet(float value) { return value != value ? __builtin_nanf("") : value; }
+
 /* A model's delta from the base, x - base rounded to bf16 (torch's bf16 subtraction), and the bit
  * pattern of its magnitude. */
 static inline float delta_of(uint16_t model, uint16_t base) { return rounded(widen(model) - widen(base)); }
@@ -54,6 +69,10 @@ static inline void expand_bits(const uint8_t *bits, int64_t block, int length, u
  * where it has that sign (0 elsewhere; times the sign twice, as torch's mul, relu, mul). */
 static inline float elected_sign(float total) { return rounded(total) >= 0.0f ? 1.0f : -1.0f; }
 
+/* `elected_sign` without the rounding: bf16(total) >= 0 exactly when total >= -2^-134 (smaller
+ * magnitudes, and the tie at 2^-134, round to -0; a NaN fails both). */
+static inline float elected_sign_unrounded(float total) { return total >= -0x1p-134f ? 1.0f : -1.0f; }
+
 static inline float elected(float delta, float sign) {
     const float aligned = delta * sign;
     return (aligned < 0.0f ? 0.0f : aligned) * sign;
@@ -65,10 +84,13 @@ static inline float elected(float delta, float sign) {
 enum { KEEP_ALL = 0, KEEP_BITS = 1, KEEP_BYTES = 2, KEEP_PATTERNS = 3 };
 
 /* One model's weighted, masked and scaled delta over one block: stored into `target` (`store`)
- * or added to it (the running sum over models). */
+ * or added to it (the running sum over models); with `sum` (not NULL), also added to it (the sum the
+ * sign is elected from). Masked by patterns, the delta is rounded as torch rounds it (the canonical
+ * NaN, whose pattern the window is compared with); otherwise with `rounded_quiet`. */
 static inline __attribute__((always_inline)) void model_pass(
     int length, int64_t block, int64_t start, const uint16_t *model, const uint16_t *base, const int mode,
-    const uint8_t *data, uint16_t low, uint16_t high, const int scaled, float scale, float weight, const int store, float *target)
+    const uint8_t *data, uint16_t low, uint16_t high, const int scaled, float scale, float weight, const int store,
+    float *target, float *sum)
 {
     uint8_t expanded[BLOCK];
     float factor[BLOCK];  /* the mask as 0/1 in a local array: the loop below then vectorises (bytes may alias `target`) */
@@ -80,22 +102,27 @@ static inline __attribute__((always_inline)) void model_pass(
             factor[j] = (float)(bytes[j] != 0);
     }
     for (int j = 0; j < length; j++) {
-        float value = delta_of(model[j], base[j]);
-        if (mode == KEEP_BITS || mode == KEEP_BYTES) {
-            value = value * factor[j];  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
-        } else if (mode == KEEP_PATTERNS) {
+        float value;
+        if (mode == KEEP_PATTERNS) {
+            value = delta_of(model[j], base[j]);
             uint32_t bits;
             memcpy(&bits, &value, 4);  /* a bf16 value already: its upper half is its pattern */
             const uint16_t magnitude = (uint16_t)(bits >> 16) & 0x7FFF;
             value = value * (float)(magnitude >= low && magnitude <= high);
+        } else {
+            value = rounded_quiet(widen(model[j]) - widen(base[j]));
+            if (mode == KEEP_BITS || mode == KEEP_BYTES)
+                value = value * factor[j];  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
         }
         if (scaled)
-            value = rounded(value * scale);
-        value = rounded(value * weight);
+            value = rounded_quiet(value * scale);
+        value = rounded_quiet(value * weight);
         if (store)
             target[j] = value;
         else
             target[j] += value;
+        if (sum != NULL)
+            sum[j] += value;
     }
 }
 
@@ -105,7 +132,8 @@ static inline __attribute__((always_inline)) void model_pass(
  *   zeroed; kept weight = float32 sum of the weights of the nonzero entries, rounded);
  *   merged = bf16(float32 sum of the d_i); / divisor (normalize: the kept weight, 1 where it is 0,
  *   under consensus, else `divisor`); times lambda (has_lambda); out = bf16(merged + base).
- * Pointers to models and base address the whole flat tensors; `out` too. */
+ * Pointers to models and base address the whole flat tensors; `out` too. The sum the sign is elected
+ * from is added up as each model's deltas are made; the kept weight is summed only where it divides. */
 void task_arithmetic_bf16(
     int64_t start, int64_t stop, int count,
     const uint16_t *base, const uint16_t *const *models,
@@ -115,21 +143,29 @@ void task_arithmetic_bf16(
 {
     float deltas[MAX_MODELS][BLOCK];
     float kept_weight[BLOCK], sign[BLOCK], merged[BLOCK];
+    float quiet_scales[MAX_MODELS], quiet_weights[MAX_MODELS];
+    for (int i = 0; i < count; i++) {
+        quiet_scales[i] = quiet(scales[i]);
+        quiet_weights[i] = quiet(weights[i]);
+    }
+    divisor = quiet(divisor);
+    lambda = quiet(lambda);
     for (int64_t block = start; block < stop; block += BLOCK) {
         const int length = block_length(block, stop);
         const uint16_t *base_here = base + block;
         for (int j = 0; j < length; j++)
-            merged[j] = 0.0f;  /* torch's sum over models starts from +0 */
+            merged[j] = sign[j] = 0.0f;  /* torch's sums over models start from +0 */
         for (int i = 0; i < count; i++) {
             const int mode = keep_modes[i], variant = (mode << 2) | (has_scale[i] << 1) | (consensus != 0);
             float *target = consensus ? deltas[i] : merged;
             const uint16_t *model = models[i] + block;
             const uint8_t *data = keep_data[i];
-            const float scale = scales[i], weight = weights[i];
+            const float scale = quiet_scales[i], weight = quiet_weights[i];
             /* each combination of the flags gets its own loop, so the compiler vectorises each */
 #define MODEL_PASS(MODE, SCALED, STORE) \
     case ((MODE) << 2) | ((SCALED) << 1) | (STORE): \
-        model_pass(length, block, start, model, base_here, MODE, data, keep_low[i], keep_high[i], SCALED, scale, weight, STORE, target); break;
+        model_pass(length, block, start, model, base_here, MODE, data, keep_low[i], keep_high[i], SCALED, scale, weight, \
+                   STORE, target, (STORE) ? sign : NULL); break;
             switch (variant) {
                 MODEL_PASS(KEEP_ALL, 0, 0) MODEL_PASS(KEEP_ALL, 0, 1) MODEL_PASS(KEEP_ALL, 1, 0) MODEL_PASS(KEEP_ALL, 1, 1)
                 MODEL_PASS(KEEP_BITS, 0, 0) MODEL_PASS(KEEP_BITS, 0, 1) MODEL_PASS(KEEP_BITS, 1, 0) MODEL_PASS(KEEP_BITS, 1, 1)
@@ -140,39 +176,39 @@ void task_arithmetic_bf16(
         }
         if (consensus) {
             for (int j = 0; j < length; j++)
-                sign[j] = kept_weight[j] = 0.0f;
-            for (int i = 0; i < count; i++)
+                sign[j] = elected_sign_unrounded(sign[j]);
+            if (normalize) {
                 for (int j = 0; j < length; j++)
-                    sign[j] += deltas[i][j];
-            for (int j = 0; j < length; j++)
-                sign[j] = elected_sign(sign[j]);
-            for (int i = 0; i < count; i++) {
-                const float weight = weights[i];
-                for (int j = 0; j < length; j++) {
-                    const float kept = deltas[i][j] = elected(deltas[i][j], sign[j]);
-                    kept_weight[j] += kept != 0.0f ? weight : 0.0f;
+                    kept_weight[j] = 0.0f;
+                for (int i = 0; i < count; i++) {
+                    const float weight = quiet_weights[i];
+                    for (int j = 0; j < length; j++) {
+                        const float kept = elected(deltas[i][j], sign[j]);
+                        kept_weight[j] += kept != 0.0f ? weight : 0.0f;
+                        merged[j] += kept;
+                    }
                 }
+            } else {
+                for (int i = 0; i < count; i++)
+                    for (int j = 0; j < length; j++)
+                        merged[j] += elected(deltas[i][j], sign[j]);
             }
         }
-        if (consensus)
-            for (int i = 0; i < count; i++)
-                for (int j = 0; j < length; j++)
-                    merged[j] += deltas[i][j];
         for (int j = 0; j < length; j++)
-            merged[j] = rounded(merged[j]);
+            merged[j] = rounded_quiet(merged[j]);
         if (normalize && consensus) {
             for (int j = 0; j < length; j++) {
-                const float kept = rounded(kept_weight[j]);
+                const float kept = rounded_quiet(kept_weight[j]);
                 const float one_where_zero = (float)(kept == 0.0f);  /* not `?:`, which keeps this loop from vectorising */
-                merged[j] = rounded(merged[j] / rounded(kept + one_where_zero));
+                merged[j] = rounded_quiet(merged[j] / rounded_quiet(kept + one_where_zero));
             }
         } else if (normalize) {
             for (int j = 0; j < length; j++)
-                merged[j] = rounded(merged[j] / divisor);
+                merged[j] = rounded_quiet(merged[j] / divisor);
         }
         if (has_lambda)
             for (int j = 0; j < length; j++)
-                merged[j] = rounded(merged[j] * lambda);
+                merged[j] = rounded_quiet(merged[j] * lambda);
         uint16_t *out_here = out + block;
         for (int j = 0; j < length; j++)
             out_here[j] = round_bf16(merged[j] + widen(base_here[j]));
