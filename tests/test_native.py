@@ -36,7 +36,7 @@ VARIANTS = {
 
 def canonical(tensor: torch.Tensor) -> torch.Tensor:
     """The bit patterns, every NaN as one (the kernels promise NaN, not torch's NaN payload)."""
-    bits = tensor.view(torch.int16).clone()
+    bits = tensor.view(torch.int16 if tensor.element_size() == 2 else torch.int32).clone()
     bits[torch.isnan(tensor)] = 0x7FC0
     return bits
 
@@ -186,3 +186,69 @@ def test_sce_gives_the_torch_paths_bits(select_topk, tied, threads, monkeypatch)
         chunked = sce(models, base, select_topk)
     assert torch.equal(canonical(chunked), canonical(reference_sce(models, base, select_topk)))
     assert torch.equal(canonical(fused), canonical(chunked))
+
+
+def dare_inputs(case: str, dtype: torch.dtype):
+    """A base and three models of an odd shape (1961 entries: the last block of 256, and the last byte of the
+    keep bits, partly filled) whose deltas take each of DARE's summing paths (`case`)."""
+    generator = torch.Generator().manual_seed(5)
+    shape = (37, 53)
+    base = torch.randn(shape, generator=generator)
+    if case == "subnormal":  # deltas of a few bf16 subnormals: sign sums at and around zero
+        base = torch.zeros(shape)
+        units = torch.randint(-3, 4, (3, *shape), generator=generator).float()
+        return [(units[i] * 2.0**-133).to(dtype) for i in range(3)], base.to(dtype)
+    if case == "narrow":  # exponents spanning at most 16 in a block: summed in 32-bit lanes
+        spans = torch.randint(-16, 1, (3, *shape), generator=generator)
+    elif case == "word edge":  # largest significands over spans of 16 (block 0: its sum just below 2^32 units) and 17
+        exponents = torch.randint(-17, 1, (3, *shape), generator=generator)
+        exponents.view(3, -1)[:, :256].clamp_(min=-16)
+        exponents.view(3, -1)[:, :512:2] = 0
+        exponents.view(3, -1)[:, 1:512:64] = torch.tensor([-16, -17]).repeat_interleave(4)
+        signs = torch.randint(0, 2, (3, *shape), generator=generator).float() * 2 - 1
+        models = signs * (255 / 128) * torch.exp2(exponents.float())  # deltas from a zero base
+        return [models[i].to(dtype) for i in range(3)], torch.zeros(shape, dtype=dtype)
+    else:  # "spread" and "unbounded": spans above 37, summed value by value
+        spans = torch.randint(-60, 2, (3, *shape), generator=generator)
+    deltas = torch.randn((3, *shape), generator=generator) * torch.exp2(spans.float()) * 2.0**-6
+    models = [(base + deltas[i]).to(dtype) for i in range(3)]
+    if case == "unbounded":
+        for i, position in enumerate((4, 400, 1960)):
+            models[i].view(-1)[position : position + 40 : 3] = float("inf") if i != 1 else float("nan")
+        models[2].view(-1)[1000:1100:7] = -float("inf")
+    return models, base.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["narrow", "word edge", "spread", "unbounded", "subnormal"])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("consensus", [False, True])
+def test_dare_gives_the_torch_paths_bits_on_odd_sizes(dtype, case, rescale, consensus, monkeypatch):
+    """DARE's pass 1 (keep bits and rescale factor: kernels.c's dare_select_bf16) and pass 2 (task_arithmetic_bf16)
+    against the torch path, and that against the reference; float32 has no kernels, so there the torch path is
+    checked against the reference alone."""
+    models, base = dare_inputs(case, dtype)
+    arguments = dict(
+        sparsification="random", consensus=consensus, rescale=rescale, densities=[0.5, 0.3, 0.8], normalize=consensus
+    )
+    weights = [0.6, -0.3, 0.5]
+    merge = chunked_module.task_merge(models, base, weights, generator=7, **arguments)
+    flat = [model.reshape(-1) for model in models]
+
+    def pass_one() -> list:
+        inputs = chunked_module.ChunkedInputs(base, flat, chunked_module.cpu_chunks(base.numel()))
+        generator = chunked_module.task_merge(models, base, weights, generator=7, **arguments).generator
+        return [chunked_module.select(inputs, i, merge.sparsity(i), generator) for i in range(3)]
+
+    with mock.patch.object(chunked_module, "CHUNK", 512), mock.patch.object(native_bf16, "MIN_PART", 600):
+        native_pass, fused = pass_one(), generalized_task_arithmetic(models, base, weights, generator=7, **arguments)
+        monkeypatch.setenv("COMPOSER_NATIVE", "0")
+        torch_pass, chunked = pass_one(), generalized_task_arithmetic(models, base, weights, generator=7, **arguments)
+    reference = reference_generalized_task_arithmetic(models, base, weights, generator=7, **arguments)
+    assert torch.equal(canonical(chunked), canonical(reference))
+    assert torch.equal(canonical(fused), canonical(chunked))
+    for (native_keep, native_scale), (torch_keep, torch_scale) in zip(native_pass, torch_pass):
+        assert torch.equal(native_keep.to_bool(), torch_keep.to_bool())
+        assert native_scale == torch_scale or (math.isnan(native_scale) and math.isnan(torch_scale))
+    if case == "subnormal" and dtype == torch.bfloat16:
+        assert (fused == 0).any() and (fused < 0).any() and (fused > 0).any()

@@ -30,6 +30,21 @@ static inline uint16_t round_bf16(float value) {
 
 static inline float rounded(float value) { return widen(round_bf16(value)); }
 
+/* `rounded` for a value whose NaNs have their low 16 bits clear (a NaN stays a NaN, with its own sign and
+ * payload): one made by float operations from widened bf16 values and from `quiet` parameters, whose
+ * NaNs are theirs or the default NaN. Four vector operations fewer than `rounded`; a NaN reaching an
+ * output is made the canonical one there by `round_bf16`. */
+static inline float rounded_quiet(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&value, &bits, 4);
+    return value;
+}
+
+/* A float parameter fit for `rounded_quiet`: a NaN becomes the default one (low 16 bits clear). */
+static inline float quiet(float value) { return value != value ? __builtin_nanf("") : value; }
+
 /* A model's delta from the base, x - base rounded to bf16 (torch's bf16 subtraction), and the bit
  * pattern of its magnitude. */
 static inline float delta_of(uint16_t model, uint16_t base) { return rounded(widen(model) - widen(base)); }
@@ -54,6 +69,10 @@ static inline void expand_bits(const uint8_t *bits, int64_t block, int length, u
  * where it has that sign (0 elsewhere; times the sign twice, as torch's mul, relu, mul). */
 static inline float elected_sign(float total) { return rounded(total) >= 0.0f ? 1.0f : -1.0f; }
 
+/* `elected_sign` without the rounding: bf16(total) >= 0 exactly when total >= -2^-134 (smaller
+ * magnitudes, and the tie at 2^-134, round to -0; a NaN fails both). */
+static inline float elected_sign_unrounded(float total) { return total >= -0x1p-134f ? 1.0f : -1.0f; }
+
 static inline float elected(float delta, float sign) {
     const float aligned = delta * sign;
     return (aligned < 0.0f ? 0.0f : aligned) * sign;
@@ -65,10 +84,13 @@ static inline float elected(float delta, float sign) {
 enum { KEEP_ALL = 0, KEEP_BITS = 1, KEEP_BYTES = 2, KEEP_PATTERNS = 3 };
 
 /* One model's weighted, masked and scaled delta over one block: stored into `target` (`store`)
- * or added to it (the running sum over models). */
+ * or added to it (the running sum over models); with `sum` (not NULL), also added to it (the sum the
+ * sign is elected from). Masked by patterns, the delta is rounded as torch rounds it (the canonical
+ * NaN, whose pattern the window is compared with); otherwise with `rounded_quiet`. */
 static inline __attribute__((always_inline)) void model_pass(
     int length, int64_t block, int64_t start, const uint16_t *model, const uint16_t *base, const int mode,
-    const uint8_t *data, uint16_t low, uint16_t high, const int scaled, float scale, float weight, const int store, float *target)
+    const uint8_t *data, uint16_t low, uint16_t high, const int scaled, float scale, float weight, const int store,
+    float *target, float *sum)
 {
     uint8_t expanded[BLOCK];
     float factor[BLOCK];  /* the mask as 0/1 in a local array: the loop below then vectorises (bytes may alias `target`) */
@@ -80,22 +102,27 @@ static inline __attribute__((always_inline)) void model_pass(
             factor[j] = (float)(bytes[j] != 0);
     }
     for (int j = 0; j < length; j++) {
-        float value = delta_of(model[j], base[j]);
-        if (mode == KEEP_BITS || mode == KEEP_BYTES) {
-            value = value * factor[j];  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
-        } else if (mode == KEEP_PATTERNS) {
+        float value;
+        if (mode == KEEP_PATTERNS) {
+            value = delta_of(model[j], base[j]);
             uint32_t bits;
             memcpy(&bits, &value, 4);  /* a bf16 value already: its upper half is its pattern */
             const uint16_t magnitude = (uint16_t)(bits >> 16) & 0x7FFF;
             value = value * (float)(magnitude >= low && magnitude <= high);
+        } else {
+            value = rounded_quiet(widen(model[j]) - widen(base[j]));
+            if (mode == KEEP_BITS || mode == KEEP_BYTES)
+                value = value * factor[j];  /* exact: d or a signed 0 (NaN for an infinity), nothing to round */
         }
         if (scaled)
-            value = rounded(value * scale);
-        value = rounded(value * weight);
+            value = rounded_quiet(value * scale);
+        value = rounded_quiet(value * weight);
         if (store)
             target[j] = value;
         else
             target[j] += value;
+        if (sum != NULL)
+            sum[j] += value;
     }
 }
 
@@ -105,7 +132,8 @@ static inline __attribute__((always_inline)) void model_pass(
  *   zeroed; kept weight = float32 sum of the weights of the nonzero entries, rounded);
  *   merged = bf16(float32 sum of the d_i); / divisor (normalize: the kept weight, 1 where it is 0,
  *   under consensus, else `divisor`); times lambda (has_lambda); out = bf16(merged + base).
- * Pointers to models and base address the whole flat tensors; `out` too. */
+ * Pointers to models and base address the whole flat tensors; `out` too. The sum the sign is elected
+ * from is added up as each model's deltas are made; the kept weight is summed only where it divides. */
 void task_arithmetic_bf16(
     int64_t start, int64_t stop, int count,
     const uint16_t *base, const uint16_t *const *models,
@@ -115,21 +143,29 @@ void task_arithmetic_bf16(
 {
     float deltas[MAX_MODELS][BLOCK];
     float kept_weight[BLOCK], sign[BLOCK], merged[BLOCK];
+    float quiet_scales[MAX_MODELS], quiet_weights[MAX_MODELS];
+    for (int i = 0; i < count; i++) {
+        quiet_scales[i] = quiet(scales[i]);
+        quiet_weights[i] = quiet(weights[i]);
+    }
+    divisor = quiet(divisor);
+    lambda = quiet(lambda);
     for (int64_t block = start; block < stop; block += BLOCK) {
         const int length = block_length(block, stop);
         const uint16_t *base_here = base + block;
         for (int j = 0; j < length; j++)
-            merged[j] = 0.0f;  /* torch's sum over models starts from +0 */
+            merged[j] = sign[j] = 0.0f;  /* torch's sums over models start from +0 */
         for (int i = 0; i < count; i++) {
             const int mode = keep_modes[i], variant = (mode << 2) | (has_scale[i] << 1) | (consensus != 0);
             float *target = consensus ? deltas[i] : merged;
             const uint16_t *model = models[i] + block;
             const uint8_t *data = keep_data[i];
-            const float scale = scales[i], weight = weights[i];
+            const float scale = quiet_scales[i], weight = quiet_weights[i];
             /* each combination of the flags gets its own loop, so the compiler vectorises each */
 #define MODEL_PASS(MODE, SCALED, STORE) \
     case ((MODE) << 2) | ((SCALED) << 1) | (STORE): \
-        model_pass(length, block, start, model, base_here, MODE, data, keep_low[i], keep_high[i], SCALED, scale, weight, STORE, target); break;
+        model_pass(length, block, start, model, base_here, MODE, data, keep_low[i], keep_high[i], SCALED, scale, weight, \
+                   STORE, target, (STORE) ? sign : NULL); break;
             switch (variant) {
                 MODEL_PASS(KEEP_ALL, 0, 0) MODEL_PASS(KEEP_ALL, 0, 1) MODEL_PASS(KEEP_ALL, 1, 0) MODEL_PASS(KEEP_ALL, 1, 1)
                 MODEL_PASS(KEEP_BITS, 0, 0) MODEL_PASS(KEEP_BITS, 0, 1) MODEL_PASS(KEEP_BITS, 1, 0) MODEL_PASS(KEEP_BITS, 1, 1)
@@ -140,39 +176,39 @@ void task_arithmetic_bf16(
         }
         if (consensus) {
             for (int j = 0; j < length; j++)
-                sign[j] = kept_weight[j] = 0.0f;
-            for (int i = 0; i < count; i++)
+                sign[j] = elected_sign_unrounded(sign[j]);
+            if (normalize) {
                 for (int j = 0; j < length; j++)
-                    sign[j] += deltas[i][j];
-            for (int j = 0; j < length; j++)
-                sign[j] = elected_sign(sign[j]);
-            for (int i = 0; i < count; i++) {
-                const float weight = weights[i];
-                for (int j = 0; j < length; j++) {
-                    const float kept = deltas[i][j] = elected(deltas[i][j], sign[j]);
-                    kept_weight[j] += kept != 0.0f ? weight : 0.0f;
+                    kept_weight[j] = 0.0f;
+                for (int i = 0; i < count; i++) {
+                    const float weight = quiet_weights[i];
+                    for (int j = 0; j < length; j++) {
+                        const float kept = elected(deltas[i][j], sign[j]);
+                        kept_weight[j] += kept != 0.0f ? weight : 0.0f;
+                        merged[j] += kept;
+                    }
                 }
+            } else {
+                for (int i = 0; i < count; i++)
+                    for (int j = 0; j < length; j++)
+                        merged[j] += elected(deltas[i][j], sign[j]);
             }
         }
-        if (consensus)
-            for (int i = 0; i < count; i++)
-                for (int j = 0; j < length; j++)
-                    merged[j] += deltas[i][j];
         for (int j = 0; j < length; j++)
-            merged[j] = rounded(merged[j]);
+            merged[j] = rounded_quiet(merged[j]);
         if (normalize && consensus) {
             for (int j = 0; j < length; j++) {
-                const float kept = rounded(kept_weight[j]);
+                const float kept = rounded_quiet(kept_weight[j]);
                 const float one_where_zero = (float)(kept == 0.0f);  /* not `?:`, which keeps this loop from vectorising */
-                merged[j] = rounded(merged[j] / rounded(kept + one_where_zero));
+                merged[j] = rounded_quiet(merged[j] / rounded_quiet(kept + one_where_zero));
             }
         } else if (normalize) {
             for (int j = 0; j < length; j++)
-                merged[j] = rounded(merged[j] / divisor);
+                merged[j] = rounded_quiet(merged[j] / divisor);
         }
         if (has_lambda)
             for (int j = 0; j < length; j++)
-                merged[j] = rounded(merged[j] * lambda);
+                merged[j] = rounded_quiet(merged[j] * lambda);
         uint16_t *out_here = out + block;
         for (int j = 0; j < length; j++)
             out_here[j] = round_bf16(merged[j] + widen(base_here[j]));
@@ -196,6 +232,7 @@ static inline uint64_t stream_word(uint64_t key, uint64_t index) {
 #define NAN_SLOT 319
 #define SPAN_LIMIT 37  /* 2^(8 + 37) * BLOCK = 2^53 */
 #define NARROW_SPAN 23  /* 2^(8 + 23) = 2^31 */
+#define WORD_SPAN 16  /* BLOCK * 2^(8 + 16) = 2^32 */
 
 static inline void add_to_slot(int64_t *sums, int slot, int64_t amount) {
     sums[slot] += amount;
@@ -214,27 +251,53 @@ static void add_magnitude(int64_t *sums, uint16_t magnitude) {
         add_to_slot(sums, exponent ? exponent : 1, fraction | (exponent ? 0x80 : 0));
 }
 
-/* Add the magnitudes (bit patterns, sign cleared) of one block to `sums`, and those whose `keep`
- * byte is nonzero to `kept_sums` (when `keep` is not NULL: the kept ones span no more). Where their nonzero exponents span
- * at most SPAN_LIMIT, each is an integer number of units of the smallest exponent below 2^45, and
- * the block's total below 2^53, so the block is summed in int64 (vectorised) and added to one slot;
- * otherwise, or with an infinity or NaN, value by value. */
-static void add_magnitudes_kept(int64_t *sums, int64_t *kept_sums, const uint16_t *magnitudes, const uint8_t *keep, int length) {
-    unsigned high = 0, low = 0xFFFF;
-    for (int j = 0; j < length; j++) {
-        const unsigned magnitude = magnitudes[j], less = (magnitude - 1u) & 0xFFFFu;  /* 0 -> 0xFFFF */
-        high = magnitude > high ? magnitude : high;
-        low = less < low ? less : low;
-    }
+/* The span of a block's magnitudes (bit patterns, sign cleared) as `add_magnitudes_spanned` takes it: the
+ * largest pattern, and the smallest nonzero one less 1 (0xFFFF when there is none), tracked with
+ * `track_span` as the magnitudes are made, so no loop goes over them for it alone. */
+static inline void track_span(unsigned magnitude, unsigned *high, unsigned *low) {
+    const unsigned less = (magnitude - 1u) & 0xFFFFu;  /* 0 -> 0xFFFF */
+    *high = magnitude > *high ? magnitude : *high;
+    *low = less < *low ? less : *low;
+}
+
+/* Add the magnitudes of one block to `sums`, and those whose `keep` byte is nonzero to `kept_sums`
+ * (when `keep` is not NULL), given the block's span (`track_span`). A dropped infinity or NaN adds a
+ * NaN to `kept_sums` (0 times it is NaN, as the masked delta holds). Where the nonzero exponents
+ * span at most SPAN_LIMIT, each magnitude is an integer number of units of the smallest exponent
+ * below 2^45, and the block's total below 2^53, so the block is summed in integers (vectorised) and
+ * added to one slot: in 32-bit lanes where the span is at most WORD_SPAN (each amount below 2^24,
+ * the block's total below 2^32), else in 64-bit ones; otherwise, or with an infinity or NaN, value
+ * by value. */
+static void add_magnitudes_spanned(
+    int64_t *sums, int64_t *kept_sums, const uint16_t *magnitudes, const uint8_t *keep, int length, unsigned high, unsigned low)
+{
     if (high == 0)
         return;
     const int top = (int)(high >> 7), bottom = (int)((low + 1u) >> 7), unit = bottom ? bottom : 1;
     if (top == 255 || top - bottom > SPAN_LIMIT) {
         for (int j = 0; j < length; j++) {
             add_magnitude(sums, magnitudes[j]);
-            if (keep != NULL)
+            if (keep != NULL) {
                 add_magnitude(kept_sums, keep[j] ? magnitudes[j] : 0);
+                kept_sums[NAN_SLOT] += (keep[j] == 0) & (magnitudes[j] >= 0x7F80);
+            }
         }
+        return;
+    }
+    if (top - bottom <= WORD_SPAN) {  /* totals below 2^32: no widening to 64-bit lanes */
+        uint32_t total = 0, kept_total = 0;
+        for (int j = 0; j < length; j++) {
+            const uint32_t magnitude = magnitudes[j], exponent = magnitude >> 7;
+            const uint32_t significand = (magnitude & 0x7Fu) | (exponent ? 0x80u : 0u);
+            const int shift = (int)(exponent ? exponent : 1u) - unit;
+            const uint32_t amount = significand << (shift < 0 ? 0 : shift);  /* 0 for a zero magnitude */
+            total += amount;
+            if (keep != NULL)
+                kept_total += amount & -(uint32_t)(keep[j] != 0);
+        }
+        add_to_slot(sums, unit, (int64_t)total);
+        if (keep != NULL)
+            add_to_slot(kept_sums, unit, (int64_t)kept_total);
         return;
     }
     if (top - bottom <= NARROW_SPAN) {  /* each amount below 2^31: computed in 32-bit lanes, twice as many a vector */
@@ -268,21 +331,75 @@ static void add_magnitudes_kept(int64_t *sums, int64_t *kept_sums, const uint16_
         add_to_slot(kept_sums, unit, kept_total);
 }
 
+/* `add_magnitudes_spanned` of a block whose span is not known yet. */
+static void add_magnitudes_kept(int64_t *sums, int64_t *kept_sums, const uint16_t *magnitudes, const uint8_t *keep, int length) {
+    unsigned high = 0, low = 0xFFFF;
+    for (int j = 0; j < length; j++)
+        track_span(magnitudes[j], &high, &low);
+    add_magnitudes_spanned(sums, kept_sums, magnitudes, keep, length, high, low);
+}
+
 /* `add_magnitudes_kept` without the kept sums. */
 static void add_magnitudes(int64_t *sums, const uint16_t *magnitudes, int length) {
     add_magnitudes_kept(sums, NULL, magnitudes, NULL, length);
 }
 
+/* The bit pattern of the magnitude of bf16(x - base) in a 32-bit lane, where it is only summed: a NaN
+ * difference is not made the canonical NaN (the NaNs of a difference of widened bf16 values have their
+ * low 16 bits clear, so rounding leaves them NaN, and a sum only counts them). */
+static inline uint32_t delta_magnitude_lane(uint16_t model, uint16_t base) {
+    uint32_t bits;
+    const float difference = widen(model) - widen(base);
+    memcpy(&bits, &difference, 4);
+    return ((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16) & 0x7FFFu;
+}
+
+/* DARE's exact sums over one block of the magnitudes `magnitudes` (`delta_magnitude_lane`, span
+ * `high`, `low` as `track_span` gives it), all of them into `before` and those whose draw in `levels`
+ * is below `threshold` into `after`; a dropped infinity or NaN adds a NaN to `after`. In 32-bit
+ * lanes where the span allows (almost every block of real task vectors), else by
+ * `add_magnitudes_spanned`. */
+static void add_dare_magnitudes(
+    int64_t *before, int64_t *after, const uint32_t *magnitudes, const int16_t *levels, int threshold, int length,
+    unsigned high, unsigned low)
+{
+    if (high == 0)
+        return;
+    const int top = (int)(high >> 7), bottom = (int)((low + 1u) >> 7), unit = bottom ? bottom : 1;
+    if (top == 255 || top - bottom > WORD_SPAN) {
+        uint16_t narrow[BLOCK];
+        uint8_t keep[BLOCK];
+        for (int j = 0; j < length; j++) {
+            narrow[j] = (uint16_t)magnitudes[j];
+            keep[j] = levels[j] < threshold;
+        }
+        add_magnitudes_spanned(before, after, narrow, keep, length, high, low);
+        return;
+    }
+    uint32_t total = 0, kept_total = 0;  /* below 2^32: see add_magnitudes_spanned */
+    for (int j = 0; j < length; j++) {
+        const uint32_t magnitude = magnitudes[j], exponent = magnitude >> 7;
+        const uint32_t significand = (magnitude & 0x7Fu) | (exponent ? 0x80u : 0u);
+        const int shift = (int)(exponent ? exponent : 1u) - unit;
+        const uint32_t amount = significand << (shift < 0 ? 0 : shift);  /* 0 for a zero magnitude */
+        total += amount;
+        kept_total += amount & -(uint32_t)((int)levels[j] < threshold);
+    }
+    add_to_slot(before, unit, (int64_t)total);
+    add_to_slot(after, unit, (int64_t)kept_total);
+}
+
 /* DARE's first pass over [start, stop) of one model (start a multiple of BLOCK): keep bits drawn
  * from the stream of `key` (entry p is 16-bit lane p % 4 of word p / 4, as a signed integer, kept
  * when below `threshold`) written to `bits` (the whole tensor's, bit p % 8 of byte p / 8); with
- * `before` and `after` (else NULL), the exact sums (`add_magnitudes`) of the magnitudes of the delta
- * bf16(x - base) and of the delta times its keep mask (0 times an infinity or NaN is NaN). */
+ * `before` and `after` (else NULL), the exact sums (`add_magnitudes_spanned`) of the magnitudes of the
+ * delta bf16(x - base) and of the delta times its keep mask (0 times an infinity or NaN is NaN). A
+ * block's magnitudes and their span come out of one loop, in 32-bit lanes throughout. */
 void dare_select_bf16(
     int64_t start, int64_t stop, uint64_t key, int threshold, uint8_t *bits,
     const uint16_t *model, const uint16_t *base, int64_t *before, int64_t *after)
 {
-    uint16_t magnitudes[BLOCK];
+    uint32_t magnitudes[BLOCK];
     uint8_t expanded[BLOCK];
     uint64_t words[BLOCK / 4];
     for (int64_t block = start; block < stop; block += BLOCK) {
@@ -301,13 +418,14 @@ void dare_select_bf16(
         }
         if (before == NULL)
             continue;
-        int dropped_unbounded = 0;
-        for (int j = 0; j < length; j++)
-            magnitudes[j] = delta_magnitude(model[block + j], base[block + j]);
-        for (int j = 0; j < length; j++)
-            dropped_unbounded += (expanded[j] == 0) & (magnitudes[j] >= 0x7F80);  /* & not &&: no branch */
-        add_magnitudes_kept(before, after, magnitudes, expanded, length);
-        after[NAN_SLOT] += dropped_unbounded;  /* 0 times an infinity or NaN is NaN */
+        const uint16_t *model_here = model + block, *base_here = base + block;
+        unsigned high = 0, low = 0xFFFF;
+        for (int j = 0; j < length; j++) {
+            const uint32_t magnitude = delta_magnitude_lane(model_here[j], base_here[j]);
+            magnitudes[j] = magnitude;
+            track_span(magnitude, &high, &low);
+        }
+        add_dare_magnitudes(before, after, magnitudes, levels, threshold, length, high, low);
     }
 }
 
@@ -375,11 +493,7 @@ void della_select_bf16(
             continue;
         for (int64_t block = 0; block < width; block += BLOCK) {
             const int length = block_length(block, width);
-            int dropped_unbounded = 0;
-            for (int j = 0; j < length; j++)
-                dropped_unbounded += (keep_row[block + j] == 0) & (magnitudes[block + j] >= 0x7F80);
             add_magnitudes_kept(before, after, magnitudes + block, keep_row + block, length);
-            after[NAN_SLOT] += dropped_unbounded;
         }
     }
     free(magnitudes);
