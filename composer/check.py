@@ -100,6 +100,9 @@ def _input_lines(plan: Plan) -> list[str]:
             lines.append(
                 f"    {len(fp8.scales)} block-scaled FP8 weights (blocks of {list(fp8.block)}) are dequantised to {dtype} as they are read"
             )
+        mxfp4 = getattr(source, "mxfp4", None)
+        if mxfp4 is not None:
+            lines.append(f"    {len(mxfp4.pairs)} MXFP4 expert tensors are dequantised to bfloat16 as they are read")
     return lines
 
 

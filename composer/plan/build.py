@@ -781,7 +781,10 @@ class _Planner:
         transformers loads the output exactly when it loads the base, and the question would cost its import
         (seconds, and ~170 MB never given back) on every first merge of a config."""
         source = self.sources[base_ref]
-        if type(source) is not SafetensorsFolder or source.fp8 is not None or self.towers[base_ref] is not None:
+        if type(source) is not SafetensorsFolder or self.towers[base_ref] is not None:
+            return True
+        if source.fp8 is not None or source.mxfp4 is not None:  # dequantised: not the checkpoint's tensors
+            return True
             return True
         if {name: info.shape for name, info in source.tensor_infos().items()} != shapes:
             return True

@@ -17,6 +17,7 @@ from composer.files import read_json_object
 from composer.sources.base import FolderFilesMixin, ModelSource, TensorInfo
 from composer.sources.fp8 import find_block_scaled_fp8, without_quantization
 from composer.sources.model_files import model_file
+from composer.sources.mxfp4 import find_mxfp4
 from composer.sources.safetensors_format import DTYPE_BY_CODE, read_into, read_layout
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -111,7 +112,8 @@ def assign_tensors(
 
 
 class SafetensorsFolder(FolderFilesMixin, ModelSource):
-    """Safetensors weights in a folder; block-scaled FP8 weights are handed out dequantised (composer.sources.fp8)."""
+    """Safetensors weights in a folder; block-scaled FP8 weights (composer.sources.fp8) and MXFP4 experts
+    (composer.sources.mxfp4) are handed out dequantised."""
 
     def __init__(
         self,
@@ -143,18 +145,24 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
             self._location[name] = (path, data_start + entry["data_offsets"][0])
         self.fp8 = find_block_scaled_fp8(self._infos, super().config, self.reference)
         self._shown = self.fp8.visible(self._infos) if self.fp8 is not None else self._infos
+        config_file = self.folder_file("config.json")
+        files = {name: path for name, (path, _) in self._location.items()}
+        config = super().config() if config_file is not None else {}
+        self.mxfp4 = find_mxfp4(self._shown, files, config, self.reference, config_file)
+        if self.mxfp4 is not None:
+            self._shown = self.mxfp4.visible(self._shown)
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return self._shown
 
     def config(self) -> dict:
         config = super().config()
-        return without_quantization(config) if self.fp8 is not None else config
+        return without_quantization(config) if self.fp8 is not None or self.mxfp4 is not None else config
 
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         location = self._location.get(name)
         if location is None or name not in self._shown or (self.fp8 is not None and name in self.fp8.scales):
-            return None  # a dequantised weight is not stored as it is written
+            return None  # a dequantised weight is not stored as it is written (an MXFP4 tensor has no location)
         return location[0], location[1], self._infos[name].nbytes
 
     def read(self, name: str) -> torch.Tensor:
@@ -162,6 +170,9 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
             raise ComposerError(f"Model '{self.reference}' ({self.folder}) has no tensor '{name}'.")
         if self.fp8 is not None and name in self.fp8.scales:
             return self.fp8.dequantise(self.read_stored(name), self.read_stored(self.fp8.scales[name]))
+        if self.mxfp4 is not None and name in self.mxfp4.pairs:
+            blocks, scales = self.mxfp4.pairs[name]
+            return self.mxfp4.dequantise(self.read_stored(blocks), self.read_stored(scales))
         return self.read_stored(name)
 
     def read_stored(self, name: str) -> torch.Tensor:
