@@ -90,10 +90,13 @@ print(seen[0], "transformers" in sys.modules)
 """
 
 
-def _first_run(tmp_path: Path, recipe_text: str) -> list[str]:
-    """Whether transformers was imported when the first tensor was written, and by the end, in a first run."""
+def test_a_first_merge_writes_before_transformers_is_imported(tmp_path: Path):
+    """A never-seen config is checked by transformers beside the writes, not before them."""
+    first, second = (save_tiny_model(tmp_path / name, layers=2, seed=seed) for name, seed in (("a", 0), ("b", 1)))
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(recipe_text)
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {first}\n  - model: {second}\nparameters: {{weight: 0.5}}\n"
+    )
     env = {
         "COMPOSER_CACHE": str(tmp_path / "cache"),
         "COMPOSER_NATIVE": "0",
@@ -104,22 +107,4 @@ def _first_run(tmp_path: Path, recipe_text: str) -> list[str]:
         [sys.executable, "-c", FIRST_WRITE, str(recipe), str(tmp_path / "out")], capture_output=True, text=True, env=env
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout.split()
-
-
-def test_a_first_upscale_writes_before_transformers_is_imported(tmp_path: Path):
-    """A never-seen config is checked by transformers beside the writes, not before them."""
-    first, second = (save_tiny_model(tmp_path / name, layers=2, seed=seed) for name, seed in (("a", 0), ("b", 1)))
-    text = "merge_method: linear\nparameters: {weight: 0.5}\nslices:\n" + "".join(
-        f"  - sources: [{{model: {first}, layer_range: {span}}}, {{model: {second}, layer_range: {span}}}]\n"
-        for span in ([0, 2], [1, 2])
-    )
-    assert _first_run(tmp_path, text) == ["False", "True"]  # not before the first write; the deferred check ran later
-
-
-def test_a_first_merge_of_same_shaped_models_never_imports_transformers(tmp_path: Path):
-    """The output is the base checkpoint's tensors, name for name and shape for shape, under the base's config: it
-    loads exactly when the base does, so no question is asked."""
-    first, second = (save_tiny_model(tmp_path / name, layers=2, seed=seed) for name, seed in (("a", 0), ("b", 1)))
-    text = f"merge_method: linear\nmodels:\n  - model: {first}\n  - model: {second}\nparameters: {{weight: 0.5}}\n"
-    assert _first_run(tmp_path, text) == ["False", "False"]
+    assert run.stdout.split() == ["False", "True"]  # not before the first write; the deferred check ran later

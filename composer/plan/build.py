@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,7 +46,6 @@ from composer.recipe.parameters import evaluate, layer_t
 from composer.recipe.schema import IGNORED_PARAMETERS, Merge, OutputSlice, SliceSource
 from composer.sources import ModelSource, TensorInfo, open_source
 from composer.sources.built_tokenizer import BuiltTokenizer
-from composer.sources.folder import SafetensorsFolder
 
 DTYPES = {
     "float32": torch.float32,
@@ -748,12 +746,10 @@ class _Planner:
 
         shapes = {t.name: t.shape for t in tensors}
         check_output_config(architecture, config, shapes, base_ref)  # the language model's config, for a VLM
-        if output_tower is None and self._is_base_reshaped(base_ref, config, shapes):
+        if output_tower is None:
             loadable = deferred_loadable_check(
                 config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref)
             )
-        elif output_tower is None:
-            loadable = None
         else:
             config = with_dtype(output_tower.with_text_config(config), self.out_dtype)
             loadable = deferred_loadable_check(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))
@@ -774,21 +770,6 @@ class _Planner:
             calibration=calibration,
             deferred_checks=[loadable] if loadable is not None else [],
         )
-
-    def _is_base_reshaped(self, base_ref: str, config: dict, shapes: dict[str, tuple[int, ...]]) -> bool:
-        """Whether transformers must be asked if it loads the output. Not when the output is the base checkpoint's
-        tensors, name for name and shape for shape, with the base's own config.json (its dtype aside): then
-        transformers loads the output exactly when it loads the base, and the question would cost its import
-        (seconds, and ~170 MB never given back) on every first merge of a config."""
-        source = self.sources[base_ref]
-        if type(source) is not SafetensorsFolder or self.towers[base_ref] is not None:
-            return True
-        if source.fp8 is not None or source.mxfp4 is not None:  # dequantised: not the checkpoint's tensors
-            return True
-            return True
-        if {name: info.shape for name, info in source.tensor_infos().items()} != shapes:
-            return True
-        return config != with_dtype(copy.deepcopy(self.text_configs[base_ref]), self.out_dtype)
 
     def _vision_tensors(
         self, base_ref: str, modules: dict[str, tuple[ModuleInputs, OutputSlice]]
