@@ -95,12 +95,12 @@ def randomized_svd(
     seed: int = SKETCH_SEED,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomised subspace iteration: Y = A Omega (Omega Gaussian, n x (k + p)), refined by `iterations` rounds
-    of Y <- A span(A^T span(Y)), Q = orth(Y) (Householder QR); then the SVD of the small Q^T A gives the
-    triplets. The sketch is taken on the longer side so that Q is the larger factor. p is `oversampling`, by
-    default `oversampled_columns`' share. The intermediate bases need only their span, so they come from
-    `orthonormal_span` (Cholesky QR, matrix products); the small SVD from the float64 Gram matrix of its k + p
-    rows (`gram_svd`), which on LAPACK's level-2 bound SVD of a (k + p) x n matrix saves a tenth of a second
-    each on 2 cores."""
+    of Y <- A span(A^T span(Y)), Q = span(span(Y)); then the SVD of the small Q^T A gives the triplets. The
+    sketch is taken on the longer side so that Q is the larger factor. p is `oversampling`, by default
+    `oversampled_columns`. The bases come from `orthonormal_span` (Cholesky QR, matrix products; taken twice for
+    the last, whose columns must be orthonormal to rounding, as CholeskyQR2 does); the small SVD from the
+    float64 Gram matrix of its k + p rows (`gram_svd`: 0.02 s against LAPACK's 0.19 s for 203 x 2048 on 2
+    cores)."""
     work = matrix.to(working_dtype(matrix.dtype))
     transposed = work.shape[0] < work.shape[1]
     if transposed:
@@ -111,7 +111,7 @@ def randomized_svd(
     sketch = work @ omega
     for _ in range(iterations):
         sketch = work @ orthonormal_span(work.mT @ orthonormal_span(sketch))
-    basis = torch.linalg.qr(sketch).Q
+    basis = orthonormal_span(orthonormal_span(sketch))  # Cholesky QR twice: orthonormal to rounding
     u, s, vh = gram_svd((basis.mT @ work).double())
     u = basis @ u[:, :rank].to(work.dtype)
     s, vh = s[:rank].to(work.dtype), vh[:rank].to(work.dtype)
