@@ -40,7 +40,7 @@ def cart(
     dtype = working_dtype(tensors[0].dtype)
     average = tensors[0].to(dtype, copy=True)
     for tensor in tensors[1:]:
-        average += tensor.to(dtype)
+        average += tensor
     average /= len(tensors)
     if not is_matrix(average) or len(tensors) == 1:
         return average.to(tensors[0].dtype)
@@ -52,7 +52,7 @@ def cart(
         )
     result = average.clone()
     for tensor in tensors:
-        u, s, vh = top_singular(tensor.to(dtype) - average, k)
+        u, s, vh = top_singular(torch.sub(tensor, average), k)
         result.addmm_(u * s, vh, alpha=lambda_)
         del u, s, vh
     return result.to(tensors[0].dtype)
