@@ -153,10 +153,10 @@ def test_a_copied_file_linking_out_of_the_folder_is_refused(tmp_path: Path, name
     secret = write_secret(tmp_path)
     (folder / name).unlink(missing_ok=True)
     (folder / name).symlink_to(secret)
-    source = open_source(str(folder))
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(ComposerError) as caught:
+    with pytest.raises(ComposerError) as caught:  # config.json is read as the folder opens (its quantization)
+        source = open_source(str(folder))
         {"config.json": source.config, "README.md": source.license}.get(name, lambda: source.save_tokenizer(out))()
     assert str(folder / name) in str(caught.value) and str(secret) in str(caught.value)
     assert not any(SECRET in path.read_text() for path in out.iterdir())
