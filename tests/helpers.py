@@ -121,7 +121,7 @@ def save_tiny_model(
 
 def compose_in_process(monkeypatch, *arguments) -> int:
     """`compose ARGUMENTS` through composer.cli.main in this process (no seconds spent importing torch
-    again); its exit code. main() replaces the SIGTERM handler and warnings.showwarning: both are put back."""
+    again); its exit code. main() replaces the SIGTERM and SIGHUP handlers and warnings.showwarning: all are put back."""
     import signal
     import sys
     import warnings
@@ -132,12 +132,13 @@ def compose_in_process(monkeypatch, *arguments) -> int:
 
     monkeypatch.setattr(sys, "argv", ["compose", *map(str, arguments)])
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with pytest.raises(SystemExit) as exited:
             cli.main()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return exited.value.code
 
 

@@ -284,8 +284,12 @@ def test_a_second_interrupt_during_the_clean_up_still_removes_the_partial_folder
 
     monkeypatch.setattr(linear_module, "linear", fail)
     monkeypatch.setattr(writer.ShardedWriter, "close", interrupted_close)
-    with pytest.raises(KeyboardInterrupt):
-        compose_text(linear(models["base"], models["ft"]), tmp_path / "out", QUIET)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored in a run started with `&`
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compose_text(linear(models["base"], models["ft"]), tmp_path / "out", QUIET)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -500,7 +504,12 @@ def test_an_interrupt_while_starting_is_one_error_paragraph(monkeypatch, capsys)
         raise Interrupted("interrupted by SIGTERM")
 
     monkeypatch.setattr(cli, "_main", interrupted)
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+    finally:  # main() makes SIGTERM and SIGHUP stop a run: the handlers are put back for the tests after this one
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     assert exited.value.code == 130
     assert capsys.readouterr().err == "error: interrupted by SIGTERM; nothing was written.\n"

@@ -214,6 +214,13 @@ SLOW_FIRST_READ = (
 )
 
 
+def default_signal_actions() -> None:
+    """In the child before it starts: a test run in the background (`pytest ... &`, `nohup`) has SIGINT and SIGHUP
+    ignored, and children inherit ignored signals; a user's terminal gives compose the default actions."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def signalled(models, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     """A run per signal, each held inside its first read (a slow disk) so that the signal lands while the partial
@@ -227,6 +234,7 @@ def signalled(models, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
             subprocess.Popen(
                 [sys.executable, "-c", SLOW_FIRST_READ],
                 cwd=folder,
+                preexec_fn=default_signal_actions,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
