@@ -618,3 +618,33 @@ def test_a_small_share_left_by_continued_fine_tuning_is_not_a_parent():
     assert verdict(related, 0.3, is_recipe_base=False) == "parent"
     assert verdict(related, 0.0, is_recipe_base=True) == "parent"
     assert verdict(unrelated, 0.5, is_recipe_base=False) == "independent"
+
+
+def test_a_gguf_suspect_is_dequantised_a_block_of_rows_at_a_time_within_the_budget(family, cases, monkeypatch):
+    """A GGUF SUSPECT's matrices are dequantised in blocks of rows, never whole, so a trace with --verify and a
+    16 KB budget holds no dequantised piece above it (llama's q and k, which transformers permutes, are read whole:
+    64 x 64 float32 here, 16 KB); the report is the one a large budget gives (to rounding)."""
+    from composer.sources.gguf_file import GGUFFile
+
+    candidates = [str(family[n]) for n in ("a", "b", "other")]
+    large = trace_models(str(cases["Q8_0"]), candidates, TraceOptions(verify=True))
+    pieces = []
+    dequantised = GGUFFile._dequantized
+
+    def recorded(self, gguf_name, rows=None):
+        values = dequantised(self, gguf_name, rows)
+        pieces.append((gguf_name, values.nbytes))
+        return values
+
+    monkeypatch.setattr(GGUFFile, "_dequantized", recorded)
+    small = trace_models(str(cases["Q8_0"]), candidates, TraceOptions(verify=True, memory_budget=16 << 10))
+    largest = {}
+    for name, size in pieces:
+        largest[name] = max(size, largest.get(name, 0))
+    assert largest["token_embd.weight"] < 16 << 10 and max(largest.values()) <= 16 << 10
+    assert verdicts(small, family) == verdicts(large, family) == {"a": "parent", "b": "parent", "other": "independent"}
+    for mine, theirs in zip(small.layers, large.layers, strict=True):  # the sums taken in other blocks: rounding
+        assert [(m, j) for m, j, _ in mine.sources] == [(m, j) for m, j, _ in theirs.sources]
+        assert [w for _, _, w in mine.sources] == pytest.approx([w for _, _, w in theirs.sources], abs=1e-9)
+    assert small.verification.keys() == large.verification.keys()
+    assert all(abs(small.verification[n] - large.verification[n]) <= 1e-6 for n in large.verification)
