@@ -224,6 +224,37 @@ def test_tokenizer_commonality(tmp_path):
     assert other.verdict == "shares" and not other.same_ids and not other.same_merges and not other.same_pre_tokenizer
 
 
+def test_tokenizer_facts_read_without_transformers_are_transformers_facts(tmp_path, monkeypatch):
+    """A folder transformers would load from tokenizer.json unchanged is read by the tokenizers library alone (no
+    transformers import): the facts are the ones transformers' tokenizer gives, field for field. A config key that
+    can change what transformers builds (add_bos_token) sends the folder through transformers."""
+    import composer.trace.tokenizers as tokenizers
+
+    def facts_of(folder: Path) -> dict:
+        facts = tokenizer_facts(open_source(str(folder)))
+        vocabulary = facts.vocabulary
+        return {
+            **{key: value for key, value in vars(facts).items() if key != "vocabulary"},
+            **{key: value for key, value in vars(vocabulary).items() if key != "encoder"},
+            "encoder": vocabulary.encoder.to_str(),
+        }
+
+    byte_level = tiny_model_with_tokenizer(tmp_path / "bl", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=1)
+    pieces = tiny_model_with_tokenizer(tmp_path / "sp", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=2)
+    (byte_level / "chat_template.jinja").write_text("{{ messages }}")
+    config = json.loads((pieces / "tokenizer_config.json").read_text())
+    (pieces / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": "{{ bos_token }}"}))
+    folders = (byte_level, pieces)
+    assert all(tokenizers.plain_tokenizer(open_source(str(folder))) is not None for folder in folders)
+    plain = [facts_of(folder) for folder in folders]
+    monkeypatch.setattr(tokenizers, "plain_tokenizer", lambda source: None)
+    assert plain == [facts_of(folder) for folder in folders]
+    assert plain[0]["chat_template"] == "{{ messages }}" and plain[1]["roles"]
+    monkeypatch.undo()
+    (pieces / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": True}))
+    assert tokenizers.plain_tokenizer(open_source(str(pieces))) is None
+
+
 def test_cli_report_json_and_heat_map(family, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(family["a"].parent)
     code = compose_in_process(
