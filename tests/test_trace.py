@@ -224,6 +224,37 @@ def test_tokenizer_commonality(tmp_path):
     assert other.verdict == "shares" and not other.same_ids and not other.same_merges and not other.same_pre_tokenizer
 
 
+def test_tokenizer_facts_read_without_transformers_are_transformers_facts(tmp_path, monkeypatch):
+    """A folder transformers would load from tokenizer.json unchanged is read by the tokenizers library alone (no
+    transformers import): the facts are the ones transformers' tokenizer gives, field for field. A config key that
+    can change what transformers builds (add_bos_token) sends the folder through transformers."""
+    import composer.trace.tokenizers as tokenizers
+
+    def facts_of(folder: Path) -> dict:
+        facts = tokenizer_facts(open_source(str(folder)))
+        vocabulary = facts.vocabulary
+        return {
+            **{key: value for key, value in vars(facts).items() if key != "vocabulary"},
+            **{key: value for key, value in vars(vocabulary).items() if key != "encoder"},
+            "encoder": vocabulary.encoder.to_str(),
+        }
+
+    byte_level = tiny_model_with_tokenizer(tmp_path / "bl", byte_level_tokenizer(300), BYTE_LEVEL_SPECIAL, seed=1)
+    pieces = tiny_model_with_tokenizer(tmp_path / "sp", sentencepiece_tokenizer(300), SENTENCEPIECE_SPECIAL, seed=2)
+    (byte_level / "chat_template.jinja").write_text("{{ messages }}")
+    config = json.loads((pieces / "tokenizer_config.json").read_text())
+    (pieces / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": "{{ bos_token }}"}))
+    folders = (byte_level, pieces)
+    assert all(tokenizers.plain_tokenizer(open_source(str(folder))) is not None for folder in folders)
+    plain = [facts_of(folder) for folder in folders]
+    monkeypatch.setattr(tokenizers, "plain_tokenizer", lambda source: None)
+    assert plain == [facts_of(folder) for folder in folders]
+    assert plain[0]["chat_template"] == "{{ messages }}" and plain[1]["roles"]
+    monkeypatch.undo()
+    (pieces / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": True}))
+    assert tokenizers.plain_tokenizer(open_source(str(pieces))) is None
+
+
 def test_cli_report_json_and_heat_map(family, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(family["a"].parent)
     code = compose_in_process(
@@ -618,3 +649,33 @@ def test_a_small_share_left_by_continued_fine_tuning_is_not_a_parent():
     assert verdict(related, 0.3, is_recipe_base=False) == "parent"
     assert verdict(related, 0.0, is_recipe_base=True) == "parent"
     assert verdict(unrelated, 0.5, is_recipe_base=False) == "independent"
+
+
+def test_a_gguf_suspect_is_dequantised_a_block_of_rows_at_a_time_within_the_budget(family, cases, monkeypatch):
+    """A GGUF SUSPECT's matrices are dequantised in blocks of rows, never whole, so a trace with --verify and a
+    16 KB budget holds no dequantised piece above it (llama's q and k, which transformers permutes, are read whole:
+    64 x 64 float32 here, 16 KB); the report is the one a large budget gives (to rounding)."""
+    from composer.sources.gguf_file import GGUFFile
+
+    candidates = [str(family[n]) for n in ("a", "b", "other")]
+    large = trace_models(str(cases["Q8_0"]), candidates, TraceOptions(verify=True))
+    pieces = []
+    dequantised = GGUFFile._dequantized
+
+    def recorded(self, gguf_name, rows=None):
+        values = dequantised(self, gguf_name, rows)
+        pieces.append((gguf_name, values.nbytes))
+        return values
+
+    monkeypatch.setattr(GGUFFile, "_dequantized", recorded)
+    small = trace_models(str(cases["Q8_0"]), candidates, TraceOptions(verify=True, memory_budget=16 << 10))
+    largest = {}
+    for name, size in pieces:
+        largest[name] = max(size, largest.get(name, 0))
+    assert largest["token_embd.weight"] < 16 << 10 and max(largest.values()) <= 16 << 10
+    assert verdicts(small, family) == verdicts(large, family) == {"a": "parent", "b": "parent", "other": "independent"}
+    for mine, theirs in zip(small.layers, large.layers, strict=True):  # the sums taken in other blocks: rounding
+        assert [(m, j) for m, j, _ in mine.sources] == [(m, j) for m, j, _ in theirs.sources]
+        assert [w for _, _, w in mine.sources] == pytest.approx([w for _, _, w in theirs.sources], abs=1e-9)
+    assert small.verification.keys() == large.verification.keys()
+    assert all(abs(small.verification[n] - large.verification[n]) <= 1e-6 for n in large.verification)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,12 @@ class ModelSource(ABC):
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         """(file, offset, length) where tensor `name` is stored as it would be written (safetensors
         bytes), for a copy from file to file; None where it is not stored so."""
+        return None
+
+    def row_reader(self, name: str) -> Callable[[int, int], torch.Tensor] | None:
+        """A function giving rows [start, stop) of tensor `name` (seen as rows of its last axis), equal to those rows
+        of `read(name)`, for a source that can read part of a tensor it cannot hand out as stored bytes (a GGUF
+        file's quantised matrices); None where only `read` gives it."""
         return None
 
     def license(self) -> str | None:

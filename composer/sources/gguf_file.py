@@ -1,4 +1,5 @@
-"""GGUF files, dequantised one tensor at a time.
+"""GGUF files, dequantised one tensor at a time (or, for a reader that wants part of a 2-D tensor, a run of rows at a
+time: every row of a GGUF matrix is a whole number of quant blocks).
 
 The header (tensor table, licence) is read by composer's own parser, which touches no tensor data. Config
 and tokenizer are translated by transformers' GGUF support; the tensor names and the per-family fix-ups
@@ -8,7 +9,10 @@ read here equals what `from_pretrained(..., gguf_file=...)` loads.
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +33,9 @@ class GGUFFile(ModelSource):
             raise ComposerError(
                 f"{path} has no 'general.architecture' in its metadata, so composer cannot tell which model family it holds."
             )
-        self._memmap = None
+        self._descriptor: int | None = None
+        self._opening = threading.Lock()
+        self._row_readers: dict[str, Callable[[int, int], torch.Tensor] | None] = {}
 
     # ---- translation through transformers (metadata only) -------------------------------------------
 
@@ -125,25 +131,85 @@ class GGUFFile(ModelSource):
     # ---- tensor data -------------------------------------------------------------------------------
 
     def _tensor_bytes(self, entry: GGUFTensorEntry):
-        """The raw bytes of one tensor, as a read-only view of the memory-mapped file."""
+        """The raw bytes of one tensor, shaped as rows of quant blocks."""
+        return self._row_bytes(entry, 0, _numel(entry.byte_shape[:-1])).reshape(entry.byte_shape)
+
+    def _row_bytes(self, entry: GGUFTensorEntry, start: int, stop: int):
+        """The raw bytes of rows [start, stop) of one tensor (rows of its last axis), [stop - start, row bytes], read
+        into memory of their own: a map of the file would keep every page read resident (in the process's RSS) for
+        as long as the file is open, a whole model's worth by the end of a pass."""
         import numpy as np
 
-        if self._memmap is None:
-            self._memmap = np.memmap(self.path, mode="r", dtype=np.uint8)
-        return self._memmap[entry.offset : entry.offset + entry.nbytes].reshape(entry.byte_shape)
+        row_bytes = entry.byte_shape[-1]
+        raw = np.empty((stop - start, row_bytes), dtype=np.uint8)
+        view = memoryview(raw).cast("B")
+        with self._opening:  # readers on several threads share one descriptor
+            if self._descriptor is None:
+                self._descriptor = os.open(self.path, os.O_RDONLY)
+        offset, done = entry.offset + start * row_bytes, 0
+        while done < len(view):
+            try:
+                got = os.preadv(self._descriptor, [view[done:]], offset + done)
+            except OSError as error:
+                raise ComposerError(f"{self.path}: tensor '{entry.name}' could not be read ({error}).") from None
+            if got == 0:
+                raise ComposerError(
+                    f"{self.path}: tensor '{entry.name}' could not be read (the file ends before the tensor does). "
+                    "The file may have changed since it was opened."
+                )
+            done += got
+        return raw
 
-    def _dequantized(self, gguf_name: str):
+    def _dequantized(self, gguf_name: str, rows: tuple[int, int] | None = None):
+        """One GGUF tensor as float32 (numpy), or its rows [start, stop) as [rows, row length]."""
         from gguf import GGMLQuantizationType, dequantize
 
         entry = self.header.tensors[gguf_name]
-        raw = self._tensor_bytes(entry)
+        raw = self._tensor_bytes(entry) if rows is None else self._row_bytes(entry, *rows)
         try:
             values = dequantize(raw, GGMLQuantizationType(entry.ggml_type))
         except NotImplementedError:
             raise ComposerError(
                 f"{self.path}: tensor '{gguf_name}' is stored as {type_name(entry.ggml_type)}, which the gguf package cannot dequantise."
             ) from None
-        return values.reshape(entry.shape)
+        return values.reshape(entry.shape if rows is None else (rows[1] - rows[0], entry.shape[-1]))
+
+    def row_reader(self, name: str) -> Callable[[int, int], torch.Tensor] | None:
+        """For a matrix stored as one GGUF tensor that transformers' processor hands on unchanged (most; not llama's
+        permuted q and k rows, merged experts, offset norms), a function giving its rows [start, stop) in float32,
+        equal to those rows of `read(name)`; None for the others."""
+        if name not in self._row_readers:
+            self._row_readers[name] = self._make_row_reader(name)
+        return self._row_readers[name]
+
+    def _make_row_reader(self, name: str) -> Callable[[int, int], torch.Tensor] | None:
+        import numpy as np
+
+        gguf_names = self._gguf_names_of.get(name)
+        if gguf_names is None or len(gguf_names) != 1:
+            return None
+        entry = self.header.tensors[gguf_names[0]]
+        shape = self._infos[name].shape
+        if len(entry.shape) != 2 or len(shape) != 2 or tuple(shape) != tuple(entry.shape):
+            return None
+        # the processor is asked about a stand-in of the tensor's shape that takes no memory (every entry one
+        # zero): handed back as is, the tensor is the stored one, row for row
+        stand_in = np.broadcast_to(np.zeros((), dtype=np.float32), entry.shape)
+        hf_name_of, _ = self._mapping
+        try:
+            result = self._processor.process(
+                weights=stand_in, name=entry.name, tensor_key_mapping=hf_name_of, parsed_parameters={"tensors": {}}
+            )
+        except Exception:  # noqa: BLE001  (a processor that cannot take the stand-in: read whole, as before)
+            return None
+        if result.name is None or result.weights is not stand_in:
+            return None
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            values = self._dequantized(entry.name, (start, stop))
+            return torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+
+        return rows
 
     def read(self, name: str) -> torch.Tensor:
         import numpy as np
@@ -166,9 +232,9 @@ class GGUFFile(ModelSource):
         if name in parsed["tensors"]:  # assembled by the processor from several GGUF tensors
             tensor = parsed["tensors"][name].to(torch.float32)
         elif weights is not None:
-            # dequantize hands back a view of the read-only map for float32 tensors: copy those (only those)
-            # into memory the tensor owns, so it is writable and independent of the file
-            tensor = torch.from_numpy(np.require(weights, np.float32, ["C_CONTIGUOUS", "WRITEABLE", "OWNDATA"]))
+            # dequantize hands float32 tensors back as a view of the raw bytes, which this read owns: np.require
+            # copies only a view the processor made (a transpose)
+            tensor = torch.from_numpy(np.require(weights, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
         else:
             raise ComposerError(
                 f"{self.path}: transformers' GGUF processor produced nothing for tensor '{name}' (from {', '.join(gguf_names)})."
@@ -215,7 +281,13 @@ class GGUFFile(ModelSource):
         return value if isinstance(value, str) and value else None
 
     def close(self) -> None:
-        self._memmap = None
+        with self._opening:
+            descriptor, self._descriptor = self._descriptor, None
+        if descriptor is not None:
+            os.close(descriptor)
+
+    def release_files(self) -> None:
+        self.close()
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Reading tensors within `--memory-budget`: a tensor stored as plain bytes (safetensors) is read a block of rows
-at a time, straight from its file (or mapped a block at a time, for the fingerprint pass); any other (a GGUF tensor, which dequantises whole; a PyTorch pickle) is read
-whole, one tensor at a time, and handed out in the same blocks."""
+at a time, straight from its file (or mapped a block at a time, for the fingerprint pass); a GGUF matrix is
+dequantised a block of rows at a time (the source's row reader); any other (a GGUF tensor its processor changes, a
+PyTorch pickle) is read whole, one tensor at a time, and handed out in the same blocks."""
 
 from __future__ import annotations
 
@@ -53,6 +54,19 @@ def digest_aligned(rows: int, row_bytes: int) -> int:
     return max(step, rows // step * step)
 
 
+def runs(values: list[int]) -> list[tuple[int, int]]:
+    """[first, last) of each run of consecutive values in `values` (ascending)."""
+    found = []
+    start = 0
+    while start < len(values):
+        end = start + 1
+        while end < len(values) and values[end] == values[end - 1] + 1:
+            end += 1
+        found.append((values[start], values[end - 1] + 1))
+        start = end
+    return found
+
+
 class RowReader:
     """Blocks of a source's tensors, as [rows, row length] tensors in their stored dtype."""
 
@@ -79,6 +93,12 @@ class RowReader:
         when the block is let go, so the resident memory is the block's, as when it is read."""
         stored = self._stored(name)
         if stored is None:
+            part = self.source.row_reader(name)
+            if part is not None:
+                rows, _ = row_count(self.source.tensor_infos()[name].shape)
+                for start in range(0, rows, rows_per_block):
+                    yield start, part(start, min(rows, start + rows_per_block))
+                return
             whole = self.source.read(name)
             rows, length = row_count(tuple(whole.shape))
             flat = whole.reshape(rows, length)
@@ -122,29 +142,28 @@ class RowReader:
         """The rows at `indices` (sorted ascending), read one run of consecutive rows at a time where stored plainly."""
         stored = self._stored(name)
         if stored is None:
-            whole = self.source.read(name)
-            return whole.reshape(row_count(tuple(whole.shape)))[indices]
+            part = self.source.row_reader(name)
+            if part is None:
+                whole = self.source.read(name)
+                return whole.reshape(row_count(tuple(whole.shape)))[indices]
+            pieces = [part(first, last) for first, last in runs(indices.tolist())]
+            return torch.cat(pieces) if pieces else torch.empty(0, row_count(self.source.tensor_infos()[name].shape)[1])
         descriptor, offset, info = stored
         _, length = row_count(info.shape)
         row_bytes = length * info.dtype.itemsize
-        values = indices.tolist()
-        found = torch.empty(len(values), length, dtype=info.dtype)
+        found = torch.empty(len(indices), length, dtype=info.dtype)
         view = memoryview(found.view(torch.uint8).numpy()).cast("B")
-        start = 0
-        while start < len(values):  # one pread a run of consecutive rows, straight into its place
-            end = start + 1
-            while end < len(values) and values[end] == values[end - 1] + 1:
-                end += 1
-            self._pread_into(
-                descriptor, offset + values[start] * row_bytes, view[start * row_bytes : end * row_bytes], name
-            )
-            start = end
+        done = 0
+        for first, last in runs(indices.tolist()):  # one pread a run of consecutive rows, straight into its place
+            end = done + last - first
+            self._pread_into(descriptor, offset + first * row_bytes, view[done * row_bytes : end * row_bytes], name)
+            done = end
         return found
 
     def blocks_at(self, name: str, indices: torch.Tensor, rows_per_block: int) -> Iterator[torch.Tensor]:
         """The rows at `indices` (ascending), `rows_per_block` at a time; a tensor not stored plainly is read whole
         once and handed out in those blocks."""
-        if self._stored(name) is None:
+        if self._stored(name) is None and self.source.row_reader(name) is None:
             whole = self.source.read(name)
             flat = whole.reshape(row_count(tuple(whole.shape)))
             for start in range(0, len(indices), rows_per_block):

@@ -26,7 +26,7 @@ from composer.trace.tokenizers import (
     tokenizer_facts,
     tokenizer_key,
 )
-from composer.trace.verdict import ALPHA, IndependenceTest, independence_test, verdict
+from composer.trace.verdict import ALPHA, IndependenceTest, independence_tests, verdict
 from composer.trace.vocabulary_rows import is_vocabulary_matrix, row_map, vocabulary_pairs
 
 
@@ -176,7 +176,7 @@ def _trace(
 
 
 def _independence_tests(suspect: Fingerprinted, candidates: list[Candidate]) -> list[IndependenceTest]:
-    return [independence_test(suspect, candidate.fingerprinted) for candidate in candidates]
+    return independence_tests(suspect, [candidate.fingerprinted for candidate in candidates])
 
 
 def _trace_with(

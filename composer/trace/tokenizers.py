@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from composer.errors import ComposerError
 from composer.sources import ModelSource
@@ -15,6 +16,19 @@ from composer.sources.base import TOKENIZER_FILES
 from composer.sources.tokenizer import load_source_tokenizer
 
 UNRELATED_BELOW = 0.3  # shares of vocabulary under this are what any two tokenizers of one script have in common
+
+# A tokenizer folder whose tokenizer_config.json says no more than these keys, with a tokenizer.json whose special
+# tokens it names are there already, is one transformers' TokenizersBackend hands on as tokenizer.json has it: it is
+# read with the tokenizers library alone, without importing transformers (over a second of CPU). Any other key
+# (add_bos_token, add_prefix_space, added or extra special tokens, ...) can change what transformers builds.
+ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
+PLAIN_CONFIG_KEYS = frozenset(
+    {f"{role}_token" for role in ROLES}
+    | {"backend", "tokenizer_class", "model_max_length", "is_local", "local_files_only", "chat_template"}
+    | {"clean_up_tokenization_spaces", "padding_side", "truncation_side", "model_input_names"}
+)
+PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+TRANSFORMERS_ONLY_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.json")
 
 
 @dataclass
@@ -81,7 +95,7 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
 
     if not source.has_tokenizer():
         return None
-    tokenizer = load_source_tokenizer(source, "tokenizer commonality needs one")
+    tokenizer = plain_tokenizer(source) or load_source_tokenizer(source, "tokenizer commonality needs one")
     try:
         vocabulary = Vocabulary.from_tokenizer(tokenizer, source.reference)
     except (TokenSurgeryError, ValueError, KeyError) as error:
@@ -102,6 +116,52 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
         spec.get("pre_tokenizer"),
         vocabulary,
     )
+
+
+def plain_tokenizer(source: ModelSource) -> SimpleNamespace | None:
+    """What tokenizer_facts reads of transformers' tokenizer (the backend, the roles' ids, the chat template), from
+    a folder's tokenizer.json by the tokenizers library alone, where transformers would load that file unchanged
+    (PLAIN_CONFIG_KEYS); None elsewhere (and for files it cannot parse: transformers then says what is wrong)."""
+    from tokenizers import Tokenizer
+
+    folder_file = getattr(source, "folder_file", None)
+    if folder_file is None or any(folder_file(name) is not None for name in TRANSFORMERS_ONLY_FILES):
+        return None
+    spec_path, config_path = folder_file("tokenizer.json"), folder_file("tokenizer_config.json")
+    if spec_path is None or config_path is None:
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        backend = Tokenizer.from_file(str(spec_path))
+    except (OSError, ValueError, Exception):  # noqa: BLE001  (tokenizers raises a bare Exception on a bad file)
+        return None
+    if (
+        not isinstance(config, dict)
+        or not set(config) <= PLAIN_CONFIG_KEYS
+        or config.get("tokenizer_class") not in PLAIN_CLASSES
+        or backend.get_vocab_size() > 100_000  # transformers may patch the pre-tokenizer of large (Mistral) ones
+    ):
+        return None
+    # transformers adds each named token as a special one (special, not normalised, nothing stripped): it must be one
+    added = {entry.get("content"): entry for entry in json.loads(backend.to_str()).get("added_tokens") or []}
+    plain = {"special": True, "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
+    ids = {}
+    for role in ROLES:
+        token = config.get(f"{role}_token")
+        if token is None:
+            ids[f"{role}_token_id"] = None
+            continue
+        entry = added.get(token) if isinstance(token, str) else None
+        if entry is None or any(entry.get(key) != value for key, value in plain.items()):
+            return None
+        ids[f"{role}_token_id"] = entry["id"]
+    template_path = folder_file("chat_template.jinja")
+    template = config.get("chat_template")
+    if template_path is not None:
+        template = template_path.read_text(encoding="utf-8")
+    elif template is not None and not isinstance(template, str):
+        return None
+    return SimpleNamespace(backend_tokenizer=backend, chat_template=template, **ids)
 
 
 def compare_tokenizers(

@@ -65,6 +65,9 @@ class UnfusedExperts(ModelSource):
         expert_bytes = length * len(fused.pieces)
         return path, offset + piece.expert * expert_bytes + piece.position * length, length
 
+    def row_reader(self, name: str):
+        return None if name in self.pieces else self.source.row_reader(name)
+
     def config(self) -> dict:
         return self.source.config()
 

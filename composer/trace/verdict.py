@@ -71,19 +71,24 @@ def _best_per_layer(scores: torch.Tensor, positions: torch.Tensor, layers: int) 
     return best.scatter_reduce(-1, positions.expand_as(scores), scores, "amax")
 
 
-def independence_test(suspect: Fingerprinted, candidate: Fingerprinted, seed: int = 0) -> IndependenceTest:
-    """Each SUSPECT matrix is compared with every candidate matrix of its shape in a layer and the best taken, in
-    the observed pairing and in each shuffled one alike, so choosing the partner biases neither. One matrix
-    product a SUSPECT matrix scores it against all of the candidate's matrices of its shape, in every pairing."""
+def independence_tests(
+    suspect: Fingerprinted, candidates: list[Fingerprinted], seed: int = 0
+) -> list[IndependenceTest]:
+    """Each candidate's test. Each SUSPECT matrix is compared with every candidate matrix of its shape in a layer and
+    the best taken, in the observed pairing and in each shuffled one alike, so choosing the partner biases neither.
+    One matrix product a SUSPECT matrix scores it against all of a candidate's matrices of its shape, in every
+    pairing. The rows sampled and the shuffles depend on SUSPECT and the seed alone: they are drawn once, for every
+    candidate (each candidate's test is the one it would have on its own)."""
     generator = torch.Generator().manual_seed(seed)
-    c_layers = list(candidate.model.layers)
-    by_shape = _matrices_by_shape(candidate, c_layers)
-    observed_layers, null_layers = [], []
-    pairs = 0
+    c_layers = [list(candidate.model.layers) for candidate in candidates]
+    by_shape = [_matrices_by_shape(candidate, layers) for candidate, layers in zip(candidates, c_layers)]
+    observed_layers: list[list[float]] = [[] for _ in candidates]
+    null_layers: list[list[torch.Tensor]] = [[] for _ in candidates]
+    pairs = [0] * len(candidates)
     for layer in suspect.model.layers.values():
-        observed = torch.zeros(len(c_layers))
-        null = torch.zeros(PERMUTATIONS, len(c_layers))
-        counted = torch.zeros(len(c_layers))
+        observed = [torch.zeros(len(layers)) for layers in c_layers]
+        null = [torch.zeros(PERMUTATIONS, len(layers)) for layers in c_layers]
+        counted = [torch.zeros(len(layers)) for layers in c_layers]
         for name in layer.values():
             sketch = suspect.prints[name].sketch
             if sketch is None:
@@ -91,33 +96,42 @@ def independence_test(suspect: Fingerprinted, candidate: Fingerprinted, seed: in
             shape = suspect.prints[name].shape
             count = sketch.shape[0]
             rows = torch.randperm(count, generator=generator)[:ROWS] if count > ROWS else torch.arange(count)
-            mine = _unit_rows(sketch, rows)
-            shuffled = mine[torch.rand(PERMUTATIONS, len(rows), generator=generator).argsort(dim=1)]
-            if shape not in by_shape:
+            order = torch.rand(PERMUTATIONS, len(rows), generator=generator).argsort(dim=1)
+            if not any(shape in shapes for shapes in by_shape):
                 continue
-            sketches, positions = by_shape[shape]
-            theirs = sketches[:, rows]
-            theirs = (theirs / theirs.norm(dim=2, keepdim=True).clamp_min(1e-30)).reshape(len(positions), -1)
-            seen = _best_per_layer(theirs @ mine.reshape(-1) / len(rows), positions, len(c_layers))
-            shuffled_seen = _best_per_layer(
-                shuffled.reshape(PERMUTATIONS, -1) @ theirs.T / len(rows), positions, len(c_layers)
-            )
-            present = torch.isfinite(seen)
-            observed += seen.where(present, 0.0)
-            null += shuffled_seen.where(present, 0.0)
-            counted += present
-            pairs += int(present.sum())
-        if counted.sum() == 0:
+            mine = _unit_rows(sketch, rows)
+            # the shuffled rows, [PERMUTATIONS, rows * SKETCH_WIDTH] (index_select: the same copy as mine[order], faster)
+            shuffled = mine.index_select(0, order.reshape(-1)).reshape(PERMUTATIONS, -1)
+            for number, shapes in enumerate(by_shape):
+                if shape not in shapes:
+                    continue
+                sketches, positions = shapes[shape]
+                theirs = sketches[:, rows]
+                theirs = (theirs / theirs.norm(dim=2, keepdim=True).clamp_min(1e-30)).reshape(len(positions), -1)
+                width = len(c_layers[number])
+                seen = _best_per_layer(theirs @ mine.reshape(-1) / len(rows), positions, width)
+                shuffled_seen = _best_per_layer(shuffled @ theirs.T / len(rows), positions, width)
+                present = torch.isfinite(seen)
+                observed[number] += seen.where(present, 0.0)
+                null[number] += shuffled_seen.where(present, 0.0)
+                counted[number] += present
+                pairs[number] += int(present.sum())
+        for number in range(len(candidates)):
+            if counted[number].sum() == 0:
+                continue
+            scale = counted[number].clamp_min(1)
+            observed_layers[number].append(float((observed[number] / scale).max()))
+            null_layers[number].append((null[number] / scale).max(dim=1).values)
+    tests = []
+    for number in range(len(candidates)):
+        if not observed_layers[number]:
+            tests.append(IndependenceTest(0.0, 0.0, 0.0, 1.0, 0))
             continue
-        scale = counted.clamp_min(1)
-        observed_layers.append(float((observed / scale).max()))
-        null_layers.append((null / scale).max(dim=1).values)
-    if not observed_layers:
-        return IndependenceTest(0.0, 0.0, 0.0, 1.0, 0)
-    statistic = sum(observed_layers) / len(observed_layers)
-    null_statistic = torch.stack(null_layers).mean(dim=0).double()
-    mean, std = float(null_statistic.mean()), float(null_statistic.std())
-    return IndependenceTest(statistic, mean, std, cantelli_bound(statistic, mean, std), pairs)
+        statistic = sum(observed_layers[number]) / len(observed_layers[number])
+        null_statistic = torch.stack(null_layers[number]).mean(dim=0).double()
+        mean, std = float(null_statistic.mean()), float(null_statistic.std())
+        tests.append(IndependenceTest(statistic, mean, std, cantelli_bound(statistic, mean, std), pairs[number]))
+    return tests
 
 
 def cantelli_bound(statistic: float, mean: float, std: float) -> float:
