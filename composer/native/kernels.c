@@ -251,6 +251,15 @@ static void add_magnitude(int64_t *sums, uint16_t magnitude) {
         add_to_slot(sums, exponent ? exponent : 1, fraction | (exponent ? 0x80 : 0));
 }
 
+/* A finite bf16 magnitude (bit pattern) as a count of units of 2^(unit - 134), in 32 bits: for blocks whose span
+ * keeps every count below 2^32 (`WORD_SPAN`, `NARROW_SPAN`); 0 for a zero magnitude. */
+static inline uint32_t units_of(uint32_t magnitude, int unit) {
+    const uint32_t exponent = magnitude >> 7;
+    const uint32_t significand = (magnitude & 0x7Fu) | (exponent ? 0x80u : 0u);
+    const int shift = (int)(exponent ? exponent : 1u) - unit;
+    return significand << (shift < 0 ? 0 : shift);
+}
+
 /* The span of a block's magnitudes (bit patterns, sign cleared) as `add_magnitudes_spanned` takes it: the
  * largest pattern, and the smallest nonzero one less 1 (0xFFFF when there is none), tracked with
  * `track_span` as the magnitudes are made, so no loop goes over them for it alone. */
@@ -287,10 +296,7 @@ static void add_magnitudes_spanned(
     if (top - bottom <= WORD_SPAN) {  /* totals below 2^32: no widening to 64-bit lanes */
         uint32_t total = 0, kept_total = 0;
         for (int j = 0; j < length; j++) {
-            const uint32_t magnitude = magnitudes[j], exponent = magnitude >> 7;
-            const uint32_t significand = (magnitude & 0x7Fu) | (exponent ? 0x80u : 0u);
-            const int shift = (int)(exponent ? exponent : 1u) - unit;
-            const uint32_t amount = significand << (shift < 0 ? 0 : shift);  /* 0 for a zero magnitude */
+            const uint32_t amount = units_of(magnitudes[j], unit);
             total += amount;
             if (keep != NULL)
                 kept_total += amount & -(uint32_t)(keep[j] != 0);
@@ -303,10 +309,7 @@ static void add_magnitudes_spanned(
     if (top - bottom <= NARROW_SPAN) {  /* each amount below 2^31: computed in 32-bit lanes, twice as many a vector */
         uint64_t total = 0, kept_total = 0;
         for (int j = 0; j < length; j++) {
-            const uint32_t magnitude = magnitudes[j], exponent = magnitude >> 7;
-            const uint32_t significand = (magnitude & 0x7Fu) | (exponent ? 0x80u : 0u);
-            const int shift = (int)(exponent ? exponent : 1u) - unit;
-            const uint32_t amount = significand << (shift < 0 ? 0 : shift);  /* 0 for a zero magnitude */
+            const uint32_t amount = units_of(magnitudes[j], unit);
             total += amount;
             if (keep != NULL)
                 kept_total += keep[j] ? amount : 0u;
@@ -378,10 +381,7 @@ static void add_dare_magnitudes(
     }
     uint32_t total = 0, kept_total = 0;  /* below 2^32: see add_magnitudes_spanned */
     for (int j = 0; j < length; j++) {
-        const uint32_t magnitude = magnitudes[j], exponent = magnitude >> 7;
-        const uint32_t significand = (magnitude & 0x7Fu) | (exponent ? 0x80u : 0u);
-        const int shift = (int)(exponent ? exponent : 1u) - unit;
-        const uint32_t amount = significand << (shift < 0 ? 0 : shift);  /* 0 for a zero magnitude */
+        const uint32_t amount = units_of(magnitudes[j], unit);
         total += amount;
         kept_total += amount & -(uint32_t)((int)levels[j] < threshold);
     }
