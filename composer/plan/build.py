@@ -150,30 +150,9 @@ class _Planner:
     def _check_parameter_names(self) -> None:
         known = {parameter.name for parameter in self.method.parameters}
         known |= {parameter.name for parameter in self.fallback.parameters} if self.fallback else set()
-        places: list[tuple[tuple, dict | None, bool]] = [
-            (("parameters",), self.recipe.parameters, False)
-        ]  # (where, settings, per model)
-        places += [
-            (("models", i, "parameters"), entry.parameters, True) for i, entry in enumerate(self.recipe.models or [])
-        ]
-        for i, output_slice in enumerate(self.recipe.slices or []):
-            places.append((("slices", i, "parameters"), output_slice.parameters, False))
-            places += [
-                (("slices", i, "sources", j, "parameters"), s.parameters, True)
-                for j, s in enumerate(output_slice.sources)
-            ]
+        places = _parameter_places((), self.recipe)  # (where, settings, per model)
         for name, module in (self.recipe.modules or {}).items():
-            places.append((("modules", name, "parameters"), module.parameters, False))
-            places += [
-                (("modules", name, "models", i, "parameters"), entry.parameters, True)
-                for i, entry in enumerate(module.models or [])
-            ]
-            for i, output_slice in enumerate(module.slices or []):
-                places.append((("modules", name, "slices", i, "parameters"), output_slice.parameters, False))
-                places += [
-                    (("modules", name, "slices", i, "sources", j, "parameters"), s.parameters, True)
-                    for j, s in enumerate(output_slice.sources)
-                ]
+            places += _parameter_places(("modules", name), module)
         for where, parameters, per_model in places:
             for name in list(parameters or {}):
                 if name not in known:
@@ -984,6 +963,22 @@ def _did_you_mean(name: str) -> str:
 
     close = difflib.get_close_matches(name, sorted(parameter_names()), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _parameter_places(prefix: tuple, holder) -> list[tuple[tuple, dict | None, bool]]:
+    """Where `holder` (a merge or one of its modules) sets parameters: (its key path under `prefix`, the settings,
+    whether they are one model's)."""
+    places: list[tuple[tuple, dict | None, bool]] = [(prefix + ("parameters",), holder.parameters, False)]
+    places += [
+        (prefix + ("models", i, "parameters"), entry.parameters, True) for i, entry in enumerate(holder.models or [])
+    ]
+    for i, output_slice in enumerate(holder.slices or []):
+        places.append((prefix + ("slices", i, "parameters"), output_slice.parameters, False))
+        places += [
+            (prefix + ("slices", i, "sources", j, "parameters"), source.parameters, True)
+            for j, source in enumerate(output_slice.sources)
+        ]
+    return places
 
 
 def model_location(recipe: Merge, reference: str) -> tuple:
