@@ -67,6 +67,17 @@ def open_regular(path: Path, what: str = "") -> int:
     return descriptor
 
 
+def fill_from(descriptor: int, offset: int, view: memoryview) -> None:
+    """Fill `view` with the file's bytes from `offset` on, with pread (no map, no file position shared between
+    threads). EOFError, saying how many bytes were missing, where the file ends first; OSError as pread raises it."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(descriptor, [view[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"the file ends {len(view) - done} bytes before the tensor does")
+        done += got
+
+
 def read_bytes(path: Path, what: str = "", limit: int = SMALL_FILE_LIMIT) -> bytes:
     """The whole of a regular file of at most `limit` bytes."""
     descriptor = open_regular(path, what)

@@ -17,6 +17,7 @@ import os
 import threading
 from pathlib import Path
 
+from composer.files import fill_from
 from composer.native.scan import checksum_of_pieces
 
 JOURNAL_FILE = ".composer-journal.jsonl"
@@ -65,12 +66,7 @@ def checksum_of_range(path: Path, offset: int, length: int) -> str | None:
     def pieces(descriptor: int):
         for start in range(0, length, _CHECK_PIECE):
             view = memoryview(buffer)[: min(length - start, _CHECK_PIECE)]
-            got = 0
-            while got < len(view):
-                count = os.preadv(descriptor, [view[got:]], offset + start + got)
-                if count == 0:
-                    raise EOFError
-                got += count
+            fill_from(descriptor, offset + start, view)
             yield view
 
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.files import fill_from
 from composer.sources.base import ModelSource, TensorInfo
 from composer.sources.gguf_format import GGUFTensorEntry, read_gguf_header, type_name
 
@@ -146,18 +147,15 @@ class GGUFFile(ModelSource):
         with self._opening:  # readers on several threads share one descriptor
             if self._descriptor is None:
                 self._descriptor = os.open(self.path, os.O_RDONLY)
-        offset, done = entry.offset + start * row_bytes, 0
-        while done < len(view):
-            try:
-                got = os.preadv(self._descriptor, [view[done:]], offset + done)
-            except OSError as error:
-                raise ComposerError(f"{self.path}: tensor '{entry.name}' could not be read ({error}).") from None
-            if got == 0:
-                raise ComposerError(
-                    f"{self.path}: tensor '{entry.name}' could not be read (the file ends before the tensor does). "
-                    "The file may have changed since it was opened."
-                )
-            done += got
+        try:
+            fill_from(self._descriptor, entry.offset + start * row_bytes, view)
+        except EOFError:
+            raise ComposerError(
+                f"{self.path}: tensor '{entry.name}' could not be read (the file ends before the tensor does). "
+                "The file may have changed since it was opened."
+            ) from None
+        except OSError as error:
+            raise ComposerError(f"{self.path}: tensor '{entry.name}' could not be read ({error}).") from None
         return raw
 
     def _dequantized(self, gguf_name: str, rows: tuple[int, int] | None = None):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
-from composer.files import open_regular, printable
+from composer.files import fill_from, open_regular, printable
 from composer.memory import empty
 
 DTYPE_BY_CODE = {
@@ -162,13 +162,7 @@ def read_into(descriptor: int, offset: int, shape: tuple[int, ...], dtype: torch
     for size in shape:
         count *= size
     buffer = empty((count * dtype.itemsize,), torch.uint8)
-    view = memoryview(buffer.numpy()).cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(descriptor, [view[done:]], offset + done)
-        if got == 0:
-            raise EOFError(f"the file ends {len(view) - done} bytes before the tensor does")
-        done += got
+    fill_from(descriptor, offset, memoryview(buffer.numpy()).cast("B"))
     return buffer.view(dtype).reshape(shape)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from composer.errors import ComposerError
+from composer.files import fill_from
 from composer.native.scan import SCAN_BLOCK
 from composer.sources import ModelSource
 from composer.sources.safetensors_format import read_into
@@ -184,20 +185,13 @@ class RowReader:
             ) from None
 
     def _pread_into(self, descriptor: int, offset: int, view: memoryview, name: str) -> None:
-        done = 0
-        while done < len(view):
-            try:
-                got = os.preadv(descriptor, [view[done:]], offset + done)
-            except OSError as error:
-                got, problem = 0, str(error)
-            else:
-                problem = f"the file ends {len(view) - done} bytes before the tensor does"
-            if got == 0:
-                raise ComposerError(
-                    f"Model '{self.source.reference}': tensor '{name}' could not be read ({problem}). "
-                    "The file may have changed since it was opened."
-                )
-            done += got
+        try:
+            fill_from(descriptor, offset, view)
+        except (OSError, EOFError) as error:
+            raise ComposerError(
+                f"Model '{self.source.reference}': tensor '{name}' could not be read ({error}). "
+                "The file may have changed since it was opened."
+            ) from None
 
     def close(self) -> None:
         descriptors, self._descriptors = self._descriptors, {}
