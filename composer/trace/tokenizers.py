@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from composer.errors import ComposerError
+from composer.files import read_json_object
 from composer.sources import ModelSource
 from composer.sources.base import TOKENIZER_FILES
 from composer.sources.tokenizer import load_source_tokenizer
@@ -131,13 +132,12 @@ def plain_tokenizer(source: ModelSource) -> SimpleNamespace | None:
     if spec_path is None or config_path is None:
         return None
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json_object(config_path, "tokenizer config")
         backend = Tokenizer.from_file(str(spec_path))
-    except (OSError, ValueError, Exception):  # noqa: BLE001  (tokenizers raises a bare Exception on a bad file)
+    except Exception:  # noqa: BLE001  (ComposerError, or a bare Exception from tokenizers on a bad file)
         return None
     if (
-        not isinstance(config, dict)
-        or not set(config) <= PLAIN_CONFIG_KEYS
+        not set(config) <= PLAIN_CONFIG_KEYS
         or config.get("tokenizer_class") not in PLAIN_CLASSES
         or backend.get_vocab_size() > 100_000  # transformers may patch the pre-tokenizer of large (Mistral) ones
     ):
