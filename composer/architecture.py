@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from composer.architecture_experts import ExpertLayout, Experts, ExpertsFile, FusedTensor, counted
 from composer.errors import ComposerError
+from composer.output_rules import OutputRules, OutputRulesFile
 from composer.yaml_text import load_package_data
 
 
@@ -44,6 +45,7 @@ class ArchitectureFile(BaseModel):
     tie_word_embeddings: bool | None = None  # transformers' default for the family (None: ask transformers)
     experts: ExpertsFile | None = None
     layer_index_keys: list[str] = []  # lists of layer indices (Llama 4's `moe_layers`)
+    output_rules: OutputRulesFile | None = None  # what transformers needs of the output (composer/output_rules.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Architecture:
     inferred: bool = False
     notes: tuple[str, ...] = field(default=())
     experts: Experts | None = None  # a mixture-of-experts family: its expert layers; layer_tensors are then the rest
+    output_rules: OutputRules | None = None  # None: only transformers can say whether it would load an output
 
     def layer_weights(self, index: int, moe: MoELayer | None = None) -> list[LayerWeight]:
         """The tensors of layer `index`. For a mixture-of-experts family, without `moe` only those every layer has
@@ -129,10 +132,26 @@ def declared_architectures() -> dict[str, Architecture]:
             tie_word_embeddings=spec.tie_word_embeddings,
             experts=Experts.from_file(spec.experts) if spec.experts is not None else None,
             layer_index_keys=tuple(spec.layer_index_keys),
+            output_rules=_output_rules(spec, path),
         )
         for model_type in spec.model_types:
             by_model_type[model_type] = architecture
     return by_model_type
+
+
+def _output_rules(spec: ArchitectureFile, path) -> OutputRules | None:
+    if spec.output_rules is None:
+        return None
+    weights = {weight.name for weight in spec.pre + spec.post}
+    names = weights | set(spec.layers.tensors) | set(spec.layers.optional)
+    required = weights | set(spec.layers.tensors)
+    try:
+        rules = OutputRules(spec.output_rules, names)
+        if missing := sorted(required - set(rules.shapes)):
+            raise ValueError(f"no shapes are given for {missing}")
+    except ValueError as error:
+        raise ComposerError(f"Architecture definition {path} is invalid: output_rules: {error}") from None
+    return rules
 
 
 def architecture_for(config: dict, reference: str = "the model") -> Architecture:

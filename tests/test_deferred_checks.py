@@ -1,5 +1,5 @@
-"""The output config is checked from the architecture definition while planning, and by transformers (a meta-device
-build, which takes seconds to import) beside the first writes: a run whose output transformers would not load
+"""The output config is checked from the architecture definition while planning, and, for a family whose definition
+has no `output_rules:`, by transformers (a meta-device build, which takes seconds to import) beside the first writes: a run whose output transformers would not load
 fails, and leaves nothing at OUT; `compose plan` does the whole check before it shows anything."""
 
 import json
@@ -25,9 +25,10 @@ def _with_config(folder: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def biased_config_model(tmp_path_factory) -> Path:
-    """Weights without attention biases under a config that says they have them: only transformers knows that
-    `attention_bias` adds tensors, so only the late check can refuse the output."""
-    folder = save_tiny_model(tmp_path_factory.mktemp("biased") / "model", layers=2)
+    """Weights without attention biases under a config that says they have them, of a family whose definition has no
+    `output_rules:` (a mixture of experts): only transformers knows that `attention_bias` adds tensors, so only the
+    late check can refuse the output. (For a family with rules, planning refuses it: tests/test_output_rules.py.)"""
+    folder = save_tiny_model(tmp_path_factory.mktemp("biased") / "model", "qwen3_moe", layers=2)
     return _with_config(folder, attention_bias=True)
 
 

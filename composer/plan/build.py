@@ -22,6 +22,7 @@ from composer.plan.model import COPY, Operation, Plan, PlannedTensor, TensorRef
 from composer.plan.modules import ModuleInputs, module_inputs
 from composer.plan.output_config import (
     check_output_config,
+    check_with_output_rules,
     rewrite_config,
     validate_against_transformers,
     validate_language_model,
@@ -725,10 +726,14 @@ class _Planner:
 
         shapes = {t.name: t.shape for t in tensors}
         check_output_config(architecture, config, shapes, base_ref)  # the language model's config, for a VLM
+        plan_checks = []
         if output_tower is None:
             loadable = deferred_loadable_check(
                 config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref)
             )
+            if check_with_output_rules(architecture, config, shapes, base_ref):
+                # checked now, from the definition; transformers' own check is left to `compose plan`
+                plan_checks, loadable = [loadable] if loadable is not None else [], None
         else:
             config = with_dtype(output_tower.with_text_config(config), self.out_dtype)
             loadable = deferred_loadable_check(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))
@@ -748,6 +753,7 @@ class _Planner:
             notes=(self.vocabulary.summary() if self.vocabulary is not None else []) + self._module_notes(modules),
             calibration=calibration,
             deferred_checks=[loadable] if loadable is not None else [],
+            plan_checks=plan_checks,
         )
 
     def _vision_tensors(

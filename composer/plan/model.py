@@ -126,14 +126,16 @@ class Plan:
     # checks of the output that import transformers (seconds): each raises a ComposerError if the output would not
     # load; the executor runs them beside the first writes and commits the output only when they pass
     deferred_checks: list[Callable[[], None]] = field(default_factory=list)
+    # checks that only `compose plan` runs: transformers' own, where the architecture definition's rules answered for a run
+    plan_checks: list[Callable[[], None]] = field(default_factory=list)
     # (function, arguments) that build this same plan in another process (a cluster's worker), the function a
     # module-level one; None where the plan holds what another process cannot rebuild (sources opened by a caller)
     replay: tuple[Callable[..., Plan], tuple] | None = None
     calibration: CalibrationRequest | None = None  # a calibration method's pass, still to be attached to the plan
 
     def run_deferred_checks(self) -> None:
-        """Run the deferred checks now (for a dry run, which writes nothing)."""
-        for check in self.deferred_checks:
+        """Run the deferred checks now, and those only a dry run makes (for a dry run, which writes nothing)."""
+        for check in self.deferred_checks + self.plan_checks:
             check()
 
     def input_bytes(self) -> int:

@@ -114,6 +114,37 @@ def check_output_config(
             )
 
 
+def check_with_output_rules(
+    architecture: Architecture, config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str
+) -> bool:
+    """What transformers would check of the output (its config's types, and its tensors exactly those the config
+    describes), from the definition's `output_rules:`, without importing it. False when the definition has none."""
+    if architecture.output_rules is None:
+        return False
+    expected = shapes_from_rules(architecture, config, reference)
+    compare_shapes(f"{architecture.output_rules.config_class} model", expected, planned_shapes, reference)
+    return True
+
+
+def shapes_from_rules(architecture: Architecture, config: dict, reference: str) -> dict[str, tuple[int, ...]]:
+    """The tensors (name -> shape) transformers' model for `config` holds as saved, by the definition's rules (which
+    it must have), after the rules' checks of `config` itself."""
+    rules = architecture.output_rules
+    values = rules.check_config(config, f"'{reference}'")
+    tied = config.get("tie_word_embeddings", values.get("tie_word_embeddings", architecture.tie_word_embeddings))
+    weights = [
+        (weight.name, weight.name) for weight in architecture.pre + architecture.post if not (weight.tied_to and tied)
+    ]
+    for index in range(architecture.layer_count(config, f"the output (config from '{reference}')")):
+        weights += [
+            (weight.name, weight.suffix)
+            for weight in architecture.layer_weights(index)
+            if weight.suffix in rules.shapes
+        ]
+    expected = {name: rules.expected(name, key, values, f"'{reference}'") for name, key in weights}
+    return {name: shape for name, shape in expected.items() if shape is not None}
+
+
 def validate_against_transformers(config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str) -> None:
     """Build the output model on the meta device and require its tensors to be exactly the planned ones."""
     model = build_meta_model(config, f"the output (config from '{reference}')")
@@ -146,6 +177,13 @@ def compare_with_transformers(
     for key, value in text_config.to_dict().items():
         if key.endswith("layer_types") and isinstance(value, list) and len(value) != layer_count:
             raise ComposerError(f"Output config key '{key}' has {len(value)} entries for {layer_count} layers.")
+    compare_shapes(model.__class__.__name__, expected, planned_shapes, reference)
+
+
+def compare_shapes(
+    model_class: str, expected: dict[str, tuple[int, ...]], planned_shapes: dict[str, tuple[int, ...]], reference: str
+) -> None:
+    """Refuse a plan whose tensors are not exactly `expected` (name -> shape), as transformers' `model_class` holds them."""
     missing = sorted(set(expected) - set(planned_shapes))
     unexpected = sorted(set(planned_shapes) - set(expected))
     if missing or unexpected:
@@ -155,7 +193,7 @@ def compare_with_transformers(
         if unexpected:
             parts.append(f"it has {len(unexpected)} tensor(s) transformers does not know, e.g. '{unexpected[0]}'")
         raise ComposerError(
-            f"The output would not load with transformers ({model.__class__.__name__}): {'; '.join(parts)}. Nothing was written."
+            f"The output would not load with transformers ({model_class}): {'; '.join(parts)}. Nothing was written."
         )
     for name, shape in planned_shapes.items():
         if expected[name] != shape:

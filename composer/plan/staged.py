@@ -216,6 +216,7 @@ def plan_with_stages(
         stages=methods,
         deferred_checks=[check for stage in planned.values() for check in stage.plan.deferred_checks]
         + output.deferred_checks,
+        plan_checks=[check for stage in planned.values() for check in stage.plan.plan_checks] + output.plan_checks,
     )
 
 
