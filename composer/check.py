@@ -128,6 +128,7 @@ def check_recipe(recipe_path: Path, memory_budget: int) -> str:
     """The report of a recipe checked from its models' configs and headers; a ComposerError for what is wrong."""
     _, plan = plan_from_file(recipe_path, open_headers_only)
     try:
+        plan.run_deferred_checks()  # transformers' build of the output, which a run makes beside its first writes
         schedule = make_schedule(plan, memory_budget)
         how = (
             "stages " + " -> ".join(f"{name} ({method})" for name, method in plan.stages)

@@ -72,3 +72,11 @@ def test_a_vocab_size_the_weights_lack_is_refused_while_planning(tmp_path):
     with pytest.raises(ComposerError, match="321") as raised:
         build_plan(parse_recipe(text, "recipe"), text)
     assert "model.embed_tokens.weight" in str(raised.value) and "320 vocabulary rows" in str(raised.value)
+
+
+def test_compose_check_does_the_whole_check_too(biased_config_model, tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(_passthrough(biased_config_model))
+    assert compose_in_process(monkeypatch, "check", recipe) != 0
+    shown = capsys.readouterr()
+    assert "would not load with transformers" in shown.err and shown.out == ""
