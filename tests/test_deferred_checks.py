@@ -58,10 +58,13 @@ def test_a_run_that_fails_the_late_check_leaves_no_output(biased_config_model, t
     assert list(tmp_path.iterdir()) == []  # no partial folder left beside OUT either
 
 
-def test_compose_plan_does_the_whole_check_up_front(biased_config_model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["plan", "check"])
+def test_compose_plan_and_check_do_the_whole_check_up_front(
+    biased_config_model, tmp_path, monkeypatch, capsys, command
+):
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(_passthrough(biased_config_model))
-    assert compose_in_process(monkeypatch, "plan", recipe) != 0
+    assert compose_in_process(monkeypatch, command, recipe) != 0
     shown = capsys.readouterr()
     assert "would not load with transformers" in shown.err and shown.out == ""
 
@@ -72,11 +75,3 @@ def test_a_vocab_size_the_weights_lack_is_refused_while_planning(tmp_path):
     with pytest.raises(ComposerError, match="321") as raised:
         build_plan(parse_recipe(text, "recipe"), text)
     assert "model.embed_tokens.weight" in str(raised.value) and "320 vocabulary rows" in str(raised.value)
-
-
-def test_compose_check_does_the_whole_check_too(biased_config_model, tmp_path, monkeypatch, capsys):
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(_passthrough(biased_config_model))
-    assert compose_in_process(monkeypatch, "check", recipe) != 0
-    shown = capsys.readouterr()
-    assert "would not load with transformers" in shown.err and shown.out == ""

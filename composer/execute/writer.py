@@ -91,7 +91,10 @@ class ShardedWriter:
                     self._descriptors.append(descriptor)
                     if not (reuse and os.pread(descriptor, len(header), 0) == header):
                         self.reused = False
-                        os.ftruncate(descriptor, 0)
+                        # only a file with bytes in it is emptied: on ext4, truncating a file to zero makes its
+                        # close start writing back every dirty page first (~1 s a 1.6 GB shard, measured)
+                        if os.fstat(descriptor).st_size:
+                            os.ftruncate(descriptor, 0)
                         os.pwrite(descriptor, header, 0)
                     os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in members))
                 for tensor in members:
