@@ -143,7 +143,7 @@ def _output_rules(spec: ArchitectureFile, path) -> OutputRules | None:
     if spec.output_rules is None:
         return None
     weights = {weight.name for weight in spec.pre + spec.post}
-    names = weights | set(spec.layers.tensors) | set(spec.layers.optional)
+    names = weights | set(spec.layers.tensors) | set(spec.layers.optional) | _expert_tensor_names(spec.experts)
     required = weights | set(spec.layers.tensors)
     try:
         rules = OutputRules(spec.output_rules, names)
@@ -152,6 +152,20 @@ def _output_rules(spec: ArchitectureFile, path) -> OutputRules | None:
     except ValueError as error:
         raise ComposerError(f"Architecture definition {path} is invalid: output_rules: {error}") from None
     return rules
+
+
+def _expert_tensor_names(experts: ExpertsFile | None) -> set[str]:
+    """The layer-relative names a mixture-of-experts layer may hold, per-expert ones with their `{e}`."""
+    if experts is None:
+        return set()
+    names = set()
+    for layout in experts.layouts:
+        names |= set(layout.tensors) | set(layout.optional) | set(layout.each_expert)
+        names |= {fused.name for fused in layout.fused}
+    for mlp in (experts.dense_mlp, experts.shared):
+        if mlp is not None:
+            names |= {mlp.gate, mlp.up, mlp.down} | ({mlp.gated_by} if getattr(mlp, "gated_by", None) else set())
+    return names
 
 
 def architecture_for(config: dict, reference: str = "the model") -> Architecture:

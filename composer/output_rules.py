@@ -8,7 +8,8 @@ A definition's rules say, for its model type:
 - `multiple_of`: pairs `[a, b]` where a must be a whole multiple of b (the width and the attention heads);
 - `shapes`: each tensor's shape as expressions of config keys (`num_attention_heads * head_dim`), by full name for
   tensors outside the layer stack and by the name within a layer for the rest; an optional tensor says `when:` a
-  config key makes the model hold it, and is refused otherwise.
+  config key makes the model hold it, and is refused otherwise. A mixture of experts' rules name per-expert
+  tensors with `{e}` and read the family's expert count as `experts`.
 
 tests/test_output_rules.py holds each definition against the installed transformers: its `config` against the
 config class's declared fields, its shapes against models built on the meta device over many configs.
@@ -168,7 +169,7 @@ class OutputRules:
             used |= {name for tree in sizes + ([when] if when else []) for name in _names(tree)}
         for tree in self.derived.values():
             used |= _names(tree)
-        undeclared = sorted(used - set(self.declarations) - set(self.derived))
+        undeclared = sorted(used - set(self.declarations) - set(self.derived) - {"experts"})
         if undeclared:
             raise ValueError(f"rules use config keys the `config` table does not declare: {undeclared}")
 
@@ -200,6 +201,7 @@ class OutputRules:
             if (
                 isinstance(values.get(whole), int)
                 and isinstance(values.get(part), int)
+                and values[part] > 0
                 and values[whole] % values[part]
             ):
                 raise ComposerError(

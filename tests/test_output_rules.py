@@ -122,8 +122,9 @@ def test_a_value_of_the_wrong_type_is_refused_where_transformers_refuses_it(name
     assert disagreements == []
 
 
-def _variants(model_type: str, rules) -> list[dict]:
+def _variants(architecture) -> list[dict]:
     """Configs that move each size the rules read and switch each flag that adds tensors."""
+    rules = architecture.output_rules
     keys = rules.declarations
     variants = [{}, {"num_key_value_heads": 4}, {"intermediate_size": 96, "vocab_size": 300}]
     if "head_dim" in keys or "head_dim" in rules.derived:
@@ -132,6 +133,10 @@ def _variants(model_type: str, rules) -> list[dict]:
         variants.append({"head_dim": None})
     variants += [{flag: True} for flag in ("attention_bias", "mlp_bias", "use_qk_norm") if flag in keys]
     variants += [{"tie_word_embeddings": tie} for tie in (True, False)]
+    # which layers hold experts, and how many
+    variants += [{key: value} for key, value in (("mlp_only_layers", [0]), ("decoder_sparse_step", 2)) if key in keys]
+    if architecture.experts is not None:  # every name of the count at once (transformers maps one to the other)
+        variants.append({key: 2 for key in architecture.experts.count_keys})
     # keys a config.json leaves out, which transformers fills with defaults or derives from others
     variants += [{key: LEFT_OUT} for key in ("head_dim", "num_key_value_heads", "tie_word_embeddings", "n_inner")]
     kept = ("hidden_size", "n_embd", "num_attention_heads", "n_head", "num_hidden_layers", "n_layer")
@@ -146,7 +151,7 @@ LEFT_OUT = object()
 def test_the_shapes_of_the_rules_are_transformers_own(name):
     architecture = _architecture(name)
     (model_type,) = architecture.model_types
-    for variant in _variants(model_type, architecture.output_rules):
+    for variant in _variants(architecture):
         for layers in (1, 3):
             config = tiny_config(model_type, layers).to_dict() | variant
             config = {
@@ -161,10 +166,15 @@ def test_the_shapes_of_the_rules_are_transformers_own(name):
                     shapes_from_rules(architecture, config, "m")
                 continue
             saved = checkpoint_shapes(model)
-            if getattr(model.config, "tie_word_embeddings", False):
-                for target in tied_parameter_names(model):
-                    saved.pop(target, None)
-            assert shapes_from_rules(architecture, config, "m") == saved, (variant, layers)
+            in_memory = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+            for held in (saved, in_memory):
+                if getattr(model.config, "tie_word_embeddings", False):
+                    for target in tied_parameter_names(model):
+                        held.pop(target, None)
+            # a mixture of experts: one tensor per expert is how transformers saves it, fused how it holds them
+            for layout in architecture.experts.layouts if architecture.experts else [None]:
+                wanted = in_memory if layout is not None and layout.fused else saved
+                assert shapes_from_rules(architecture, config, "m", layout) == wanted, (variant, layers, layout)
 
 
 def test_a_run_of_a_ruled_architecture_does_not_import_transformers_and_plan_still_asks_it(tmp_path, monkeypatch):

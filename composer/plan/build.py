@@ -731,7 +731,8 @@ class _Planner:
             loadable = deferred_loadable_check(
                 config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref)
             )
-            if check_with_output_rules(architecture, config, shapes, base_ref):
+            layout = next((moe.layout for moe in moe_layers if moe is not None and moe.sparse), None)
+            if check_with_output_rules(architecture, config, shapes, base_ref, layout):
                 # checked now, from the definition; transformers' own check is left to `compose plan`
                 plan_checks, loadable = [loadable] if loadable is not None else [], None
         else:

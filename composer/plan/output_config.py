@@ -5,16 +5,19 @@ the first tensors' writes: `transformers_facts.deferred_loadable_check`)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 
 from composer.architecture import (
     Architecture,
+    MoELayer,
     build_meta_model,
     check_sizes,
     checkpoint_shapes,
     tied_parameter_names,
 )
+from composer.architecture_experts import ExpertLayout
 from composer.errors import ComposerError
 from composer.plan.transformers_facts import config_defaults
 from composer.plan.vision_language import build_meta_vision_language_model, language_model_tensors
@@ -115,32 +118,52 @@ def check_output_config(
 
 
 def check_with_output_rules(
-    architecture: Architecture, config: dict, planned_shapes: dict[str, tuple[int, ...]], reference: str
+    architecture: Architecture,
+    config: dict,
+    planned_shapes: dict[str, tuple[int, ...]],
+    reference: str,
+    expert_layout: ExpertLayout | None = None,
 ) -> bool:
     """What transformers would check of the output (its config's types, and its tensors exactly those the config
-    describes), from the definition's `output_rules:`, without importing it. False when the definition has none."""
+    describes), from the definition's `output_rules:`, without importing it. False when the definition has none.
+    `expert_layout`: how a mixture of experts' output holds its experts (transformers loads either layout)."""
     if architecture.output_rules is None:
         return False
-    expected = shapes_from_rules(architecture, config, reference)
+    expected = shapes_from_rules(architecture, config, reference, expert_layout)
     compare_shapes(f"{architecture.output_rules.config_class} model", expected, planned_shapes, reference)
     return True
 
 
-def shapes_from_rules(architecture: Architecture, config: dict, reference: str) -> dict[str, tuple[int, ...]]:
+_EXPERT_INDEX = re.compile(r"\.\d+\.")
+
+
+def shapes_from_rules(
+    architecture: Architecture, config: dict, reference: str, expert_layout: ExpertLayout | None = None
+) -> dict[str, tuple[int, ...]]:
     """The tensors (name -> shape) transformers' model for `config` holds as saved, by the definition's rules (which
-    it must have), after the rules' checks of `config` itself."""
+    it must have), after the rules' checks of `config` itself. A mixture of experts' layers hold their experts in
+    `expert_layout` (default: the definition's first), its rules reading the expert count as `experts`."""
     rules = architecture.output_rules
     values = rules.check_config(config, f"'{reference}'")
     tied = config.get("tie_word_embeddings", values.get("tie_word_embeddings", architecture.tie_word_embeddings))
     weights = [
         (weight.name, weight.name) for weight in architecture.pre + architecture.post if not (weight.tied_to and tied)
     ]
-    for index in range(architecture.layer_count(config, f"the output (config from '{reference}')")):
-        weights += [
-            (weight.name, weight.suffix)
-            for weight in architecture.layer_weights(index)
-            if weight.suffix in rules.shapes
-        ]
+    layer_count = architecture.layer_count(config, f"the output (config from '{reference}')")
+    experts = architecture.experts
+    layers: list[MoELayer | None] = [None] * layer_count
+    if experts is not None:
+        # a config without an expert count gets transformers' default, as every other key the rules read
+        counts = config if any(key in config for key in experts.count_keys) else values
+        values["experts"] = experts.count(counts, f"'{reference}'", architecture.name)
+        layout = expert_layout or experts.layouts[0]
+        sparse = experts.sparse_layers(config, layer_count, f"'{reference}'")
+        layers = [MoELayer(flag, layout, values["experts"]) for flag in sparse]
+    for index, moe in enumerate(layers):
+        for weight in architecture.layer_weights(index, moe):
+            key = weight.suffix if weight.suffix in rules.shapes else _EXPERT_INDEX.sub(".{e}.", weight.suffix, count=1)
+            if key in rules.shapes:
+                weights.append((weight.name, key))
     expected = {name: rules.expected(name, key, values, f"'{reference}'") for name, key in weights}
     return {name: shape for name, shape in expected.items() if shape is not None}
 
