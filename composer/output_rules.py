@@ -35,7 +35,7 @@ _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)
 
 class TensorRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    shape: list[str]
+    shape: list[str | int]
     when: str | None = None  # a config key (or `not KEY`) that makes the model hold this tensor
 
 
@@ -45,7 +45,7 @@ class OutputRulesFile(BaseModel):
     config: dict[str, str]
     derived: dict[str, str] = {}
     multiple_of: list[tuple[str, str]] = []
-    shapes: dict[str, list[str | int] | TensorRule]
+    shapes: dict[str, TensorRule]  # a plain list is read as {shape: LIST}
 
     @field_validator("shapes", mode="before")
     @classmethod

@@ -26,10 +26,10 @@ def _with_config(folder: Path, **changes) -> Path:
 @pytest.fixture(scope="module")
 def biased_config_model(tmp_path_factory) -> Path:
     """Weights with attention biases under a config that says they have none, of a family whose definition has no
-    `output_rules:` (Qwen2-MoE): only transformers knows that `qkv_bias` decides those tensors, so only the late
+    `output_rules:` (gpt-oss): only transformers knows that `attention_bias` decides those tensors, so only the late
     check can refuse the output. (For a family with rules, planning refuses it: tests/test_output_rules.py.)"""
-    folder = save_tiny_model(tmp_path_factory.mktemp("biased") / "model", "qwen2_moe", layers=2)
-    return _with_config(folder, qkv_bias=False)
+    folder = save_tiny_model(tmp_path_factory.mktemp("biased") / "model", "gpt_oss", layers=2)
+    return _with_config(folder, attention_bias=False)
 
 
 def _passthrough(model: Path) -> str:

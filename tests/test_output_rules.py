@@ -131,7 +131,8 @@ def _variants(architecture) -> list[dict]:
         variants.append({"head_dim": 8})
     if "head_dim" not in keys or "None" in keys["head_dim"].kinds:
         variants.append({"head_dim": None})
-    variants += [{flag: True} for flag in ("attention_bias", "mlp_bias", "use_qk_norm") if flag in keys]
+    flags = ("attention_bias", "mlp_bias", "qkv_bias", "use_qk_norm")
+    variants += [{flag: not keys[flag].default} for flag in flags if flag in keys]
     variants += [{"tie_word_embeddings": tie} for tie in (True, False)]
     # which layers hold experts, and how many
     variants += [{key: value} for key, value in (("mlp_only_layers", [0]), ("decoder_sparse_step", 2)) if key in keys]
