@@ -29,7 +29,7 @@ LAYERS = [
     ("tokensurgery",),  # importable on its own: it imports nothing of composer
     ("composer.native",),
     ("composer.sources",),
-    ("architectures", "composer.architecture", "composer.architecture_experts"),
+    ("architectures", "composer.architecture", "composer.architecture_experts", "composer.output_rules"),
     ("composer.methods",),
     ("composer.recipe",),
     ("composer.plan",),
