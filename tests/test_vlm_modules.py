@@ -209,6 +209,9 @@ def test_module_keys_and_names_are_refused_with_their_line():
         ComposerError, match=r"r.yml, line 5: 'modules.text_decoder' is given, and so is 'modules.default'"
     ):
         parse_recipe(both, "r.yml")
+    unnamed = "modules:\n  text:\n    slices:\n      - sources: [{model: a, layer_range: [0, 4]}]\nmerge_method: passthrough\n"
+    with pytest.raises(ComposerError, match=r"r.yml, line 1: 'modules' holds 'text' but no language model's module"):
+        parse_recipe(unnamed, "r.yml")
 
 
 def test_a_modules_slices_must_take_the_whole_tower(gemma, tmp_path):

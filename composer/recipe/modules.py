@@ -129,6 +129,15 @@ def lift_language_module(
     modules_node = _value_node(node, "modules")
     _give_merge_parameters(data, node, modules, modules_node)
     language = next((name for name in LANGUAGE_MODULES if name in modules), None)
+    if language is None and not any(key in data for key in ("models", "slices", "stages")):
+        _refuse(
+            root,
+            source_name,
+            location,
+            f"holds {', '.join(repr(name) for name in modules)} but no language model's module ('default' in a text "
+            "model, 'text_decoder' in a vision-language one), and the merge has no 'models' or 'slices' of its own: "
+            "name the language model's module one of those, or give its 'models' or 'slices' at the top level.",
+        )
     if language is None:
         return
     module = modules.pop(language)
