@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import re
+import reprlib
 
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -179,7 +180,7 @@ class OutputRules:
         for key, declaration in self.declarations.items():
             if key in config and not declaration.accepts(config[key]):
                 raise ComposerError(
-                    f"The config.json of {reference} gives '{key}' as {_shown(config[key])}, which transformers' "
+                    f"The config.json of {reference} gives '{key}' as {reprlib.repr(config[key])}, which transformers' "
                     f"{self.config_class} refuses: it takes {_wanted(declaration)}. Correct '{key}' in that "
                     "config.json. Nothing was written."
                 )
@@ -189,7 +190,7 @@ class OutputRules:
             if key in config and key not in self.declarations:
                 if not _is_size(config[key]):
                     raise ComposerError(
-                        f"The config.json of {reference} gives '{key}' as {_shown(config[key])}; transformers' model "
+                        f"The config.json of {reference} gives '{key}' as {reprlib.repr(config[key])}; transformers' model "
                         f"reads it as a size, a whole number of at least 1. Correct or remove '{key}' in that "
                         "config.json. Nothing was written."
                     )
@@ -232,11 +233,6 @@ def _is_size(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:80] + " ..."
-
-
 def _wanted(declaration: KeyDeclaration) -> str:
     names = {"int": "a whole number", "float": "a decimal number (1.0, not 1)", "bool": "true or false",
              "str": "a string", "dict": "a mapping", "None": "null", "list[int]": "a list of whole numbers",
@@ -258,6 +254,6 @@ def _check_dtype(config: dict, reference: str) -> None:
             continue
         if not isinstance(name, str) or not isinstance(getattr(torch, name, None), torch.dtype):
             raise ComposerError(
-                f"The config.json of {reference} gives '{key}' as {_shown(name)}, which is not a torch dtype "
+                f"The config.json of {reference} gives '{key}' as {reprlib.repr(name)}, which is not a torch dtype "
                 "(bfloat16, float16, float32, ...). Correct it in that config.json. Nothing was written."
             )

@@ -14,6 +14,7 @@ from composer.architecture import build_meta_model, checkpoint_shapes, declared_
 from composer.compose import compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
+from composer.output_rules import KeyDeclaration
 from composer.plan import build_plan
 from composer.plan.output_config import shapes_from_rules
 from composer.recipe import parse_recipe
@@ -76,21 +77,10 @@ def test_a_config_table_is_what_transformers_declares(name):
     architecture = _architecture(name)
     (model_type,) = architecture.model_types
     wanted = _declared_by_transformers(model_type)
-    declared = {key: _type_text_of(declaration) for key, declaration in architecture.output_rules.declarations.items()}
-    expected = {key: _type_text_of_text(text) for key, text in wanted.items()}
-    assert declared == expected, "the table transformers declares:\n" + "\n".join(
+    expected = {key: KeyDeclaration.parse(text) for key, text in wanted.items()}
+    assert architecture.output_rules.declarations == expected, "the table transformers declares:\n" + "\n".join(
         f"    {key}: {text}" for key, text in wanted.items()
     )
-
-
-def _type_text_of(declaration) -> tuple:
-    return (declaration.kinds, declaration.default, declaration.has_default, declaration.low, declaration.high)
-
-
-def _type_text_of_text(text: str) -> tuple:
-    from composer.output_rules import KeyDeclaration
-
-    return _type_text_of(KeyDeclaration.parse(text))
 
 
 HOSTILE_VALUES = [True, 0, 1, 2.5, "yes", None, [1, 2], [True], ["a"], {"rope_type": "default"}, -1.0]

@@ -28,7 +28,7 @@ from composer.plan.output_config import (
     validate_language_model,
     with_dtype,
 )
-from composer.plan.transformers_facts import config_defaults, deferred_loadable_check
+from composer.plan.transformers_facts import config_defaults, deferred_loadable_check, loadable_check
 from composer.plan.vision_language import (
     LanguageTower,
     check_language_models_agree,
@@ -728,13 +728,16 @@ class _Planner:
         check_output_config(architecture, config, shapes, base_ref)  # the language model's config, for a VLM
         plan_checks = []
         if output_tower is None:
-            loadable = deferred_loadable_check(
-                config, shapes, lambda c, s: validate_against_transformers(c, s, base_ref)
-            )
             layout = next((moe.layout for moe in moe_layers if moe is not None and moe.sparse), None)
+
+            def with_transformers(output_config: dict, output_shapes: dict) -> None:
+                validate_against_transformers(output_config, output_shapes, base_ref)
+
             if check_with_output_rules(architecture, config, shapes, base_ref, layout):
                 # checked now, from the definition; transformers' own check is left to `compose plan`
-                plan_checks, loadable = [loadable] if loadable is not None else [], None
+                plan_checks, loadable = [loadable_check(config, shapes, with_transformers)], None
+            else:
+                loadable = deferred_loadable_check(config, shapes, with_transformers)
         else:
             config = with_dtype(output_tower.with_text_config(config), self.out_dtype)
             loadable = deferred_loadable_check(config, shapes, lambda c, s: validate_language_model(c, s, base_ref))

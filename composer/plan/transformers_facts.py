@@ -105,9 +105,8 @@ def deferred_loadable_check(
     """None when `check(config, planned_shapes)` passed before for exactly this question; otherwise a function that
     runs it (raising what it raises) and remembers a pass. The question is copied now, so later changes to `config`
     do not change it."""
-    config = copy.deepcopy(config)
-    shapes = dict(planned_shapes)
-    key = _key("loadable", {"config": config, "shapes": sorted((name, list(shape)) for name, shape in shapes.items())})
+    config, shapes = copy.deepcopy(config), dict(planned_shapes)
+    key = _loadable_key(config, shapes)
     if _load().get(key) is not None:
         return None
 
@@ -116,3 +115,22 @@ def deferred_loadable_check(
         _store(key, True)
 
     return run
+
+
+def loadable_check(config: dict, planned_shapes: dict[str, tuple[int, ...]], check) -> Callable[[], None]:
+    """A function that runs `check(config, planned_shapes)` unless it passed before for exactly this question, and
+    remembers a pass: `deferred_loadable_check` for a check that may never run (only `compose plan` runs it), so the
+    cache is read then, not while planning. The question is copied now."""
+    config, shapes = copy.deepcopy(config), dict(planned_shapes)
+
+    def run() -> None:
+        key = _loadable_key(config, shapes)
+        if _load().get(key) is None:
+            check(config, shapes)
+            _store(key, True)
+
+    return run
+
+
+def _loadable_key(config: dict, shapes: dict[str, tuple[int, ...]]) -> str:
+    return _key("loadable", {"config": config, "shapes": sorted((name, list(shape)) for name, shape in shapes.items())})
