@@ -341,7 +341,8 @@ def test_finite_outputs_give_no_warning(tmp_path, models, recwarn):
 
 
 def test_the_scan_sees_nan_and_both_infinities_in_every_float_dtype_and_sums_the_same_bytes_on_both_paths():
-    from composer.native.scan import EXPONENTS, holds_nonfinite, numpy_scan, scan
+    from composer.native.checksum import numpy_scan
+    from composer.native.scan import EXPONENTS, holds_nonfinite, scan
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         clean = torch.randn(10_001).to(dtype)
@@ -360,7 +361,8 @@ def test_the_scan_sees_nan_and_both_infinities_in_every_float_dtype_and_sums_the
 
 
 def test_the_checksum_of_pieces_is_the_checksum_of_the_whole():
-    from composer.native.scan import SCAN_BLOCK, checksum_of_pieces, checksum_text, scan
+    from composer.native.checksum import SCAN_BLOCK, checksum_of_pieces, checksum_text
+    from composer.native.scan import scan
 
     data = torch.randint(0, 256, (5 * SCAN_BLOCK + 123,), dtype=torch.uint8).numpy()
     whole = memoryview(data).cast("B")

@@ -15,8 +15,8 @@ from composer.compose import compose_moe_text, compose_text
 from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.sources import open_source
-from composer.trace import TraceOptions, trace_models
 from composer.trace.report import format_report, layer_t
+from composer.trace.run import TraceOptions, trace_models
 from composer.trace.tokenizers import compare_tokenizers, tokenizer_facts
 from helpers import (
     BYTE_LEVEL_SPECIAL,

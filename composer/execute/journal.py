@@ -2,7 +2,7 @@
 
 One JSON object a line, appended as each tensor's bytes are handed to the kernel: first the run's
 identity (a digest of everything that decides the output's bytes), then one line per finished tensor
-with the checksum of its bytes (composer.native.scan), or, for a tensor copied file to file, where it
+with the checksum of its bytes (composer.native.checksum), or, for a tensor copied file to file, where it
 was copied from. A process
 that is killed leaves at worst a torn last line, which is ignored. Resuming checks every entry against
 the bytes really in the shard (a power loss can lose what the journal says was written) and redoes
@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from composer.files import fill_from
-from composer.native.scan import checksum_of_pieces
+from composer.native.checksum import checksum_of_pieces
 
 JOURNAL_FILE = ".composer-journal.jsonl"
 # on a cluster, each try of a unit of work journals into a file of its own here (many machines never append to one

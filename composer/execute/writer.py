@@ -15,7 +15,8 @@ import torch
 
 from composer.errors import ComposerError
 from composer.execute.journal import Journal, checksum_of_range
-from composer.native.scan import checksum_text, scan
+from composer.native.checksum import checksum_text
+from composer.native.scan import scan
 from composer.plan.model import PlannedTensor
 from composer.sources.safetensors_format import build_header
 

@@ -18,8 +18,9 @@ import torch
 
 from composer.errors import ComposerError
 from composer.memory import recycling, release_freed_memory
-from composer.native.scan import checksum_of_pieces
+from composer.native.checksum import checksum_of_pieces
 from composer.trace.layout import TracedModel
+from composer.trace.prescan import Prescan
 from composer.trace.reading import digest_aligned, row_count, rows_within
 
 SKETCH_WIDTH = 16
@@ -67,22 +68,52 @@ def fingerprint(name: str, shape: tuple[int, ...], dtype: torch.dtype, blocks) -
                     torch.matmul(block[chosen[first:last] - start].float(), matrix, out=sketch[first:last])
             yield memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
-    digest = f"{dtype}:{tuple(shape)}:{checksum_of_pieces(pieces())}"
-    return TensorPrint(name, tuple(shape), dtype, digest, sketch)
+    return TensorPrint(name, tuple(shape), dtype, digest_text(dtype, shape, checksum_of_pieces(pieces())), sketch)
 
 
-def fingerprint_model(model: TracedModel, memory_budget: int, progress=None) -> dict[str, TensorPrint]:
+def digest_text(dtype: torch.dtype, shape: tuple[int, ...], checksum: str) -> str:
+    return f"{dtype}:{tuple(shape)}:{checksum}"
+
+
+def prescanned(model: TracedModel, name: str, prescan: Prescan | None) -> TensorPrint | None:
+    """The print of a plainly stored tensor whose checksum the prescan took, reading only its sketched rows; None
+    where the prescan has no checksum for it."""
+    located = model.reader.stored_range(name) if prescan is not None else None
+    checksum = prescan.checksum(*located) if located is not None else None
+    if checksum is None:
+        return None
+    info = model.infos[name]
+    rows, length = row_count(info.shape)
+    sketch = None
+    if len(info.shape) >= 2:
+        chosen = sketched_rows(rows)
+        # the sketch, which is kept, is allocated before the rows' temporaries, which are not: after them, each
+        # sketch would pin the heap's top above the freed temporaries (0.5 GB of heap over a model of 1.7 GB)
+        sketch = torch.empty(len(chosen), SKETCH_WIDTH)
+        picked = model.reader.mapped_rows(name, chosen)
+        if picked is None:
+            return None
+        torch.matmul(picked.float(), projection(length), out=sketch)
+    return TensorPrint(name, tuple(info.shape), info.dtype, digest_text(info.dtype, info.shape, checksum), sketch)
+
+
+def fingerprint_model(
+    model: TracedModel, memory_budget: int, progress=None, prescan: Prescan | None = None
+) -> dict[str, TensorPrint]:
     """Every tensor of `model`, read once, one at a time, a block of rows at a time: a block and its float32 copy
     take at most about half of `memory_budget`. A safetensors block is its file's pages mapped in place (no copy
     out of the page cache: half the pass's CPU time); other blocks are read into recycled memory
-    (composer.memory), which spares the page faults of a fresh map per block."""
+    (composer.memory), which spares the page faults of a fresh map per block. A tensor `prescan` has checksummed
+    is not read again: only its sketched rows are."""
     prints = {}
     with recycling():
         for name, info in model.infos.items():
             _, length = row_count(info.shape)
             block = digest_aligned(rows_within(memory_budget // 2, length, copies=3), length * info.dtype.itemsize)
             try:
-                prints[name] = fingerprint(name, info.shape, info.dtype, model.reader.blocks(name, block, mapped=True))
+                prints[name] = prescanned(model, name, prescan) or fingerprint(
+                    name, info.shape, info.dtype, model.reader.blocks(name, block, mapped=True)
+                )
             except ComposerError as error:
                 raise ComposerError(f"The model '{model.reference}' cannot be read: {error}") from None
             if progress is not None:

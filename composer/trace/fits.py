@@ -318,7 +318,7 @@ def single_mover_signature(
     if float(((y_delta == 0) & moving.any(dim=0)).float().mean()) < SPARSE_ZEROS / 10:
         return None  # SUSPECT hardly ever stays at the base where a task vector moves: no trim, no drop
     step = rounding_steps(as_stored, dtype)
-    if not any(_zero_can_count(tau, y_delta, step) for tau in taus):
+    if not any(zero_can_count(tau, y_delta, step) for tau in taus):
         return None  # where SUSPECT stays at the base, a dense merge's rounding explains it: no trim, no drop
     used = list(range(len(taus)))
     found = [SingleMovers(0.0)] * len(taus)
@@ -368,21 +368,23 @@ SLACK_ENTRIES = (SINGLE_MOVERS // 10) * 9 // 10
 MIN_MARGIN = 1.5
 
 
-def _zero_can_count(tau, y_delta, step) -> bool:
+def zero_can_count(tau, y_delta, step) -> bool:
     """Whether `_single_movers` could count an entry where SUSPECT stays at the base as a zero of a sparsified merge
     for this task vector, whichever single movers it is given: that needs |c tau| >= 1.5 steps there, and c, to
     pass the test of one coefficient, is within SLACK_BOUND of the ratio at SLACK_ENTRIES or more entries of
     |tau| >= 4 steps (bounded here over all such entries, a superset of any single movers'). A cheap bound that
     spares the full test for dense merges, whose zeros are task vectors of a step or two that rounding took away.
-    Slightly loose margins keep float32 rounding on the safe side."""
-    zeros = (y_delta == 0) & (tau != 0)
-    if not bool(zeros.any()):
+    Slightly loose margins keep float32 rounding on the safe side. Masks are applied with `where`, not by picking
+    entries out: on a sample of 2^18 entries that halves the cost, and the values compared are the same."""
+    at_base = y_delta == 0
+    # the largest task vector, in steps, that SUSPECT left out (0: it stays at the base only where no task vector moves)
+    widest = float(torch.where(at_base, tau.abs() / step, 0.0).max())
+    if widest == 0:
         return False
-    widest = float((tau[zeros].abs() / step[zeros]).max())  # the largest task vector, in steps, SUSPECT left out
-    large = (tau.abs() >= 4 * step) & (y_delta != 0)
+    large = (tau.abs() >= 4 * step) & ~at_base
     if int(large.sum()) < SLACK_ENTRIES:
         return False
-    ratios = (y_delta[large] / tau[large]).abs()
+    ratios = torch.where(large, (y_delta / tau).abs(), -math.inf)
     bound = float(ratios.topk(SLACK_ENTRIES).values[-1]) + SLACK_BOUND + 2e-3
     return bound * widest * (1 + 1e-3) >= MIN_MARGIN
 

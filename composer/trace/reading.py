@@ -8,14 +8,16 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from composer.errors import ComposerError
 from composer.files import fill_from
-from composer.native.scan import SCAN_BLOCK
+from composer.native.checksum import SCAN_BLOCK
 from composer.sources import ModelSource
 from composer.sources.safetensors_format import read_into
 
@@ -74,18 +76,26 @@ class RowReader:
     def __init__(self, source: ModelSource):
         self.source = source
         self._descriptors: dict[str, int] = {}
+        self._opening = threading.Lock()
 
-    def _stored(self, name: str):
+    def stored_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of the tensor's bytes where the file holds it as it is read (plainly stored)."""
         located = self.source.byte_range(name)
         if located is None:
             return None
-        path, offset, length = located
         info = self.source.tensor_infos()[name]
-        if length != math.prod(info.shape) * info.dtype.itemsize:
+        return located if located[2] == math.prod(info.shape) * info.dtype.itemsize else None
+
+    def _stored(self, name: str):
+        located = self.stored_range(name)
+        if located is None:
             return None
-        descriptor = self._descriptors.get(str(path))
-        if descriptor is None:
-            descriptor = self._descriptors[str(path)] = os.open(path, os.O_RDONLY)
+        path, offset, _ = located
+        info = self.source.tensor_infos()[name]
+        with self._opening:  # the trace's workers read one model's tensors at once
+            descriptor = self._descriptors.get(str(path))
+            if descriptor is None:
+                descriptor = self._descriptors[str(path)] = os.open(path, os.O_RDONLY)
         return descriptor, offset, info
 
     def blocks(self, name: str, rows_per_block: int, mapped: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
@@ -115,7 +125,7 @@ class RowReader:
             yield start, read(descriptor, offset + start * row_bytes, (count, length), info.dtype, name)
 
     def _mapped(
-        self, descriptor: int, offset: int, shape: tuple[int, int], dtype: torch.dtype, name: str
+        self, descriptor: int, offset: int, shape: tuple[int, int], dtype: torch.dtype, name: str, populate: bool = True
     ) -> torch.Tensor:
         size = shape[0] * shape[1] * dtype.itemsize
         if size == 0:
@@ -130,7 +140,7 @@ class RowReader:
         pages = mmap.mmap(
             descriptor,
             offset + size - first,
-            flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+            flags=mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0),
             prot=mmap.PROT_READ,
             offset=first,
         )
@@ -138,6 +148,17 @@ class RowReader:
             warnings.filterwarnings("ignore", "The given buffer is not writable")
             found = torch.frombuffer(pages, dtype=torch.uint8, count=size, offset=offset - first)
         return found.view(dtype).reshape(shape)
+
+    def mapped_rows(self, name: str, indices: torch.Tensor) -> torch.Tensor | None:
+        """A copy of the rows at `indices` of a plainly stored tensor, gathered from its file's pages mapped in place
+        (only the pages those rows lie on are read); None for a tensor not stored plainly."""
+        stored = self._stored(name)
+        if stored is None or not hasattr(mmap, "MAP_POPULATE"):
+            return None
+        descriptor, offset, info = stored
+        rows, length = row_count(info.shape)
+        whole = self._mapped(descriptor, offset, (rows, length), info.dtype, name, populate=False)
+        return whole[indices]
 
     def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """The rows at `indices` (sorted ascending), read one run of consecutive rows at a time where stored plainly."""

@@ -16,6 +16,7 @@ from composer.trace.experts import is_mixture, moe_layer, moe_recipe_text
 from composer.trace.fingerprints import fingerprint_model
 from composer.trace.layers import CandidateMatch, Fingerprinted, match_candidate
 from composer.trace.layout import TracedModel, open_traced
+from composer.trace.prescan import Prescan
 from composer.trace.provenance import Provenance, check_provenance
 from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
 from composer.trace.recover import MIN_SIMILARITY, Candidate, LayerFit, Recovery, TensorFit, layer_summary, partner
@@ -132,23 +133,33 @@ def _contributions(layers: list[LayerFit], references: list[str]) -> dict[str, f
 
 
 def trace_models(
-    suspect_reference: str, candidate_references: list[str], options: TraceOptions, progress=None
+    suspect_reference: str,
+    candidate_references: list[str],
+    options: TraceOptions,
+    progress=None,
+    prescan: Prescan | None = None,
 ) -> TraceReport:
-    references = check_references(suspect_reference, candidate_references, options.base)
+    """`prescan`: one the caller started on these references before importing torch (composer.cli); when None, one
+    is started here. It is stopped when the trace ends."""
     opened: list[TracedModel] = []
     try:
+        references = check_references(suspect_reference, candidate_references, options.base)
+        if prescan is None:
+            prescan = Prescan([suspect_reference, *references])
         suspect_model = open_traced(suspect_reference, "SUSPECT")
         opened.append(suspect_model)
         for reference in references:
             opened.append(open_traced(reference, "candidate"))
-        return _trace(opened[0], opened[1:], options, progress)
+        return _trace(opened[0], opened[1:], options, progress, prescan)
     finally:
+        if prescan is not None:
+            prescan.close()
         for model in opened:
             model.close()
 
 
 def _trace(
-    suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress
+    suspect_model: TracedModel, candidate_models: list[TracedModel], options: TraceOptions, progress, prescan: Prescan
 ) -> TraceReport:
     """The tokenizers are read, and the independence tests run, on a helper thread beside the passes over the
     weights (reads and torch work, which release the interpreter's lock): on two cores they cost little wall time.
@@ -160,9 +171,11 @@ def _trace(
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composer-trace")
+    workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="composer-trace-work")
     try:
-        report = _trace_with(suspect_model, candidate_models, options, progress, helper)
+        report = _trace_with(suspect_model, candidate_models, options, progress, Threads(helper, workers), prescan)
     finally:
+        workers.shutdown(wait=True, cancel_futures=True)
         helper.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(previous)
     if options.verify and not report.recipe:
@@ -175,6 +188,15 @@ def _trace(
     return report
 
 
+WORKERS = 2  # threads that fingerprint the models and fit the tensors, each within its share of the memory budget
+
+
+@dataclass
+class Threads:
+    helper: ThreadPoolExecutor  # the tokenizers, then the independence tests, beside the passes
+    workers: ThreadPoolExecutor  # the fingerprint passes (a model each), then the fits (a tensor each)
+
+
 def _independence_tests(suspect: Fingerprinted, candidates: list[Candidate]) -> list[IndependenceTest]:
     return independence_tests(suspect, [candidate.fingerprinted for candidate in candidates])
 
@@ -184,14 +206,20 @@ def _trace_with(
     candidate_models: list[TracedModel],
     options: TraceOptions,
     progress,
-    helper: ThreadPoolExecutor,
+    threads: Threads,
+    prescan: Prescan,
 ) -> TraceReport:
     notes = []
-    facts_later = helper.submit(_facts, suspect_model, candidate_models) if options.tokenizers else None
-    suspect = Fingerprinted(suspect_model, fingerprint_model(suspect_model, options.memory_budget, progress))
+    facts_later = threads.helper.submit(_facts, suspect_model, candidate_models) if options.tokenizers else None
+    share = options.memory_budget // WORKERS  # each worker's: they run at once
+    prints_later = [
+        threads.workers.submit(fingerprint_model, model, share, progress, prescan)
+        for model in [suspect_model, *candidate_models]
+    ]
+    suspect = Fingerprinted(suspect_model, prints_later[0].result())
     candidates = []
-    for model in candidate_models:
-        fingerprinted = Fingerprinted(model, fingerprint_model(model, options.memory_budget, progress))
+    for model, prints in zip(candidate_models, prints_later[1:]):
+        fingerprinted = Fingerprinted(model, prints.result())
         match = match_candidate(suspect, fingerprinted)
         if model.architecture != suspect_model.architecture:
             notes.append(
@@ -205,22 +233,29 @@ def _trace_with(
             f"model): {', '.join(c.reference + ' (' + c.fingerprinted.model.architecture + ')' for c in candidates)}. Models of other "
             "sizes or architectures cannot be its parents; name candidates of SUSPECT's shape."
         )
-    tests_later = helper.submit(_independence_tests, suspect, candidates)
-    recovery = Recovery(suspect, candidates, options.base, options.memory_budget)
+    tests_later = threads.helper.submit(_independence_tests, suspect, candidates)
+    recovery = Recovery(suspect, candidates, options.base, share)
     layer_fits = []
+    planned = []
     for position, layer in enumerate(suspect_model.layers):
         chosen = _source_layers(suspect, position, candidates, options.base)
         source_layers = {candidate.reference: c_layer for candidate, c_layer in chosen}
-        fits = []
         matrices = {name for name in suspect_model.layers[layer].values() if suspect.prints[name].sketch is not None}
+        tensors = []
         for suffix, name in suspect_model.layers[layer].items():
             partners = []
             for candidate, c_layer in chosen:
                 found = partner(candidate, suspect, name, suffix, c_layer)
                 if found is not None:
                     partners.append((candidate, found))
-            fits.append(recovery.fit_tensor(name, partners))
-        layer_fits.append(layer_summary(layer, fits, source_layers, matrices))
+            tensors.append((name, partners))
+        planned.append((layer, tensors, source_layers, matrices))
+    fits_later = [
+        [threads.workers.submit(recovery.fit_tensor, name, partners) for name, partners in tensors]
+        for _, tensors, _, _ in planned
+    ]
+    for (layer, _, source_layers, matrices), fits in zip(planned, fits_later):
+        layer_fits.append(layer_summary(layer, [fit.result() for fit in fits], source_layers, matrices))
     outer_fits = []
     facts = facts_later.result() if facts_later is not None else None
     alignments = _alignments(facts, candidates)

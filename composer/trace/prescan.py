@@ -1,0 +1,210 @@
+"""The checksums of a trace's local safetensors files, taken on a thread from the moment `compose trace` starts.
+
+The fingerprint pass needs every byte of a tensor for its digest but only a few of its rows for its sketch, and
+importing torch takes about as long as reading the files once. So the CLI starts a Prescan before it imports
+torch (this module needs none): a thread maps each file the trace will read, a piece at a time, and checksums
+every tensor's bytes (composer.native.checksum, which lets go of the interpreter's lock), and the fingerprint pass
+then reads only the sketched rows of a tensor whose checksum it finds here.
+
+The prescan decides nothing. A reference it does not read (a GGUF file, a hub id, BASE+ADAPTER), a file it cannot
+read or parse, and a file that changed after it was read (another size, inode or modification time) are read by
+the fingerprint pass as before, and every error the user sees is that pass's own.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from composer.native.checksum import SCAN_BLOCK, checksum_of_pieces
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MAX_HEADER = 100_000_000  # bytes of a safetensors header or index read at most (composer.sources refuses more)
+PIECE = 8192 * SCAN_BLOCK  # bytes mapped at a time (32 MiB)
+
+
+class Stopped(Exception):
+    """The trace ended (or failed) before the prescan did."""
+
+
+@dataclass
+class FileChecksums:
+    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns when it was read
+    checksums: dict[tuple[int, int], str]  # (offset in the file, length) of each tensor's bytes -> their checksum
+
+
+def identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _open_regular(path: Path) -> int | None:
+    """A read-only descriptor of `path` if it is a regular file (opened without blocking: a named pipe is never
+    waited on), else None."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
+def _read_json(path: Path) -> object:
+    descriptor = _open_regular(path)
+    if descriptor is None:
+        return None
+    try:
+        size = os.fstat(descriptor).st_size
+        return json.loads(os.pread(descriptor, size, 0)) if size <= MAX_HEADER else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def weight_files(reference: str) -> list[Path]:
+    """The safetensors files a local reference reads, picked as composer.sources.folder picks them (the shards an
+    index names, else every *.safetensors file of the folder); none for any other reference."""
+    path = Path(reference)
+    if path.is_file():
+        return [path] if path.suffix == ".safetensors" else []
+    if not path.is_dir():
+        return []
+    if (path / SAFETENSORS_INDEX).exists():
+        index = _read_json(path / SAFETENSORS_INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            return []
+        shards = {name for name in weight_map.values() if isinstance(name, str) and Path(name).name == name}
+        return [path / name for name in sorted(shards) if name not in ("", ".", "..")]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _tensor_spans(descriptor: int, size: int) -> list[tuple[int, int]] | None:
+    """(offset in the file, length) of every tensor's bytes, or None where the header is not one composer reads:
+    spans out of the file or overlapping (so a hostile header cannot make the prescan read a byte twice)."""
+    prefix = os.pread(descriptor, 8, 0)
+    if len(prefix) < 8:
+        return None
+    (length,) = struct.unpack("<Q", prefix)
+    if length > min(size - 8, MAX_HEADER):
+        return None
+    try:
+        header = json.loads(os.pread(descriptor, length, 8))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    start, spans = 8 + length, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            return None
+        begin, end = offsets
+        if not 0 <= begin <= end <= size - start:
+            return None
+        spans.append((start + begin, end - begin))
+    spans.sort()
+    if any(first[0] + first[1] > second[0] for first, second in zip(spans, spans[1:])):
+        return None
+    return spans
+
+
+def _mapped_pieces(descriptor: int, offset: int, length: int, stopping: threading.Event):
+    """`length` bytes of the file from `offset`, as read-only views of pieces mapped one at a time (each a whole
+    number of SCAN_BLOCKs but the last, as checksum_of_pieces needs)."""
+    for start in range(0, length, PIECE):
+        if stopping.is_set():
+            raise Stopped
+        size = min(PIECE, length - start)
+        at = offset + start
+        first = at - at % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(
+            descriptor,
+            at + size - first,
+            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+            prot=mmap.PROT_READ,
+            offset=first,
+        ) as pages:
+            view = memoryview(pages)[at - first : at - first + size]
+            try:
+                yield view
+            finally:
+                view.release()
+
+
+def file_checksums(path: Path, stopping: threading.Event) -> FileChecksums | None:
+    """Every tensor's checksum in one safetensors file, or None where the prescan leaves the file to the pass."""
+    descriptor = _open_regular(path)
+    if descriptor is None:
+        return None
+    try:
+        status = os.fstat(descriptor)
+        spans = _tensor_spans(descriptor, status.st_size)
+        if spans is None:
+            return None
+        checksums = {
+            (offset, length): checksum_of_pieces(_mapped_pieces(descriptor, offset, length, stopping))
+            for offset, length in spans
+        }
+        return FileChecksums(identity(status), checksums)
+    except (OSError, ValueError, BufferError):  # unreadable or shrunk under us: the pass reads it and says so
+        return None
+    finally:
+        os.close(descriptor)
+
+
+class Prescan:
+    """Checksums of the references' local safetensors files, taken in the order given on a daemon thread that
+    starts at once. `checksum` waits for the file it is asked about; `close` stops the thread."""
+
+    def __init__(self, references: list[str]):
+        self.files: dict[str, Path] = {}
+        for reference in references:
+            for path in weight_files(reference):
+                self.files.setdefault(os.path.realpath(path), path)
+        self._done = {key: threading.Event() for key in self.files}
+        self._found: dict[str, FileChecksums | None] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="composer-prescan", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for key, path in self.files.items():
+            try:
+                self._found[key] = None if self._stopping.is_set() else file_checksums(path, self._stopping)
+            except Stopped:
+                self._found[key] = None
+            finally:
+                self._done[key].set()
+
+    def checksum(self, path: Path, offset: int, length: int) -> str | None:
+        """The checksum of `length` bytes of `path` at `offset` if they are one tensor's bytes the prescan read
+        and the file is as it was then; else None."""
+        key = os.path.realpath(path)
+        done = self._done.get(key)
+        if done is None:
+            return None
+        done.wait()
+        found = self._found.get(key)
+        if found is None:
+            return None
+        try:
+            if identity(os.stat(path)) != found.identity:
+                return None
+        except OSError:
+            return None
+        return found.checksums.get((offset, length))
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join()
