@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import sys
@@ -821,14 +822,16 @@ def main() -> None:
     from composer.signals import stop_on_signals
 
     stop_on_signals()  # SIGTERM and SIGHUP unwind like Ctrl-C, so the partial output folder is removed
+    # The interpreter's last collections walk every object left, and torch's import leaves hundreds of thousands
+    # (a quarter of a second or more on exit); frozen, they are skipped. Frozen at exit, not now, so that a
+    # process that calls main() and goes on (the tests) keeps collecting.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     try:
         code = _main()
     except KeyboardInterrupt as error:  # while starting up, before a command's own handling
         typer.echo(_paragraph(f"{error or 'interrupted'}; nothing was written."), err=True)
         code = 130
-    # The interpreter's last collections walk every object left, and torch's import leaves hundreds of thousands:
-    # about half a second on exit. Frozen objects are not walked; nothing is left to collect that matters.
-    gc.freeze()
     sys.exit(code)
 
 
