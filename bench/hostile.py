@@ -2078,6 +2078,98 @@ def cases(m: dict[str, Path], root: Path) -> list[Case]:
     )
     add("transplant_memory_budget_bad", c, [*T, str(sp), "--memory-budget", "0"], None, words=("--memory-budget",))
 
+    # --- compose trace: its prescan reads the weight files before anything else has checked them -------------------
+    c = "trace"
+
+    def traced(suspect, *candidates) -> list[str]:
+        return ["trace", str(suspect), "--candidates", *map(str, candidates)]
+
+    def overlapping_tensors(mdl: Path) -> None:
+        """The second tensor's bytes moved onto the first's (a header composer refuses)."""
+        path = mdl / "model.safetensors"
+        raw = path.read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + length])
+        first, second = [name for name in header if name != "__metadata__"][:2]
+        header[second]["data_offsets"] = header[first]["data_offsets"]
+        text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+        path.write_bytes(raw[:8] + text + raw[8 + length :])
+
+    def truncated(mdl: Path) -> None:
+        path = mdl / "model.safetensors"
+        os.truncate(path, path.stat().st_size // 2)
+
+    def escaping_index(mdl: Path) -> None:
+        (mdl / "model.safetensors").rename(mdl.parent / "elsewhere.safetensors")
+        (mdl / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}})
+        )
+
+    add("trace_ok", c, traced(ft, base, ft2), None, expect="ok")
+    add("trace_candidate_is_suspect", c, traced(ft, base, ft), None, words=("SUSPECT",))
+    add("trace_candidate_missing", c, traced(ft, "nowhere"), None, words=("nowhere",))
+    add(
+        "trace_suspect_weights_junk",
+        c,
+        traced("s", base),
+        copy_model(ft, "s", replace_weights(os.urandom(4096))),
+        words=("model.safetensors",),
+    )
+    add(
+        "trace_suspect_weights_fifo",
+        c,
+        traced("s", base),
+        copy_model(ft, "s", lambda mdl: ((mdl / "model.safetensors").unlink(), os.mkfifo(mdl / "model.safetensors"))),
+        words=("model.safetensors",),
+        timeout=60,
+    )
+    add(
+        "trace_candidate_link_to_dev_zero",
+        c,
+        traced(ft, "d"),
+        copy_model(
+            base,
+            "d",
+            lambda mdl: ((mdl / "model.safetensors").unlink(), (mdl / "model.safetensors").symlink_to("/dev/zero")),
+        ),
+        words=("model.safetensors",),
+        timeout=60,
+    )
+    add(
+        "trace_candidate_header_huge_claim",
+        c,
+        traced(ft, "d"),
+        copy_model(base, "d", replace_weights(struct.pack("<Q", 2**63) + b"{}")),
+        words=("model.safetensors",),
+    )
+    add(
+        "trace_candidate_overlapping_tensors",
+        c,
+        traced(ft, "d"),
+        copy_model(base, "d", overlapping_tensors),
+        words=("model.safetensors",),
+    )
+    add("trace_candidate_truncated", c, traced(ft, "d"), copy_model(base, "d", truncated), words=("model.safetensors",))
+    add(
+        "trace_candidate_index_escapes",
+        c,
+        traced(ft, "d"),
+        copy_model(base, "d", escaping_index),
+        words=("elsewhere.safetensors",),
+        outputs=("out", "elsewhere.safetensors"),
+    )
+    add("trace_suspect_gguf_junk", c, traced(m["gguf_junk"], base), None, words=("junk.gguf",))
+    add("trace_other_architecture_only", c, traced(ft, wide), None, words=("SUSPECT",))
+    add(
+        "trace_json_is_a_folder",
+        c,
+        [*traced(ft, base), "--json", "d"],
+        lambda f: (f / "d").mkdir(),
+        words=("d",),
+        outputs=("d",),
+    )
+    add("trace_memory_budget_bad", c, [*traced(ft, base), "--memory-budget", "lots"], None, words=("--memory-budget",))
+
     # --- extract-lora ------------------------------------------------------------------------------------------
     c = "extract-lora"
     X = ["extract-lora", str(ft), "out", "--base", str(base), "--no-progress", "--rank"]

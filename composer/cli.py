@@ -640,9 +640,10 @@ def route(
 
         groups = read_prompt_file(prompts)
         target = _device(device)
-        from composer.route import check_heat_map_path, draw_heat_map, format_routing, measure_routing
+        from composer.files import check_report_path
+        from composer.route import draw_heat_map, format_routing, measure_routing
 
-        check_heat_map_path(png)
+        check_report_path(png, "--png", image=True)  # before the (slow) routing is measured
 
         routing = measure_routing(model, groups, target)
         typer.echo(format_routing(routing, per_prompt))
@@ -731,7 +732,12 @@ def trace(
     """Whether SUSPECT was built from the candidates, from which, and how: tokenizer, layer provenance, verdicts, recipe."""
 
     def action():
+        from composer.files import check_report_path
+
         budget = _size(memory_budget)
+        for path, option in ((json_path, "--json"), (png, "--png")):
+            if path is not None:
+                check_report_path(path, option, image=option == "--png")
         from composer.trace.prescan import Prescan
 
         # the weights' checksums are read on a thread while torch is imported (about as long as a read)

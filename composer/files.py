@@ -165,3 +165,21 @@ def printable(name: str, longest: int = 200) -> str:
         return name
     shown = name.encode("unicode_escape").decode("ascii") if not name.isprintable() else name
     return shown if len(shown) <= longest else shown[: longest - 3] + "..."
+
+
+def check_report_path(path: Path, option: str, image: bool = False) -> None:
+    """Refuse a path a command's report (`option`: --json, --png) cannot be written to, before the command's work: a
+    folder, a file in a folder that does not exist, or for an `image` a name whose extension Pillow does not write."""
+    if path.is_dir():
+        raise ComposerError(f"{option} {path} is a folder; give the path of the file to write.")
+    if not path.absolute().parent.is_dir():
+        raise ComposerError(f"{option} {path}: the folder {path.absolute().parent} does not exist.")
+    if image:
+        from PIL import Image
+
+        Image.init()
+        if path.suffix.lower() not in Image.registered_extensions():
+            raise ComposerError(
+                f"{option} {path}: '{path.suffix or 'no extension'}' is not an image format Pillow writes; give a path "
+                "ending in .png."
+            )

@@ -86,21 +86,6 @@ def _routers(model) -> list[torch.nn.Module]:
     return routers
 
 
-def check_heat_map_path(path: Path) -> None:
-    """Refuse a --png path the heat map cannot be saved to, before the (slow) routing is measured."""
-    from PIL import Image
-
-    Image.init()
-    if path.is_dir():
-        raise ComposerError(f"--png {path} is a folder; give the path of the image file to write.")
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise ComposerError(
-            f"--png {path}: '{path.suffix or 'no extension'}' is not an image format Pillow writes; give a path ending in .png."
-        )
-    if not path.absolute().parent.is_dir():
-        raise ComposerError(f"--png {path}: the folder {path.absolute().parent} does not exist.")
-
-
 def measure_routing(model_dir: Path, groups: dict[str, list[str]], device: str = "cpu") -> Routing:
     import logging
 

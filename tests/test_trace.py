@@ -300,6 +300,18 @@ def test_bad_input_is_one_paragraph_error(family, tmp_path, monkeypatch, capsys)
     code = compose_in_process(monkeypatch, "trace", family["linear"], "--candidates", broken)
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("error: The candidate") and "Traceback" not in error
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for option, path, says in (
+        ("--json", folder, "is a folder"),
+        ("--png", folder, "is a folder"),
+        ("--json", tmp_path / "missing" / "r.json", "does not exist"),
+        ("--png", tmp_path / "map.txt", "not an image format"),
+    ):  # refused before the trace's work: the report would be lost after it
+        code = compose_in_process(monkeypatch, "trace", family["linear"], "--candidates", family["a"], option, path)
+        output = capsys.readouterr()
+        said = " ".join(output.err.split())
+        assert code == 2 and said.startswith(f"error: {option}") and says in said and not output.out
 
 
 def test_a_candidate_of_another_architecture_is_reported_beside_one_that_fits(family, tmp_path):
