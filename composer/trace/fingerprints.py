@@ -11,6 +11,7 @@ rows are converted and multiplied, so the pass costs little more than reading th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -75,7 +76,24 @@ def digest_text(dtype: torch.dtype, shape: tuple[int, ...], checksum: str) -> st
     return f"{dtype}:{tuple(shape)}:{checksum}"
 
 
-def prescanned(model: TracedModel, name: str, prescan: Prescan | None) -> TensorPrint | None:
+class Scratch:
+    """Buffers reused from tensor to tensor for a pass's temporaries, grown to the largest asked for: fresh memory for
+    each tensor's sketched rows and their float32 copy cost more in page faults than the gather and the conversion
+    (0.25 against 0.13 CPU seconds a 1.7 GB model)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape` and `dtype` over the buffer of `role`; its contents are the previous caller's."""
+        count = math.prod(shape)
+        held = self.buffers.get(role)
+        if held is None or held.numel() < count * dtype.itemsize:
+            held = self.buffers[role] = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
+        return held[: count * dtype.itemsize].view(dtype).view(shape)
+
+
+def prescanned(model: TracedModel, name: str, prescan: Prescan | None, scratch: Scratch) -> TensorPrint | None:
     """The print of a plainly stored tensor whose checksum the prescan took, reading only its sketched rows; None
     where the prescan has no checksum for it."""
     located = model.reader.stored_range(name) if prescan is not None else None
@@ -90,10 +108,13 @@ def prescanned(model: TracedModel, name: str, prescan: Prescan | None) -> Tensor
         # the sketch, which is kept, is allocated before the rows' temporaries, which are not: after them, each
         # sketch would pin the heap's top above the freed temporaries (0.5 GB of heap over a model of 1.7 GB)
         sketch = torch.empty(len(chosen), SKETCH_WIDTH)
-        picked = model.reader.mapped_rows(name, chosen)
+        shape = (len(chosen), length)
+        picked = model.reader.mapped_rows(name, chosen, out=scratch.take("rows", shape, info.dtype))
         if picked is None:
             return None
-        torch.matmul(picked.float(), projection(length), out=sketch)
+        floats = scratch.take("floats", shape, torch.float32)
+        floats.copy_(picked)
+        torch.matmul(floats, projection(length), out=sketch)
     return TensorPrint(name, tuple(info.shape), info.dtype, digest_text(info.dtype, info.shape, checksum), sketch)
 
 
@@ -106,12 +127,13 @@ def fingerprint_model(
     (composer.memory), which spares the page faults of a fresh map per block. A tensor `prescan` has checksummed
     is not read again: only its sketched rows are."""
     prints = {}
+    scratch = Scratch()
     with recycling():
         for name, info in model.infos.items():
             _, length = row_count(info.shape)
             block = digest_aligned(rows_within(memory_budget // 2, length, copies=3), length * info.dtype.itemsize)
             try:
-                prints[name] = prescanned(model, name, prescan) or fingerprint(
+                prints[name] = prescanned(model, name, prescan, scratch) or fingerprint(
                     name, info.shape, info.dtype, model.reader.blocks(name, block, mapped=True)
                 )
             except ComposerError as error:
