@@ -125,6 +125,23 @@ def test_files_the_prescan_cannot_vouch_for_are_left_to_the_pass(tmp_path):
     assert prescan.checksum(pipe, 8, 16) is None and prescan.checksum(tmp_path / "unknown.safetensors", 8, 16) is None
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end, simulated
+def test_an_unforeseen_failure_in_the_prescan_leaves_the_files_to_the_pass(models, monkeypatch):
+    import composer.trace.prescan as prescan_module
+
+    def failing(path, stopping):
+        if path.name == "model.safetensors":
+            raise SystemExit  # ends the thread at its first file, before the sharded model's
+        raise TypeError("unforeseen")
+
+    monkeypatch.setattr(prescan_module, "file_checksums", failing)
+    prescan = Prescan([str(models["a"]), str(models["sharded"])])
+    try:  # no wait for ever on a file the thread did not get to, and the prints are the full pass's
+        assert same_prints(prints_of(str(models["sharded"]), prescan), prints_of(str(models["sharded"]), None))
+    finally:
+        prescan.close()
+
+
 def test_a_file_changed_after_the_prescan_is_read_again(models, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(models["a"], folder)

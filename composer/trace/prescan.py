@@ -176,16 +176,23 @@ class Prescan:
         self._found: dict[str, FileChecksums | None] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="composer-prescan", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError:  # no thread to be had: the pass reads everything, as without a prescan
+            for done in self._done.values():
+                done.set()
 
     def _run(self) -> None:
-        for key, path in self.files.items():
-            try:
-                self._found[key] = None if self._stopping.is_set() else file_checksums(path, self._stopping)
-            except Stopped:
-                self._found[key] = None
-            finally:
+        try:
+            for key, path in self.files.items():
+                try:
+                    self._found[key] = None if self._stopping.is_set() else file_checksums(path, self._stopping)
+                except Exception:  # Stopped, or anything unforeseen: the pass reads the file and reports its errors
+                    self._found[key] = None
                 self._done[key].set()
+        finally:  # whatever ends the thread, nobody waits for ever on a file it did not get to
+            for done in self._done.values():
+                done.set()
 
     def checksum(self, path: Path, offset: int, length: int) -> str | None:
         """The checksum of `length` bytes of `path` at `offset` if they are one tensor's bytes the prescan read
@@ -207,4 +214,5 @@ class Prescan:
 
     def close(self) -> None:
         self._stopping.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -164,6 +164,9 @@ def _trace(
     """The tokenizers are read, and the independence tests run, on a helper thread beside the passes over the
     weights (reads and torch work, which release the interpreter's lock): on two cores they cost little wall time.
 
+    The models are fingerprinted, and then the tensors fitted, on WORKERS threads, each within its share of the
+    memory budget; each result is the one a single thread gives, and they are gathered in order.
+
     torch works on one thread meanwhile (the helper's too, which takes the setting when it first runs torch work):
     the passes are many element-wise steps over a sample of 2^18 entries, too small to gain from torch's thread
     pool, and on a loaded machine its threads' waits for each other cost several times the work (a single-mover
