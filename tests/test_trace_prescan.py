@@ -86,6 +86,36 @@ def test_the_prescan_reads_only_what_a_reference_reads(models, tmp_path):
     assert weight_files(str(escaping)) == [escaping / "model-1.safetensors"]
 
 
+def test_a_hub_id_already_in_the_hub_cache_is_prescanned_from_its_snapshot(models, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from composer.trace.prescan import hub_snapshot
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repository = tmp_path / "models--org--name"
+    (repository / "refs").mkdir(parents=True)
+    (repository / "refs" / "main").write_text("abc123")
+    snapshot = repository / "snapshots" / "abc123"
+    shutil.copytree(models["sharded"], snapshot)
+    assert hub_snapshot("org/name") == snapshot and hub_snapshot("org/name@abc123") == snapshot
+    assert weight_files("org/name") == weight_files(str(snapshot)) and len(weight_files("org/name")) == 3
+    for elsewhere in ("org/other", "org/name@v2", "org/../name", "org/name@..", "a/b/c", "org/name+x/y"):
+        assert weight_files(elsewhere) == [], elsewhere  # never the hub: not in the cache is not prescanned
+    for ref, served in (("abc123", True), ("../../escape", False)):
+        (repository / "refs" / "main").write_text(ref)
+        prescan = Prescan(["org/name"])
+        try:
+            assert same_prints(prints_of(str(snapshot), prescan), prints_of(str(snapshot), None))
+            model = open_traced(str(snapshot), "SUSPECT")
+            try:  # a ref naming no snapshot: nothing prescanned, and the pass read everything itself
+                found = [prescan.checksum(*model.reader.stored_range(name)) for name in model.infos]
+                assert all(found) if served else not any(found)
+            finally:
+                model.close()
+        finally:
+            prescan.close()
+
+
 def write_safetensors_header(path: Path, header: dict, data: bytes) -> None:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)

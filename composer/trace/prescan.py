@@ -56,27 +56,62 @@ def _open_regular(path: Path) -> int | None:
     return descriptor
 
 
-def _read_json(path: Path) -> object:
+def _read_bytes(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes if it holds at most `limit` of them, else None."""
     descriptor = _open_regular(path)
     if descriptor is None:
         return None
     try:
         size = os.fstat(descriptor).st_size
-        return json.loads(os.pread(descriptor, size, 0)) if size <= MAX_HEADER else None
-    except (OSError, ValueError, RecursionError):
+        return os.pread(descriptor, size, 0) if size <= limit else None
+    except OSError:
         return None
     finally:
         os.close(descriptor)
 
 
+def _read_json(path: Path) -> object:
+    raw = _read_bytes(path, MAX_HEADER)
+    try:
+        return json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        return None
+
+
+def hub_snapshot(reference: str) -> Path | None:
+    """The snapshot folder of a hub id (`org/name`, `org/name@revision`) already in the local hub cache, found from
+    the cache's own layout (refs/REVISION holds a commit, snapshots/COMMIT its files); None where there is none. The
+    hub is never asked: if the trace then resolves the id to another snapshot, the prescan's files are not its
+    files, and the pass reads its own."""
+    repo, _, revision = reference.partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(part and part not in (".", "..") for part in parts):
+        return None
+    from huggingface_hub import constants  # no torch, a few milliseconds
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{parts[0]}--{parts[1]}"
+    commit = revision or "main"
+    if "/" in commit or commit in (".", ".."):
+        return None
+    named = _read_bytes(folder / "refs" / commit, 4096)
+    if named is not None:
+        commit = named.decode("utf-8", "replace").strip()
+    snapshot = folder / "snapshots" / commit
+    return snapshot if commit and "/" not in commit and snapshot.is_dir() else None
+
+
 def weight_files(reference: str) -> list[Path]:
-    """The safetensors files a local reference reads, picked as composer.sources.folder picks them (the shards an
-    index names, else every *.safetensors file of the folder); none for any other reference."""
+    """The safetensors files a reference reads, picked as composer.sources.folder picks them (the shards an index
+    names, else every *.safetensors file of the folder), for a local file or folder or a hub id already in the hub
+    cache; none for any other reference (a GGUF file, BASE+ADAPTER, a hub id not downloaded)."""
     path = Path(reference)
     if path.is_file():
         return [path] if path.suffix == ".safetensors" else []
     if not path.is_dir():
-        return []
+        snapshot = hub_snapshot(reference) if not path.exists() and "+" not in reference else None
+        if snapshot is None:
+            return []
+        path = snapshot
     if (path / SAFETENSORS_INDEX).exists():
         index = _read_json(path / SAFETENSORS_INDEX)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
