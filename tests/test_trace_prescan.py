@@ -165,7 +165,11 @@ def test_an_unforeseen_failure_in_the_prescan_leaves_the_files_to_the_pass(model
         raise TypeError("unforeseen")
 
     monkeypatch.setattr(prescan_module, "file_checksums", failing)
-    prescan = Prescan([str(models["a"]), str(models["sharded"])])
+    finding = prescan_module.weight_files
+    monkeypatch.setattr(  # finding the files fails for one reference, on the prescan's thread
+        prescan_module, "weight_files", lambda reference: finding(reference) if reference != "odd" else 1 / 0
+    )
+    prescan = Prescan(["odd", str(models["a"]), str(models["sharded"])])
     try:  # no wait for ever on a file the thread did not get to, and the prints are the full pass's
         assert same_prints(prints_of(str(models["sharded"]), prescan), prints_of(str(models["sharded"]), None))
     finally:

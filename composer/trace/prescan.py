@@ -6,9 +6,9 @@ torch (this module needs none): a thread maps each file the trace will read, a p
 every tensor's bytes (composer.native.checksum, which lets go of the interpreter's lock), and the fingerprint pass
 then reads only the sketched rows of a tensor whose checksum it finds here.
 
-The prescan decides nothing. A reference it does not read (a GGUF file, a hub id, BASE+ADAPTER), a file it cannot
-read or parse, and a file that changed after it was read (another size, inode or modification time) are read by
-the fingerprint pass as before, and every error the user sees is that pass's own.
+The prescan decides nothing. A reference it does not read (a GGUF file, a hub id not in the hub cache,
+BASE+ADAPTER), a file it cannot read or parse, and a file that changed after it was read (another size, inode or
+modification time) are read by the fingerprint pass as before, and every error the user sees is that pass's own.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def hub_snapshot(reference: str) -> Path | None:
     if named is not None:
         commit = named.decode("utf-8", "replace").strip()
     snapshot = folder / "snapshots" / commit
-    return snapshot if commit and "/" not in commit and snapshot.is_dir() else None
+    return snapshot if commit not in ("", ".", "..") and "/" not in commit and snapshot.is_dir() else None
 
 
 def weight_files(reference: str) -> list[Path]:
@@ -199,26 +199,39 @@ def file_checksums(path: Path, stopping: threading.Event) -> FileChecksums | Non
 
 
 class Prescan:
-    """Checksums of the references' local safetensors files, taken in the order given on a daemon thread that
-    starts at once. `checksum` waits for the file it is asked about; `close` stops the thread."""
+    """Checksums of the references' safetensors files, taken in the order given on a daemon thread that starts at
+    once: it also finds the files (so the caller's thread touches none of them). `checksum` waits for the file it is
+    asked about; `close` stops the thread."""
 
     def __init__(self, references: list[str]):
-        self.files: dict[str, Path] = {}
-        for reference in references:
-            for path in weight_files(reference):
-                self.files.setdefault(os.path.realpath(path), path)
-        self._done = {key: threading.Event() for key in self.files}
+        self.references = list(references)
+        self.files: dict[str, Path] = {}  # real path -> the path as found; filled by the thread before `_listed`
+        self._done: dict[str, threading.Event] = {}
         self._found: dict[str, FileChecksums | None] = {}
+        self._listed = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="composer-prescan", daemon=True)
         try:
             self._thread.start()
         except RuntimeError:  # no thread to be had: the pass reads everything, as without a prescan
-            for done in self._done.values():
-                done.set()
+            self._listed.set()
+
+    def _list(self) -> None:
+        for reference in self.references:
+            try:
+                paths = weight_files(reference)
+            except Exception:  # an odd reference: the pass opens it and says what is wrong with it
+                paths = []
+            for path in paths:
+                key = os.path.realpath(path)
+                if key not in self.files:
+                    self.files[key] = path
+                    self._done[key] = threading.Event()
 
     def _run(self) -> None:
         try:
+            self._list()
+            self._listed.set()
             for key, path in self.files.items():
                 try:
                     self._found[key] = None if self._stopping.is_set() else file_checksums(path, self._stopping)
@@ -226,12 +239,14 @@ class Prescan:
                     self._found[key] = None
                 self._done[key].set()
         finally:  # whatever ends the thread, nobody waits for ever on a file it did not get to
+            self._listed.set()
             for done in self._done.values():
                 done.set()
 
     def checksum(self, path: Path, offset: int, length: int) -> str | None:
         """The checksum of `length` bytes of `path` at `offset` if they are one tensor's bytes the prescan read
         and the file is as it was then; else None."""
+        self._listed.wait()
         key = os.path.realpath(path)
         done = self._done.get(key)
         if done is None:
