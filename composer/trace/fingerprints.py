@@ -119,17 +119,22 @@ def prescanned(model: TracedModel, name: str, prescan: Prescan | None, scratch: 
 
 
 def fingerprint_model(
-    model: TracedModel, memory_budget: int, progress=None, prescan: Prescan | None = None
+    model: TracedModel,
+    memory_budget: int,
+    progress=None,
+    prescan: Prescan | None = None,
+    names: list[str] | None = None,
 ) -> dict[str, TensorPrint]:
-    """Every tensor of `model`, read once, one at a time, a block of rows at a time: a block and its float32 copy
-    take at most about half of `memory_budget`. A safetensors block is its file's pages mapped in place (no copy
-    out of the page cache: half the pass's CPU time); other blocks are read into recycled memory
-    (composer.memory), which spares the page faults of a fresh map per block. A tensor `prescan` has checksummed
-    is not read again: only its sketched rows are."""
+    """Every tensor of `model` (those in `names` when given), read once, one at a time, a block of rows at a time: a
+    block and its float32 copy take at most about half of `memory_budget`. A safetensors block is its file's pages
+    mapped in place (no copy out of the page cache: half the pass's CPU time); other blocks are read into recycled
+    memory (composer.memory), which spares the page faults of a fresh map per block. A tensor `prescan` has
+    checksummed is not read again: only its sketched rows are."""
     prints = {}
     scratch = Scratch()
     with recycling():
-        for name, info in model.infos.items():
+        for name in model.infos if names is None else names:
+            info = model.infos[name]
             _, length = row_count(info.shape)
             block = digest_aligned(rows_within(memory_budget // 2, length, copies=3), length * info.dtype.itemsize)
             try:

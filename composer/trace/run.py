@@ -200,6 +200,20 @@ class Threads:
     workers: ThreadPoolExecutor  # the fingerprint passes (a model each), then the fits (a tensor each)
 
 
+def _halves(model: TracedModel) -> list[list[str]]:
+    """A model's tensor names in two runs, so that the workers share out three models as evenly as two."""
+    names = list(model.infos)
+    return [names[: len(names) // 2], names[len(names) // 2 :]]
+
+
+def _joined(parts) -> dict:
+    """The prints of a model's parts, in its tensors' order."""
+    prints = {}
+    for part in parts:
+        prints.update(part.result())
+    return prints
+
+
 def _independence_tests(suspect: Fingerprinted, candidates: list[Candidate]) -> list[IndependenceTest]:
     return independence_tests(suspect, [candidate.fingerprinted for candidate in candidates])
 
@@ -215,14 +229,14 @@ def _trace_with(
     notes = []
     facts_later = threads.helper.submit(_facts, suspect_model, candidate_models) if options.tokenizers else None
     share = options.memory_budget // WORKERS  # each worker's: they run at once
-    prints_later = [
-        threads.workers.submit(fingerprint_model, model, share, progress, prescan)
+    parts_later = [
+        [threads.workers.submit(fingerprint_model, model, share, progress, prescan, part) for part in _halves(model)]
         for model in [suspect_model, *candidate_models]
     ]
-    suspect = Fingerprinted(suspect_model, prints_later[0].result())
+    suspect = Fingerprinted(suspect_model, _joined(parts_later[0]))
     candidates = []
-    for model, prints in zip(candidate_models, prints_later[1:]):
-        fingerprinted = Fingerprinted(model, prints.result())
+    for model, parts in zip(candidate_models, parts_later[1:]):
+        fingerprinted = Fingerprinted(model, _joined(parts))
         match = match_candidate(suspect, fingerprinted)
         if model.architecture != suspect_model.architecture:
             notes.append(
