@@ -728,6 +728,7 @@ def trace(
         "--memory-budget",
         help="Most memory the trace holds besides its fingerprints (reads, fits, --verify), e.g. 1GB.",
     ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal."),
 ) -> None:
     """Whether SUSPECT was built from the candidates, from which, and how: tokenizer, layer provenance, verdicts, recipe."""
 
@@ -742,13 +743,14 @@ def trace(
 
         # the weights' checksums are read on a thread while torch is imported (about as long as a read)
         prescan = Prescan([suspect, *_listed(candidates), *([base] if base else [])])
+        from composer.progress import progress_bar
         from composer.trace.heatmap import draw_heat_map
         from composer.trace.report import format_report, write_json
         from composer.trace.run import TraceOptions, trace_models
 
-        report = trace_models(
-            suspect, _listed(candidates), TraceOptions(base=base, verify=verify, memory_budget=budget), prescan=prescan
-        )
+        options = TraceOptions(base=base, verify=verify, memory_budget=budget)
+        with progress_bar(0, "trace", None if progress else False) as bar:
+            report = trace_models(suspect, _listed(candidates), options, progress=bar, prescan=prescan)
         typer.echo(format_report(report))
         if json_path is not None:
             write_json(report, json_path)

@@ -25,6 +25,7 @@ LAYERS = [
         "composer.packages",
         "composer.chat_templates",
         "composer.cluster_address",
+        "composer.progress",
     ),
     ("tokensurgery",),  # importable on its own: it imports nothing of composer
     ("composer.native",),

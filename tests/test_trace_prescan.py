@@ -289,3 +289,49 @@ def test_the_zero_bound_with_where_is_the_masked_bound():
         assert fits.zero_can_count(tau, y_delta, step) == expected, case
         answers.add(expected)
     assert answers == {True, False}
+
+
+class RecordingBar:
+    """A stand-in for tqdm that records what the trace tells it (from several threads)."""
+
+    def __init__(self):
+        self.total = None
+        self.done = 0
+        self.updates = 0
+
+    def reset(self, total):
+        self.total, self.done = total, 0
+
+    def update(self, count):
+        self.done += count
+        self.updates += 1
+
+
+def test_the_progress_counts_every_models_bytes_then_suspects_fits(models, monkeypatch, capsys):
+    from helpers import compose_in_process
+
+    bar = RecordingBar()
+    candidates = [str(models["a"]), str(models["base"])]
+    trace_models(str(models["b"]), candidates, TraceOptions(tokenizers=False), progress=bar)
+    sizes = {}
+    for reference in [str(models["b"]), *candidates]:
+        model = open_traced(reference, "candidate")
+        try:
+            sizes[reference] = sum(info.nbytes for info in model.infos.values())
+        finally:
+            model.close()
+    tensors = len(open_source_names(models["b"]))
+    assert bar.total == sum(sizes.values()) + sizes[str(models["b"])] and bar.done == bar.total
+    assert bar.updates == 3 * tensors + tensors  # each model's tensors fingerprinted, then SUSPECT's fitted
+    capsys.readouterr()
+    code = compose_in_process(monkeypatch, "trace", models["b"], "--candidates", *candidates, "--no-progress")
+    output = capsys.readouterr()
+    assert code == 0 and "parent" in output.out and "trace" not in output.err
+
+
+def open_source_names(folder: Path) -> list[str]:
+    model = open_traced(str(folder), "SUSPECT")
+    try:
+        return list(model.infos)
+    finally:
+        model.close()

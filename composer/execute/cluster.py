@@ -32,7 +32,7 @@ from pathlib import Path
 
 from composer.cluster_address import ADDRESS, LOCAL
 from composer.errors import ComposerError
-from composer.execute.executor import ExecutionOptions, Streamed, plan_digest, progress_bar
+from composer.execute.executor import ExecutionOptions, Streamed, plan_digest
 from composer.execute.journal import UNITS_FOLDER, Journal, read_entries, read_identity
 from composer.execute.placement import check_placed, lacking, node_tags, placed_models, runs_on
 from composer.execute.units import Unit, input_files, partition
@@ -51,6 +51,7 @@ from composer.execute.worker import (
 )
 from composer.execute.writer import ShardedWriter
 from composer.plan.model import Plan
+from composer.progress import progress_bar
 
 log = logging.getLogger("composer")
 

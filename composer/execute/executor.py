@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -34,6 +33,7 @@ from composer.memory import recycling
 from composer.native.scan import holds_nonfinite
 from composer.plan.model import Plan, TensorRef
 from composer.plan.schedule import chains_to_redo, make_schedule, step_bytes
+from composer.progress import progress_bar
 from composer.signals import Interrupted, signals_held
 
 GIB = 1024**3
@@ -292,22 +292,6 @@ def _loose_bytes(refs, tensors: list[torch.Tensor], cache: InputCache) -> int:
             seen.add(ref)
             total += tensor.numel() * tensor.element_size()
     return total
-
-
-def progress_bar(total_bytes: int, description: str, enabled: bool | None):
-    """A bar of bytes written on stderr (only on a terminal unless `enabled`), with units done and ETA."""
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total_bytes,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=description,
-        disable=(not sys.stderr.isatty()) if enabled is None else not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
 
 
 def _file_stamps(path: Path) -> object:

@@ -4,6 +4,7 @@ tensor, test each candidate's independence, and assemble the report and the reco
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,9 @@ def trace_models(
     prescan: Prescan | None = None,
 ) -> TraceReport:
     """`prescan`: one the caller started on these references before importing torch (composer.cli); when None, one
-    is started here. It is stopped when the trace ends."""
+    is started here. It is stopped when the trace ends. `progress`: a bar (tqdm's `reset(total=)` and `update(n)`)
+    that counts the bytes of every model's tensors as the fingerprint pass vouches for them, then those of SUSPECT's
+    tensors as they are fitted."""
     opened: list[TracedModel] = []
     try:
         references = check_references(suspect_reference, candidate_references, options.base)
@@ -200,6 +203,32 @@ class Threads:
     workers: ThreadPoolExecutor  # the fingerprint passes (a model each), then the fits (a tensor each)
 
 
+class ProgressCounter:
+    """The trace's progress on a bar, in bytes: every model's tensors as the fingerprint pass vouches for them (on the
+    workers' threads, hence the lock), then SUSPECT's as they are fitted."""
+
+    def __init__(self, bar, models: list[TracedModel]):
+        self.bar = bar
+        self.lock = threading.Lock()
+        self.sizes = {model.reference: model.infos for model in models}
+        self.suspect = models[0].infos
+        if bar is not None:
+            fitted = sum(info.nbytes for info in self.suspect.values())
+            bar.reset(total=sum(info.nbytes for infos in self.sizes.values() for info in infos.values()) + fitted)
+
+    def _advance(self, nbytes: int) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(nbytes)
+
+    def fingerprinted(self, reference: str, name: str) -> None:
+        self._advance(self.sizes[reference][name].nbytes)
+
+    def fitted(self, fit: TensorFit) -> TensorFit:
+        self._advance(self.suspect[fit.name].nbytes)
+        return fit
+
+
 def _halves(model: TracedModel) -> list[list[str]]:
     """A model's tensor names in two runs, so that the workers share out three models as evenly as two."""
     names = list(model.infos)
@@ -229,9 +258,14 @@ def _trace_with(
     notes = []
     facts_later = threads.helper.submit(_facts, suspect_model, candidate_models) if options.tokenizers else None
     share = options.memory_budget // WORKERS  # each worker's: they run at once
+    models = [suspect_model, *candidate_models]
+    counter = ProgressCounter(progress, models)
     parts_later = [
-        [threads.workers.submit(fingerprint_model, model, share, progress, prescan, part) for part in _halves(model)]
-        for model in [suspect_model, *candidate_models]
+        [
+            threads.workers.submit(fingerprint_model, model, share, counter.fingerprinted, prescan, part)
+            for part in _halves(model)
+        ]
+        for model in models
     ]
     suspect = Fingerprinted(suspect_model, _joined(parts_later[0]))
     candidates = []
@@ -272,12 +306,14 @@ def _trace_with(
         for _, tensors, _, _ in planned
     ]
     for (layer, _, source_layers, matrices), fits in zip(planned, fits_later):
-        layer_fits.append(layer_summary(layer, [fit.result() for fit in fits], source_layers, matrices))
+        layer_fits.append(layer_summary(layer, [counter.fitted(fit.result()) for fit in fits], source_layers, matrices))
     outer_fits = []
     facts = facts_later.result() if facts_later is not None else None
     alignments = _alignments(facts, candidates)
     for name in suspect_model.outer:
-        outer_fits.append(recovery.fit_tensor(name, *_outer_partners(suspect, name, candidates, alignments)))
+        outer_fits.append(
+            counter.fitted(recovery.fit_tensor(name, *_outer_partners(suspect, name, candidates, alignments)))
+        )
     release_freed_memory()
     mixture = is_mixture(suspect.prints)
     if mixture:
