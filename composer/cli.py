@@ -742,7 +742,8 @@ def trace(
         from composer.trace.prescan import Prescan
 
         # the weights' checksums are read on a thread while torch is imported (about as long as a read)
-        prescan = Prescan([suspect, *_listed(candidates), *([base] if base else [])])
+        listed = _listed(candidates)
+        prescan = Prescan([suspect, *listed, *([base] if base else [])])
         from composer.progress import progress_bar
         from composer.trace.heatmap import draw_heat_map
         from composer.trace.report import format_report, write_json
@@ -750,7 +751,7 @@ def trace(
 
         options = TraceOptions(base=base, verify=verify, memory_budget=budget)
         with progress_bar(0, "trace", None if progress else False) as bar:
-            report = trace_models(suspect, _listed(candidates), options, progress=bar, prescan=prescan)
+            report = trace_models(suspect, listed, options, progress=bar, prescan=prescan)
         typer.echo(format_report(report))
         if json_path is not None:
             write_json(report, json_path)

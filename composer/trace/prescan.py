@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import stat
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from composer.errors import ComposerError
+from composer.files import open_regular, read_bytes
 from composer.native.checksum import SCAN_BLOCK, checksum_of_pieces
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -44,30 +45,19 @@ def identity(status: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def _open_regular(path: Path) -> int | None:
-    """A read-only descriptor of `path` if it is a regular file (opened without blocking: a named pipe is never
-    waited on), else None."""
+    """files.open_regular's descriptor (a named pipe is never waited on), or None where it refuses the file."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+        return open_regular(path)
+    except ComposerError:
         return None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        os.close(descriptor)
-        return None
-    return descriptor
 
 
 def _read_bytes(path: Path, limit: int) -> bytes | None:
-    """A regular file's bytes if it holds at most `limit` of them, else None."""
-    descriptor = _open_regular(path)
-    if descriptor is None:
-        return None
+    """files.read_bytes's bytes, or None where it refuses the file (not regular, larger than `limit`)."""
     try:
-        size = os.fstat(descriptor).st_size
-        return os.pread(descriptor, size, 0) if size <= limit else None
-    except OSError:
+        return read_bytes(path, limit=limit)
+    except (ComposerError, OSError):
         return None
-    finally:
-        os.close(descriptor)
 
 
 def _read_json(path: Path) -> object:

@@ -149,17 +149,17 @@ class RowReader:
             found = torch.frombuffer(pages, dtype=torch.uint8, count=size, offset=offset - first)
         return found.view(dtype).reshape(shape)
 
-    def mapped_rows(self, name: str, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """A copy of the rows at `indices` of a plainly stored tensor (into `out` when given: [len(indices), row
-        length] of its dtype), gathered from its file's pages mapped in place (only the pages those rows lie on are
-        read); None for a tensor not stored plainly."""
+    def mapped_rows(self, name: str, indices: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """`out` ([len(indices), row length] of the tensor's dtype) filled with the rows at `indices` of a plainly
+        stored tensor, gathered from its file's pages mapped in place (only the pages those rows lie on are read);
+        None for a tensor not stored plainly."""
         stored = self._stored(name)
         if stored is None or not hasattr(mmap, "MAP_POPULATE"):
             return None
         descriptor, offset, info = stored
         rows, length = row_count(info.shape)
         whole = self._mapped(descriptor, offset, (rows, length), info.dtype, name, populate=False)
-        return torch.index_select(whole, 0, indices, out=out) if out is not None else whole[indices]
+        return torch.index_select(whole, 0, indices, out=out)
 
     def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """The rows at `indices` (sorted ascending), read one run of consecutive rows at a time where stored plainly."""
