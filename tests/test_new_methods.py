@@ -14,7 +14,15 @@ from composer.methods import METHODS
 from composer.methods.cart import cart
 from composer.methods.isotropic import common_and_task_ranks, iso_c, iso_cts
 from composer.methods.pcb import pcb
-from composer.methods.svd import exact_svd, orthonormal_span, randomized_svd, top_singular, uses_randomized
+from composer.methods.svd import (
+    cpu_multiplies_bfloat16,
+    exact_svd,
+    orthonormal_span,
+    randomized_svd,
+    sketch_dtype,
+    top_singular,
+    uses_randomized,
+)
 from composer.methods.tsv import tsv
 from helpers import load_state, save_fine_tune, save_tiny_model
 
@@ -253,34 +261,49 @@ def decaying_matrix(rows, columns, seed=0):
     return (u * values) @ v.T
 
 
-def test_randomized_svd_error_against_an_exact_svd():
+@pytest.mark.parametrize("products", [torch.float32, torch.bfloat16])
+def test_randomized_svd_error_against_an_exact_svd(products):
     """The rank-k approximation of the randomised solver is within 1% of the best one's error (measured here:
-    0.10% with 2 power iterations and 32 extra columns; on SmolLM2-135M fine-tunes' task vectors, CART's centred
-    ones at rank 46 0.27-0.44%, TSV-M's at rank 192 0.43-0.91%, bench/RESULTS.md), its top singular values
-    within 5%, and it is the same from run to run."""
+    0.10% with 2 power iterations and 32 extra columns, with the sketch's products in float32 or in bfloat16;
+    on SmolLM2-135M fine-tunes' task vectors, CART's centred ones at rank 46 0.27-0.44%, TSV-M's at rank 192
+    0.43-0.91%, bench/RESULTS.md), its top singular values within 5%, and it is the same from run to run."""
     matrix = decaying_matrix(900, 600)
     rank = 48
     assert uses_randomized(tuple(matrix.shape), rank)
-    u, s, vh = randomized_svd(matrix, rank)
+    u, s, vh = randomized_svd(matrix, rank, products=products)
     exact_u, exact_s, exact_vh = torch.linalg.svd(matrix, full_matrices=False)
     best = torch.linalg.norm(matrix - (exact_u[:, :rank] * exact_s[:rank]) @ exact_vh[:rank])
     error = torch.linalg.norm(matrix - (u * s) @ vh)
     assert error / best - 1 < 0.01, float(error / best - 1)
     assert float(((s - exact_s[:rank]).abs() / exact_s[:rank]).max()) < 0.05
     torch.testing.assert_close(torch.linalg.svdvals(u.T @ u), torch.ones(rank), rtol=1e-4, atol=1e-4)
-    again = randomized_svd(matrix, rank)
+    again = randomized_svd(matrix, rank, products=products)
     assert all(torch.equal(a, b) for a, b in zip((u, s, vh), again))
-    wide_u, wide_s, wide_vh = top_singular(matrix.T.contiguous(), rank)  # a wide matrix is sketched on its long side
+    # a wide matrix is sketched on its long side
+    wide_u, wide_s, wide_vh = randomized_svd(matrix.T.contiguous(), rank, products=products)
     torch.testing.assert_close(wide_s, s, rtol=1e-5, atol=1e-6)
 
 
-def test_randomized_svd_of_a_matrix_of_lower_rank_than_its_sketch():
+def test_the_sketch_multiplies_in_bfloat16_only_where_the_hardware_does():
+    """bfloat16 products take a third of float32's time on a CPU with AVX512-BF16 (bench/RESULTS.md) and are
+    emulated, slower, elsewhere; float64 work keeps its precision."""
+    expected = torch.bfloat16 if cpu_multiplies_bfloat16() else torch.float32
+    assert sketch_dtype(torch.zeros(4, 4)) == expected
+    assert sketch_dtype(torch.zeros(4, 4, dtype=torch.float64)) == torch.float64
+    matrix = decaying_matrix(900, 600)
+    default = randomized_svd(matrix, 48)
+    assert all(torch.equal(a, b) for a, b in zip(default, randomized_svd(matrix, 48, products=expected)))
+
+
+@pytest.mark.parametrize("products", [torch.float32, torch.bfloat16])
+def test_randomized_svd_of_a_matrix_of_lower_rank_than_its_sketch(products):
     """A task vector of rank 5 (a LoRA fine-tune's) sketched with 80 columns: the intermediate bases' Cholesky
     QR meets Gram matrices that are singular (and takes Householder QR) or nearly so; the 5 real triplets come
-    out exact and nothing is amplified."""
+    out exact and nothing is amplified, also when the sketch's products are in bfloat16 (its last product is
+    taken in full, so the basis lies in the matrix's range to rounding)."""
     generator = torch.Generator().manual_seed(3)
     matrix = torch.randn(900, 5, generator=generator) @ torch.randn(5, 600, generator=generator)
-    u, s, vh = randomized_svd(matrix, 48)
+    u, s, vh = randomized_svd(matrix, 48, products=products)
     assert all(torch.isfinite(t).all() for t in (u, s, vh))
     torch.testing.assert_close(s[:5], torch.linalg.svdvals(matrix)[:5], rtol=1e-5, atol=0)
     assert float(s[5:].max()) < 1e-5 * float(s[0])
