@@ -14,6 +14,11 @@ bench/finetunes.py (code and pt; built there first, or waited for with --wait; o
 The machine these run on is shared: the load average is printed, and CPU seconds (all threads) beside wall time.
 
     python bench/tune.py [--trials 50] [--tokens 4096] [--memory-budget 2GB] [--wait 30] [--code DIR --pt DIR]
+                         [--mergekit PYTHONPATH]
+
+With --mergekit, the write-then-evaluate trial is also timed with the merge written by mergekit's own run_merge,
+as mergekit-evolve's serial strategy writes it (timed after mergekit's import, which evolve pays once), beside
+composer's write.
 """
 
 from __future__ import annotations
@@ -117,6 +122,37 @@ class Clock:
         self.wall, self.cpu = time.monotonic() - self.wall, time.process_time() - self.cpu
 
 
+# mergekit-evolve's serial trial writes each merge with mergekit's run_merge (mergekit/evo/helpers.py, merge_model)
+# in a process that has already imported mergekit: only run_merge is timed
+MERGEKIT_MERGE = """
+import sys, time, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+wall, cpu = time.monotonic(), time.process_time()
+run_merge(config, out_path=sys.argv[2], options=MergeOptions(copy_tokenizer=True))
+print("MERGE_SECONDS", time.monotonic() - wall, time.process_time() - cpu)
+"""
+
+
+def mergekit_merge(recipe: Path, out: Path, python_path: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of mergekit's run_merge of `recipe` into `out`, in a child process given `python_path`."""
+    environment = dict(os.environ, PYTHONPATH=python_path + os.pathsep + str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", MERGEKIT_MERGE, str(recipe), str(out)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"mergekit failed:\n{done.stderr[-3000:]}")
+    line = next(line for line in done.stdout.splitlines() if line.startswith("MERGE_SECONDS"))
+    wall, cpu = map(float, line.split()[1:])
+    return wall, cpu
+
+
 def load() -> str:
     return "load average " + " ".join(f"{value:.1f}" for value in os.getloadavg())
 
@@ -132,6 +168,11 @@ def main() -> None:
     parser.add_argument("--heldout-bytes", type=int, help="score only this much of each held-out text (whole lines)")
     parser.add_argument("--code", type=Path, help="the code fine-tune's folder (default: bench/finetunes.py's)")
     parser.add_argument("--pt", type=Path, help="the pt fine-tune's folder (default: bench/finetunes.py's)")
+    parser.add_argument(
+        "--mergekit",
+        metavar="PYTHONPATH",
+        help="where mergekit 0.1.5 imports from: the write-then-evaluate trial then also writes with mergekit's run_merge",
+    )
     options = parser.parse_args()
 
     from composer.bundled import smollm2_dir
@@ -220,13 +261,21 @@ def main() -> None:
 
     # 2: mergekit-evolve's trial re-created: write the merge, load it, score it (twice; the faster counts)
     phases = {"write": [], "load": [], "eval": [], "eval (tune's windows)": []}
+    concrete = shared.replace("&w {tune: [0, 1], start: 0.5}", "&w 0.5")
+    (work / "concrete.yml").write_text(concrete, encoding="utf-8")
+    if options.mergekit:
+        phases["write (mergekit)"] = []
     for attempt in range(2):
         folder = work / f"written-{attempt}"
         with Clock() as clock:
-            compose_text(
-                shared.replace("&w {tune: [0, 1], start: 0.5}", "&w 0.5"), folder, ExecutionOptions(progress=False)
-            )
+            compose_text(concrete, folder, ExecutionOptions(progress=False))
         phases["write"].append(clock)
+        if options.mergekit:
+            clock = Clock()
+            clock.wall, clock.cpu = mergekit_merge(
+                work / "concrete.yml", work / f"mergekit-{attempt}", options.mergekit
+            )
+            phases["write (mergekit)"].append(clock)
         with Clock() as clock:
             model, tokenizer = load_model(str(folder))
         phases["load"].append(clock)
@@ -303,6 +352,16 @@ def main() -> None:
         f"  with tune's windows: {same_windows[0]:.1f} s, {same_windows[1]:.1f} CPU s: "
         f"{same_windows[0] / streamed[0]:.1f}x wall, {same_windows[1] / streamed[1]:.1f}x CPU"
     )
+    if options.mergekit:
+        for label, evaluation in (("compose eval's windows", "eval"), ("tune's windows", "eval (tune's windows)")):
+            wall, cpu = (
+                sum(getattr(best[name], kind) for name in ("write (mergekit)", "load", evaluation))
+                for kind in ("wall", "cpu")
+            )
+            print(
+                f"  written by mergekit, with {label}: {wall:.1f} s, {cpu:.1f} CPU s: "
+                f"{wall / streamed[0]:.1f}x wall, {cpu / streamed[1]:.1f}x CPU"
+            )
     print(f"peak RSS of compose tune: {rss / 1e9:.2f} GB with --memory-budget {options.memory_budget}")
     print(f"end: {load()}")
 

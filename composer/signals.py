@@ -15,15 +15,29 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by a signal; the message says what became of its output."""
 
 
-def raise_interrupted(signum, frame) -> None:
+def stop_once(signum, frame) -> None:
+    """The first stop signal unwinds the run (Ctrl-C as Python's KeyboardInterrupt, the others as Interrupted);
+    every later one is ignored. The run is already stopping, its clean-up holds signals anyway, and a second
+    Ctrl-C landing as the process exits would end it by the signal (exit -2) instead of its exit code (130)."""
+    for number in STOPPING:
+        if signal.getsignal(number) is stop_once:
+            signal.signal(number, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
-def stop_on_signals() -> None:
-    """Make SIGTERM and SIGHUP (a closed terminal, a dropped ssh session) stop a run as Ctrl-C does."""
+def stop_on_signals() -> dict[int, object]:
+    """Make SIGTERM and SIGHUP (a closed terminal, a dropped ssh session) stop a run as Ctrl-C does, each signal
+    once (`stop_once`). A signal ignored when composer starts (`nohup` ignores SIGHUP, a background job SIGINT)
+    stays ignored. Returns the handlers it replaced, for a caller that goes on after the run (the tests)."""
+    replaced = {}
     for number in STOPPING:
-        if number != signal.SIGINT:
-            signal.signal(number, raise_interrupted)
+        handler = signal.getsignal(number)
+        if handler != signal.SIG_IGN:
+            replaced[number] = handler
+            signal.signal(number, stop_once)
+    return replaced
 
 
 @contextmanager
