@@ -223,6 +223,8 @@ def base_env(case: Case, home: Path) -> dict:
 def _limits(address_limit: Optional[int]):
     def apply():
         os.setsid()
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # as a terminal gives them, even if the
+            signal.signal(number, signal.SIG_DFL)  # bench runs under nohup (children inherit ignored signals)
         if address_limit:
             import resource
 
