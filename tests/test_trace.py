@@ -691,3 +691,28 @@ def test_a_gguf_suspect_is_dequantised_a_block_of_rows_at_a_time_within_the_budg
         assert [w for _, _, w in mine.sources] == pytest.approx([w for _, _, w in theirs.sources], abs=1e-9)
     assert small.verification.keys() == large.verification.keys()
     assert all(abs(small.verification[n] - large.verification[n]) <= 1e-6 for n in large.verification)
+
+
+def test_a_layer_whose_slerp_is_its_blend_joins_the_slerp_around_it():
+    """Seen on Gemma 3 270M: in a SLERP of two fine-tunes (t 0.35), one layer's tensors were nearly parallel, so each
+    fitted as linear with the same t, and the recovered recipe was three stages where one SLERP does."""
+    import torch
+
+    from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
+    from composer.trace.recover import LayerFit, TensorFit, slerp_throughout
+
+    def layer(index: int, method: str, t: float | None, sources=("a", "b")) -> LayerFit:
+        fits = [
+            TensorFit(f"model.layers.{index}.{part}.weight", method, list(sources), [1 - 0.35, 0.35], 1e-3, t=t)
+            for part in ("self_attn.q_proj", "mlp.up_proj")
+        ]
+        return LayerFit(index, method, [(s, index, w) for s, w in zip(sources, (0.65, 0.35))], 1e-3, fits)
+
+    layers = [layer(0, "slerp", 0.35), layer(1, "linear", 0.35), layer(2, "slerp", 0.35)]
+    joined = slerp_throughout(layers)
+    assert [fit.method for fit in joined] == ["slerp"] * 3 and agreed_method(joined) == "slerp"
+    text = recipe_text(RecipeInputs(torch.bfloat16, joined, "slerp"), "", {"a": 3, "b": 3})
+    assert "stages" not in text and "t: 0.35" in text, text
+    # a linear layer that SLERP does not explain (no t), or from other models, stays linear
+    kept = slerp_throughout([layer(0, "slerp", 0.35), layer(1, "linear", None), layer(2, "linear", 0.35, ("a", "c"))])
+    assert [fit.method for fit in kept] == ["slerp", "linear", "linear"]

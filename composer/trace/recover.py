@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import median
 
 import torch
@@ -363,3 +363,21 @@ def layer_summary(layer: int, fits: list[TensorFit], source_layers: dict[str, in
     ]
     error = max((fit.relative_error for fit in fits), default=1.0)
     return LayerFit(layer, method, sources, error, fits)
+
+
+def slerp_throughout(layers: list[LayerFit]) -> list[LayerFit]:
+    """In a model whose layers show SLERP, a layer fitted as linear from the same two models, every one of whose
+    linear tensors SLERP explains as well (nearly parallel tensors interpolate alike, so its fits carry a t), is
+    a SLERP layer too: it recomposes the same within rounding, and the recipe is one SLERP, not stages."""
+    slerp_sources = {tuple(s[0] for s in layer.sources) for layer in layers if layer.method == "slerp"}
+
+    def interpolates(layer: LayerFit) -> bool:
+        linear = [fit for fit in layer.tensors if fit.method == "linear"]
+        return (
+            layer.method == "linear"
+            and tuple(s[0] for s in layer.sources) in slerp_sources
+            and bool(linear)
+            and all(fit.t is not None for fit in linear)
+        )
+
+    return [replace(layer, method="slerp") if interpolates(layer) else layer for layer in layers]

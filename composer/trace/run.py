@@ -20,7 +20,16 @@ from composer.trace.layout import TracedModel, open_traced
 from composer.trace.prescan import Prescan
 from composer.trace.provenance import Provenance, check_provenance
 from composer.trace.recipe_text import RecipeInputs, agreed_method, recipe_text
-from composer.trace.recover import MIN_SIMILARITY, Candidate, LayerFit, Recovery, TensorFit, layer_summary, partner
+from composer.trace.recover import (
+    MIN_SIMILARITY,
+    Candidate,
+    LayerFit,
+    Recovery,
+    TensorFit,
+    layer_summary,
+    partner,
+    slerp_throughout,
+)
 from composer.trace.tokenizers import (
     TokenizerComparison,
     TokenizerFacts,
@@ -318,6 +327,8 @@ def _trace_with(
     mixture = is_mixture(suspect.prints)
     if mixture:
         layer_fits = [moe_layer(layer) for layer in layer_fits]
+    else:
+        layer_fits = slerp_throughout(layer_fits)
     references = [candidate.reference for candidate in candidates]
     contributions = _contributions(layer_fits, references)
     method = "moe" if mixture else agreed_method(layer_fits)
