@@ -178,8 +178,9 @@ class Vocabulary:
         return cls(tokens, surfaces, special, scheme, dict(roles or {}), name)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, name: str = "tokenizer") -> Vocabulary:
-        """From a transformers fast tokenizer (or a `tokenizers.Tokenizer`)."""
+    def from_tokenizer(cls, tokenizer, name: str = "tokenizer", spec: dict | None = None) -> Vocabulary:
+        """From a transformers fast tokenizer (or a `tokenizers.Tokenizer`). `spec`: its backend's tokenizer.json
+        contents where the caller has parsed them already (a large vocabulary's take seconds to write and parse)."""
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         if not hasattr(backend, "to_str"):
             raise TokenSurgeryError(
@@ -190,7 +191,8 @@ class Vocabulary:
             index = getattr(tokenizer, f"{role}_token_id", None)
             if isinstance(index, int):
                 roles[role] = index
-        spec = json.loads(backend.to_str())
+        if spec is None:
+            spec = json.loads(backend.to_str())
         vocabulary = cls.from_tokenizer_json(spec, roles, name)
         vocabulary.encoder = verbatim_tokenizer(spec)
         bos = roles.get("bos")

@@ -97,11 +97,11 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
     if not source.has_tokenizer():
         return None
     tokenizer = plain_tokenizer(source) or load_source_tokenizer(source, "tokenizer commonality needs one")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     try:
-        vocabulary = Vocabulary.from_tokenizer(tokenizer, source.reference)
+        vocabulary = Vocabulary.from_tokenizer(tokenizer, source.reference, spec=spec)
     except (TokenSurgeryError, ValueError, KeyError) as error:
         raise ComposerError(f"The tokenizer of '{source.reference}' cannot be read: {error}") from None
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     keys: list[object] = [
         surface if surface is not None else ("control", token)
         for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)
@@ -133,14 +133,15 @@ def plain_tokenizer(source: ModelSource) -> SimpleNamespace | None:
         return None
     try:
         config = read_json_object(config_path, "tokenizer config")
-        backend = Tokenizer.from_file(str(spec_path))
-    except Exception:  # noqa: BLE001  (ComposerError, or a bare Exception from tokenizers on a bad file)
+    except Exception:  # noqa: BLE001  (ComposerError, or anything else: transformers then says what is wrong)
         return None
-    if (
-        not set(config) <= PLAIN_CONFIG_KEYS
-        or config.get("tokenizer_class") not in PLAIN_CLASSES
-        or backend.get_vocab_size() > 100_000  # transformers may patch the pre-tokenizer of large (Mistral) ones
-    ):
+    if not set(config) <= PLAIN_CONFIG_KEYS or config.get("tokenizer_class") not in PLAIN_CLASSES:
+        return None  # decided before the tokenizer.json is parsed: a large one takes seconds
+    try:
+        backend = Tokenizer.from_file(str(spec_path))
+    except Exception:  # noqa: BLE001  (a bare Exception from tokenizers on a bad file)
+        return None
+    if backend.get_vocab_size() > 100_000:  # transformers may patch the pre-tokenizer of large (Mistral) ones
         return None
     # transformers adds each named token as a special one (special, not normalised, nothing stripped): it must be one
     added = {entry.get("content"): entry for entry in json.loads(backend.to_str()).get("added_tokens") or []}
