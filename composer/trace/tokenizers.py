@@ -36,7 +36,7 @@ TRANSFORMERS_ONLY_FILES = ("special_tokens_map.json", "added_tokens.json", "chat
 class TokenizerFacts:
     tokens: list[str]
     keys: list[object]  # per id: the text it stands for, or ("control", token) for control tokens
-    merges: object
+    merges: str | None  # merges_digest
     special: list[tuple[str, bool]]
     chat_template: str | None
     normalizer: object
@@ -110,13 +110,21 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
     return TokenizerFacts(
         vocabulary.tokens,
         keys,
-        (spec.get("model") or {}).get("merges"),
+        merges_digest((spec.get("model") or {}).get("merges")),
         special,
         getattr(tokenizer, "chat_template", None),
         spec.get("normalizer"),
         spec.get("pre_tokenizer"),
         vocabulary,
     )
+
+
+def merges_digest(merges: object) -> str | None:
+    """A digest of a BPE tokenizer's merges (None without them): they are only compared for equality, and kept
+    whole, a large vocabulary's took 167 MB for the whole trace (Gemma 3's 514,906 merges)."""
+    if merges is None:
+        return None
+    return hashlib.sha256(json.dumps(merges, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
 def plain_tokenizer(source: ModelSource) -> SimpleNamespace | None:
