@@ -174,15 +174,17 @@ OUT_OF_MEMORY = "composer ran out of memory; lower --memory-budget or free memor
 
 def _guarded(action):
     from composer.errors import ComposerError
-    from composer.signals import Interrupted
+    from composer.signals import Interrupted, ignore_stop_signals
 
     try:
         return action()
     except ComposerError as error:
         _fail(str(error))
     except Interrupted as error:
+        ignore_stop_signals()
         _fail(f"{error}", code=130)
     except KeyboardInterrupt:
+        ignore_stop_signals()
         _fail("interrupted before anything was written.", code=130)
     except OSError as error:  # disk full, permission denied, ...: the user's to fix, so no traceback
         where = f"{error.filename}: " if error.filename else ""
@@ -828,7 +830,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main() -> None:
-    from composer.signals import stop_on_signals
+    from composer.signals import ignore_stop_signals, stop_on_signals
 
     stop_on_signals()  # SIGTERM and SIGHUP unwind like Ctrl-C, so the partial output folder is removed
     # The interpreter's last collections walk every object left, and torch's import leaves hundreds of thousands
@@ -839,6 +841,7 @@ def main() -> None:
     try:
         code = _main()
     except KeyboardInterrupt as error:  # while starting up, before a command's own handling
+        ignore_stop_signals()
         typer.echo(_paragraph(f"{error or 'interrupted'}; nothing was written."), err=True)
         code = 130
     sys.exit(code)

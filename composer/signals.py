@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -15,28 +16,51 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by a signal; the message says what became of its output."""
 
 
-def stop_once(signum, frame) -> None:
-    """The first stop signal unwinds the run (Ctrl-C as Python's KeyboardInterrupt, the others as Interrupted);
-    every later one is ignored. The run is already stopping, its clean-up holds signals anyway, and a second
-    Ctrl-C landing as the process exits would end it by the signal (exit -2) instead of its exit code (130)."""
-    for number in STOPPING:
-        if signal.getsignal(number) is stop_once:
-            signal.signal(number, signal.SIG_IGN)
+def stop_run(signum, frame) -> None:
+    """A stop signal unwinds the run: Ctrl-C as Python's KeyboardInterrupt, the others as Interrupted. One landing in
+    an object's finaliser (`__del__`, run by the garbage collector anywhere) would be printed and swallowed there,
+    and the run would go on: it is sent again a moment later instead, to land in the run's own code."""
+    if in_finaliser(frame):
+        timer = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
+def in_finaliser(frame, depth: int = 8) -> bool:
+    """Whether `frame`, or one of the `depth` frames that called it, is an object's `__del__`."""
+    while frame is not None and depth > 0:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
+
+
+def ignore_stop_signals() -> None:
+    """Called once a stop is being reported: later stop signals change nothing. The run is over, and a second
+    Ctrl-C landing as the process exits would end it by the signal (exit -2) instead of its exit code (130), or
+    print a traceback from the interpreter's shutdown. Not at the signal itself: one that lands where Python
+    swallows the exception (an object's __del__) stops nothing, and the next must still work."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in STOPPING:
+        if signal.getsignal(number) is stop_run:
+            signal.signal(number, signal.SIG_IGN)
+
+
 def stop_on_signals() -> dict[int, object]:
-    """Make SIGTERM and SIGHUP (a closed terminal, a dropped ssh session) stop a run as Ctrl-C does, each signal
-    once (`stop_once`). A signal ignored when composer starts (`nohup` ignores SIGHUP, a background job SIGINT)
+    """Make SIGTERM and SIGHUP (a closed terminal, a dropped ssh session) stop a run as Ctrl-C does (`stop_run`).
+    A signal ignored when composer starts (`nohup` ignores SIGHUP, a background job SIGINT)
     stays ignored. Returns the handlers it replaced, for a caller that goes on after the run (the tests)."""
     replaced = {}
     for number in STOPPING:
         handler = signal.getsignal(number)
         if handler != signal.SIG_IGN:
             replaced[number] = handler
-            signal.signal(number, stop_once)
+            signal.signal(number, stop_run)
     return replaced
 
 
@@ -57,7 +81,7 @@ def signals_held():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-    if caught:
+    if caught and not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # (a run already stopping needs no other)
         handler = previous[caught[0]]
         if callable(handler):
             handler(caught[0], None)
