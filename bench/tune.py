@@ -289,12 +289,6 @@ def main() -> None:
         phases["eval (tune's windows)"].append(clock)
         del model
     best = {name: min(clocks, key=lambda c: c.wall) for name, clocks in phases.items()}
-    written = [sum(best[name].wall for name in ("write", "load", "eval")), None]
-    written[1] = sum(best[name].cpu for name in ("write", "load", "eval"))
-    same_windows = [
-        sum(getattr(best[name], kind) for name in ("write", "load", "eval (tune's windows)"))
-        for kind in ("wall", "cpu")
-    ]
     print(f"write-then-evaluate done: {load()}", flush=True)
 
     start_held, tuned_held = held_mean(report["scores"]["start"]), held_mean(report["scores"]["tuned"])
@@ -344,22 +338,16 @@ def main() -> None:
         "a write-then-evaluate trial: "
         + ", ".join(f"{name} {clock.wall:.1f} s / {clock.cpu:.1f} CPU s" for name, clock in best.items())
     )
-    print(
-        f"  with compose eval's windows: {written[0]:.1f} s, {written[1]:.1f} CPU s: "
-        f"{written[0] / streamed[0]:.1f}x wall, {written[1] / streamed[1]:.1f}x CPU"
-    )
-    print(
-        f"  with tune's windows: {same_windows[0]:.1f} s, {same_windows[1]:.1f} CPU s: "
-        f"{same_windows[0] / streamed[0]:.1f}x wall, {same_windows[1] / streamed[1]:.1f}x CPU"
-    )
-    if options.mergekit:
+    writers = {"write": "", "write (mergekit)": "written by mergekit, "}
+    for writer, said in writers.items():
+        if writer not in best:
+            continue
         for label, evaluation in (("compose eval's windows", "eval"), ("tune's windows", "eval (tune's windows)")):
             wall, cpu = (
-                sum(getattr(best[name], kind) for name in ("write (mergekit)", "load", evaluation))
-                for kind in ("wall", "cpu")
+                sum(getattr(best[name], kind) for name in (writer, "load", evaluation)) for kind in ("wall", "cpu")
             )
             print(
-                f"  written by mergekit, with {label}: {wall:.1f} s, {cpu:.1f} CPU s: "
+                f"  {said}with {label}: {wall:.1f} s, {cpu:.1f} CPU s: "
                 f"{wall / streamed[0]:.1f}x wall, {cpu / streamed[1]:.1f}x CPU"
             )
     print(f"peak RSS of compose tune: {rss / 1e9:.2f} GB with --memory-budget {options.memory_budget}")
