@@ -118,16 +118,19 @@ def randomized_svd(
     columns = min(rank + (oversampled_columns(rank) if oversampling is None else oversampling), min(work.shape))
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(work.shape[1], columns, generator=generator, dtype=work.dtype).to(work.device)
-    fast = products or sketch_dtype(work)
-    steering = work.to(fast)
-    sketch = work @ omega if iterations == 0 else (steering @ omega.to(fast)).to(work.dtype)
-    for iteration in range(iterations):
-        steered = (steering.mT @ orthonormal_span(sketch, fast)).to(work.dtype)
-        if iteration < iterations - 1:
+    if iterations == 0:
+        sketch = work @ omega
+    else:
+        fast = products or sketch_dtype(work)
+        steering = work.to(fast)
+        sketch = (steering @ omega.to(fast)).to(work.dtype)
+        for _ in range(iterations - 1):
+            steered = (steering.mT @ orthonormal_span(sketch, fast)).to(work.dtype)
             sketch = (steering @ orthonormal_span(steered, fast)).to(work.dtype)
-        else:  # the last in full: its columns lie in A's range to rounding, so a matrix of low rank comes out exact
-            sketch = work @ orthonormal_span(steered)
-    del steering
+        steered = (steering.mT @ orthonormal_span(sketch, fast)).to(work.dtype)
+        del steering
+        # the last product in full: its columns lie in A's range to rounding, so a matrix of low rank comes out exact
+        sketch = work @ orthonormal_span(steered)
     basis = orthonormal_span(orthonormal_span(sketch))  # Cholesky QR twice: orthonormal to rounding
     u, s, vh = gram_svd((basis.mT @ work).double())
     u = basis @ u[:, :rank].to(work.dtype)
