@@ -96,8 +96,9 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
 
     if not source.has_tokenizer():
         return None
-    tokenizer = plain_tokenizer(source) or load_source_tokenizer(source, "tokenizer commonality needs one")
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    plain = plain_tokenizer(source)
+    tokenizer = plain or load_source_tokenizer(source, "tokenizer commonality needs one")
+    spec = plain.spec if plain is not None else json.loads(tokenizer.backend_tokenizer.to_str())
     try:
         vocabulary = Vocabulary.from_tokenizer(tokenizer, source.reference, spec=spec)
     except (TokenSurgeryError, ValueError, KeyError) as error:
@@ -128,9 +129,10 @@ def merges_digest(merges: object) -> str | None:
 
 
 def plain_tokenizer(source: ModelSource) -> SimpleNamespace | None:
-    """What tokenizer_facts reads of transformers' tokenizer (the backend, the roles' ids, the chat template), from
-    a folder's tokenizer.json by the tokenizers library alone, where transformers would load that file unchanged
-    (PLAIN_CONFIG_KEYS); None elsewhere (and for files it cannot parse: transformers then says what is wrong)."""
+    """What tokenizer_facts reads of transformers' tokenizer (the backend, the roles' ids, the chat template; and the
+    tokenizer.json's contents as `spec`, parsed once), from a folder's tokenizer.json by the tokenizers library
+    alone, where transformers would load that file unchanged (PLAIN_CONFIG_KEYS); None elsewhere (and for files it
+    cannot parse: transformers then says what is wrong)."""
     from tokenizers import Tokenizer
 
     folder_file = getattr(source, "folder_file", None)
@@ -152,7 +154,8 @@ def plain_tokenizer(source: ModelSource) -> SimpleNamespace | None:
     if backend.get_vocab_size() > 100_000:  # transformers may patch the pre-tokenizer of large (Mistral) ones
         return None
     # transformers adds each named token as a special one (special, not normalised, nothing stripped): it must be one
-    added = {entry.get("content"): entry for entry in json.loads(backend.to_str()).get("added_tokens") or []}
+    spec = json.loads(backend.to_str())
+    added = {entry.get("content"): entry for entry in spec.get("added_tokens") or []}
     plain = {"special": True, "normalized": False, "lstrip": False, "rstrip": False, "single_word": False}
     ids = {}
     for role in ROLES:
@@ -170,7 +173,7 @@ def plain_tokenizer(source: ModelSource) -> SimpleNamespace | None:
         template = template_path.read_text(encoding="utf-8")
     elif template is not None and not isinstance(template, str):
         return None
-    return SimpleNamespace(backend_tokenizer=backend, chat_template=template, **ids)
+    return SimpleNamespace(backend_tokenizer=backend, chat_template=template, spec=spec, **ids)
 
 
 def compare_tokenizers(
