@@ -22,7 +22,13 @@ import torch
 from composer.errors import ComposerError
 from composer.files import fill_from
 from composer.sources.base import ModelSource, TensorInfo
-from composer.sources.gguf_format import GGUFTensorEntry, read_gguf_header, type_name
+from composer.sources.gguf_format import (
+    GGUFTensorEntry,
+    read_gguf_header,
+    read_gguf_tokenizer,
+    type_name,
+    write_metadata_copy,
+)
 
 
 class GGUFFile(ModelSource):
@@ -45,7 +51,10 @@ class GGUFFile(ModelSource):
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         try:
-            return load_gguf_checkpoint(str(self.path), return_tensors=False)
+            # transformers reads the config from a copy without the tokenizer's arrays: 16 s -> 0.1 s for Gemma 3
+            with tempfile.TemporaryDirectory(prefix="composer-gguf-") as scratch:
+                copy = write_metadata_copy(self.header, Path(scratch) / self.path.name)
+                return load_gguf_checkpoint(str(copy), return_tensors=False)
         except (ValueError, NotImplementedError, KeyError) as error:
             raise ComposerError(
                 f"{self.path}: transformers cannot translate this GGUF file's metadata "
@@ -248,6 +257,10 @@ class GGUFFile(ModelSource):
 
     def has_tokenizer(self) -> bool:
         return "tokenizer.ggml.tokens" in self.header.metadata
+
+    def tokenizer_metadata(self) -> dict:
+        """The `tokenizer.*` metadata with the arrays whole (vocabulary, token types, scores, merges)."""
+        return read_gguf_tokenizer(self.path)
 
     def save_tokenizer(self, destination: Path) -> list[str]:
         from transformers import AutoTokenizer

@@ -7,8 +7,9 @@ type, offset into the data section), then the data section, which starts at the 
 
 Walking the header here is much faster than `gguf.GGUFReader`, which builds a numpy view for every token
 of the vocabulary; string arrays (vocabulary, merges) and arrays of more than MAX_KEPT_ARRAY numbers (token
-scores and types) are skipped and recorded as their length. Files come from strangers, so every count and
-length is checked against the bytes left before it is used (see _Cursor).
+scores and types) are skipped and recorded as their length (`read_gguf_tokenizer` reads the tokenizer's whole).
+Files come from strangers, so every count and length is checked against the bytes left before it is used (see
+_Cursor).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from composer.files import open_regular, printable
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+PAIRS_START = 24  # magic, version, tensor count, pair count
 STRING, ARRAY = 8, 9
 SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 # Bounds a hostile header runs into long before it could hang composer or fill memory; real files stay far below
@@ -57,6 +60,9 @@ class GGUFHeader:
     metadata: dict = field(default_factory=dict)
     tensors: dict[str, GGUFTensorEntry] = field(default_factory=dict)
     data_start: int = 0
+    skipped_spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> bytes of a pair kept as a count
+    metadata_end: int = 0  # where the key/value pairs end and the tensor table starts
+    table_end: int = 0  # where the tensor table ends (the data section starts at the next aligned byte)
 
     @property
     def architecture(self) -> str | None:
@@ -76,12 +82,13 @@ class _Cursor:
     claim more entries than the bytes left could hold, more entries in all than any real header has, arrays
     nested past MAX_ARRAY_DEPTH, keys and names longer than GGUF allows."""
 
-    def __init__(self, buffer, path: Path):
+    def __init__(self, buffer, path: Path, whole: Callable[[str], bool] = lambda key: False):
         self.buffer = buffer
         self.position = 0
         self.path = path
         self.entries_left = MAX_ENTRIES
         self.values_left = MAX_KEPT_VALUES
+        self.whole = whole  # keys whose arrays are kept whole, strings and all
 
     def unpack(self, fmt: str):
         try:
@@ -151,8 +158,11 @@ class _Cursor:
                 "one or two); the file is damaged."
             )
         element_type, count = self.unpack("IQ")
+        whole = wanted and depth == 1 and self.whole(key)
         if element_type == STRING:  # walked, not kept
             self.claim(count, 8, f"metadata key '{key}'")
+            if whole:
+                return [self.string(what=f"an entry of metadata key '{key}'") for _ in range(count)]
             for _ in range(count):
                 self.skip_string()
             return count
@@ -162,7 +172,7 @@ class _Cursor:
             )
         size = struct.calcsize("<" + SCALAR_FORMATS[element_type]) if element_type in SCALAR_FORMATS else 12
         self.claim(count, size, f"metadata key '{key}'")
-        keep = wanted and self.keeps(count)
+        keep = whole or (wanted and self.keeps(count))
         if element_type == ARRAY:
             items = [self.array(key, depth + 1, keep) for _ in range(count)]
             return items if keep else count
@@ -211,11 +221,54 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     return _tensor_table(path, size, header, entries)
 
 
-def _walk(path: Path, buffer) -> tuple[GGUFHeader, list[tuple[str, tuple[int, ...], int, int]]]:
+def read_gguf_tokenizer(path: Path) -> dict:
+    """The file's `tokenizer.*` metadata with every array whole (the vocabulary, its types and scores, the merges)."""
+    with (
+        os.fdopen(open_regular(path), "rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer,
+    ):
+        header, _ = _walk(path, buffer, whole=lambda key: key.startswith("tokenizer."))
+    return {key: value for key, value in header.metadata.items() if key.startswith("tokenizer.")}
+
+
+def write_metadata_copy(header: GGUFHeader, destination: Path) -> Path:
+    """A copy of the GGUF file without the tokenizer's long arrays, for readers that parse every entry of every
+    array (gguf's GGUFReader takes 16 s over Gemma 3's 262,144 tokens) when they want the config. The vocabulary's
+    length is kept as `<architecture>.vocab_size` where the file has none (readers take the model's vocabulary
+    size from it), and the tensor data is a hole of the original's length (the table's offsets stay right)."""
+    dropped = sorted(span for key, span in header.skipped_spans.items() if key.startswith("tokenizer."))
+    pairs = []
+    size_key = f"{header.architecture}.vocab_size"
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    added = 0
+    with os.fdopen(open_regular(header.path), "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            position = PAIRS_START
+            for start, end in dropped:
+                pairs.append(bytes(buffer[position:start]))
+                position = end
+            pairs.append(bytes(buffer[position : header.metadata_end]))
+            if size_key not in header.metadata and isinstance(tokens, int):
+                name = size_key.encode()
+                pairs.append(struct.pack("<Q", len(name)) + name + struct.pack("<II", 4, tokens))  # type 4: uint32
+                added = 1
+            table = bytes(buffer[header.metadata_end : header.table_end])
+    counts = struct.pack("<IQQ", header.version, len(header.tensors), len(header.metadata) - len(dropped) + added)
+    alignment = header.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    with open(destination, "wb") as copy:
+        copy.write(b"".join([MAGIC, counts, *pairs, table]))
+        copy.truncate(-(-copy.tell() // alignment) * alignment + size - header.data_start)
+    return destination
+
+
+def _walk(
+    path: Path, buffer, whole: Callable[[str], bool] = lambda key: False
+) -> tuple[GGUFHeader, list[tuple[str, tuple[int, ...], int, int]]]:
     """The metadata, data start and the raw tensor entries (name, torch-order shape, ggml type, data offset)."""
     if bytes(buffer[:4]) != MAGIC:
         raise ComposerError(f"{path} is not a GGUF file: it does not start with the bytes 'GGUF'.")
-    cursor = _Cursor(buffer, path)
+    cursor = _Cursor(buffer, path, whole)
     cursor.position = 4
     version = cursor.unpack("I")
     if version not in VERSIONS:
@@ -226,9 +279,13 @@ def _walk(path: Path, buffer) -> tuple[GGUFHeader, list[tuple[str, tuple[int, ..
     header = GGUFHeader(path=path, version=version)
     cursor.claim(metadata_count, 13, "the metadata table")  # a key's length, its type, a one-byte value
     for _ in range(metadata_count):
+        start = cursor.position
         key = cursor.string(MAX_NAME_BYTES, "a metadata key")
         value_type = cursor.unpack("I")
-        header.metadata[key] = cursor.value(value_type, printable(key))  # the key as messages show it
+        header.metadata[key] = value = cursor.value(value_type, printable(key))  # the key as messages show it
+        if value_type == ARRAY and isinstance(value, int):
+            header.skipped_spans[key] = (start, cursor.position)
+    header.metadata_end = cursor.position
     cursor.claim(tensor_count, 24, "the tensor table")  # a name's length, a dimension count, type and offset
     entries = []
     for _ in range(tensor_count):
@@ -242,6 +299,7 @@ def _walk(path: Path, buffer) -> tuple[GGUFHeader, list[tuple[str, tuple[int, ..
         dims = (dims,) if isinstance(dims, int) else tuple(dims)
         ggml_type, offset = cursor.unpack("IQ")
         entries.append((name, tuple(reversed(dims)), ggml_type, offset))
+    header.table_end = cursor.position
     alignment = header.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
         raise ComposerError(f"{path}: metadata 'general.alignment' is {alignment!r}; the file is damaged.")
