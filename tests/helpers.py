@@ -311,13 +311,22 @@ def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def write_tiny_llama_gguf(path: Path, state: dict[str, torch.Tensor], config, quantisation: str | None = None) -> None:
+def write_tiny_llama_gguf(
+    path: Path, state: dict[str, torch.Tensor], config, quantisation: str | None = None, tokenizer: dict | None = None
+) -> None:
     """A llama model as llama.cpp's converter writes it: its matrices quantised to `quantisation` (a GGML type name,
-    "Q8_0", "Q4_0") where given, everything else float32."""
+    "Q8_0", "Q4_0") where given, everything else float32; `tokenizer`: metadata `tokenizer.ggml.<key>` -> value."""
     import gguf
     import numpy as np
 
     writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (tokenizer or {}).items():
+        if isinstance(value, list):
+            writer.add_array(f"tokenizer.ggml.{key}", value)
+        elif isinstance(value, str):
+            writer.add_string(f"tokenizer.ggml.{key}", value)
+        else:
+            writer.add_uint32(f"tokenizer.ggml.{key}", value)
     writer.add_name("tiny llama")
     writer.add_license("mit")
     writer.add_context_length(config.max_position_embeddings)
