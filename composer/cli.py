@@ -844,6 +844,9 @@ def main() -> None:
         ignore_stop_signals()
         typer.echo(_paragraph(f"{error or 'interrupted'}; nothing was written."), err=True)
         code = 130
+    # the run is over and its exit code decided: a stop signal landing while the interpreter shuts down (when it
+    # no longer runs Python handlers) would end the process by the signal, as if the run had not finished
+    ignore_stop_signals()
     sys.exit(code)
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 STOPPING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -16,15 +17,29 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by a signal; the message says what became of its output."""
 
 
+IMPORT_PATIENCE_S = 10.0  # how long a stop waits for an import to finish (an import stuck on a lock must not hang)
+deferred_since: list[float] = []  # when the stop now waiting for an import first landed
+
+
 def stop_run(signum, frame) -> None:
-    """A stop signal unwinds the run: Ctrl-C as Python's KeyboardInterrupt, the others as Interrupted. One landing in
-    an object's finaliser (`__del__`, run by the garbage collector anywhere) would be printed and swallowed there,
-    and the run would go on: it is sent again a moment later instead, to land in the run's own code."""
-    if in_finaliser(frame):
+    """A stop signal unwinds the run: Ctrl-C as Python's KeyboardInterrupt, the others as Interrupted.
+
+    It is sent again a moment later, to land in the run's own code, where it lands in
+    - an object's finaliser (`__del__`, run by the garbage collector anywhere): Python prints the exception there
+      and the run goes on;
+    - an import: an extension module cut halfway cannot be imported again ("cannot load module more than once per
+      process", numpy), and torch, importing numpy from C++, clears any error that import raises and goes on, so
+      the stop is lost (1 Ctrl-C in 5 in the half-second of torch's import on a 2-core machine, the run then
+      finished with exit 0). An import waits at most IMPORT_PATIENCE_S."""
+    waiting = in_import(frame) and time.monotonic() - (deferred_since or [time.monotonic()])[0] < IMPORT_PATIENCE_S
+    if in_finaliser(frame) or waiting:
+        if waiting and not deferred_since:
+            deferred_since.append(time.monotonic())
         timer = threading.Timer(0.02, os.kill, (os.getpid(), signum))
         timer.daemon = True
         timer.start()
         return
+    deferred_since.clear()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
@@ -36,6 +51,15 @@ def in_finaliser(frame, depth: int = 8) -> bool:
         if frame.f_code.co_name == "__del__":
             return True
         frame, depth = frame.f_back, depth - 1
+    return False
+
+
+def in_import(frame) -> bool:
+    """Whether `frame` runs inside an import (a frame of Python's import machinery calls it)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib."):
+            return True
+        frame = frame.f_back
     return False
 
 

@@ -455,3 +455,76 @@ def test_a_stop_signal_that_lands_in_a_finaliser_is_sent_again_to_stop_the_run()
         for number, handler in replaced.items():
             signal.signal(number, handler)
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stop_signal_that_lands_in_an_import_waits_for_the_import_to_finish(tmp_path, monkeypatch):
+    """Seen with a tiny merge (1 Ctrl-C in 5 in the half-second of torch's import): Ctrl-C landed in numpy's import,
+    which torch runs from C++ and whose error it clears, so the run went on to the end (exit 0); or the import was
+    cut halfway and a later one failed ("cannot load module more than once per process"). Held until the import is
+    done, the signal then stops the run, with the module whole."""
+    import time
+
+    from composer.signals import stop_on_signals
+
+    (tmp_path / "slow_module_for_signals.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)  # the signal arrives while this module is imported\n"
+        "time.sleep(0.2)\n"
+        "whole = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    replaced = stop_on_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import slow_module_for_signals  # noqa: F401
+
+            time.sleep(2)  # the signal, sent again once the import is done, stops this
+        assert sys.modules["slow_module_for_signals"].whole
+    finally:
+        sys.modules.pop("slow_module_for_signals", None)
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
+        signal.signal(signal.SIGINT, previous)
+
+
+CTRL_C_AFTER_A_FINISHED_RUN = (
+    "import os, signal, threading, time\n"
+    "from composer import cli\n"
+    "def late():\n"
+    "    time.sleep(0.3); os.kill(os.getpid(), signal.SIGINT)  # lands while the interpreter shuts down\n"
+    "def run():\n"
+    "    threading.Thread(target=late).start()\n"
+    "    return 0\n"
+    "cli._main = run\n"
+    "cli.main()\n"
+)
+
+CTRL_C_WHILE_THE_CLI_IMPORTS = (
+    "import sys\n"
+    "class Interrupting:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'composer.cli':\n"
+    "            raise KeyboardInterrupt  # as a Ctrl-C in the first tenth of a second would\n"
+    "sys.meta_path.insert(0, Interrupting())\n"
+    "from composer.launch import main\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize(
+    "script, code, said",
+    [
+        (CTRL_C_AFTER_A_FINISHED_RUN, 0, ""),
+        (CTRL_C_WHILE_THE_CLI_IMPORTS, 130, "error: interrupted while starting; nothing was written.\n"),
+    ],
+    ids=["after-a-finished-run", "while-the-cli-imports"],
+)
+def test_a_ctrl_c_at_either_end_of_the_process_is_no_traceback(script, code, said):
+    """A Ctrl-C after the run finished, while the interpreter shuts down, left its exit code to the signal (-2, as if
+    the run had failed); one while the CLI's modules import printed Python's traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], preexec_fn=default_signal_actions, capture_output=True, timeout=60
+    )
+    assert (done.returncode, done.stderr.decode()) == (code, said)

@@ -53,6 +53,7 @@ LAYERS = [
     ),
     ("composer.demo",),
     ("composer.cli",),
+    ("composer.launch",),  # the `compose` entry point
 ]
 
 
