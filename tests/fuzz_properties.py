@@ -418,8 +418,9 @@ def safetensors_files():
 
 def check_safetensors(data: bytes) -> str:
     """read_layout on the file, then a model folder holding it; an accepted file must be one that reads."""
+    from composer.safetensors_header import read_layout
     from composer.sources.folder import SafetensorsFolder
-    from composer.sources.safetensors_format import DTYPE_BY_CODE, read_layout
+    from composer.sources.safetensors_format import DTYPE_BY_CODE
 
     folder = _scratch / "safetensors-model"
     folder.mkdir(exist_ok=True)

@@ -23,9 +23,9 @@ from composer.execute.units import Unit
 from composer.execute.worker import PlanOrder, UnitJob, forget_plan, run_unit
 from composer.execute.writer import ShardedWriter, shard_layout
 from composer.recipe import parse_recipe
+from composer.safetensors_header import read_layout
 from composer.sources import hub_headers, open_source, opened_on_a_node
 from composer.sources.folder import read_index
-from composer.sources.safetensors_format import read_layout
 from helpers import reshard, save_tiny_model
 
 COMMIT = "c" * 40

@@ -11,10 +11,10 @@ import pytest
 
 from composer.compose import compose_text
 from composer.execute import ExecutionOptions
+from composer.safetensors_header import read_header
 from composer.sources import open_source
 from composer.sources.digests import header_digest, source_digests
 from composer.sources.identity import PROVENANCE_KEY, hub_snapshot, recorded_provenance
-from composer.sources.safetensors_format import read_header
 from helpers import save_fine_tune, save_tiny_model
 
 QUIET = ExecutionOptions(progress=False)

@@ -167,7 +167,7 @@ def test_truncated_safetensors_file_names_the_file_and_tensor(tmp_path: Path):
 def test_corrupt_safetensors_headers_are_composer_errors(tmp_path: Path):
     import struct
 
-    from composer.sources.safetensors_format import read_header
+    from composer.safetensors_header import read_header
 
     def write(header: object, data: bytes = b"\0" * 64) -> Path:
         encoded = json.dumps(header).encode()
@@ -199,10 +199,18 @@ def test_corrupt_safetensors_headers_are_composer_errors(tmp_path: Path):
     ]["shape"] == [4]
 
 
+def test_the_torch_free_header_knows_each_dtype_code_size_as_torch_does():
+    from composer.safetensors_header import ITEM_BYTES
+    from composer.sources.safetensors_format import DTYPE_BY_CODE
+
+    assert set(DTYPE_BY_CODE) <= set(ITEM_BYTES)
+    assert all(ITEM_BYTES[code] == dtype.itemsize for code, dtype in DTYPE_BY_CODE.items())
+
+
 def test_safetensors_tensors_that_share_bytes_are_refused_naming_both(tmp_path: Path):
     import struct
 
-    from composer.sources.safetensors_format import read_header
+    from composer.safetensors_header import read_header
 
     header = {
         "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},

@@ -21,6 +21,7 @@ LAYERS = [
         "composer.parallel",
         "composer.memory",
         "composer.files",
+        "composer.safetensors_header",
         "composer.yaml_text",
         "composer.packages",
         "composer.chat_templates",

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.safetensors_header import read_layout
 from composer.sources.folder import SAFETENSORS_INDEX, SafetensorsFolder, read_index
-from composer.sources.safetensors_format import read_layout
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx")
 LARGEST_SMALL_FILE = 64 << 20  # bytes: a tokenizer.json of a large vocabulary is tens of MB; weights are never sent

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
-from composer.files import read_json_object
+from composer.files import printable, read_json_object
+from composer.safetensors_header import read_layout
 from composer.sources.base import FolderFilesMixin, ModelSource, TensorInfo
 from composer.sources.fp8 import find_block_scaled_fp8, without_quantization
 from composer.sources.model_files import model_file
 from composer.sources.mxfp4 import find_mxfp4
-from composer.sources.safetensors_format import DTYPE_BY_CODE, read_into, read_layout
+from composer.sources.safetensors_format import DTYPE_BY_CODE, read_into
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -141,6 +142,11 @@ class SafetensorsFolder(FolderFilesMixin, ModelSource):
         for name, path in assign_tensors(self.folder, SAFETENSORS_INDEX, weight_map, found).items():
             header, data_start = layouts[path]
             entry = header[name]
+            if entry["dtype"] not in DTYPE_BY_CODE:
+                raise ComposerError(
+                    f"{path}: tensor '{printable(name)}' has dtype {entry['dtype']}, which torch {torch.__version__} does "
+                    "not have (unsigned 16- to 64-bit integers need torch 2.3 or later)."
+                )
             self._infos[name] = TensorInfo(name, tuple(entry["shape"]), DTYPE_BY_CODE[entry["dtype"]])
             self._location[name] = (path, data_start + entry["data_offsets"][0])
         self.fp8 = find_block_scaled_fp8(self._infos, super().config, self.reference)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.safetensors_header import header_length, parse_header
 from composer.sources.base import ModelSource
 from composer.sources.folder import BIN_INDEX, SAFETENSORS_INDEX, SafetensorsFolder, open_folder, read_shards
 from composer.sources.hub import (
@@ -28,7 +29,6 @@ from composer.sources.hub import (
     hub_errors,
     split_revision,
 )
-from composer.sources.safetensors_format import header_length, parse_header
 
 FIRST_FILES = ["config.json", SAFETENSORS_INDEX, BIN_INDEX]
 HEADER_READERS = 8  # headers fetched at once: a model of 163 shards is 326 small requests

@@ -48,7 +48,7 @@ def _gguf_repository(path: Path) -> str | None:
 
 def recorded_provenance(path: Path) -> dict | None:
     """The composer.provenance record in a safetensors file's header, if it holds a readable one."""
-    from composer.sources.safetensors_format import read_header
+    from composer.safetensors_header import read_header
 
     if path.suffix != ".safetensors":
         return None

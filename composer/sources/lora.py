@@ -75,7 +75,7 @@ class AdapterWeights:
     def __init__(self, path: Path):
         self.path = path
         if path.suffix == ".safetensors":
-            from composer.sources.safetensors_format import read_header
+            from composer.safetensors_header import read_header
 
             header = read_header(path)
             self.shapes = {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ from pathlib import Path
 from composer.errors import ComposerError
 from composer.files import open_regular, read_bytes
 from composer.native.checksum import SCAN_BLOCK, checksum_of_pieces
+from composer.safetensors_header import MAX_HEADER_BYTES, header_length, parse_header, tensor_spans
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-MAX_HEADER = 100_000_000  # bytes of a safetensors header or index read at most (composer.sources refuses more)
+MAX_HEADER = MAX_HEADER_BYTES  # bytes of a safetensors header or index read at most (composer.sources refuses more)
 PIECE = 8192 * SCAN_BLOCK  # bytes mapped at a time (32 MiB)
 
 
@@ -113,35 +113,15 @@ def weight_files(reference: str) -> list[Path]:
 
 
 def _tensor_spans(descriptor: int, size: int) -> list[tuple[int, int]] | None:
-    """(offset in the file, length) of every tensor's bytes, or None where the header is not one composer reads:
-    spans out of the file or overlapping (so a hostile header cannot make the prescan read a byte twice)."""
+    """(offset in the file, length) of every tensor's bytes, or None where the header is not one composer reads
+    (the pass then reads the file and says what is wrong)."""
     prefix = os.pread(descriptor, 8, 0)
-    if len(prefix) < 8:
-        return None
-    (length,) = struct.unpack("<Q", prefix)
-    if length > min(size - 8, MAX_HEADER):
-        return None
     try:
-        header = json.loads(os.pread(descriptor, length, 8))
-    except (ValueError, RecursionError):
+        length = header_length("", prefix, size)
+        header = parse_header("", os.pread(descriptor, length, 8), size)
+    except ComposerError:
         return None
-    if not isinstance(header, dict):
-        return None
-    start, spans = 8 + length, []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            return None
-        begin, end = offsets
-        if not 0 <= begin <= end <= size - start:
-            return None
-        spans.append((start + begin, end - begin))
-    spans.sort()
-    if any(first[0] + first[1] > second[0] for first, second in zip(spans, spans[1:])):
-        return None
-    return spans
+    return tensor_spans(header, 8 + length)
 
 
 def _mapped_pieces(descriptor: int, offset: int, length: int, stopping: threading.Event):

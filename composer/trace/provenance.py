@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from composer.errors import ComposerError
+from composer.safetensors_header import read_header
 from composer.sources.digests import source_digests, weight_files_of
-from composer.sources.safetensors_format import read_header
 from composer.trace.layout import TracedModel
 
 METADATA_KEY = "composer.provenance"
