@@ -8,8 +8,13 @@ A definition's rules say, for its model type:
 - `multiple_of`: pairs `[a, b]` where a must be a whole multiple of b (the width and the attention heads);
 - `shapes`: each tensor's shape as expressions of config keys (`num_attention_heads * head_dim`), by full name for
   tensors outside the layer stack and by the name within a layer for the rest; an optional tensor says `when:` a
-  config key makes the model hold it, and is refused otherwise. A mixture of experts' rules name per-expert
-  tensors with `{e}` and read the family's expert count as `experts`.
+  config key (or `not KEY`, or `KEY and KEY`) makes the model hold it, and is refused otherwise. A mixture of
+  experts' rules name per-expert tensors with `{e}` and read the family's expert count as `experts`;
+- `layer_sets`: which layers hold some of a layer's tensors, where that is not the same for every layer: the layers
+  a config key lists, or (where it gives none) every step-th layer (Llama 4's `moe_layers`, else every
+  `interleave_moe_layer_step`-th); a layer tensor's `when:` names the set (`when: moe`, `when: not moe`);
+- `model_types`: the model types the rules hold for, where the definition's model types have different config
+  classes (DeepSeek-V2 and V3); a config of another of its model types is left to transformers' own check.
 
 tests/test_output_rules.py holds each definition against the installed transformers: its `config` against the
 config class's declared fields, its shapes against models built on the meta device over many configs.
@@ -32,20 +37,29 @@ _DECLARATION = re.compile(
 )
 _KINDS = {"int", "float", "bool", "str", "dict", "None", "list[int]", "list[str]"}
 _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)
+_NODES = (ast.Expression, ast.BinOp, ast.Name, ast.Load, ast.UnaryOp, ast.Not, ast.BoolOp, ast.And, *_OPERATORS)
 
 
 class TensorRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     shape: list[str | int]
-    when: str | None = None  # a config key (or `not KEY`) that makes the model hold this tensor
+    when: str | None = None  # a config key (or `not KEY`, `KEY and KEY`) that makes the model hold this tensor
+
+
+class LayerSetRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    listed: str  # a config key listing the layers (by index) in the set ...
+    step: str  # ... and where it is null or left out, every step-th layer is: (index + 1) % step == 0
 
 
 class OutputRulesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config_class: str  # the transformers class the `config` table was read from (for messages)
+    model_types: list[str] = []  # the model types the rules hold for (none listed: every one of the definition)
     config: dict[str, str]
     derived: dict[str, str] = {}
     multiple_of: list[tuple[str, str]] = []
+    layer_sets: dict[str, LayerSetRule] = {}
     shapes: dict[str, TensorRule]  # a plain list is read as {shape: LIST}
 
     @field_validator("shapes", mode="before")
@@ -121,9 +135,8 @@ def _is_kind(value, kind: str) -> bool:
 def _expression(text: str | int) -> ast.Expression:
     tree = ast.parse(str(text), mode="eval")
     for node in ast.walk(tree):
-        allowed = (ast.Expression, ast.BinOp, ast.Name, ast.Load, ast.UnaryOp, ast.Not, *_OPERATORS)
-        if not isinstance(node, allowed) and not (isinstance(node, ast.Constant) and type(node.value) is int):
-            raise ValueError(f"'{text}' is not arithmetic (+ - * //) on config keys and whole numbers")
+        if not isinstance(node, _NODES) and not (isinstance(node, ast.Constant) and type(node.value) is int):
+            raise ValueError(f"'{text}' is not arithmetic (+ - * //, not, and) on config keys and whole numbers")
     return tree
 
 
@@ -140,6 +153,12 @@ def _evaluate(node: ast.AST, values: dict):
         return values[node.id]
     if isinstance(node, ast.UnaryOp):
         return not _evaluate(node.operand, values)
+    if isinstance(node, ast.BoolOp):  # `and`, as Python: the first false operand, else the last
+        for operand in node.values:
+            value = _evaluate(operand, values)
+            if not value:
+                return value
+        return value
     left, right = _evaluate(node.left, values), _evaluate(node.right, values)
     if isinstance(node.op, ast.Add):
         return left + right
@@ -155,9 +174,11 @@ class OutputRules:
 
     def __init__(self, spec: OutputRulesFile, tensor_names: set[str]):
         self.config_class = spec.config_class
+        self.model_types = tuple(spec.model_types)
         self.declarations = {key: KeyDeclaration.parse(text) for key, text in spec.config.items()}
         self.derived = {key: _expression(text) for key, text in spec.derived.items()}
         self.multiple_of = list(spec.multiple_of)
+        self.layer_sets = dict(spec.layer_sets)
         self.shapes = {
             name: ([_expression(size) for size in rule.shape], _expression(rule.when) if rule.when else None)
             for name, rule in spec.shapes.items()
@@ -166,13 +187,18 @@ class OutputRules:
         if unknown:
             raise ValueError(f"shapes are given for tensors the definition does not list: {unknown}")
         used = set(self.derived) | {key for pair in self.multiple_of for key in pair}
+        used |= {key for rule in self.layer_sets.values() for key in (rule.listed, rule.step)}
         for sizes, when in self.shapes.values():
             used |= {name for tree in sizes + ([when] if when else []) for name in _names(tree)}
         for tree in self.derived.values():
             used |= _names(tree)
-        undeclared = sorted(used - set(self.declarations) - set(self.derived) - {"experts"})
+        undeclared = sorted(used - set(self.declarations) - set(self.derived) - set(self.layer_sets) - {"experts"})
         if undeclared:
             raise ValueError(f"rules use config keys the `config` table does not declare: {undeclared}")
+
+    def hold_for(self, model_type: str | None) -> bool:
+        """Whether the rules describe configs of `model_type` (one of their definition's model types)."""
+        return not self.model_types or model_type in self.model_types
 
     def check_config(self, config: dict, reference: str) -> dict:
         """The values the rules read (declared keys with transformers' defaults and derived values filled in), after
@@ -212,10 +238,16 @@ class OutputRules:
                 )
         return values
 
-    def expected(self, name: str, suffix: str, values: dict, reference: str) -> tuple[int, ...] | None:
-        """The shape transformers' model has for tensor `name` (`suffix`: its name within a layer, else `name`);
+    def expected(
+        self, name: str, suffix: str, values: dict, reference: str, layer: int | None = None
+    ) -> tuple[int, ...] | None:
+        """The shape transformers' model has for tensor `name` (`suffix`: its name within layer `layer`, else `name`);
         None when the config makes the model lack it."""
         sizes, when = self.shapes[suffix]
+        if when is not None and layer is not None and self.layer_sets:
+            values = values | {
+                key: self._in_set(rule, layer, values, reference) for key, rule in self.layer_sets.items()
+            }
         if when is not None and not _evaluate(when, values):
             return None
         try:
@@ -227,6 +259,18 @@ class OutputRules:
                 f"(transformers' {self.config_class} has no value for them). Nothing was written."
             ) from None
         return shape
+
+    def _in_set(self, rule: LayerSetRule, layer: int, values: dict, reference: str) -> bool:
+        listed = values.get(rule.listed)
+        if listed is not None:
+            return layer in listed
+        step = values.get(rule.step)
+        if not _is_size(step):
+            raise ComposerError(
+                f"The config.json of {reference} gives '{rule.step}' as {reprlib.repr(step)} and no '{rule.listed}'; "
+                f"transformers' {self.config_class} needs a whole number of at least 1 there. Nothing was written."
+            )
+        return (layer + 1) % step == 0
 
 
 def _is_size(value) -> bool:

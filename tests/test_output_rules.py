@@ -16,17 +16,20 @@ from composer.errors import ComposerError
 from composer.execute import ExecutionOptions
 from composer.output_rules import KeyDeclaration
 from composer.plan import build_plan
-from composer.plan.output_config import shapes_from_rules
+from composer.plan.output_config import check_with_output_rules, shapes_from_rules
 from composer.recipe import parse_recipe
 from helpers import save_tiny_model, tiny_config
 
+# the model types whose definition has rules for them (DeepSeek's hold for deepseek_v3, not deepseek_v2)
 RULED = sorted(
-    {architecture.name: architecture for architecture in declared_architectures().values() if architecture.output_rules}
+    model_type
+    for model_type, architecture in declared_architectures().items()
+    if architecture.output_rules and architecture.output_rules.hold_for(model_type)
 )
 
 
-def _architecture(name):
-    return next(a for a in declared_architectures().values() if a.name == name)
+def _architecture(model_type):
+    return declared_architectures()[model_type]
 
 
 def _type_text(annotation) -> str:
@@ -72,10 +75,9 @@ def _declared_by_transformers(model_type: str) -> dict[str, str]:
     return table
 
 
-@pytest.mark.parametrize("name", RULED)
-def test_a_config_table_is_what_transformers_declares(name):
-    architecture = _architecture(name)
-    (model_type,) = architecture.model_types
+@pytest.mark.parametrize("model_type", RULED)
+def test_a_config_table_is_what_transformers_declares(model_type):
+    architecture = _architecture(model_type)
     wanted = _declared_by_transformers(model_type)
     expected = {key: KeyDeclaration.parse(text) for key, text in wanted.items()}
     assert architecture.output_rules.declarations == expected, "the table transformers declares:\n" + "\n".join(
@@ -86,13 +88,12 @@ def test_a_config_table_is_what_transformers_declares(name):
 HOSTILE_VALUES = [True, 0, 1, 2.5, "yes", None, [1, 2], [True], ["a"], {"rope_type": "default"}, -1.0]
 
 
-@pytest.mark.parametrize("name", RULED)
-def test_a_value_of_the_wrong_type_is_refused_where_transformers_refuses_it(name):
+@pytest.mark.parametrize("model_type", RULED)
+def test_a_value_of_the_wrong_type_is_refused_where_transformers_refuses_it(model_type):
     from huggingface_hub.errors import StrictDataclassFieldValidationError
     from transformers import AutoConfig
 
-    architecture = _architecture(name)
-    (model_type,) = architecture.model_types
+    architecture = _architecture(model_type)
     rules = architecture.output_rules
     base = tiny_config(model_type).to_dict()
     disagreements = []
@@ -124,8 +125,13 @@ def _variants(architecture) -> list[dict]:
     flags = ("attention_bias", "mlp_bias", "qkv_bias", "use_qk_norm")
     variants += [{flag: not keys[flag].default} for flag in flags if flag in keys]
     variants += [{"tie_word_embeddings": tie} for tie in (True, False)]
-    # which layers hold experts, and how many
-    variants += [{key: value} for key, value in (("mlp_only_layers", [0]), ("decoder_sparse_step", 2)) if key in keys]
+    # which layers hold experts, and how many; and other keys that switch tensors (DeepSeek's q_proj or q_a/q_b pair)
+    switches = [
+        {"mlp_only_layers": [0]}, {"decoder_sparse_step": 2}, {"first_k_dense_replace": 0},
+        {"first_k_dense_replace": 2}, {"moe_layers": [0]}, {"moe_layers": []}, {"moe_layers": None},
+        {"moe_layers": LEFT_OUT, "interleave_moe_layer_step": 3}, {"q_lora_rank": None},
+    ]  # fmt: skip
+    variants += [switch for switch in switches if set(switch) <= set(keys)]
     if architecture.experts is not None:  # every name of the count at once (transformers maps one to the other)
         variants.append({key: 2 for key in architecture.experts.count_keys})
     # keys a config.json leaves out, which transformers fills with defaults or derives from others
@@ -138,10 +144,9 @@ def _variants(architecture) -> list[dict]:
 LEFT_OUT = object()
 
 
-@pytest.mark.parametrize("name", RULED)
-def test_the_shapes_of_the_rules_are_transformers_own(name):
-    architecture = _architecture(name)
-    (model_type,) = architecture.model_types
+@pytest.mark.parametrize("model_type", RULED)
+def test_the_shapes_of_the_rules_are_transformers_own(model_type):
+    architecture = _architecture(model_type)
     for variant in _variants(architecture):
         for layers in (1, 3):
             config = tiny_config(model_type, layers).to_dict() | variant
@@ -166,6 +171,16 @@ def test_the_shapes_of_the_rules_are_transformers_own(name):
             for layout in architecture.experts.layouts if architecture.experts else [None]:
                 wanted = in_memory if layout is not None and layout.fused else saved
                 assert shapes_from_rules(architecture, config, "m", layout) == wanted, (variant, layers, layout)
+
+
+def test_rules_for_some_of_a_definitions_model_types_leave_the_others_to_transformers():
+    """DeepSeek's rules are DeepseekV3Config's: a deepseek_v2 config (which declares other keys) is not checked by
+    them, and planning leaves it to transformers' own check."""
+    architecture = declared_architectures()["deepseek_v3"]
+    assert declared_architectures()["deepseek_v2"] is architecture and "deepseek_v2" not in RULED
+    assert not check_with_output_rules(architecture, tiny_config("deepseek_v2", 2).to_dict(), {}, "m")
+    with pytest.raises(ComposerError, match="lacks"):
+        check_with_output_rules(architecture, tiny_config("deepseek_v3", 2).to_dict(), {}, "m")
 
 
 def test_a_run_of_a_ruled_architecture_does_not_import_transformers_and_plan_still_asks_it(tmp_path, monkeypatch):

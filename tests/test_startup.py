@@ -89,10 +89,10 @@ print(seen[0], "transformers" in sys.modules)
 
 
 def test_a_first_merge_writes_before_transformers_is_imported(tmp_path: Path):
-    """A never-seen config of a family without output rules (gpt-oss) is checked by transformers beside the writes,
-    not before them."""
+    """A never-seen config of a model type without output rules (DeepSeek-V2) is checked by transformers beside the
+    writes, not before them."""
     first, second = (
-        save_tiny_model(tmp_path / name, "gpt_oss", layers=2, seed=seed) for name, seed in (("a", 0), ("b", 1))
+        save_tiny_model(tmp_path / name, "deepseek_v2", layers=2, seed=seed) for name, seed in (("a", 0), ("b", 1))
     )
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(

@@ -125,9 +125,10 @@ def check_with_output_rules(
     expert_layout: ExpertLayout | None = None,
 ) -> bool:
     """What transformers would check of the output (its config's types, and its tensors exactly those the config
-    describes), from the definition's `output_rules:`, without importing it. False when the definition has none.
-    `expert_layout`: how a mixture of experts' output holds its experts (transformers loads either layout)."""
-    if architecture.output_rules is None:
+    describes), from the definition's `output_rules:`, without importing it. False when the definition has none for
+    the config's model type. `expert_layout`: how a mixture of experts' output holds its experts (transformers loads
+    either layout)."""
+    if architecture.output_rules is None or not architecture.output_rules.hold_for(config.get("model_type")):
         return False
     expected = shapes_from_rules(architecture, config, reference, expert_layout)
     compare_shapes(f"{architecture.output_rules.config_class} model", expected, planned_shapes, reference)
@@ -147,7 +148,9 @@ def shapes_from_rules(
     values = rules.check_config(config, f"'{reference}'")
     tied = config.get("tie_word_embeddings", values.get("tie_word_embeddings", architecture.tie_word_embeddings))
     weights = [
-        (weight.name, weight.name) for weight in architecture.pre + architecture.post if not (weight.tied_to and tied)
+        (weight.name, weight.name, None)
+        for weight in architecture.pre + architecture.post
+        if not (weight.tied_to and tied)
     ]
     layer_count = architecture.layer_count(config, f"the output (config from '{reference}')")
     experts = architecture.experts
@@ -157,14 +160,16 @@ def shapes_from_rules(
         counts = config if any(key in config for key in experts.count_keys) else values
         values["experts"] = experts.count(counts, f"'{reference}'", architecture.name)
         layout = expert_layout or experts.layouts[0]
-        sparse = experts.sparse_layers(config, layer_count, f"'{reference}'")
+        # which layers hold experts, by transformers' defaults for the keys that say it where the config leaves them out
+        defaults = {key: value for key, value in values.items() if key not in config and value is not None}
+        sparse = experts.sparse_layers(defaults | config, layer_count, f"'{reference}'")
         layers = [MoELayer(flag, layout, values["experts"]) for flag in sparse]
     for index, moe in enumerate(layers):
         for weight in architecture.layer_weights(index, moe):
             key = weight.suffix if weight.suffix in rules.shapes else _EXPERT_INDEX.sub(".{e}.", weight.suffix, count=1)
             if key in rules.shapes:
-                weights.append((weight.name, key))
-    expected = {name: rules.expected(name, key, values, f"'{reference}'") for name, key in weights}
+                weights.append((weight.name, key, index))
+    expected = {name: rules.expected(name, key, values, f"'{reference}'", layer) for name, key, layer in weights}
     return {name: shape for name, shape in expected.items() if shape is not None}
 
 
