@@ -48,39 +48,24 @@ MOE_FAMILY_MODEL_TYPES = {
     "deepseek": "deepseek_v3",
     "gpt_oss": "gpt_oss",
 }
+DEEPSEEK_TINY = dict(
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+    q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+)  # fmt: skip
 MOE_TINY = {
     "mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
     "qwen2_moe": dict(
         num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
     ),
     "qwen3_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32),
-    "deepseek_v3": dict(
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
+    "deepseek_v3": DEEPSEEK_TINY
+    | dict(
         n_group=2,
         topk_group=1,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
         head_dim=8,  # transformers' rotary embedding reads head_dim, which DeepSeek means to be qk_rope_head_dim
     ),
     "gpt_oss": dict(num_local_experts=3, num_experts_per_tok=2, sliding_window=32),
-    # DeepSeek-V2, the one model type without output rules (its first write is checked by transformers)
-    "deepseek_v2": dict(
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-    ),
+    "deepseek_v2": DEEPSEEK_TINY,  # the one model type without output rules: transformers checks its first write
 }
 # Config settings that tiny models of a family need beyond TINY: ids inside the tiny vocabulary, windows and chunks
 # shorter than a test's prompt, and Llama 4's experts (every other layer a mixture of two, the rest dense).
