@@ -106,9 +106,11 @@ def score_text(
         raise ComposerError(
             f"Model '{name}': its config.json gives max_position_embeddings {limit!r}; scoring text needs a context of at least 2 tokens."
         )
+    from composer.cpu import linears_through_onednn
+
     total = 0.0
     scored = 0
-    with torch.no_grad():
+    with torch.no_grad(), linears_through_onednn():
         for start, end, first_new in scoring_windows(len(ids), limit, window, stride):
             chunk = ids[start:end].unsqueeze(0)
             logits = model(chunk).logits[0, :-1].float()

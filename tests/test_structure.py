@@ -22,6 +22,7 @@ LAYERS = [
         "composer.memory",
         "composer.files",
         "composer.safetensors_header",
+        "composer.cpu",
         "composer.yaml_text",
         "composer.packages",
         "composer.chat_templates",

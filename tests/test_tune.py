@@ -558,3 +558,34 @@ def test_lines_scales_each_layers_task_vector_by_depth(tmp_path: Path, monkeypat
     )
     assert compose_in_process(monkeypatch, recipe, tmp_path / "no-base") == 2
     assert "LiNeS scales the merge's task vector" in " ".join(capsys.readouterr().err.split())
+
+
+def test_linear_layers_through_onednn_compute_what_torch_does_and_only_where_they_may():
+    """Scoring (compose eval, tune's trials) runs float32 CPU linear layers through oneDNN where MKL would leave
+    AVX-512 unused (AMD): the same products to float32 rounding, with and without bias, any leading dimensions; a
+    layer that needs a gradient, or is not float32, keeps torch's own; the switch is undone after the block."""
+    import composer.cpu as cpu
+
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    original = torch.nn.Linear.forward
+    layers = [torch.nn.Linear(48, 40), torch.nn.Linear(48, 40, bias=False)]
+    inputs = [torch.randn(7, 48), torch.randn(2, 5, 48)]
+    with torch.no_grad():
+        expected = [[layer(x) for x in inputs] for layer in layers]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "onednn_linears_are_faster", lambda: True)
+        with torch.no_grad(), cpu.linears_through_onednn():
+            assert torch.nn.Linear.forward is not original
+            for layer, wanted in zip(layers, expected):
+                for x, y in zip(inputs, wanted):
+                    got = layer(x)
+                    assert got.shape == y.shape and torch.allclose(got, y, rtol=1e-5, atol=1e-6)
+        with cpu.linears_through_onednn():
+            x = inputs[0].requires_grad_()
+            layers[0](x).sum().backward()  # torch's own: oneDNN's op has no gradient
+            assert x.grad is not None
+            half = torch.nn.Linear(48, 40).bfloat16()
+            assert half(inputs[0].detach().bfloat16()).dtype == torch.bfloat16
+    assert torch.nn.Linear.forward is original

@@ -18,10 +18,9 @@ Every function works in at least float32 (LAPACK has no half-precision SVD) and 
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
+
+from composer.cpu import cpu_flags
 
 RANDOMIZED_MIN_SIDE = 256  # a matrix whose smaller side is shorter than this gets the exact SVD
 RANDOMIZED_MAX_SHARE = 0.25  # ... as does a request for more than this share of the smaller side (with oversampling)
@@ -153,13 +152,9 @@ def sketch_dtype(matrix: torch.Tensor) -> torch.dtype:
     return matrix.dtype
 
 
-@functools.cache
 def cpu_multiplies_bfloat16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions, from Linux's /proc/cpuinfo (elsewhere: False)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from composer.architecture import architecture_for, build_meta_model, tied_parameter_names
+from composer.cpu import linears_through_onednn
 from composer.errors import ComposerError
 from composer.evaluate import TextScore
 from composer.memory import map_large_allocations
@@ -207,7 +208,7 @@ class StreamedScorer:
         by_name = {planned.name: planned for planned in plan.tensors}
         with torch.no_grad(), layers_replaced(model, path, torch.nn.ModuleList()):
             self.load_outside_layers(model, plan, by_name)
-        with torch.no_grad():
+        with torch.no_grad(), linears_through_onednn():  # as `compose eval` runs them: the same scores
             for batch in batches:
                 record_calls(layout, batch, model.base_model)
             for index, layer in enumerate(layers):
