@@ -12,11 +12,8 @@ INTERRUPTED = "error: interrupted while starting; nothing was written.\n"
 def main() -> None:
     try:
         from composer.cli import main as run
+
+        run()  # it reports a stop itself once it handles stop signals
     except KeyboardInterrupt:
-        sys.stderr.write(INTERRUPTED)
-        sys.exit(130)
-    try:
-        run()
-    except KeyboardInterrupt:  # between the import and the CLI's own handling of stop signals
         sys.stderr.write(INTERRUPTED)
         sys.exit(130)

@@ -31,10 +31,12 @@ def stop_run(signum, frame) -> None:
       process", numpy), and torch, importing numpy from C++, clears any error that import raises and goes on, so
       the stop is lost (1 Ctrl-C in 5 in the half-second of torch's import on a 2-core machine, the run then
       finished with exit 0). An import waits at most IMPORT_PATIENCE_S."""
-    waiting = in_import(frame) and time.monotonic() - (deferred_since or [time.monotonic()])[0] < IMPORT_PATIENCE_S
-    if in_finaliser(frame) or waiting:
-        if waiting and not deferred_since:
+    waiting = False
+    if in_import(frame):
+        if not deferred_since:
             deferred_since.append(time.monotonic())
+        waiting = time.monotonic() - deferred_since[0] < IMPORT_PATIENCE_S
+    if in_finaliser(frame) or waiting:
         timer = threading.Timer(0.02, os.kill, (os.getpid(), signum))
         timer.daemon = True
         timer.start()

@@ -51,7 +51,7 @@ class GGUFFile(ModelSource):
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         try:
-            # transformers reads the config from a copy without the tokenizer's arrays: 16 s -> 0.1 s for Gemma 3
+            # transformers reads the config from a copy without the tokenizer's arrays: 14 s -> 0.02 s for Gemma 3
             with tempfile.TemporaryDirectory(prefix="composer-gguf-") as scratch:
                 copy = write_metadata_copy(self.header, Path(scratch) / self.path.name)
                 return load_gguf_checkpoint(str(copy), return_tensors=False)

@@ -26,7 +26,6 @@ from composer.native.checksum import SCAN_BLOCK, checksum_of_pieces
 from composer.safetensors_header import MAX_HEADER_BYTES, header_length, parse_header, tensor_spans
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-MAX_HEADER = MAX_HEADER_BYTES  # bytes of a safetensors header or index read at most (composer.sources refuses more)
 PIECE = 8192 * SCAN_BLOCK  # bytes mapped at a time (32 MiB)
 
 
@@ -61,7 +60,7 @@ def _read_bytes(path: Path, limit: int) -> bytes | None:
 
 
 def _read_json(path: Path) -> object:
-    raw = _read_bytes(path, MAX_HEADER)
+    raw = _read_bytes(path, MAX_HEADER_BYTES)  # an index is read no larger than a header
     try:
         return json.loads(raw) if raw is not None else None
     except (ValueError, RecursionError):

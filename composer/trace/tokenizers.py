@@ -108,14 +108,10 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
         vocabulary = Vocabulary.from_tokenizer(tokenizer, source.reference, spec=spec, splits_text=False)
     except (TokenSurgeryError, ValueError, KeyError) as error:
         raise ComposerError(f"The tokenizer of '{source.reference}' cannot be read: {error}") from None
-    keys: list[object] = [
-        surface if surface is not None else ("control", token)
-        for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)
-    ]
     special = sorted((entry["content"], bool(entry.get("special"))) for entry in spec.get("added_tokens") or [])
     return TokenizerFacts(
         vocabulary.tokens,
-        keys,
+        comparison_keys(vocabulary),
         merges_digest((spec.get("model") or {}).get("merges")),
         special,
         getattr(tokenizer, "chat_template", None),
@@ -123,6 +119,14 @@ def tokenizer_facts(source: ModelSource) -> TokenizerFacts | None:
         spec.get("pre_tokenizer"),
         vocabulary,
     )
+
+
+def comparison_keys(vocabulary) -> list[object]:
+    """Per id, what a token is compared by: the text it stands for, or ("control", token) for a control token."""
+    return [
+        surface if surface is not None else ("control", token)
+        for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)
+    ]
 
 
 def gguf_facts(metadata: dict, reference: str) -> TokenizerFacts:
@@ -160,10 +164,7 @@ def gguf_facts(metadata: dict, reference: str) -> TokenizerFacts:
     template = metadata.get("tokenizer.chat_template")
     return TokenizerFacts(
         vocabulary.tokens,
-        [
-            surface if surface is not None else ("control", token)
-            for token, surface in zip(vocabulary.tokens, vocabulary.surfaces)
-        ],
+        comparison_keys(vocabulary),
         digest,
         special,
         template if isinstance(template, str) else None,
