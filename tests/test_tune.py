@@ -589,3 +589,8 @@ def test_linear_layers_through_onednn_compute_what_torch_does_and_only_where_the
             half = torch.nn.Linear(48, 40).bfloat16()
             assert half(inputs[0].detach().bfloat16()).dtype == torch.bfloat16
     assert torch.nn.Linear.forward is original
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPOSER_ONEDNN", "0")  # turned off: torch's own everywhere
+        assert not cpu.onednn_linears_are_faster()
+        with cpu.linears_through_onednn():
+            assert torch.nn.Linear.forward is original
