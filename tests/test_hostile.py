@@ -255,12 +255,13 @@ def test_out_names_up_to_255_bytes_work_and_longer_ones_are_refused_by_name(mode
 def test_a_full_disk_is_one_error_naming_out(models, tmp_path, monkeypatch):
     import errno
 
-    from composer.execute import writer
+    from composer.execute import direct_io, writer
 
     def full(descriptor, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(writer, "_write_all", full)
+    monkeypatch.setattr(writer, "write_all", full)
+    monkeypatch.setattr(direct_io, "write_all", full)
     with pytest.raises(ComposerError) as caught:
         compose_text(linear(models["base"], models["ft"]), tmp_path / "out", QUIET)
     assert str(caught.value).startswith(f"Writing the output {tmp_path / 'out'} failed: No space left on device.")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
+from composer.execute.direct_io import DirectWrites, open_direct, write_all
 from composer.execute.journal import Journal, checksum_of_range
 from composer.native.checksum import checksum_text
 from composer.native.scan import scan
@@ -74,6 +75,8 @@ class ShardedWriter:
         self.files: list[Path] = []
         self._location: dict[str, tuple[int, int, PlannedTensor]] = {}
         self._descriptors: list[int] = []
+        self._direct_descriptors: list[int | None] = []
+        self._direct = DirectWrites()
         self.folder = folder
         self._sources: dict[Path, int] = {}  # input files copied from, opened once
         try:
@@ -98,6 +101,7 @@ class ShardedWriter:
                             os.ftruncate(descriptor, 0)
                         os.pwrite(descriptor, header, 0)
                     os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in members))
+                self._direct_descriptors.append(open_direct(path))
                 for tensor in members:
                     self._location[tensor.name] = (len(self._descriptors) - 1, offsets[tensor.name], tensor)
         except BaseException:
@@ -119,7 +123,7 @@ class ShardedWriter:
         if nonfinite:
             with self._nonfinite_lock:
                 self.nonfinite.append(name)
-        _write_all(self._descriptors[shard], view, offset)
+        self._direct.write(self._descriptors[shard], self._direct_descriptors[shard], view, offset)
         self._wrote(name, shard, offset, len(view))
         if self.journal is not None:
             self.journal.computed(name, checksum_text(first, second), nonfinite > 0)
@@ -130,6 +134,11 @@ class ShardedWriter:
             # the whole output still dirty and flush it after the last tensor, with nothing left to overlap.
             os.posix_fadvise(self._descriptors[shard], offset, length, os.POSIX_FADV_DONTNEED)
         self._written.add(name)
+
+    @property
+    def direct_refused(self) -> bool:
+        """Whether the filesystem refused a direct write (all later writes went through the page cache)."""
+        return self._direct.refused
 
     def finished_earlier(self, entries: dict[str, dict]) -> set[str]:
         """The tensors a dead run's journal lists whose bytes are really in the kept shards (checked against the
@@ -181,7 +190,7 @@ class ShardedWriter:
             data = os.pread(descriptor, min(length - done, _COPY_PIECE), source_offset + done)
             if not data:
                 raise _ended_early(source, name)
-            _write_all(self._descriptors[shard], memoryview(data), offset + done)
+            write_all(self._descriptors[shard], memoryview(data), offset + done)
             done += len(data)
         self._wrote(name, shard, offset, length)
         if self.journal is not None:
@@ -205,7 +214,7 @@ class ShardedWriter:
         """Write bytes another process computed at `offset` of shard `file_name` (a stretch `pieces` named)."""
         shard = next(number for number, path in enumerate(self.files) if path.name == file_name)
         view = memoryview(data).cast("B")
-        _write_all(self._descriptors[shard], view, offset)
+        self._direct.write(self._descriptors[shard], self._direct_descriptors[shard], view, offset)
         if self.durable and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._descriptors[shard], offset, len(view), os.POSIX_FADV_DONTNEED)
 
@@ -233,12 +242,14 @@ class ShardedWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
     def close(self) -> None:
-        for descriptor in [*self._descriptors, *self._sources.values()]:
+        direct = [descriptor for descriptor in self._direct_descriptors if descriptor is not None]
+        for descriptor in [*self._descriptors, *direct, *self._sources.values()]:
             try:
                 os.close(descriptor)
             except OSError:
                 pass
         self._descriptors = []
+        self._direct_descriptors = []
         self._sources = {}
 
 
@@ -265,10 +276,3 @@ def _ended_early(source: Path, name: str) -> ComposerError:
         f"{source} ended before tensor '{name}' could be copied from it: the file was truncated or replaced while "
         "composer was reading it. Make sure nothing else writes to the input models during a run, then run again."
     )
-
-
-def _write_all(descriptor: int, data: memoryview, offset: int) -> None:
-    """pwrite all of `data` at `offset` (one call may write less than asked)."""
-    written = 0
-    while written < len(data):
-        written += os.pwrite(descriptor, data[written:], offset + written)
