@@ -121,6 +121,17 @@ def transplant(model: Path, donor: Path, out: Path) -> None:
     strip_card(out)
 
 
+def tokensurgeon(model: Path, donor: Path, out: Path, program: Path) -> None:
+    """`model` with `donor`'s tokenizer, by mergekit's `mergekit-tokensurgeon` (embeddings of the new tokens
+    approximated from the old ones, its default: orthogonal matching pursuit)."""
+    if not out.exists():
+        command = [str(program.with_name("mergekit-tokensurgeon")), str(model), str(donor), str(out)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    strip_card(out)
+
+
 def donor_model(out: Path) -> Path:
     """A tiny model with a byte-level BPE tokenizer of its own (2000 tokens): the donor of a transplant."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -160,7 +171,7 @@ def trace(suspect: Path, candidates: list[Path], base: Path | None, work: Path) 
 
 @dataclass
 class Case:
-    make: str  # composer | mergekit | mergekit-moe | tuned | transplant | Q8_0 | Q4_0 | model
+    make: str  # composer | mergekit | mergekit-moe | mergekit-tokensurgeon | tuned | transplant | Q8_0 | Q4_0 | model
     recipe: str = ""  # the recipe, or for the others the model it starts from
     parents: tuple[str, ...] = ()
     truth: str = ""
@@ -221,6 +232,8 @@ def recipes(m: dict[str, Path]) -> dict[str, Case]:
         "mk-moe": Case("mergekit-moe", moe, parents, "experts a, b on base", method="moe", exact=False),
         "tuned": Case("tuned", "linear", ("a", "b"), f"{merged}, then fine-tuned", exact=False),
         "transplant": Case("transplant", "linear", ("a", "b"), f"{merged}, with another tokenizer", exact=False),
+        "mk-transplant": Case("mergekit-tokensurgeon", "linear", ("a", "b"), f"{merged}, mergekit-tokensurgeon",
+                              exact=False),
         "q8": Case("Q8_0", "linear", ("a", "b"), f"{merged}, as a Q8_0 GGUF", exact=False),
         "q4": Case("Q4_0", "linear", ("a", "b"), f"{merged}, as a Q4_0 GGUF", exact=False),
         "negative": Case("model", "other2", (), "another random initialisation", exact=False),
@@ -239,6 +252,10 @@ def build(name: str, case: Case, models: dict[str, Path], work: Path, program: P
         fine_tune(work / f"merge-{case.recipe}", suspect, TUNING_TEXT, 5, 9, 3e-4)
     elif case.make == "transplant":
         transplant(work / f"merge-{case.recipe}", donor_model(work / "donor"), suspect)
+    elif case.make == "mergekit-tokensurgeon":
+        if program is None:
+            raise SystemExit(f"case {name} needs --mergekit")
+        tokensurgeon(work / f"merge-{case.recipe}", donor_model(work / "donor"), suspect, program)
     elif case.make in ("Q8_0", "Q4_0"):
         suspect = work / f"merge-{name}.gguf"
         gguf(work / f"merge-{case.recipe}", suspect, case.make)
