@@ -429,9 +429,10 @@ def stream_tensors(
     checks) are started once the first tensor is written, and their memory is left out of the budget."""
     device = torch.device(options.device)
     # with whole_process, what the process already holds (python, torch, the plan) is not available for tensors,
-    # nor what the deferred checks will add; nor is what chains of steps hold between their steps
+    # nor what the deferred checks and the writer's staging buffer will add; nor is what chains of steps hold
+    # between their steps
     checks_bytes = checks.resident_bytes() if checks is not None else 0
-    held = resident_bytes() + checks_bytes if options.whole_process else 0
+    held = resident_bytes() + checks_bytes + writer.staging_bytes if options.whole_process else 0
     tensor_budget = max(0, options.memory_budget - held - schedule.carried_bytes)
     threads = ComputeThreads(options.overlap, device)
     reader = ThreadPoolExecutor(reader_count(options), thread_name_prefix="composer-read") if options.overlap else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from composer.errors import ComposerError
-from composer.execute.direct_io import DirectWrites, open_direct, write_all
+from composer.execute.direct_io import STAGING_BYTES, DirectWrites, open_direct, write_all
 from composer.execute.journal import Journal, checksum_of_range
 from composer.native.checksum import checksum_text
 from composer.native.scan import scan
@@ -134,6 +134,11 @@ class ShardedWriter:
             # the whole output still dirty and flush it after the last tensor, with nothing left to overlap.
             os.posix_fadvise(self._descriptors[shard], offset, length, os.POSIX_FADV_DONTNEED)
         self._written.add(name)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Memory the direct writes' staging buffer takes (one writing thread), none without direct writes."""
+        return STAGING_BYTES if any(descriptor is not None for descriptor in self._direct_descriptors) else 0
 
     @property
     def direct_refused(self) -> bool:
