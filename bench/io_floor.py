@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 CHUNK = 64 * 1024 * 1024
+BLOCK = 4096  # O_DIRECT's alignment: a multiple of the common logical block sizes
 
 
 def drop_page_cache() -> bool:
@@ -52,7 +53,7 @@ def read_seconds(paths: list[Path]) -> tuple[float, int]:
 
 
 def write_seconds(folder: Path, count: int, durable: bool = False, direct: bool = False) -> float:
-    """Seconds to write `count` bytes; `direct`: whole 4 KiB blocks past the page cache where the filesystem allows
+    """Seconds to write `count` bytes; `direct`: whole blocks past the page cache where the filesystem allows
     it (the rest, and everything where it refuses, buffered)."""
     buffer = mmap.mmap(-1, min(CHUNK, max(count, 1)))  # page-aligned, as O_DIRECT needs
     buffer.write(os.urandom(len(buffer)))
@@ -60,21 +61,7 @@ def write_seconds(folder: Path, count: int, durable: bool = False, direct: bool 
     started = time.perf_counter()
     descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        written = 0
-        if direct and hasattr(os, "O_DIRECT"):
-            blocks = count // 4096 * 4096
-            try:
-                straight = os.open(target, os.O_WRONLY | os.O_DIRECT)
-            except OSError:
-                straight = None
-            try:
-                while straight is not None and written < blocks:
-                    written += os.pwrite(straight, memoryview(buffer)[: min(len(buffer), blocks - written)], written)
-            except OSError:
-                pass  # refused: the rest goes buffered
-            finally:
-                if straight is not None:
-                    os.close(straight)
+        written = write_direct(target, buffer, count // BLOCK * BLOCK) if direct else 0
         while written < count:
             written += os.pwrite(descriptor, memoryview(buffer)[: min(len(buffer), count - written)], written)
         if durable:
@@ -84,6 +71,26 @@ def write_seconds(folder: Path, count: int, durable: bool = False, direct: bool 
         elapsed = time.perf_counter() - started
         target.unlink(missing_ok=True)
     return elapsed
+
+
+def write_direct(target: Path, buffer: mmap.mmap, count: int) -> int:
+    """Write the first `count` bytes (whole blocks) of `target` past the page cache, from the page-aligned `buffer`
+    repeated; the bytes written, fewer where the filesystem refuses O_DIRECT."""
+    if not hasattr(os, "O_DIRECT"):
+        return 0
+    try:
+        descriptor = os.open(target, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return 0
+    written = 0
+    try:
+        while written < count:
+            written += os.pwrite(descriptor, memoryview(buffer)[: min(len(buffer), count - written)], written)
+    except OSError:
+        pass  # refused: the caller writes the rest through the page cache
+    finally:
+        os.close(descriptor)
+    return written
 
 
 def io_floor(inputs: list[Path], output_bytes: int, folder: Path, cold: bool = False, durable: bool = False) -> dict:

@@ -101,19 +101,18 @@ def mergekit(recipe: str, out: Path, program: Path, moe: bool = False) -> None:
         config = out.with_suffix(".yml")
         config.write_text(recipe)
         command = [str(program.with_name("mergekit-moe") if moe else program), str(config), str(out), "--quiet"]
-        done = subprocess.run(
-            command
-            + (
-                ["--i-understand-this-is-not-useful-without-training"]
-                if moe
-                else ["--lazy-unpickle", "--random-seed", "3"]
-            ),
-            capture_output=True,
-            text=True,
+        options = (
+            ["--i-understand-this-is-not-useful-without-training"] if moe else ["--lazy-unpickle", "--random-seed", "3"]
         )
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        run_program(command + options)
     strip_card(out)
+
+
+def run_program(command: list[str]) -> None:
+    """Run one of mergekit's programs; its error output ends the bench if it fails."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
 
 
 def transplant(model: Path, donor: Path, out: Path) -> None:
@@ -129,10 +128,7 @@ def tokensurgeon(model: Path, donor: Path, out: Path, program: Path) -> None:
     """`model` with `donor`'s tokenizer, by mergekit's `mergekit-tokensurgeon` (embeddings of the new tokens
     approximated from the old ones, its default: orthogonal matching pursuit)."""
     if not out.exists():
-        command = [str(program.with_name("mergekit-tokensurgeon")), str(model), str(donor), str(out)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        run_program([str(program.with_name("mergekit-tokensurgeon")), str(model), str(donor), str(out)])
     strip_card(out)
 
 
